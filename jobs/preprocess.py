@@ -1,0 +1,20 @@
+"""Generate or read the shop's records and build the run's training data (Ray Data).
+
+    python jobs/preprocess.py --config demo
+    ray job submit --working-dir . -- python jobs/preprocess.py --config demo
+"""
+
+from __future__ import annotations
+
+import ray
+
+from shoprank.data.stages import prepare_data
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+
+if __name__ == "__main__":
+    setup_logging()
+    with user_errors():
+        config = config_from_args(job_parser(__doc__).parse_args())
+        ray.init(**ray_init_kwargs(config.ray))
+        run = prepare_data(config)
+        print(f"run directory: {run.uri()}")

@@ -1,0 +1,264 @@
+"""Typed, validated configuration.
+
+A config is a YAML preset from ``configs/`` plus ``--set a.b=c`` overrides. Every
+section forbids unknown keys, so a typo is an error that names the key and lists
+the keys allowed there, instead of a setting that silently does nothing. Model
+names, paths and sizes live only here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shoprank.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated on change."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    """Where a run lives. The run id is the name alone (no timestamp), so a rerun finds it."""
+
+    root: str = Field("runs", description="Directory or filesystem URI holding all runs.")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RayConfig(Section):
+    """How entrypoints reach Ray when run directly; `ray job submit` jobs join their cluster."""
+
+    address: str | None = Field(None, description="Cluster to join; None starts a local one.")
+    num_cpus: int = Field(2, ge=1, description="CPUs of a local cluster started by an entrypoint.")
+    use_gpu: bool = False
+
+
+class SyntheticShopConfig(Section):
+    """Size and seed of the simulated shop (see :mod:`shoprank.data.synthetic`)."""
+
+    seed: int = 0
+    num_products: int = Field(2_000, ge=50)
+    num_users: int = Field(300, ge=10)
+    num_sessions: int = Field(3_000, ge=10)
+    num_queries: int = Field(200, ge=10)
+    judgments_per_query: int = Field(24, ge=4, le=200)
+    list_size: int = Field(10, ge=2, le=100, description="Products shown per page in a session.")
+    search_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of sessions that start with a search.")
+    num_blocks: int = Field(4, ge=1, description="Parallel Ray Data blocks of generation.")
+    start_date: str = Field("2026-01-01", description="First day of simulated traffic (UTC).")
+    days: int = Field(60, ge=2)
+
+    @model_validator(mode="after")
+    def _dates_parse(self) -> "SyntheticShopConfig":
+        import datetime as _dt
+
+        try:
+            _dt.date.fromisoformat(self.start_date)
+        except ValueError as exc:
+            raise ValueError(f"start_date must be YYYY-MM-DD, got {self.start_date!r}") from exc
+        return self
+
+
+class EsciConfig(Section):
+    """The Amazon Shopping Queries (ESCI) data set's two parquet files."""
+
+    examples_path: str = "shopping_queries_dataset_examples.parquet"
+    products_path: str = "shopping_queries_dataset_products.parquet"
+    locale: Literal["us", "es", "jp", "all"] = "us"
+
+
+class TableFile(Section):
+    """One input table: its path, format and how its columns map onto the record fields."""
+
+    path: str
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="record field -> column name in the file, for fields whose names differ.",
+    )
+
+
+class FilesConfig(Section):
+    """Generic CSV / Parquet / JSON Lines inputs: a catalog, events and optional judgments."""
+
+    products: TableFile
+    events: TableFile
+    judgments: TableFile | None = None
+
+
+class SourceConfig(Section):
+    """Where the shop's records come from."""
+
+    kind: Literal["synthetic", "esci", "files"] = "synthetic"
+    synthetic: SyntheticShopConfig = Field(default_factory=SyntheticShopConfig)
+    esci: EsciConfig = Field(default_factory=EsciConfig)
+    files: FilesConfig | None = None
+    orphan_events: Literal["drop", "error"] = Field(
+        "drop", description="Events naming unknown products: count and drop them, or fail."
+    )
+
+    @model_validator(mode="after")
+    def _files_given(self) -> "SourceConfig":
+        if self.kind == "files" and self.files is None:
+            raise ValueError("source.kind is 'files' but source.files is not set")
+        return self
+
+
+class PreprocessConfig(Section):
+    """Training-data construction: splits, histories, pairs."""
+
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    kfold: int = Field(0, ge=0, le=20, description="0 or 1: no K-fold column; K >= 2 adds `fold`.")
+    history_length: int = Field(50, ge=1, description="Most recent events kept per user.")
+    max_session_pairs: int = Field(
+        20, ge=1, description="Products per session considered for co-engagement pairs."
+    )
+    description_chars: int = Field(1000, ge=0, description="Descriptions are cut to this length.")
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "hash_shuffle"] = Field(
+        "sort_shuffle_pull_based",
+        description="Ray Data shuffle for group-bys; sort-based starts no aggregator actors, "
+        "which is much faster on small clusters.",
+    )
+    shuffle_partitions: int = Field(
+        4, ge=1, description="Partitions of each Ray Data group-by; more for bigger data and clusters."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "PreprocessConfig":
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError("validation_fraction + test_fraction must leave at least 10% for training")
+        if self.kfold == 1:
+            raise ValueError("kfold must be 0 (off) or at least 2")
+        return self
+
+
+class Config(Section):
+    """The whole configuration of a run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections: a stage whose inputs hash the same is skipped."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def config_hash(self) -> str:
+        """Hash of everything but where the run lives and how Ray is reached."""
+        return self.section_hash("source", "preprocess")
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at ``loc`` (to list its allowed keys)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            holder = _model_at(loc)
+            allowed = ", ".join(sorted(holder.model_fields)) if holder else "?"
+            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into its key path and a YAML-typed value (``3`` is an int, ``true`` a bool)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. source.synthetic.seed=3")
+    key, raw = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {override!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``data[parts[0]][parts[1]]... = value``, creating intermediate mappings."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_preset(path_or_name: str | Path) -> Path:
+    """A preset name (``tiny``) or a path to a YAML file."""
+    candidate = Path(path_or_name)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+        if not candidate.exists():
+            raise ConfigError(f"config file {candidate} does not exist")
+        return candidate
+    preset = PRESETS_DIR / f"{path_or_name}.yaml"
+    if not preset.exists():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {path_or_name!r}; presets: {', '.join(known)}")
+    return preset
+
+
+def load_config(path_or_name: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply ``--set`` overrides, validate; errors name the key."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path_or_name is not None:
+        path = resolve_preset(path_or_name)
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    for override in overrides or []:
+        parts, value = parse_override(override)
+        apply_override(data, parts, value)
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None

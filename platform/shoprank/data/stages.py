@@ -1,0 +1,45 @@
+"""The data stages of a run (ingest, preprocess), each skipped when already current."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from shoprank.config import Config
+from shoprank.data.ingest import ingest, ingest_outputs
+from shoprank.data.preprocess import preprocess, preprocess_outputs
+from shoprank.store.run import Run, StageRecord
+
+log = logging.getLogger(__name__)
+
+
+def run_stage(
+    run: Run,
+    config: Config,
+    name: str,
+    config_hash: str,
+    outputs: list[str],
+    body: Callable[[Config, Run, StageRecord], None],
+) -> bool:
+    """Run ``body`` as stage ``name`` unless it is current; True when it ran."""
+    if run.stage_is_current(name, config_hash):
+        log.info("stage %s is current (config hash %s): skipped", name, config_hash)
+        return False
+    log.info("stage %s: running (config hash %s)", name, config_hash)
+    with run.stage(name, config, config_hash, outputs) as record:
+        body(config, run, record)
+    return True
+
+
+def prepare_data(config: Config) -> Run:
+    """Ingest the configured source and preprocess it into the run; returns the run.
+
+    Ingest depends on ``source`` only; preprocessing on ``source`` and ``preprocess``,
+    so changing a split fraction re-runs preprocessing but not generation.
+    """
+    run = Run.for_config(config)
+    run_stage(run, config, "ingest", config.section_hash("source"), ingest_outputs(config), ingest)
+    run_stage(
+        run, config, "preprocess", config.section_hash("source", "preprocess"), preprocess_outputs(), preprocess
+    )
+    return run

@@ -1,0 +1,168 @@
+"""A run: one directory (local path or pyarrow filesystem URI) with a manifest.
+
+``manifest.json`` names the run's config, its config hash, the code version and,
+per stage, the config hash the stage ran under, its outputs, row counts, drops,
+metrics and timings. The manifest is the commit point: a stage counts as done
+only once its entry is written, after all its outputs are complete, so a crash
+leaves no artifact that a later run would trust. A stage whose config hash is
+unchanged is skipped; otherwise its old outputs are removed before it runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+import shoprank
+from shoprank.config import Config
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def code_version() -> str:
+    """The package version plus the git commit when the code runs from a checkout."""
+    repo = Path(shoprank.__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return shoprank.__version__
+    return f"{shoprank.__version__}+g{sha}" if sha else shoprank.__version__
+
+
+def resolve_filesystem(root: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, URI prefix for Ray Data) of a local path or URI."""
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+        scheme = root.split("://", 1)[0]
+        prefix = "" if scheme == "file" else f"{scheme}://"
+        return fs, path.rstrip("/"), prefix
+    return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve()), ""
+
+
+@dataclass
+class StageRecord:
+    """What a running stage reports into the manifest when it completes."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Run:
+    """A run directory and its manifest."""
+
+    def __init__(self, root: str, name: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+        if filesystem is not None:
+            self.fs, base, self._prefix = filesystem, root.rstrip("/"), ""
+        else:
+            self.fs, base, self._prefix = resolve_filesystem(root)
+        self.name = name
+        self.base = f"{base}/{name}"
+
+    @classmethod
+    def for_config(cls, config: Config) -> "Run":
+        """The run that ``config`` names (``run.root`` / ``run.name``)."""
+        return cls(config.run.root, config.run.name)
+
+    def path(self, *parts: str) -> str:
+        """Path inside the run's filesystem."""
+        return "/".join([self.base, *parts])
+
+    def uri(self, *parts: str) -> str:
+        """Path with its scheme, as Ray Data and pyarrow readers take it."""
+        return self._prefix + self.path(*parts)
+
+    @property
+    def filesystem_for_ray(self) -> pafs.FileSystem | None:
+        """Filesystem argument for Ray Data; None lets Ray resolve plain paths and URIs."""
+        return None if isinstance(self.fs, pafs.LocalFileSystem) or self._prefix else self.fs
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def remove(self, *parts: str) -> None:
+        """Delete a file or directory of the run if it exists."""
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
+
+    def read_json(self, *parts: str) -> dict[str, Any]:
+        with self.fs.open_input_stream(self.path(*parts)) as stream:
+            return json.loads(stream.read().decode())
+
+    def write_json(self, payload: dict[str, Any], *parts: str) -> None:
+        """Write JSON atomically: a temporary file moved into place, never half a file."""
+        target = self.path(*parts)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{target}.tmp"
+        with self.fs.open_output_stream(tmp) as stream:
+            stream.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+        self.fs.move(tmp, target)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest, or an empty one for a new run."""
+        if not self.exists(MANIFEST):
+            return {"run_id": self.name, "stages": {}}
+        return self.read_json(MANIFEST)
+
+    def stage_is_current(self, stage: str, config_hash: str) -> bool:
+        """True when ``stage`` completed under ``config_hash`` and its outputs are all there."""
+        entry = self.manifest().get("stages", {}).get(stage)
+        if not entry or entry.get("config_hash") != config_hash:
+            return False
+        return all(self.exists(*rel.split("/")) for rel in entry.get("outputs", {}).values())
+
+    @contextmanager
+    def stage(self, stage: str, config: Config, config_hash: str, outputs: list[str]) -> Iterator[StageRecord]:
+        """Run a stage: clear its outputs first, remove them on failure, record it on success.
+
+        ``outputs`` are paths relative to the run; the stage body fills the record's
+        rows, drops and metrics, which land in the manifest with the elapsed time.
+        """
+        for rel in outputs:
+            self.remove(*rel.split("/"))
+        record = StageRecord(outputs={rel.rsplit("/", 1)[-1]: rel for rel in outputs})
+        started = time.perf_counter()
+        try:
+            yield record
+        except BaseException:
+            for rel in outputs:
+                self.remove(*rel.split("/"))
+            raise
+        manifest = self.manifest()
+        manifest.update(
+            run_id=self.name,
+            run_uri=self.uri(),
+            config=config.model_dump(mode="json"),
+            config_hash=config.config_hash(),
+            code_version=code_version(),
+        )
+        manifest.setdefault("stages", {})[stage] = {
+            "config_hash": config_hash,
+            "outputs": record.outputs,
+            "rows": record.rows,
+            "drops": record.drops,
+            "metrics": record.metrics,
+            "timings": {**record.timings, "total_s": round(time.perf_counter() - started, 3)},
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.write_json(manifest, MANIFEST)
+        log.info("stage %s done in %.1fs: %s", stage, time.perf_counter() - started, record.rows)
