@@ -53,7 +53,8 @@ def ray_init_kwargs(ray_config: RayConfig) -> dict[str, Any]:
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
     if address:
         return {"address": address, "log_to_driver": True}
-    return {"num_cpus": ray_config.num_cpus, "include_dashboard": False}
+    # address="local": start a new instance even when a `ray start` cluster runs on this machine.
+    return {"address": "local", "num_cpus": ray_config.num_cpus, "include_dashboard": False}
 
 
 @contextmanager

@@ -1,0 +1,73 @@
+"""Config: presets validate, overrides are typed, every mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoprank.config import Config, load_config
+from shoprank.errors import ConfigError
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "cluster"])
+def test_presets_load(preset: str) -> None:
+    config = load_config(preset)
+    assert isinstance(config, Config)
+    assert config.run.name == preset
+
+
+def test_override_is_typed() -> None:
+    config = load_config("tiny", ["source.synthetic.seed=11", "ray.use_gpu=true", "preprocess.kfold=5"])
+    assert config.source.synthetic.seed == 11
+    assert config.ray.use_gpu is True
+    assert config.preprocess.kfold == 5
+
+
+def test_unknown_key_names_key_and_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["source.synthetic.sead=3"])
+    message = str(err.value)
+    assert "source.synthetic.sead: unknown key" in message
+    assert "seed" in message and "num_products" in message
+
+
+def test_wrong_type_names_key() -> None:
+    with pytest.raises(ConfigError, match=r"source\.synthetic\.num_products: .*integer.*'many'"):
+        load_config("tiny", ["source.synthetic.num_products=many"])
+
+
+def test_impossible_value_names_key_and_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["source.kind=csv"])
+    assert "source.kind" in str(err.value)
+    assert "'synthetic', 'esci' or 'files'" in str(err.value)
+    with pytest.raises(ConfigError, match=r"preprocess.validation_fraction: .*less than 0.5"):
+        load_config("tiny", ["preprocess.validation_fraction=0.7"])
+    with pytest.raises(ConfigError, match="kfold must be 0"):
+        load_config("tiny", ["preprocess.kfold=1"])
+
+
+def test_files_source_requires_files_section() -> None:
+    with pytest.raises(ConfigError, match="source.files is not set"):
+        load_config("tiny", ["source.kind=files"])
+
+
+def test_bad_yaml_and_unknown_preset(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; presets: cluster, demo, tiny"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config("tiny", ["source.synthetic.seed"])
+
+
+def test_hash_ignores_where_the_run_lives() -> None:
+    a = load_config("tiny", ["run.root=/a"])
+    b = load_config("tiny", ["run.root=/b", "ray.num_cpus=1"])
+    c = load_config("tiny", ["source.synthetic.seed=99"])
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != c.config_hash()
+    assert a.section_hash("source") == load_config("tiny", ["preprocess.kfold=3"]).section_hash("source")

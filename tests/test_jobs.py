@@ -1,0 +1,112 @@
+"""Entrypoints: submitted to a real `ray start --head` with token auth, and run directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from shoprank.cluster import TOKEN_PATH, LocalCluster, head_env, wait_for_dashboard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_cluster(process: subprocess.Popen[bytes], temp_dir: str) -> None:
+    """Stop the head and every Ray process of this cluster (found by its temp dir), nothing else."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        if not left:
+            return
+        for p in left:
+            try:
+                p.kill() if time.monotonic() > deadline - 10 else p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(1)
+
+
+@pytest.fixture
+def ray_head() -> Iterator[LocalCluster]:
+    """A real `ray start --head` on loopback with token authentication, stopped after the test."""
+    temp_dir = tempfile.mkdtemp(prefix="srh-", dir="/tmp")
+    cluster = LocalCluster(_free_port(), _free_port(), num_cpus=2, temp_dir=temp_dir)
+    command = cluster.start_command(block=True) + [
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
+    process = subprocess.Popen(
+        command, env=head_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for_dashboard(cluster, timeout_s=120)
+        yield cluster
+    finally:
+        _kill_cluster(process, temp_dir)
+
+
+def test_preprocess_job_submitted_with_the_job_sdk(ray_head: LocalCluster, tmp_path: Path) -> None:
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # set by conftest, as a user sets it
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    job_id = client.submit_job(
+        entrypoint=f"python jobs/preprocess.py --config tiny --set run.root={tmp_path} "
+        "--set source.synthetic.num_sessions=300",
+        runtime_env={"working_dir": str(REPO)},
+    )
+    deadline = time.monotonic() + 400
+    status = client.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert f"run directory: {tmp_path / 'tiny'}" in logs
+    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"ingest", "preprocess"}
+    assert manifest["stages"]["preprocess"]["rows"]["query_pairs"] > 0
+    assert (tmp_path / "tiny" / "data" / "query_pairs").is_dir()
+
+
+def test_a_client_without_the_token_is_refused(ray_head: LocalCluster) -> None:
+    anonymous = requests.get(f"{ray_head.dashboard_url}/api/jobs/", timeout=10)
+    assert anonymous.status_code == 401
+    token = TOKEN_PATH.read_text().strip()
+    authorised = requests.get(
+        f"{ray_head.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+    assert authorised.status_code == 200
+
+
+def test_a_bad_config_is_one_clear_line_without_a_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "jobs/preprocess.py", "--config", "tiny", "--set", "source.synthetic.seeed=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "source.synthetic.seeed: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,139 @@
+"""Preprocessing: splits that cannot leak, tables that say what they hold, stages that skip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.data.preprocess import OUTPUTS
+from shoprank.data.stages import prepare_data
+from shoprank.errors import DataError
+from shoprank.store.run import Run
+
+
+def test_every_output_is_written_and_counted(tiny_run: tuple[Config, Run]) -> None:
+    _, run = tiny_run
+    manifest = run.manifest()
+    stage = manifest["stages"]["preprocess"]
+    assert set(stage["rows"]) == set(OUTPUTS)
+    for name in OUTPUTS:
+        assert stage["rows"][name] == read_table(run, "data", name).num_rows > 0
+    assert manifest["config_hash"] and manifest["code_version"]
+    assert manifest["stages"]["ingest"]["rows"]["events"] == stage["rows"]["events"]
+    assert stage["timings"]["total_s"] > 0
+
+
+def test_no_query_crosses_splits(tiny_run: tuple[Config, Run]) -> None:
+    _, run = tiny_run
+    pairs = read_table(run, "data", "query_pairs")
+    per_query = pairs.group_by("query").aggregate([("split", "count_distinct")])
+    assert pc.max(per_query.column("split_count_distinct")).as_py() == 1
+    assert set(pairs.column("split").to_pylist()) == {"train", "validation", "test"}
+    assert set(pairs.column("source").to_pylist()) == {"judgment", "behaviour"}
+    assert set(pairs.column("label").to_pylist()) <= {0, 1, 2, 3}
+
+
+def test_no_training_event_is_later_than_a_validation_event(tiny_run: tuple[Config, Run]) -> None:
+    config, run = tiny_run
+    events = read_table(run, "data", "events")
+    ts = {s: events.filter(pc.equal(events.column("split"), s)).column("ts") for s in ("train", "validation", "test")}
+    assert pc.max(ts["train"]).as_py() < pc.min(ts["validation"]).as_py()
+    assert pc.max(ts["validation"]).as_py() < pc.min(ts["test"]).as_py()
+    share = len(ts["test"]) / events.num_rows
+    assert abs(share - config.preprocess.test_fraction) < 0.05
+
+
+def test_histories_and_pairs_use_training_events_only(tiny_run: tuple[Config, Run]) -> None:
+    config, run = tiny_run
+    events = read_table(run, "data", "events")
+    validation_from = pc.min(events.filter(pc.not_equal(events.column("split"), "train")).column("ts")).as_py()
+    histories = read_table(run, "data", "user_histories").to_pylist()
+    for row in histories:
+        assert len(row["product_ids"]) == len(row["event_types"]) == len(row["ts"]) <= config.preprocess.history_length
+        assert row["ts"] == sorted(row["ts"]) and max(row["ts"]) < validation_from
+    pairs = read_table(run, "data", "coengagement")
+    assert all(a < b for a, b in zip(pairs.column("product_a").to_pylist(), pairs.column("product_b").to_pylist()))
+    assert set(pairs.column("kind").to_pylist()) == {"viewed_together", "bought_together"}
+
+
+def test_products_are_normalised_and_labelled(tiny_run: tuple[Config, Run]) -> None:
+    _, run = tiny_run
+    products = read_table(run, "data", "products").to_pylist()
+    categories = {r["category"]: r["category_label"] for r in read_table(run, "data", "categories").to_pylist()}
+    for product in products:
+        assert product["title"] == product["title"].lower().strip()
+        assert categories[product["category"]] == product["category_label"]
+        assert product["leaf"] == product["category"].rsplit(">", 1)[-1].strip().lower()
+
+
+def test_rerun_skips_and_changed_config_reruns_only_what_changed(
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+) -> None:
+    config = make_tiny_config(tmp_path, "source.synthetic.num_sessions=200", "source.synthetic.num_products=200")
+    run = prepare_data(config)
+    first = run.manifest()["stages"]
+    again = prepare_data(config).manifest()["stages"]
+    assert again == first
+    changed = prepare_data(config.model_copy(update={"preprocess": config.preprocess.model_copy(update={"kfold": 3})}))
+    stages = changed.manifest()["stages"]
+    assert stages["ingest"] == first["ingest"]
+    assert stages["preprocess"]["completed_at"] >= first["preprocess"]["completed_at"]
+    assert stages["preprocess"]["config_hash"] != first["preprocess"]["config_hash"]
+    folds = read_table(changed, "data", "query_pairs").column("fold")
+    assert set(folds.to_pylist()) == {0, 1, 2}
+
+
+def test_a_failed_stage_leaves_nothing_behind(
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+) -> None:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("product_id,title,category,price\nA,Pan,Home > Pans,abc\n")
+    events = tmp_path / "events.csv"
+    events.write_text("event_id,user_id,session_id,product_id,event_type,ts\n")
+    config = make_tiny_config(
+        tmp_path / "runs",
+        "source.kind=files",
+        f"source.files.products.path={catalog}",
+        f"source.files.events.path={events}",
+    )
+    with pytest.raises(DataError, match="price"):
+        prepare_data(config)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert not (run_dir / "data" / "records").exists()
+    assert not (run_dir / "manifest.json").exists()
+
+
+def test_files_source_counts_orphan_events_in_the_manifest(
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+) -> None:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text(
+        "sku,title,category,brand,price\n"
+        "A,Cast Iron Pan,Home > Cookware > Pans,Ferro,30\n"
+        "B,Steel Pan,Home > Cookware > Pans,Ferro,20\n"
+    )
+    rows = ["event_id,user_id,session_id,product_id,event_type,ts,query"]
+    for i in range(40):
+        product = "ZZ" if i % 10 == 0 else "AB"[i % 2]
+        kind = "click" if i % 3 == 0 else "view"
+        rows.append(f"e{i},u{i % 4},s{i // 4},{product},{kind},2026-01-{1 + i // 2:02d}T10:00:00Z,pan")
+    events = tmp_path / "events.csv"
+    events.write_text("\n".join(rows) + "\n")
+    config = make_tiny_config(
+        tmp_path / "runs",
+        "source.kind=files",
+        f"source.files.products.path={catalog}",
+        "source.files.products.columns={product_id: sku}",
+        f"source.files.events.path={events}",
+    )
+    run = prepare_data(config)
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert manifest["stages"]["ingest"]["drops"]["events_unknown_product"] == 4
+    assert manifest["stages"]["ingest"]["rows"]["events"] == 36
+    assert read_table(run, "data", "events").num_rows == 36
