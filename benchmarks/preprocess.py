@@ -439,8 +439,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("shoprank", "bench"):
         logging.getLogger(name).setLevel(logging.INFO)
-    log = logging.getLogger("bench")
 
+    keep_root = args.root is not None
+    root = Path(args.root).resolve() if keep_root else Path(tempfile.mkdtemp(prefix="shoprank-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        line = _benchmark(args, root)
+    finally:
+        if not keep_root:
+            shutil.rmtree(root, ignore_errors=True)
+    sys.stdout.flush()
+    print(line, flush=True)
+    return 0
+
+
+def _benchmark(args: argparse.Namespace, root: Path) -> str:
+    """Run everything under ``root``, print the report; returns the JSON line (printed last by ``main``)."""
     import ray
     from ray.data.context import DataContext
 
@@ -450,9 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     from shoprank.data.stages import run_stage
     from shoprank.store.run import Run
 
-    keep_root = args.root is not None
-    root = Path(args.root).resolve() if keep_root else Path(tempfile.mkdtemp(prefix="shoprank-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("bench")
     run_name = f"bench-{args.events}-{args.products}"
 
     overrides = [
@@ -599,11 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     line = json.dumps(figures, sort_keys=True, default=str)
     if args.json:
         Path(args.json).write_text(line + "\n")
-    if not keep_root:
-        shutil.rmtree(root, ignore_errors=True)
-    sys.stdout.flush()
-    print(line, flush=True)
-    return 0
+    return line
 
 
 if __name__ == "__main__":

@@ -36,56 +36,46 @@ def ingest_outputs(config: Config) -> list[str]:
     return outputs
 
 
-def _chunk_ids(total: int, size: int, num_blocks: int) -> ray.data.Dataset:
-    chunks = max(1, -(-total // size))
-    return ray.data.range(chunks, override_num_blocks=min(num_blocks, chunks))
+def _render_block(batch: dict[str, np.ndarray], shop: SyntheticShopConfig, table: str) -> pa.Table:
+    """Records of one block of chunks; the (cheap, numeric) ground truth is rebuilt per block."""
+    if table == "products":
+        catalog = synthetic.build_catalog(shop)
+        size, total = synthetic.PRODUCT_CHUNK, shop.num_products
+
+        def render(chunk: int, start: int, stop: int) -> pa.Table:
+            return synthetic.render_products(catalog, start, stop)
+    else:
+        render = synthetic.ShopModel.build(shop).sessions
+        size, total = synthetic.SESSION_CHUNK, shop.num_sessions
+    return pa.concat_tables(
+        [render(int(c), int(c) * size, min((int(c) + 1) * size, total)) for c in batch["id"]]
+    )
 
 
-def _render_products(batch: dict[str, np.ndarray], shop: SyntheticShopConfig) -> pa.Table:
-    catalog = synthetic.build_catalog(shop)
-    parts = []
-    for chunk in batch["id"]:
-        start = int(chunk) * synthetic.PRODUCT_CHUNK
-        parts.append(synthetic.render_products(catalog, start, min(start + synthetic.PRODUCT_CHUNK, len(catalog))))
-    return pa.concat_tables(parts)
-
-
-def _simulate_sessions(batch: dict[str, np.ndarray], shop: SyntheticShopConfig) -> pa.Table:
-    model = synthetic.ShopModel.build(shop)
-    parts = []
-    for chunk in batch["id"]:
-        start = int(chunk) * synthetic.SESSION_CHUNK
-        parts.append(model.sessions(int(chunk), start, min(start + synthetic.SESSION_CHUNK, shop.num_sessions)))
-    return pa.concat_tables(parts)
+def _generate_table(shop: SyntheticShopConfig, run: Run, table: str, total: int, chunk_size: int) -> float:
+    """Render ``table`` with Ray Data, one task per block of chunks; returns seconds."""
+    started = time.perf_counter()
+    chunks = max(1, -(-total // chunk_size))
+    (
+        ray.data.range(chunks, override_num_blocks=min(shop.num_blocks, chunks))
+        .map_batches(_render_block, fn_kwargs={"shop": shop, "table": table}, batch_size=None, batch_format="numpy")
+        .write_parquet(run.uri(*RECORDS, table), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
+                       filesystem=run.filesystem_for_ray)
+    )
+    return round(time.perf_counter() - started, 3)
 
 
 def generate_shop(shop: SyntheticShopConfig, run: Run) -> dict[str, float]:
     """Generate the simulated shop into the run with Ray Data, in parallel blocks.
 
-    Products and sessions are rendered by Ray tasks, one per block of chunks, each
-    rebuilding the (cheap, numeric) ground truth from the config; the query pool,
-    judgments and users' hidden tastes are small and written from the driver.
-    Returns timings per part.
+    Products and sessions are rendered by Ray tasks, one per block of chunks; the
+    query pool, judgments and users' hidden tastes are small and written from the
+    driver. Returns timings per part.
     """
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    (
-        _chunk_ids(shop.num_products, synthetic.PRODUCT_CHUNK, shop.num_blocks)
-        .map_batches(_render_products, fn_kwargs={"shop": shop}, batch_size=None, batch_format="numpy")
-        .write_parquet(run.uri(*RECORDS, "products"), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
-                       filesystem=run.filesystem_for_ray)
-    )
-    timings["products_s"] = round(time.perf_counter() - started, 3)
-
-    started = time.perf_counter()
-    (
-        _chunk_ids(shop.num_sessions, synthetic.SESSION_CHUNK, shop.num_blocks)
-        .map_batches(_simulate_sessions, fn_kwargs={"shop": shop}, batch_size=None, batch_format="numpy")
-        .write_parquet(run.uri(*RECORDS, "events"), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
-                       filesystem=run.filesystem_for_ray)
-    )
-    timings["events_s"] = round(time.perf_counter() - started, 3)
-
+    timings = {
+        "products_s": _generate_table(shop, run, "products", shop.num_products, synthetic.PRODUCT_CHUNK),
+        "events_s": _generate_table(shop, run, "events", shop.num_sessions, synthetic.SESSION_CHUNK),
+    }
     started = time.perf_counter()
     model = synthetic.ShopModel.build(shop)
     write_table(run, synthetic.judgments_table(shop, model.catalog, model.queries), *RECORDS, "judgments")
