@@ -333,17 +333,18 @@ class PandasBaseline:
             "query": query.to_numpy(),
             "product_id": searched["product_id"].to_numpy(),
             "strength": searched["event_type"].map(EVENT_STRENGTH).astype(np.int8).to_numpy(),
+            "shown": (searched["event_type"] == "view").astype(np.int32).to_numpy(),
         })
         behaviour = behaviour[behaviour["query"] != ""]
         behaviour = (
-            behaviour.groupby(["query", "product_id"], sort=False)["strength"]
-            .agg(["max", "size"]).reset_index()
+            behaviour.groupby(["query", "product_id"], sort=False)
+            .agg(strength=("strength", "max"), shown=("shown", "sum")).reset_index()
         )
         behaviour = pd.DataFrame({
             "query": behaviour["query"],
             "product_id": behaviour["product_id"],
-            "label": behaviour["max"].astype(np.int8),
-            "impressions": behaviour["size"].astype("Int32"),
+            "label": behaviour["strength"].astype(np.int8),
+            "impressions": behaviour["shown"].astype("Int32"),
             "source": "behaviour",
         })
         combined = pd.concat([judged, behaviour], ignore_index=True)

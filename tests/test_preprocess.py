@@ -137,3 +137,20 @@ def test_files_source_counts_orphan_events_in_the_manifest(
     assert manifest["stages"]["ingest"]["drops"]["events_unknown_product"] == 4
     assert manifest["stages"]["ingest"]["rows"]["events"] == 36
     assert read_table(run, "data", "events").num_rows == 36
+
+
+def test_hash_and_sort_shuffles_build_the_same_tables(
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+) -> None:
+    small = ("source.synthetic.num_sessions=250", "source.synthetic.num_products=200")
+    by_sort = prepare_data(make_tiny_config(tmp_path / "sort", *small))
+    by_hash = prepare_data(make_tiny_config(tmp_path / "hash", *small, "preprocess.shuffle_strategy=hash_shuffle"))
+    keys = {
+        "user_histories": ["user_id"],
+        "coengagement": ["product_a", "product_b", "kind"],
+        "query_pairs": ["query", "product_id", "source"],
+    }
+    for table, key in keys.items():
+        a = read_table(by_sort, "data", table).sort_by([(k, "ascending") for k in key])
+        b = read_table(by_hash, "data", table).sort_by([(k, "ascending") for k in key])
+        assert a.num_rows > 0 and a.equals(b), table

@@ -93,7 +93,7 @@ def test_queries_cover_the_ways_shoppers_type_and_every_grade() -> None:
     assert 0.05 < len(typos) / len(model.queries) < 0.3
     synonyms = [t for t, s in zip(model.queries.text, model.queries.style) if s == "synonym"]
     assert any(t in {syn for leaf in LEAVES for syn in leaf.synonyms} for t in synonyms)
-    labels = Counter(synthetic.judgments_table(shop, model.catalog, model.queries).column("label").to_pylist())
+    labels = Counter(model.judgments().column("label").to_pylist())
     assert all(labels[grade] > 0 for grade in (0, 1, 2, 3)), labels
 
 

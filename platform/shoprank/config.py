@@ -130,7 +130,7 @@ class PreprocessConfig(Section):
         "which is much faster on small clusters.",
     )
     shuffle_partitions: int = Field(
-        4, ge=1, description="Partitions of each Ray Data group-by; more for bigger data and clusters."
+        4, ge=1, description="Partitions of the hash shuffle (shuffle_strategy: hash_shuffle); more for bigger clusters."
     )
     seed: int = 0
 

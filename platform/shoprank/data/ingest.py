@@ -78,7 +78,7 @@ def generate_shop(shop: SyntheticShopConfig, run: Run) -> dict[str, float]:
     }
     started = time.perf_counter()
     model = synthetic.ShopModel.build(shop)
-    write_table(run, synthetic.judgments_table(shop, model.catalog, model.queries), *RECORDS, "judgments")
+    write_table(run, model.judgments(), *RECORDS, "judgments")
     write_table(run, synthetic.users_table(model.users), *SHOP, "users")
     write_table(run, synthetic.queries_table(model.queries), *SHOP, "queries")
     timings["judgments_users_s"] = round(time.perf_counter() - started, 3)

@@ -487,7 +487,7 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         try:
             return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:  # unknown scheme, bad URI
             raise DataError(f"cannot open: {exc}", file=path) from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 

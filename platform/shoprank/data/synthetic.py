@@ -565,27 +565,26 @@ def _judged_products(
     return np.sort(rng.permutation(unique)[:n])
 
 
-def judgments_table(shop: SyntheticShopConfig, catalog: Catalog, queries: Queries) -> pa.Table:
-    """Graded judgments (JUDGMENT_SCHEMA) for every query of the pool."""
-    qid: list[str] = []
-    text: list[str] = []
-    pid: list[np.ndarray] = []
-    label: list[np.ndarray] = []
+def judged_products(shop: SyntheticShopConfig, catalog: Catalog, queries: Queries) -> list[np.ndarray]:
+    """Product numbers judged for each query of the pool (list index = query number)."""
+    judged: list[np.ndarray] = []
     for i, start, stop in _chunks(len(queries), QUERY_CHUNK):
         rng = _rng(shop.seed, _STREAM_QUERIES, 1_000_000 + i)
-        for q in range(start, stop):
-            products = _judged_products(queries, q, catalog, shop.judgments_per_query, rng)
-            qid.extend([query_id(q)] * len(products))
-            text.extend([queries.text[q]] * len(products))
-            pid.append(products)
-            label.append(relevance(queries, q, catalog, products))
-    products_all = np.concatenate(pid) if pid else np.empty(0, int)
+        judged.extend(_judged_products(queries, q, catalog, shop.judgments_per_query, rng) for q in range(start, stop))
+    return judged
+
+
+def judgments_table(queries: Queries, catalog: Catalog, judged: list[np.ndarray]) -> pa.Table:
+    """Graded judgments (JUDGMENT_SCHEMA) of the judged products of every query."""
+    query_of_row = np.repeat(np.arange(len(judged)), [len(p) for p in judged])
+    products = np.concatenate(judged) if judged else np.empty(0, np.int64)
+    labels = [relevance(queries, q, catalog, p) for q, p in enumerate(judged)]
     return pa.Table.from_arrays(
         [
-            pa.array(qid, pa.string()),
-            pa.array(text, pa.string()),
-            pa.array([product_id(p) for p in products_all], pa.string()),
-            pa.array(np.concatenate(label) if label else np.empty(0, np.int8), pa.int8()),
+            pa.array([query_id(q) for q in query_of_row], pa.string()),
+            pa.array([queries.text[q] for q in query_of_row], pa.string()),
+            pa.array([product_id(p) for p in products], pa.string()),
+            pa.array(np.concatenate(labels) if labels else np.empty(0, np.int8), pa.int8()),
         ],
         schema=JUDGMENT_SCHEMA,
     )
@@ -608,13 +607,13 @@ class ShopModel:
         return cls(shop, build_catalog(shop), build_users(shop), build_queries(shop))
 
     @cached_property
-    def _query_products(self) -> dict[int, np.ndarray]:
-        """Judged products per query, in the same draw as the judgments table."""
-        table = judgments_table(self.shop, self.catalog, self.queries)
-        qids = np.array([int(q[1:]) for q in table.column("query_id").to_pylist()], dtype=np.int64)
-        pids = np.array([int(p[1:]) for p in table.column("product_id").to_pylist()], dtype=np.int64)
-        bounds = np.flatnonzero(np.diff(qids)) + 1
-        return {int(g[0]): p for g, p in zip(np.split(qids, bounds), np.split(pids, bounds)) if len(g)}
+    def judged(self) -> list[np.ndarray]:
+        """Judged products per query: the legacy search's candidates and the judgments' rows."""
+        return judged_products(self.shop, self.catalog, self.queries)
+
+    def judgments(self) -> pa.Table:
+        """The judgments table of the query pool."""
+        return judgments_table(self.queries, self.catalog, self.judged)
 
     def utility(self, user: int, products: np.ndarray) -> np.ndarray:
         """How much ``user`` likes each product, before position bias and query relevance."""
@@ -663,7 +662,7 @@ class ShopModel:
 
     def search_results(self, query: int, n: int, rng: np.random.Generator) -> np.ndarray:
         """The legacy search page: judged products by relevance plus noise."""
-        candidates = self._query_products[query]
+        candidates = self.judged[query]
         score = (
             relevance(self.queries, query, self.catalog, candidates)
             + 0.3 * self.catalog.quality[candidates]
