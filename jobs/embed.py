@@ -1,0 +1,20 @@
+"""Embed the catalogue and the users with the fine-tuned encoder and build the retrieval index.
+
+    python jobs/embed.py --config demo
+    ray job submit --working-dir . -- python jobs/embed.py --config demo
+"""
+
+from __future__ import annotations
+
+import ray
+
+from shoprank.encoder.stages import train_and_embed
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+
+if __name__ == "__main__":
+    setup_logging()
+    with user_errors():
+        config = config_from_args(job_parser(__doc__).parse_args())
+        ray.init(**ray_init_kwargs(config.ray))
+        run = train_and_embed(config)
+        print(f"run directory: {run.uri()}")

@@ -1,0 +1,22 @@
+"""Fine-tune the encoder on Ray Train (after the data stages, skipped when current).
+
+    python jobs/train_encoder.py --config demo
+    ray job submit --working-dir . -- python jobs/train_encoder.py --config demo
+"""
+
+from __future__ import annotations
+
+import ray
+
+from shoprank.encoder.stages import train_and_embed
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+
+if __name__ == "__main__":
+    setup_logging()
+    with user_errors():
+        config = config_from_args(job_parser(__doc__).parse_args())
+        ray.init(**ray_init_kwargs(config.ray))
+        run = train_and_embed(config, embed=False)
+        stage = run.manifest()["stages"]["encoder"]["metrics"]
+        print({k: v for k, v in stage.items() if k != "epochs"})
+        print(f"run directory: {run.uri()}")

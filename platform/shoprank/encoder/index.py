@@ -1,0 +1,34 @@
+"""The retrieval index over product embeddings (FAISS, inner product = cosine on unit vectors).
+
+Exact search (``flat``) by default; ``hnsw`` or ``ivf`` for large catalogues, where
+exact search costs a full scan per query.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from shoprank.config import EmbedConfig
+
+
+def build_index(embeddings: np.ndarray, config: EmbedConfig) -> faiss.Index:
+    """An inner-product index of ``embeddings`` (rows in catalogue order)."""
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    dim = vectors.shape[1]
+    if config.index == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(dim)
+    elif config.index == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        nlist = max(1, min(config.ivf_nlist, len(vectors) // 39))  # FAISS wants ~39 points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(config.ivf_nprobe, nlist)
+    index.add(vectors)
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row numbers) of the top ``k`` products per query; row -1 where fewer exist."""
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

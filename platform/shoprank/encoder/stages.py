@@ -1,0 +1,163 @@
+"""The encoder stages of a run: fine-tune (``encoder``) and embed + index (``embed``).
+
+Outputs, under the run:
+
+* ``encoder/ray/`` Ray Train's run (checkpoints every epoch);
+* ``encoder/model/`` the final encoder: ``adapter/`` (peft), ``merged/`` (a plain
+  model for serving), ``head.pt`` (category head), ``encoder.json``;
+* ``embeddings/products``, ``embeddings/users`` Parquet (id, embedding);
+* ``index/products.faiss`` and ``index/product_ids.parquet`` (FAISS row -> product).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+import torch
+from ray.data import SaveMode
+
+from shoprank.config import Config, EncoderConfig
+from shoprank.data.io import PartFilenames, read_table, write_table
+from shoprank.encoder.index import build_index
+from shoprank.encoder.model import encode, load_backbone, load_encoder, product_texts, save_encoder
+from shoprank.encoder.train import build_model, load_checkpoint_state, train_encoder
+from shoprank.encoder.users import user_embedding
+from shoprank.errors import ShopRankError
+from shoprank.data.stages import prepare_data, run_stage
+from shoprank.store.run import Run, StageRecord
+
+log = logging.getLogger(__name__)
+
+ENCODER_OUTPUTS = ["encoder/ray", "encoder/model"]
+EMBED_OUTPUTS = ["embeddings/products", "embeddings/users", "index"]
+
+
+def local_dir(run: Run, *parts: str) -> Path:
+    """A run directory as a local path (model files are loaded from disk)."""
+    if not isinstance(run.fs, pafs.LocalFileSystem):
+        raise ShopRankError(f"{run.uri(*parts)}: model files must be on a local or mounted filesystem for now")
+    return Path(run.path(*parts))
+
+
+def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
+    """Train on Ray Train, then export the best-last checkpoint as adapter + merged model."""
+    result = train_encoder(config, run)
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise ShopRankError("encoder training finished without a checkpoint")
+    history = [dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
+    export_checkpoint(config.encoder, run, load_checkpoint_state(result.checkpoint))
+    final = result.metrics
+    record.metrics.update(
+        {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
+    )
+    record.metrics["epochs"] = [
+        {k: v for k, v in row.items() if k.startswith(("validation/", "loss/", "epoch"))} for row in history
+    ]
+    record.metrics["ndcg_gain_over_zero_shot"] = round(
+        final.get(f"validation/ndcg@{config.encoder.train.eval_k}", 0.0)
+        - final.get(f"zero_shot/ndcg@{config.encoder.train.eval_k}", 0.0),
+        4,
+    )
+
+
+def export_checkpoint(config: EncoderConfig, run: Run, state: dict) -> None:
+    """Rebuild the trained model from a checkpoint's state and save it for serving."""
+    backbone, tokenizer = load_backbone(config.model)
+    num_categories = read_table(run, "data", "categories").num_rows
+    model = build_model(backbone, config, num_categories, total_steps=2)
+    model.load_state_dict(state["model"], strict=False)
+    target = local_dir(run, "encoder", "model")
+    save_encoder(model.encoder, tokenizer, target, config)
+    torch.save(model.head.state_dict(), target / "head.pt")
+
+
+class EmbedProducts:
+    """Ray Data callable class: the encoder is loaded once per actor, then embeds batches."""
+
+    def __init__(self, model_dir: str, config: dict, batch_size: int, use_gpu: bool) -> None:
+        self.config = EncoderConfig.model_validate(config)
+        self.batch_size = batch_size
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder, self.tokenizer = load_encoder(Path(model_dir))
+        self.encoder.to(self.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = encode(
+            self.encoder, self.tokenizer, product_texts(batch, self.config), self.config.max_length,
+            batch_size=self.batch_size, device=self.device,
+        )
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        return pa.table(
+            {"product_id": batch.column("product_id"),
+             "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])}
+        )
+
+
+def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
+    """Embed the catalogue with an actor pool, build the index, embed users from their histories."""
+    embed = config.embed
+    model_dir = str(local_dir(run, "encoder", "model"))
+    products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray)
+    products.map_batches(
+        EmbedProducts,
+        fn_constructor_args=(model_dir, config.encoder.model_dump(mode="json"), config.embed.batch_size,
+                             config.ray.use_gpu),
+        batch_size=embed.batch_size, concurrency=embed.actors, num_gpus=1 if config.ray.use_gpu else 0,
+        batch_format="pyarrow",
+    ).write_parquet(run.uri("embeddings", "products"), filename_provider=PartFilenames(),
+                    mode=SaveMode.OVERWRITE, filesystem=run.filesystem_for_ray)
+    table = read_table(run, "embeddings", "products").sort_by("product_id")
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    index = build_index(vectors, embed)
+    index_dir = local_dir(run, "index")
+    index_dir.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(index_dir / "products.faiss"))
+    write_table(run, pa.table({"row": np.arange(table.num_rows), "product_id": table.column("product_id")}),
+                "index", "product_ids")
+    record.rows["products"] = table.num_rows
+    record.metrics["index"] = embed.index
+    record.metrics["dim"] = int(vectors.shape[1])
+    users = embed_users(run, table.column("product_id").to_pylist(), vectors, embed.user_half_life_days)
+    write_table(run, users, "embeddings", "users")
+    record.rows["users"] = users.num_rows
+
+
+def embed_users(run: Run, product_ids: list[str], vectors: np.ndarray, half_life_days: float) -> pa.Table:
+    """Every user with a training history, embedded by :func:`user_embedding`."""
+    row_of = {p: i for i, p in enumerate(product_ids)}
+    histories = read_table(run, "data", "user_histories").to_pylist()
+    ids, out = [], []
+    for history in histories:
+        keep = [i for i, p in enumerate(history["product_ids"]) if p in row_of]
+        if not keep:
+            continue
+        latest: dt.datetime = max(history["ts"])
+        ages = [(latest - history["ts"][i]).total_seconds() / 86_400 for i in keep]
+        vector = user_embedding(
+            vectors[[row_of[history["product_ids"][i]] for i in keep]],
+            [history["event_types"][i] for i in keep], ages, half_life_days,
+        )
+        if vector is not None:
+            ids.append(history["user_id"])
+            out.append(vector)
+    dim = vectors.shape[1]
+    flat = pa.array(np.concatenate(out) if out else np.zeros(0, np.float32), pa.float32())
+    return pa.table({"user_id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+
+
+def train_and_embed(config: Config, *, embed: bool = True) -> Run:
+    """Data stages, then fine-tuning, then (optionally) embedding and indexing; each skipped when current."""
+    run = prepare_data(config)
+    run_stage(run, config, "encoder", config.section_hash("source", "preprocess", "encoder"), ENCODER_OUTPUTS, fine_tune)
+    if embed:
+        run_stage(run, config, "embed", config.config_hash(), EMBED_OUTPUTS, embed_and_index)
+    return run
