@@ -48,37 +48,12 @@ def tiny_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tiny_run: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT with a WordPiece tokenizer trained on the tiny catalogue: no download, seconds."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
+    """A 2-layer BERT whose tokenizer is trained on the tiny catalogue and queries."""
     from shoprank.data.io import read_table
     from shoprank.encoder.model import product_texts
+    from shoprank.encoder.tiny import build_tiny_encoder
 
     config, run = tiny_run
     texts = product_texts(read_table(run, "data", "products"), config.encoder)
     texts += read_table(run, "data", "query_pairs", columns=["query"]).column("query").to_pylist()
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    torch_seed = 0
-    import torch
-
-    torch.manual_seed(torch_seed)
-    model = BertModel(
-        BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=64, max_position_embeddings=128)
-    )
-    directory = tmp_path_factory.mktemp("tiny-encoder")
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return directory
+    return build_tiny_encoder(texts, tmp_path_factory.mktemp("tiny-encoder"))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ray.train import TrainingFailedError
 
-from shoprank.config import Config
+from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
-from shoprank.encoder.model import encode, load_encoder, product_texts
+from shoprank.encoder.model import encode, load_encoder, load_encoder_from_config, product_texts
 from shoprank.encoder.stages import train_and_embed
+from shoprank.encoder.train import train_encoder
+from shoprank.errors import ConfigError
 from shoprank.store.run import Run
 
 
@@ -55,3 +59,62 @@ def test_catalogue_users_and_index_are_embedded(trained: tuple[Config, Run]) -> 
     assert index.ntotal == products.num_rows
     users = read_table(run, "embeddings", "users")
     assert users.num_rows > 0
+
+
+def _fresh_copy(run: Run, root: Path) -> Run:
+    """The run's data in a new run directory, so a training there starts from nothing."""
+    shutil.copytree(run.path("data"), root / run.name / "data")
+    return Run(str(root), run.name)
+
+
+def _with_train(config: Config, **changes: object) -> Config:
+    train = config.encoder.train.model_copy(update=changes)
+    return config.model_copy(update={"encoder": config.encoder.model_copy(update={"train": train})})
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(trained: tuple[Config, Run], tmp_path: Path) -> None:
+    config, run = trained
+    steps_per_epoch = run.manifest()["stages"]["encoder"]["metrics"]["epochs"][0]["global_step"]
+    failing = _with_train(config, fail_at_step=steps_per_epoch + 1)
+
+    with pytest.raises(TrainingFailedError, match="injected failure"):
+        train_encoder(_with_train(failing, max_failures=0), _fresh_copy(run, tmp_path / "a"))
+
+    with_retry = train_encoder(_with_train(failing, max_failures=1), _fresh_copy(run, tmp_path / "b"))
+    assert with_retry.metrics["epoch"] == config.encoder.train.epochs
+    # Resumed at the epoch-1 checkpoint: no step was trained twice.
+    assert with_retry.metrics["global_step"] == steps_per_epoch * config.encoder.train.epochs
+
+
+def test_a_finished_run_continues_from_its_checkpoint(trained: tuple[Config, Run], tmp_path: Path) -> None:
+    config, run = trained
+    metrics = run.manifest()["stages"]["encoder"]["metrics"]
+    steps_per_epoch = metrics["epochs"][0]["global_step"]
+    finished = sorted(p for p in Path(run.path("encoder", "ray")).rglob("checkpoint_*") if p.is_dir())[-1]
+    more = train_encoder(_with_train(config, epochs=3), _fresh_copy(run, tmp_path), resume_from=str(finished))
+    assert more.metrics["epoch"] == 3
+    assert more.metrics["global_step"] == 3 * steps_per_epoch
+    assert more.metrics["zero_shot/ndcg@10"] == metrics["zero_shot/ndcg@10"]
+
+
+def test_use_gpu_without_a_gpu_is_a_clear_error(trained: tuple[Config, Run]) -> None:
+    config, run = trained
+    on_gpu = config.model_copy(update={"ray": config.ray.model_copy(update={"use_gpu": True})})
+    with pytest.raises(ConfigError, match="ray.use_gpu is true but the Ray cluster has no GPU"):
+        train_encoder(on_gpu, run)
+
+
+@pytest.mark.slow
+def test_packaged_minilm_finds_the_sensible_product() -> None:
+    encoder, tokenizer = load_encoder_from_config(EncoderConfig())
+    products = [
+        "ferrovia cast iron frying pan, 28 cm, black | home & kitchen > cookware > frying pans",
+        "sonique wireless headphones, navy | electronics > audio > headphones",
+        "zenmat yoga mat, tpe, green | sports & outdoors > fitness > yoga mats",
+        "brewhaus coffee maker, stainless steel | home & kitchen > kitchen appliances > coffee makers",
+    ]
+    queries = {"skillet": 0, "bluetooth headset": 1, "exercise mat": 2, "espresso machine": 3}
+    p = encode(encoder, tokenizer, products, 64)
+    q = encode(encoder, tokenizer, list(queries), 32)
+    assert p.shape[1] == 384
+    assert (q @ p.T).argmax(axis=1).tolist() == list(queries.values())

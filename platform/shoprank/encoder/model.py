@@ -60,6 +60,14 @@ def load_backbone(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
+def load_encoder_from_config(config: EncoderConfig) -> tuple["TextEncoder", PreTrainedTokenizerBase]:
+    """The pretrained encoder named by config, not fine-tuned (the zero-shot baseline)."""
+    backbone, tokenizer = load_backbone(config.model)
+    encoder = TextEncoder(backbone)
+    encoder.eval()
+    return encoder, tokenizer
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token vectors that are not padding, L2 normalised."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)

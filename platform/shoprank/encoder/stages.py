@@ -48,9 +48,7 @@ def local_dir(run: Run, *parts: str) -> Path:
 
 def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
     """Train on Ray Train, then export the best-last checkpoint as adapter + merged model."""
-    result = train_encoder(config, run)
-    if result.error is not None:
-        raise result.error
+    result = train_encoder(config, run)  # raises TrainingFailedError once retries are spent
     if result.checkpoint is None:
         raise ShopRankError("encoder training finished without a checkpoint")
     history = [dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
@@ -60,7 +58,8 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
         {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
     )
     record.metrics["epochs"] = [
-        {k: v for k, v in row.items() if k.startswith(("validation/", "loss/", "epoch"))} for row in history
+        {k: v for k, v in row.items() if k.startswith(("validation/", "loss/", "epoch", "global_step"))}
+        for row in history
     ]
     record.metrics["ndcg_gain_over_zero_shot"] = round(
         final.get(f"validation/ndcg@{config.encoder.train.eval_k}", 0.0)

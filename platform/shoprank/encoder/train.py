@@ -35,7 +35,6 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
-import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.metrics import f1_score
@@ -43,16 +42,8 @@ from torch import nn
 
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
-from shoprank.encoder.model import (
-    QUERY_MAX_LENGTH,
-    TextEncoder,
-    apply_finetuning,
-    encode,
-    load_backbone,
-    load_tokenizer,
-    product_texts,
-    tokenize,
-)
+from shoprank.encoder.model import QUERY_MAX_LENGTH, TextEncoder, encode, load_backbone, load_tokenizer, product_texts, tokenize
+from shoprank.encoder.objectives import DualEncoderModel, build_model
 from shoprank.errors import ConfigError
 from shoprank.evaluation.metrics import mean_metrics
 from shoprank.store.run import Run
@@ -61,6 +52,8 @@ log = logging.getLogger(__name__)
 
 CATEGORY_HOLDOUT = 0.1
 MAX_POSITIVES_PER_QUERY = 4
+PROGRESS_EVERY = 20
+"""Training steps between progress lines in the worker's log."""
 
 
 def _unit(key: str, salt: str) -> float:
@@ -184,52 +177,7 @@ class Tokenize:
         return out
 
 
-# --------------------------------------------------------------------------- model and losses
-
-
-def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of each anchor against all candidates, its own (same index) the right one."""
-    logits = anchors @ candidates.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(anchors), device=anchors.device))
-
-
-class DualEncoderModel(nn.Module):
-    """The encoder and the category head; one forward computes every loss (one DDP call a step)."""
-
-    def __init__(self, encoder: TextEncoder, num_categories: int, temperature: float) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.dim, num_categories)
-        self.temperature = temperature
-
-    def forward(self, qp: dict[str, torch.Tensor], pairs: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        q = self.encoder(qp["q_ids"], qp["q_mask"])
-        p = self.encoder(qp["p_ids"], qp["p_mask"])
-        candidates = p
-        if "n_ids" in qp:
-            b, h, length = qp["n_ids"].shape
-            n = self.encoder(qp["n_ids"].reshape(b * h, length), qp["n_mask"].reshape(b * h, length))
-            candidates = torch.cat([p, n])
-        losses = {"query_product": info_nce(q, candidates, self.temperature)}
-        labelled = qp["category"] >= 0
-        if labelled.any():
-            losses["category"] = F.cross_entropy(self.head(p[labelled]), qp["category"][labelled])
-        else:
-            losses["category"] = p.sum() * 0.0
-        if pairs is not None:
-            a = self.encoder(pairs["a_ids"], pairs["a_mask"])
-            other = self.encoder(pairs["b_ids"], pairs["b_mask"])
-            losses["coengagement"] = 0.5 * (
-                info_nce(a, other, self.temperature) + info_nce(other, a, self.temperature)
-            )
-        return losses
-
-
-def build_model(backbone: nn.Module, config: EncoderConfig, num_categories: int, total_steps: int) -> DualEncoderModel:
-    """The trainable model: the backbone wrapped for fine-tuning, plus the category head."""
-    return DualEncoderModel(
-        TextEncoder(apply_finetuning(backbone, config, total_steps)), num_categories, config.train.temperature
-    )
+# --------------------------------------------------------------------------- checkpoints
 
 
 def load_checkpoint_state(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -277,6 +225,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(train.seed + rank)
+    torch.set_num_threads(train.cpus_per_worker)  # intra-op threads = the CPUs Ray reserved for this worker
     device = ray.train.torch.get_device()
     backbone, tokenizer = load_backbone(loop["model_path"])
     steps_per_epoch = max(1, math.ceil(loop["rows"] / (train.batch_size * context.get_world_size())))
@@ -333,6 +282,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             steps += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
+            if rank == 0 and steps % PROGRESS_EVERY == 0:
+                elapsed = time.perf_counter() - started
+                log.info(
+                    "epoch %d/%d step %d/~%d: loss %.4f, %.1f samples/s",
+                    epoch + 1, train.epochs, steps, steps_per_epoch, float(loss.detach()),
+                    steps * train.batch_size / elapsed,
+                )
             if train.fail_at_step is not None and checkpoint is None and global_step == train.fail_at_step:
                 raise RuntimeError(f"injected failure at step {global_step} (encoder.train.fail_at_step)")
         metrics: dict[str, Any] = {f"loss/{k}": v / max(1, steps) for k, v in sums.items()}
