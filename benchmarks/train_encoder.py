@@ -19,7 +19,7 @@ What it does (one local Ray cluster, ``num_cpus=2``):
    weight decay, gradient clipping at 1.0, no schedule), same seed:
 
    a. **Ray Train**: a ``TorchTrainer`` with ``encoder.train.num_workers`` (1) worker of
-      ``cpus_per_worker`` (1) CPU. The rows are tokenized by Ray Data with the library's
+      ``cpus_per_worker`` CPUs (as the preset says). The rows are tokenized by Ray Data with the library's
       ``Tokenize`` exactly as ``train_encoder`` does (materialised before ``fit``). The worker does
       ``--steps`` steps over ``get_dataset_shard("train").iter_torch_batches`` (and the ``pairs``
       shard); only the step loop is timed (each step: fetch the batches, forward, backward, clip,
