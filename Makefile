@@ -1,5 +1,5 @@
 # shoprank: two commands on a fresh machine.
-#   make demo   set up, start a local Ray head, submit the pipeline job (data, encoder, embedding)
+#   make demo   set up, start a local Ray head, submit the pipeline job (data, encoder, embedding, ranker, evaluation)
 #   make test   set up, run the fast tests
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -31,11 +31,12 @@ cluster-down: setup
 
 stop: cluster-down
 
-# The job runs every stage so far (data, encoder fine-tuning, embedding and index); each is
+# The job runs every stage so far (data, encoder fine-tuning, embedding and index, ranking
+# features, XGBoost ranker, offline evaluation); each is
 # skipped when its config hash is unchanged, so a second `make demo` reuses the finished run.
 demo: cluster-up
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
-		python jobs/embed.py --config $(PRESET) --set run.root=$(CURDIR)/runs
+		python jobs/evaluate.py --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Run directory: $(CURDIR)/runs/$(PRESET)  (manifest: $(CURDIR)/runs/$(PRESET)/manifest.json)"
 	@echo "Stop the local Ray head with: make stop"
 

@@ -23,7 +23,7 @@ import torch
 from shoprank.config import EncoderConfig, SyntheticShopConfig
 from shoprank.data import synthetic
 from shoprank.encoder.model import encode, load_backbone, load_encoder, save_encoder
-from shoprank.encoder.objectives import build_model
+from shoprank.encoder.objectives import Optimisation, build_model
 from shoprank.encoder.tiny import build_tiny_encoder
 
 BATCH = 64
@@ -55,20 +55,17 @@ def _train(model_dir: Path, device: torch.device, steps: int, texts: tuple[list[
     config = EncoderConfig(model=str(model_dir), max_length=LENGTH)
     backbone, tokenizer = load_backbone(config.model)
     model = build_model(backbone, config, num_categories=45, total_steps=steps).to(device)
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    train = config.train.model_copy(update={"learning_rate": 1e-3, "warmup_fraction": 0.0})
+    optimisation = Optimisation(model, train, total_steps=steps)  # what the Ray Train worker steps with
     products, queries = texts
     batches = [_batch(tokenizer, queries, products, (i * BATCH) % (len(products) - BATCH), device) for i in range(steps)]
     losses = []
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    for batch in batches:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(batch, None)["query_product"]
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    for step, batch in enumerate(batches):
+        loss, _ = optimisation.step(step, batch, None, use_bf16=device.type == "cuda")
+        losses.append(float(loss))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

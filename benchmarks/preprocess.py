@@ -31,14 +31,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import logging
 import multiprocessing
-import os
 import shutil
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from common import PhaseSampler, machine, print_title, run_benchmark, setup_logging, start_ray
+
 SPLITS = ("train", "validation", "test")
 STEPS = ("products", "events", "user_histories", "coengagement", "query_pairs")
 COMPARED_TABLES = ("products", "categories", "product_labels", "events", "user_histories", "coengagement",
@@ -60,7 +58,7 @@ COMPARED_TABLES = ("products", "categories", "product_labels", "events", "user_h
 # --------------------------------------------------------------------------- memory sampling
 
 
-class MemorySampler:
+class MemorySampler(PhaseSampler):
     """Samples, every ``interval`` s, the RSS of the driver and of every process below it.
 
     ``ray.init`` starts the Ray system processes (gcs_server, raylet, agents) as children of
@@ -73,26 +71,11 @@ class MemorySampler:
     """
 
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
+        super().__init__(interval, "memory-sampler")
         self.driver = psutil.Process()
-        self.phase = "startup"
         self.peaks: dict[str, dict[str, float]] = {}
         self._kind: dict[int, str] = {}
         self._procs: dict[int, psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
-
-    def start(self) -> "MemorySampler":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def set_phase(self, phase: str) -> None:
-        self.sample()
-        self.phase = phase
 
     def _classify(self, proc: psutil.Process) -> str:
         kind = self._kind.get(proc.pid)
@@ -139,11 +122,6 @@ class MemorySampler:
         peak["driver_gib"] = max(peak["driver_gib"], totals["driver"] / gib)
         peak["workers_gib"] = max(peak["workers_gib"], totals["worker"] / gib)
         peak["max_worker_processes"] = max(peak["max_worker_processes"], int(totals["workers_n"]))
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
 
     def peak(self, phase: str) -> dict[str, float]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.peaks.get(phase, {}).items()}
@@ -436,28 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="run root (kept); default: a temporary directory, removed")
     parser.add_argument("--json", default=None, help="also write the JSON figures to this file")
     args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for name in ("shoprank", "bench"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-    keep_root = args.root is not None
-    root = Path(args.root).resolve() if keep_root else Path(tempfile.mkdtemp(prefix="shoprank-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        line = _benchmark(args, root)
-    finally:
-        if not keep_root:
-            shutil.rmtree(root, ignore_errors=True)
-    sys.stdout.flush()
-    print(line, flush=True)
-    return 0
+    setup_logging()
+    return run_benchmark(lambda root: _benchmark(args, root), args.root, "shoprank-bench-", args.json)
 
 
-def _benchmark(args: argparse.Namespace, root: Path) -> str:
-    """Run everything under ``root``, print the report; returns the JSON line (printed last by ``main``)."""
+def _benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Run everything under ``root``, print the report; returns the figures (``main`` prints them as JSON)."""
     import ray
-    from ray.data.context import DataContext
 
     from shoprank.config import load_config
     from shoprank.data.ingest import RECORDS, ingest, ingest_outputs
@@ -489,12 +452,10 @@ def _benchmark(args: argparse.Namespace, root: Path) -> str:
                    "shuffle_strategy": config.preprocess.shuffle_strategy,
                    "shuffle_partitions": config.preprocess.shuffle_partitions},
         "sizing": estimate,
-        "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1)},
+        "machine": machine(),
     }
     try:
-        # address="local": always a fresh local 2-CPU cluster, never one a `ray start` left running.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-        DataContext.get_current().enable_progress_bars = False
+        start_ray()
         run = Run.for_config(config)
 
         # 1. generation (ingest stage)
@@ -555,11 +516,7 @@ def _benchmark(args: argparse.Namespace, root: Path) -> str:
     step_inputs = {"products": products, "events": events, "user_histories": events,
                    "coengagement": events, "query_pairs": events + judgments}
     ray_t, pd_t = figures["ray"]["timings"], figures["pandas"]["timings"]
-    print()
-    print("=" * 100)
-    print(f"shoprank preprocessing benchmark  ({figures['machine']['cpus']} CPUs, "
-          f"{figures['machine']['memory_gib']} GiB; Ray local cluster num_cpus=2)")
-    print("=" * 100)
+    print_title("preprocessing benchmark", figures["machine"], [], width=100)
     print("checks (row counts, then sorted contents):")
     for name, result in checks.items():
         status = "PASS" if result["rows_match"] else "MISMATCH"
@@ -609,10 +566,7 @@ def _benchmark(args: argparse.Namespace, root: Path) -> str:
     figures["all_checks_pass"] = all(
         c["rows_match"] for c in checks.values()
     ) and all(checks[name].get("content_match") for name in COMPARED_TABLES)
-    line = json.dumps(figures, sort_keys=True, default=str)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
-    return line
+    return figures
 
 
 if __name__ == "__main__":

@@ -57,3 +57,13 @@ def tiny_encoder_dir(tiny_run: tuple[Config, Run], tmp_path_factory: pytest.Temp
     texts = product_texts(read_table(run, "data", "products"), config.encoder)
     texts += read_table(run, "data", "query_pairs", columns=["query"]).column("query").to_pylist()
     return build_tiny_encoder(texts, tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_run: tuple[Config, Run], tiny_encoder_dir: Path) -> tuple[Config, Run]:
+    """The tiny run with its encoder fine-tuned (tiny BERT) and its catalogue embedded and indexed."""
+    from shoprank.encoder.stages import train_and_embed
+
+    config, _ = tiny_run
+    config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"model": str(tiny_encoder_dir)})})
+    return config, train_and_embed(config)

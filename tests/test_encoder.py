@@ -6,23 +6,22 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from ray.train import TrainingFailedError
 
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
+from shoprank.encoder.examples import training_tables
 from shoprank.encoder.model import encode, load_encoder, load_encoder_from_config, product_texts
-from shoprank.encoder.stages import train_and_embed
 from shoprank.encoder.train import train_encoder
 from shoprank.errors import ConfigError
 from shoprank.store.run import Run
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_run: tuple[Config, Run], tiny_encoder_dir: Path) -> tuple[Config, Run]:
-    config, _ = tiny_run
-    config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"model": str(tiny_encoder_dir)})})
-    return config, train_and_embed(config)
+def trained(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
+    return tiny_trained
 
 
 def test_training_reports_retrieval_and_category_metrics_every_epoch(trained: tuple[Config, Run]) -> None:
@@ -95,6 +94,9 @@ def test_a_finished_run_continues_from_its_checkpoint(trained: tuple[Config, Run
     assert more.metrics["epoch"] == 3
     assert more.metrics["global_step"] == 3 * steps_per_epoch
     assert more.metrics["zero_shot/ndcg@10"] == metrics["zero_shot/ndcg@10"]
+    # Ray keeps 2 checkpoints' metrics; the history travels in the checkpoint, so all 3 epochs are there
+    assert [row["epoch"] for row in more.metrics["history"]] == [1, 2, 3]
+    assert more.metrics["history"][:2] == metrics["epochs"]
 
 
 def test_use_gpu_without_a_gpu_is_a_clear_error(trained: tuple[Config, Run]) -> None:
@@ -118,3 +120,40 @@ def test_packaged_minilm_finds_the_sensible_product() -> None:
     q = encode(encoder, tokenizer, list(queries), 32)
     assert p.shape[1] == 384
     assert (q @ p.T).argmax(axis=1).tolist() == list(queries.values())
+
+
+@pytest.mark.parametrize("grades", [[0], [2], [0, 1]])
+def test_hard_negatives_come_from_the_configured_grades(tiny_run: tuple[Config, Run], grades: list[int]) -> None:
+    config, run = tiny_run
+    train = config.encoder.train.model_copy(update={"hard_negative_labels": grades, "hard_negatives": 2})
+    encoder = config.encoder.model_copy(update={"train": train})
+    products, pairs = read_table(run, "data", "products"), read_table(run, "data", "query_pairs")
+    qp, _ = training_tables(products, pairs, read_table(run, "data", "coengagement"), encoder)
+    text_of = dict(zip(products.column("product_id").to_pylist(), product_texts(products, encoder)))
+    pool: dict[str, set[str]] = {}
+    for r in pairs.filter(pc.equal(pairs.column("split"), "train")).to_pylist():
+        if r["source"] == "judgment" and r["label"] in grades:
+            pool.setdefault(r["query"], set()).add(text_of[r["product_id"]])
+    checked = 0
+    for row in qp.to_pylist():
+        assert len(row["negatives"]) == 2
+        if row["query"] in pool:  # a query without judged products of these grades draws from the catalogue
+            assert set(row["negatives"]) <= pool[row["query"]]
+            checked += 1
+    assert checked > 0
+
+
+def test_trimming_shared_padding_keeps_the_embeddings(tiny_encoder_dir: Path) -> None:
+    import torch
+
+    from shoprank.encoder.model import TextEncoder, load_backbone, tokenize
+    from shoprank.encoder.objectives import trimmed
+
+    backbone, tokenizer = load_backbone(str(tiny_encoder_dir))
+    encoder = TextEncoder(backbone).eval()
+    tokens = tokenize(tokenizer, ["red skillet", "a much longer product title with several words"], 48)
+    ids, mask = torch.from_numpy(tokens["input_ids"]), torch.from_numpy(tokens["attention_mask"])
+    short_ids, short_mask = trimmed(ids, mask)
+    assert short_ids.shape[1] == int(mask.sum(1).max()) < 48
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ids, mask), encoder(short_ids, short_mask), atol=1e-5, rtol=1e-5)

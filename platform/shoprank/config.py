@@ -162,9 +162,17 @@ class EncoderTrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     temperature: float = Field(0.05, gt=0.0)
-    hard_negatives: int = Field(1, ge=0, le=8, description="Labelled negatives per query (irrelevant, substitute).")
+    hard_negatives: int = Field(1, ge=0, le=8, description="Labelled negatives per query, drawn from hard_negative_labels.")
+    hard_negative_labels: list[Literal[0, 1, 2]] = Field(
+        default_factory=lambda: [0, 2],
+        description="Judgment grades a query's hard negatives come from: 0 irrelevant, 1 complement, 2 substitute.",
+    )
+    max_positives_per_query: int = Field(4, ge=1, description="Exact matches (grade 3) per query in one epoch.")
     query_product_weight: float = Field(1.0, ge=0.0)
     coengagement_weight: float = Field(0.3, ge=0.0)
+    coengagement_every: int = Field(
+        1, ge=1, description="Add a batch of co-engaged pairs to every n-th step (2 halves that loss's cost)."
+    )
     category_weight: float = Field(0.2, ge=0.0)
     max_coengagement_pairs: int = Field(20_000, ge=0)
     num_workers: int = Field(1, ge=1)
@@ -184,6 +192,8 @@ class EmbedConfig(Section):
     actors: int = Field(1, ge=1)
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_construction: int = Field(200, ge=8, description="HNSW build breadth: higher builds slower, finds more.")
+    hnsw_ef_search: int = Field(128, ge=8, description="HNSW search breadth: FAISS's default 16 finds ~0.9 of the true top 10.")
     ivf_nlist: int = Field(256, ge=1)
     ivf_nprobe: int = Field(16, ge=1)
     user_half_life_days: float = Field(7.0, gt=0.0, description="Recency weighting of a user's history.")
@@ -207,6 +217,41 @@ class EncoderConfig(Section):
     train: EncoderTrainConfig = Field(default_factory=EncoderTrainConfig)
 
 
+class RetrievalConfig(Section):
+    """Candidate generation before ranking (search and recommendation)."""
+
+    candidates_per_source: int = Field(50, ge=1, le=1000, description="N for each candidate source.")
+    bm25_k1: float = Field(1.5, gt=0.0)
+    bm25_b: float = Field(0.75, ge=0.0, le=1.0)
+    trending_days: float = Field(7.0, gt=0.0, description="Window of the 'trending' popularity for cold starts.")
+
+
+class RankerConfig(Section):
+    """The XGBoost ranker on Ray Train (``XGBoostTrainer``) and its training data."""
+
+    history_fraction: float = Field(
+        0.75, gt=0.0, lt=1.0,
+        description="Training events before this time quantile feed the product statistics; "
+        "requests after it are the ranker's training rows (no leakage).",
+    )
+    max_requests: int = Field(20_000, ge=10, description="Per split, newest kept (bounds feature time).")
+    ctr_prior_views: float = Field(20.0, ge=0.0, description="Smoothing of CTR and conversion towards the mean.")
+    objective: Literal["rank:ndcg", "rank:pairwise"] = "rank:ndcg"
+    max_depth: int = Field(6, ge=1, le=16)
+    eta: float = Field(0.1, gt=0.0, le=1.0)
+    subsample: float = Field(0.8, gt=0.0, le=1.0)
+    colsample_bytree: float = Field(0.8, gt=0.0, le=1.0)
+    min_child_weight: float = Field(1.0, ge=0.0)
+    num_boost_round: int = Field(300, ge=1)
+    early_stopping_rounds: int = Field(30, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    update_tolerance: float = Field(
+        0.0, ge=0.0, description="An incremental update may lower validation NDCG@10 by this much and still be promoted."
+    )
+    seed: int = 0
+
+
 class Config(Section):
     """The whole configuration of a run."""
 
@@ -216,6 +261,8 @@ class Config(Section):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: a stage whose inputs hash the same is skipped."""

@@ -20,6 +20,8 @@ def build_index(embeddings: np.ndarray, config: EmbedConfig) -> faiss.Index:
         index: faiss.Index = faiss.IndexFlatIP(dim)
     elif config.index == "hnsw":
         index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
     else:
         nlist = max(1, min(config.ivf_nlist, len(vectors) // 39))  # FAISS wants ~39 points per list
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)

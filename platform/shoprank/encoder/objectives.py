@@ -6,12 +6,24 @@ loop (the benchmark's baseline) and in a GPU check on a machine without Ray.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoprank.config import EncoderConfig
+from shoprank.config import EncoderConfig, EncoderTrainConfig
 from shoprank.encoder.model import TextEncoder, apply_finetuning
+
+
+def trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns every row of the batch has: same embeddings, less compute.
+
+    Examples are padded to a fixed length so Ray Data batches them without copies;
+    a batch of short queries would otherwise pay for the full length.
+    """
+    length = max(1, int(mask.sum(dim=1).max()))
+    return ids[:, :length], mask[:, :length]
 
 
 def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -29,13 +41,16 @@ class DualEncoderModel(nn.Module):
         self.head = nn.Linear(encoder.dim, num_categories)
         self.temperature = temperature
 
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(*trimmed(ids, mask))
+
     def forward(self, qp: dict[str, torch.Tensor], pairs: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        q = self.encoder(qp["q_ids"], qp["q_mask"])
-        p = self.encoder(qp["p_ids"], qp["p_mask"])
+        q = self.embed(qp["q_ids"], qp["q_mask"])
+        p = self.embed(qp["p_ids"], qp["p_mask"])
         candidates = p
         if "n_ids" in qp:
             b, h, length = qp["n_ids"].shape
-            n = self.encoder(qp["n_ids"].reshape(b * h, length), qp["n_mask"].reshape(b * h, length))
+            n = self.embed(qp["n_ids"].reshape(b * h, length), qp["n_mask"].reshape(b * h, length))
             candidates = torch.cat([p, n])
         losses = {"query_product": info_nce(q, candidates, self.temperature)}
         labelled = qp["category"] >= 0
@@ -44,8 +59,8 @@ class DualEncoderModel(nn.Module):
         else:
             losses["category"] = p.sum() * 0.0
         if pairs is not None:
-            a = self.encoder(pairs["a_ids"], pairs["a_mask"])
-            other = self.encoder(pairs["b_ids"], pairs["b_mask"])
+            a = self.embed(pairs["a_ids"], pairs["a_mask"])
+            other = self.embed(pairs["b_ids"], pairs["b_mask"])
             losses["coengagement"] = 0.5 * (
                 info_nce(a, other, self.temperature) + info_nce(other, a, self.temperature)
             )
@@ -57,3 +72,58 @@ def build_model(backbone: nn.Module, config: EncoderConfig, num_categories: int,
     return DualEncoderModel(
         TextEncoder(apply_finetuning(backbone, config, total_steps)), num_categories, config.train.temperature
     )
+
+
+def loss_weights(train: EncoderTrainConfig) -> dict[str, float]:
+    """Each objective's weight in the total loss, by the names :class:`DualEncoderModel` returns."""
+    return {"query_product": train.query_product_weight, "coengagement": train.coengagement_weight,
+            "category": train.category_weight}
+
+
+@dataclass
+class Optimisation:
+    """AdamW over the trainable weights, linear warm-up then linear decay, gradient accumulation.
+
+    One object for the Ray Train worker and the plain loops of the benchmarks, so
+    both take exactly the same steps.
+    """
+
+    model: nn.Module
+    train: EncoderTrainConfig
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=self.train.learning_rate, weight_decay=self.train.weight_decay
+        )
+        warmup = int(self.train.warmup_fraction * self.total_steps)
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+        )
+        self.weights = loss_weights(self.train)
+
+    def step(
+        self, step: int, qp: dict[str, torch.Tensor], pairs: dict[str, torch.Tensor] | None, use_bf16: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward one batch; the optimiser steps every ``gradient_accumulation`` batches."""
+        device_type = qp["q_ids"].device.type
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16):
+            losses = self.model(qp, pairs)
+            loss = sum(self.weights[name] * value for name, value in losses.items())
+        (loss / self.train.gradient_accumulation).backward()
+        if (step + 1) % self.train.gradient_accumulation == 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), losses
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -21,13 +21,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import torch
-from ray.data import SaveMode
+from ray.data import ActorPoolStrategy, SaveMode
 
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import PartFilenames, read_table, write_table
 from shoprank.encoder.index import build_index
 from shoprank.encoder.model import encode, load_backbone, load_encoder, product_texts, save_encoder
-from shoprank.encoder.train import build_model, load_checkpoint_state, train_encoder
+from shoprank.encoder.objectives import build_model
+from shoprank.encoder.train import load_checkpoint_state, train_encoder
 from shoprank.encoder.users import user_embedding
 from shoprank.errors import ShopRankError
 from shoprank.data.stages import prepare_data, run_stage
@@ -51,16 +52,12 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
     result = train_encoder(config, run)  # raises TrainingFailedError once retries are spent
     if result.checkpoint is None:
         raise ShopRankError("encoder training finished without a checkpoint")
-    history = [dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
     export_checkpoint(config.encoder, run, load_checkpoint_state(result.checkpoint))
     final = result.metrics
     record.metrics.update(
         {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
     )
-    record.metrics["epochs"] = [
-        {k: v for k, v in row.items() if k.startswith(("validation/", "loss/", "epoch", "global_step"))}
-        for row in history
-    ]
+    record.metrics["epochs"] = final.get("history", [])
     record.metrics["ndcg_gain_over_zero_shot"] = round(
         final.get(f"validation/ndcg@{config.encoder.train.eval_k}", 0.0)
         - final.get(f"zero_shot/ndcg@{config.encoder.train.eval_k}", 0.0),
@@ -110,7 +107,7 @@ def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
         EmbedProducts,
         fn_constructor_args=(model_dir, config.encoder.model_dump(mode="json"), config.embed.batch_size,
                              config.ray.use_gpu),
-        batch_size=embed.batch_size, concurrency=embed.actors, num_gpus=1 if config.ray.use_gpu else 0,
+        batch_size=embed.batch_size, compute=ActorPoolStrategy(size=embed.actors), num_gpus=1 if config.ray.use_gpu else 0,
         batch_format="pyarrow",
     ).write_parquet(run.uri("embeddings", "products"), filename_provider=PartFilenames(),
                     mode=SaveMode.OVERWRITE, filesystem=run.filesystem_for_ray)

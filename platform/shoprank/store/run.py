@@ -72,6 +72,7 @@ class Run:
             self.fs, base, self._prefix = filesystem, root.rstrip("/"), ""
         else:
             self.fs, base, self._prefix = resolve_filesystem(root)
+        self.root = root
         self.name = name
         self.base = f"{base}/{name}"
 

@@ -1,0 +1,1 @@
+"""Ranking: features (one implementation offline and online), the XGBoost ranker, its stages."""

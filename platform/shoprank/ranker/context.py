@@ -1,0 +1,160 @@
+"""What retrieval and ranking read, loaded from a run: catalogue, statistics, event log.
+
+The same :class:`RankingContext` backs the offline feature job (one per Ray Data
+actor) and the online ranker, so both see the same products, statistics and
+histories. Everything time-dependent is cut at ``cutoff_s``: product statistics,
+trending products and co-engagement neighbours use only events before it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.encoder.model import TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts
+from shoprank.ranker.features import History, product_stats
+from shoprank.retrieval.candidates import Catalogue
+from shoprank.store.run import Run
+
+ENGAGEMENTS = ("click", "add_to_cart", "purchase")
+EVENT_COLUMNS = ["user_id", "session_id", "product_id", "event_type", "ts", "split"]
+MAX_NEIGHBOURS = 50
+
+
+def epoch_seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps as float epoch seconds."""
+    return pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()).to_numpy(zero_copy_only=False) / 1e6
+
+
+def ranker_cutoff(events: pa.Table, history_fraction: float) -> float:
+    """The time quantile of the training events that splits statistics from ranker training rows."""
+    train = events.filter(pc.equal(events.column("split"), "train"))
+    return float(np.quantile(epoch_seconds(train.column("ts")), history_fraction))
+
+
+class EventLog:
+    """Each user's events in time order; histories are cut at a time, so none sees its future."""
+
+    def __init__(self, events: pd.DataFrame, row_of: dict[str, int]) -> None:
+        frame = events[events["product_id"].isin(row_of.keys())].sort_values(["user_id", "ts_s"], kind="stable")
+        self.histories: dict[str, History] = {}
+        rows = frame["product_id"].map(row_of).to_numpy(np.int64)
+        types = frame["event_type"].to_numpy()
+        ts = frame["ts_s"].to_numpy(np.float64)
+        users = frame["user_id"].to_numpy()
+        if len(users):
+            starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+            for start, stop in zip(starts, np.r_[starts[1:], len(users)]):
+                self.histories[users[start]] = History(rows[start:stop], types[start:stop].tolist(), ts[start:stop])
+
+    def history(self, user_id: str | None, before_s: float, limit: int) -> History:
+        """The user's last ``limit`` events strictly before ``before_s`` (empty for unknown users)."""
+        known = self.histories.get(user_id) if user_id else None
+        return known.before(before_s, limit) if known is not None else History.empty()
+
+    def append(self, user_id: str, row: int, event_type: str, ts_s: float) -> None:
+        """Record a live event (events arrive in time order per user)."""
+        old = self.histories.get(user_id, History.empty())
+        self.histories[user_id] = History(
+            np.append(old.product_rows, row), [*old.event_types, event_type], np.append(old.ts_s, ts_s)
+        )
+
+
+def coengaged_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float) -> dict[int, np.ndarray]:
+    """Products engaged in the same session before the cut-off, most shared sessions first."""
+    engaged = events[(events["ts_s"] < cutoff_s) & events["event_type"].isin(ENGAGEMENTS)]
+    counts: dict[int, Counter] = {}
+    for products in engaged.groupby("session_id")["product_id"].agg(lambda s: sorted(set(s))):
+        rows = [row_of[p] for p in products if p in row_of]
+        for a, b in combinations(rows, 2):
+            counts.setdefault(a, Counter())[b] += 1
+            counts.setdefault(b, Counter())[a] += 1
+    return {
+        a: np.array([b for b, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_NEIGHBOURS]], np.int64)
+        for a, c in counts.items()
+    }
+
+
+def trending_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float, days: float) -> np.ndarray:
+    """Catalogue rows by engagements in the ``days`` before the cut-off, most first."""
+    recent = events[(events["ts_s"] < cutoff_s) & (events["ts_s"] >= cutoff_s - days * 86_400)
+                    & events["event_type"].isin(ENGAGEMENTS)]
+    counts = np.bincount(recent["product_id"].map(row_of).dropna().astype(np.int64), minlength=len(row_of))
+    return np.argsort(-counts, kind="stable")[: int((counts > 0).sum())]
+
+
+@dataclass
+class RankingContext:
+    """Catalogue, encoder and event log of one run, as of the ranker's cut-off."""
+
+    config: Config
+    catalogue: Catalogue
+    encoder: TextEncoder
+    tokenizer: object
+    events: EventLog
+    cutoff_s: float
+
+    def encode_queries(self, queries: list[str]) -> np.ndarray:
+        from shoprank.encoder.model import QUERY_MAX_LENGTH
+
+        return encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH)
+
+
+def load_context(
+    config: Config, run: Run, *, zero_shot: bool = False, history_until_s: float | None = None,
+    new_events: pa.Table | None = None,
+) -> RankingContext:
+    """The run's context: fine-tuned encoder and index, or the pretrained encoder (``zero_shot``).
+
+    ``history_until_s`` keeps only earlier events in the event log: the state of a
+    server that started then and receives later events live through
+    :meth:`EventLog.append`. ``new_events`` (events after the run's, for an
+    incremental update) join the event log; statistics keep the run's cut-off.
+    """
+    products = read_table(run, "data", "products")
+    events_table = read_table(run, "data", "events", columns=EVENT_COLUMNS)
+    if new_events is not None:
+        events_table = pa.concat_tables([events_table, new_events.select(EVENT_COLUMNS)])
+    cutoff = ranker_cutoff(events_table, config.ranker.history_fraction)
+    stats = product_stats(products, events_table, cutoff, config.ranker.ctr_prior_views)
+    events = pd.DataFrame({
+        "user_id": events_table.column("user_id").to_numpy(zero_copy_only=False),
+        "session_id": events_table.column("session_id").to_numpy(zero_copy_only=False),
+        "product_id": events_table.column("product_id").to_numpy(zero_copy_only=False),
+        "event_type": events_table.column("event_type").to_numpy(zero_copy_only=False),
+        "ts_s": epoch_seconds(events_table.column("ts")),
+    })
+    texts = product_texts(products, config.encoder)
+    if zero_shot:
+        encoder, tokenizer = load_encoder_from_config(config.encoder)
+        vectors = encode(encoder, tokenizer, texts, config.encoder.max_length)
+        index: faiss.Index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        index_rows = np.arange(len(vectors))
+    else:
+        encoder, tokenizer = load_encoder(Path(run.path("encoder", "model")))
+        embedded = read_table(run, "embeddings", "products")
+        position = {p: i for i, p in enumerate(embedded.column("product_id").to_pylist())}
+        matrix = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+        vectors = matrix[[position[p] for p in stats.product_ids]]
+        index = faiss.read_index(run.path("index", "products.faiss"))
+        ids = read_table(run, "index", "product_ids").sort_by("row").column("product_id").to_pylist()
+        index_rows = np.array([stats.row_of[p] for p in ids], dtype=np.int64)
+    catalogue = Catalogue(
+        stats=stats, vectors=vectors, index=index, index_rows=index_rows, texts=texts,
+        coengaged=coengaged_before(events, stats.row_of, cutoff),
+        trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
+        bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
+    )
+    known = events if history_until_s is None else events[events["ts_s"] < history_until_s]
+    return RankingContext(config, catalogue, encoder, tokenizer, EventLog(known, stats.row_of), cutoff)

@@ -1,0 +1,138 @@
+"""The ranker's training, validation and test rows: requests, candidates, features, labels.
+
+A **request** is a session of the simulated (or logged) shop: its user, its start
+time and, for a search, its query. Ranker training requests are the training-split
+sessions after the cut-off (``ranker.history_fraction``); validation and test
+requests are those splits' sessions. A search request keeps its session only when
+its query belongs to the same split of the query pool, so no query's judgments are
+both trained on and evaluated.
+
+**Labels** (per candidate): for a search, the query's judgment (ESCI 0..3, 0 when
+unjudged; a query nobody judged is labelled like a recommendation); for a recommendation, the user's engagement with the product in that
+session: purchase 3, add to cart 2, click 1, shown but ignored or not shown 0.
+
+Rows are built with Ray Data: ``map_batches`` over requests with
+:class:`RequestFeatures`, a callable class that loads the run's context once per
+actor and calls :func:`rank_inputs`, the very function the online ranker calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.ranker.context import RankingContext, epoch_seconds, load_context, ranker_cutoff
+from shoprank.ranker.features import FEATURES, Candidates, compute_features
+from shoprank.store.run import Run
+
+GRADES = {"click": 1, "add_to_cart": 2, "purchase": 3}
+REQUEST_COLUMNS = ("user_id", "session_id", "product_id", "event_type", "ts", "query", "split")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class RankInputs:
+    """One request's candidates and their feature matrix."""
+
+    candidates: Candidates
+    features: np.ndarray
+
+
+def rank_inputs(
+    context: RankingContext, user_id: str | None, query: str | None, query_vector: np.ndarray | None, now_s: float
+) -> RankInputs:
+    """Candidates and features of one request as of ``now_s``: offline and online call this."""
+    config = context.config
+    history = context.events.history(user_id, now_s, config.preprocess.history_length)
+    n = config.retrieval.candidates_per_source
+    if query is not None:
+        candidates = context.catalogue.search(query, query_vector, n)
+    else:
+        vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
+        candidates = context.catalogue.recommend(vector, history, n)
+    features = compute_features(candidates, history, now_s, context.catalogue.stats, is_search=query is not None)
+    return RankInputs(candidates, features)
+
+
+def sessions_of(events: pa.Table) -> pd.DataFrame:
+    """One request per session: user, start time, query (searches), split, and the products engaged with."""
+    frame = events.select([c for c in events.column_names if c != "ts"]).to_pandas()
+    frame["ts_s"] = epoch_seconds(events.column("ts"))
+    frame["grade"] = frame["event_type"].map(GRADES).fillna(0).astype(np.int8)
+    sessions = frame.groupby("session_id", sort=True).agg(
+        user_id=("user_id", "first"), ts_s=("ts_s", "min"), query=("query", "first"), split=("split", "first")
+    )
+    engaged = frame[frame["grade"] > 0].groupby(["session_id", "product_id"])["grade"].max().reset_index()
+    lists = engaged.groupby("session_id").agg(engaged_ids=("product_id", list), engaged_grades=("grade", list))
+    sessions = sessions.join(lists)
+    for column in ("engaged_ids", "engaged_grades"):
+        sessions[column] = sessions[column].apply(lambda v: v if isinstance(v, list) else [])
+    sessions["kind"] = np.where(sessions["query"].notna(), "search", "recommend")
+    return sessions.reset_index().rename(columns={"session_id": "request_id"})
+
+
+def build_requests(config: Config, run: Run) -> pd.DataFrame:
+    """Every request of the three splits with what the user engaged with (see the module docstring)."""
+    events = read_table(run, "data", "events", columns=list(REQUEST_COLUMNS))
+    cutoff = ranker_cutoff(events, config.ranker.history_fraction)
+    sessions = sessions_of(events)
+    pairs = read_table(run, "data", "query_pairs")
+    query_split = dict(zip(pairs.column("query").to_pylist(), pairs.column("split").to_pylist()))
+    keep = (sessions["split"] != "train") | (sessions["ts_s"] >= cutoff)
+    keep &= (sessions["kind"] == "recommend") | (sessions["query"].map(query_split) == sessions["split"])
+    sessions = sessions[keep]
+    sessions = (sessions.sort_values("ts_s").groupby("split", group_keys=False)
+                .tail(config.ranker.max_requests).sort_values(["split", "request_id"]))
+    return sessions.reset_index(drop=True)
+
+
+def judgments(run: Run) -> dict[str, dict[str, int]]:
+    """query -> product -> ESCI label, over the whole query pool."""
+    pairs = read_table(run, "data", "query_pairs")
+    judged = pairs.filter(pc.equal(pairs.column("source"), "judgment"))
+    out: dict[str, dict[str, int]] = {}
+    for query, product, label in zip(judged.column("query").to_pylist(), judged.column("product_id").to_pylist(),
+                                      judged.column("label").to_pylist()):
+        out.setdefault(query, {})[product] = label
+    return out
+
+
+class RequestFeatures:
+    """Ray Data callable class: the run's context is loaded once per actor, then requests become rows."""
+
+    def __init__(
+        self, config: dict[str, Any], run_root: str, run_name: str, zero_shot: bool = False,
+        new_events: pa.Table | None = None,
+    ) -> None:
+        self.config = Config.model_validate(config)
+        run = Run(run_root, run_name)
+        self.context = load_context(self.config, run, zero_shot=zero_shot, new_events=new_events)
+        self.judgments = judgments(run)
+
+    def __call__(self, requests: pd.DataFrame) -> pd.DataFrame:
+        searches = requests["query"].dropna().unique().tolist()
+        vectors = dict(zip(searches, self.context.encode_queries(searches))) if searches else {}
+        ids = self.context.catalogue.stats.product_ids
+        parts = []
+        for request in requests.itertuples(index=False):
+            query = request.query if isinstance(request.query, str) else None
+            inputs = rank_inputs(self.context, request.user_id, query, vectors.get(query), float(request.ts_s))
+            products = [ids[r] for r in inputs.candidates.rows]
+            truth = self.judgments.get(query) if query is not None else None
+            if truth is None:  # recommendations, and searches for queries nobody judged
+                truth = dict(zip(request.engaged_ids, request.engaged_grades))
+            part = pd.DataFrame(inputs.features, columns=FEATURES)
+            part.insert(0, "request_id", request.request_id)
+            part.insert(1, "split", request.split)
+            part.insert(2, "kind", request.kind)
+            part.insert(3, "product_id", products)
+            part.insert(4, "label", np.array([truth.get(p, 0) for p in products], dtype=np.int8))
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["request_id", *FEATURES])

@@ -1,0 +1,185 @@
+"""Ranking features: one implementation, called offline (Ray Data) and online (Serve).
+
+:func:`compute_features` turns one request (a user's history *before* the request
+time, the request time, and the retrieved candidates) into a feature matrix. The
+offline job calls it for every training request inside ``map_batches``; the
+serving ranker calls it for each live request. Both give identical values for the
+same inputs, which a test checks.
+
+Product statistics (:class:`ProductStats`) come only from events before the
+ranker's cut-off (``ranker.history_fraction`` of the training period); a user's
+features only from that user's events strictly before the request time.
+
+| feature | meaning |
+| --- | --- |
+| ``cosine`` | encoder similarity of the query (search) or the user embedding (recommendation) and the product |
+| ``bm25`` | BM25 score of the query against the product text (0 for recommendations) |
+| ``from_dense`` | 1 when the encoder retrieval proposed the candidate |
+| ``from_lexical`` | 1 when BM25 proposed it |
+| ``from_coengaged`` | 1 when it was co-engaged with one of the user's recent products |
+| ``from_popular`` | 1 when it came from the popular items of the user's categories (or trending) |
+| ``retrieval_position`` | best 1-based rank of the candidate in any source |
+| ``popularity`` | log(1 + engagements) of the product before the cut-off |
+| ``ctr`` | clicks / views, smoothed towards the catalogue mean with ``ctr_prior_views`` views |
+| ``conversion`` | purchases / clicks, smoothed the same way |
+| ``log_price`` | log(1 + price) |
+| ``price_vs_user`` | log price minus the median log price of the user's engaged products (0 without history) |
+| ``category_affinity`` | share of the user's weighted history in the product's category |
+| ``brand_affinity`` | share of the user's weighted history on the product's brand |
+| ``category_recency_days`` | days since the user's last event in the product's category (365 when never) |
+| ``history_length`` | number of events in the user's history |
+| ``is_search`` | 1 for a search request, 0 for a recommendation |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shoprank.encoder.users import EVENT_WEIGHTS
+
+FEATURE_SCHEMA_VERSION = 1
+"""Bumped whenever a feature is added, removed, reordered or changes meaning."""
+
+FEATURES = [
+    "cosine", "bm25", "from_dense", "from_lexical", "from_coengaged", "from_popular", "retrieval_position",
+    "popularity", "ctr", "conversion", "log_price", "price_vs_user", "category_affinity", "brand_affinity",
+    "category_recency_days", "history_length", "is_search",
+]
+
+SOURCES = ("dense", "lexical", "coengaged", "popular")
+"""Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
+
+NEVER_DAYS = 365.0
+DAY = 86_400.0
+
+
+@dataclass
+class ProductStats:
+    """Per product (aligned with the catalogue order): static attributes and pre-cut-off statistics."""
+
+    product_ids: list[str]
+    category: np.ndarray
+    brand: np.ndarray
+    log_price: np.ndarray
+    popularity: np.ndarray
+    ctr: np.ndarray
+    conversion: np.ndarray
+    cutoff_s: float
+    """The cut-off (epoch seconds): no event at or after it is counted above."""
+    row_of: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row_of = {p: i for i, p in enumerate(self.product_ids)}
+
+
+def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_views: float) -> ProductStats:
+    """Statistics from ``events`` strictly before ``cutoff_s`` (epoch seconds)."""
+    ids = products.column("product_id").to_pylist()
+    row_of = {p: i for i, p in enumerate(ids)}
+    ts = pc.divide(pc.cast(pc.cast(events.column("ts"), pa.timestamp("us")), pa.int64()), 1_000_000).to_numpy()
+    before = ts < cutoff_s
+    kinds = np.asarray(events.column("event_type").to_numpy(zero_copy_only=False))[before]
+    rows = np.array([row_of.get(p, -1) for p in np.asarray(events.column("product_id").to_numpy(zero_copy_only=False))[before]])
+    known = rows >= 0
+    rows, kinds = rows[known], kinds[known]
+    n = len(ids)
+
+    def count(kind: str) -> np.ndarray:
+        return np.bincount(rows[kinds == kind], minlength=n).astype(np.float64)
+
+    views, clicks, carts, purchases = count("view"), count("click"), count("add_to_cart"), count("purchase")
+    mean_ctr = clicks.sum() / max(views.sum(), 1.0)
+    mean_conversion = purchases.sum() / max(clicks.sum(), 1.0)
+    prior_clicks = prior_views * mean_ctr
+    categories = products.column("category").to_pylist()
+    brands = products.column("brand").to_pylist()
+    return ProductStats(
+        product_ids=ids,
+        category=_codes(categories),
+        brand=_codes(brands),
+        log_price=np.log1p(products.column("price").to_numpy()),
+        popularity=np.log1p(clicks + carts + purchases),
+        ctr=(clicks + prior_views * mean_ctr) / (views + prior_views),
+        conversion=(purchases + prior_clicks * mean_conversion) / (clicks + prior_clicks),
+        cutoff_s=cutoff_s,
+    )
+
+
+def _codes(values: list[str | None]) -> np.ndarray:
+    """Dense integer codes of string values (stable: sorted order)."""
+    code = {v: i for i, v in enumerate(sorted({v or "" for v in values}))}
+    return np.array([code[v or ""] for v in values], dtype=np.int64)
+
+
+@dataclass
+class History:
+    """A user's events strictly before the request, oldest first (the same object offline and online)."""
+
+    product_rows: np.ndarray
+    event_types: list[str]
+    ts_s: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "History":
+        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.float64))
+
+    def before(self, ts_s: float, limit: int) -> "History":
+        """The last ``limit`` events strictly before ``ts_s``."""
+        keep = np.flatnonzero(self.ts_s < ts_s)[-limit:]
+        return History(self.product_rows[keep], [self.event_types[i] for i in keep], self.ts_s[keep])
+
+    def __len__(self) -> int:
+        return len(self.product_rows)
+
+
+@dataclass
+class Candidates:
+    """Retrieved products of one request, with what retrieval knew about each."""
+
+    rows: np.ndarray
+    cosine: np.ndarray
+    bm25: np.ndarray
+    sources: np.ndarray
+    position: np.ndarray
+
+
+def compute_features(
+    candidates: Candidates, history: History, now_s: float, stats: ProductStats, is_search: bool
+) -> np.ndarray:
+    """The feature matrix (candidates x :data:`FEATURES`, float32) of one request."""
+    rows = candidates.rows
+    n = len(rows)
+    out = np.zeros((n, len(FEATURES)), dtype=np.float32)
+    column = {name: i for i, name in enumerate(FEATURES)}
+    out[:, column["cosine"]] = candidates.cosine
+    out[:, column["bm25"]] = candidates.bm25
+    for bit, source in enumerate(SOURCES):
+        out[:, column[f"from_{source}"]] = (candidates.sources >> bit) & 1
+    out[:, column["retrieval_position"]] = candidates.position
+    out[:, column["popularity"]] = stats.popularity[rows]
+    out[:, column["ctr"]] = stats.ctr[rows]
+    out[:, column["conversion"]] = stats.conversion[rows]
+    out[:, column["log_price"]] = stats.log_price[rows]
+    out[:, column["history_length"]] = len(history)
+    out[:, column["is_search"]] = float(is_search)
+    out[:, column["category_recency_days"]] = NEVER_DAYS
+    if len(history):
+        weights = np.array([EVENT_WEIGHTS[t] for t in history.event_types])
+        total = weights.sum()
+        seen_categories = stats.category[history.product_rows]
+        seen_brands = stats.brand[history.product_rows]
+        category_weight = np.bincount(seen_categories, weights, minlength=stats.category.max() + 1) / total
+        brand_weight = np.bincount(seen_brands, weights, minlength=stats.brand.max() + 1) / total
+        out[:, column["category_affinity"]] = category_weight[stats.category[rows]]
+        out[:, column["brand_affinity"]] = brand_weight[stats.brand[rows]]
+        engaged = [i for i, t in enumerate(history.event_types) if t != "view"] or list(range(len(history)))
+        out[:, column["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[history.product_rows[engaged]])
+        last_seen = np.full(stats.category.max() + 1, -np.inf)
+        np.maximum.at(last_seen, seen_categories, history.ts_s)
+        days = (now_s - last_seen[stats.category[rows]]) / DAY
+        out[:, column["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
+    return out

@@ -1,0 +1,100 @@
+"""Incremental ranker updates: train on the newest events, warm-started from the previous model.
+
+The new events (Parquet, CSV or JSON Lines in the event record format: the event
+store's export, or any log) are read and validated like any source, and become
+requests (one per session); the oldest 75% by time train, the newest 25% validate.
+Features come from the base run's catalogue, encoder and index, with the new events
+in the users' histories; product statistics keep the base run's cut-off, so the
+features mean what the old model learnt.
+
+The new model continues the old booster (``xgb_model=``: its trees are kept and
+new ones added) and is saved as a **new run** named after the base run and the
+events' content hash (no timestamps: a rerun finds it). The run is registered
+under its own name; the alias (``latest`` by default) moves to it only when its
+validation NDCG@10 on the new requests is no worse than the old model's on the
+same requests, minus ``ranker.update_tolerance``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+from ray.train.xgboost import RayTrainReportCallback
+
+from shoprank.config import Config, TableFile
+from shoprank.data.io import read_table
+from shoprank.data.readers import read_table as read_records
+from shoprank.encoder.stages import local_dir
+from shoprank.errors import DataError
+from shoprank.ranker.dataset import RequestFeatures, sessions_of
+from shoprank.ranker.stages import REQUESTS_PER_BATCH, with_positives
+from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg
+from shoprank.store.registry import Registry
+from shoprank.store.run import Run
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SHARE = 0.25
+
+
+def read_new_events(path: str, known_products: set[str]) -> pa.Table:
+    """The new events, validated; an event naming an unknown product is an error naming its row."""
+    events = read_records(TableFile(path=path), "events")
+    products = events.column("product_id").to_pylist()
+    for row, product in enumerate(products, start=1):
+        if product not in known_products:
+            raise DataError(f"product {product!r} is not in the base run's catalogue", file=path,
+                            column="product_id", row=row)
+    return events.append_column("split", pa.array(["new"] * events.num_rows, pa.string()))
+
+
+def update_run_name(base: Run, events: pa.Table) -> str:
+    digest = hashlib.sha256()
+    for column in ("event_id", "user_id", "product_id", "event_type"):
+        digest.update("\x1f".join(map(str, events.column(column).to_pylist())).encode())
+    return f"{base.name}-update-{digest.hexdigest()[:10]}"
+
+
+def update_ranker(config: Config, base: Run, events_path: str, alias: str = "latest") -> dict[str, Any]:
+    """Train the update, save it as a new run, register it, and move ``alias`` if it is no worse."""
+    base_model = local_dir(base, "ranker", "model")
+    old = load_ranker(base_model)
+    known = set(read_table(base, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
+    events = read_new_events(events_path, known)
+    requests = sessions_of(events).sort_values("ts_s").reset_index(drop=True)
+    cut = int(len(requests) * (1 - VALIDATION_SHARE))
+    requests["split"] = np.where(np.arange(len(requests)) < cut, "train", "validation")
+    rows = ray.data.from_pandas(requests).map_batches(
+        RequestFeatures, fn_constructor_args=(config.model_dump(mode="json"), base.root, base.name, False, events),
+        compute=ActorPoolStrategy(size=1), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
+    ).to_pandas()
+    train, validation = (with_positives(rows[rows["split"] == s]) for s in ("train", "validation"))
+    if train.empty or validation.empty:
+        raise DataError("too few new sessions with a click, cart or purchase to train and validate an update",
+                        file=events_path)
+    run = Run(base.root, update_run_name(base, events))
+    with run.stage("ranker-update", config, config.section_hash("ranker"), ["ranker"]) as record:
+        result = train_ranker(config, train, validation, run.uri("ranker", "ray"), warm_start=str(base_model / "model.ubj"))
+        booster = RayTrainReportCallback.get_model(result.checkpoint)
+        metrics = {"validation/ndcg@10": validation_ndcg(booster, validation), "base/validation/ndcg@10": validation_ndcg(old, validation),
+                   "num_trees": booster.num_boosted_rounds(), "base_num_trees": old.num_boosted_rounds(),
+                   "base_run": base.uri(), "new_events": events.num_rows}
+        save_ranker(booster, local_dir(run, "ranker", "model"), metrics)
+        promoted = metrics["validation/ndcg@10"] >= metrics["base/validation/ndcg@10"] - config.ranker.update_tolerance
+        metrics["promoted"] = bool(promoted)
+        record.metrics.update(metrics)
+        record.rows.update(train=len(train), validation=len(validation))
+    registry = Registry(Path(base.root))
+    registry.set(run.name, run.uri(), base_run=base.uri(), metrics={k: metrics[k] for k in ("validation/ndcg@10",)})
+    if promoted:
+        registry.set(alias, run.uri(), base_run=base.uri(), ndcg=metrics["validation/ndcg@10"])
+    log.info("update %s: NDCG@10 %.4f (base %.4f): %s", run.name, metrics["validation/ndcg@10"],
+             metrics["base/validation/ndcg@10"], f"{alias} moved" if promoted else f"{alias} kept")
+    return {"run": run.uri(), **metrics}

@@ -1,0 +1,170 @@
+"""Ranking: candidates, features without leakage, offline = online, XGBoostTrainer, evaluation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.errors import DataError, ShopRankError
+from shoprank.ranker.context import epoch_seconds, load_context
+from shoprank.ranker.dataset import build_requests, rank_inputs
+from shoprank.ranker.features import FEATURES, product_stats
+from shoprank.ranker.stages import read_features, train_rank_and_evaluate
+from shoprank.ranker.train import META_FILE, load_ranker
+from shoprank.ranker.update import update_ranker
+from shoprank.store.registry import Registry
+from shoprank.store.run import Run
+
+
+@pytest.fixture(scope="module")
+def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
+    config, _ = tiny_trained
+    return config, train_rank_and_evaluate(config)
+
+
+def test_ranker_trains_with_two_workers_and_writes_the_evaluation(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    stages = run.manifest()["stages"]
+    assert config.ranker.num_workers == 2
+    assert stages["ranker"]["metrics"]["num_trees"] >= 1
+    assert 0.0 <= stages["ranker"]["metrics"]["validation/ndcg@10"] <= 1.0
+    evaluation = Path(run.path("evaluation"))
+    table = json.loads((evaluation / "offline.json").read_text())
+    systems = {"popularity", "retrieval (zero-shot encoder)", "retrieval (fine-tuned encoder)",
+               "fine-tuned retrieval + ranker"}
+    for kind in ("search", "recommend"):
+        assert set(table[kind]) == systems
+        for metrics in table[kind].values():
+            assert {"ndcg@10", "recall@10", "mrr", "coverage"} <= set(metrics)
+    assert "| search | fine-tuned retrieval + ranker |" in (evaluation / "offline.md").read_text()
+    assert (evaluation / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_request_keeps_its_candidates_together_with_labels(ranked: tuple[Config, Run]) -> None:
+    _, run = ranked
+    rows = read_features(run, "train")
+    assert list(rows.columns[-len(FEATURES):]) == FEATURES
+    assert rows.groupby("request_id")["split"].nunique().max() == 1
+    assert set(rows["label"].unique()) <= {0, 1, 2, 3}
+    assert (rows.groupby("request_id")["label"].max() > 0).any()
+
+
+def test_no_training_row_uses_events_at_or_after_its_time(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    context = load_context(config, run)
+    requests = build_requests(config, run)
+    train = requests[requests["split"] == "train"]
+    assert (train["ts_s"] >= context.cutoff_s).all(), "ranker rows must come after the statistics' cut-off"
+    # statistics: the events after the cut-off change nothing
+    products, events = read_table(run, "data", "products"), read_table(run, "data", "events")
+    before = events.filter(pd.Series(epoch_seconds(events.column("ts")) < context.cutoff_s).to_numpy())
+    full = product_stats(products, events, context.cutoff_s, config.ranker.ctr_prior_views)
+    cut = product_stats(products, before, context.cutoff_s, config.ranker.ctr_prior_views)
+    for name in ("popularity", "ctr", "conversion"):
+        np.testing.assert_array_equal(getattr(full, name), getattr(cut, name))
+    # per user: features are unchanged when every event at or after the request time is removed
+    checked = 0
+    for request in train.head(25).itertuples(index=False):
+        query = request.query if isinstance(request.query, str) else None
+        vector = context.encode_queries([query])[0] if query else None
+        with_future = rank_inputs(context, request.user_id, query, vector, request.ts_s)
+        history = context.events.histories.get(request.user_id)
+        if history is None or not (history.ts_s >= request.ts_s).any():
+            continue
+        context.events.histories[request.user_id] = history.before(request.ts_s, len(history))
+        without_future = rank_inputs(context, request.user_id, query, vector, request.ts_s)
+        context.events.histories[request.user_id] = history
+        np.testing.assert_array_equal(with_future.candidates.rows, without_future.candidates.rows)
+        np.testing.assert_array_equal(with_future.features, without_future.features)
+        checked += 1
+    assert checked > 5
+
+
+def test_offline_and_online_features_are_identical(ranked: tuple[Config, Run]) -> None:
+    """Offline: Ray Data rows of the test split. Online: a context started before the test split,
+    fed the later events one by one as a server receives them, asked at the request's time."""
+    config, run = ranked
+    requests = build_requests(config, run)
+    test = requests[requests["split"] == "test"].head(20)
+    start = float(test["ts_s"].min()) - 1.0
+    online = load_context(config, run, history_until_s=start)
+    events = read_table(run, "data", "events").to_pandas()
+    events["ts_s"] = epoch_seconds(read_table(run, "data", "events").column("ts"))
+    later = events[(events["ts_s"] >= start) & events["user_id"].isin(set(test["user_id"]))].sort_values("ts_s")
+    offline = read_features(run, "test").set_index(["request_id", "product_id"])
+    row_of = online.catalogue.stats.row_of
+    fed = 0
+    for request in test.sort_values("ts_s").itertuples(index=False):
+        for event in later[(later["ts_s"] < request.ts_s) & (later["ts_s"] >= start)].itertuples(index=False):
+            online.events.append(event.user_id, row_of[event.product_id], event.event_type, event.ts_s)
+            fed += 1
+        start = request.ts_s
+        query = request.query if isinstance(request.query, str) else None
+        vector = online.encode_queries([query])[0] if query else None
+        inputs = rank_inputs(online, request.user_id, query, vector, request.ts_s)
+        products = [online.catalogue.stats.product_ids[r] for r in inputs.candidates.rows]
+        expected = offline.loc[request.request_id].loc[products, FEATURES].to_numpy(np.float32)
+        np.testing.assert_allclose(inputs.features, expected, rtol=1e-6, atol=1e-6)
+    assert fed > 0
+
+
+def test_loading_a_ranker_of_another_feature_schema_is_an_error(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    _, run = ranked
+    model = Path(run.path("ranker", "model"))
+    for name in model.iterdir():
+        (tmp_path / name.name).write_bytes(name.read_bytes())
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["feature_schema_version"] = 0
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    assert load_ranker(model).num_boosted_rounds() >= 1
+    with pytest.raises(ShopRankError, match="feature schema v0"):
+        load_ranker(tmp_path)
+
+
+def _new_events(run: Run, path: Path, days: int = 30) -> Path:
+    """The run's test-split events replayed ``days`` later as new sessions: a fresh log to update on."""
+    events = read_table(run, "data", "events")
+    events = events.filter(pc.equal(events.column("split"), "test")).drop_columns(["split"])
+    shifted = pc.add(events.column("ts"), pa.scalar(dt.timedelta(days=days), pa.duration("us")))
+    events = events.set_column(events.schema.get_field_index("ts"), "ts", shifted)
+    for name in ("event_id", "session_id"):
+        events = events.set_column(events.schema.get_field_index(name), name,
+                                   pc.binary_join_element_wise("new-", events.column(name), ""))
+    pq.write_table(events, path)
+    return path
+
+
+def test_an_update_warm_starts_from_the_old_model_into_a_new_run(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    config, run = ranked
+    config = config.model_copy(update={"ranker": config.ranker.model_copy(update={"update_tolerance": 1.0})})
+    outcome = update_ranker(config, run, str(_new_events(run, tmp_path / "new.parquet")), alias="latest")
+    assert outcome["num_trees"] > outcome["base_num_trees"] == load_ranker(Path(run.path("ranker", "model"))).num_boosted_rounds()
+    updated = Run(run.root, Path(outcome["run"]).name)
+    assert updated.name != run.name and updated.name.startswith(f"{run.name}-update-")
+    assert load_ranker(Path(updated.path("ranker", "model"))).num_boosted_rounds() == outcome["num_trees"]
+    registry = Registry(run.root)
+    assert registry.get(updated.name)["run"] == updated.uri()
+    assert outcome["promoted"] and registry.get("latest")["run"] == updated.uri()  # tolerance 1.0: never worse
+
+
+def test_an_update_naming_an_unknown_product_is_rejected_with_its_row(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    config, run = ranked
+    path = _new_events(run, tmp_path / "bad.parquet")
+    table = pq.read_table(path)
+    products = table.column("product_id").to_pylist()
+    products[2] = "P-NOT-IN-CATALOGUE"
+    pq.write_table(table.set_column(table.schema.get_field_index("product_id"), "product_id",
+                                    pa.array(products)), path)
+    with pytest.raises(DataError, match="row 3") as error:
+        update_ranker(config, run, str(path))
+    assert "P-NOT-IN-CATALOGUE" in str(error.value) and "product_id" in str(error.value)
