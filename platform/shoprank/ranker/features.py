@@ -25,6 +25,7 @@ features only from that user's events strictly before the request time.
 | ``log_price`` | log(1 + price) |
 | ``price_vs_user`` | log price minus the median log price of the user's engaged products (0 without history) |
 | ``category_affinity`` | share of the user's weighted history in the product's category |
+| ``department_affinity`` | the same for the category's parent (``Home > Kitchen`` of ``Home > Kitchen > Cookware``) |
 | ``brand_affinity`` | share of the user's weighted history on the product's brand |
 | ``category_recency_days`` | days since the user's last event in the product's category (365 when never) |
 | ``history_length`` | number of events in the user's history |
@@ -41,12 +42,12 @@ import pyarrow.compute as pc
 
 from shoprank.encoder.users import EVENT_WEIGHTS
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
 """Bumped whenever a feature is added, removed, reordered or changes meaning."""
 
 FEATURES = [
     "cosine", "bm25", "from_dense", "from_lexical", "from_coengaged", "from_popular", "retrieval_position",
-    "popularity", "ctr", "conversion", "log_price", "price_vs_user", "category_affinity", "brand_affinity",
+    "popularity", "ctr", "conversion", "log_price", "price_vs_user", "category_affinity", "department_affinity", "brand_affinity",
     "category_recency_days", "history_length", "is_search",
 ]
 
@@ -63,6 +64,7 @@ class ProductStats:
 
     product_ids: list[str]
     category: np.ndarray
+    department: np.ndarray
     brand: np.ndarray
     log_price: np.ndarray
     popularity: np.ndarray
@@ -100,6 +102,7 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     return ProductStats(
         product_ids=ids,
         category=_codes(categories),
+        department=_codes([department_of(c) for c in categories]),
         brand=_codes(brands),
         log_price=np.log1p(products.column("price").to_numpy()),
         popularity=np.log1p(clicks + carts + purchases),
@@ -107,6 +110,12 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         conversion=(purchases + prior_clicks * mean_conversion) / (clicks + prior_clicks),
         cutoff_s=cutoff_s,
     )
+
+
+def department_of(category: str | None) -> str:
+    """The parent of a category path (the path itself when it has one level)."""
+    parts = [p.strip() for p in (category or "").split(">")]
+    return " > ".join(parts[:-1]) if len(parts) > 1 else parts[0]
 
 
 def _codes(values: list[str | None]) -> np.ndarray:
@@ -175,6 +184,9 @@ def compute_features(
         category_weight = np.bincount(seen_categories, weights, minlength=stats.category.max() + 1) / total
         brand_weight = np.bincount(seen_brands, weights, minlength=stats.brand.max() + 1) / total
         out[:, column["category_affinity"]] = category_weight[stats.category[rows]]
+        department_weight = np.bincount(stats.department[history.product_rows], weights,
+                                        minlength=stats.department.max() + 1) / total
+        out[:, column["department_affinity"]] = department_weight[stats.department[rows]]
         out[:, column["brand_affinity"]] = brand_weight[stats.brand[rows]]
         engaged = [i for i, t in enumerate(history.event_types) if t != "view"] or list(range(len(history)))
         out[:, column["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[history.product_rows[engaged]])

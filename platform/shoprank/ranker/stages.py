@@ -30,7 +30,7 @@ from shoprank.data.io import PartFilenames
 from shoprank.encoder.stages import local_dir
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
 from shoprank.ranker.dataset import RequestFeatures, build_requests
-from shoprank.ranker.features import FEATURES
+from shoprank.ranker.features import FEATURE_SCHEMA_VERSION, FEATURES
 from shoprank.ranker.train import load_ranker, predict, save_ranker, train_ranker
 from shoprank.store.run import Run, StageRecord
 
@@ -176,7 +176,9 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
 
 
 def ranker_hash(config: Config) -> str:
-    return config.section_hash("source", "preprocess", "encoder", "embed", "retrieval", "ranker")
+    """The inputs of the ranking stages, and the feature schema (new features mean new rows and a new model)."""
+    sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval", "ranker")
+    return f"{sections}-features-v{FEATURE_SCHEMA_VERSION}"
 
 
 def train_rank_and_evaluate(config: Config, *, evaluate: bool = True) -> Run:

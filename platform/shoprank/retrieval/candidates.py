@@ -4,7 +4,8 @@
   index) plus the top N by BM25 (``bm25s``) over the same product texts, merged.
 * **Recommendation**: the top N by similarity to the user's embedding, plus products
   co-engaged with the user's recent products, plus the N most popular products of
-  each of the user's three favourite categories. A user without history (cold start) gets the most
+  each of the user's three favourite categories and of their favourite department
+  (the categories' parent). A user without history (cold start) gets the most
   popular and the trending products.
 
 Every candidate keeps its encoder cosine, BM25 score, the sources that proposed it
@@ -52,6 +53,9 @@ class Catalogue:
         self.popular_in = {
             int(c): by_popularity[self.stats.category[by_popularity] == c] for c in np.unique(self.stats.category)
         }
+        self.popular_in_department = {
+            int(d): by_popularity[self.stats.department[by_popularity] == d] for d in np.unique(self.stats.department)
+        }
 
     def bm25_scores(self, query: str) -> np.ndarray:
         """BM25 score of ``query`` against every product (catalogue order)."""
@@ -88,7 +92,9 @@ class Catalogue:
             neighbours = [self.coengaged.get(r, np.zeros(0, np.int64)) for r in recent]
             lists["coengaged"] = _interleave(neighbours, n)
             favourites = np.bincount(self.stats.category[history.product_rows]).argsort()[::-1][:FAVOURITE_CATEGORIES]
-            lists["popular"] = _interleave([self.popular_in[int(c)][:n] for c in favourites], n * len(favourites))
+            department = int(np.bincount(self.stats.department[history.product_rows]).argmax())
+            popular = [self.popular_in[int(c)][:n] for c in favourites] + [self.popular_in_department[department][:n]]
+            lists["popular"] = _interleave(popular, n * len(popular))
         else:
             lists["popular"] = _interleave([self.popular[:n], self.trending[:n]], n)
         return self._merge(lists, user_vector, None)
