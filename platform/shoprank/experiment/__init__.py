@@ -1,0 +1,1 @@
+"""A/B experiments: the statistics of the report, as plain functions."""
