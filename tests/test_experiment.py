@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 from scipy.stats.contingency import relative_risk
 
+from shoprank.experiment.assignment import assign
+from shoprank.experiment.report import ab_report
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
+from shoprank.store.events import Impression, SqliteEventStore
 
 
 @pytest.mark.parametrize("successes,trials", [(81, 263), (0, 10), (10, 10), (1, 2), (37, 12_345), (500, 1000)])
@@ -70,3 +75,43 @@ def test_funnel_and_per_session() -> None:
     assert [s["rate_of_previous"] for s in steps] == [1.0, 0.1, 0.2, 0.5]
     assert funnel({})[1]["rate_of_previous"] == 0.0
     assert per_session(30, 12) == 2.5 and per_session(3, 0) == 0.0
+
+
+def test_assignment_is_stable_follows_the_split_and_reshuffles_per_experiment() -> None:
+    users = [f"U{i:05d}" for i in range(20_000)]
+    first = [assign(u, "exp-1", {"A": 0.5, "B": 0.5}) for u in users]
+    assert first == [assign(u, "exp-1", {"A": 0.5, "B": 0.5}) for u in users]
+    assert not sample_ratio_mismatch({"A": first.count("A"), "B": first.count("B")}, {"A": 0.5, "B": 0.5}).mismatch
+    skewed = [assign(u, "exp-1", {"A": 0.9, "B": 0.1}) for u in users]
+    assert skewed.count("B") / len(users) == pytest.approx(0.1, abs=0.01)
+    other = [assign(u, "exp-2", {"A": 0.5, "B": 0.5}) for u in users]
+    assert sum(x == y for x, y in zip(first, other)) / len(users) == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="split"):
+        assign("U1", "exp-1", {"A": -1.0, "B": 0.5})
+
+
+def test_ab_report_counts_assigned_answers_only(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "events.db")
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    impressions, events = [], []
+    for variant, requests, clicks, purchases in (("A", 10, 2, 1), ("B", 10, 5, 2)):
+        for r in range(requests):
+            request = f"{variant}-R{r}"
+            impressions += [Impression(request, f"{variant}-U{r}", variant, f"P{p}", p + 1, t0) for p in range(10)]
+            kinds = ["click"] * (r < clicks) + ["purchase"] * (r < purchases)
+            events += [{"event_id": f"{request}-{k}", "user_id": f"{variant}-U{r}", "session_id": f"S-{request}",
+                        "product_id": "P0", "event_type": k, "ts": t0, "request_id": request} for k in kinds]
+    # a forced side-by-side answer, clicked: must not count
+    impressions += [Impression("F-R0", "A-U0", "B", "P0", 1, t0, forced=True)]
+    events.append({"event_id": "forced-click", "user_id": "A-U0", "session_id": "S-F", "product_id": "P0",
+                   "event_type": "click", "ts": t0, "request_id": "F-R0"})
+    store.log_impressions(impressions)
+    store.append(events)
+    report = ab_report(store, {"A": 0.5, "B": 0.5})
+    a, b = report["variants"]["A"], report["variants"]["B"]
+    assert (a["users"], a["impressions"], a["clicks"], a["purchases"]) == (10, 100, 2, 1)
+    assert (b["users"], b["impressions"], b["clicks"], b["purchases"]) == (10, 100, 5, 2)
+    assert b["ctr"]["rate"] == 0.05 and b["funnel"][1]["rate_of_previous"] == 0.05
+    assert report["lift"]["ctr"]["p_value"] == pytest.approx(compare(2, 100, 5, 100).p_value)
+    assert report["lift"]["ctr"]["lift"] == pytest.approx(1.5)
+    assert report["sample_ratio"]["mismatch"] is False
