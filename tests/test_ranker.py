@@ -168,3 +168,26 @@ def test_an_update_naming_an_unknown_product_is_rejected_with_its_row(ranked: tu
     with pytest.raises(DataError, match="row 3") as error:
         update_ranker(config, run, str(path))
     assert "P-NOT-IN-CATALOGUE" in str(error.value) and "product_id" in str(error.value)
+
+
+@pytest.mark.parametrize("strategy", ["retrieval", "ranker"])
+def test_a_purchase_moves_its_category_up_in_the_next_answer(ranked: tuple[Config, Run], strategy: str) -> None:
+    from shoprank.serving.pipeline import VariantPipeline
+
+    config, run = ranked
+    context = load_context(config, run)
+    booster = load_ranker(Path(run.path("ranker", "model"))) if strategy == "ranker" else None
+    pipeline = VariantPipeline(context, strategy, booster)
+    stats = context.catalogue.stats
+    user, history = max(context.events.histories.items(), key=lambda item: len(item[1]))
+    now = float(history.ts_s[-1]) + 3600.0
+    before = pipeline.recommend(user, 20, now)
+    shown = {stats.category[stats.row_of[r.product_id]] for r in before}
+    category = next(c for c in np.argsort(-np.bincount(stats.category)) if c not in shown)
+    bought = [stats.product_ids[r] for r in np.flatnonzero(stats.category == category)[:3]]
+    for i, product in enumerate(bought):
+        pipeline.observe(user, product, "purchase", now - 60 + i)
+    after = pipeline.recommend(user, 20, now)
+    in_category = sum(stats.category[stats.row_of[r.product_id]] == category for r in after)
+    assert in_category > 0, f"{strategy}: no product of the bought category after buying 3 of it"
+    assert after[0].scores.keys() >= {"cosine", "popularity"}
