@@ -16,9 +16,9 @@ import pytest
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.errors import DataError, ShopRankError
-from shoprank.ranker.context import epoch_seconds, load_context
+from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, rank_inputs
-from shoprank.ranker.features import FEATURES, product_stats
+from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
 from shoprank.ranker.stages import read_features, train_rank_and_evaluate
 from shoprank.ranker.train import META_FILE, load_ranker
 from shoprank.ranker.update import update_ranker

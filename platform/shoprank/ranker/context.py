@@ -21,19 +21,16 @@ import pyarrow.compute as pc
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.encoder.model import TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts
-from shoprank.ranker.features import History, product_stats
+from shoprank.encoder.model import (
+    QUERY_MAX_LENGTH, TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts,
+)
+from shoprank.ranker.features import History, epoch_seconds, product_stats
 from shoprank.retrieval.candidates import Catalogue
 from shoprank.store.run import Run
 
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")
 EVENT_COLUMNS = ["user_id", "session_id", "product_id", "event_type", "ts", "split"]
 MAX_NEIGHBOURS = 50
-
-
-def epoch_seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Timestamps as float epoch seconds."""
-    return pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()).to_numpy(zero_copy_only=False) / 1e6
 
 
 def ranker_cutoff(events: pa.Table, history_fraction: float) -> float:
@@ -105,8 +102,6 @@ class RankingContext:
     cutoff_s: float
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
-        from shoprank.encoder.model import QUERY_MAX_LENGTH
-
         return encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH)
 
 

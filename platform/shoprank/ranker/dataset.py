@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.ranker.context import RankingContext, epoch_seconds, load_context, ranker_cutoff
-from shoprank.ranker.features import FEATURES, Candidates, compute_features
+from shoprank.ranker.context import RankingContext, load_context, ranker_cutoff
+from shoprank.ranker.features import FEATURES, Candidates, compute_features, epoch_seconds
 from shoprank.store.run import Run
 
 GRADES = {"click": 1, "add_to_cart": 2, "purchase": 3}

@@ -54,6 +54,9 @@ FEATURES = [
 SOURCES = ("dense", "lexical", "coengaged", "popular")
 """Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
 
+COLUMN = {name: i for i, name in enumerate(FEATURES)}
+"""Feature name -> column of the matrix :func:`compute_features` returns."""
+
 NEVER_DAYS = 365.0
 DAY = 86_400.0
 
@@ -82,8 +85,7 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     """Statistics from ``events`` strictly before ``cutoff_s`` (epoch seconds)."""
     ids = products.column("product_id").to_pylist()
     row_of = {p: i for i, p in enumerate(ids)}
-    ts = pc.divide(pc.cast(pc.cast(events.column("ts"), pa.timestamp("us")), pa.int64()), 1_000_000).to_numpy()
-    before = ts < cutoff_s
+    before = epoch_seconds(events.column("ts")) < cutoff_s
     kinds = np.asarray(events.column("event_type").to_numpy(zero_copy_only=False))[before]
     rows = np.array([row_of.get(p, -1) for p in np.asarray(events.column("product_id").to_numpy(zero_copy_only=False))[before]])
     known = rows >= 0
@@ -110,6 +112,11 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         conversion=(purchases + prior_clicks * mean_conversion) / (clicks + prior_clicks),
         cutoff_s=cutoff_s,
     )
+
+
+def epoch_seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps as float epoch seconds (microsecond precision, as stored)."""
+    return pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()).to_numpy(zero_copy_only=False) / 1e6
 
 
 def department_of(category: str | None) -> str:
@@ -163,19 +170,18 @@ def compute_features(
     rows = candidates.rows
     n = len(rows)
     out = np.zeros((n, len(FEATURES)), dtype=np.float32)
-    column = {name: i for i, name in enumerate(FEATURES)}
-    out[:, column["cosine"]] = candidates.cosine
-    out[:, column["bm25"]] = candidates.bm25
+    out[:, COLUMN["cosine"]] = candidates.cosine
+    out[:, COLUMN["bm25"]] = candidates.bm25
     for bit, source in enumerate(SOURCES):
-        out[:, column[f"from_{source}"]] = (candidates.sources >> bit) & 1
-    out[:, column["retrieval_position"]] = candidates.position
-    out[:, column["popularity"]] = stats.popularity[rows]
-    out[:, column["ctr"]] = stats.ctr[rows]
-    out[:, column["conversion"]] = stats.conversion[rows]
-    out[:, column["log_price"]] = stats.log_price[rows]
-    out[:, column["history_length"]] = len(history)
-    out[:, column["is_search"]] = float(is_search)
-    out[:, column["category_recency_days"]] = NEVER_DAYS
+        out[:, COLUMN[f"from_{source}"]] = (candidates.sources >> bit) & 1
+    out[:, COLUMN["retrieval_position"]] = candidates.position
+    out[:, COLUMN["popularity"]] = stats.popularity[rows]
+    out[:, COLUMN["ctr"]] = stats.ctr[rows]
+    out[:, COLUMN["conversion"]] = stats.conversion[rows]
+    out[:, COLUMN["log_price"]] = stats.log_price[rows]
+    out[:, COLUMN["history_length"]] = len(history)
+    out[:, COLUMN["is_search"]] = float(is_search)
+    out[:, COLUMN["category_recency_days"]] = NEVER_DAYS
     if len(history):
         weights = np.array([EVENT_WEIGHTS[t] for t in history.event_types])
         total = weights.sum()
@@ -183,15 +189,15 @@ def compute_features(
         seen_brands = stats.brand[history.product_rows]
         category_weight = np.bincount(seen_categories, weights, minlength=stats.category.max() + 1) / total
         brand_weight = np.bincount(seen_brands, weights, minlength=stats.brand.max() + 1) / total
-        out[:, column["category_affinity"]] = category_weight[stats.category[rows]]
+        out[:, COLUMN["category_affinity"]] = category_weight[stats.category[rows]]
         department_weight = np.bincount(stats.department[history.product_rows], weights,
                                         minlength=stats.department.max() + 1) / total
-        out[:, column["department_affinity"]] = department_weight[stats.department[rows]]
-        out[:, column["brand_affinity"]] = brand_weight[stats.brand[rows]]
+        out[:, COLUMN["department_affinity"]] = department_weight[stats.department[rows]]
+        out[:, COLUMN["brand_affinity"]] = brand_weight[stats.brand[rows]]
         engaged = [i for i, t in enumerate(history.event_types) if t != "view"] or list(range(len(history)))
-        out[:, column["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[history.product_rows[engaged]])
+        out[:, COLUMN["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[history.product_rows[engaged]])
         last_seen = np.full(stats.category.max() + 1, -np.inf)
         np.maximum.at(last_seen, seen_categories, history.ts_s)
         days = (now_s - last_seen[stats.category[rows]]) / DAY
-        out[:, column["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
+        out[:, COLUMN["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
     return out

@@ -27,9 +27,10 @@ from ray.train.xgboost import RayTrainReportCallback
 
 from shoprank.config import Config
 from shoprank.data.io import PartFilenames
-from shoprank.encoder.stages import local_dir
+from shoprank.data.stages import run_stage
+from shoprank.encoder.stages import local_dir, train_and_embed
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
-from shoprank.ranker.dataset import RequestFeatures, build_requests
+from shoprank.ranker.dataset import RequestFeatures, build_requests, judgments
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION, FEATURES
 from shoprank.ranker.train import load_ranker, predict, save_ranker, train_ranker
 from shoprank.store.run import Run, StageRecord
@@ -95,7 +96,7 @@ def _ranked(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> d
     return {r: g["product_id"].head(K).tolist() for r, g in rows.groupby("request_id", sort=False)}
 
 
-def _qrels(frame: pd.DataFrame, requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+def _qrels(requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """What was relevant to each request: the query's judgments, or the session's engagements."""
     out = {}
     for request in requests.itertuples(index=False):
@@ -116,8 +117,6 @@ def _score(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], catal
 
 def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     """The evaluation table of the four systems on the test split (see the module docstring)."""
-    from shoprank.ranker.dataset import judgments
-
     requests = build_requests(config, run)
     requests = requests[requests["split"] == "test"]
     tuned = read_features(run, "test")
@@ -126,7 +125,7 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     tuned["ranker"] = np.concatenate(
         [predict(booster, g[FEATURES].to_numpy(np.float32)) for _, g in tuned.groupby("request_id", sort=False)]
     ) if len(tuned) else []
-    qrels = _qrels(tuned, requests, judgments(run))
+    qrels = _qrels(requests, judgments(run))
     catalogue_size = int(run.manifest()["stages"]["embed"]["rows"]["products"])
     kinds = dict(zip(requests["request_id"], requests["kind"]))
     systems = {
@@ -183,9 +182,6 @@ def ranker_hash(config: Config) -> str:
 
 def train_rank_and_evaluate(config: Config, *, evaluate: bool = True) -> Run:
     """Data and encoder stages, then features, ranker and (optionally) the evaluation; each skipped when current."""
-    from shoprank.data.stages import run_stage
-    from shoprank.encoder.stages import train_and_embed
-
     run = train_and_embed(config)
     run_stage(run, config, "features", ranker_hash(config), FEATURE_OUTPUTS, build_features)
     run_stage(run, config, "ranker", ranker_hash(config), RANKER_OUTPUTS, fit_ranker)

@@ -22,7 +22,7 @@ import xgboost
 
 from shoprank.ranker.context import RankingContext
 from shoprank.ranker.dataset import rank_inputs
-from shoprank.ranker.features import FEATURES
+from shoprank.ranker.features import COLUMN
 from shoprank.ranker.train import predict
 
 Strategy = Literal["ranker", "retrieval"]
@@ -46,7 +46,6 @@ class VariantPipeline:
         self.context = context
         self.strategy = strategy
         self.booster = booster
-        self.column = {name: i for i, name in enumerate(FEATURES)}
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         vector = self.context.encode_queries([query])[0]
@@ -67,13 +66,13 @@ class VariantPipeline:
         if self.strategy == "ranker":
             scores = predict(self.booster, features)
         else:
-            scores = features[:, self.column["cosine"]] + 0.01 * features[:, self.column["bm25"]]
-        tie_break = features[:, self.column["popularity"]]
+            scores = features[:, COLUMN["cosine"]] + 0.01 * features[:, COLUMN["bm25"]]
+        tie_break = features[:, COLUMN["popularity"]]
         order = np.lexsort((-tie_break, -scores))[:k]
         ids = self.context.catalogue.stats.product_ids
         return [
             Ranked(ids[inputs.candidates.rows[i]], float(scores[i]),
-                   {name: float(features[i, self.column[name]]) for name in EXPLAINED})
+                   {name: float(features[i, COLUMN[name]]) for name in EXPLAINED})
             for i in order
         ]
 
