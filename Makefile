@@ -1,5 +1,6 @@
 # shoprank: two commands on a fresh machine.
-#   make demo   set up, start a local Ray head, submit the pipeline job (data, encoder, embedding, ranker, evaluation)
+#   make demo   set up, start a local Ray head, submit the pipeline job (data, encoder, embedding, ranker,
+#               evaluation), then deploy the Serve app (variants A and B) and print its URL
 #   make test   set up, run the fast tests
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,6 +10,9 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 DASHBOARD := http://127.0.0.1:8265
 PRESET ?= demo
+# The browser tests drive Debian's chromium (playwright cannot download its own browsers here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-all bench cluster-up cluster-down stop clean
 
@@ -29,7 +33,9 @@ cluster-up: setup
 cluster-down: setup
 	$(BIN)/shoprank cluster down
 
-stop: cluster-down
+stop: setup
+	$(BIN)/shoprank ui --stop --config $(PRESET) --set run.root=$(CURDIR)/runs
+	$(BIN)/shoprank cluster down
 
 # The job runs every stage so far (data, encoder fine-tuning, embedding and index, ranking
 # features, XGBoost ranker, offline evaluation); each is
@@ -38,16 +44,23 @@ demo: cluster-up
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
 		python jobs/evaluate.py --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Run directory: $(CURDIR)/runs/$(PRESET)  (manifest: $(CURDIR)/runs/$(PRESET)/manifest.json)"
-	@echo "Stop the local Ray head with: make stop"
+	RAY_AUTH_MODE=token $(BIN)/shoprank serve --register --config $(PRESET) --set run.root=$(CURDIR)/runs
+	$(BIN)/shoprank ui --detach --config $(PRESET) --set run.root=$(CURDIR)/runs
+	@echo "Stop the web page, the Serve app and the local Ray head with: make stop"
 
-test: setup
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends chromium
+
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest
 
-test-all: setup
+test-all: setup $(CHROMIUM)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess.py
+	$(BIN)/python benchmarks/serve_load.py --config $(PRESET) --set run.root=$(CURDIR)/runs
 
 clean:
 	rm -rf runs test-output .pytest_cache

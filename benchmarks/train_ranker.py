@@ -63,7 +63,7 @@ def latency(config, run: Run, booster: xgboost.Booster, requests: int, candidate
     for i in range(requests):
         history = context.events.histories[users[i % len(users)]]
         now = float(history.ts_s[-1]) + 60.0
-        history = history.before(now, config.preprocess.history_length)
+        history = history.before(now, config.ranker.history_events)
         rows = rng.choice(len(stats.product_ids), candidates, replace=False)
         cands = Candidates(rows=rows, cosine=rng.random(candidates, dtype=np.float32),
                            bm25=np.zeros(candidates, np.float32), sources=np.ones(candidates, np.int64),

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Token authentication stays on, as on every shoprank cluster; Ray reads the mode once,
 # when it is first imported, so it must be in the environment before `import ray`.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
 from shoprank.config import Config, load_config
+from shoprank.data.io import read_table
 from shoprank.data.stages import prepare_data
+from shoprank.serving.app import AppArgs, deploy
+from shoprank.serving.variants import register_variants
+from shoprank.store.events import SqliteEventStore
 from shoprank.store.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +76,70 @@ def tiny_trained(tiny_run: tuple[Config, Run], tiny_encoder_dir: Path) -> tuple[
     config, _ = tiny_run
     config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"model": str(tiny_encoder_dir)})})
     return config, train_and_embed(config)
+
+
+@pytest.fixture(scope="session")
+def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
+    """The tiny run with its ranking stages done: features, the XGBoost ranker, the offline evaluation."""
+    from shoprank.ranker.stages import train_rank_and_evaluate
+
+    config, _ = tiny_trained
+    return config, train_rank_and_evaluate(config)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    """The deployed app: its args, URL, event database and an HTTP client."""
+
+    def __init__(self, config: Config, run: Run, args: AppArgs, db: Path) -> None:
+        self.config, self.run, self.args, self.db = config, run, args, db
+        self.url = f"http://127.0.0.1:{config.serve.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60.0)
+        products = read_table(run, "data", "products", columns=["product_id", "category"]).to_pylist()
+        self.category_of = {p["product_id"]: p["category"] for p in products}
+
+    def deploy(self) -> None:
+        deploy(self.args)
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise AssertionError(f"the app did not answer /healthz within {timeout_s} s")
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return self.http.post(path, json=body)
+
+    def stored_event_ids(self) -> set[str]:
+        store = SqliteEventStore(self.db)
+        try:
+            return set(store.events().column("event_id").to_pylist())
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="session")
+def app(ranked: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    config, run = ranked
+    register_variants(config, run)
+    db = tmp_path_factory.mktemp("serve") / "events.sqlite"
+    port = _free_port()
+    overrides = [f"run.root={config.run.root}", f"run.name={run.name}", f"encoder.model={config.encoder.model}",
+                 f"serve.port={port}", f"serve.event_db={db}", "serve.max_query_chars=80"]
+    served = App(config.model_copy(update={"serve": config.serve.model_copy(update={"port": port})}), run,
+                 AppArgs(config="tiny", overrides=overrides), db)
+    served.deploy()
+    yield served
+    served.http.close()
+    serve.shutdown()

@@ -19,17 +19,11 @@ from shoprank.errors import DataError, ShopRankError
 from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, rank_inputs
 from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
-from shoprank.ranker.stages import read_features, train_rank_and_evaluate
+from shoprank.ranker.stages import read_features
 from shoprank.ranker.train import META_FILE, load_ranker
 from shoprank.ranker.update import update_ranker
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
-
-
-@pytest.fixture(scope="module")
-def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
-    config, _ = tiny_trained
-    return config, train_rank_and_evaluate(config)
 
 
 def test_ranker_trains_with_two_workers_and_writes_the_evaluation(ranked: tuple[Config, Run]) -> None:

@@ -11,8 +11,10 @@ import sys
 import yaml
 
 from shoprank import cluster
-from shoprank.config import load_config
+from shoprank.config import Config, load_config
 from shoprank.entrypoint import user_errors
+from shoprank.errors import ShopRankError
+from shoprank.webui.page import launch, shop_simulator
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,10 +27,109 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=6379)
     c.add_argument("--dashboard-port", type=int, default=8265)
 
+    srv = commands.add_parser("serve", help="deploy the Serve app (variants from the registry) on the running cluster")
+    srv.add_argument("--config", default="demo")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    srv.add_argument("--register", action="store_true",
+                     help="first register the config's run as variant B (trained) and A (zero-shot baseline)")
+    srv.add_argument("--address", default="auto", help="Ray cluster to deploy on (default: the running one)")
+
+    ui = commands.add_parser("ui", help="the Gradio page comparing variants A and B (talks to Serve over HTTP)")
+    ui.add_argument("--config", default="demo")
+    ui.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ui.add_argument("--serve-url", default=None, help="the Serve app (default: ui.serve_url or serve.host:port)")
+    ui.add_argument("--detach", action="store_true", help="run in the background (pid and log under run.root)")
+    ui.add_argument("--stop", action="store_true", help="stop a page started with --detach")
+
+    sim = commands.add_parser("simulate", help="send simulated shoppers through the Serve API, print the A/B report")
+    sim.add_argument("--config", default="demo")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sim.add_argument("--serve-url", default=None)
+    sim.add_argument("--users", type=int, default=200, help="simulated shoppers (each 1-3 page views)")
+    sim.add_argument("--concurrency", type=int, default=8)
+    sim.add_argument("--seed", type=int, default=0)
+
     cfg = commands.add_parser("config", help="print a preset with overrides applied, validated")
     cfg.add_argument("--config", default="demo")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def serve_app(preset: str, overrides: list[str], register: bool, address: str) -> str:
+    """Deploy the app and say where it answers."""
+    import ray
+
+    from shoprank.serving.app import AppArgs, deploy
+    from shoprank.serving.variants import register_variants
+    from shoprank.store.run import Run
+
+    config = load_config(preset, overrides)
+    if register:
+        register_variants(config, Run.for_config(config))
+    ray.init(address=address, log_to_driver=False)
+    url = deploy(AppArgs(config=preset, overrides=overrides))
+    return (f"Serve app: {url}  (API docs: {url}/docs, OpenAPI: {url}/openapi.json)\n"
+            f"Variants: " + ", ".join(f"{name} = registry alias {alias!r}" for name, alias in config.serve.variants.items()))
+
+
+def serve_url(config: Config) -> str:
+    return config.ui.serve_url or f"http://{config.serve.host}:{config.serve.port}"
+
+
+def detached_ui(config: Config, preset: str, overrides: list[str], *, start: bool) -> str:
+    """Stop the background page of this run root, then (``start``) start a new one and wait until it answers."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    pid_file = Path(config.run.root) / "ui.pid"
+    if pid_file.exists():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink()
+    if not start:
+        return "Web page stopped."
+    url = f"http://{config.ui.host}:{config.ui.port}"
+    log = Path(config.run.root) / "ui.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shoprank.cli", "ui", "--config", preset, *(f"--set={o}" for o in overrides)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    pid_file.write_text(str(process.pid))
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise ShopRankError(f"the web page exited with status {process.returncode}; see {log}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return f"Web page: {url}  (Serve app: {serve_url(config)}; log {log})"
+        except httpx.HTTPError:
+            time.sleep(1.0)
+    raise ShopRankError(f"the web page did not answer at {url} within 180 s; see {log}")
+
+
+def run_simulation(config: Config, url: str, users: int, concurrency: int, seed: int) -> str:
+    """Simulated shoppers with a progress bar, then the A/B report's summary."""
+    from tqdm import tqdm
+
+    from shoprank.webui.client import ServeClient
+    from shoprank.webui.simulate import simulate, summary
+
+    ServeClient(url).health()  # a clear error now rather than one per shopper
+    with tqdm(total=users, desc="simulated shoppers", unit="shopper") as bar:
+        traffic = simulate(url, shop_simulator(config), users, concurrency=concurrency, seed=seed,
+                           progress=lambda done, total: bar.update(done - bar.n))
+    failed = f"; {len(traffic.errors)} failed, e.g. {traffic.errors[0]}" if traffic.errors else ""
+    return (f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events{failed}\n"
+            + summary(ServeClient(url).report()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +145,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 state = "running" if cluster.dashboard_ready(head) else "not running"
                 print(f"Ray head is {state}.\n{cluster.how_to_reach(head)}")
+        elif args.command == "serve":
+            print(serve_app(args.config, args.set, args.register, args.address))
+        elif args.command == "ui" and (args.detach or args.stop):
+            config = load_config(args.config, args.set)
+            print(detached_ui(config, args.config, args.set, start=args.detach))
+        elif args.command == "ui":
+            config = load_config(args.config, args.set)
+            url = args.serve_url or serve_url(config)
+            print(f"Web page: http://{config.ui.host}:{config.ui.port}  (Serve app: {url})", flush=True)
+            launch(url, config.ui.host, config.ui.port, lambda: shop_simulator(config))
+        elif args.command == "simulate":
+            config = load_config(args.config, args.set)
+            print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.concurrency, args.seed))
         elif args.command == "config":
             config = load_config(args.config, args.set)
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")

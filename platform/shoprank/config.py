@@ -235,6 +235,10 @@ class RankerConfig(Section):
         "requests after it are the ranker's training rows (no leakage).",
     )
     max_requests: int = Field(20_000, ge=10, description="Per split, newest kept (bounds feature time).")
+    history_events: int = Field(
+        500, ge=1, description="A user's most recent events that the ranker's features and the user vector read "
+        "(a browse page alone is 20 views, so the encoder's 50-event history sees one or two sessions).",
+    )
     ctr_prior_views: float = Field(20.0, ge=0.0, description="Smoothing of CTR and conversion towards the mean.")
     objective: Literal["rank:ndcg", "rank:pairwise"] = "rank:ndcg"
     max_depth: int = Field(6, ge=1, le=16)
@@ -252,6 +256,46 @@ class RankerConfig(Section):
     seed: int = 0
 
 
+class ServeConfig(Section):
+    """The Serve app (``shoprank.serving``): variants, A/B split, batching, the event store."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (loopback unless you mean to expose it).")
+    port: int = Field(8000, ge=1, le=65535)
+    variants: dict[str, str] = Field(
+        default_factory=lambda: {"A": "A", "B": "B"},
+        description="Variant name -> registry alias (each alias names a run, its encoder and strategy).",
+    )
+    split: dict[str, float] = Field(
+        default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Share of users per variant (normalised)."
+    )
+    experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
+    event_db: str = Field("events.sqlite", description="SQLite file of the event store (relative: under run.root).")
+    encoder_batch_size: int = Field(16, ge=1, le=256)
+    ranker_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_s: float = Field(0.005, ge=0.0, le=1.0)
+    event_batch_size: int = Field(32, ge=1, le=1024, description="Concurrent /events requests written in one transaction.")
+    max_query_chars: int = Field(200, ge=1, le=10_000)
+    replicas: int = Field(1, ge=1, description="Replicas of each variant's encoder, retriever and ranker.")
+    max_replicas: int = Field(1, ge=1, description="Above ``replicas``: autoscaling on ongoing requests.")
+    cpus_per_replica: float = Field(0.1, ge=0.0, description="Small on a laptop: the replicas share the cores.")
+    clock: Literal["data", "wall"] = Field(
+        "data", description="'data': the served run's clock continues from its last event (a simulated shop's "
+        "past stays recent); 'wall': the machine's clock (a live shop).",
+    )
+    baseline_popularity_weight: float = Field(
+        0.02, ge=0.0, description="The retrieval strategy's score: cosine + 0.01 * BM25 + this * popularity."
+    )
+
+
+class UiConfig(Section):
+    """The Gradio page (``shoprank ui``): where it listens and which Serve app it talks to."""
+
+    host: str = Field("127.0.0.1", description="Bind address (loopback unless you mean to expose it).")
+    port: int = Field(7860, ge=1, le=65535)
+    serve_url: str | None = Field(None, description="The Serve app's URL; default http://serve.host:serve.port.")
+    timeout_s: float = Field(30.0, gt=0.0, description="How long the page waits for Serve before saying so.")
+
+
 class Config(Section):
     """The whole configuration of a run."""
 
@@ -263,6 +307,8 @@ class Config(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     ranker: RankerConfig = Field(default_factory=RankerConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    ui: UiConfig = Field(default_factory=UiConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: a stage whose inputs hash the same is skipped."""

@@ -783,6 +783,11 @@ class ShopSimulator:
             out[k] = index
         return out
 
+    def query_for(self, user: str, rng: np.random.Generator) -> str | None:
+        """What ``user`` would type now: a query about a leaf of the user's intent (None: nothing to search)."""
+        options = self.model.queries.by_leaf[self.model.intent(self._user(user), rng)]
+        return str(self.model.queries.text[options[rng.integers(len(options))]]) if len(options) else None
+
     def relevance(self, query: str, product_ids: list[str]) -> list[int] | None:
         """Graded relevance of products for a query the pool knows; None for other texts."""
         q = self.model.queries.by_text.get(query.strip().lower())

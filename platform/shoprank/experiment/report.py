@@ -8,6 +8,9 @@ Per variant: users, sessions, impressions, clicks, add-to-carts, purchases; CTR
 (clicks / impressions) and conversion (purchases / impressions) with Wilson
 intervals; clicks per session; the funnel. Then B against A on CTR and conversion
 (lift, interval, p-value) and the sample-ratio check of users against the split.
+``timeline``: per variant, cumulative CTR and conversion at up to ``TIMELINE_POINTS``
+moments between the first and the last impression (what the page plots).
+``side_by_side``: the forced answers' own counts, apart from the test.
 """
 
 from __future__ import annotations
@@ -15,30 +18,48 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
 from shoprank.store.events import EventStore
+
+TIMELINE_POINTS = 30
+ENGAGEMENTS = ("click", "add_to_cart", "purchase")
 
 
 def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A", treatment: str = "B") -> dict[str, Any]:
     """The report's figures as JSON-ready dicts (see the module docstring)."""
     shown: dict[str, str] = {}
+    shown_at: list[tuple[float, str]] = []
+    engaged_at: list[tuple[float, str, str]] = []
     counted: dict[str, dict[str, Any]] = {
         v: {"users": set(), "sessions": set(), "view": 0, "click": 0, "add_to_cart": 0, "purchase": 0} for v in split
     }
+    side_by_side: dict[str, dict[str, int]] = {}
+    forced_requests: dict[str, str] = {}
     for impression in store.impressions():
-        if impression.forced or impression.variant not in counted:
+        if impression.forced:
+            forced_requests[impression.request_id] = impression.variant
+            row = side_by_side.setdefault(impression.variant, dict.fromkeys(("view", *ENGAGEMENTS), 0))
+            row["view"] += 1
+            continue
+        if impression.variant not in counted:
             continue
         shown[impression.request_id] = impression.variant
+        shown_at.append((impression.ts.timestamp(), impression.variant))
         row = counted[impression.variant]
         row["users"].add(impression.user_id)
         row["view"] += 1
     events = store.events()
-    for request, session, kind in zip(events.column("request_id").to_pylist(), events.column("session_id").to_pylist(),
-                                      events.column("event_type").to_pylist()):
+    for request, session, kind, ts in zip(events.column("request_id").to_pylist(), events.column("session_id").to_pylist(),
+                                          events.column("event_type").to_pylist(), events.column("ts").to_pylist()):
+        if kind != "view" and request in forced_requests:
+            side_by_side[forced_requests[request]][kind] += 1
         variant = shown.get(request)
         if variant is None or kind == "view":
             continue
         counted[variant][kind] += 1
+        engaged_at.append((ts.timestamp(), variant, kind))
         counted[variant]["sessions"].add(session)
     variants = {}
     for name, row in counted.items():
@@ -58,4 +79,33 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
             "conversion": as_dict(compare(a["purchase"], a["view"], b["purchase"], b["view"])),
         }
     report["sample_ratio"] = as_dict(sample_ratio_mismatch({v: r["users"] for v, r in variants.items()}, split))
+    report["side_by_side"] = {
+        v: {"impressions": r["view"], "clicks": r["click"], "add_to_carts": r["add_to_cart"], "purchases": r["purchase"]}
+        for v, r in sorted(side_by_side.items())
+    }
+    report["timeline"] = timeline(shown_at, engaged_at, list(split))
     return report
+
+
+def timeline(shown_at: list[tuple[float, str]], engaged_at: list[tuple[float, str, str]],
+             variants: list[str]) -> list[dict[str, Any]]:
+    """Cumulative CTR and conversion per variant at evenly spaced moments (epoch seconds)."""
+    if not shown_at:
+        return []
+    shown_times = np.array([t for t, _ in shown_at])
+    moments = np.linspace(shown_times.min(), max(shown_times.max(), max((t for t, _, _ in engaged_at), default=0.0)),
+                          TIMELINE_POINTS)
+    points = []
+    for variant in variants:
+        seen = np.sort(np.array([t for t, v in shown_at if v == variant]))
+        clicks = np.sort(np.array([t for t, v, k in engaged_at if v == variant and k == "click"]))
+        bought = np.sort(np.array([t for t, v, k in engaged_at if v == variant and k == "purchase"]))
+        for moment in moments:
+            impressions = int(np.searchsorted(seen, moment, side="right"))
+            if impressions:
+                points.append({
+                    "ts": float(moment), "variant": variant, "impressions": impressions,
+                    "ctr": int(np.searchsorted(clicks, moment, side="right")) / impressions,
+                    "conversion": int(np.searchsorted(bought, moment, side="right")) / impressions,
+                })
+    return points

@@ -24,7 +24,7 @@ from shoprank.data.io import read_table
 from shoprank.encoder.model import (
     QUERY_MAX_LENGTH, TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts,
 )
-from shoprank.ranker.features import History, epoch_seconds, product_stats
+from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
 from shoprank.retrieval.candidates import Catalogue
 from shoprank.store.run import Run
 
@@ -103,6 +103,13 @@ class RankingContext:
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
         return encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH)
+
+
+def load_product_stats(config: Config, run: Run) -> ProductStats:
+    """The run's product statistics alone (what a ranker needs beside its candidates and the user's history)."""
+    events = read_table(run, "data", "events", columns=["product_id", "event_type", "ts", "split"])
+    cutoff = ranker_cutoff(events, config.ranker.history_fraction)
+    return product_stats(read_table(run, "data", "products"), events, cutoff, config.ranker.ctr_prior_views)
 
 
 def load_context(

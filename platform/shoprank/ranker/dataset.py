@@ -13,7 +13,8 @@ session: purchase 3, add to cart 2, click 1, shown but ignored or not shown 0.
 
 Rows are built with Ray Data: ``map_batches`` over requests with
 :class:`RequestFeatures`, a callable class that loads the run's context once per
-actor and calls :func:`rank_inputs`, the very function the online ranker calls.
+actor and calls :func:`rank_inputs`, the function whose parts (:func:`retrieve`, then
+:func:`~shoprank.ranker.features.compute_features`) the online retriever and ranker call.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.ranker.context import RankingContext, load_context, ranker_cutoff
-from shoprank.ranker.features import FEATURES, Candidates, compute_features, epoch_seconds
+from shoprank.ranker.features import FEATURES, Candidates, History, compute_features, epoch_seconds
 from shoprank.store.run import Run
 
 GRADES = {"click": 1, "add_to_cart": 2, "purchase": 3}
@@ -45,18 +46,23 @@ class RankInputs:
     features: np.ndarray
 
 
+def retrieve(context: RankingContext, history: History, query: str | None, query_vector: np.ndarray | None,
+             now_s: float) -> Candidates:
+    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s``."""
+    config = context.config
+    n = config.retrieval.candidates_per_source
+    if query is not None:
+        return context.catalogue.search(query, query_vector, n)
+    vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
+    return context.catalogue.recommend(vector, history, n)
+
+
 def rank_inputs(
     context: RankingContext, user_id: str | None, query: str | None, query_vector: np.ndarray | None, now_s: float
 ) -> RankInputs:
-    """Candidates and features of one request as of ``now_s``: offline and online call this."""
-    config = context.config
-    history = context.events.history(user_id, now_s, config.preprocess.history_length)
-    n = config.retrieval.candidates_per_source
-    if query is not None:
-        candidates = context.catalogue.search(query, query_vector, n)
-    else:
-        vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
-        candidates = context.catalogue.recommend(vector, history, n)
+    """Candidates and features of one request as of ``now_s``: the offline rows and the online ranker's."""
+    history = context.events.history(user_id, now_s, context.config.ranker.history_events)
+    candidates = retrieve(context, history, query, query_vector, now_s)
     features = compute_features(candidates, history, now_s, context.catalogue.stats, is_search=query is not None)
     return RankInputs(candidates, features)
 

@@ -24,9 +24,13 @@ features only from that user's events strictly before the request time.
 | ``conversion`` | purchases / clicks, smoothed the same way |
 | ``log_price`` | log(1 + price) |
 | ``price_vs_user`` | log price minus the median log price of the user's engaged products (0 without history) |
+| ``price_in_category`` | log price minus the median log price of the product's category (cheap or premium for what it is) |
+| ``price_position_vs_user`` | ``price_in_category`` minus its median over the user's engaged products: a budget shopper's premium item scores high |
 | ``category_affinity`` | share of the user's weighted history in the product's category |
 | ``department_affinity`` | the same for the category's parent (``Home > Kitchen`` of ``Home > Kitchen > Cookware``) |
 | ``brand_affinity`` | share of the user's weighted history on the product's brand |
+| ``engaged_category_share`` | share of the user's clicks, carts and purchases in the product's category (views are what the shop chose to show; engagements are what the user chose) |
+| ``engaged_brand_share`` | the same for the product's brand |
 | ``category_recency_days`` | days since the user's last event in the product's category (365 when never) |
 | ``history_length`` | number of events in the user's history |
 | ``is_search`` | 1 for a search request, 0 for a recommendation |
@@ -37,18 +41,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shoprank.encoder.users import EVENT_WEIGHTS
 
-FEATURE_SCHEMA_VERSION = 2
+FEATURE_SCHEMA_VERSION = 3
 """Bumped whenever a feature is added, removed, reordered or changes meaning."""
 
 FEATURES = [
     "cosine", "bm25", "from_dense", "from_lexical", "from_coengaged", "from_popular", "retrieval_position",
-    "popularity", "ctr", "conversion", "log_price", "price_vs_user", "category_affinity", "department_affinity", "brand_affinity",
-    "category_recency_days", "history_length", "is_search",
+    "popularity", "ctr", "conversion", "log_price", "price_vs_user",
+    "price_in_category", "price_position_vs_user", "category_affinity", "department_affinity", "brand_affinity",
+    "engaged_category_share", "engaged_brand_share", "category_recency_days", "history_length", "is_search",
 ]
 
 SOURCES = ("dense", "lexical", "coengaged", "popular")
@@ -70,6 +76,7 @@ class ProductStats:
     department: np.ndarray
     brand: np.ndarray
     log_price: np.ndarray
+    price_in_category: np.ndarray
     popularity: np.ndarray
     ctr: np.ndarray
     conversion: np.ndarray
@@ -101,12 +108,16 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     prior_clicks = prior_views * mean_ctr
     categories = products.column("category").to_pylist()
     brands = products.column("brand").to_pylist()
+    category = _codes(categories)
+    log_price = np.log1p(products.column("price").to_numpy())
+    median_in_category = pd.Series(log_price).groupby(category).transform("median").to_numpy()
     return ProductStats(
         product_ids=ids,
-        category=_codes(categories),
+        category=category,
         department=_codes([department_of(c) for c in categories]),
         brand=_codes(brands),
-        log_price=np.log1p(products.column("price").to_numpy()),
+        log_price=log_price,
+        price_in_category=log_price - median_in_category,
         popularity=np.log1p(clicks + carts + purchases),
         ctr=(clicks + prior_views * mean_ctr) / (views + prior_views),
         conversion=(purchases + prior_clicks * mean_conversion) / (clicks + prior_clicks),
@@ -151,6 +162,13 @@ class History:
     def __len__(self) -> int:
         return len(self.product_rows)
 
+    def followed_by(self, later: "History", limit: int) -> "History":
+        """This history, then ``later`` (events received since), in time order: the last ``limit``."""
+        ts = np.concatenate([self.ts_s, later.ts_s])
+        order = np.argsort(ts, kind="stable")[-limit:]
+        types = self.event_types + later.event_types
+        return History(np.concatenate([self.product_rows, later.product_rows])[order], [types[i] for i in order], ts[order])
+
 
 @dataclass
 class Candidates:
@@ -179,6 +197,7 @@ def compute_features(
     out[:, COLUMN["ctr"]] = stats.ctr[rows]
     out[:, COLUMN["conversion"]] = stats.conversion[rows]
     out[:, COLUMN["log_price"]] = stats.log_price[rows]
+    out[:, COLUMN["price_in_category"]] = stats.price_in_category[rows]
     out[:, COLUMN["history_length"]] = len(history)
     out[:, COLUMN["is_search"]] = float(is_search)
     out[:, COLUMN["category_recency_days"]] = NEVER_DAYS
@@ -194,10 +213,22 @@ def compute_features(
                                         minlength=stats.department.max() + 1) / total
         out[:, COLUMN["department_affinity"]] = department_weight[stats.department[rows]]
         out[:, COLUMN["brand_affinity"]] = brand_weight[stats.brand[rows]]
-        engaged = [i for i, t in enumerate(history.event_types) if t != "view"] or list(range(len(history)))
-        out[:, COLUMN["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[history.product_rows[engaged]])
+        engaged = [i for i, t in enumerate(history.event_types) if t != "view"]
+        if engaged:
+            engaged_rows = history.product_rows[engaged]
+            out[:, COLUMN["engaged_category_share"]] = _share(stats.category[engaged_rows], stats.category[rows])
+            out[:, COLUMN["engaged_brand_share"]] = _share(stats.brand[engaged_rows], stats.brand[rows])
+        band = history.product_rows[engaged] if engaged else history.product_rows
+        out[:, COLUMN["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[band])
+        out[:, COLUMN["price_position_vs_user"]] = stats.price_in_category[rows] - np.median(stats.price_in_category[band])
         last_seen = np.full(stats.category.max() + 1, -np.inf)
         np.maximum.at(last_seen, seen_categories, history.ts_s)
         days = (now_s - last_seen[stats.category[rows]]) / DAY
         out[:, COLUMN["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
     return out
+
+
+def _share(seen: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The fraction of ``seen`` codes equal to each candidate's code."""
+    counts = np.bincount(seen, minlength=int(max(seen.max(), candidates.max())) + 1)
+    return counts[candidates] / len(seen)

@@ -1,33 +1,40 @@
-"""One variant's answer path, free of Ray: query encoder -> retrieval -> ranker, and live events.
+"""One variant's answer path, free of Ray: query encoding -> retrieval -> ranking, and live events.
 
-:class:`VariantPipeline` holds a run's :class:`RankingContext` (encoder, catalogue,
-index, BM25, event log) and, for the ``ranker`` strategy, its booster. It answers
-searches and recommendations as of a time, and :meth:`VariantPipeline.observe`
-records an event so the very next answer for that user reflects it. The features
-come from :func:`shoprank.ranker.dataset.rank_inputs`, the function the offline
-training rows came from.
+The three steps are separate classes because Serve runs each in its own deployment
+(:mod:`shoprank.serving.deployments`), scaled and batched on its own;
+:class:`VariantPipeline` chains them in one process (tests, the benchmark's
+in-process baseline).
 
-Strategies: ``ranker`` orders candidates by the XGBoost ranker; ``retrieval``
-orders them by encoder similarity (plus BM25 for searches), popularity breaking
-ties: the baseline that needs no trained ranker.
+* :class:`Retrieval` holds a run's :class:`RankingContext` (catalogue, index, BM25,
+  the run's event log). A user's history is the run's events before the request
+  followed by the events received live since (:meth:`Retrieval.history`), so an
+  event shows in the very next answer.
+* :class:`Ranking` turns candidates into the features the offline rows were built
+  with (:func:`shoprank.ranker.features.compute_features`) and orders them: by the
+  XGBoost ranker (strategy ``ranker``), or, for the baseline that needs no trained
+  ranker (strategy ``retrieval``), by ``cosine + 0.01 * bm25 + w * popularity``.
+  Several requests are scored in one ``predict`` call (:meth:`Ranking.rank_many`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import xgboost
 
 from shoprank.ranker.context import RankingContext
-from shoprank.ranker.dataset import rank_inputs
-from shoprank.ranker.features import COLUMN
+from shoprank.ranker.dataset import retrieve
+from shoprank.ranker.features import COLUMN, Candidates, History, ProductStats, compute_features
 from shoprank.ranker.train import predict
 
 Strategy = Literal["ranker", "retrieval"]
-EXPLAINED = ("cosine", "bm25", "popularity", "ctr", "category_affinity", "brand_affinity")
+EXPLAINED = ("cosine", "bm25", "popularity", "ctr", "category_affinity", "brand_affinity", "price_vs_user")
 """Per-item scores returned with every answer, beside the score that ordered it."""
+LiveEvent = tuple[str, str, float]
+"""(product_id, event_type, ts_s): an event received after the run's data."""
 
 
 @dataclass
@@ -37,15 +44,84 @@ class Ranked:
     scores: dict[str, float]
 
 
-class VariantPipeline:
-    """Search and recommend for one variant (see the module docstring)."""
+@dataclass
+class Retrieved:
+    """What retrieval hands to ranking for one request."""
 
-    def __init__(self, context: RankingContext, strategy: Strategy, booster: xgboost.Booster | None = None) -> None:
+    candidates: Candidates
+    history: History
+    now_s: float
+    is_search: bool
+
+
+class Retrieval:
+    """Candidates of a search or a recommendation, with the user's history as of the request."""
+
+    def __init__(self, context: RankingContext) -> None:
+        self.context = context
+
+    def history(self, user_id: str | None, live: list[LiveEvent], now_s: float) -> History:
+        """The run's events of ``user_id`` before ``now_s``, then the ``live`` ones (all already received)."""
+        limit = self.context.config.ranker.history_events
+        past = self.context.events.history(user_id, now_s, limit)
+        row_of = self.context.catalogue.stats.row_of
+        known = [(row_of[p], t, ts) for p, t, ts in live if p in row_of]
+        if not known:
+            return past
+        rows, types, ts = zip(*known)
+        return past.followed_by(History(np.array(rows, np.int64), list(types), np.array(ts, np.float64)), limit)
+
+    def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None, query_vector: np.ndarray | None,
+                 now_s: float) -> Retrieved:
+        history = self.history(user_id, live, now_s)
+        return Retrieved(retrieve(self.context, history, query, query_vector, now_s), history, now_s, query is not None)
+
+
+class Ranking:
+    """Features and order of retrieved candidates, by the ranker or the retrieval baseline."""
+
+    def __init__(self, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
+                 popularity_weight: float = 0.02) -> None:
         if strategy == "ranker" and booster is None:
             raise ValueError("the ranker strategy needs a booster")
-        self.context = context
+        self.stats = stats
         self.strategy = strategy
         self.booster = booster
+        self.popularity_weight = popularity_weight
+
+    def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
+        """Each request's top ``k``; the ranker scores all requests' candidates in one call."""
+        features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
+        stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
+        if self.strategy == "ranker" and len(stacked):
+            scores = predict(self.booster, stacked)
+        else:
+            scores = (stacked[:, COLUMN["cosine"]] + 0.01 * stacked[:, COLUMN["bm25"]]
+                      + self.popularity_weight * stacked[:, COLUMN["popularity"]])
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        return [self._top(r.candidates, f, scores[a:b], k)
+                for r, f, a, b, k in zip(requests, features, bounds[:-1], bounds[1:], ks)]
+
+    def _top(self, candidates: Candidates, features: np.ndarray, scores: np.ndarray, k: int) -> list[Ranked]:
+        order = np.lexsort((-features[:, COLUMN["popularity"]], -scores))[:k]
+        ids = self.stats.product_ids
+        return [Ranked(ids[candidates.rows[i]], float(scores[i]),
+                       {name: float(features[i, COLUMN[name]]) for name in EXPLAINED}) for i in order]
+
+
+@dataclass
+class VariantPipeline:
+    """Search and recommend for one variant in one process (see the module docstring)."""
+
+    context: RankingContext
+    strategy: Strategy
+    booster: xgboost.Booster | None = None
+    popularity_weight: float = 0.02
+    live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
+
+    def __post_init__(self) -> None:
+        self.retrieval = Retrieval(self.context)
+        self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight)
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         vector = self.context.encode_queries([query])[0]
@@ -55,26 +131,13 @@ class VariantPipeline:
         return self._answer(user_id, None, None, k, now_s)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:
-        """Add a live event to the user's history (events of one user arrive in time order)."""
-        row = self.context.catalogue.stats.row_of[product_id]
-        self.context.events.append(user_id, row, event_type, ts_s)
+        """Record a live event: the next answer for ``user_id`` sees it."""
+        self.live[user_id].append((product_id, event_type, ts_s))
 
     def _answer(self, user_id: str | None, query: str | None, vector: np.ndarray | None, k: int,
                 now_s: float) -> list[Ranked]:
-        inputs = rank_inputs(self.context, user_id, query, vector, now_s)
-        features = inputs.features
-        if self.strategy == "ranker":
-            scores = predict(self.booster, features)
-        else:
-            scores = features[:, COLUMN["cosine"]] + 0.01 * features[:, COLUMN["bm25"]]
-        tie_break = features[:, COLUMN["popularity"]]
-        order = np.lexsort((-tie_break, -scores))[:k]
-        ids = self.context.catalogue.stats.product_ids
-        return [
-            Ranked(ids[inputs.candidates.rows[i]], float(scores[i]),
-                   {name: float(features[i, COLUMN[name]]) for name in EXPLAINED})
-            for i in order
-        ]
+        retrieved = self.retrieval.retrieve(user_id, self.live.get(user_id, []) if user_id else [], query, vector, now_s)
+        return self.ranking.rank_many([retrieved], [k])[0]
 
 
 def describe(ranked: list[Ranked]) -> list[dict[str, Any]]:

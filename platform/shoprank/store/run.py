@@ -77,6 +77,12 @@ class Run:
         self.base = f"{base}/{name}"
 
     @classmethod
+    def from_uri(cls, uri: str) -> "Run":
+        """The run at ``uri`` (as :meth:`uri` wrote it, e.g. in the registry)."""
+        root, _, name = uri.rstrip("/").rpartition("/")
+        return cls(root or ".", name)
+
+    @classmethod
     def for_config(cls, config: Config) -> "Run":
         """The run that ``config`` names (``run.root`` / ``run.name``)."""
         return cls(config.run.root, config.run.name)

@@ -1,0 +1,186 @@
+"""Serve under load: ``/search`` and ``/recommend`` over HTTP at concurrency 1, 8 and 32, against
+the same pipeline called in process; and durable ``/events`` throughput.
+
+The app is deployed on a fresh local cluster on the run's registry variants (``A`` and
+``B``; registered from the run when missing), with its event store in a temporary
+folder. A separate process (the load driver, asyncio + httpx) keeps ``c`` requests
+in flight for ``--duration`` seconds per level and records each latency; requests
+name variant B (forced), the fine-tuned encoder with the XGBoost ranker, so every
+level measures the same path.
+
+In process, without Serve: :class:`shoprank.serving.pipeline.VariantPipeline` of
+variant B, one request at a time (batch size 1), and batched (``--batch`` queries
+encoded together, their candidates scored in one ``predict``). The ratio is Serve's
+best requests/s over the in-process batch-size-1 requests/s.
+
+``/events``: concurrency 8, one event per request, each on disk (SQLite,
+``synchronous=FULL``) before its 200.
+
+    python benchmarks/serve_load.py --config demo
+    python benchmarks/serve_load.py --config demo --duration 10 --levels 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import common  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from shoprank.config import load_config  # noqa: E402
+from shoprank.data.io import read_table  # noqa: E402
+from shoprank.ranker.context import load_context  # noqa: E402
+from shoprank.ranker.train import load_ranker  # noqa: E402
+from shoprank.serving.app import AppArgs, deploy  # noqa: E402
+from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
+from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
+from shoprank.store.registry import Registry  # noqa: E402
+from shoprank.store.run import Run  # noqa: E402
+
+
+def percentiles(latencies_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(latencies_s) * 1000.0
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)} if len(ms) else {}
+
+
+async def _drive(url: str, path: str, bodies: list[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+        async def worker(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < deadline:
+                body = bodies[i % len(bodies)]
+                body = [{**body[0], "event_id": uuid.uuid4().hex}] if isinstance(body, list) else body
+                start = time.perf_counter()
+                answer = await client.post(path, json=body)
+                if answer.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+                i += concurrency
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed, **percentiles(latencies)}
+
+
+def drive(url: str, path: str, bodies: list[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
+    """Runs in the load-driver process."""
+    return asyncio.run(_drive(url, path, bodies, concurrency, duration_s))
+
+
+def in_process(pipeline: VariantPipeline, queries: list[str], users: list[str], n: int, batch: int,
+               now_s: float) -> dict[str, dict[str, float]]:
+    """Requests/s and latency of the pipeline without Serve: one at a time, then batched."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in ("search", "recommend"):
+        latencies = []
+        for i in range(n):
+            start = time.perf_counter()
+            if kind == "search":
+                pipeline.search(queries[i % len(queries)], None, 10, now_s)
+            else:
+                pipeline.recommend(users[i % len(users)], 10, now_s)
+            latencies.append(time.perf_counter() - start)
+        out[f"{kind}/batch1"] = {"rps": n / sum(latencies), **percentiles(latencies)}
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+            chunk = range(first, min(first + batch, n))
+            if kind == "search":
+                texts = [queries[i % len(queries)] for i in chunk]
+                vectors = pipeline.context.encode_queries(texts)
+                retrieved = [pipeline.retrieval.retrieve(None, [], q, v, now_s) for q, v in zip(texts, vectors)]
+            else:
+                retrieved = [pipeline.retrieval.retrieve(users[i % len(users)], [], None, None, now_s) for i in chunk]
+            pipeline.ranking.rank_many(retrieved, [10] * len(retrieved))
+        out[f"{kind}/batched"] = {"rps": n / (time.perf_counter() - start)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per endpoint and concurrency")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--in-process-requests", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    common.setup_logging()
+    config = load_config(args.config, args.set)
+    run = Run.for_config(config)
+    if not {"A", "B"} <= Registry(config.run.root).aliases().keys():
+        register_variants(config, run)
+    queries = sorted(set(read_table(run, "data", "query_pairs", columns=["query"]).column("query").to_pylist()))[:500]
+    users = sorted(set(read_table(run, "data", "events", columns=["user_id"]).column("user_id").to_pylist()))[:500]
+    machine = common.machine()
+    with tempfile.TemporaryDirectory() as scratch, common.watched_ray(machine) as watcher:
+        port = 8123
+        overrides = [*args.set, f"run.root={Path(config.run.root).resolve()}", f"serve.port={port}",
+                     f"serve.event_db={scratch}/events.sqlite"]
+        url = deploy(AppArgs(config=args.config, overrides=overrides))
+        bodies = {"/search": [{"query": q, "k": 10, "variant": "B"} for q in queries],
+                  "/recommend": [{"user_id": u, "k": 10, "variant": "B"} for u in users]}
+        products = read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist()[:200]
+        events = [[{"user_id": users[i % len(users)], "product_id": p, "event_type": "click"}]
+                  for i, p in enumerate(products)]
+        served: dict[str, dict[str, Any]] = {}
+        with multiprocessing.get_context("spawn").Pool(1) as driver:
+            driver.apply(drive, (url, "/search", bodies["/search"], 1, 3.0))  # warm-up
+            for path in ("/search", "/recommend"):
+                for level in args.levels:
+                    watcher.set_phase(f"serve {path} c={level}")
+                    served[f"{path} c={level}"] = driver.apply(drive, (url, path, bodies[path], level, args.duration))
+            watcher.set_phase("serve /events c=8")
+            served["/events c=8"] = driver.apply(drive, (url, "/events", events, 8, args.duration))
+        serve.shutdown()
+        watcher.set_phase("in process")
+        spec = resolve_variants(config.model_copy(update={"run": config.run.model_copy(
+            update={"root": str(Path(config.run.root).resolve())})}))["B"]
+        context = load_context(config, Run.from_uri(spec.run))
+        booster = load_ranker(Path(Run.from_uri(spec.ranker_run).path("ranker", "model")))
+        pipeline = VariantPipeline(context, "ranker", booster)
+        now_s = float(context.catalogue.stats.cutoff_s) + 30 * 86_400
+        local = in_process(pipeline, queries, users, args.in_process_requests, args.batch, now_s)
+    rows = []
+    for name, figures in served.items():
+        rows.append(f"{name:<18} {figures['rps']:>8.1f} req/s  p50 {figures.get('p50_ms', 0):7.1f} ms  "
+                    f"p95 {figures.get('p95_ms', 0):7.1f} ms  p99 {figures.get('p99_ms', 0):7.1f} ms  "
+                    f"errors {figures['errors']}")
+    ratios = {}
+    for kind in ("search", "recommend"):
+        best = max(served[f"/{kind} c={level}"]["rps"] for level in args.levels)
+        ratios[kind] = best / local[f"{kind}/batch1"]["rps"]
+        rows.append(f"in process {kind:<9} batch 1 {local[f'{kind}/batch1']['rps']:8.1f} req/s  "
+                    f"p50 {local[f'{kind}/batch1']['p50_ms']:7.1f} ms; batched ({args.batch}) "
+                    f"{local[f'{kind}/batched']['rps']:8.1f} req/s; Serve best / in-process batch 1: {ratios[kind]:.2f}")
+    common.print_title("Serve load: HTTP through Ray Serve against the pipeline in process", machine,
+                       [f"run {run.uri()}, variant B forced, {args.duration:.0f} s per level, load from a separate process"],
+                       100)
+    print("\n".join(rows))
+    print(json.dumps(common.round_floats({"benchmark": "serve_load", "served": served, "in_process": local,
+                                         "ratio_serve_over_in_process": ratios, "machine": machine})))
+
+
+if __name__ == "__main__":
+    main()

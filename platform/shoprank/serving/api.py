@@ -1,0 +1,88 @@
+"""The HTTP contract of the Serve app: request and response models (OpenAPI at ``/openapi.json``).
+
+Validation that needs no state happens here (types, ``k`` in 1..100, a blank query,
+unknown fields); what needs the app's state (the configured query length, the
+variants, the catalogue) is checked by the ingress, which answers with the same
+4xx shape: ``{"detail": [{"loc": [...], "msg": ...}]}``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shoprank.data.schema import EVENT_TYPES
+
+MAX_K = 100
+MAX_EVENTS_PER_REQUEST = 1000
+Identifier = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchRequest(Strict):
+    query: str = Field(description="What the shopper typed (not blank; at most serve.max_query_chars).")
+    user_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    k: int = Field(10, ge=1, le=MAX_K)
+    variant: str | None = Field(None, description="Force a variant (side-by-side views); left out of the A/B report.")
+
+    @field_validator("query")
+    @classmethod
+    def not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is empty or only whitespace")
+        return value.strip()
+
+
+class RecommendRequest(Strict):
+    user_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
+                                description="Omitted or unknown: a cold-start answer (popular and trending).")
+    k: int = Field(10, ge=1, le=MAX_K)
+    variant: str | None = None
+
+
+class EventIn(Strict):
+    user_id: str = Identifier
+    product_id: str = Identifier
+    event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
+    event_id: str | None = Field(None, min_length=1, max_length=128, description="Generated when omitted.")
+    session_id: str | None = Field(None, min_length=1, max_length=128)
+    ts: dt.datetime | None = Field(None, description="The server's clock when omitted.")
+    query: str | None = Field(None, max_length=10_000)
+    position: int | None = Field(None, ge=1, le=10_000)
+    request_id: str | None = Field(None, max_length=128, description="The answer the event reacts to (A/B).")
+    variant: str | None = Field(None, max_length=64)
+
+
+class Item(BaseModel):
+    rank: int
+    product_id: str
+    title: str
+    category: str
+    brand: str
+    price: float
+    score: float = Field(description="The score that ordered the list.")
+    scores: dict[str, float] = Field(description="The features behind it.")
+
+
+class Answer(BaseModel):
+    request_id: str
+    variant: str
+    forced: bool
+    kind: Literal["search", "recommend"]
+    items: list[Item]
+
+
+class EventsAccepted(BaseModel):
+    stored: int
+    event_ids: list[str]
+
+
+def rejected(loc: list[str | int], message: str, status: int = 422) -> HTTPException:
+    """A 4xx in FastAPI's validation shape, naming the field."""
+    return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message}])

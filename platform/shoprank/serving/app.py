@@ -1,0 +1,95 @@
+"""The Serve application: ``build_app(args)`` binds the graph and starts nothing.
+
+    serve run serve/config.yaml                 # or: shoprank serve --config demo
+    serve deploy serve/config.yaml              # on a running cluster
+
+``args`` (:class:`AppArgs`) name a config preset and overrides; the variants come
+from the registry under ``run.root`` (``serve.variants``: name -> alias). Each
+variant's query encoder, retriever and ranker are deployments of their own
+(``QueryEncoder_A``, ...); replicas, autoscaling and CPUs come from ``serve``, and
+the encoders get a GPU when ``ray.use_gpu`` is set.
+
+**Hot reload.** A variant's ranker reaches its deployment through ``user_config``.
+After ``update_ranker`` moves an alias, deploying the app again (``serve deploy``,
+or :func:`deploy`) resolves the registry anew: only ``user_config`` changed, so Serve
+calls ``reconfigure`` on the running replicas, which load the new model between two
+batches; no replica restarts and no request is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from shoprank.config import Config, load_config
+from shoprank.serving.deployments import EventStoreWriter, Ingress, QueryEncoder, Ranker, Retriever, UserState
+from shoprank.serving.variants import event_db_path, resolve_variants
+
+APP_NAME = "shoprank"
+
+
+class AppArgs(BaseModel):
+    """What ``serve run`` / ``serve deploy`` pass to :func:`build_app` (``args:`` in serve/config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str = Field("demo", description="Preset name or YAML path.")
+    overrides: list[str] = Field(default_factory=list, description="``key=value`` overrides, as ``--set``.")
+
+
+def _scaling(config: Config) -> dict[str, Any]:
+    serve_config = config.serve
+    if serve_config.max_replicas > serve_config.replicas:
+        return {"autoscaling_config": {"min_replicas": serve_config.replicas, "max_replicas": serve_config.max_replicas,
+                                       "target_ongoing_requests": 2}}
+    return {"num_replicas": serve_config.replicas}
+
+
+def build_app(args: AppArgs | dict[str, Any]) -> Application:
+    """The application for ``args`` (nothing starts until ``serve.run`` / ``serve deploy``)."""
+    args = AppArgs.model_validate(args) if isinstance(args, dict) else args
+    config = load_config(args.config, args.overrides)
+    settings = config.serve
+    dumped = config.model_dump(mode="json")
+    specs = resolve_variants(config)
+    cpu = {"num_cpus": settings.cpus_per_replica}
+    encoder_gpu = {"num_gpus": 1} if config.ray.use_gpu else {}
+    variants = {}
+    for name, spec in specs.items():
+        variants[name] = {
+            "encoder": QueryEncoder.options(
+                name=f"QueryEncoder_{name}", ray_actor_options={**cpu, **encoder_gpu},
+                max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(config),
+                user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
+            ).bind(dumped, spec.run, spec.encoder),
+            "retriever": Retriever.options(
+                name=f"Retriever_{name}", ray_actor_options=cpu, max_ongoing_requests=8, **_scaling(config),
+            ).bind(dumped, spec.run, spec.encoder),
+            "ranker": Ranker.options(
+                name=f"Ranker_{name}", ray_actor_options=cpu, max_ongoing_requests=2 * settings.ranker_batch_size,
+                **_scaling(config),
+                user_config={"strategy": spec.strategy, "ranker_run": spec.ranker_run,
+                              "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
+            ).bind(dumped, spec.run),
+        }
+    db = str(event_db_path(config).resolve())
+    store = EventStoreWriter.options(
+        ray_actor_options=cpu, max_ongoing_requests=4 * settings.event_batch_size,
+        user_config={"batch_size": settings.event_batch_size},
+    ).bind(db)
+    user_state = UserState.options(ray_actor_options=cpu, max_ongoing_requests=256).bind(db)
+    return Ingress.options(
+        ray_actor_options=cpu, max_ongoing_requests=256, **_scaling(config),
+        user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
+    ).bind(dumped, variants, user_state, store)
+
+
+def deploy(args: AppArgs, *, blocking: bool = False) -> str:
+    """Start Serve on the connected cluster (host and port from config) and run the app; its URL."""
+    config = load_config(args.config, args.overrides)
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return f"http://{config.serve.host}:{config.serve.port}"

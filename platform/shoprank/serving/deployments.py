@@ -1,0 +1,358 @@
+"""Ray Serve deployments: the chained graph behind the HTTP API.
+
+Per variant (``QueryEncoder_A``, ``Retriever_A``, ``Ranker_A``, and the same for B):
+
+* :class:`QueryEncoder` embeds queries, batched with ``@serve.batch``;
+* :class:`Retriever` holds the variant's run: catalogue, FAISS index, BM25, event log;
+* :class:`Ranker` computes features and scores, batched, one ``predict`` per batch; its
+  model comes through ``user_config``, so moving a registry alias and redeploying
+  reloads it in place (``reconfigure``), without restarting a replica.
+
+Shared by both variants:
+
+* :class:`EventStoreWriter` owns the SQLite event store; concurrent ``/events``
+  requests are written in one transaction (``@serve.batch``), falling back to one
+  transaction per request when a batch fails, so each request stays all or nothing;
+* :class:`UserState` keeps every user's live events (rebuilt from the store when a
+  replica starts, so a restart loses nothing accepted);
+* :class:`Ingress` (FastAPI) validates, routes to a variant (salted hash or forced),
+  chains encoder -> retriever -> ranker, logs impressions and answers.
+
+Nothing here runs at import; :func:`shoprank.serving.app.build_app` binds the graph.
+This module has no ``from __future__ import annotations``: FastAPI reads the ingress
+routes' signatures at runtime and would take string annotations for query parameters.
+"""
+
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.errors import DataError
+from shoprank.experiment.assignment import assign
+from shoprank.experiment.report import ab_report
+from shoprank.ranker.context import load_context, load_product_stats
+from shoprank.ranker.features import epoch_seconds
+from shoprank.ranker.train import load_ranker
+from shoprank.serving.api import (
+    MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, rejected,
+)
+from shoprank.serving.pipeline import LiveEvent, Ranked, Ranking, Retrieval, Retrieved
+from shoprank.serving.variants import EncoderKind, VariantSpec
+from shoprank.store.events import Impression, SqliteEventStore
+from shoprank.store.run import Run
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class QueryEncoder:
+    """A variant's query encoder: the run's fine-tuned model, or the pretrained one (zero-shot)."""
+
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
+        import torch
+
+        from shoprank.encoder.model import load_encoder, load_encoder_from_config
+
+        self.config = Config.model_validate(config)
+        if encoder == "zero_shot":
+            self.encoder, self.tokenizer = load_encoder_from_config(self.config.encoder)
+        else:
+            self.encoder, self.tokenizer = load_encoder(Path(Run.from_uri(run_uri).path("encoder", "model")))
+        self.device = "cuda" if self.config.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoder.to(self.device)
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        self.encode.set_max_batch_size(settings["batch_size"])
+        self.encode.set_batch_wait_timeout_s(settings["batch_wait_s"])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, queries: list[str]) -> list[np.ndarray]:
+        from shoprank.encoder.model import QUERY_MAX_LENGTH, encode
+
+        vectors = encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH, device=self.device)
+        return list(vectors)
+
+
+@serve.deployment
+class Retriever:
+    """A variant's candidates: its run's catalogue, index, BM25 and event log."""
+
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
+        context = load_context(Config.model_validate(config), Run.from_uri(run_uri), zero_shot=encoder == "zero_shot")
+        self.retrieval = Retrieval(context)
+
+    async def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None,
+                       query_vector: np.ndarray | None, now_s: float) -> Retrieved:
+        return self.retrieval.retrieve(user_id, live, query, query_vector, now_s)
+
+
+@serve.deployment
+class Ranker:
+    """A variant's ranking; the model (``user_config``) reloads in place when the registry moves."""
+
+    def __init__(self, config: dict[str, Any], run_uri: str) -> None:
+        self.config = Config.model_validate(config)
+        self.stats = load_product_stats(self.config, Run.from_uri(run_uri))
+        self.ranking: Ranking | None = None
+        self.model: dict[str, Any] = {}
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """Load the ranker named by ``settings`` (a new one replaces the old between two batches)."""
+        strategy, ranker_run = settings["strategy"], settings["ranker_run"]
+        booster = load_ranker(Path(Run.from_uri(ranker_run).path("ranker", "model"))) if strategy == "ranker" else None
+        self.ranking = Ranking(self.stats, strategy, booster, self.config.serve.baseline_popularity_weight)
+        self.model = {"strategy": strategy, "ranker_run": ranker_run,
+                      "trees": booster.num_boosted_rounds() if booster is not None else 0}
+        self.rank.set_max_batch_size(settings["batch_size"])
+        self.rank.set_batch_wait_timeout_s(settings["batch_wait_s"])
+        log.info("ranker loaded: %s", self.model)
+
+    def describe(self) -> dict[str, Any]:
+        return self.model
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def rank(self, requests: list[tuple[Retrieved, int]]) -> list[list[Ranked]]:
+        assert self.ranking is not None, "reconfigure runs before the first request"
+        return self.ranking.rank_many([r for r, _ in requests], [k for _, k in requests])
+
+
+@serve.deployment
+class EventStoreWriter:
+    """The one owner of the SQLite event store; concurrent writes share a transaction."""
+
+    def __init__(self, path: str) -> None:
+        self.store = SqliteEventStore(path)
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        self.append.set_max_batch_size(settings["batch_size"])
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def append(self, batches: list[list[dict]]) -> list[int | str]:
+        """Per request: how many were stored, or why none were (each request all or nothing)."""
+        return await asyncio.to_thread(self._append, batches)
+
+    def _append(self, batches: list[list[dict]]) -> list[int | str]:
+        if len(batches) > 1:
+            try:
+                self.store.append([event for batch in batches for event in batch])
+                return [len(batch) for batch in batches]
+            except DataError:
+                pass  # one request's events are at fault: store each request alone
+        results: list[int | str] = []
+        for batch in batches:
+            try:
+                results.append(self.store.append(batch))
+            except DataError as exc:
+                results.append(str(exc))
+        return results
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def log_impressions(self, answers: list[list[Impression]]) -> list[None]:
+        await asyncio.to_thread(self.store.log_impressions, [i for answer in answers for i in answer])
+        return [None] * len(answers)
+
+    async def report(self, split: dict[str, float]) -> dict[str, Any]:
+        return await asyncio.to_thread(ab_report, self.store, split)
+
+    async def export(self, path: str) -> int:
+        return await asyncio.to_thread(self.store.export_parquet, path)
+
+    async def counts(self) -> dict[str, int]:
+        events = await asyncio.to_thread(self.store.events)
+        return {"events": events.num_rows, "impressions": len(self.store.impressions())}
+
+
+@serve.deployment
+class UserState:
+    """Every user's events received live, in arrival order; rebuilt from the store on start."""
+
+    def __init__(self, path: str) -> None:
+        store = SqliteEventStore(path)
+        stored = store.events()
+        store.close()
+        self.live: dict[str, list[LiveEvent]] = defaultdict(list)
+        for user, product, kind, ts in zip(stored.column("user_id").to_pylist(), stored.column("product_id").to_pylist(),
+                                           stored.column("event_type").to_pylist(), epoch_seconds(stored.column("ts"))):
+            self.live[user].append((product, kind, float(ts)))
+        self.rebuilt_from = stored.num_rows
+
+    def observe(self, events: list[tuple[str, str, str, float]]) -> None:
+        for user, product, kind, ts in events:
+            self.live[user].append((product, kind, ts))
+
+    def events_of(self, user_id: str | None) -> list[LiveEvent]:
+        return list(self.live.get(user_id, ())) if user_id else []
+
+    def summary(self) -> dict[str, int]:
+        return {"users": len(self.live), "events": sum(map(len, self.live.values())), "rebuilt_from": self.rebuilt_from}
+
+
+def user_summaries(run: Run, products: dict[str, dict[str, Any]], recent: int = 20) -> list[dict[str, str]]:
+    """Users by activity, each with "N events; mostly <category>; last: <event> <title>"."""
+    events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts"]).to_pandas()
+    events = events.sort_values(["user_id", "ts"], kind="stable")
+    out = []
+    for user, rows in sorted(events.groupby("user_id"), key=lambda kv: -len(kv[1])):
+        tail = rows.tail(recent)
+        categories = [products[p]["category"] for p in tail["product_id"] if p in products]
+        favourite = max(set(categories), key=categories.count) if categories else "-"
+        engaged = rows[rows["event_type"] != "view"].tail(1)
+        last = (f"; last: {engaged['event_type'].iat[0]} {products[engaged['product_id'].iat[0]]['title']}"
+                if len(engaged) and engaged["product_id"].iat[0] in products else "")
+        out.append({"user_id": user, "summary": f"{len(rows)} events; mostly {favourite}{last}"})
+    return out
+
+
+api = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop.")
+
+
+@api.exception_handler(Exception)
+async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """A failure inside the app (a replica restarting, a bug): 503 with a message, never a stack trace."""
+    log.exception("request failed")
+    return JSONResponse(status_code=503, content={"detail": f"the service could not answer: {type(exc).__name__}; "
+                                                            "retry shortly"})
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """The HTTP API (see :mod:`shoprank.serving.api` and DESIGN.md)."""
+
+    def __init__(self, config: dict[str, Any], variants: dict[str, dict[str, DeploymentHandle]],
+                 user_state: DeploymentHandle, store: DeploymentHandle) -> None:
+        self.config = Config.model_validate(config)
+        self.handles = variants
+        self.user_state = user_state
+        self.store = store
+        self.specs: dict[str, VariantSpec] = {}
+        self.products: dict[str, dict[str, Any]] = {}
+        self.clock_offset_s = 0.0
+        self.users: list[dict[str, str]] = []
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """The variants (from the registry, at deploy time): their products and the serving clock."""
+        self.specs = {name: VariantSpec.model_validate(spec) for name, spec in settings["variants"].items()}
+        last_event_s = 0.0
+        for run_uri in sorted({spec.run for spec in self.specs.values()}):
+            run = Run.from_uri(run_uri)
+            products = read_table(run, "data", "products", columns=["product_id", "title", "category", "brand", "price"])
+            for row in products.to_pylist():
+                self.products[row["product_id"]] = row
+            ts = epoch_seconds(read_table(run, "data", "events", columns=["ts"]).column("ts"))
+            last_event_s = max(last_event_s, float(ts.max()) if len(ts) else 0.0)
+        self.users = user_summaries(Run.from_uri(self.specs[sorted(self.specs)[-1]].run), self.products)
+        if self.config.serve.clock == "data" and last_event_s:
+            self.clock_offset_s = time.time() - (last_event_s + 60.0)
+
+    def now_s(self) -> float:
+        return time.time() - self.clock_offset_s
+
+    # ------------------------------------------------------------------ answers
+
+    def _variant(self, forced: str | None, user_id: str | None, request_id: str) -> str:
+        if forced is not None:
+            if forced not in self.specs:
+                raise rejected(["variant"], f"unknown variant {forced!r}; known: {', '.join(sorted(self.specs))}")
+            return forced
+        return assign(user_id or request_id, self.config.serve.experiment, self.config.serve.split)
+
+    async def _answer(self, kind: str, user_id: str | None, query: str | None, k: int, forced: str | None) -> Answer:
+        request_id = uuid.uuid4().hex
+        variant = self._variant(forced, user_id, request_id)
+        handles = self.handles[variant]
+        now = self.now_s()
+        live_response = self.user_state.events_of.remote(user_id)
+        vector = await handles["encoder"].encode.remote(query) if query is not None else None
+        retrieved = await handles["retriever"].retrieve.remote(user_id, await live_response, query, vector, now)
+        ranked: list[Ranked] = await handles["ranker"].rank.remote((retrieved, k))
+        shown_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        await self.store.log_impressions.remote([
+            Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
+            for i, r in enumerate(ranked)
+        ])
+        items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "scores": r.scores}
+                 for i, r in enumerate(ranked)]
+        return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items)
+
+    @api.post("/search", response_model=Answer)
+    async def search(self, body: SearchRequest) -> Answer:
+        if len(body.query) > self.config.serve.max_query_chars:
+            raise rejected(["query"], f"query is {len(body.query)} characters; at most "
+                                      f"{self.config.serve.max_query_chars} (serve.max_query_chars)")
+        return await self._answer("search", body.user_id, body.query, body.k, body.variant)
+
+    @api.post("/recommend", response_model=Answer)
+    async def recommend(self, body: RecommendRequest) -> Answer:
+        return await self._answer("recommend", body.user_id, None, body.k, body.variant)
+
+    # ------------------------------------------------------------------ events
+
+    @api.post("/events", response_model=EventsAccepted)
+    async def events(self, body: list[EventIn]) -> EventsAccepted:
+        if not body:
+            raise rejected([], "send at least one event")
+        if len(body) > MAX_EVENTS_PER_REQUEST:
+            raise rejected([], f"{len(body)} events in one request; at most {MAX_EVENTS_PER_REQUEST}")
+        now = self.now_s()
+        rows = []
+        for i, event in enumerate(body):
+            if event.product_id not in self.products:
+                raise rejected([i, "product_id"], f"unknown product {event.product_id!r}; nothing of this request "
+                                                  "was stored")
+            if event.variant is not None and event.variant not in self.specs:
+                raise rejected([i, "variant"], f"unknown variant {event.variant!r}; nothing of this request was stored")
+            ts = event.ts or dt.datetime.fromtimestamp(now, dt.timezone.utc)
+            if ts.tzinfo is None:
+                ts = ts.replace(tzinfo=dt.timezone.utc)
+            rows.append({
+                **event.model_dump(), "ts": ts, "event_id": event.event_id or uuid.uuid4().hex,
+                "session_id": event.session_id or f"live-{event.user_id}",
+            })
+        outcome = await self.store.append.remote(rows)
+        if isinstance(outcome, str):
+            raise rejected([], outcome, status=409 if "already stored" in outcome else 422)
+        await self.user_state.observe.remote(
+            [(r["user_id"], r["product_id"], r["event_type"], r["ts"].timestamp()) for r in rows]
+        )
+        return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
+
+    # ------------------------------------------------------------------ state
+
+    @api.get("/ab/report")
+    async def ab_report(self) -> dict[str, Any]:
+        report = await self.store.report.remote(self.config.serve.split)
+        report["experiment"] = self.config.serve.experiment
+        return report
+
+    @api.get("/variants")
+    async def variants(self) -> dict[str, Any]:
+        models = {name: await handles["ranker"].describe.remote() for name, handles in self.handles.items()}
+        return {
+            "experiment": self.config.serve.experiment, "split": self.config.serve.split,
+            "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in self.specs.items()},
+        }
+
+    @api.get("/users")
+    async def users(self, limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, str]]:
+        """The most active known users, each with a one-line summary of their history (for pickers)."""
+        return self.users[:limit]
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "variants": sorted(self.specs), "clock": self.now_s(),
+                "user_state": await self.user_state.summary.remote()}

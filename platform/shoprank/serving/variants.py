@@ -1,0 +1,68 @@
+"""Variants: what the A/B router chooses between, each resolved from a registry alias.
+
+A registry entry (:mod:`shoprank.store.registry`) names a run and, optionally, how to
+serve it: ``encoder`` (``fine_tuned``: the run's encoder and index; ``zero_shot``:
+the pretrained encoder named by the run's config, over the same catalogue) and
+``strategy`` (``ranker``: the run's XGBoost ranker; ``retrieval``: encoder
+similarity and popularity, no trained ranker). An incremental update's run holds
+only a ranker and names its ``base_run``, whose data, encoder and index it serves
+with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from shoprank.config import Config
+from shoprank.serving.pipeline import Strategy
+from shoprank.store.registry import Registry
+from shoprank.store.run import Run
+
+
+EncoderKind = Literal["fine_tuned", "zero_shot"]
+
+
+class VariantSpec(BaseModel):
+    """One variant, resolved: which runs to load and how to rank."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    alias: str
+    run: str
+    """The run whose catalogue, events, encoder and index serve (an update's ``base_run``)."""
+    ranker_run: str
+    """The run whose ``ranker/model`` ranks (the alias's own run)."""
+    encoder: EncoderKind = "fine_tuned"
+    strategy: Strategy = "ranker"
+
+
+def resolve_variants(config: Config) -> dict[str, VariantSpec]:
+    """``serve.variants`` (name -> alias) looked up in the registry under ``run.root``."""
+    registry = Registry(config.run.root)
+    specs = {}
+    for name, alias in config.serve.variants.items():
+        entry = registry.get(alias)
+        specs[name] = VariantSpec(
+            name=name, alias=alias, run=entry.get("base_run") or entry["run"], ranker_run=entry["run"],
+            encoder=entry.get("encoder", "fine_tuned"), strategy=entry.get("strategy", "ranker"),
+        )
+    return specs
+
+
+def register_variants(config: Config, run: Run) -> dict[str, dict]:
+    """The demo's experiment: ``A`` the baseline (zero-shot encoder, no ranker), ``B`` the trained run."""
+    registry = Registry(config.run.root)
+    return {
+        "A": registry.set("A", run.uri(), encoder="zero_shot", strategy="retrieval"),
+        "B": registry.set("B", run.uri(), encoder="fine_tuned", strategy="ranker"),
+    }
+
+
+def event_db_path(config: Config) -> Path:
+    """``serve.event_db``, relative to the run root unless absolute."""
+    path = Path(config.serve.event_db)
+    return path if path.is_absolute() else Path(config.run.root) / path

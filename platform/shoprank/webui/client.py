@@ -1,0 +1,75 @@
+"""A small HTTP client of the Serve app whose errors read well on a page or a terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from shoprank.errors import ShopRankError
+
+
+class ServeError(ShopRankError):
+    """The Serve app could not be reached or refused a request; the message says which and why."""
+
+
+class ServeClient:
+    """``POST /search``, ``/recommend``, ``/events``; ``GET /ab/report``, ``/variants``, ``/healthz``."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            answer = self.http.request(method, path, json=body)
+        except httpx.ConnectError:
+            raise ServeError(f"The Serve app at {self.url} is not reachable. Is it running? "
+                             "(`make demo` deploys it; `shoprank serve` redeploys it.)") from None
+        except httpx.TimeoutException:
+            raise ServeError(f"The Serve app at {self.url} did not answer {path} within {self.timeout_s:.0f} s; "
+                             "it may be starting or overloaded. Try again.") from None
+        except httpx.HTTPError as exc:
+            raise ServeError(f"The request to {self.url}{path} failed: {type(exc).__name__}.") from None
+        if answer.status_code == 404 and "detail" not in answer.text:
+            raise ServeError(f"Nothing is deployed at {self.url}{path}: Serve runs, but not the shoprank app "
+                             "(`shoprank serve` deploys it).")
+        if answer.status_code >= 400:
+            raise ServeError(f"{path}: {answer.status_code} {_reason(answer)}")
+        return answer.json()
+
+    def search(self, query: str, user_id: str | None, k: int, variant: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/search", {"query": query, "user_id": user_id, "k": k, "variant": variant})
+
+    def recommend(self, user_id: str | None, k: int, variant: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/recommend", {"user_id": user_id, "k": k, "variant": variant})
+
+    def events(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._call("POST", "/events", events)
+
+    def users(self, limit: int = 200) -> list[dict[str, str]]:
+        return self._call("GET", f"/users?limit={limit}")
+
+    def report(self) -> dict[str, Any]:
+        return self._call("GET", "/ab/report")
+
+    def variants(self) -> dict[str, Any]:
+        return self._call("GET", "/variants")
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _reason(answer: httpx.Response) -> str:
+    """The ``detail`` of a FastAPI error, as one line."""
+    try:
+        detail = answer.json().get("detail")
+    except ValueError:
+        return answer.text[:200]
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or 'body'}: {d.get('msg')}" for d in detail)
+    return str(detail)

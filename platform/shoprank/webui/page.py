@@ -1,0 +1,243 @@
+"""The Gradio page: variants A and B side by side, clicks as events, the live A/B test.
+
+It talks to the Serve app over HTTP only (:class:`~shoprank.webui.client.ServeClient`).
+
+* **Compare**: a query and/or a user (the shop's users, each with a one-line summary of
+  their history, or "new user"); both variants answer the same request (forced, so
+  the A/B report leaves these answers out). Each card shows rank, title, category,
+  brand, price, score and the features that placed it; its buttons send a click, an
+  add-to-cart or a purchase to ``/events`` and both columns refresh, so the effect
+  of the event on the next answer is visible at once.
+* **A/B test**: ``/ab/report`` refreshed every few seconds: per variant users,
+  impressions, CTR and conversion with 95% intervals, lift of B over A with its
+  p-value, the sample-ratio check, CTR and conversion over time; and a control that
+  sends simulated shoppers through the API (:mod:`shoprank.webui.simulate`).
+
+Serve down, slow or empty answers show as a message on the page; the page keeps
+working and recovers when Serve is back.
+"""
+
+from __future__ import annotations
+
+import html
+import uuid
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from shoprank.data.synthetic import ShopSimulator
+from shoprank.webui.client import ServeClient, ServeError
+from shoprank.webui.simulate import simulate, summary
+
+NEW_USER = "new user"
+ACTIONS = (("click", "Click"), ("add_to_cart", "Add to cart"), ("purchase", "Buy"))
+TOP_FEATURES = 3
+CSS = """
+.card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 10px; }
+.card .title { font-weight: 600; }
+.card .meta, .card .why { font-size: 0.85em; color: #4b5563; }
+.actions button { min-width: 0; }
+"""
+
+
+def card(item: dict[str, Any], variant: str) -> str:
+    """One product card's HTML (escaped)."""
+    reasons = sorted(item["scores"].items(), key=lambda kv: -abs(kv[1]))[:TOP_FEATURES]
+    why = ", ".join(f"{name} {value:.2f}" for name, value in reasons)
+    return (
+        f'<div class="card card-{variant}" data-product="{html.escape(item["product_id"])}">'
+        f'<div class="title">#{item["rank"]} {html.escape(item["title"])}</div>'
+        f'<div class="meta">{html.escape(item["category"])} · {html.escape(item["brand"])} · '
+        f'${item["price"]:.2f} · score {item["score"]:.3f}</div>'
+        f'<div class="why">why: {html.escape(why)}</div></div>'
+    )
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A figure, or a dash while there is no data for it."""
+    return "–" if value is None else format(value, spec)
+
+
+def _interval(figure: dict[str, Any], spec: str = ".4f") -> str:
+    return f"{_num(figure['rate'], spec)} [{_num(figure['low'], spec)}, {_num(figure['high'], spec)}]"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The A/B figures as Markdown tables."""
+    lines = ["| variant | users | impressions | clicks | add to cart | purchases | CTR [95% CI] | conversion [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in report["variants"].items():
+        lines.append(f"| {name} | {row['users']} | {row['impressions']} | {row['clicks']} | {row['add_to_carts']} | "
+                     f"{row['purchases']} | {_interval(row['ctr'])} | {_interval(row['conversion'])} |")
+    for metric, lift in report.get("lift", {}).items():
+        lines.append("")
+        lines.append(f"**B vs A, {metric}:** lift {_num(lift['lift'], '+.1%')} "
+                     f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
+                     f"p = {_num(lift['p_value'], '.3g')}")
+    ratio = report.get("sample_ratio")
+    if ratio:
+        verdict = "**mismatch**: check the assignment" if ratio.get("mismatch") else "as configured"
+        lines += ["", f"**Sample ratio:** p = {_num(ratio.get('p_value'), '.3f')} ({verdict})"]
+    forced = report.get("side_by_side") or {}
+    if forced:
+        lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(
+            f"{v}: {r['impressions']} shown, {r['clicks']} clicks, {r['add_to_carts']} carts, {r['purchases']} purchases"
+            for v, r in forced.items())]
+    return "\n".join(lines)
+
+
+def timeline_frame(report: dict[str, Any]) -> pd.DataFrame:
+    frame = pd.DataFrame(report.get("timeline") or [], columns=["ts", "variant", "impressions", "ctr", "conversion"])
+    frame["time"] = pd.to_datetime(frame["ts"], unit="s")
+    return frame
+
+
+def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float = 30.0) -> gr.Blocks:
+    """The page for the Serve app at ``serve_url``; ``simulator_factory()`` builds the shop for simulations."""
+    client = ServeClient(serve_url, timeout_s=timeout_s)
+
+    def user_choices() -> tuple[list[str], str]:
+        try:
+            users = client.users()
+        except ServeError as exc:
+            return [NEW_USER], f"⚠️ {exc}"
+        return [NEW_USER] + [f"{u['user_id']} · {u['summary']}" for u in users], ""
+
+    def user_of(choice: str | None, anonymous: str) -> str:
+        return anonymous if not choice or choice == NEW_USER else choice.split(" · ", 1)[0]
+
+    def ask(query: str, choice: str | None, k: int, anonymous: str, last: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Both variants' answers to the same request (or the last one again when ``query`` is None)."""
+        user = user_of(choice, anonymous)
+        query = (query or "").strip()
+        answers: dict[str, Any] = {"query": query, "user": user, "kind": "search" if query else "recommend"}
+        problems = []
+        for variant in ("A", "B"):
+            try:
+                answer = (client.search(query, user, int(k), variant) if query
+                          else client.recommend(user, int(k), variant))
+                answers[variant] = answer
+                if not answer["items"]:
+                    problems.append(f"Variant {variant} found nothing for this request.")
+            except ServeError as exc:
+                answers[variant] = None
+                problems.append(str(exc))
+        status = "⚠️ " + " ".join(dict.fromkeys(problems)) if problems else (
+            f"{'Search' if query else 'Recommendations'} for {user}: both variants answered.")
+        return answers, status
+
+    def act(last: dict[str, Any], variant: str, item: dict[str, Any], kind: str, k: int) -> tuple[dict[str, Any], str]:
+        answer = last.get(variant) or {}
+        event = {"user_id": last["user"], "product_id": item["product_id"], "event_type": kind,
+                 "request_id": answer.get("request_id"), "variant": variant, "position": item["rank"],
+                 "query": last.get("query") or None}
+        try:
+            client.events([event])
+        except ServeError as exc:
+            return last, f"⚠️ {exc}"
+        refreshed, status = ask(last.get("query", ""), last["user"], k, last["user"], last)
+        refreshed["user"] = last["user"]
+        verb = dict(ACTIONS)[kind].lower()
+        return refreshed, f"Sent: {last['user']} {verb} “{item['title']}” (variant {variant}). {status}"
+
+    def refresh_report() -> tuple[str, pd.DataFrame, pd.DataFrame]:
+        try:
+            report = client.report()
+        except ServeError as exc:
+            empty = timeline_frame({})
+            return f"⚠️ {exc}", empty, empty
+        frame = timeline_frame(report)
+        return report_markdown(report), frame, frame
+
+    def run_simulation(users: float, progress: gr.Progress = gr.Progress()) -> str:
+        if simulator_factory is None:
+            return "⚠️ Simulation needs the simulated shop (start the page with `shoprank ui`)."
+        progress(0.0, desc="building the simulated shop")
+        simulator = simulator_factory()
+        traffic = simulate(serve_url, simulator, int(users),
+                           progress=lambda done, total: progress(done / total, desc=f"{done}/{total} shoppers"))
+        note = f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events sent."
+        if traffic.errors:
+            note += f" ⚠️ {len(traffic.errors)} shoppers failed: {traffic.errors[0]}"
+        try:
+            return note + "\n\n```\n" + summary(client.report()) + "\n```"
+        except ServeError as exc:
+            return note + f"\n\n⚠️ {exc}"
+
+    with gr.Blocks(title="shoprank: A/B") as page:
+        anonymous = gr.State(lambda: f"web-{uuid.uuid4().hex[:8]}")
+        last = gr.State({})
+        gr.Markdown(f"## shoprank: variant A vs variant B\nServe app: `{serve_url}`")
+        status = gr.Markdown(elem_id="status")
+        with gr.Tab("Compare", id="compare"):
+            with gr.Row():
+                query = gr.Textbox(label="Search", placeholder="e.g. black skillet (empty: recommendations)",
+                                   scale=3, elem_id="query")
+                user = gr.Dropdown(label="Shopper", choices=[NEW_USER], value=NEW_USER, scale=3, elem_id="user",
+                                   allow_custom_value=False)
+                k = gr.Slider(1, 20, value=5, step=1, label="Results", scale=1)
+            with gr.Row():
+                search_button = gr.Button("Search / recommend", variant="primary", elem_id="ask")
+                reload_users = gr.Button("Reload shoppers", size="sm")
+
+            @gr.render(inputs=[last, k])
+            def columns(answers: dict[str, Any], k_value: int) -> None:
+                with gr.Row(equal_height=False):
+                    for variant in ("A", "B"):
+                        with gr.Column(elem_classes=[f"column-{variant}"]):
+                            gr.Markdown(f"### Variant {variant}")
+                            answer = answers.get(variant)
+                            if not answers:
+                                gr.Markdown("Type a query or pick a shopper, then press the button.")
+                                continue
+                            if answer is None:
+                                gr.Markdown("No answer from this variant (see the message above).")
+                                continue
+                            if not answer["items"]:
+                                gr.Markdown("Nothing found.")
+                            for item in answer["items"]:
+                                with gr.Group():
+                                    gr.HTML(card(item, variant))
+                                    with gr.Row(elem_classes=["actions"]):
+                                        for kind, label in ACTIONS:
+                                            button = gr.Button(label, size="sm", elem_classes=[f"{kind}-{variant}"])
+                                            button.click(
+                                                lambda state, kv, v=variant, i=item, e=kind: act(state, v, i, e, kv),
+                                                inputs=[last, k], outputs=[last, status],
+                                            )
+
+        with gr.Tab("A/B test", id="ab"):
+            with gr.Row():
+                shoppers = gr.Number(value=200, precision=0, minimum=1, maximum=100_000, label="Simulated shoppers")
+                simulate_button = gr.Button("Send simulated shoppers", elem_id="simulate")
+            simulation = gr.Markdown()
+            figures = gr.Markdown("Loading the A/B report...", elem_id="ab-figures")
+            with gr.Row():
+                ctr_plot = gr.LinePlot(x="time", y="ctr", color="variant", title="CTR over time (cumulative)",
+                                       height=260)
+                conversion_plot = gr.LinePlot(x="time", y="conversion", color="variant",
+                                              title="Conversion over time (cumulative)", height=260)
+            timer = gr.Timer(3.0)
+
+        def load_users() -> tuple[gr.Dropdown, str]:
+            choices, problem = user_choices()
+            return gr.Dropdown(choices=choices, value=NEW_USER), problem
+
+        page.load(load_users, outputs=[user, status])
+        reload_users.click(load_users, outputs=[user, status])
+        search_button.click(ask, inputs=[query, user, k, anonymous, last], outputs=[last, status])
+        query.submit(ask, inputs=[query, user, k, anonymous, last], outputs=[last, status])
+        timer.tick(refresh_report, outputs=[figures, ctr_plot, conversion_plot])
+        page.load(refresh_report, outputs=[figures, ctr_plot, conversion_plot])
+        simulate_button.click(run_simulation, inputs=[shoppers], outputs=[simulation])
+    return page
+
+
+def launch(serve_url: str, host: str, port: int, simulator_factory: Any = None) -> None:
+    build_page(serve_url, simulator_factory).launch(server_name=host, server_port=port, css=CSS, show_error=False)
+
+
+def shop_simulator(config: Any) -> ShopSimulator:
+    """The simulated shop of ``config`` (its ground truth drives simulated shoppers)."""
+    return ShopSimulator(config.source.synthetic)

@@ -1,0 +1,257 @@
+"""The Serve app on a local Ray cluster, called over HTTP: answers, real time, bad input, A/B,
+hot reload, a killed replica and a restart. Variant A is the tiny run's zero-shot baseline,
+B its fine-tuned encoder with the XGBoost ranker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import xgboost
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
+
+from conftest import App
+from shoprank.data.io import read_table
+from shoprank.ranker.train import load_ranker, save_ranker
+from shoprank.serving.app import APP_NAME, build_app
+from shoprank.store.registry import Registry
+from shoprank.store.run import Run
+
+
+def _busiest_user(app: App) -> str:
+    events = read_table(app.run, "data", "events", columns=["user_id"]).column("user_id").to_pylist()
+    return max(set(events), key=events.count)
+
+
+def test_search_and_recommend_answer_with_variant_request_id_and_scores(app: App) -> None:
+    for path, body in (("/search", {"query": "black skillet", "k": 5}), ("/recommend", {"user_id": "U000001", "k": 7})):
+        answer = app.post(path, body)
+        assert answer.status_code == 200, answer.text
+        payload = answer.json()
+        assert payload["variant"] in {"A", "B"} and len(payload["request_id"]) == 32 and not payload["forced"]
+        assert 1 <= len(payload["items"]) <= body["k"]
+        first = payload["items"][0]
+        assert first["rank"] == 1 and first["product_id"] in app.category_of and {"cosine", "popularity"} <= first["scores"].keys()
+        scores = [item["score"] for item in payload["items"]]
+        assert scores == sorted(scores, reverse=True)
+    for variant in ("A", "B"):
+        forced = app.post("/recommend", {"user_id": "U000001", "k": 5, "variant": variant}).json()
+        assert forced["variant"] == variant and forced["forced"]
+    assert app.post("/recommend", {"k": 5}).status_code == 200  # cold start: no user at all
+    assert app.post("/recommend", {"user_id": "never-seen-before", "k": 5}).status_code == 200
+    variants = app.http.get("/variants").json()
+    assert variants["variants"]["A"]["strategy"] == "retrieval" and variants["variants"]["B"]["model"]["trees"] >= 1
+    assert {"/search", "/recommend", "/events", "/ab/report", "/variants", "/healthz"} <= app.http.get("/openapi.json").json()["paths"].keys()
+
+
+def test_assignment_is_stable_per_user(app: App) -> None:
+    seen = {user: {app.post("/recommend", {"user_id": user, "k": 3}).json()["variant"] for _ in range(3)}
+            for user in (f"U{i:06d}" for i in range(12))}
+    assert all(len(variants) == 1 for variants in seen.values())
+    assert {v for variants in seen.values() for v in variants} == {"A", "B"}
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str) -> None:
+    user = _busiest_user(app)
+    before = app.post("/recommend", {"user_id": user, "k": 20, "variant": variant}).json()["items"]
+    shown = {item["category"] for item in before}
+    counts: dict[str, int] = {}
+    for category in app.category_of.values():
+        counts[category] = counts.get(category, 0) + 1
+    category = next(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if c not in shown)
+    bought = [p for p, c in app.category_of.items() if c == category][:3]
+    events = [{"user_id": user, "product_id": p, "event_type": "purchase", "event_id": f"rt-{variant}-{p}"}
+              for p in bought]
+    assert app.post("/events", events).status_code == 200
+    after = app.post("/recommend", {"user_id": user, "k": 20, "variant": variant}).json()["items"]
+    assert sum(item["category"] == category for item in after) > 0, f"{variant}: the bought category is absent"
+
+
+BAD_REQUESTS = [
+    ("/search", b'{"query": "sofa", "k": ', "json"),
+    ("/search", {"k": 5}, "query"),
+    ("/search", {"query": "sofa", "k": 5, "colour": "red"}, "colour"),
+    ("/search", {"query": "sofa", "k": 0}, "k"),
+    ("/search", {"query": "sofa", "k": 101}, "k"),
+    ("/search", {"query": "   ", "k": 5}, "query"),
+    ("/search", {"query": "x" * 81, "k": 5}, "serve.max_query_chars"),
+    ("/search", {"query": "sofa", "variant": "C"}, "variant"),
+    ("/recommend", {"user_id": "U1", "k": "ten"}, "k"),
+    ("/recommend", {"user_id": "U1", "variant": "Z"}, "variant"),
+    ("/events", [{"user_id": "U1", "product_id": "P-NOPE", "event_type": "click"}], "product_id"),
+    ("/events", [{"user_id": "U1", "product_id": "P000001", "event_type": "like"}], "event_type"),
+    ("/events", [{"user_id": "U1", "event_type": "click"}], "product_id"),
+    ("/events", [], "at least one"),
+    ("/events", {"user_id": "U1"}, "list"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "named"), BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_naming_the_field(app: App, path: str, body: Any, named: str) -> None:
+    if isinstance(body, bytes):
+        answer = app.http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        answer = app.post(path, body)
+    assert 400 <= answer.status_code < 500, answer.text
+    assert named in answer.text
+
+
+def test_a_rejected_batch_of_events_stores_nothing(app: App) -> None:
+    good = {"user_id": "U000002", "product_id": next(iter(app.category_of)), "event_type": "click"}
+    batch = [{**good, "event_id": f"batch-{i}"} for i in range(3)] + [{**good, "product_id": "P-NOPE"}]
+    answer = app.post("/events", batch)
+    assert answer.status_code == 422 and "3" in json.dumps(answer.json()["detail"][0]["loc"])
+    duplicate = [{**good, "event_id": "dup-1"}, {**good, "event_id": "dup-2"}]
+    assert app.post("/events", [duplicate[0]]).status_code == 200
+    assert app.post("/events", duplicate).status_code == 409
+    stored = app.stored_event_ids()
+    assert not any(i.startswith("batch-") for i in stored) and "dup-2" not in stored and "dup-1" in stored
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ["query", "user_id", "k", "variant", "product_id", "event_type", "event_id", "ts", "position", "session_id"]
+FIELD_VALUES = st.one_of(JSON, st.sampled_from(["click", "purchase", "A", "B", "P000001", "U000001", "sofa", ""]),
+                         st.integers(-5, 200), st.text(min_size=0, max_size=300))
+BODIES = st.one_of(JSON, st.dictionaries(st.sampled_from(FIELDS), FIELD_VALUES, max_size=6),
+                   st.lists(st.dictionaries(st.sampled_from(FIELDS), FIELD_VALUES, max_size=6), max_size=3))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/search", "/recommend", "/events"]), body=BODIES)
+def test_no_generated_body_gets_a_5xx(app: App, path: str, body: Any) -> None:
+    answer = app.post(path, body)
+    assert answer.status_code < 500, (path, body, answer.status_code, answer.text)
+
+
+def test_ab_report_counts_assigned_traffic_and_leaves_forced_answers_out(app: App) -> None:
+    report_before = app.http.get("/ab/report").json()
+    users = [f"ab-user-{i}" for i in range(30)]
+    for user in users:
+        answer = app.post("/recommend", {"user_id": user, "k": 5}).json()
+        top = answer["items"][0]
+        assert app.post("/events", [{"user_id": user, "product_id": top["product_id"], "event_type": "click",
+                                     "request_id": answer["request_id"], "variant": answer["variant"],
+                                     "position": 1}]).status_code == 200
+    forced = app.post("/recommend", {"user_id": users[0], "k": 5, "variant": "A"}).json()
+    app.post("/events", [{"user_id": users[0], "product_id": forced["items"][0]["product_id"], "event_type": "click",
+                          "request_id": forced["request_id"]}])
+    report = app.http.get("/ab/report").json()
+    added = {v: report["variants"][v]["clicks"] - report_before["variants"][v]["clicks"] for v in ("A", "B")}
+    assert sum(added.values()) == len(users)  # the forced answer's click is not counted
+    assert {"ctr", "conversion"} <= report["lift"].keys() and 0.0 <= report["lift"]["ctr"]["p_value"] <= 1.0
+    assert "p_value" in report["sample_ratio"] and report["experiment"] == "default"
+    assert report["variants"]["B"]["funnel"]
+
+
+def _flow(app: App, stop: threading.Event, outcomes: list[tuple[str, int]], user: str) -> None:
+    """Events and recommendations in a loop, recording each event id with its status."""
+    product = next(iter(app.category_of))
+    while not stop.is_set():
+        event_id = f"flow-{uuid.uuid4().hex}"
+        try:
+            status = app.post("/events", [{"user_id": user, "product_id": product, "event_type": "view",
+                                           "event_id": event_id}]).status_code
+        except httpx.HTTPError:
+            status = 0
+        outcomes.append((event_id, status))
+        try:
+            outcomes.append(("recommend", app.post("/recommend", {"user_id": user, "k": 5, "variant": "B"}).status_code))
+        except httpx.HTTPError:
+            outcomes.append(("recommend", 0))
+
+
+def _replica(deployment: str) -> ray.actor.ActorHandle:
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{deployment}#")]
+    assert names, f"no replica of {deployment}"
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+
+def _recovered(app: App, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if app.post("/recommend", {"user_id": "U000003", "k": 5, "variant": "B"}).status_code == 200 and \
+                app.post("/events", [{"user_id": "U000003", "product_id": next(iter(app.category_of)),
+                                      "event_type": "view"}]).status_code == 200:
+            return
+        time.sleep(1.0)
+    raise AssertionError("the app did not recover")
+
+
+@pytest.mark.parametrize("deployment", ["EventStoreWriter", "Ranker_B"])
+def test_a_killed_replica_recovers_and_no_accepted_event_is_lost(app: App, deployment: str) -> None:
+    stop, outcomes = threading.Event(), []
+    flow = threading.Thread(target=_flow, args=(app, stop, outcomes, f"kill-{deployment}"))
+    flow.start()
+    time.sleep(2.0)
+    ray.kill(_replica(deployment), no_restart=True)
+    time.sleep(3.0)
+    _recovered(app)
+    time.sleep(1.0)
+    stop.set()
+    flow.join()
+    accepted = {event_id for event_id, status in outcomes if event_id.startswith("flow-") and status == 200}
+    assert accepted, "no event was accepted around the kill"
+    assert accepted <= app.stored_event_ids()
+    assert all(status < 500 or status == 503 for _, status in outcomes)
+    assert outcomes[-1][1] == 200
+
+
+def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(app: App, tmp_path: Path) -> None:
+    run = app.run
+    old = load_ranker(Path(run.path("ranker", "model")))
+    features = np.random.default_rng(0).random((64, old.num_features()), dtype=np.float32)
+    grown = xgboost.train({"objective": "rank:ndcg"}, xgboost.DMatrix(
+        features, label=np.arange(64) % 2, qid=np.repeat(np.arange(8), 8), feature_names=old.feature_names),
+        num_boost_round=3, xgb_model=old)
+    newer = Run(run.root, f"{run.name}-update-test")
+    save_ranker(grown, Path(newer.path("ranker", "model")), {"note": "hot reload test"})
+    before = app.http.get("/variants").json()["variants"]["B"]["model"]
+    stop, outcomes = threading.Event(), []
+    flow = threading.Thread(target=_flow, args=(app, stop, outcomes, "reload-user"))
+    flow.start()
+    try:
+        time.sleep(1.0)
+        Registry(run.root).set("B", newer.uri(), base_run=run.uri(), encoder="fine_tuned", strategy="ranker")
+        serve.run(build_app(app.args), name=APP_NAME, route_prefix="/")
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        flow.join()
+        Registry(run.root).set("B", run.uri(), encoder="fine_tuned", strategy="ranker")
+    after = app.http.get("/variants").json()["variants"]["B"]["model"]
+    assert after["ranker_run"] == newer.uri() and after["trees"] == before["trees"] + 3
+    assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
+
+
+def test_a_restarted_app_keeps_every_accepted_event_and_rebuilds_user_state(app: App) -> None:
+    user = "restart-user"
+    product = next(p for p, c in app.category_of.items())
+    ids = [f"restart-{i}" for i in range(5)]
+    assert app.post("/events", [{"user_id": user, "product_id": product, "event_type": "purchase", "event_id": i}
+                                for i in ids]).status_code == 200
+    stored_before = app.stored_event_ids()
+    serve.delete(APP_NAME)
+    with pytest.raises(httpx.HTTPError):
+        app.http.get("/healthz").raise_for_status()
+    app.deploy()
+    assert stored_before <= app.stored_event_ids()
+    state = app.http.get("/healthz").json()["user_state"]
+    assert state["rebuilt_from"] >= len(stored_before) and state["events"] >= len(stored_before)
+    answer = app.post("/recommend", {"user_id": user, "k": 10, "variant": "B"})
+    assert answer.status_code == 200 and answer.json()["items"]

@@ -1,0 +1,103 @@
+"""The Gradio page in a real browser (Debian's chromium through playwright) against the real
+Serve app; and simulated shoppers through the API."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from ray import serve
+
+from conftest import App, _free_port
+from shoprank.data.io import read_table
+from shoprank.data.synthetic import ShopSimulator
+from shoprank.webui.page import CSS, build_page
+from shoprank.webui.simulate import simulate
+
+CHROMIUM = "/usr/bin/chromium"
+OUTPUT = Path(__file__).resolve().parents[1] / "test-output" / "webui"
+
+
+@pytest.fixture(scope="module")
+def page_url(app: App) -> Iterator[str]:
+    port = _free_port()
+    page = build_page(app.url, lambda: ShopSimulator(app.config.source.synthetic), timeout_s=20.0)
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def tab(browser: Browser, page_url: str) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(page_url)
+    yield page
+    context.close()
+
+
+def _ab_figures(tab: Page) -> str:
+    tab.get_by_role("tab", name="A/B test").click()
+    figures = tab.locator("#ab-figures")
+    expect(figures).to_contain_text("variant", timeout=30_000)
+    return figures.inner_text()
+
+
+def test_side_by_side_buy_in_b_changes_the_ab_counts(app: App, tab: Page) -> None:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    query = read_table(app.run, "data", "query_pairs", columns=["query"]).column("query")[0].as_py()
+    before = _ab_figures(tab)
+    tab.get_by_role("tab", name="Compare").click()
+    tab.locator("#query textarea").fill(query)
+    tab.locator("#ask").click()
+    expect(tab.locator(".card-A").first).to_be_visible(timeout=60_000)
+    expect(tab.locator(".card-B").first).to_be_visible(timeout=60_000)
+    assert tab.locator(".card-A").count() >= 1 and tab.locator(".card-B").count() >= 1
+    tab.screenshot(path=str(OUTPUT / "side_by_side.png"), full_page=False)
+    tab.locator(".purchase-B").first.click()
+    expect(tab.locator("#status")).to_contain_text("Sent:", timeout=60_000)
+    expect(tab.locator(".card-B").first).to_be_visible(timeout=60_000)
+    tab.get_by_role("tab", name="A/B test").click()
+    figures = tab.locator("#ab-figures")
+    expect(figures).not_to_have_text(before, timeout=30_000)
+    expect(figures).to_contain_text(re.compile(r"B: \d+ shown, \d+ clicks, \d+ carts, [1-9]\d* purchases"))
+    tab.screenshot(path=str(OUTPUT / "ab_tab.png"), full_page=False)
+
+
+def test_simulated_shoppers_fill_the_report(app: App) -> None:
+    simulator = ShopSimulator(app.config.source.synthetic)
+    seen = []
+    traffic = simulate(app.url, simulator, 24, concurrency=4, seed=5, progress=lambda done, total: seen.append(done))
+    assert traffic.shoppers == 24 and not traffic.errors and traffic.requests >= 24
+    assert sorted(seen) == list(range(1, 25))
+    report = app.http.get("/ab/report").json()
+    assert all(report["variants"][v]["impressions"] > 0 for v in ("A", "B"))
+    assert report["timeline"] and {"ctr", "conversion"} <= report["timeline"][-1].keys()
+
+
+def test_with_serve_stopped_the_page_says_so_and_recovers(app: App, tab: Page) -> None:
+    serve.shutdown()  # the proxy too: nothing listens on the Serve port
+    try:
+        tab.locator("#query textarea").fill("anything")
+        tab.locator("#ask").click()
+        expect(tab.locator("#status")).to_contain_text("is not reachable", timeout=60_000)
+        assert "Traceback" not in tab.content()
+    finally:
+        app.deploy()
+    tab.locator("#ask").click()
+    expect(tab.locator("#status")).to_contain_text("both variants answered", timeout=60_000)
+    expect(tab.locator(".card-B").first).to_be_visible(timeout=30_000)
