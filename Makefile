@@ -42,9 +42,9 @@ stop: setup
 # skipped when its config hash is unchanged, so a second `make demo` reuses the finished run.
 demo: cluster-up
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(DASHBOARD) --working-dir . -- \
-		python jobs/evaluate.py --config $(PRESET) --set run.root=$(CURDIR)/runs
+		python jobs/pipeline.py --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Run directory: $(CURDIR)/runs/$(PRESET)  (manifest: $(CURDIR)/runs/$(PRESET)/manifest.json)"
-	RAY_AUTH_MODE=token $(BIN)/shoprank serve --register --config $(PRESET) --set run.root=$(CURDIR)/runs
+	RAY_AUTH_MODE=token $(BIN)/shoprank serve --config $(PRESET) --set run.root=$(CURDIR)/runs
 	$(BIN)/shoprank ui --detach --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Stop the web page, the Serve app and the local Ray head with: make stop"
 

@@ -31,8 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """A real local Ray cluster with 2 CPUs, shut down when the session ends."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A real local Ray cluster with 2 CPUs, shut down when the session ends.
+
+    With its dashboard (on a free port): Ray Train's placement-group cleaner asks the
+    State API whether a controller still lives, and without an answer the placement
+    group of a trial that Tune stopped early keeps its CPUs, so the next trial waits forever.
+    """
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=_free_port(), log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -110,3 +110,46 @@ def test_a_bad_config_is_one_clear_line_without_a_traceback() -> None:
     assert result.returncode == 2
     assert "source.synthetic.seeed: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _wait_for(client: JobSubmissionClient, job_id: str, states: set[JobStatus], timeout_s: float) -> JobStatus:
+    deadline = time.monotonic() + timeout_s
+    status = client.get_job_status(job_id)
+    while status not in states and time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    return status
+
+
+def test_the_pipeline_job_killed_after_the_encoder_continues_where_it_stopped(
+    ray_head: LocalCluster, tmp_path: Path, tiny_encoder_dir: Path
+) -> None:
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    entrypoint = (f"python jobs/pipeline.py --config tiny --set run.root={tmp_path} "
+                  f"--set encoder.model={tiny_encoder_dir}")
+    stage_log = tmp_path / "tiny" / "stage_log.json"
+
+    def entries() -> list[dict]:
+        return json.loads(stage_log.read_text())["entries"] if stage_log.exists() else []
+
+    first = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+    deadline = time.monotonic() + 600
+    while not any(e["stage"] == "encoder" and e["status"] == "done" for e in entries()):
+        assert time.monotonic() < deadline, client.get_job_logs(first)[-3000:]
+        assert client.get_job_status(first) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(first)[-3000:]
+        time.sleep(0.5)
+    client.stop_job(first)
+    assert _wait_for(client, first, {JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED}, 120) == JobStatus.STOPPED
+    before = len(entries())
+    assert not any(e["stage"] == "register" for e in entries())
+
+    second = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+    assert _wait_for(client, second, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}, 900) == \
+        JobStatus.SUCCEEDED, client.get_job_logs(second)[-3000:]
+    rerun = {e["stage"]: e["status"] for e in entries()[before:] if e["status"] != "started"}
+    assert rerun["ingest"] == rerun["preprocess"] == rerun["encoder"] == "skipped"
+    assert rerun["features"] == rerun["ranker"] == rerun["evaluate"] == rerun["register"] == "done"
+    logs = client.get_job_logs(second)
+    assert "| encoder | skipped |" in logs and "evaluation table:" in logs
+    registry = json.loads((tmp_path / "registry.json").read_text())["aliases"]
+    assert registry["B"]["run"].endswith("/tiny") and registry["A"]["strategy"] == "retrieval"

@@ -23,7 +23,7 @@ from ray import serve
 from conftest import App
 from shoprank.data.io import read_table
 from shoprank.ranker.train import load_ranker, save_ranker
-from shoprank.serving.app import APP_NAME, build_app
+from shoprank.serving.app import APP_NAME
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -212,7 +212,17 @@ def test_a_killed_replica_recovers_and_no_accepted_event_is_lost(app: App, deplo
     assert outcomes[-1][1] == 200
 
 
-def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(app: App, tmp_path: Path) -> None:
+def _ranker_b(app: App, ranker_run: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Variant B's loaded model once it is the one of ``ranker_run``."""
+    deadline = time.time() + timeout_s
+    while True:
+        model = app.http.get("/variants").json()["variants"]["B"]["model"]
+        if model["ranker_run"] == ranker_run or time.time() > deadline:
+            return model
+        time.sleep(0.5)
+
+
+def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(app: App) -> None:
     run = app.run
     old = load_ranker(Path(run.path("ranker", "model")))
     features = np.random.default_rng(0).random((64, old.num_features()), dtype=np.float32)
@@ -222,21 +232,23 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     newer = Run(run.root, f"{run.name}-update-test")
     save_ranker(grown, Path(newer.path("ranker", "model")), {"note": "hot reload test"})
     before = app.http.get("/variants").json()["variants"]["B"]["model"]
+    replica = _replica("Ranker_B")
     stop, outcomes = threading.Event(), []
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, "reload-user"))
     flow.start()
     try:
         time.sleep(1.0)
         Registry(run.root).set("B", newer.uri(), base_run=run.uri(), encoder="fine_tuned", strategy="ranker")
-        serve.run(build_app(app.args), name=APP_NAME, route_prefix="/")
-        time.sleep(2.0)
+        after = _ranker_b(app, newer.uri())
+        time.sleep(1.0)
     finally:
         stop.set()
         flow.join()
         Registry(run.root).set("B", run.uri(), encoder="fine_tuned", strategy="ranker")
-    after = app.http.get("/variants").json()["variants"]["B"]["model"]
     assert after["ranker_run"] == newer.uri() and after["trees"] == before["trees"] + 3
+    assert _replica("Ranker_B")._actor_id == replica._actor_id  # the same replica: reloaded in place, not restarted
     assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
+    assert _ranker_b(app, run.uri())["ranker_run"] == run.uri()
 
 
 def test_a_restarted_app_keeps_every_accepted_event_and_rebuilds_user_state(app: App) -> None:

@@ -278,6 +278,9 @@ class ServeConfig(Section):
     replicas: int = Field(1, ge=1, description="Replicas of each variant's encoder, retriever and ranker.")
     max_replicas: int = Field(1, ge=1, description="Above ``replicas``: autoscaling on ongoing requests.")
     cpus_per_replica: float = Field(0.1, ge=0.0, description="Small on a laptop: the replicas share the cores.")
+    registry_poll_s: float = Field(
+        2.0, gt=0.0, description="How often each ranker replica checks the registry for a moved alias (hot reload).",
+    )
     clock: Literal["data", "wall"] = Field(
         "data", description="'data': the served run's clock continues from its last event (a simulated shop's "
         "past stays recent); 'wall': the machine's clock (a live shop).",

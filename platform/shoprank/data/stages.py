@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from shoprank.config import Config
@@ -21,13 +22,21 @@ def run_stage(
     outputs: list[str],
     body: Callable[[Config, Run, StageRecord], None],
 ) -> bool:
-    """Run ``body`` as stage ``name`` unless it is current; True when it ran."""
+    """Run ``body`` as stage ``name`` unless it is current; True when it ran. Each attempt goes to the stage log."""
     if run.stage_is_current(name, config_hash):
         log.info("stage %s is current (config hash %s): skipped", name, config_hash)
+        run.log_stage(name, "skipped")
         return False
     log.info("stage %s: running (config hash %s)", name, config_hash)
-    with run.stage(name, config, config_hash, outputs) as record:
-        body(config, run, record)
+    run.log_stage(name, "started")
+    started = time.perf_counter()
+    try:
+        with run.stage(name, config, config_hash, outputs) as record:
+            body(config, run, record)
+    except BaseException:
+        run.log_stage(name, "failed", time.perf_counter() - started)
+        raise
+    run.log_stage(name, "done", time.perf_counter() - started)
     return True
 
 

@@ -183,8 +183,14 @@ def check_gpu(use_gpu: bool) -> None:
         )
 
 
-def train_encoder(config: Config, run: Run, resume_from: str | None = None) -> ray.train.Result:
+def train_encoder(
+    config: Config, run: Run, resume_from: str | None = None, *, storage: str | None = None, name: str = "encoder",
+    callbacks: list[Any] | None = None,
+) -> ray.train.Result:
     """Fine-tune the encoder on the run's training data; returns Ray's ``Result``.
+
+    ``storage`` (default: the run's ``encoder/ray``), ``name`` and ``callbacks`` let a sweep
+    train trials beside the run, reporting each epoch to Tune.
 
     ``resume_from`` continues from a checkpoint directory of an earlier (even finished)
     run, e.g. with more epochs; within a run, restarts after a worker failure resume
@@ -226,10 +232,11 @@ def train_encoder(config: Config, run: Run, resume_from: str | None = None) -> r
             resources_per_worker={"CPU": train.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name="encoder",
-            storage_path=run.uri("encoder", "ray"),
+            name=name,
+            storage_path=storage or run.uri("encoder", "ray"),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
         ),
         datasets=datasets,
     )

@@ -12,6 +12,7 @@ Outputs, under the run:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -174,16 +175,26 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
     plt.close(figure)
 
 
+RANKER_DATA_FIELDS = ("history_fraction", "max_requests", "ctr_prior_views", "history_events")
+"""The ``ranker`` settings that change the feature rows; the others only change training."""
+
+
+def features_hash(config: Config) -> str:
+    """The inputs of the feature rows and the feature schema (a sweep over eta or depth keeps the rows)."""
+    sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval")
+    data = json.dumps({f: getattr(config.ranker, f) for f in RANKER_DATA_FIELDS}, sort_keys=True)
+    return f"{sections}-{hashlib.sha256(data.encode()).hexdigest()[:8]}-features-v{FEATURE_SCHEMA_VERSION}"
+
+
 def ranker_hash(config: Config) -> str:
-    """The inputs of the ranking stages, and the feature schema (new features mean new rows and a new model)."""
-    sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval", "ranker")
-    return f"{sections}-features-v{FEATURE_SCHEMA_VERSION}"
+    """The rows and every training setting: a new ranker (and evaluation) when either changes."""
+    return f"{features_hash(config)}-{config.section_hash('ranker')}"
 
 
 def train_rank_and_evaluate(config: Config, *, evaluate: bool = True) -> Run:
     """Data and encoder stages, then features, ranker and (optionally) the evaluation; each skipped when current."""
     run = train_and_embed(config)
-    run_stage(run, config, "features", ranker_hash(config), FEATURE_OUTPUTS, build_features)
+    run_stage(run, config, "features", features_hash(config), FEATURE_OUTPUTS, build_features)
     run_stage(run, config, "ranker", ranker_hash(config), RANKER_OUTPUTS, fit_ranker)
     if evaluate:
         run_stage(run, config, "evaluate", ranker_hash(config), EVALUATE_OUTPUTS, evaluate_offline)

@@ -98,16 +98,21 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             # first, so the booster is cut back to its best round before the checkpoint is written
             xgboost.callback.EarlyStopping(rounds=loop["early_stopping_rounds"], metric_name="ndcg@10",
                                            data_name="validation", maximize=True, save_best=True),
-            SparseReport(REPORT_EVERY, metrics={"validation/ndcg@10": "validation-ndcg@10",
+            SparseReport(loop.get("report_every", REPORT_EVERY), metrics={"validation/ndcg@10": "validation-ndcg@10",
                                                 "train/ndcg@10": "train-ndcg@10"}),
         ],
     )
 
 
 def train_ranker(
-    config: Config, train: pd.DataFrame, validation: pd.DataFrame, storage: str, warm_start: str | None = None
+    config: Config, train: pd.DataFrame, validation: pd.DataFrame, storage: str, warm_start: str | None = None,
+    *, name: str = "ranker", callbacks: list[Any] | None = None, report_every: int = REPORT_EVERY,
 ) -> ray.train.Result:
-    """Fit the ranker on feature rows (columns: request_id, product_id, label, FEATURES); Ray's ``Result``."""
+    """Fit the ranker on feature rows (columns: request_id, product_id, label, FEATURES); Ray's ``Result``.
+
+    ``callbacks`` (Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep) see
+    every report, which comes every ``report_every`` boosting rounds.
+    """
     check_gpu(config.ray.use_gpu)
     ranker = config.ranker
     workers = max(1, min(ranker.num_workers, train["request_id"].nunique(), validation["request_id"].nunique()))
@@ -120,11 +125,12 @@ def train_ranker(
     trainer = XGBoostTrainer(
         train_loop_per_worker,
         train_loop_config={"params": xgboost_params(config), "rounds": ranker.num_boost_round,
-                           "early_stopping_rounds": ranker.early_stopping_rounds, "warm_start": warm_start},
+                           "early_stopping_rounds": ranker.early_stopping_rounds, "warm_start": warm_start,
+                           "report_every": report_every},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.use_gpu,
                                      resources_per_worker={"CPU": ranker.cpus_per_worker}),
-        run_config=RunConfig(name="ranker", storage_path=storage, failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or []),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own requests
     )

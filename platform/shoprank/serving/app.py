@@ -9,15 +9,17 @@ variant's query encoder, retriever and ranker are deployments of their own
 (``QueryEncoder_A``, ...); replicas, autoscaling and CPUs come from ``serve``, and
 the encoders get a GPU when ``ray.use_gpu`` is set.
 
-**Hot reload.** A variant's ranker reaches its deployment through ``user_config``.
-After ``update_ranker`` moves an alias, deploying the app again (``serve deploy``,
-or :func:`deploy`) resolves the registry anew: only ``user_config`` changed, so Serve
-calls ``reconfigure`` on the running replicas, which load the new model between two
-batches; no replica restarts and no request is dropped.
+**Hot reload.** Each ranker replica gets its variant's registry alias through
+``user_config`` (``reconfigure``) and watches the registry (``serve.registry_poll_s``).
+When ``update_ranker`` moves the alias to a new ranker over the same base run, the
+replicas load it and swap it in between two batches: no redeploy, no restart, no
+request dropped. An alias moved to another base run (a new encoder or index) needs a
+redeploy (``shoprank serve``), which Serve rolls out replica by replica.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +57,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     settings = config.serve
     dumped = config.model_dump(mode="json")
     specs = resolve_variants(config)
+    registry_root = str(Path(config.run.root).resolve())
     cpu = {"num_cpus": settings.cpus_per_replica}
     encoder_gpu = {"num_gpus": 1} if config.ray.use_gpu else {}
     variants = {}
@@ -71,7 +74,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
             "ranker": Ranker.options(
                 name=f"Ranker_{name}", ray_actor_options=cpu, max_ongoing_requests=2 * settings.ranker_batch_size,
                 **_scaling(config),
-                user_config={"strategy": spec.strategy, "ranker_run": spec.ranker_run,
+                user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                               "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
             ).bind(dumped, spec.run),
         }

@@ -25,6 +25,7 @@ routes' signatures at runtime and would take string annotations for query parame
 
 
 import asyncio
+import threading
 import datetime as dt
 import logging
 import time
@@ -51,7 +52,8 @@ from shoprank.serving.api import (
     MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, rejected,
 )
 from shoprank.serving.pipeline import LiveEvent, Ranked, Ranking, Retrieval, Retrieved
-from shoprank.serving.variants import EncoderKind, VariantSpec
+from shoprank.serving.variants import EncoderKind, VariantSpec, resolve_variant
+from shoprank.store.registry import Registry
 from shoprank.store.events import Impression, SqliteEventStore
 from shoprank.store.run import Run
 
@@ -102,32 +104,64 @@ class Retriever:
 
 @serve.deployment
 class Ranker:
-    """A variant's ranking; the model (``user_config``) reloads in place when the registry moves."""
+    """A variant's ranking; its model follows the variant's registry alias while the app runs.
+
+    ``user_config`` names the alias, the registry and the batching; a thread polls the
+    registry and, when the alias moved to another ranker over the same base run (an
+    incremental update), loads it and swaps it in between two batches.
+    """
 
     def __init__(self, config: dict[str, Any], run_uri: str) -> None:
         self.config = Config.model_validate(config)
+        self.base_run = run_uri
         self.stats = load_product_stats(self.config, Run.from_uri(run_uri))
         self.ranking: Ranking | None = None
         self.model: dict[str, Any] = {}
+        self.settings: dict[str, Any] = {}
+        self.watcher: threading.Thread | None = None
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
-        """Load the ranker named by ``settings`` (a new one replaces the old between two batches)."""
-        strategy, ranker_run = settings["strategy"], settings["ranker_run"]
-        booster = load_ranker(Path(Run.from_uri(ranker_run).path("ranker", "model"))) if strategy == "ranker" else None
-        self.ranking = Ranking(self.stats, strategy, booster, self.config.serve.baseline_popularity_weight)
-        self.model = {"strategy": strategy, "ranker_run": ranker_run,
-                      "trees": booster.num_boosted_rounds() if booster is not None else 0}
+        self.settings = settings
         self.rank.set_max_batch_size(settings["batch_size"])
         self.rank.set_batch_wait_timeout_s(settings["batch_wait_s"])
+        self.follow_registry()
+        if self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, daemon=True, name="registry-watcher")
+            self.watcher.start()
+
+    def follow_registry(self) -> None:
+        """Load the model the alias names now, when it is not the one loaded."""
+        spec = resolve_variant(Registry(self.settings["registry_root"]), self.settings["variant"],
+                               self.settings["alias"])
+        if spec.ranker_run == self.model.get("ranker_run") and spec.strategy == self.model.get("strategy"):
+            return
+        if spec.run != self.base_run:
+            log.warning("alias %s moved to %s over another base run (%s): redeploy the app to serve it",
+                        spec.alias, spec.ranker_run, spec.run)
+            return
+        booster = (load_ranker(Path(Run.from_uri(spec.ranker_run).path("ranker", "model")))
+                   if spec.strategy == "ranker" else None)
+        self.ranking = Ranking(self.stats, spec.strategy, booster, self.config.serve.baseline_popularity_weight)
+        self.model = {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
+                      "trees": booster.num_boosted_rounds() if booster is not None else 0}
         log.info("ranker loaded: %s", self.model)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.config.serve.registry_poll_s)
+            try:
+                self.follow_registry()
+            except Exception:  # a half-copied model or a bad entry: keep serving the loaded one
+                log.exception("registry check failed; keeping %s", self.model)
 
     def describe(self) -> dict[str, Any]:
         return self.model
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def rank(self, requests: list[tuple[Retrieved, int]]) -> list[list[Ranked]]:
-        assert self.ranking is not None, "reconfigure runs before the first request"
-        return self.ranking.rank_many([r for r, _ in requests], [k for _, k in requests])
+        ranking = self.ranking
+        assert ranking is not None, "reconfigure runs before the first request"
+        return ranking.rank_many([r for r, _ in requests], [k for _, k in requests])
 
 
 @serve.deployment

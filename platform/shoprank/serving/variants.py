@@ -40,17 +40,19 @@ class VariantSpec(BaseModel):
     strategy: Strategy = "ranker"
 
 
+def resolve_variant(registry: Registry, name: str, alias: str) -> VariantSpec:
+    """Variant ``name`` as registry ``alias`` describes it now."""
+    entry = registry.get(alias)
+    return VariantSpec(
+        name=name, alias=alias, run=entry.get("base_run") or entry["run"], ranker_run=entry["run"],
+        encoder=entry.get("encoder", "fine_tuned"), strategy=entry.get("strategy", "ranker"),
+    )
+
+
 def resolve_variants(config: Config) -> dict[str, VariantSpec]:
     """``serve.variants`` (name -> alias) looked up in the registry under ``run.root``."""
     registry = Registry(config.run.root)
-    specs = {}
-    for name, alias in config.serve.variants.items():
-        entry = registry.get(alias)
-        specs[name] = VariantSpec(
-            name=name, alias=alias, run=entry.get("base_run") or entry["run"], ranker_run=entry["run"],
-            encoder=entry.get("encoder", "fine_tuned"), strategy=entry.get("strategy", "ranker"),
-        )
-    return specs
+    return {name: resolve_variant(registry, name, alias) for name, alias in config.serve.variants.items()}
 
 
 def register_variants(config: Config, run: Run) -> dict[str, dict]:

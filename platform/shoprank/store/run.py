@@ -28,6 +28,8 @@ from shoprank.config import Config
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STAGE_LOG = "stage_log.json"
+"""Every stage attempt in order: started, done, failed or skipped (what a rerun after a crash shows)."""
 
 
 def code_version() -> str:
@@ -129,6 +131,16 @@ class Run:
         if not self.exists(MANIFEST):
             return {"run_id": self.name, "stages": {}}
         return self.read_json(MANIFEST)
+
+    def stage_log(self) -> list[dict[str, Any]]:
+        return self.read_json(STAGE_LOG)["entries"] if self.exists(STAGE_LOG) else []
+
+    def log_stage(self, stage: str, status: str, seconds: float | None = None) -> None:
+        """Add one entry to the stage log (rewritten atomically: object stores cannot append)."""
+        entry = {"stage": stage, "status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 3)
+        self.write_json({"entries": [*self.stage_log(), entry]}, STAGE_LOG)
 
     def stage_is_current(self, stage: str, config_hash: str) -> bool:
         """True when ``stage`` completed under ``config_hash`` and its outputs are all there."""

@@ -1,0 +1,223 @@
+"""Hyperparameter sweeps of the encoder and the ranker with Ray Tune over Ray Train V2.
+
+Each trial is a driver function (:func:`encoder_trial`, :func:`ranker_trial`) that builds
+the trainer with the trial's config and passes Tune's ``TuneReportCallback`` to it, so
+every Train report (an epoch of the encoder, ``report_every`` rounds of the ranker)
+reaches Tune; the deprecated ``Tuner(trainer)`` form is not used. ASHA stops weak
+trials early; ``search: optuna`` (or ``random``) picks the points.
+
+A search space is a YAML file (``tune/*_space.yaml``): config key -> ``{type, ...}``
+with types ``loguniform``/``uniform`` (``low``, ``high``), ``randint`` (``low``,
+``high`` exclusive) and ``choice`` (``values``). Keys are full config paths
+(``encoder.train.learning_rate``), so a trial is the base config plus overrides,
+validated like any ``--set``.
+
+Outputs under ``<run.root>/sweeps/<name>/``: Tune's experiment (restorable: a rerun of
+an interrupted sweep continues it with ``Tuner.restore``), ``results.csv`` and
+``results.md`` (one row per trial), ``metric.png`` (every trial's validation metric
+over its reports) and ``best_config.yaml`` (a complete config: give it to the
+pipeline with ``--config``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from shoprank.config import Config, load_config
+from shoprank.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METRIC = "validation/ndcg@10"
+RANKER_REPORT_EVERY = 5
+SPACE_TYPES = {
+    "loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
+    "uniform": lambda s: tune.uniform(s["low"], s["high"]),
+    "randint": lambda s: tune.randint(s["low"], s["high"]),
+    "choice": lambda s: tune.choice(s["values"]),
+}
+
+
+def read_space(path: str | Path) -> dict[str, Any]:
+    """A search space YAML -> Tune's param space; errors name the key."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    space = {}
+    for key, spec in raw.items():
+        if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+            raise ConfigError(f"{path}: {key}: needs a type among {', '.join(SPACE_TYPES)}, got {spec!r}")
+        try:
+            space[key] = SPACE_TYPES[spec["type"]](spec)
+        except KeyError as missing:
+            raise ConfigError(f"{path}: {key}: a {spec['type']} needs {missing}") from None
+    return space
+
+
+def trial_config(preset: str, overrides: list[str], params: dict[str, Any]) -> Config:
+    return load_config(preset, [*overrides, *(f"{key}={value}" for key, value in params.items())])
+
+
+def encoder_trial(params: dict[str, Any], preset: str, overrides: list[str], storage: str) -> None:
+    """One encoder trial: fine-tune with the trial's config beside the run, report each epoch."""
+    from shoprank.encoder.train import train_encoder
+    from shoprank.store.run import Run
+
+    config = trial_config(preset, overrides, params)
+    train_encoder(config, Run.for_config(config), storage=storage, name=f"trial-{tune.get_context().get_trial_id()}",
+                  callbacks=[TuneReportCallback()])
+
+
+def ranker_trial(params: dict[str, Any], preset: str, overrides: list[str], storage: str) -> None:
+    """One ranker trial: XGBoost on Ray Train on the run's feature rows, reporting every few rounds."""
+    from shoprank.ranker.stages import read_features, with_positives
+    from shoprank.ranker.train import train_ranker
+    from shoprank.store.run import Run
+
+    config = trial_config(preset, overrides, params)
+    run = Run.for_config(config)
+    train, validation = (with_positives(read_features(run, split)) for split in ("train", "validation"))
+    train_ranker(config, train, validation, storage, name=f"trial-{tune.get_context().get_trial_id()}",
+                 callbacks=[TuneReportCallback()], report_every=RANKER_REPORT_EVERY)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What differs between the encoder and the ranker sweep."""
+
+    name: str
+    trial: Callable[..., None]
+    max_reports: Callable[[Config], int]
+    """The most reports a trial makes (ASHA's horizon)."""
+    cpus_per_trial: Callable[[Config], float]
+    prepare: Callable[[Config], Any]
+    """Builds what the trials read (data for the encoder, feature rows for the ranker)."""
+
+
+def _prepare_encoder(config: Config) -> Any:
+    from shoprank.data.stages import prepare_data
+
+    return prepare_data(config)
+
+
+def _prepare_ranker(config: Config) -> Any:
+    from shoprank.ranker.stages import train_rank_and_evaluate
+
+    return train_rank_and_evaluate(config, evaluate=False)
+
+
+SWEEPS = {
+    "encoder": Sweep("encoder", encoder_trial, lambda c: c.encoder.train.epochs,
+                     lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, _prepare_encoder),
+    "ranker": Sweep("ranker", ranker_trial, lambda c: max(1, c.ranker.num_boost_round // RANKER_REPORT_EVERY),
+                    lambda c: c.ranker.num_workers * c.ranker.cpus_per_worker, _prepare_ranker),
+}
+
+
+@dataclass
+class SweepOutcome:
+    directory: Path
+    results: pd.DataFrame
+    best_params: dict[str, Any]
+    best_metric: float
+    best_config: Path
+
+
+def run_sweep(
+    kind: str, preset: str, overrides: list[str], space_path: str | Path, *, num_samples: int,
+    max_concurrent_trials: int | None = None, time_budget_s: float | None = None, search: str = "optuna",
+    seed: int = 0,
+) -> SweepOutcome:
+    """Run (or continue, when interrupted before) the ``kind`` sweep; write its tables, plot and best config."""
+    sweep = SWEEPS[kind]
+    config = load_config(preset, overrides)
+    sweep.prepare(config)
+    root = Path(config.run.root).resolve()
+    directory = root / "sweeps" / f"{config.run.name}-{kind}"
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
+    per_trial = sweep.cpus_per_trial(config)
+    concurrent = max_concurrent_trials or max(1, int(cluster_cpus // max(per_trial, 1)))
+    # The trial's driver only builds the trainer and waits: no CPU of its own (Tune needs some
+    # resource, so a little memory), or on a small cluster it would hold the CPU its workers need.
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep.trial, preset=preset, overrides=overrides, storage=str(directory / "trials")),
+        {"CPU": 0, "memory": 64 * 1024**2},
+    )
+    if tune.Tuner.can_restore(str(directory)):
+        log.info("continuing the interrupted sweep in %s", directory)
+        tuner = tune.Tuner.restore(str(directory), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search_alg = None
+        if search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=seed)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=read_space(space_path),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=num_samples, max_concurrent_trials=concurrent,
+                time_budget_s=time_budget_s, search_alg=search_alg,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.max_reports(config),
+                                        grace_period=1, reduction_factor=2),
+            ),
+            run_config=tune.RunConfig(name=directory.name, storage_path=str(directory.parent)),
+        )
+    grid = tuner.fit()
+    return write_outputs(grid, directory, preset, overrides)
+
+
+def write_outputs(grid: tune.ResultGrid, directory: Path, preset: str, overrides: list[str]) -> SweepOutcome:
+    """``results.csv``/``.md``, ``metric.png``, ``best_config.yaml``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for result in grid:
+        params = {k: v for k, v in (result.config or {}).items()}
+        history = result.metrics_dataframe
+        final = (result.metrics or {}).get(METRIC)
+        best = float(history[METRIC].max()) if history is not None and METRIC in history else None
+        rows.append({"trial": (result.metrics or {}).get("trial_id"), **params, "reports": len(history)
+                     if history is not None else 0, "final " + METRIC: final, "best " + METRIC: best,
+                     "error": str(result.error).splitlines()[0] if result.error else ""})
+        if history is not None and METRIC in history:
+            axis.plot(history["training_iteration"], history[METRIC], marker="o", label=rows[-1]["trial"])
+    axis.set_xlabel("report (encoder: epoch; ranker: 5 boosting rounds)")
+    axis.set_ylabel(METRIC)
+    axis.set_title(f"{directory.name}: every trial")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(directory / "metric.png", dpi=100)
+    plt.close(figure)
+    results = pd.DataFrame(rows).sort_values("best " + METRIC, ascending=False, na_position="last")
+    results.to_csv(directory / "results.csv", index=False)
+    (directory / "results.md").write_text(_markdown(results))
+    best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
+    best_params = dict(best.config)
+    config = trial_config(preset, overrides, best_params)
+    best_config = directory / "best_config.yaml"
+    best_config.write_text(
+        f"# Best trial of {directory.name}: {METRIC} {results.iloc[0]['best ' + METRIC]:.4f}\n"
+        + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    )
+    return SweepOutcome(directory, results, best_params, float(results.iloc[0]["best " + METRIC]), best_config)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cells = frame.astype(object).where(frame.notna(), "")
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in cells.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

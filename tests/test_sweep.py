@@ -1,0 +1,67 @@
+"""Ray Tune sweeps on the tiny run: 4 ranker trials with Optuna and ASHA; an interrupted sweep resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from shoprank.config import Config, load_config
+from shoprank.store.run import Run
+from shoprank.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _overrides(config: Config, root: Path | None = None) -> list[str]:
+    return [f"run.root={root or config.run.root}", f"encoder.model={config.encoder.model}", "ranker.num_workers=1"]
+
+
+@pytest.mark.timeout(1200)
+def test_a_ranker_sweep_of_four_trials_writes_its_table_plot_and_best_config(ranked: tuple[Config, Run]) -> None:
+    config, _ = ranked
+    outcome = run_sweep("ranker", "tiny", _overrides(config), REPO / "tune" / "ranker_space.yaml", num_samples=4,
+                        search="optuna")
+    results = pd.read_csv(outcome.directory / "results.csv")
+    assert len(results) == 4 and results["error"].isna().all()
+    assert {"ranker.eta", "ranker.max_depth", "ranker.objective"} <= set(results.columns)
+    assert results["best validation/ndcg@10"].between(0, 1).all()
+    assert (outcome.directory / "results.md").read_text().count("\n") == 6
+    assert (outcome.directory / "metric.png").stat().st_size > 10_000
+    best = load_config(str(outcome.best_config))
+    assert best.ranker.eta == outcome.best_params["ranker.eta"]
+    assert outcome.best_metric == results["best validation/ndcg@10"].max()
+
+
+@pytest.mark.timeout(1200)
+def test_an_interrupted_sweep_is_resumed(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    config, run = ranked
+    root = tmp_path / "runs"
+    (root / run.name).parent.mkdir(parents=True)
+    subprocess.run(["cp", "-r", run.path(), str(root / run.name)], check=True)
+    command = [sys.executable, str(REPO / "tune" / "sweep_ranker.py"), "--config", "tiny", "--num-samples", "4",
+               "--max-concurrent-trials", "1", *(f"--set={o}" for o in _overrides(config, root))]
+    directory = root / "sweeps" / f"{run.name}-ranker"
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 400
+    while len(list(directory.glob("ranker_trial_*/result.json"))) < 1 or not any(
+            p.stat().st_size for p in directory.glob("ranker_trial_*/result.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled before a trial reported"
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C does: Tune saves the experiment state and stops
+    first.wait(timeout=120)
+    assert not (directory / "results.csv").exists()
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing the interrupted sweep" in second.stderr + second.stdout
+    results = pd.read_csv(directory / "results.csv")
+    assert len(results) == 4
+    assert yaml.safe_load((directory / "best_config.yaml").read_text())["ranker"]["num_workers"] == 1
