@@ -121,6 +121,8 @@ def _wait_for(client: JobSubmissionClient, job_id: str, states: set[JobStatus], 
     return status
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_the_pipeline_job_killed_after_the_encoder_continues_where_it_stopped(
     ray_head: LocalCluster, tmp_path: Path, tiny_encoder_dir: Path
 ) -> None:

@@ -34,7 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
-from shoprank.errors import ConfigError
+from shoprank.errors import ConfigError, ShopRankError
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,10 @@ def run_sweep(
             run_config=tune.RunConfig(name=directory.name, storage_path=str(directory.parent)),
         )
     grid = tuner.fit()
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished or (time_budget_s is None and len(grid) < num_samples):
+        raise ShopRankError(f"the sweep in {directory} was interrupted after {grid.num_terminated} of {num_samples} "
+                            "trials; run the same command again to continue it")
     return write_outputs(grid, directory, preset, overrides)
 
 
