@@ -5,12 +5,14 @@ epochs) with Ray Tune:
     ray job submit --working-dir . -- python tune/sweep_encoder.py --config cluster --num-samples 24
 """
 
-import sys
-from pathlib import Path
+import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sweep import main  # noqa: E402
+from shoprank.entrypoint import config_from_args, setup_logging, user_errors
+from shoprank.sweep import sweep_from_args, sweep_parser, sweep_ray_kwargs
 
 if __name__ == "__main__":
-    main("encoder", __doc__)
+    setup_logging()
+    with user_errors():
+        args = sweep_parser("encoder", __doc__).parse_args()
+        ray.init(**sweep_ray_kwargs(config_from_args(args)))
+        print(sweep_from_args("encoder", args))

@@ -4,12 +4,14 @@
     ray job submit --working-dir . -- python tune/sweep_ranker.py --config cluster --num-samples 32
 """
 
-import sys
-from pathlib import Path
+import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sweep import main  # noqa: E402
+from shoprank.entrypoint import config_from_args, setup_logging, user_errors
+from shoprank.sweep import sweep_from_args, sweep_parser, sweep_ray_kwargs
 
 if __name__ == "__main__":
-    main("ranker", __doc__)
+    setup_logging()
+    with user_errors():
+        args = sweep_parser("ranker", __doc__).parse_args()
+        ray.init(**sweep_ray_kwargs(config_from_args(args)))
+        print(sweep_from_args("ranker", args))

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve_app(preset: str, overrides: list[str], register: bool, address: str) -> str:
     """Deploy the app and say where it answers."""
-    import ray
+    import os
 
     from shoprank.serving.app import AppArgs, deploy
     from shoprank.serving.variants import register_variants
@@ -66,7 +66,8 @@ def serve_app(preset: str, overrides: list[str], register: bool, address: str) -
     config = load_config(preset, overrides)
     if register:
         register_variants(config, Run.for_config(config))
-    ray.init(address=address, log_to_driver=False)
+    if address != "auto":
+        os.environ["RAY_ADDRESS"] = address  # Serve connects to the cluster itself when it starts
     url = deploy(AppArgs(config=preset, overrides=overrides))
     return (f"Serve app: {url}  (API docs: {url}/docs, OpenAPI: {url}/openapi.json)\n"
             f"Variants: " + ", ".join(f"{name} = registry alias {alias!r}" for name, alias in config.serve.variants.items()))

@@ -21,6 +21,7 @@ pipeline with ``--config``).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from shoprank.errors import ConfigError, ShopRankError
 log = logging.getLogger(__name__)
 
 METRIC = "validation/ndcg@10"
+SPACES = Path(__file__).resolve().parents[2] / "tune"
+"""The search spaces beside the sweep entrypoints (``tune/`` of the repository)."""
 RANKER_REPORT_EVERY = 5
 SPACE_TYPES = {
     "loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
@@ -225,3 +228,38 @@ def _markdown(frame: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
               for row in cells.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def sweep_parser(kind: str, doc: str | None) -> argparse.ArgumentParser:
+    """The options of ``tune/sweep_<kind>.py``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="preset name or YAML path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--space", default=str(SPACES / f"{kind}_space.yaml"))
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--max-concurrent-trials", type=int, default=None,
+                        help="default: as many as the cluster's CPUs (GPUs with ray.use_gpu) allow")
+    parser.add_argument("--time-budget-s", type=float, default=None)
+    parser.add_argument("--search", choices=["optuna", "random"], default="optuna")
+    return parser
+
+
+def sweep_ray_kwargs(config: Config) -> dict[str, Any]:
+    """``ray.init`` arguments for a sweep: a local cluster gets its dashboard, because Ray Train's
+    placement-group cleaner needs the State API to free the CPUs of a trial ASHA stopped."""
+    from shoprank.entrypoint import ray_init_kwargs
+
+    kwargs = ray_init_kwargs(config.ray)
+    if kwargs.get("address") == "local":
+        kwargs["include_dashboard"] = True
+    return kwargs
+
+
+def sweep_from_args(kind: str, args: argparse.Namespace) -> str:
+    """Run the sweep the parsed options describe; its table and best config, as text."""
+    outcome = run_sweep(kind, args.config, args.set, args.space, num_samples=args.num_samples,
+                        max_concurrent_trials=args.max_concurrent_trials, time_budget_s=args.time_budget_s,
+                        search=args.search)
+    return ((outcome.directory / "results.md").read_text()
+            + f"best validation NDCG@10 {outcome.best_metric:.4f}: {outcome.best_params}\n"
+            + f"best config: {outcome.best_config}  (python jobs/pipeline.py --config {outcome.best_config})")

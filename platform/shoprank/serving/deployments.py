@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -235,10 +236,9 @@ class UserState:
         return {"users": len(self.live), "events": sum(map(len, self.live.values())), "rebuilt_from": self.rebuilt_from}
 
 
-def user_summaries(run: Run, products: dict[str, dict[str, Any]], recent: int = 20) -> list[dict[str, str]]:
+def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent: int = 20) -> list[dict[str, str]]:
     """Users by activity, each with "N events; mostly <category>; last: <event> <title>"."""
-    events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts"]).to_pandas()
-    events = events.sort_values(["user_id", "ts"], kind="stable")
+    events = table.to_pandas().sort_values(["user_id", "ts"], kind="stable")
     out = []
     for user, rows in sorted(events.groupby("user_id"), key=lambda kv: -len(kv[1])):
         tail = rows.tail(recent)
@@ -282,14 +282,17 @@ class Ingress:
         """The variants (from the registry, at deploy time): their products and the serving clock."""
         self.specs = {name: VariantSpec.model_validate(spec) for name, spec in settings["variants"].items()}
         last_event_s = 0.0
+        events_of_run = {}
         for run_uri in sorted({spec.run for spec in self.specs.values()}):
             run = Run.from_uri(run_uri)
             products = read_table(run, "data", "products", columns=["product_id", "title", "category", "brand", "price"])
             for row in products.to_pylist():
                 self.products[row["product_id"]] = row
-            ts = epoch_seconds(read_table(run, "data", "events", columns=["ts"]).column("ts"))
+            events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts"])
+            ts = epoch_seconds(events.column("ts"))
             last_event_s = max(last_event_s, float(ts.max()) if len(ts) else 0.0)
-        self.users = user_summaries(Run.from_uri(self.specs[sorted(self.specs)[-1]].run), self.products)
+            events_of_run[run_uri] = events
+        self.users = user_summaries(events_of_run[self.specs[sorted(self.specs)[-1]].run], self.products)
         if self.config.serve.clock == "data" and last_event_s:
             self.clock_offset_s = time.time() - (last_event_s + 60.0)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import xgboost
@@ -138,9 +138,3 @@ class VariantPipeline:
                 now_s: float) -> list[Ranked]:
         retrieved = self.retrieval.retrieve(user_id, self.live.get(user_id, []) if user_id else [], query, vector, now_s)
         return self.ranking.rank_many([retrieved], [k])[0]
-
-
-def describe(ranked: list[Ranked]) -> list[dict[str, Any]]:
-    """JSON-ready items: rank, product, the score that ordered it and the scores behind it."""
-    return [{"rank": i + 1, "product_id": r.product_id, "score": r.score, "scores": r.scores}
-            for i, r in enumerate(ranked)]
