@@ -30,7 +30,6 @@ import os
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,7 @@ from shoprank.serving.app import AppArgs, deploy  # noqa: E402
 from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
 from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
 from shoprank.store.registry import Registry  # noqa: E402
-from shoprank.store.run import Run  # noqa: E402
+from shoprank.store.run import Location, Run  # noqa: E402
 
 
 def percentiles(latencies_s: list[float]) -> dict[str, float]:
@@ -136,7 +135,7 @@ def main() -> None:
     machine = common.machine()
     with tempfile.TemporaryDirectory() as scratch, common.watched_ray(machine) as watcher:
         port = 8123
-        overrides = [*args.set, f"run.root={Path(config.run.root).resolve()}", f"serve.port={port}",
+        overrides = [*args.set, f"run.root={Location(config.run.root).uri()}", f"serve.port={port}",
                      f"serve.event_db={scratch}/events.sqlite"]
         url = deploy(AppArgs(config=args.config, overrides=overrides))
         bodies = {"/search": [{"query": q, "k": 10, "variant": "B"} for q in queries],
@@ -155,10 +154,9 @@ def main() -> None:
             served["/events c=8"] = driver.apply(drive, (url, "/events", events, 8, args.duration))
         serve.shutdown()
         watcher.set_phase("in process")
-        spec = resolve_variants(config.model_copy(update={"run": config.run.model_copy(
-            update={"root": str(Path(config.run.root).resolve())})}))["B"]
+        spec = resolve_variants(config)["B"]
         context = load_context(config, Run.from_uri(spec.run))
-        booster = load_ranker(Path(Run.from_uri(spec.ranker_run).path("ranker", "model")))
+        booster = load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
         pipeline = VariantPipeline(context, "ranker", booster)
         now_s = float(context.catalogue.stats.cutoff_s) + 30 * 86_400
         local = in_process(pipeline, queries, users, args.in_process_requests, args.batch, now_s)

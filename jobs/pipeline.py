@@ -3,6 +3,11 @@ then variants A and B registered. Finished stages are skipped, so a rerun contin
 
     python jobs/pipeline.py --config demo
     ray job submit --working-dir . -- python jobs/pipeline.py --config demo --set run.root=$PWD/runs
+
+With --sweep, the encoder and ranker sweeps (tune/) run first and the pipeline trains with
+their best config; an interrupted sweep continues when the same command is run again:
+
+    python jobs/pipeline.py --config tiny --sweep --sweep-samples 4
 """
 
 from __future__ import annotations
@@ -10,11 +15,20 @@ from __future__ import annotations
 import ray
 
 from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
-from shoprank.pipeline import run_pipeline
+from shoprank.pipeline import SweepPlan, run_pipeline, swept_config
+from shoprank.sweep import sweep_ray_kwargs
 
 if __name__ == "__main__":
     setup_logging()
+    parser = job_parser(__doc__)
+    parser.add_argument("--sweep", action="store_true", help="sweep the encoder, then the ranker, and train with the best")
+    parser.add_argument("--sweep-samples", type=int, default=SweepPlan.num_samples, help="trials per sweep")
+    parser.add_argument("--sweep-time-budget-s", type=float, default=None, help="time budget per sweep")
     with user_errors():
-        config = config_from_args(job_parser(__doc__).parse_args())
-        ray.init(**ray_init_kwargs(config.ray))
-        print(run_pipeline(config).render())
+        args = parser.parse_args()
+        config = config_from_args(args)
+        ray.init(**(sweep_ray_kwargs(config) if args.sweep else ray_init_kwargs(config.ray)))
+        found = {}
+        if args.sweep:
+            config, found = swept_config(args.config, args.set, SweepPlan(args.sweep_samples, args.sweep_time_budget_s))
+        print(run_pipeline(config, sweeps=found).render())

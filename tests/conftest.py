@@ -42,7 +42,7 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
-def tiny_config(root: Path, *overrides: str) -> Config:
+def tiny_config(root: Path | str, *overrides: str) -> Config:
     """The tiny preset writing its run under ``root``."""
     return load_config("tiny", [f"run.root={root}", *overrides])
 
@@ -55,8 +55,12 @@ def make_tiny_config() -> Callable[..., Config]:
 
 @pytest.fixture(scope="session")
 def tiny_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Run]:
-    """The tiny preset generated and preprocessed once for every test that only reads it."""
-    config = tiny_config(tmp_path_factory.mktemp("runs"))
+    """The tiny preset generated and preprocessed once for every test that only reads it.
+
+    Its run root is a ``file://`` URI, so every test that reads this run (serving included)
+    reads it the way a cluster reads a run on shared storage.
+    """
+    config = tiny_config(f"file://{tmp_path_factory.mktemp('runs')}")
     return config, prepare_data(config)
 
 

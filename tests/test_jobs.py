@@ -15,9 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from shoprank import cluster as local_cluster
 from shoprank.cluster import TOKEN_PATH, LocalCluster, head_env, wait_for_dashboard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +70,15 @@ def ray_head() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         _kill_cluster(process, temp_dir)
+
+
+def test_cluster_down_stops_its_head_and_no_other_ray(ray_local: None, ray_head: LocalCluster) -> None:
+    """`shoprank cluster down` (`make stop`) stops the head on its port, not every Ray on the machine."""
+    assert local_cluster.head_processes(ray_head)
+    assert local_cluster.stop(ray_head) >= 3  # at least the GCS, the raylet and the dashboard
+    assert not local_cluster.head_processes(ray_head)
+    assert not local_cluster.dashboard_ready(ray_head)
+    assert ray.get(ray.remote(lambda: 42).remote()) == 42, "the session's own cluster still works"
 
 
 def test_preprocess_job_submitted_with_the_job_sdk(ray_head: LocalCluster, tmp_path: Path) -> None:

@@ -29,12 +29,13 @@ def test_a_ranker_sweep_of_four_trials_writes_its_table_plot_and_best_config(ran
     config, _ = ranked
     outcome = run_sweep("ranker", "tiny", _overrides(config), REPO / "tune" / "ranker_space.yaml", num_samples=4,
                         search="optuna")
-    results = pd.read_csv(outcome.directory / "results.csv")
+    directory = Path(outcome.directory.path())
+    results = pd.read_csv(directory / "results.csv")
     assert len(results) == 4 and results["error"].isna().all()
     assert {"ranker.eta", "ranker.max_depth", "ranker.objective"} <= set(results.columns)
     assert results["best validation/ndcg@10"].between(0, 1).all()
-    assert (outcome.directory / "results.md").read_text().count("\n") == 6
-    assert (outcome.directory / "metric.png").stat().st_size > 10_000
+    assert (directory / "results.md").read_text().count("\n") == 6
+    assert (directory / "metric.png").stat().st_size > 10_000
     best = load_config(str(outcome.best_config))
     assert best.ranker.eta == outcome.best_params["ranker.eta"]
     assert outcome.best_metric == results["best validation/ndcg@10"].max()
@@ -66,3 +67,23 @@ def test_an_interrupted_sweep_is_resumed(ranked: tuple[Config, Run], tmp_path: P
     results = pd.read_csv(directory / "results.csv")
     assert len(results) == 4
     assert yaml.safe_load((directory / "best_config.yaml").read_text())["ranker"]["num_workers"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_pipeline_with_sweep_trains_with_the_best_configs(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    """``jobs/pipeline.py --sweep``: both sweeps, then every stage under the ranker sweep's best config."""
+    config, run = ranked
+    root = tmp_path / "runs"
+    root.mkdir()
+    subprocess.run(["cp", "-r", run.path(), str(root / run.name)], check=True)
+    command = [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", "tiny", "--sweep", "--sweep-samples",
+               "2", *(f"--set={o}" for o in _overrides(config, root))]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1700)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encoder sweep: best validation NDCG@10" in done.stdout and "ranker sweep: best" in done.stdout
+    best = yaml.safe_load((root / "sweeps" / f"{run.name}-ranker" / "best_config.yaml").read_text())
+    encoder_best = yaml.safe_load((root / "sweeps" / f"{run.name}-encoder" / "best_config.yaml").read_text())
+    trained = Run(str(root), run.name).manifest()["config"]
+    assert trained["ranker"] == best["ranker"] and trained["encoder"] == encoder_best["encoder"] == best["encoder"]
+    assert len(pd.read_csv(root / "sweeps" / f"{run.name}-encoder" / "results.csv")) == 2

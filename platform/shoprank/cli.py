@@ -83,11 +83,13 @@ def detached_ui(config: Config, preset: str, overrides: list[str], *, start: boo
     import signal
     import subprocess
     import time
-    from pathlib import Path
 
     import httpx
 
-    pid_file = Path(config.run.root) / "ui.pid"
+    from shoprank.store.run import local_state_dir
+
+    state = local_state_dir(config.run.root)
+    pid_file = state / "ui.pid"
     if pid_file.exists():
         try:
             os.killpg(int(pid_file.read_text()), signal.SIGTERM)
@@ -97,7 +99,7 @@ def detached_ui(config: Config, preset: str, overrides: list[str], *, start: boo
     if not start:
         return "Web page stopped."
     url = f"http://{config.ui.host}:{config.ui.port}"
-    log = Path(config.run.root) / "ui.log"
+    log = state / "ui.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -142,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.start(head)
                 print(cluster.how_to_reach(head))
             elif args.action == "down":
-                cluster.stop()
+                stopped = cluster.stop(head)
+                print(f"Ray head on port {head.gcs_port}: {stopped} processes stopped" if stopped
+                      else f"No Ray head on port {head.gcs_port}.")
             else:
                 state = "running" if cluster.dashboard_ready(head) else "not running"
                 print(f"Ray head is {state}.\n{cluster.how_to_reach(head)}")

@@ -8,6 +8,7 @@ need ``RAY_AUTH_MODE=token`` in their environment to send it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+from ray._common.utils import get_ray_address_file
 
 from shoprank.errors import ShopRankError
 
@@ -109,9 +113,43 @@ def start(cluster: LocalCluster) -> None:
         TOKEN_PATH.chmod(0o600)  # the token grants code execution on the cluster
 
 
-def stop() -> None:
-    """Stop every Ray process that `ray start` started on this machine."""
-    subprocess.run([ray_executable(), "stop"], env=token_env(), check=False)
+def head_processes(cluster: LocalCluster) -> list[psutil.Process]:
+    """The processes of the head on ``cluster.gcs_port``: every one that names its session
+    (found from its GCS server's arguments), and their children (workers, agents, replicas)."""
+    session = None
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info["cmdline"] or []
+        if f"--gcs_server_port={cluster.gcs_port}" in args:
+            session = next((a.split("=", 1)[1] for a in args if a.startswith("--session-name=")), None)
+    if session is None:
+        return []
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if session in " ".join(process.info["cmdline"] or []):
+            try:
+                found.update({p.pid: p for p in [process, *process.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop(cluster: LocalCluster, timeout_s: float = 20.0) -> int:
+    """Stop this head and its workers, and no other Ray instance (unlike ``ray stop``, which
+    stops every Ray process on the machine); how many processes were stopped."""
+    processes = head_processes(cluster)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    address_file = Path(get_ray_address_file(None))
+    if address_file.exists() and address_file.read_text().strip().endswith(f":{cluster.gcs_port}"):
+        address_file.unlink()  # so nothing tries to join the stopped head
+    return len(processes)
 
 
 def how_to_reach(cluster: LocalCluster) -> str:

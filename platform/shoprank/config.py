@@ -401,19 +401,34 @@ def resolve_preset(path_or_name: str | Path) -> Path:
     return preset
 
 
+def read_config_text(path_or_name: str | Path) -> tuple[str, str]:
+    """(where, text) of a preset, a YAML path or a YAML file's filesystem URI (a sweep's
+    ``best_config.yaml`` on shared storage, say)."""
+    if "://" in str(path_or_name):
+        import pyarrow.fs as pafs
+
+        try:
+            filesystem, inner = pafs.FileSystem.from_uri(str(path_or_name))
+            with filesystem.open_input_stream(inner) as stream:
+                return str(path_or_name), stream.read().decode()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config file {path_or_name} cannot be read: {exc}") from None
+    path = resolve_preset(path_or_name)
+    return str(path), path.read_text()
+
+
 def load_config(path_or_name: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a preset or YAML file, apply ``--set`` overrides, validate; errors name the key."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path_or_name is not None:
-        path = resolve_preset(path_or_name)
-        origin = str(path)
+        origin, text = read_config_text(path_or_name)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {origin} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            raise ConfigError(f"config file {origin} must hold a mapping at the top level")
         data = loaded
     for override in overrides or []:
         parts, value = parse_override(override)

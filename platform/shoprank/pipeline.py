@@ -6,17 +6,21 @@ a rerun after a crash continues where it stopped; every attempt lands in the run
 stage log (``stage_log.json``), which also drives the one progress bar across stages.
 The summary at the end gives each stage's status and time, the headline metrics and
 where the run is.
+
+With ``--sweep`` (:func:`swept_config`), the encoder sweep runs first, then the ranker
+sweep over features of the best encoder, and the pipeline trains with the ranker
+sweep's best config, which carries the best encoder settings too.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from shoprank.config import Config
+from shoprank.config import Config, load_config
 from shoprank.ranker.stages import train_rank_and_evaluate
 from shoprank.serving.variants import register_variants
 from shoprank.store.run import Run
@@ -30,7 +34,8 @@ class StageProgress:
 
     def __init__(self, run: Run, since: int) -> None:
         self.run, self.since = run, since
-        self.bar = tqdm(total=len(STAGES) + 1, desc="pipeline", unit="stage")
+        self.bar = tqdm(total=len(STAGES) + 1, desc="pipeline", unit="stage", mininterval=0)
+        self.postfix = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
 
@@ -39,11 +44,15 @@ class StageProgress:
             self.update()
 
     def update(self) -> None:
+        """Redraw only on a change: in a job's log (no terminal) every redraw is a new line."""
         entries = self.run.stage_log()[self.since:]
         finished = [e for e in entries if e["status"] in ("done", "skipped")]
-        running = [e["stage"] for e in entries if e["status"] == "started"][-1:] if entries else []
-        self.bar.set_postfix_str(f"now: {running[0]}" if running and entries[-1]["status"] == "started" else "")
-        self.bar.update(len(finished) - self.bar.n)
+        postfix = f"now: {entries[-1]['stage']}" if entries and entries[-1]["status"] == "started" else ""
+        if postfix != self.postfix:
+            self.postfix = postfix
+            self.bar.set_postfix_str(postfix, refresh=len(finished) == self.bar.n)
+        if len(finished) != self.bar.n:
+            self.bar.update(len(finished) - self.bar.n)
 
     def __enter__(self) -> "StageProgress":
         self._thread.start()
@@ -61,20 +70,50 @@ class PipelineSummary:
     run: str
     stages: list[dict[str, Any]]
     metrics: dict[str, Any]
+    sweeps: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         lines = [f"run: {self.run}", "", "| stage | status | seconds |", "|---|---|---|"]
         lines += [f"| {s['stage']} | {s['status']} | {s.get('seconds', '')} |" for s in self.stages]
-        lines += ["", *(f"{name}: {value}" for name, value in self.metrics.items())]
+        lines += ["", *(f"{name}: {value}" for name, value in {**self.sweeps, **self.metrics}.items())]
         return "\n".join(lines)
 
 
-def run_pipeline(config: Config) -> PipelineSummary:
-    """Every stage (each skipped when current), then A and B registered; the summary."""
-    run = Run.for_config(config)
+@dataclass(frozen=True)
+class SweepPlan:
+    """``--sweep``: how many trials each sweep runs, and their time budget."""
+
+    num_samples: int = 8
+    time_budget_s: float | None = None
+
+
+def swept_config(preset: str, overrides: list[str], plan: SweepPlan) -> tuple[Config, dict[str, Any]]:
+    """The encoder sweep, then the ranker sweep on the best encoder's features: the config to train with,
+    and what each sweep found."""
+    from shoprank.sweep import SPACES, run_sweep
+
+    encoder = run_sweep("encoder", preset, overrides, SPACES / "encoder_space.yaml",
+                        num_samples=plan.num_samples, time_budget_s=plan.time_budget_s)
+    ranker = run_sweep("ranker", encoder.best_config, [], SPACES / "ranker_space.yaml",
+                       num_samples=plan.num_samples, time_budget_s=plan.time_budget_s)
+    found = {
+        f"{kind} sweep": f"best validation NDCG@10 {outcome.best_metric:.4f} of {len(outcome.results)} trials, "
+                         f"{outcome.best_params} ({outcome.best_config})"
+        for kind, outcome in (("encoder", encoder), ("ranker", ranker))
+    }
+    return load_config(ranker.best_config), found
+
+
+def run_pipeline(config: Config, run: Run | None = None, *, sweeps: dict[str, Any] | None = None) -> PipelineSummary:
+    """Every stage (each skipped when current), then A and B registered; the summary.
+
+    ``run`` defaults to the one ``config`` names (pass one to use a filesystem object);
+    ``sweeps`` is what :func:`swept_config` found, for the summary.
+    """
+    run = run or Run.for_config(config)
     since = len(run.stage_log())
     with StageProgress(run, since):
-        run = train_rank_and_evaluate(config)
+        run = train_rank_and_evaluate(config, run)
         register_variants(config, run)
         run.log_stage("register", "done")
     stages = run.manifest()["stages"]
@@ -86,4 +125,4 @@ def run_pipeline(config: Config) -> PipelineSummary:
         "evaluation table": run.uri("evaluation", "offline.md"),
         "registry": "A (zero-shot baseline) and B (fine-tuned + ranker) -> this run",
     }
-    return PipelineSummary(run.uri(), run.stage_log()[since:], metrics)
+    return PipelineSummary(run.uri(), run.stage_log()[since:], metrics, sweeps or {})

@@ -12,7 +12,8 @@ with types ``loguniform``/``uniform`` (``low``, ``high``), ``randint`` (``low``,
 (``encoder.train.learning_rate``), so a trial is the base config plus overrides,
 validated like any ``--set``.
 
-Outputs under ``<run.root>/sweeps/<name>/``: Tune's experiment (restorable: a rerun of
+Outputs under ``<run.root>/sweeps/<run name>-<kind>/`` (on whatever filesystem the run root
+is, shared storage on a cluster): Tune's experiment (restorable: a rerun of
 an interrupted sweep continues it with ``Tuner.restore``), ``results.csv`` and
 ``results.md`` (one row per trial), ``metric.png`` (every trial's validation metric
 over its reports) and ``best_config.yaml`` (a complete config: give it to the
@@ -36,6 +37,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
+from shoprank.store.run import Location
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ def ranker_trial(params: dict[str, Any], preset: str, overrides: list[str], stor
     run = Run.for_config(config)
     train, validation = (with_positives(read_features(run, split)) for split in ("train", "validation"))
     train_ranker(config, train, validation, storage, name=f"trial-{tune.get_context().get_trial_id()}",
-                 callbacks=[TuneReportCallback()], report_every=RANKER_REPORT_EVERY)
+                 callbacks=[TuneReportCallback()], report_every=RANKER_REPORT_EVERY,
+                 storage_filesystem=run.filesystem_for_ray)
 
 
 @dataclass(frozen=True)
@@ -127,11 +130,12 @@ SWEEPS = {
 
 @dataclass
 class SweepOutcome:
-    directory: Path
+    directory: Location
     results: pd.DataFrame
     best_params: dict[str, Any]
     best_metric: float
-    best_config: Path
+    best_config: str
+    """``best_config.yaml``'s path or URI: what ``--config`` takes."""
 
 
 def run_sweep(
@@ -143,20 +147,23 @@ def run_sweep(
     sweep = SWEEPS[kind]
     config = load_config(preset, overrides)
     sweep.prepare(config)
-    root = Path(config.run.root).resolve()
-    directory = root / "sweeps" / f"{config.run.name}-{kind}"
+    sweeps = Location(config.run.root).child("sweeps")
+    name = f"{config.run.name}-{kind}"
+    directory = sweeps.child(name)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
     per_trial = sweep.cpus_per_trial(config)
     concurrent = max_concurrent_trials or max(1, int(cluster_cpus // max(per_trial, 1)))
     # The trial's driver only builds the trainer and waits: no CPU of its own (Tune needs some
     # resource, so a little memory), or on a small cluster it would hold the CPU its workers need.
     trainable = tune.with_resources(
-        tune.with_parameters(sweep.trial, preset=preset, overrides=overrides, storage=str(directory / "trials")),
+        tune.with_parameters(sweep.trial, preset=preset, overrides=overrides, storage=directory.uri("trials")),
         {"CPU": 0, "memory": 64 * 1024**2},
     )
-    if tune.Tuner.can_restore(str(directory)):
-        log.info("continuing the interrupted sweep in %s", directory)
-        tuner = tune.Tuner.restore(str(directory), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    filesystem = directory.filesystem_for_ray
+    if tune.Tuner.can_restore(directory.uri(), storage_filesystem=filesystem):
+        log.info("continuing the interrupted sweep in %s", directory.uri())
+        tuner = tune.Tuner.restore(directory.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=filesystem)
     else:
         search_alg = None
         if search == "optuna":
@@ -172,18 +179,18 @@ def run_sweep(
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.max_reports(config),
                                         grace_period=1, reduction_factor=2),
             ),
-            run_config=tune.RunConfig(name=directory.name, storage_path=str(directory.parent)),
+            run_config=tune.RunConfig(name=name, storage_path=sweeps.uri(), storage_filesystem=filesystem),
         )
     grid = tuner.fit()
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished or (time_budget_s is None and len(grid) < num_samples):
-        raise ShopRankError(f"the sweep in {directory} was interrupted after {grid.num_terminated} of {num_samples} "
+        raise ShopRankError(f"the sweep in {directory.uri()} was interrupted after {grid.num_terminated} of {num_samples} "
                             "trials; run the same command again to continue it")
     return write_outputs(grid, directory, preset, overrides)
 
 
-def write_outputs(grid: tune.ResultGrid, directory: Path, preset: str, overrides: list[str]) -> SweepOutcome:
-    """``results.csv``/``.md``, ``metric.png``, ``best_config.yaml``."""
+def write_outputs(grid: tune.ResultGrid, directory: Location, preset: str, overrides: list[str]) -> SweepOutcome:
+    """``results.csv``/``.md``, ``metric.png``, ``best_config.yaml`` (uploaded together when remote)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,23 +210,25 @@ def write_outputs(grid: tune.ResultGrid, directory: Path, preset: str, overrides
             axis.plot(history["training_iteration"], history[METRIC], marker="o", label=rows[-1]["trial"])
     axis.set_xlabel("report (encoder: epoch; ranker: 5 boosting rounds)")
     axis.set_ylabel(METRIC)
-    axis.set_title(f"{directory.name}: every trial")
+    title = directory.path().rsplit("/", 1)[-1]
+    axis.set_title(f"{title}: every trial")
     axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(directory / "metric.png", dpi=100)
-    plt.close(figure)
     results = pd.DataFrame(rows).sort_values("best " + METRIC, ascending=False, na_position="last")
-    results.to_csv(directory / "results.csv", index=False)
-    (directory / "results.md").write_text(_markdown(results))
     best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
     best_params = dict(best.config)
     config = trial_config(preset, overrides, best_params)
-    best_config = directory / "best_config.yaml"
-    best_config.write_text(
-        f"# Best trial of {directory.name}: {METRIC} {results.iloc[0]['best ' + METRIC]:.4f}\n"
-        + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    )
-    return SweepOutcome(directory, results, best_params, float(results.iloc[0]["best " + METRIC]), best_config)
+    with directory.local_output() as local:
+        figure.savefig(local / "metric.png", dpi=100)
+        results.to_csv(local / "results.csv", index=False)
+        (local / "results.md").write_text(_markdown(results))
+        (local / "best_config.yaml").write_text(
+            f"# Best trial of {title}: {METRIC} {results.iloc[0]['best ' + METRIC]:.4f}\n"
+            + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        )
+    plt.close(figure)
+    return SweepOutcome(directory, results, best_params, float(results.iloc[0]["best " + METRIC]),
+                        directory.uri("best_config.yaml"))
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -260,6 +269,6 @@ def sweep_from_args(kind: str, args: argparse.Namespace) -> str:
     outcome = run_sweep(kind, args.config, args.set, args.space, num_samples=args.num_samples,
                         max_concurrent_trials=args.max_concurrent_trials, time_budget_s=args.time_budget_s,
                         search=args.search)
-    return ((outcome.directory / "results.md").read_text()
+    return (outcome.directory.read_text("results.md")
             + f"best validation NDCG@10 {outcome.best_metric:.4f}: {outcome.best_params}\n"
             + f"best config: {outcome.best_config}  (python jobs/pipeline.py --config {outcome.best_config})")

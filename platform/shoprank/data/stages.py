@@ -40,13 +40,16 @@ def run_stage(
     return True
 
 
-def prepare_data(config: Config) -> Run:
+def prepare_data(config: Config, run: Run | None = None) -> Run:
     """Ingest the configured source and preprocess it into the run; returns the run.
+
+    ``run`` defaults to the one ``config`` names; pass one to put the run on a
+    filesystem object rather than a path or URI (a ``SubTreeFileSystem``, say).
 
     Ingest depends on ``source`` only; preprocessing on ``source`` and ``preprocess``,
     so changing a split fraction re-runs preprocessing but not generation.
     """
-    run = Run.for_config(config)
+    run = run or Run.for_config(config)
     run_stage(run, config, "ingest", config.section_hash("source"), ingest_outputs(config), ingest)
     run_stage(
         run, config, "preprocess", config.section_hash("source", "preprocess"), preprocess_outputs(), preprocess

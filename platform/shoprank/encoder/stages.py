@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 import torch
 from ray.data import ActorPoolStrategy, SaveMode
@@ -38,13 +36,6 @@ log = logging.getLogger(__name__)
 
 ENCODER_OUTPUTS = ["encoder/ray", "encoder/model"]
 EMBED_OUTPUTS = ["embeddings/products", "embeddings/users", "index"]
-
-
-def local_dir(run: Run, *parts: str) -> Path:
-    """A run directory as a local path (model files are loaded from disk)."""
-    if not isinstance(run.fs, pafs.LocalFileSystem):
-        raise ShopRankError(f"{run.uri(*parts)}: model files must be on a local or mounted filesystem for now")
-    return Path(run.path(*parts))
 
 
 def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
@@ -71,19 +62,23 @@ def export_checkpoint(config: EncoderConfig, run: Run, state: dict) -> None:
     num_categories = read_table(run, "data", "categories").num_rows
     model = build_model(backbone, config, num_categories, total_steps=2)
     model.load_state_dict(state["model"], strict=False)
-    target = local_dir(run, "encoder", "model")
-    save_encoder(model.encoder, tokenizer, target, config)
-    torch.save(model.head.state_dict(), target / "head.pt")
+    with run.local_output("encoder", "model") as target:
+        save_encoder(model.encoder, tokenizer, target, config)
+        torch.save(model.head.state_dict(), target / "head.pt")
 
 
 class EmbedProducts:
-    """Ray Data callable class: the encoder is loaded once per actor, then embeds batches."""
+    """Ray Data callable class: the encoder is loaded once per actor, then embeds batches.
 
-    def __init__(self, model_dir: str, config: dict, batch_size: int, use_gpu: bool) -> None:
+    Each actor fetches the run's model itself, so it works on any node of a cluster
+    whose run root is shared storage.
+    """
+
+    def __init__(self, run: Run, config: dict, batch_size: int, use_gpu: bool) -> None:
         self.config = EncoderConfig.model_validate(config)
         self.batch_size = batch_size
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encoder, self.tokenizer = load_encoder(Path(model_dir))
+        self.encoder, self.tokenizer = load_encoder(run.local_path("encoder", "model"))
         self.encoder.to(self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -101,11 +96,10 @@ class EmbedProducts:
 def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
     """Embed the catalogue with an actor pool, build the index, embed users from their histories."""
     embed = config.embed
-    model_dir = str(local_dir(run, "encoder", "model"))
     products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray)
     products.map_batches(
         EmbedProducts,
-        fn_constructor_args=(model_dir, config.encoder.model_dump(mode="json"), config.embed.batch_size,
+        fn_constructor_args=(run, config.encoder.model_dump(mode="json"), config.embed.batch_size,
                              config.ray.use_gpu),
         batch_size=embed.batch_size, compute=ActorPoolStrategy(size=embed.actors), num_gpus=1 if config.ray.use_gpu else 0,
         batch_format="pyarrow",
@@ -114,9 +108,8 @@ def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
     table = read_table(run, "embeddings", "products").sort_by("product_id")
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     index = build_index(vectors, embed)
-    index_dir = local_dir(run, "index")
-    index_dir.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(index_dir / "products.faiss"))
+    with run.local_output("index") as index_dir:
+        faiss.write_index(index, str(index_dir / "products.faiss"))
     write_table(run, pa.table({"row": np.arange(table.num_rows), "product_id": table.column("product_id")}),
                 "index", "product_ids")
     record.rows["products"] = table.num_rows
@@ -150,9 +143,9 @@ def embed_users(run: Run, product_ids: list[str], vectors: np.ndarray, half_life
     return pa.table({"user_id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
 
 
-def train_and_embed(config: Config, *, embed: bool = True) -> Run:
+def train_and_embed(config: Config, run: Run | None = None, *, embed: bool = True) -> Run:
     """Data stages, then fine-tuning, then (optionally) embedding and indexing; each skipped when current."""
-    run = prepare_data(config)
+    run = prepare_data(config, run)
     run_stage(run, config, "encoder", config.section_hash("source", "preprocess", "encoder"), ENCODER_OUTPUTS, fine_tune)
     if embed:
         run_stage(run, config, "embed", config.config_hash(), EMBED_OUTPUTS, embed_and_index)

@@ -234,6 +234,7 @@ def train_encoder(
         run_config=RunConfig(
             name=name,
             storage_path=storage or run.uri("encoder", "ray"),
+            storage_filesystem=run.filesystem_for_ray,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -144,12 +143,12 @@ def load_context(
         index.add(vectors)
         index_rows = np.arange(len(vectors))
     else:
-        encoder, tokenizer = load_encoder(Path(run.path("encoder", "model")))
+        encoder, tokenizer = load_encoder(run.local_path("encoder", "model"))
         embedded = read_table(run, "embeddings", "products")
         position = {p: i for i, p in enumerate(embedded.column("product_id").to_pylist())}
         matrix = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
         vectors = matrix[[position[p] for p in stats.product_ids]]
-        index = faiss.read_index(run.path("index", "products.faiss"))
+        index = faiss.read_index(str(run.local_path("index", "products.faiss")))
         ids = read_table(run, "index", "product_ids").sort_by("row").column("product_id").to_pylist()
         index_rows = np.array([stats.row_of[p] for p in ids], dtype=np.int64)
     catalogue = Catalogue(

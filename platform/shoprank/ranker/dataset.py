@@ -114,11 +114,9 @@ class RequestFeatures:
     """Ray Data callable class: the run's context is loaded once per actor, then requests become rows."""
 
     def __init__(
-        self, config: dict[str, Any], run_root: str, run_name: str, zero_shot: bool = False,
-        new_events: pa.Table | None = None,
+        self, config: dict[str, Any], run: Run, zero_shot: bool = False, new_events: pa.Table | None = None,
     ) -> None:
         self.config = Config.model_validate(config)
-        run = Run(run_root, run_name)
         self.context = load_context(self.config, run, zero_shot=zero_shot, new_events=new_events)
         self.judgments = judgments(run)
 

@@ -29,7 +29,7 @@ from ray.train.xgboost import RayTrainReportCallback
 from shoprank.config import Config
 from shoprank.data.io import PartFilenames
 from shoprank.data.stages import run_stage
-from shoprank.encoder.stages import local_dir, train_and_embed
+from shoprank.encoder.stages import train_and_embed
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
 from shoprank.ranker.dataset import RequestFeatures, build_requests, judgments
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION, FEATURES
@@ -50,7 +50,7 @@ def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot:
     blocks = max(1, len(requests) // (REQUESTS_PER_BATCH * 4))
     return ray.data.from_pandas(requests).repartition(blocks).map_batches(
         RequestFeatures,
-        fn_constructor_args=(config.model_dump(mode="json"), run.root, run.name, zero_shot),
+        fn_constructor_args=(config.model_dump(mode="json"), run, zero_shot),
         compute=ActorPoolStrategy(size=1), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
     )
 
@@ -79,11 +79,13 @@ def with_positives(frame: pd.DataFrame) -> pd.DataFrame:
 
 def fit_ranker(config: Config, run: Run, record: StageRecord, warm_start: str | None = None) -> None:
     train, validation = with_positives(read_features(run, "train")), with_positives(read_features(run, "validation"))
-    result = train_ranker(config, train, validation, run.uri("ranker", "ray"), warm_start)
+    result = train_ranker(config, train, validation, run.uri("ranker", "ray"), warm_start,
+                          storage_filesystem=run.filesystem_for_ray)
     booster = RayTrainReportCallback.get_model(result.checkpoint)
     metrics = {k: v for k, v in result.metrics.items() if "ndcg" in k}
     metrics["num_trees"] = booster.num_boosted_rounds()
-    save_ranker(booster, local_dir(run, "ranker", "model"), metrics)
+    with run.local_output("ranker", "model") as directory:
+        save_ranker(booster, directory, metrics)
     record.metrics.update(metrics)
     record.rows.update(train=len(train), validation=len(validation))
 
@@ -122,7 +124,7 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     requests = requests[requests["split"] == "test"]
     tuned = read_features(run, "test")
     zero = feature_rows(config, run, requests, zero_shot=True).to_pandas()
-    booster = load_ranker(local_dir(run, "ranker", "model"))
+    booster = load_ranker(run.local_path("ranker", "model"))
     tuned["ranker"] = np.concatenate(
         [predict(booster, g[FEATURES].to_numpy(np.float32)) for _, g in tuned.groupby("request_id", sort=False)]
     ) if len(tuned) else []
@@ -140,7 +142,8 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     for kind in ("search", "recommend"):
         kind_qrels = {r: rel for r, rel in qrels.items() if kinds.get(r) == kind}
         table[kind] = {name: _score(system(kind), kind_qrels, catalogue_size) for name, system in systems.items()}
-    write_evaluation(local_dir(run, "evaluation"), table)
+    with run.local_output("evaluation") as directory:
+        write_evaluation(directory, table)
     for kind, rows in table.items():
         record.metrics[f"{kind}/ranker_ndcg_gain_over_retrieval"] = round(
             rows["fine-tuned retrieval + ranker"]["ndcg@10"] - rows["retrieval (fine-tuned encoder)"]["ndcg@10"], 4
@@ -191,9 +194,9 @@ def ranker_hash(config: Config) -> str:
     return f"{features_hash(config)}-{config.section_hash('ranker')}"
 
 
-def train_rank_and_evaluate(config: Config, *, evaluate: bool = True) -> Run:
+def train_rank_and_evaluate(config: Config, run: Run | None = None, *, evaluate: bool = True) -> Run:
     """Data and encoder stages, then features, ranker and (optionally) the evaluation; each skipped when current."""
-    run = train_and_embed(config)
+    run = train_and_embed(config, run)
     run_stage(run, config, "features", features_hash(config), FEATURE_OUTPUTS, build_features)
     run_stage(run, config, "ranker", ranker_hash(config), RANKER_OUTPUTS, fit_ranker)
     if evaluate:

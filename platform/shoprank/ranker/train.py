@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import xgboost
@@ -107,6 +108,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 def train_ranker(
     config: Config, train: pd.DataFrame, validation: pd.DataFrame, storage: str, warm_start: str | None = None,
     *, name: str = "ranker", callbacks: list[Any] | None = None, report_every: int = REPORT_EVERY,
+    storage_filesystem: pafs.FileSystem | None = None,
 ) -> ray.train.Result:
     """Fit the ranker on feature rows (columns: request_id, product_id, label, FEATURES); Ray's ``Result``.
 
@@ -129,7 +131,7 @@ def train_ranker(
                            "report_every": report_every},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.use_gpu,
                                      resources_per_worker={"CPU": ranker.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=1),
+        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem, failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or []),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own requests

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ from ray.train.xgboost import RayTrainReportCallback
 from shoprank.config import Config, TableFile
 from shoprank.data.io import read_table
 from shoprank.data.readers import read_table as read_records
-from shoprank.encoder.stages import local_dir
 from shoprank.errors import DataError
 from shoprank.ranker.dataset import RequestFeatures, sessions_of
 from shoprank.ranker.stages import REQUESTS_PER_BATCH, with_positives
@@ -64,7 +62,7 @@ def update_run_name(base: Run, events: pa.Table) -> str:
 
 def update_ranker(config: Config, base: Run, events_path: str, alias: str = "latest") -> dict[str, Any]:
     """Train the update, save it as a new run, register it, and move ``alias`` if it is no worse."""
-    base_model = local_dir(base, "ranker", "model")
+    base_model = base.local_path("ranker", "model")
     old = load_ranker(base_model)
     known = set(read_table(base, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
     events = read_new_events(events_path, known)
@@ -72,26 +70,28 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
     cut = int(len(requests) * (1 - VALIDATION_SHARE))
     requests["split"] = np.where(np.arange(len(requests)) < cut, "train", "validation")
     rows = ray.data.from_pandas(requests).map_batches(
-        RequestFeatures, fn_constructor_args=(config.model_dump(mode="json"), base.root, base.name, False, events),
+        RequestFeatures, fn_constructor_args=(config.model_dump(mode="json"), base, False, events),
         compute=ActorPoolStrategy(size=1), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
     ).to_pandas()
     train, validation = (with_positives(rows[rows["split"] == s]) for s in ("train", "validation"))
     if train.empty or validation.empty:
         raise DataError("too few new sessions with a click, cart or purchase to train and validate an update",
                         file=events_path)
-    run = Run(base.root, update_run_name(base, events))
+    run = Run(base.root, update_run_name(base, events), filesystem=base.filesystem)
     with run.stage("ranker-update", config, config.section_hash("ranker"), ["ranker"]) as record:
-        result = train_ranker(config, train, validation, run.uri("ranker", "ray"), warm_start=str(base_model / "model.ubj"))
+        result = train_ranker(config, train, validation, run.uri("ranker", "ray"), warm_start=str(base_model / "model.ubj"),
+                              storage_filesystem=run.filesystem_for_ray)
         booster = RayTrainReportCallback.get_model(result.checkpoint)
         metrics = {"validation/ndcg@10": validation_ndcg(booster, validation), "base/validation/ndcg@10": validation_ndcg(old, validation),
                    "num_trees": booster.num_boosted_rounds(), "base_num_trees": old.num_boosted_rounds(),
                    "base_run": base.uri(), "new_events": events.num_rows}
-        save_ranker(booster, local_dir(run, "ranker", "model"), metrics)
+        with run.local_output("ranker", "model") as directory:
+            save_ranker(booster, directory, metrics)
         promoted = metrics["validation/ndcg@10"] >= metrics["base/validation/ndcg@10"] - config.ranker.update_tolerance
         metrics["promoted"] = bool(promoted)
         record.metrics.update(metrics)
         record.rows.update(train=len(train), validation=len(validation))
-    registry = Registry(Path(base.root))
+    registry = Registry.beside(base)
     registry.set(run.name, run.uri(), base_run=base.uri(), metrics={k: metrics[k] for k in ("validation/ndcg@10",)})
     if promoted:
         registry.set(alias, run.uri(), base_run=base.uri(), ndcg=metrics["validation/ndcg@10"])

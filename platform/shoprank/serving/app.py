@@ -19,7 +19,6 @@ redeploy (``shoprank serve``), which Serve rolls out replica by replica.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +28,7 @@ from ray.serve import Application
 from shoprank.config import Config, load_config
 from shoprank.serving.deployments import EventStoreWriter, Ingress, QueryEncoder, Ranker, Retriever, UserState
 from shoprank.serving.variants import event_db_path, resolve_variants
+from shoprank.store.run import Location
 
 APP_NAME = "shoprank"
 
@@ -40,6 +40,10 @@ class AppArgs(BaseModel):
 
     config: str = Field("demo", description="Preset name or YAML path.")
     overrides: list[str] = Field(default_factory=list, description="``key=value`` overrides, as ``--set``.")
+
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""The resource only Ray's head node has."""
 
 
 def _scaling(config: Config) -> dict[str, Any]:
@@ -57,7 +61,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     settings = config.serve
     dumped = config.model_dump(mode="json")
     specs = resolve_variants(config)
-    registry_root = str(Path(config.run.root).resolve())
+    registry_root = Location(config.run.root).uri()
     cpu = {"num_cpus": settings.cpus_per_replica}
     encoder_gpu = {"num_gpus": 1} if config.ray.use_gpu else {}
     variants = {}
@@ -79,11 +83,13 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
             ).bind(dumped, spec.run),
         }
     db = str(event_db_path(config).resolve())
+    # SQLite is a file on one disk: its writer and its reader both live on the head node, on a cluster too.
+    on_head = {**cpu, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     store = EventStoreWriter.options(
-        ray_actor_options=cpu, max_ongoing_requests=4 * settings.event_batch_size,
+        ray_actor_options=on_head, max_ongoing_requests=4 * settings.event_batch_size,
         user_config={"batch_size": settings.event_batch_size},
     ).bind(db)
-    user_state = UserState.options(ray_actor_options=cpu, max_ongoing_requests=256).bind(db)
+    user_state = UserState.options(ray_actor_options=on_head, max_ongoing_requests=256).bind(db)
     return Ingress.options(
         ray_actor_options=cpu, max_ongoing_requests=256, **_scaling(config),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},

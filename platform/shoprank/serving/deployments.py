@@ -31,7 +31,6 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,7 +73,7 @@ class QueryEncoder:
         if encoder == "zero_shot":
             self.encoder, self.tokenizer = load_encoder_from_config(self.config.encoder)
         else:
-            self.encoder, self.tokenizer = load_encoder(Path(Run.from_uri(run_uri).path("encoder", "model")))
+            self.encoder, self.tokenizer = load_encoder(Run.from_uri(run_uri).local_path("encoder", "model"))
         self.device = "cuda" if self.config.ray.use_gpu and torch.cuda.is_available() else "cpu"
         self.encoder.to(self.device)
 
@@ -140,7 +139,7 @@ class Ranker:
             log.warning("alias %s moved to %s over another base run (%s): redeploy the app to serve it",
                         spec.alias, spec.ranker_run, spec.run)
             return
-        booster = (load_ranker(Path(Run.from_uri(spec.ranker_run).path("ranker", "model")))
+        booster = (load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
                    if spec.strategy == "ranker" else None)
         self.ranking = Ranking(self.stats, spec.strategy, booster, self.config.serve.baseline_popularity_weight)
         self.model = {"strategy": spec.strategy, "ranker_run": spec.ranker_run,

@@ -17,9 +17,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from shoprank.config import Config
+from shoprank.errors import ConfigError
 from shoprank.serving.pipeline import Strategy
 from shoprank.store.registry import Registry
-from shoprank.store.run import Run
+from shoprank.store.run import Location, Run
 
 
 EncoderKind = Literal["fine_tuned", "zero_shot"]
@@ -57,7 +58,7 @@ def resolve_variants(config: Config) -> dict[str, VariantSpec]:
 
 def register_variants(config: Config, run: Run) -> dict[str, dict]:
     """The demo's experiment: ``A`` the baseline (zero-shot encoder, no ranker), ``B`` the trained run."""
-    registry = Registry(config.run.root)
+    registry = Registry.beside(run)
     return {
         "A": registry.set("A", run.uri(), encoder="zero_shot", strategy="retrieval"),
         "B": registry.set("B", run.uri(), encoder="fine_tuned", strategy="ranker"),
@@ -65,6 +66,16 @@ def register_variants(config: Config, run: Run) -> dict[str, dict]:
 
 
 def event_db_path(config: Config) -> Path:
-    """``serve.event_db``, relative to the run root unless absolute."""
+    """``serve.event_db``, relative to the run root unless absolute.
+
+    The event store is SQLite, which needs a local disk: with a run root on remote
+    storage (``s3://``...), ``serve.event_db`` must be an absolute local path.
+    """
     path = Path(config.serve.event_db)
-    return path if path.is_absolute() else Path(config.run.root) / path
+    if path.is_absolute():
+        return path
+    root = Location(config.run.root)
+    if not root.is_local:
+        raise ConfigError(f"serve.event_db: {config.serve.event_db!r} would be under run.root {config.run.root}, "
+                          "which is not a local disk; SQLite needs one, so give an absolute local path")
+    return Path(root.path()) / path

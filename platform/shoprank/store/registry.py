@@ -2,36 +2,42 @@
 
 Serve variants name a registry entry, so promoting a model is one registry write.
 The registry is one JSON file, ``registry.json``, beside the runs under the run
-root; each write replaces it atomically (a temporary file, then a rename) and
-appends the move to ``history``, so a reader never sees half an entry and every
-promotion can be traced.
+root (a local path or any filesystem URI a run root may be); each write replaces it
+atomically (a temporary file, then a move) and appends the move to ``history``, so
+a reader never sees half an entry and every promotion can be traced.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from shoprank.errors import ShopRankError
+from shoprank.store.run import Location, Run
 
 REGISTRY_FILE = "registry.json"
 
 
 class Registry:
-    """Aliases -> runs, stored in ``<root>/registry.json`` (a local or mounted directory)."""
+    """Aliases -> runs, stored in ``<root>/registry.json``."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.path = Path(root) / REGISTRY_FILE
+    def __init__(self, root: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+        self.location = Location(str(root), filesystem=filesystem)
+        self.path = self.location.uri(REGISTRY_FILE)
+
+    @classmethod
+    def beside(cls, run: Run) -> "Registry":
+        """The registry of the run root that holds ``run``."""
+        return cls(run.root, filesystem=run.filesystem)
 
     def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
+        if not self.location.exists(REGISTRY_FILE):
             return {"aliases": {}, "history": []}
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(self.location.read_text(REGISTRY_FILE))
         except json.JSONDecodeError as exc:
             raise ShopRankError(f"{self.path}: not a registry file ({exc})") from None
 
@@ -52,10 +58,5 @@ class Registry:
         entry = {"run": str(run), **details, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         state["history"].append({"alias": alias, "from": state["aliases"].get(alias, {}).get("run"), **entry})
         state["aliases"][alias] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(state, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, self.path)
+        self.location.write_json(state, REGISTRY_FILE)
         return entry
