@@ -277,7 +277,12 @@ class ServeConfig(Section):
     max_query_chars: int = Field(200, ge=1, le=10_000)
     replicas: int = Field(1, ge=1, description="Replicas of each variant's encoder, retriever and ranker.")
     max_replicas: int = Field(1, ge=1, description="Above ``replicas``: autoscaling on ongoing requests.")
-    cpus_per_replica: float = Field(0.1, ge=0.0, description="Small on a laptop: the replicas share the cores.")
+    cpus_per_replica: float = Field(
+        0.0, ge=0.0,
+        description="None reserved on a laptop: the replicas share the cores, and a pipeline job beside the app "
+        "still gets every CPU for its trainers and Ray Data (reserved CPUs there can starve it for good); "
+        "reserve them on a cluster (the cluster preset: 1).",
+    )
     registry_poll_s: float = Field(
         2.0, gt=0.0, description="How often each ranker replica checks the registry for a moved alias (hot reload).",
     )
