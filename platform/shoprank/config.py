@@ -410,12 +410,11 @@ def read_config_text(path_or_name: str | Path) -> tuple[str, str]:
     """(where, text) of a preset, a YAML path or a YAML file's filesystem URI (a sweep's
     ``best_config.yaml`` on shared storage, say)."""
     if "://" in str(path_or_name):
-        import pyarrow.fs as pafs
+        from shoprank.store.run import Location  # here: that module imports this one
 
+        folder, _, name = str(path_or_name).rpartition("/")
         try:
-            filesystem, inner = pafs.FileSystem.from_uri(str(path_or_name))
-            with filesystem.open_input_stream(inner) as stream:
-                return str(path_or_name), stream.read().decode()
+            return str(path_or_name), Location(folder).read_text(name)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config file {path_or_name} cannot be read: {exc}") from None
     path = resolve_preset(path_or_name)
