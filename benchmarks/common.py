@@ -41,10 +41,11 @@ def start_ray() -> None:
     ``address="local"``: never a cluster that a ``ray start`` left running. The caller
     shuts it down (``ray.shutdown()``), and nothing else.
     """
-    import ray
     from ray.data.context import DataContext
 
-    ray.init(address="local", num_cpus=RAY_NUM_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    from shoprank.entrypoint import start_local_ray
+
+    start_local_ray(RAY_NUM_CPUS, logging_level=logging.WARNING)
     DataContext.get_current().enable_progress_bars = False
 
 

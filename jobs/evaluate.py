@@ -8,16 +8,15 @@ Writes ``evaluation/offline.{json,md,png}`` into the run (earlier stages skipped
 
 from __future__ import annotations
 
-import ray
 
-from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 from shoprank.ranker.stages import train_rank_and_evaluate
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         config = config_from_args(job_parser(__doc__).parse_args())
-        ray.init(**ray_init_kwargs(config.ray))
+        init_ray(config.ray)
         run = train_rank_and_evaluate(config)
         print(open(run.path("evaluation", "offline.md")).read())
         print(f"run directory: {run.uri()}")

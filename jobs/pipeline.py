@@ -12,11 +12,8 @@ their best config; an interrupted sweep continues when the same command is run a
 
 from __future__ import annotations
 
-import ray
-
-from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 from shoprank.pipeline import SweepPlan, run_pipeline, swept_config
-from shoprank.sweep import sweep_ray_kwargs
 
 if __name__ == "__main__":
     setup_logging()
@@ -27,7 +24,7 @@ if __name__ == "__main__":
     with user_errors():
         args = parser.parse_args()
         config = config_from_args(args)
-        ray.init(**(sweep_ray_kwargs(config) if args.sweep else ray_init_kwargs(config.ray)))
+        init_ray(config.ray, dashboard=args.sweep)
         found = {}
         if args.sweep:
             config, found = swept_config(args.config, args.set, SweepPlan(args.sweep_samples, args.sweep_time_budget_s))

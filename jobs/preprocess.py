@@ -6,15 +6,14 @@
 
 from __future__ import annotations
 
-import ray
 
 from shoprank.data.stages import prepare_data
-from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         config = config_from_args(job_parser(__doc__).parse_args())
-        ray.init(**ray_init_kwargs(config.ray))
+        init_ray(config.ray)
         run = prepare_data(config)
         print(f"run directory: {run.uri()}")

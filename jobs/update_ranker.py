@@ -9,9 +9,8 @@ NDCG@10 on the new requests does not drop (``ranker.update_tolerance``).
 
 from __future__ import annotations
 
-import ray
 
-from shoprank.entrypoint import config_from_args, job_parser, ray_init_kwargs, setup_logging, user_errors
+from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 from shoprank.ranker.update import update_ranker
 from shoprank.store.run import Run
 
@@ -23,5 +22,5 @@ if __name__ == "__main__":
     with user_errors():
         args = parser.parse_args()
         config = config_from_args(args)
-        ray.init(**ray_init_kwargs(config.ray))
+        init_ray(config.ray)
         print(update_ranker(config, Run.for_config(config), args.events, alias=args.alias))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from ray import serve  # noqa: E402
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.data.stages import prepare_data
+from shoprank.entrypoint import free_port, start_local_ray
 from shoprank.serving.app import AppArgs, deploy
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import SqliteEventStore
@@ -33,11 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_local() -> Iterator[None]:
     """A real local Ray cluster with 2 CPUs, shut down when the session ends.
 
-    With its dashboard (on a free port): Ray Train's placement-group cleaner asks the
-    State API whether a controller still lives, and without an answer the placement
-    group of a trial that Tune stopped early keeps its CPUs, so the next trial waits forever.
+    Started like an entrypoint's local cluster (``start_local_ray``), with its dashboard:
+    Ray Train's placement-group cleaner asks the State API whether a controller still
+    lives, and without an answer the placement group of a trial that Tune stopped early
+    keeps its CPUs, so the next trial waits forever.
     """
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=_free_port(), log_to_driver=False)
+    start_local_ray(2, dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -96,12 +97,6 @@ def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
     return config, train_rank_and_evaluate(config)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class App:
     """The deployed app: its args, URL, event database and an HTTP client."""
 
@@ -143,7 +138,7 @@ def app(ranked: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) ->
     config, run = ranked
     register_variants(config, run)
     db = tmp_path_factory.mktemp("serve") / "events.sqlite"
-    port = _free_port()
+    port = free_port()
     overrides = [f"run.root={config.run.root}", f"run.name={run.name}", f"encoder.model={config.encoder.model}",
                  f"serve.port={port}", f"serve.event_db={db}", "serve.max_query_chars=80"]
     served = App(config.model_copy(update={"serve": config.serve.model_copy(update={"port": port})}), run,

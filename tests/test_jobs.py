@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,9 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from shoprank import cluster as local_cluster
 from shoprank.cluster import TOKEN_PATH, LocalCluster, head_env, wait_for_dashboard
+from shoprank.entrypoint import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_cluster(process: subprocess.Popen[bytes], temp_dir: str) -> None:
@@ -54,13 +48,13 @@ def _kill_cluster(process: subprocess.Popen[bytes], temp_dir: str) -> None:
 def ray_head() -> Iterator[LocalCluster]:
     """A real `ray start --head` on loopback with token authentication, stopped after the test."""
     temp_dir = tempfile.mkdtemp(prefix="srh-", dir="/tmp")
-    cluster = LocalCluster(_free_port(), _free_port(), num_cpus=2, temp_dir=temp_dir)
+    cluster = LocalCluster(free_port(), free_port(), num_cpus=2, temp_dir=temp_dir)
     command = cluster.start_command(block=True) + [
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
     ]
     process = subprocess.Popen(
         command, env=head_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -31,7 +31,8 @@ def test_a_ranker_sweep_of_four_trials_writes_its_table_plot_and_best_config(ran
                         search="optuna")
     directory = Path(outcome.directory.path())
     results = pd.read_csv(directory / "results.csv")
-    assert len(results) == 4 and results["error"].isna().all()
+    assert len(results) == 4
+    assert results["error"].isna().all(), results["error"].dropna().tolist()
     assert {"ranker.eta", "ranker.max_depth", "ranker.objective"} <= set(results.columns)
     assert results["best validation/ndcg@10"].between(0, 1).all()
     assert (directory / "results.md").read_text().count("\n") == 6

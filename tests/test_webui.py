@@ -11,9 +11,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from ray import serve
 
-from conftest import App, _free_port
+from conftest import App
 from shoprank.data.io import read_table
 from shoprank.data.synthetic import ShopSimulator
+from shoprank.entrypoint import free_port
 from shoprank.webui.page import CSS, build_page
 from shoprank.webui.simulate import simulate
 
@@ -23,7 +24,7 @@ OUTPUT = Path(__file__).resolve().parents[1] / "test-output" / "webui"
 
 @pytest.fixture(scope="module")
 def page_url(app: App) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     page = build_page(app.url, lambda: ShopSimulator(app.config.source.synthetic), timeout_s=20.0)
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
     yield f"http://127.0.0.1:{port}"

@@ -4,14 +4,12 @@
     ray job submit --working-dir . -- python tune/sweep_ranker.py --config cluster --num-samples 32
 """
 
-import ray
-
-from shoprank.entrypoint import config_from_args, setup_logging, user_errors
-from shoprank.sweep import sweep_from_args, sweep_parser, sweep_ray_kwargs
+from shoprank.entrypoint import config_from_args, init_ray, setup_logging, user_errors
+from shoprank.sweep import sweep_from_args, sweep_parser
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         args = sweep_parser("ranker", __doc__).parse_args()
-        ray.init(**sweep_ray_kwargs(config_from_args(args)))
+        init_ray(config_from_args(args).ray, dashboard=True)
         print(sweep_from_args("ranker", args))

@@ -11,15 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
+
 from shoprank.config import Config, RayConfig, load_config
 from shoprank.errors import ShopRankError
 
 EXIT_USER_ERROR = 2
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -43,18 +47,50 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.set)
 
 
-def ray_init_kwargs(ray_config: RayConfig) -> dict[str, Any]:
+def init_ray(ray_config: RayConfig, *, dashboard: bool = False) -> None:
     """Join the cluster a job runs on, or start a local one with an explicit CPU count.
 
     Under ``ray job submit`` Ray sets ``RAY_ADDRESS``; joining must not pass
-    ``num_cpus``. Run directly, the job starts a local cluster sized by config, so
-    it never claims more CPUs than the machine can spare.
+    ``num_cpus``. Run directly, the job starts a local cluster (:func:`start_local_ray`)
+    sized by config, so it never claims more CPUs than the machine can spare; sweeps
+    ask for its ``dashboard``, because Ray Train's placement-group cleaner needs the
+    State API to free the CPUs of a trial that ASHA stopped.
     """
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
     if address:
-        return {"address": address, "log_to_driver": True}
-    # address="local": start a new instance even when a `ray start` cluster runs on this machine.
-    return {"address": "local", "num_cpus": ray_config.num_cpus, "include_dashboard": False}
+        ray.init(address=address, log_to_driver=True)
+    else:
+        start_local_ray(ray_config.num_cpus, dashboard=dashboard)
+
+
+def start_local_ray(num_cpus: int, *, dashboard: bool = False, **options: Any) -> None:
+    """A new local Ray cluster (even when a ``ray start`` cluster runs on this machine) whose
+    workers know its address.
+
+    Ray Train's placement-group cleaner, a detached actor that frees the CPUs of a
+    training run whose controller died (a trial ASHA stopped), looks its cluster up
+    through ``RAY_ADDRESS``, else through ``/tmp/ray/ray_current_cluster``, which names
+    the ``ray start`` cluster of this machine if there is one. There it does not find the
+    controller, takes it for dead and frees the CPUs of a live run; with two local
+    clusters and no such file it fails and the CPUs stay held, so the next stage waits
+    forever. So the GCS port is chosen here (``RAY_GCS_SERVER_PORT``, read when the head
+    starts) and every worker of the job gets ``RAY_ADDRESS``. ``options`` go to ``ray.init``.
+    """
+    port = free_port()
+    os.environ[GCS_PORT_VARIABLE] = str(port)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                 dashboard_port=free_port() if dashboard else None,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}, **options)
+    finally:
+        os.environ.pop(GCS_PORT_VARIABLE, None)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -205,7 +205,7 @@ def write_outputs(grid: tune.ResultGrid, directory: Location, preset: str, overr
         best = float(history[METRIC].max()) if history is not None and METRIC in history else None
         rows.append({"trial": (result.metrics or {}).get("trial_id"), **params, "reports": len(history)
                      if history is not None else 0, "final " + METRIC: final, "best " + METRIC: best,
-                     "error": str(result.error).splitlines()[0] if result.error else ""})
+                     "error": _error_summary(result.error)})
         if history is not None and METRIC in history:
             axis.plot(history["training_iteration"], history[METRIC], marker="o", label=rows[-1]["trial"])
     axis.set_xlabel("report (encoder: epoch; ranker: 5 boosting rounds)")
@@ -231,6 +231,15 @@ def write_outputs(grid: tune.ResultGrid, directory: Location, preset: str, overr
                         directory.uri("best_config.yaml"))
 
 
+def _error_summary(error: BaseException | None) -> str:
+    """The line of a failed trial's error that says what went wrong: Ray's text starts with the
+    actor's name and pid and ends with the exception, so the table keeps the last line."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     cells = frame.astype(object).where(frame.notna(), "")
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
@@ -251,17 +260,6 @@ def sweep_parser(kind: str, doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--time-budget-s", type=float, default=None)
     parser.add_argument("--search", choices=["optuna", "random"], default="optuna")
     return parser
-
-
-def sweep_ray_kwargs(config: Config) -> dict[str, Any]:
-    """``ray.init`` arguments for a sweep: a local cluster gets its dashboard, because Ray Train's
-    placement-group cleaner needs the State API to free the CPUs of a trial ASHA stopped."""
-    from shoprank.entrypoint import ray_init_kwargs
-
-    kwargs = ray_init_kwargs(config.ray)
-    if kwargs.get("address") == "local":
-        kwargs["include_dashboard"] = True
-    return kwargs
 
 
 def sweep_from_args(kind: str, args: argparse.Namespace) -> str:
