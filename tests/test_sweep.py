@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from shoprank.config import Config, load_config
+from shoprank.errors import ShopRankError
 from shoprank.store.run import Run
 from shoprank.sweep import run_sweep
 
@@ -40,6 +41,8 @@ def test_a_ranker_sweep_of_four_trials_writes_its_table_plot_and_best_config(ran
     best = load_config(str(outcome.best_config))
     assert best.ranker.eta == outcome.best_params["ranker.eta"]
     assert outcome.best_metric == results["best validation/ndcg@10"].max()
+    with pytest.raises(ShopRankError, match="another num_samples; run the command that started it"):
+        run_sweep("ranker", "tiny", _overrides(config), REPO / "tune" / "ranker_space.yaml", num_samples=5)
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ validated like any ``--set``.
 
 Outputs under ``<run.root>/sweeps/<run name>-<kind>/`` (on whatever filesystem the run root
 is, shared storage on a cluster): Tune's experiment (restorable: a rerun of
-an interrupted sweep continues it with ``Tuner.restore``), ``results.csv`` and
+an interrupted sweep continues it with ``Tuner.restore``; a rerun with another base config,
+space or number of trials is refused, see ``sweep.json``), ``results.csv`` and
 ``results.md`` (one row per trial), ``metric.png`` (every trial's validation metric
 over its reports) and ``best_config.yaml`` (a complete config: give it to the
 pipeline with ``--config``).
@@ -23,6 +24,7 @@ pipeline with ``--config``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,8 @@ METRIC = "validation/ndcg@10"
 SPACES = Path(__file__).resolve().parents[2] / "tune"
 """The search spaces beside the sweep entrypoints (``tune/`` of the repository)."""
 RANKER_REPORT_EVERY = 5
+IDENTITY_FILE = "sweep.json"
+"""Beside Tune's experiment: what the sweep was started with (:func:`sweep_identity`)."""
 SPACE_TYPES = {
     "loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
     "uniform": lambda s: tune.uniform(s["low"], s["high"]),
@@ -146,10 +150,15 @@ def run_sweep(
     """Run (or continue, when interrupted before) the ``kind`` sweep; write its tables, plot and best config."""
     sweep = SWEEPS[kind]
     config = load_config(preset, overrides)
-    sweep.prepare(config)
     sweeps = Location(config.run.root).child("sweeps")
     name = f"{config.run.name}-{kind}"
     directory = sweeps.child(name)
+    filesystem = directory.filesystem_for_ray
+    identity = sweep_identity(kind, config, space_path, num_samples=num_samples, search=search, seed=seed)
+    restoring = tune.Tuner.can_restore(directory.uri(), storage_filesystem=filesystem)
+    if restoring:
+        check_same_sweep(directory, identity)
+    sweep.prepare(config)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
     per_trial = sweep.cpus_per_trial(config)
     concurrent = max_concurrent_trials or max(1, int(cluster_cpus // max(per_trial, 1)))
@@ -159,8 +168,7 @@ def run_sweep(
         tune.with_parameters(sweep.trial, preset=preset, overrides=overrides, storage=directory.uri("trials")),
         {"CPU": 0, "memory": 64 * 1024**2},
     )
-    filesystem = directory.filesystem_for_ray
-    if tune.Tuner.can_restore(directory.uri(), storage_filesystem=filesystem):
+    if restoring:
         log.info("continuing the interrupted sweep in %s", directory.uri())
         tuner = tune.Tuner.restore(directory.uri(), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)
@@ -179,14 +187,40 @@ def run_sweep(
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.max_reports(config),
                                         grace_period=1, reduction_factor=2),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=sweeps.uri(), storage_filesystem=filesystem),
+            # a trial that fails (a worker that did not start in time on a busy machine) gets a second try
+            run_config=tune.RunConfig(name=name, storage_path=sweeps.uri(), storage_filesystem=filesystem,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
         )
+        directory.write_json(identity, IDENTITY_FILE)
     grid = tuner.fit()
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished or (time_budget_s is None and len(grid) < num_samples):
         raise ShopRankError(f"the sweep in {directory.uri()} was interrupted after {grid.num_terminated} of {num_samples} "
                             "trials; run the same command again to continue it")
     return write_outputs(grid, directory, preset, overrides)
+
+
+def sweep_identity(kind: str, config: Config, space_path: str | Path, *, num_samples: int, search: str,
+                   seed: int) -> dict[str, str]:
+    """What makes a rerun the same sweep: its base config (every section a trial reads), its
+    search space, its number of trials and its search algorithm."""
+    sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval", "ranker")
+    space = hashlib.sha256(Path(space_path).read_bytes()).hexdigest()[:16]
+    return {"kind": kind, "base config": sections, "search space": space, "num_samples": str(num_samples),
+            "search": search, "seed": str(seed)}
+
+
+def check_same_sweep(directory: Location, identity: dict[str, str]) -> None:
+    """Refuse to continue a sweep started with another config or space: it would finish the old
+    sweep and report its results as this one's."""
+    if not directory.exists(IDENTITY_FILE):
+        return
+    started = directory.read_json(IDENTITY_FILE)
+    changed = [key for key, value in identity.items() if started.get(key) != value]
+    if changed:
+        raise ShopRankError(
+            f"{directory.uri()} holds a sweep started with another {', '.join(changed)}; run the command that "
+            "started it to continue it, or remove that folder to start this sweep")
 
 
 def write_outputs(grid: tune.ResultGrid, directory: Location, preset: str, overrides: list[str]) -> SweepOutcome:
