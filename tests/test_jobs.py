@@ -75,6 +75,29 @@ def test_cluster_down_stops_its_head_and_no_other_ray(ray_local: None, ray_head:
     assert ray.get(ray.remote(lambda: 42).remote()) == 42, "the session's own cluster still works"
 
 
+@ray.remote(num_cpus=0)
+class _EnvReader:
+    def ray_address(self) -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    def ray_address_of_a_detached_child(self) -> str | None:
+        child = _EnvReader.options(lifetime="detached").remote()
+        try:
+            return ray.get(child.ray_address.remote())
+        finally:
+            ray.kill(child)
+
+
+def test_a_local_cluster_tells_every_worker_its_address(ray_local: None) -> None:
+    """What Ray Train's placement-group cleaner needs to find its own cluster: ``RAY_ADDRESS`` in a
+    detached actor started by an actor with environment variables of its own (the Train controller)."""
+    reader = _EnvReader.options(runtime_env={"env_vars": {"SHOPRANK_PROBE": "1"}}).remote()
+    own = ray.get_runtime_context().gcs_address
+    assert ray.get(reader.ray_address.remote()) == own
+    assert ray.get(reader.ray_address_of_a_detached_child.remote()) == own
+    ray.kill(reader)
+
+
 def test_preprocess_job_submitted_with_the_job_sdk(ray_head: LocalCluster, tmp_path: Path) -> None:
     assert os.environ["RAY_AUTH_MODE"] == "token"  # set by conftest, as a user sets it
     client = JobSubmissionClient(ray_head.dashboard_url)
