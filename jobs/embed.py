@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-
 from shoprank.encoder.stages import train_and_embed
 from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 

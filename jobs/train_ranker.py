@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-
 from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 from shoprank.ranker.stages import train_rank_and_evaluate
 

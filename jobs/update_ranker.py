@@ -9,7 +9,6 @@ NDCG@10 on the new requests does not drop (``ranker.update_tolerance``).
 
 from __future__ import annotations
 
-
 from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
 from shoprank.ranker.update import update_ranker
 from shoprank.store.run import Run

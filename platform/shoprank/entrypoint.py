@@ -74,16 +74,21 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False, **options: Any) -
     controller, takes it for dead and frees the CPUs of a live run; with two local
     clusters and no such file it fails and the CPUs stay held, so the next stage waits
     forever. So the GCS port is chosen here (``RAY_GCS_SERVER_PORT``, read when the head
-    starts) and every worker of the job gets ``RAY_ADDRESS``. ``options`` go to ``ray.init``.
+    starts) and every worker of the job gets ``RAY_ADDRESS``. ``options`` go to ``ray.init``
+    (not ``runtime_env`` or the dashboard's, which are set here).
     """
     port = free_port()
+    before = os.environ.get(GCS_PORT_VARIABLE)
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                  dashboard_port=free_port() if dashboard else None,
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}, **options)
     finally:
-        os.environ.pop(GCS_PORT_VARIABLE, None)
+        if before is None:
+            os.environ.pop(GCS_PORT_VARIABLE, None)
+        else:
+            os.environ[GCS_PORT_VARIABLE] = before
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ validated like any ``--set``.
 Outputs under ``<run.root>/sweeps/<run name>-<kind>/`` (on whatever filesystem the run root
 is, shared storage on a cluster): Tune's experiment (restorable: a rerun of
 an interrupted sweep continues it with ``Tuner.restore``; a rerun with another base config,
-space or number of trials is refused, see ``sweep.json``), ``results.csv`` and
+space, number of trials, search or seed is refused, see ``sweep.json``), ``results.csv`` and
 ``results.md`` (one row per trial), ``metric.png`` (every trial's validation metric
 over its reports) and ``best_config.yaml`` (a complete config: give it to the
 pipeline with ``--config``).
@@ -202,8 +202,8 @@ def run_sweep(
 
 def sweep_identity(kind: str, config: Config, space_path: str | Path, *, num_samples: int, search: str,
                    seed: int) -> dict[str, str]:
-    """What makes a rerun the same sweep: its base config (every section a trial reads), its
-    search space, its number of trials and its search algorithm."""
+    """What makes a rerun the same sweep: its kind, its base config (every section a trial reads),
+    its search space, its number of trials, its search algorithm and seed."""
     sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval", "ranker")
     space = hashlib.sha256(Path(space_path).read_bytes()).hexdigest()[:16]
     return {"kind": kind, "base config": sections, "search space": space, "num_samples": str(num_samples),
