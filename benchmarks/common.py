@@ -41,11 +41,13 @@ def start_ray() -> None:
     ``address="local"``: never a cluster that a ``ray start`` left running. The caller
     shuts it down (``ray.shutdown()``), and nothing else.
     """
+    import ray
     from ray.data.context import DataContext
 
-    from shoprank.entrypoint import start_local_ray
+    from shoprank.entrypoint import local_ray_options
 
-    start_local_ray(RAY_NUM_CPUS, logging_level=logging.WARNING)
+    with local_ray_options(RAY_NUM_CPUS) as options:
+        ray.init(**options, logging_level=logging.WARNING)
     DataContext.get_current().enable_progress_bars = False
 
 

@@ -32,7 +32,7 @@ import ray  # noqa: E402
 import xgboost  # noqa: E402
 
 from shoprank.config import load_config  # noqa: E402
-from shoprank.entrypoint import start_local_ray  # noqa: E402
+from shoprank.entrypoint import local_ray_options  # noqa: E402
 from shoprank.ranker.features import FEATURES, Candidates, compute_features  # noqa: E402
 from shoprank.ranker.stages import read_features, with_positives  # noqa: E402
 from shoprank.ranker.train import grouped_matrix, train_ranker, validation_ndcg, xgboost_params  # noqa: E402
@@ -101,7 +101,8 @@ def main() -> int:
     plain = xgboost.train(params, dtrain, num_boost_round=args.rounds, evals=[(dvalid, "validation")], verbose_eval=False)
     plain_s = time.perf_counter() - started
 
-    start_local_ray(args.workers * config.ranker.cpus_per_worker, log_to_driver=False)
+    with local_ray_options(args.workers * config.ranker.cpus_per_worker) as options:
+        ray.init(**options, log_to_driver=False)
     with_ray_started = time.perf_counter()
     result = train_ranker(config, train, validation, str(Path("/tmp") / "shoprank-bench-ranker"))
     ray_s = time.perf_counter() - with_ray_started

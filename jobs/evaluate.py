@@ -8,14 +8,17 @@ Writes ``evaluation/offline.{json,md,png}`` into the run (earlier stages skipped
 
 from __future__ import annotations
 
-from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
+import ray
+
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
 from shoprank.ranker.stages import train_rank_and_evaluate
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         config = config_from_args(job_parser(__doc__).parse_args())
-        init_ray(config.ray)
+        with ray_init_options(config.ray) as options:
+            ray.init(**options)
         run = train_rank_and_evaluate(config)
         print(open(run.path("evaluation", "offline.md")).read())
         print(f"run directory: {run.uri()}")

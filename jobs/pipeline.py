@@ -12,7 +12,9 @@ their best config; an interrupted sweep continues when the same command is run a
 
 from __future__ import annotations
 
-from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
+import ray
+
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
 from shoprank.pipeline import SweepPlan, run_pipeline, swept_config
 
 if __name__ == "__main__":
@@ -24,7 +26,8 @@ if __name__ == "__main__":
     with user_errors():
         args = parser.parse_args()
         config = config_from_args(args)
-        init_ray(config.ray, dashboard=args.sweep)
+        with ray_init_options(config.ray, dashboard=args.sweep) as options:
+            ray.init(**options)
         found = {}
         if args.sweep:
             config, found = swept_config(args.config, args.set, SweepPlan(args.sweep_samples, args.sweep_time_budget_s))

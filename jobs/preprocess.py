@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+import ray
+
 from shoprank.data.stages import prepare_data
-from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         config = config_from_args(job_parser(__doc__).parse_args())
-        init_ray(config.ray)
+        with ray_init_options(config.ray) as options:
+            ray.init(**options)
         run = prepare_data(config)
         print(f"run directory: {run.uri()}")

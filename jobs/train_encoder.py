@@ -6,14 +6,17 @@
 
 from __future__ import annotations
 
+import ray
+
 from shoprank.encoder.stages import train_and_embed
-from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         config = config_from_args(job_parser(__doc__).parse_args())
-        init_ray(config.ray)
+        with ray_init_options(config.ray) as options:
+            ray.init(**options)
         run = train_and_embed(config, embed=False)
         stage = run.manifest()["stages"]["encoder"]["metrics"]
         print({k: v for k, v in stage.items() if k != "epochs"})

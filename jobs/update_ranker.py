@@ -9,7 +9,9 @@ NDCG@10 on the new requests does not drop (``ranker.update_tolerance``).
 
 from __future__ import annotations
 
-from shoprank.entrypoint import config_from_args, init_ray, job_parser, setup_logging, user_errors
+import ray
+
+from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
 from shoprank.ranker.update import update_ranker
 from shoprank.store.run import Run
 
@@ -21,5 +23,6 @@ if __name__ == "__main__":
     with user_errors():
         args = parser.parse_args()
         config = config_from_args(args)
-        init_ray(config.ray)
+        with ray_init_options(config.ray) as options:
+            ray.init(**options)
         print(update_ranker(config, Run.for_config(config), args.events, alias=args.alias))

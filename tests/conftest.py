@@ -20,7 +20,7 @@ from ray import serve  # noqa: E402
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.data.stages import prepare_data
-from shoprank.entrypoint import free_port, start_local_ray
+from shoprank.entrypoint import free_port, local_ray_options
 from shoprank.serving.app import AppArgs, deploy
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import SqliteEventStore
@@ -33,12 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_local() -> Iterator[None]:
     """A real local Ray cluster with 2 CPUs, shut down when the session ends.
 
-    Started like an entrypoint's local cluster (``start_local_ray``), with its dashboard:
+    Started like an entrypoint's local cluster (``local_ray_options``), with its dashboard:
     Ray Train's placement-group cleaner asks the State API whether a controller still
     lives, and without an answer the placement group of a trial that Tune stopped early
     keeps its CPUs, so the next trial waits forever.
     """
-    start_local_ray(2, dashboard=True, log_to_driver=False)
+    with local_ray_options(2, dashboard=True) as options:
+        ray.init(**options, log_to_driver=False)
     yield
     ray.shutdown()
 

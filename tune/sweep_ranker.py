@@ -4,12 +4,15 @@
     ray job submit --working-dir . -- python tune/sweep_ranker.py --config cluster --num-samples 32
 """
 
-from shoprank.entrypoint import config_from_args, init_ray, setup_logging, user_errors
+import ray
+
+from shoprank.entrypoint import config_from_args, ray_init_options, setup_logging, user_errors
 from shoprank.sweep import sweep_from_args, sweep_parser
 
 if __name__ == "__main__":
     setup_logging()
     with user_errors():
         args = sweep_parser("ranker", __doc__).parse_args()
-        init_ray(config_from_args(args).ray, dashboard=True)
+        with ray_init_options(config_from_args(args).ray, dashboard=True) as options:
+            ray.init(**options)
         print(sweep_from_args("ranker", args))

@@ -47,25 +47,29 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.set)
 
 
-def init_ray(ray_config: RayConfig, *, dashboard: bool = False) -> None:
-    """Join the cluster a job runs on, or start a local one with an explicit CPU count.
+@contextmanager
+def ray_init_options(ray_config: RayConfig, *, dashboard: bool = False) -> Iterator[dict[str, Any]]:
+    """``ray.init`` arguments: join the cluster a job runs on, or start a local one with an
+    explicit CPU count; pass them to ``ray.init`` inside the ``with``.
 
     Under ``ray job submit`` Ray sets ``RAY_ADDRESS``; joining must not pass
-    ``num_cpus``. Run directly, the job starts a local cluster (:func:`start_local_ray`)
+    ``num_cpus``. Run directly, the job starts a local cluster (:func:`local_ray_options`)
     sized by config, so it never claims more CPUs than the machine can spare; sweeps
     ask for its ``dashboard``, because Ray Train's placement-group cleaner needs the
     State API to free the CPUs of a trial that ASHA stopped.
     """
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        yield {"address": address, "log_to_driver": True}
     else:
-        start_local_ray(ray_config.num_cpus, dashboard=dashboard)
+        with local_ray_options(ray_config.num_cpus, dashboard=dashboard) as options:
+            yield options
 
 
-def start_local_ray(num_cpus: int, *, dashboard: bool = False, **options: Any) -> None:
-    """A new local Ray cluster (even when a ``ray start`` cluster runs on this machine) whose
-    workers know its address.
+@contextmanager
+def local_ray_options(num_cpus: int, *, dashboard: bool = False) -> Iterator[dict[str, Any]]:
+    """``ray.init`` arguments of a new local Ray cluster (even when a ``ray start`` cluster runs
+    on this machine) whose workers know its address; pass them to ``ray.init`` inside the ``with``.
 
     Ray Train's placement-group cleaner, a detached actor that frees the CPUs of a
     training run whose controller died (a trial ASHA stopped), looks its cluster up
@@ -74,16 +78,15 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False, **options: Any) -
     controller, takes it for dead and frees the CPUs of a live run; with two local
     clusters and no such file it fails and the CPUs stay held, so the next stage waits
     forever. So the GCS port is chosen here (``RAY_GCS_SERVER_PORT``, read when the head
-    starts) and every worker of the job gets ``RAY_ADDRESS``. ``options`` go to ``ray.init``
-    (not ``runtime_env`` or the dashboard's, which are set here).
+    starts, set only inside the ``with``) and every worker of the job gets ``RAY_ADDRESS``.
     """
     port = free_port()
     before = os.environ.get(GCS_PORT_VARIABLE)
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 dashboard_port=free_port() if dashboard else None,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}, **options)
+        yield {"address": "local", "num_cpus": num_cpus, "include_dashboard": dashboard,
+               "dashboard_port": free_port() if dashboard else None,
+               "runtime_env": {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}}
     finally:
         if before is None:
             os.environ.pop(GCS_PORT_VARIABLE, None)
