@@ -135,11 +135,20 @@ class App:
 
 
 @pytest.fixture(scope="session")
-def app(ranked: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def serve_port(ray_local: None) -> Iterator[int]:
+    """The HTTP port of the session's Serve instance (one per cluster; each app deploys under a prefix of it)."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     config, run = ranked
     register_variants(config, run)
     db = tmp_path_factory.mktemp("serve") / "events.sqlite"
-    port = free_port()
+    port = serve_port
     overrides = [f"run.root={config.run.root}", f"run.name={run.name}", f"encoder.model={config.encoder.model}",
                  f"serve.port={port}", f"serve.event_db={db}", "serve.max_query_chars=80"]
     served = App(config.model_copy(update={"serve": config.serve.model_copy(update={"port": port})}), run,
@@ -147,4 +156,3 @@ def app(ranked: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) ->
     served.deploy()
     yield served
     served.http.close()
-    serve.shutdown()

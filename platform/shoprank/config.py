@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoprank.errors import ConfigError
 
@@ -87,12 +87,100 @@ class TableFile(Section):
     )
 
 
+EventTypeName = Literal["view", "click", "add_to_cart", "purchase"]
+"""The event types of the record schema (``shoprank.data.schema.EVENT_TYPES``, which a test
+keeps equal); spelled out here so the config validates them without importing pyarrow."""
+
+
+class EventTypeRule(Section):
+    """How to give every event a type when the file has no event type column.
+
+    Either one type for every row (``{value: click}``: an export of clicks only), or a
+    column's values translated (``{column: rating, map: {"5": purchase, "1": click}}``:
+    a ratings export, where the rating says how strong the interest was). Map keys are
+    compared with the column's values as text, so ``5`` and ``"5"`` are the same key; a
+    value the map lacks stops the reader with an error naming the row.
+    """
+
+    value: EventTypeName | None = Field(None, description="The event type of every row.")
+    column: str | None = Field(None, description="The file's column whose values `map` translates.")
+    map: dict[str, EventTypeName] | None = Field(
+        None, description="Value of `column` (as text) -> event type; every value in the file needs an entry."
+    )
+
+    @field_validator("map", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `{5: purchase}` with an int key; the file's values are compared as text.
+        if isinstance(value, dict):
+            return {str(key).strip(): target for key, target in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "EventTypeRule":
+        if (self.value is None) == (self.column is None):
+            raise ValueError("set either `value` (one type for every row) or `column` with `map`, not both or neither")
+        if self.column is not None and not self.map:
+            raise ValueError(f"`column: {self.column}` needs a non-empty `map` from its values to event types")
+        if self.value is not None and self.map is not None:
+            raise ValueError("`map` only applies with `column`; with `value` every row gets that one type")
+        return self
+
+
+class SessionRule(Section):
+    """Sessions for files without a session column: per user, cut at a gap of inactivity."""
+
+    gap_minutes: float = Field(
+        30.0, gt=0.0, description="A user's event more than this many minutes after their previous one starts a new session."
+    )
+
+
+class EventsFile(TableFile):
+    """The events table, which may lack the fields a ratings-style export does not have.
+
+    Each of ``event_type``, ``event_id`` and ``session_id`` is either a column of the file
+    (its own name, or mapped by ``columns``) or derived by the reader as set here, never
+    both. Derivation is asked for, not a fallback: without it a missing column is still an
+    error, so a typo in ``columns`` never turns into made-up ids. These keys exist only on
+    the events table: on a catalog or judgments file they are unknown keys.
+    """
+
+    event_type: EventTypeRule | None = Field(None, description="Derive the event type from a constant or a mapped column.")
+    event_id: Literal["hash"] | None = Field(
+        None, description="'hash': a stable hash of the event's record fields (plus '-n' on the n-th exact repeat)."
+    )
+    session_id: SessionRule | None = Field(
+        None, description="Derive sessions per user by a gap of inactivity; the id is 'user@first event time'."
+    )
+
+    @model_validator(mode="after")
+    def _derived_or_mapped(self) -> "EventsFile":
+        for name in ("event_type", "event_id", "session_id"):
+            if getattr(self, name) is not None and name in self.columns:
+                raise ValueError(
+                    f"{name} is both derived (`{name}:`) and read from a column (`columns.{name}`); keep one"
+                )
+        return self
+
+
 class FilesConfig(Section):
-    """Generic CSV / Parquet / JSON Lines inputs: a catalog, events and optional judgments."""
+    """Generic CSV / Parquet / JSON Lines inputs: a catalog, and events or judgments or both.
+
+    Without events (judged queries only, as ESCI) there is nothing to recommend from but the
+    judgments; without judgments, search learns and is measured from searches in the events.
+    """
 
     products: TableFile
-    events: TableFile
+    events: EventsFile | None = None
     judgments: TableFile | None = None
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _plain_events_table(cls, value: Any) -> Any:
+        # A plain TableFile (as code builds one) is an events file that derives nothing.
+        if isinstance(value, TableFile) and not isinstance(value, EventsFile):
+            return value.model_dump()
+        return value
 
 
 class SourceConfig(Section):
@@ -111,6 +199,28 @@ class SourceConfig(Section):
         if self.kind == "files" and self.files is None:
             raise ValueError("source.kind is 'files' but source.files is not set")
         return self
+
+    def input_paths(self) -> list[str]:
+        """The files this source reads (none for the simulated shop, which is generated)."""
+        if self.kind == "esci":
+            return [self.esci.examples_path, self.esci.products_path]
+        if self.kind == "files" and self.files is not None:
+            return [spec.path for spec in (self.files.products, self.files.events, self.files.judgments) if spec]
+        return []
+
+    def fingerprint(self) -> list[tuple[str, int | None, int | None]]:
+        """(path, size, modification time in ns) of each input file: a file changed at the same path is new
+        input, so every stage whose identity covers ``source`` runs again (None, None: not found yet)."""
+        import pyarrow.fs as pafs  # here: config is imported everywhere, pyarrow only needed for hashing
+
+        out = []
+        for path in self.input_paths():
+            fs, inner = (pafs.FileSystem.from_uri(path) if "://" in path
+                         else (pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())))
+            info = fs.get_file_info(inner)
+            found = info.type != pafs.FileType.NotFound
+            out.append((path, info.size if found else None, info.mtime_ns if found else None))
+        return out
 
 
 class PreprocessConfig(Section):
@@ -319,8 +429,13 @@ class Config(Section):
     ui: UiConfig = Field(default_factory=UiConfig)
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections: a stage whose inputs hash the same is skipped."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        """Stable hash of the named sections: a stage whose inputs hash the same is skipped.
+
+        ``source`` covers its input files' sizes and modification times too (:meth:`SourceConfig.fingerprint`).
+        """
+        payload: dict[str, Any] = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        if "source" in sections and self.source.input_paths():
+            payload["inputs"] = self.source.fingerprint()
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -71,11 +71,15 @@ class PipelineSummary:
     stages: list[dict[str, Any]]
     metrics: dict[str, Any]
     sweeps: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    """Per stage, what it could not do with this data (from the manifest, so a skipped stage's notes show too)."""
 
     def render(self) -> str:
         lines = [f"run: {self.run}", "", "| stage | status | seconds |", "|---|---|---|"]
         lines += [f"| {s['stage']} | {s['status']} | {s.get('seconds', '')} |" for s in self.stages]
-        lines += ["", *(f"{name}: {value}" for name, value in {**self.sweeps, **self.metrics}.items())]
+        lines += ["", *(f"{name}: {value}" for name, value in {**self.sweeps, **self.metrics}.items()
+                        if value is not None)]
+        lines += [f"note ({stage}): {note}" for stage, notes in self.notes.items() for note in notes]
         return "\n".join(lines)
 
 
@@ -125,4 +129,5 @@ def run_pipeline(config: Config, run: Run | None = None, *, sweeps: dict[str, An
         "evaluation table": run.uri("evaluation", "offline.md"),
         "registry": "A (zero-shot baseline) and B (fine-tuned + ranker) -> this run",
     }
-    return PipelineSummary(run.uri(), run.stage_log()[since:], metrics, sweeps or {})
+    notes = {name: stage["notes"] for name, stage in stages.items() if stage.get("notes")}
+    return PipelineSummary(run.uri(), run.stage_log()[since:], metrics, sweeps or {}, notes)

@@ -1,10 +1,14 @@
-"""Parquet tables inside a run: deterministic file names, row counts from metadata."""
+"""Parquet tables inside a run: deterministic file names, row counts from metadata, and empty
+tables written with their schema (never a missing folder)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
+from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
 from shoprank.store.run import Run
@@ -29,6 +33,21 @@ def write_table(run: Run, table: pa.Table, *parts: str) -> None:
     directory = run.path(*parts)
     run.fs.create_dir(directory, recursive=True)
     pq.write_table(table, f"{directory}/part-00000.parquet", filesystem=run.fs)
+
+
+def write_dataset(dataset: ray.data.Dataset, run: Run, *parts: str, schema: pa.Schema) -> None:
+    """Write a Ray dataset as a Parquet table directory of the run, replacing what was there.
+
+    Ray Data writes no file at all for an empty dataset, and a missing folder reads as
+    "this stage never ran" to everything downstream; a shop's data often has nothing for
+    some table (no search log, no co-engagement), so an empty result is written as one
+    empty file with ``schema``, the table's contract.
+    """
+    dataset.write_parquet(run.uri(*parts), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
+                          filesystem=run.filesystem_for_ray)
+    selector = pafs.FileSelector(run.path(*parts), allow_not_found=True)
+    if not any(info.path.endswith(".parquet") for info in run.fs.get_file_info(selector)):
+        write_table(run, schema.empty_table(), *parts)
 
 
 def read_table(run: Run, *parts: str, columns: list[str] | None = None) -> pa.Table:

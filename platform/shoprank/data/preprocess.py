@@ -39,13 +39,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data import SaveMode
 from ray.data.context import DataContext, ShuffleStrategy
 
 from shoprank.config import Config, PreprocessConfig
 from shoprank.data.ingest import RECORDS
-from shoprank.data.io import PartFilenames, count_rows, read_table, write_table
-from shoprank.data.schema import EVENT_STRENGTH
+from shoprank.data.io import count_rows, read_table, write_dataset, write_table
+from shoprank.data.schema import EVENT_SCHEMA, EVENT_STRENGTH, PRODUCT_SCHEMA
 from shoprank.data.text import normalize_text
 from shoprank.store.run import Run, StageRecord
 
@@ -146,6 +145,18 @@ PAIR_SCHEMA = pa.schema(
     [pa.field("product_a", pa.string()), pa.field("product_b", pa.string()), pa.field("kind", pa.string())]
 )
 """One co-engaged pair of one session, before counting."""
+COENGAGEMENT_SCHEMA = PAIR_SCHEMA.append(pa.field("sessions", pa.int64()))
+PRODUCTS_SCHEMA = PRODUCT_SCHEMA.append(pa.field("leaf", pa.string())).append(pa.field("category_label", pa.int32()))
+SPLIT_EVENTS_SCHEMA = EVENT_SCHEMA.append(pa.field("split", pa.string()))
+QUERY_PAIRS_SCHEMA = pa.schema(
+    [pa.field("query", pa.string()), pa.field("product_id", pa.string()), pa.field("label", pa.int8()),
+     pa.field("impressions", pa.int32()), pa.field("source", pa.string()), pa.field("split", pa.string())]
+)
+"""The output tables' schemas: what an empty table is written with, so every reader finds its columns."""
+
+
+def query_pairs_schema(config: PreprocessConfig) -> pa.Schema:
+    return QUERY_PAIRS_SCHEMA.append(pa.field("fold", pa.int16())) if config.kfold else QUERY_PAIRS_SCHEMA
 
 
 def _runs(sorted_keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -292,18 +303,15 @@ def _split_pairs(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
     return batch.append_column("fold", fold) if config.kfold else batch
 
 
-def _write(ds: ray.data.Dataset, run: Run, name: str) -> None:
-    ds.write_parquet(run.uri("data", name), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE, filesystem=run.filesystem_for_ray)
-
-
-def _event_cutoffs(events: ray.data.Dataset, config: PreprocessConfig) -> tuple[pa.Scalar, pa.Scalar]:
-    """Validation and test cut-offs: the (1 - val - test) and (1 - test) quantiles of ``ts``."""
+def _event_cutoffs(events: ray.data.Dataset, config: PreprocessConfig) -> tuple[pa.Scalar, pa.Scalar] | None:
+    """Validation and test cut-offs: the (1 - val - test) and (1 - test) quantiles of ``ts``; None without events."""
     ts = np.concatenate(
-        [b["ts"].astype("datetime64[us]").astype(np.int64)
-         for b in events.select_columns(["ts"]).iter_batches(batch_format="numpy", batch_size=1_000_000)]
+        [np.zeros(0, np.int64)]
+        + [b["ts"].astype("datetime64[us]").astype(np.int64)
+           for b in events.select_columns(["ts"]).iter_batches(batch_format="numpy", batch_size=1_000_000)]
     )
     if len(ts) == 0:
-        raise ValueError("no events to split")
+        return None
     q_val, q_test = np.quantile(
         ts, [1.0 - config.validation_fraction - config.test_fraction, 1.0 - config.test_fraction],
         method="higher",
@@ -327,6 +335,9 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
     steps = _Steps(6, record)
     fs = run.filesystem_for_ray
 
+    def _write(ds: ray.data.Dataset, name: str, schema: pa.Schema) -> None:
+        write_dataset(ds, run, "data", name, schema=schema)
+
     def records(name: str) -> ray.data.Dataset:
         return ray.data.read_parquet(run.uri(*RECORDS, name), filesystem=fs)
 
@@ -346,19 +357,24 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
             _products_batch, fn_kwargs={"labels": labels, "description_chars": pre.description_chars},
             batch_format="pyarrow",
         ).materialize()
-        _write(clean, run, "products")
-        _write(clean.select_columns(["product_id", "category", "category_label"]), run, "product_labels")
+        _write(clean, "products", PRODUCTS_SCHEMA)
+        _write(clean.select_columns(["product_id", "category", "category_label"]), "product_labels",
+               pa.schema([PRODUCTS_SCHEMA.field(name) for name in ("product_id", "category", "category_label")]))
         record.metrics["categories"] = len(vocab)
 
     def events() -> None:
         raw = records("events")
-        validation_from, test_from = _event_cutoffs(raw, pre)
+        cutoffs = _event_cutoffs(raw, pre)
+        if cutoffs is None:
+            record.notes.append("no behaviour events: no user histories, co-engagement or recommendation "
+                                "requests; search learns from judgments alone")
+            write_table(run, SPLIT_EVENTS_SCHEMA.empty_table(), "data", "events")
+            return
+        validation_from, test_from = cutoffs
         record.metrics["validation_from"] = validation_from.as_py().isoformat()
         record.metrics["test_from"] = test_from.as_py().isoformat()
-        _write(
-            raw.map_batches(_add_time_split, fn_args=(validation_from, test_from), batch_format="pyarrow"),
-            run, "events",
-        )
+        _write(raw.map_batches(_add_time_split, fn_args=cutoffs, batch_format="pyarrow"), "events",
+               SPLIT_EVENTS_SCHEMA)
 
     @functools.cache
     def train_events() -> ray.data.Dataset:
@@ -371,7 +387,7 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
             _grouped(train_events(), "user_id", pre).map_batches(
                 _histories, fn_kwargs={"length": pre.history_length}, batch_size=None, batch_format="pyarrow"
             ),
-            run, "user_histories",
+            "user_histories", HISTORY_SCHEMA,
         )
 
     def coengagement() -> None:
@@ -380,7 +396,8 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
             _session_pairs, fn_kwargs={"max_products": pre.max_session_pairs}, batch_size=None,
             batch_format="pyarrow",
         )
-        _write(_aggregate(pairs, ["product_a", "product_b", "kind"], [("sessions", "sum")], pre), run, "coengagement")
+        _write(_aggregate(pairs, ["product_a", "product_b", "kind"], [("sessions", "sum")], pre), "coengagement",
+               COENGAGEMENT_SCHEMA)
 
     def query_pairs() -> None:
         judged = records("judgments").map_batches(_judged_pairs, batch_format="pyarrow")
@@ -391,7 +408,7 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
             ).map_batches(_behaviour_pairs, batch_format="pyarrow")
         )
         combined = judged.union(behaviour).map_batches(_split_pairs, fn_args=(pre,), batch_format="pyarrow")
-        _write(combined, run, "query_pairs")
+        _write(combined, "query_pairs", query_pairs_schema(pre))
 
     steps.run("products", products)
     steps.run("events", events)
@@ -404,6 +421,9 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
 def _count(run: Run, record: StageRecord) -> None:
     for name in OUTPUTS:
         record.rows[name] = count_rows(run, "data", name)
+    if record.rows["query_pairs"] == 0:
+        record.notes.append("no judged or searched queries: the encoder learns from co-engagement and user "
+                            "sequences, and search has no training or evaluation requests")
     for table, key in (("events", "events_split"), ("query_pairs", "query_pairs_split")):
         splits = read_table(run, "data", table, columns=["split"]).column("split")
         counts = pc.value_counts(splits)

@@ -35,6 +35,25 @@ real catalogs lack them and a missing one does not stop any model from working):
 Every other field in :data:`REQUIRED_FIELDS` must have a column, and every row a
 value. Optional event fields (``query``, ``position``, ``request_id``,
 ``variant``) are filled with nulls when the file has no column for them.
+
+Events fields a file may lack and the reader derives instead, when the events
+table's config (:class:`~shoprank.config.EventsFile`) asks for it, because a
+ratings-style export (user, item, rating, time) has none of them and a shop
+should not have to rewrite its export:
+
+* ``event_type``: one type for every row (``{value: click}``), or a column's values
+  translated (``{column: rating, map: {"5": purchase, ...}}``); a value the map
+  lacks is an error naming its row.
+* ``event_id: hash``: 16 hex digits of a keyed SipHash of the event's record fields
+  (user, product, type, time, query, position, request, variant, and the session
+  when it comes from the file), so the same event always gets the same id whatever
+  its row; the n-th exact repeat of an event (in file order) gets ``-n`` appended,
+  which makes the ids unique by construction.
+* ``session_id: {gap_minutes: 30}``: per user, events in time order, a new session
+  after more than ``gap_minutes`` without an event. The id is
+  ``"{user_id}@{time of the session's first event, ISO-8601 UTC}"``: it belongs to
+  one user, sorts by time within the user, and does not change when later events
+  are appended.
 """
 
 from __future__ import annotations
@@ -47,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
@@ -54,7 +74,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from shoprank.config import EsciConfig, FilesConfig, TableFile
+from shoprank.config import EsciConfig, EventsFile, EventTypeRule, FilesConfig, TableFile
 from shoprank.data.schema import (
     ESCI_LABELS,
     EVENT_SCHEMA,
@@ -123,6 +143,13 @@ ESCI_PRODUCT_COLUMNS: tuple[str, ...] = (
 ESCI_CATEGORY = "Unknown"
 """ESCI has no category; every ESCI product gets this one so the schema stays non-null."""
 
+DERIVABLE_EVENT_FIELDS: tuple[str, ...] = ("event_type", "event_id", "session_id")
+"""Event fields an :class:`~shoprank.config.EventsFile` may derive instead of reading."""
+
+EVENT_ID_HASH_KEY = "shoprank:event/1"
+"""SipHash key of derived event ids (16 bytes), our own rather than pandas' default so the
+ids depend on nothing but the event; changing it changes every derived id."""
+
 _ATTRIBUTES_TYPE = PRODUCT_SCHEMA.field("attributes").type
 _TS_TYPE = EVENT_SCHEMA.field("ts").type
 _EPOCH_RE = r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$"
@@ -190,33 +217,43 @@ def read_table(spec: TableFile, kind: Kind) -> pa.Table:
     All single-file checks happen here (columns, types, nulls, allowed values, and
     unique ``product_id`` for products), so an error can point at the file row.
     Cross-table checks (events naming unknown products) need the catalog and live
-    in :func:`validate_source`.
+    in :func:`validate_source`. An :class:`~shoprank.config.EventsFile` may derive
+    ``event_type``, ``event_id`` and ``session_id`` instead (module docstring).
     """
     if kind not in SCHEMAS:
         raise ValueError(f"kind must be one of {', '.join(SCHEMAS)}, got {kind!r}")
+    derived = _derived_fields(spec)
+    if derived and kind != "events":
+        raise ValueError(f"only an events table derives {', '.join(derived)}; this one is read as {kind}")
     _check_mapping(spec, kind)
     wanted = {spec.columns.get(f.name, f.name) for f in SCHEMAS[kind]}
+    if not derived:
+        raw, names = _read_raw(spec, wanted)
+        return _records(raw, names, kind, spec.columns, file=spec.path)
+    assert isinstance(spec, EventsFile)  # only an EventsFile derives fields
+    rule = spec.event_type
+    if rule is not None and rule.column is not None:
+        wanted.add(rule.column)
     raw, names = _read_raw(spec, wanted)
-    return _records(raw, names, kind, spec.columns, file=spec.path)
+    return _derive_events(raw, names, spec, derived)
 
 
 def read_files(files: FilesConfig, orphan_events: OrphanPolicy = "drop") -> SourceTables:
     """Read a user's catalog, events and optional judgments files and validate them together.
 
     Without a judgments file the judgments table is empty: offline relevance is then
-    measured from behaviour alone.
+    measured from behaviour alone; without an events file the events table is empty.
     """
     products = read_table(files.products, "products")
-    events = read_table(files.events, "events")
+    events = read_table(files.events, "events") if files.events is not None else EVENT_SCHEMA.empty_table()
     judgments = (
         read_table(files.judgments, "judgments")
         if files.judgments is not None
         else JUDGMENT_SCHEMA.empty_table()
     )
-    origins = {
-        "products": _origin(files.products),
-        "events": _origin(files.events),
-    }
+    origins = {"products": _origin(files.products)}
+    if files.events is not None:
+        origins["events"] = _origin(files.events)
     if files.judgments is not None:
         origins["judgments"] = _origin(files.judgments)
     return validate_source(
@@ -468,6 +505,13 @@ def _check_unique(ids: AnyArray, where: _Where, field_name: str) -> None:
 
 
 # ------------------------------------------------------------------------ file reading
+
+
+def _derived_fields(spec: TableFile) -> list[str]:
+    """The event fields ``spec`` derives instead of reading (none for a plain table)."""
+    if not isinstance(spec, EventsFile):
+        return []
+    return [name for name in DERIVABLE_EVENT_FIELDS if getattr(spec, name) is not None]
 
 
 def _check_mapping(spec: TableFile, kind: str) -> None:
@@ -739,10 +783,8 @@ def _records(
             continue
         column = mapping.get(f.name, f.name)
         where = _Where(file, column, rows)
-        matches = [i for i, name in enumerate(raw.column_names) if name == column]
-        if len(matches) > 1:
-            raise where.error(f"the header names this column {len(matches)} times")
-        if not matches:
+        index = _column_index(raw, column, where)
+        if index is None:
             explicit = f.name in mapping
             required = f.name in REQUIRED_FIELDS[kind] and f.name not in defaults
             if explicit or required:
@@ -753,7 +795,7 @@ def _records(
                 )
             arrays.append(_default_array(f, defaults.get(f.name), raw.num_rows))
             continue
-        arrays.append(_convert(raw.column(matches[0]), f, kind, where))
+        arrays.append(_convert(raw.column(index), f, kind, where))
     table = pa.Table.from_arrays(arrays, schema=schema)
     if kind == "products":
         _check_unique(
@@ -764,10 +806,146 @@ def _records(
     return table
 
 
+def _column_index(raw: pa.Table, column: str, where: _Where) -> int | None:
+    """Position of ``column`` in ``raw``, None when absent; a header naming it twice is ambiguous."""
+    matches = [i for i, name in enumerate(raw.column_names) if name == column]
+    if len(matches) > 1:
+        raise where.error(f"the header names this column {len(matches)} times")
+    return matches[0] if matches else None
+
+
 def _default_array(f: pa.Field, default: Any, n: int) -> pa.Array:
     if default is None:
         return pa.nulls(n, f.type)
     return pa.array([default] * n, f.type)
+
+
+# ------------------------------------------------------------------ derived event fields
+
+
+def _derive_events(raw: pa.Table, names: list[str], spec: EventsFile, derived: list[str]) -> pa.Table:
+    """Events whose ``derived`` fields are computed (see the module docstring), the rest read.
+
+    The event type comes first, from the raw file; ids and sessions need the converted
+    user, product and time, so they are computed on the record table and replace
+    placeholders that never leave this function.
+    """
+    for name in derived:
+        if name in names:
+            logger.warning("%s: column %r is ignored: the config derives %s instead", spec.path, name, name)
+    n = raw.num_rows
+    fixed: dict[str, AnyArray] = {name: pa.nulls(n, pa.string()) for name in derived}
+    if spec.event_type is not None:
+        fixed["event_type"] = _derived_event_types(raw, names, spec.event_type, spec.path)
+    table = _records(raw, names, "events", spec.columns, file=spec.path, fixed=fixed)
+    if spec.session_id is not None:
+        sessions = _derived_sessions(table.column("user_id"), table.column("ts"), spec.session_id.gap_minutes)
+        table = _replace(table, "session_id", sessions)
+    if spec.event_id is not None:
+        table = _replace(table, "event_id", _derived_event_ids(table, with_session=spec.session_id is None))
+    return table
+
+
+def _replace(table: pa.Table, name: str, values: AnyArray) -> pa.Table:
+    index = table.schema.get_field_index(name)
+    return table.set_column(index, table.schema.field(name), values)
+
+
+def _derived_event_types(raw: pa.Table, names: list[str], rule: EventTypeRule, file: str) -> AnyArray:
+    """One type for every row, or ``rule.column``'s values (as text) through ``rule.map``."""
+    if rule.value is not None:
+        return pa.repeat(pa.scalar(rule.value, pa.string()), raw.num_rows)
+    assert rule.column is not None and rule.map is not None  # checked by the config
+    where = _Where(file, rule.column)
+    index = _column_index(raw, rule.column, where)
+    if index is None:
+        raise where.error(
+            f"missing column {rule.column!r} for record field 'event_type' (named by event_type.column); "
+            f"the file has columns: {', '.join(names) or '(none)'}"
+        )
+    text = _text(raw.column(index), where, rule.column)
+    _require_present(text, where, rule.column)
+    positions = pc.index_in(text, value_set=pa.array(list(rule.map), pa.string()))
+    bad = _first_true(pc.is_null(positions))
+    if bad >= 0:
+        raise where.error(
+            f"event_type.map has no entry for {text[bad].as_py()!r}; it maps: {', '.join(map(repr, rule.map))}",
+            bad,
+        )
+    return pc.take(pa.array(list(rule.map.values()), pa.string()), positions)
+
+
+def _derived_sessions(users: AnyArray, ts: AnyArray, gap_minutes: float) -> AnyArray:
+    """``"{user}@{first event's time}"`` per event, a new session after more than the gap."""
+    users = _combined(users)
+    # Group by user code (any order of users will do), then by time; lexsort is stable,
+    # so events of one user at one instant keep their file order.
+    codes = np.asarray(pc.dictionary_encode(users).indices)
+    micros = np.asarray(pc.cast(ts, pa.int64()).to_numpy(zero_copy_only=False))
+    order = np.lexsort((micros, codes))
+    sorted_codes, sorted_micros = codes[order], micros[order]
+    starts = np.ones(len(order), dtype=bool)  # at least one row: an empty file is refused when read
+    starts[1:] = (sorted_codes[1:] != sorted_codes[:-1]) | (
+        np.diff(sorted_micros) > round(gap_minutes * 60 * 1_000_000)
+    )
+    names = pc.binary_join_element_wise(
+        pc.take(users, pa.array(order[starts])), _iso_utc(sorted_micros[starts]), "@"
+    )
+    session_of_sorted = np.cumsum(starts) - 1
+    session_of_row = np.empty(len(order), dtype=np.int64)
+    session_of_row[order] = session_of_sorted
+    return pc.take(names, pa.array(session_of_row))
+
+
+def _iso_utc(micros: np.ndarray) -> pa.Array:
+    """Epoch microseconds as ``2026-01-05T09:12:00.000000Z``; Arrow's cast is far faster than strftime."""
+    text = pc.cast(pa.array(micros, pa.timestamp("us")), pa.string())
+    return pc.binary_join_element_wise(pc.replace_substring(text, " ", "T"), "Z", "")
+
+
+def _derived_event_ids(events: pa.Table, *, with_session: bool) -> AnyArray:
+    """A keyed SipHash of each event's record fields as 16 hex digits, ``-n`` on the n-th repeat."""
+    n = events.num_rows
+    fields = ["user_id", "product_id", "event_type", "ts", "query", "position", "request_id", "variant"]
+    if with_session:
+        fields.append("session_id")
+    parts = []
+    for name in fields:
+        column = events.column(name)
+        if pa.types.is_timestamp(column.type):
+            column = pc.cast(column, pa.int64())
+        parts.append(pc.cast(column, pa.string()))
+    # Unit separator between fields, NUL for a null, so fields cannot run into each other.
+    # Rows with one hash are numbered in file order: exact repeats (or, vanishingly
+    # rarely, a collision) get -1, -2, ..., so the ids are unique whatever the hash does.
+    rows = pc.binary_join_element_wise(*parts, "\x1f", null_handling="replace", null_replacement="\x00")
+    hashes = pd.util.hash_array(
+        np.asarray(rows.to_numpy(zero_copy_only=False), dtype=object), hash_key=EVENT_ID_HASH_KEY, categorize=False
+    )
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+    repeat = np.empty(n, dtype=np.int64)
+    repeat[order] = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    ids = _hex64(hashes)
+    suffixed = pc.binary_join_element_wise(ids, pc.cast(pa.array(repeat), pa.string()), "-")
+    return pc.if_else(pa.array(repeat == 0), ids, suffixed)
+
+
+def _hex64(values: np.ndarray) -> pa.Array:
+    """uint64 values as 16 lowercase hex digits each, without a Python loop."""
+    n = len(values)
+    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    octets = values.astype(">u8").view(np.uint8).reshape(n, 8)
+    chars = np.empty((n, 16), dtype=np.uint8)
+    chars[:, 0::2] = digits[octets >> 4]
+    chars[:, 1::2] = digits[octets & 15]
+    offsets = np.arange(0, 16 * (n + 1), 16, dtype=np.int64)
+    return pc.cast(
+        pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(chars.tobytes())]),
+        pa.string(),
+    )
 
 
 def _convert(arr: AnyArray, f: pa.Field, kind: str, where: _Where) -> AnyArray:

@@ -36,7 +36,9 @@ def run_stage(
     except BaseException:
         run.log_stage(name, "failed", time.perf_counter() - started)
         raise
-    run.log_stage(name, "done", time.perf_counter() - started)
+    for note in record.notes:
+        log.warning("stage %s: %s", name, note)
+    run.log_stage(name, "done", time.perf_counter() - started, record.notes)
     return True
 
 

@@ -8,9 +8,17 @@ build exactly the same examples and score them with exactly the same evaluation.
   judgments and from purchases after a search), at most
   ``max_positives_per_query``, each with ``hard_negatives`` labelled negatives of
   that query drawn from ``hard_negative_labels`` (any product when it has none);
-* **co-engagement rows**: the most frequent "viewed/bought together" pairs;
-* **evaluation data**: the whole catalogue, and the split's judged queries with
-  their graded labels (queries without any relevant product are left out).
+* **co-engagement rows**: the most frequent "viewed/bought together" pairs, then
+  **sequence rows**: each pair of consecutive engagements (clicks, carts, purchases)
+  of one user's training history, so a shop with behaviour but no search log still
+  teaches the encoder which products go together for one shopper;
+* **evaluation data**: the whole catalogue, the split's judged queries with their
+  graded labels (queries without any relevant product are left out), and the
+  split's shoppers with a training history, each with what they engaged with next.
+
+Which figure checkpoints and sweeps compare (``ndcg@k``) follows the data: search
+over judged queries when the split has any, else next engagements from the user
+vector (:func:`shoprank.encoder.users.user_embedding`, as recommendations use it).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import nn
 
 from shoprank.config import EncoderConfig
 from shoprank.encoder.model import QUERY_MAX_LENGTH, TextEncoder, encode, load_tokenizer, product_texts, tokenize
+from shoprank.encoder.users import user_embedding
 from shoprank.evaluation.metrics import mean_metrics
 
 CATEGORY_HOLDOUT = 0.1
@@ -53,10 +62,49 @@ class EvalData:
     holdout: list[bool]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    user_histories: dict[str, tuple[list[int], list[str], list[float]]]
+    """User -> (catalogue rows, event types, ages in days at the split's start) of the training history."""
+    user_qrels: dict[str, dict[str, int]]
+    """User -> product -> best engagement grade in the split."""
 
 
-def eval_data(products: pa.Table, query_pairs: pa.Table, config: EncoderConfig, split: str) -> EvalData:
-    """The catalogue and ``split``'s judged queries (graded labels), ready for :func:`evaluate`."""
+ENGAGEMENT_GRADES = {"click": 1, "add_to_cart": 2, "purchase": 3}
+NEXT_ITEMS = "next_items"
+"""Prefix of the next-engagement figures in :func:`evaluate`'s result."""
+DAY_S = 86_400.0
+
+
+def _next_engagements(
+    events: pa.Table, histories: pa.Table, row_of: dict[str, int], split: str
+) -> tuple[dict[str, tuple[list[int], list[str], list[float]]], dict[str, dict[str, int]]]:
+    """Shoppers with a training history and an engagement in ``split``: histories and what came next."""
+    engaged = events.filter(pc.and_(pc.equal(events.column("split"), split), pc.not_equal(events.column("event_type"), "view")))
+    qrels: dict[str, dict[str, int]] = {}
+    for user, product, kind in zip(engaged.column("user_id").to_pylist(), engaged.column("product_id").to_pylist(),
+                                   engaged.column("event_type").to_pylist()):
+        grade = ENGAGEMENT_GRADES.get(kind, 0)
+        if grade and product in row_of:
+            qrels.setdefault(user, {})[product] = max(grade, qrels.get(user, {}).get(product, 0))
+    start_s = (pc.min(engaged.column("ts")).value / 1e6) if engaged.num_rows else 0.0
+    out: dict[str, tuple[list[int], list[str], list[float]]] = {}
+    for history in histories.to_pylist():
+        if history["user_id"] not in qrels:
+            continue
+        keep = [i for i, p in enumerate(history["product_ids"]) if p in row_of]
+        if keep:
+            out[history["user_id"]] = (
+                [row_of[history["product_ids"][i]] for i in keep], [history["event_types"][i] for i in keep],
+                [max(0.0, start_s - history["ts"][i].timestamp()) / DAY_S for i in keep],
+            )
+    return out, {u: rel for u, rel in qrels.items() if u in out}
+
+
+def eval_data(
+    products: pa.Table, query_pairs: pa.Table, config: EncoderConfig, split: str,
+    events: pa.Table | None = None, histories: pa.Table | None = None,
+) -> EvalData:
+    """The catalogue, ``split``'s judged queries (graded labels) and, given ``events`` (with ``split``) and the
+    training ``histories``, its shoppers' next engagements; ready for :func:`evaluate`."""
     judged = query_pairs.filter(
         pc.and_(pc.equal(query_pairs.column("split"), split), pc.equal(query_pairs.column("source"), "judgment"))
     )
@@ -67,6 +115,10 @@ def eval_data(products: pa.Table, query_pairs: pa.Table, config: EncoderConfig, 
         qrels.setdefault(query, {})[product] = max(label, qrels.get(query, {}).get(product, 0))
     qrels = {q: rel for q, rel in qrels.items() if any(v > 0 for v in rel.values())}
     ids = products.column("product_id").to_pylist()
+    user_histories, user_qrels = (
+        _next_engagements(events, histories, {p: i for i, p in enumerate(ids)}, split)
+        if events is not None and histories is not None else ({}, {})
+    )
     return EvalData(
         product_ids=ids,
         product_texts=product_texts(products, config),
@@ -74,13 +126,31 @@ def eval_data(products: pa.Table, query_pairs: pa.Table, config: EncoderConfig, 
         holdout=category_holdout(ids).tolist(),
         queries={q: q for q in qrels},
         qrels=qrels,
+        user_histories=user_histories,
+        user_qrels=user_qrels,
     )
 
 
+def sequence_pairs(histories: pa.Table) -> pa.Table:
+    """(product_a, product_b, sessions) of consecutive engagements in each user's history, counted over users."""
+    counts: dict[tuple[str, str], int] = {}
+    for products, kinds in zip(histories.column("product_ids").to_pylist(), histories.column("event_types").to_pylist()):
+        engaged = [p for p, kind in zip(products, kinds) if kind != "view"]
+        for a, b in zip(engaged, engaged[1:]):
+            if a != b:
+                key = (min(a, b), max(a, b))
+                counts[key] = counts.get(key, 0) + 1
+    return pa.table({"product_a": pa.array([a for a, _ in counts], pa.string()),
+                     "product_b": pa.array([b for _, b in counts], pa.string()),
+                     "sessions": pa.array(list(counts.values()), pa.int64())})
+
+
 def training_tables(
-    products: pa.Table, query_pairs: pa.Table, coengagement: pa.Table, config: EncoderConfig
+    products: pa.Table, query_pairs: pa.Table, coengagement: pa.Table, config: EncoderConfig,
+    histories: pa.Table | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """(query-product rows, co-engagement rows) as text, shuffled by the seed, ready to tokenize."""
+    """(query-product rows, product-pair rows: co-engagement, then user sequences) as text, shuffled by the seed,
+    ready to tokenize; each kind of pair keeps its ``max_coengagement_pairs`` most frequent."""
     train = config.train
     rng = np.random.default_rng(train.seed)
     ids = products.column("product_id").to_pylist()
@@ -109,8 +179,13 @@ def training_tables(
             rows["negatives"].append([text_of[p] for p in picks])
     order = rng.permutation(len(rows["query"]))
     qp = pa.table({k: [v[i] for i in order] for k, v in rows.items()})
-    co = coengagement.sort_by([("sessions", "descending"), ("product_a", "ascending")])
-    co = co.slice(0, train.max_coengagement_pairs)
+    kinds = [coengagement.select(["product_a", "product_b", "sessions"])]
+    if histories is not None:
+        kinds.append(sequence_pairs(histories))
+    co = pa.concat_tables(
+        [kind.sort_by([("sessions", "descending"), ("product_a", "ascending"), ("product_b", "ascending")])
+         .slice(0, train.max_coengagement_pairs) for kind in kinds]
+    )
     co = co.take(pa.array(rng.permutation(co.num_rows)))  # frequent pairs spread over every batch
     co_text = pa.table(
         {
@@ -152,14 +227,22 @@ def evaluate(
     encoder: TextEncoder, head: nn.Module | None, tokenizer: Any, data: EvalData, max_length: int, k: int,
     device: torch.device | str,
 ) -> dict[str, float]:
-    """Query -> product retrieval over the whole catalogue, and category accuracy / macro-F1."""
+    """Query -> product retrieval over the whole catalogue, next engagements from the user vector (``next_items/``),
+    and category accuracy / macro-F1; ``ndcg@k`` is the search figure, or the next-items one without judged queries
+    (see the module docstring). A figure with nothing to average over is left out, never a mean of nothing."""
     products = encode(encoder, tokenizer, data.product_texts, max_length, device=device)
-    query_texts = list(data.queries.values())
-    queries = encode(encoder, tokenizer, query_texts, QUERY_MAX_LENGTH, device=device)
-    scores = queries @ products.T
-    top = np.argsort(-scores, axis=1)[:, :k]
-    ranked = {q: [data.product_ids[i] for i in row] for q, row in zip(data.queries, top)}
-    metrics = mean_metrics(ranked, data.qrels, k=k)
+    metrics: dict[str, float] = {}
+    if data.qrels:
+        queries = encode(encoder, tokenizer, list(data.queries.values()), QUERY_MAX_LENGTH, device=device)
+        metrics.update(mean_metrics(_top_k(queries, products, data.product_ids, list(data.queries), k), data.qrels, k=k))
+    if data.user_qrels:
+        users = list(data.user_qrels)
+        empty = np.zeros(products.shape[1], np.float32)
+        vectors = np.stack([_or(user_embedding(products[rows], kinds, ages, HALF_LIFE_DAYS), empty)
+                            for rows, kinds, ages in (data.user_histories[u] for u in users)])
+        found = mean_metrics(_top_k(vectors, products, data.product_ids, users, k), data.user_qrels, k=k)
+        metrics.update({f"{NEXT_ITEMS}/{name}": value for name, value in found.items()})
+        metrics.setdefault(f"ndcg@{k}", found[f"ndcg@{k}"])
     if head is not None:
         held = np.flatnonzero(np.array(data.holdout))
         with torch.no_grad():
@@ -169,3 +252,17 @@ def evaluate(
         metrics["category_accuracy"] = float((predicted == truth).mean()) if len(held) else 0.0
         metrics["category_macro_f1"] = float(f1_score(truth, predicted, average="macro")) if len(held) else 0.0
     return metrics
+
+
+HALF_LIFE_DAYS = 7.0
+"""Recency half-life of the user vectors in the next-items evaluation (``embed.user_half_life_days``'s default)."""
+
+
+def _or(vector: np.ndarray | None, default: np.ndarray) -> np.ndarray:
+    return default if vector is None else vector
+
+
+def _top_k(vectors: np.ndarray, products: np.ndarray, product_ids: list[str], keys: list[str], k: int) -> dict[str, list[str]]:
+    """Each key's ``k`` products of highest inner product with its vector."""
+    top = np.argsort(-(vectors @ products.T), axis=1)[:, :k]
+    return {key: [product_ids[i] for i in row] for key, row in zip(keys, top)}

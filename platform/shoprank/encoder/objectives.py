@@ -44,20 +44,23 @@ class DualEncoderModel(nn.Module):
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(*trimmed(ids, mask))
 
-    def forward(self, qp: dict[str, torch.Tensor], pairs: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        q = self.embed(qp["q_ids"], qp["q_mask"])
-        p = self.embed(qp["p_ids"], qp["p_mask"])
-        candidates = p
-        if "n_ids" in qp:
-            b, h, length = qp["n_ids"].shape
-            n = self.embed(qp["n_ids"].reshape(b * h, length), qp["n_mask"].reshape(b * h, length))
-            candidates = torch.cat([p, n])
-        losses = {"query_product": info_nce(q, candidates, self.temperature)}
-        labelled = qp["category"] >= 0
-        if labelled.any():
-            losses["category"] = F.cross_entropy(self.head(p[labelled]), qp["category"][labelled])
-        else:
-            losses["category"] = p.sum() * 0.0
+    def forward(self, qp: dict[str, torch.Tensor] | None, pairs: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Every loss of one step; ``qp`` is None for a shop without judged or searched queries (pairs alone)."""
+        losses: dict[str, torch.Tensor] = {}
+        if qp is not None:
+            q = self.embed(qp["q_ids"], qp["q_mask"])
+            p = self.embed(qp["p_ids"], qp["p_mask"])
+            candidates = p
+            if "n_ids" in qp:
+                b, h, length = qp["n_ids"].shape
+                n = self.embed(qp["n_ids"].reshape(b * h, length), qp["n_mask"].reshape(b * h, length))
+                candidates = torch.cat([p, n])
+            losses["query_product"] = info_nce(q, candidates, self.temperature)
+            labelled = qp["category"] >= 0
+            if labelled.any():
+                losses["category"] = F.cross_entropy(self.head(p[labelled]), qp["category"][labelled])
+            else:
+                losses["category"] = p.sum() * 0.0
         if pairs is not None:
             a = self.embed(pairs["a_ids"], pairs["a_mask"])
             other = self.embed(pairs["b_ids"], pairs["b_mask"])
@@ -106,10 +109,12 @@ class Optimisation:
         self.weights = loss_weights(self.train)
 
     def step(
-        self, step: int, qp: dict[str, torch.Tensor], pairs: dict[str, torch.Tensor] | None, use_bf16: bool
+        self, step: int, qp: dict[str, torch.Tensor] | None, pairs: dict[str, torch.Tensor] | None, use_bf16: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward one batch; the optimiser steps every ``gradient_accumulation`` batches."""
-        device_type = qp["q_ids"].device.type
+        batch = qp if qp is not None else pairs
+        assert batch is not None, "a step needs query-product rows or product pairs"
+        device_type = next(iter(batch.values())).device.type
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = self.model(qp, pairs)
             loss = sum(self.weights[name] * value for name, value in losses.items())

@@ -26,7 +26,7 @@ from shoprank.data.io import PartFilenames, read_table, write_table
 from shoprank.encoder.index import build_index
 from shoprank.encoder.model import encode, load_backbone, load_encoder, product_texts, save_encoder
 from shoprank.encoder.objectives import build_model
-from shoprank.encoder.train import load_checkpoint_state, train_encoder
+from shoprank.encoder.train import NothingToLearn, load_checkpoint_state, train_encoder
 from shoprank.encoder.users import user_embedding
 from shoprank.errors import ShopRankError
 from shoprank.data.stages import prepare_data, run_stage
@@ -39,8 +39,15 @@ EMBED_OUTPUTS = ["embeddings/products", "embeddings/users", "index"]
 
 
 def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
-    """Train on Ray Train, then export the best-last checkpoint as adapter + merged model."""
-    result = train_encoder(config, run)  # raises TrainingFailedError once retries are spent
+    """Train on Ray Train, then export the best-last checkpoint as adapter + merged model; with nothing to
+    learn from, export the pretrained model and say so."""
+    try:
+        result = train_encoder(config, run)  # raises TrainingFailedError once retries are spent
+    except NothingToLearn as reason:
+        record.notes.append(f"{reason}: the pretrained encoder is kept as it is")
+        record.outputs.pop("ray")  # no training run to keep
+        export_checkpoint(config.encoder, run, {"model": {}})
+        return
     if result.checkpoint is None:
         raise ShopRankError("encoder training finished without a checkpoint")
     export_checkpoint(config.encoder, run, load_checkpoint_state(result.checkpoint))
@@ -49,6 +56,13 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
         {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
     )
     record.metrics["epochs"] = final.get("history", [])
+    k = config.encoder.train.eval_k
+    if f"validation/ndcg@{k}" not in final:
+        record.notes.append("no validation figure: the validation split has no judged query and no shopper with a "
+                            "training history who engaged")
+        return
+    if f"validation/recall@{k}" not in final:
+        record.notes.append("validated on the validation shoppers' next engagements (no judged validation queries)")
     record.metrics["ndcg_gain_over_zero_shot"] = round(
         final.get(f"validation/ndcg@{config.encoder.train.eval_k}", 0.0)
         - final.get(f"zero_shot/ndcg@{config.encoder.train.eval_k}", 0.0),

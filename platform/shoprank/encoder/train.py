@@ -5,12 +5,14 @@ Objectives (weights from ``encoder.train``):
 * **query -> product**: InfoNCE with in-batch negatives plus ``hard_negatives``
   labelled negatives per query (of the grades in ``hard_negative_labels``);
 * **product -> product**: symmetric InfoNCE over co-engaged pairs (viewed or bought
-  together in a session);
+  together in a session) and consecutive engagements of one user; for a shop without
+  judged or searched queries these pairs are the whole training stream;
 * **category**: a linear head on the product embedding; 10% of products (by a hash
   of their id) are held out of this loss and give the category accuracy and macro-F1.
 
 Each epoch reports losses and, on the validation queries, Recall@k, NDCG@k and MRR
-of query -> product retrieval against the whole catalogue. The same evaluation of
+of query -> product retrieval against the whole catalogue, and the same figures for
+the validation shoppers' next engagements (``next_items/``). The same evaluation of
 the pretrained encoder before any training (the zero-shot baseline) is reported
 beside it, so every run shows what fine-tuning bought.
 
@@ -42,7 +44,7 @@ from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, training_tables
 from shoprank.encoder.model import load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
-from shoprank.errors import ConfigError
+from shoprank.errors import ConfigError, ShopRankError
 from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)
@@ -52,15 +54,19 @@ PROGRESS_EVERY = 20
 
 
 def build_eval_data(run: Run, config: EncoderConfig, split: str = "validation") -> EvalData:
-    """The run's catalogue and ``split``'s judged queries."""
-    return eval_data(read_table(run, "data", "products"), read_table(run, "data", "query_pairs"), config, split)
+    """The run's catalogue, ``split``'s judged queries and its shoppers' next engagements."""
+    return eval_data(
+        read_table(run, "data", "products"), read_table(run, "data", "query_pairs"), config, split,
+        events=read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts", "split"]),
+        histories=read_table(run, "data", "user_histories"),
+    )
 
 
 def build_training_tables(run: Run, config: EncoderConfig) -> tuple[pa.Table, pa.Table, int]:
-    """(query-product rows, co-engagement rows, number of categories) of the run, as text."""
+    """(query-product rows, product-pair rows, number of categories) of the run, as text."""
     qp, co = training_tables(
         read_table(run, "data", "products"), read_table(run, "data", "query_pairs"),
-        read_table(run, "data", "coengagement"), config,
+        read_table(run, "data", "coengagement"), config, read_table(run, "data", "user_histories"),
     )
     return qp, co, read_table(run, "data", "categories").num_rows
 
@@ -122,13 +128,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         steps = 0
+        has_queries = loop["has_queries"]
+        main = _batches(ray.train.get_dataset_shard("train" if has_queries else "pairs"), train.batch_size, device)
         pair_iter = (
             iter(_batches(ray.train.get_dataset_shard("pairs"), train.batch_size, device))
-            if loop["has_pairs"] else iter(())
+            if has_queries and loop["has_pairs"] else iter(())
         )
         ddp_model.train()
-        for step, qp in enumerate(_batches(ray.train.get_dataset_shard("train"), train.batch_size, device)):
-            pairs = next(pair_iter, None) if step % train.coengagement_every == 0 else None
+        for step, batch in enumerate(main):
+            if has_queries:
+                qp, pairs = batch, next(pair_iter, None) if step % train.coengagement_every == 0 else None
+            else:
+                qp, pairs = None, batch
             loss, losses = optimisation.step(step, qp, pairs, use_bf16)
             global_step += 1
             steps += 1
@@ -175,6 +186,10 @@ def _saved(name: str, model: DualEncoderModel) -> bool:
 # --------------------------------------------------------------------------- driver
 
 
+class NothingToLearn(ShopRankError):
+    """The run's data holds no training example for the encoder: the stage keeps the pretrained model."""
+
+
 def check_gpu(use_gpu: bool) -> None:
     """Stop at once when a GPU is asked for and the cluster has none (instead of waiting forever)."""
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
@@ -194,14 +209,18 @@ def train_encoder(
 
     ``resume_from`` continues from a checkpoint directory of an earlier (even finished)
     run, e.g. with more epochs; within a run, restarts after a worker failure resume
-    from the latest checkpoint by themselves.
+    from the latest checkpoint by themselves. Without query-product rows (a shop with no
+    judged or searched queries) the product pairs are the training stream; with neither,
+    :class:`NothingToLearn` says so (:func:`trainable_rows` tells beforehand).
     """
     encoder_config = config.encoder
     train = encoder_config.train
     check_gpu(config.ray.use_gpu)
     qp, co, num_categories = build_training_tables(run, encoder_config)
-    if qp.num_rows == 0:
-        raise ConfigError("no training query-product pairs with label 3 in the run: preprocess a source with judgments")
+    use_pairs = co.num_rows > 0 and train.coengagement_weight > 0
+    if qp.num_rows == 0 and not use_pairs:
+        raise NothingToLearn("no query-product rows with label 3 and no product pairs (co-engagement, user "
+                             "sequences) to train on")
     model_path = encoder_config.model
 
     def tokenized(table: pa.Table) -> ray.data.Dataset:
@@ -212,15 +231,16 @@ def train_encoder(
             Tokenize(model_path, encoder_config.max_length), num_cpus=0.5, batch_format="numpy",
         ).materialize()
 
-    datasets = {"train": tokenized(qp)}
-    if co.num_rows and train.coengagement_weight > 0:
+    datasets = {"train": tokenized(qp)} if qp.num_rows else {}
+    if use_pairs:
         datasets["pairs"] = tokenized(co)
     loop = {
         "encoder": encoder_config.model_dump(mode="json"),
         "model_path": model_path,
-        "rows": qp.num_rows,
+        "rows": qp.num_rows or co.num_rows,
         "num_categories": num_categories,
         "eval": asdict(build_eval_data(run, encoder_config)),
+        "has_queries": "train" in datasets,
         "has_pairs": "pairs" in datasets,
         "resume_from": resume_from,
     }

@@ -35,6 +35,8 @@ MAX_NEIGHBOURS = 50
 def ranker_cutoff(events: pa.Table, history_fraction: float) -> float:
     """The time quantile of the training events that splits statistics from ranker training rows."""
     train = events.filter(pc.equal(events.column("split"), "train"))
+    if train.num_rows == 0:
+        return 0.0  # no behaviour: nothing is before the cut-off, and no request is after it
     return float(np.quantile(epoch_seconds(train.column("ts")), history_fraction))
 
 

@@ -5,7 +5,9 @@ time and, for a search, its query. Ranker training requests are the training-spl
 sessions after the cut-off (``ranker.history_fraction``); validation and test
 requests are those splits' sessions. A search request keeps its session only when
 its query belongs to the same split of the query pool, so no query's judgments are
-both trained on and evaluated.
+both trained on and evaluated. A judged query that no kept session of its split
+searched is a request of its own, with no user (ESCI: judged queries, no behaviour),
+so judgments train and measure the ranker whether or not anyone searched them.
 
 **Labels** (per candidate): for a search, the query's judgment (ESCI 0..3, 0 when
 unjudged; a query nobody judged is labelled like a recommendation); for a recommendation, the user's engagement with the product in that
@@ -19,6 +21,7 @@ actor and calls :func:`rank_inputs`, the function whose parts (:func:`retrieve`,
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,10 +96,25 @@ def build_requests(config: Config, run: Run) -> pd.DataFrame:
     query_split = dict(zip(pairs.column("query").to_pylist(), pairs.column("split").to_pylist()))
     keep = (sessions["split"] != "train") | (sessions["ts_s"] >= cutoff)
     keep &= (sessions["kind"] == "recommend") | (sessions["query"].map(query_split) == sessions["split"])
-    sessions = sessions[keep]
+    sessions = pd.concat([sessions[keep], judged_requests(pairs, sessions[keep], cutoff)], ignore_index=True)
     sessions = (sessions.sort_values("ts_s").groupby("split", group_keys=False)
                 .tail(config.ranker.max_requests).sort_values(["split", "request_id"]))
     return sessions.reset_index(drop=True)
+
+
+def judged_requests(pairs: pa.Table, searched: pd.DataFrame, ts_s: float) -> pd.DataFrame:
+    """One user-less search request (at ``ts_s``) per judged query of a split that no request of that split searched."""
+    judged = pairs.filter(pc.equal(pairs.column("source"), "judgment")).select(["query", "split"]).to_pandas()
+    judged = judged.drop_duplicates().sort_values(["split", "query"])
+    already = set(zip(searched["query"], searched["split"]))
+    judged = judged[np.array([(q, s) not in already for q, s in zip(judged["query"], judged["split"])], dtype=bool)]
+    return pd.DataFrame({
+        "request_id": ["judged:" + hashlib.blake2b(f"{s}:{q}".encode(), digest_size=8).hexdigest()
+                       for q, s in zip(judged["query"], judged["split"])],
+        "user_id": None, "ts_s": ts_s, "query": judged["query"].to_numpy(), "split": judged["split"].to_numpy(),
+        "engaged_ids": [[] for _ in range(len(judged))], "engaged_grades": [[] for _ in range(len(judged))],
+        "kind": "search",
+    })
 
 
 def judgments(run: Run) -> dict[str, dict[str, int]]:

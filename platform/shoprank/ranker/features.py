@@ -94,7 +94,8 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     row_of = {p: i for i, p in enumerate(ids)}
     before = epoch_seconds(events.column("ts")) < cutoff_s
     kinds = np.asarray(events.column("event_type").to_numpy(zero_copy_only=False))[before]
-    rows = np.array([row_of.get(p, -1) for p in np.asarray(events.column("product_id").to_numpy(zero_copy_only=False))[before]])
+    rows = np.array([row_of.get(p, -1) for p in np.asarray(events.column("product_id").to_numpy(zero_copy_only=False))[before]],
+                    dtype=np.int64)
     known = rows >= 0
     rows, kinds = rows[known], kinds[known]
     n = len(ids)

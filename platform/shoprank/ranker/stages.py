@@ -139,11 +139,16 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
         "fine-tuned retrieval + ranker": lambda kind: _ranked(tuned, "ranker"),
     }
     table: dict[str, dict[str, dict[str, float]]] = {}
+    missing: dict[str, str] = {}
     for kind in ("search", "recommend"):
         kind_qrels = {r: rel for r, rel in qrels.items() if kinds.get(r) == kind}
-        table[kind] = {name: _score(system(kind), kind_qrels, catalogue_size) for name, system in systems.items()}
+        if kind_qrels:
+            table[kind] = {name: _score(system(kind), kind_qrels, catalogue_size) for name, system in systems.items()}
+        else:
+            missing[kind] = NO_FIGURES[kind]
+            record.notes.append(f"{kind}: no figures, {NO_FIGURES[kind]}")
     with run.local_output("evaluation") as directory:
-        write_evaluation(directory, table)
+        write_evaluation(directory, table, missing)
     for kind, rows in table.items():
         record.metrics[f"{kind}/ranker_ndcg_gain_over_retrieval"] = round(
             rows["fine-tuned retrieval + ranker"]["ndcg@10"] - rows["retrieval (fine-tuned encoder)"]["ndcg@10"], 4
@@ -151,23 +156,42 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     record.metrics["table"] = table
 
 
-def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """``offline.json``, ``offline.md`` (one table) and ``offline.png`` (NDCG@10 bars)."""
+SYSTEMS = {
+    "popularity": "the most engaged products before the cut-off (search: among BM25's candidates; "
+                  "recommendation: the popular and trending candidates)",
+    "retrieval (zero-shot encoder)": "the pretrained encoder's nearest products to the query or the user vector",
+    "retrieval (fine-tuned encoder)": "the fine-tuned encoder's nearest products",
+    "fine-tuned retrieval + ranker": "every candidate source of the fine-tuned run, ordered by the XGBoost ranker",
+}
+"""What each row of the evaluation compares, written under its table."""
+NO_FIGURES = {
+    "search": "the test split has no search request with a relevant product (no judged query, no search with an "
+              "engagement)",
+    "recommend": "the test split has no browsing session with an engagement (no behaviour events)",
+}
+
+
+def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]], missing: dict[str, str]) -> None:
+    """``offline.json``, ``offline.md`` (one table, what its systems are, and why a task has no figures) and
+    ``offline.png`` (NDCG@10 bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "offline.json").write_text(json.dumps(table, indent=2))
+    (directory / "offline.json").write_text(json.dumps({**table, "no_figures": missing}, indent=2))
     columns = ["ndcg@10", "recall@10", "mrr", "coverage", "requests"]
     lines = ["| task | system | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for kind, rows in table.items():
         for name, metrics in rows.items():
             cells = [f"{metrics[c]:.4f}" if c != "requests" else str(metrics[c]) for c in columns]
             lines.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Systems (test split, NDCG@10 over requests with a relevant product):"]
+    lines += [f"- {name}: {meaning}" for name, meaning in SYSTEMS.items()]
+    lines += [f"- {kind}: no figures, {reason}" for kind, reason in missing.items()]
     (directory / "offline.md").write_text("\n".join(lines) + "\n")
-    figure, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4), squeeze=False)
+    figure, axes = plt.subplots(1, max(1, len(table)), figsize=(6 * max(1, len(table)), 4), squeeze=False)
     for axis, (kind, rows) in zip(axes[0], table.items()):
         names = list(rows)
         axis.barh(names, [rows[n]["ndcg@10"] for n in names], color=["#999", "#9bd", "#48c", "#d62"][: len(names)])

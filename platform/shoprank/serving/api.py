@@ -76,6 +76,8 @@ class Answer(BaseModel):
     forced: bool
     kind: Literal["search", "recommend"]
     items: list[Item]
+    note: str | None = Field(None, description="What the answer fell back to, when it could not personalise "
+                                              "(a user with no history, a run with no behaviour events).")
 
 
 class EventsAccepted(BaseModel):

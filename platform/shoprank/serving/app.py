@@ -96,9 +96,13 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     ).bind(dumped, variants, user_state, store)
 
 
-def deploy(args: AppArgs, *, blocking: bool = False) -> str:
-    """Start Serve on the connected cluster (host and port from config) and run the app; its URL."""
+def deploy(args: AppArgs, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Start Serve on the connected cluster (host and port from config) and run the app; its URL.
+
+    ``name`` and ``route_prefix`` let a second app (another run, say) answer beside the first
+    under its own prefix of the same HTTP port.
+    """
     config = load_config(args.config, args.overrides)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
-    return f"http://{config.serve.host}:{config.serve.port}"
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=blocking)
+    return f"http://{config.serve.host}:{config.serve.port}{route_prefix.rstrip('/')}"

@@ -276,6 +276,8 @@ class Ingress:
         self.products: dict[str, dict[str, Any]] = {}
         self.clock_offset_s = 0.0
         self.users: list[dict[str, str]] = []
+        self.without_behaviour: set[str] = set()
+        """Runs with no behaviour events (judged queries only): nothing there is popular or personal."""
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         """The variants (from the registry, at deploy time): their products and the serving clock."""
@@ -291,6 +293,8 @@ class Ingress:
             ts = epoch_seconds(events.column("ts"))
             last_event_s = max(last_event_s, float(ts.max()) if len(ts) else 0.0)
             events_of_run[run_uri] = events
+            if events.num_rows == 0:
+                self.without_behaviour.add(run_uri)
         self.users = user_summaries(events_of_run[self.specs[sorted(self.specs)[-1]].run], self.products)
         if self.config.serve.clock == "data" and last_event_s:
             self.clock_offset_s = time.time() - (last_event_s + 60.0)
@@ -323,7 +327,17 @@ class Ingress:
         ])
         items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "scores": r.scores}
                  for i, r in enumerate(ranked)]
-        return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items)
+        return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
+                      note=self._note(kind, self.specs[variant].run, retrieved))
+
+    def _note(self, kind: str, run_uri: str, retrieved: Retrieved) -> str | None:
+        """Why a recommendation is not personal, when it is not."""
+        if kind != "recommend" or len(retrieved.history):
+            return None
+        if run_uri in self.without_behaviour:
+            return ("this run has no behaviour events (judged queries only): popular products, by how many "
+                    "queries judged them relevant")
+        return "no history for this user: popular and trending products"
 
     @api.post("/search", response_model=Answer)
     async def search(self, body: SearchRequest) -> Answer:

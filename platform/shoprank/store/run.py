@@ -80,6 +80,9 @@ class StageRecord:
     drops: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the stage could not do with this data, and why (an empty input, a metric with no requests);
+    shown in the stage log and the pipeline's summary."""
 
 
 class Location:
@@ -242,11 +245,13 @@ class Run(Location):
     def stage_log(self) -> list[dict[str, Any]]:
         return self.read_json(STAGE_LOG)["entries"] if self.exists(STAGE_LOG) else []
 
-    def log_stage(self, stage: str, status: str, seconds: float | None = None) -> None:
+    def log_stage(self, stage: str, status: str, seconds: float | None = None, notes: list[str] | None = None) -> None:
         """Add one entry to the stage log (rewritten atomically: object stores cannot append)."""
-        entry = {"stage": stage, "status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry: dict[str, Any] = {"stage": stage, "status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if seconds is not None:
             entry["seconds"] = round(seconds, 3)
+        if notes:
+            entry["notes"] = notes
         self.write_json({"entries": [*self.stage_log(), entry]}, STAGE_LOG)
 
     def stage_is_current(self, stage: str, config_hash: str) -> bool:
@@ -288,6 +293,7 @@ class Run(Location):
             "drops": record.drops,
             "metrics": record.metrics,
             "timings": {**record.timings, "total_s": round(time.perf_counter() - started, 3)},
+            "notes": record.notes,
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.write_json(manifest, MANIFEST)
