@@ -87,7 +87,8 @@ def fine_tune(config: EncoderConfig, tables: dict[str, Any], data: dict[str, Eva
     """The worker loop's steps, without Ray: per epoch, validation and test metrics."""
     train = config.train
     torch.manual_seed(train.seed)
-    qp, co = training_tables(tables["products"], tables["query_pairs"], tables["coengagement"], config)
+    qp, co = training_tables(tables["products"], tables["query_pairs"], tables["coengagement"], config,
+                             tables["user_histories"])
     tokenize = Tokenize(config.model, config.max_length)
     qp_batches = batches(tensors(tokenize(qp.to_pydict() | {"category": np.array(qp["category"])}), device),
                          train.batch_size)
@@ -132,7 +133,8 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on a CPU
     base = yaml.safe_load(DEMO.read_text())["encoder"] | {"model": args.model}
-    tables = {name: pq.read_table(args.data / name) for name in ("products", "query_pairs", "coengagement")}
+    tables = {name: pq.read_table(args.data / name)
+              for name in ("products", "query_pairs", "coengagement", "user_histories")}
     tables["num_categories"] = pq.read_table(args.data / "categories").num_rows
     config = encoder_config(base, {})
     data = {split: eval_data(tables["products"], tables["query_pairs"], config, split) for split in ("validation", "test")}

@@ -19,7 +19,7 @@ import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from shoprank import cluster as local_cluster
-from shoprank.cluster import TOKEN_PATH, LocalCluster, head_env, wait_for_dashboard
+from shoprank.cluster import LocalCluster, head_env, token_path, wait_for_dashboard
 from shoprank.entrypoint import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,16 +48,15 @@ def _kill_cluster(process: subprocess.Popen[bytes], temp_dir: str) -> None:
 def ray_head() -> Iterator[LocalCluster]:
     """A real `ray start --head` on loopback with token authentication, stopped after the test."""
     temp_dir = tempfile.mkdtemp(prefix="srh-", dir="/tmp")
-    cluster = LocalCluster(free_port(), free_port(), num_cpus=2, temp_dir=temp_dir)
+    cluster = LocalCluster(free_port(), free_port(), num_cpus=2, temp_dir=temp_dir, client_port=free_port())
     command = cluster.start_command(block=True) + [
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--metrics-export-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
     ]
+    local_cluster.ensure_token()  # as `cluster up` does: `ray start` never creates it
     process = subprocess.Popen(
-        command, env=head_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, env=head_env(cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
         wait_for_dashboard(cluster, timeout_s=120)
@@ -123,7 +122,7 @@ def test_preprocess_job_submitted_with_the_job_sdk(ray_head: LocalCluster, tmp_p
 def test_a_client_without_the_token_is_refused(ray_head: LocalCluster) -> None:
     anonymous = requests.get(f"{ray_head.dashboard_url}/api/jobs/", timeout=10)
     assert anonymous.status_code == 401
-    token = TOKEN_PATH.read_text().strip()
+    token = token_path().read_text().strip()
     authorised = requests.get(
         f"{ray_head.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10
     )

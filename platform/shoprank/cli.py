@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-cpus", type=int, default=2)
     c.add_argument("--port", type=int, default=6379)
     c.add_argument("--dashboard-port", type=int, default=8265)
+    c.add_argument("--client-port", type=int, default=10001,
+                   help="the Ray Client server's port (ray start always starts one; shoprank does not use it)")
+    c.add_argument("--temp-dir", default=None, help="Ray's sessions and logs (default: Ray's, /tmp/ray)")
 
     srv = commands.add_parser("serve", help="deploy the Serve app (variants from the registry) on the running cluster")
     srv.add_argument("--config", default="demo")
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with user_errors():
         if args.command == "cluster":
-            head = cluster.LocalCluster(args.port, args.dashboard_port, args.num_cpus)
+            head = cluster.LocalCluster(gcs_port=args.port, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus,
+                                        temp_dir=args.temp_dir, client_port=args.client_port)
             if args.action == "up":
                 cluster.start(head)
                 print(cluster.how_to_reach(head))

@@ -1,15 +1,26 @@
-"""A local Ray head for ``ray job submit``: loopback only, token authentication on.
+"""A local Ray head for ``ray job submit``: token authentication on, the job API on loopback.
 
-``shoprank cluster up`` (``make cluster-up``) starts ``ray start --head`` bound to
-127.0.0.1 with ``RAY_AUTH_MODE=token``; Ray writes the token to
-``~/.ray/auth_token`` on first start. Clients (``ray job submit``, the job SDK)
-need ``RAY_AUTH_MODE=token`` in their environment to send it.
+``shoprank cluster up`` (``make cluster-up``) starts ``ray start --head`` with
+``RAY_AUTH_MODE=token``. Ray's ``ray start`` refuses to start without a token and does
+not create one (only ``ray.init`` does), so ``cluster up`` first creates it with Ray's
+own generator (``ray get-auth-token --generate``) in ``~/.ray/auth_token``, mode 0600.
+Clients (``ray job submit``, the job SDK) need ``RAY_AUTH_MODE=token`` in their
+environment to send it. ``shoprank cluster down`` stops every process of that head and
+no other Ray instance of the machine.
+
+Only the dashboard (the job API) is bound to 127.0.0.1: Ray on Linux replaces a
+loopback ``--node-ip-address`` with the machine's address, so the GCS, the raylet, the
+agents and the Ray Client server listen there too (all behind the token). Binding them
+to loopback takes Ray's single-node switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``),
+and then every driver that joins through the GCS (``shoprank serve``, ``ray.init``)
+needs it as well, or it looks for the GCS on the machine's address and hangs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -24,17 +35,22 @@ from ray._common.utils import get_ray_address_file
 from shoprank.errors import ShopRankError
 
 HOST = "127.0.0.1"
-TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+# Set in the head's environment; every process the head starts (Ray's daemons, workers,
+# job supervisors and drivers, Serve replicas) inherits it, whatever its command line says.
+HEAD_MARKER = "SHOPRANK_RAY_HEAD"
+TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
+TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
 
 
 @dataclass(frozen=True)
 class LocalCluster:
-    """Where a local head listens."""
+    """Where a local head listens, and where it keeps its sessions and logs."""
 
     gcs_port: int = 6379
     dashboard_port: int = 8265
     num_cpus: int = 2
     temp_dir: str | None = None
+    client_port: int = 10001
 
     @property
     def address(self) -> str:
@@ -45,14 +61,24 @@ class LocalCluster:
         return f"http://{HOST}:{self.dashboard_port}"
 
     def start_command(self, *, block: bool = False) -> list[str]:
+        """``ray start --head`` for this head.
+
+        ``ray start`` always starts a Ray Client server (it cannot be turned off; port 0
+        is refused), so its port is explicit, not Ray's fixed 10001 that a second head
+        would collide on. The dashboard agent's HTTP port is 0 (chosen when it starts):
+        on Ray's fixed 52365 it fails to bind while another Ray instance of the machine
+        (a test suite's ``ray.init``) holds it, and the head then refuses every job
+        (``No available agent to submit job``).
+        """
         command = [
             ray_executable(), "start", "--head",
             f"--node-ip-address={HOST}", f"--port={self.gcs_port}",
             f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self.client_port}", "--dashboard-agent-listen-port=0",
             f"--num-cpus={self.num_cpus}", "--disable-usage-stats",
         ]
         if self.temp_dir:
-            command.append(f"--temp-dir={self.temp_dir}")
+            command.append(f"--temp-dir={os.path.abspath(self.temp_dir)}")  # its sockets must not depend on the cwd
         if block:
             command.append("--block")
         return command
@@ -64,19 +90,66 @@ def ray_executable() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
+def token_path() -> Path:
+    """The token file Ray reads: ``RAY_AUTH_TOKEN_PATH`` if set, else ``~/.ray/auth_token``.
+
+    Computed at call time, from the current ``HOME``, as Ray's loader does.
+    """
+    configured = os.environ.get(TOKEN_PATH_VARIABLE)
+    return Path(configured) if configured else Path.home() / ".ray" / "auth_token"
+
+
+def token_location() -> str:
+    """Where Ray finds the token: the ``RAY_AUTH_TOKEN`` variable, else :func:`token_path`."""
+    return f"the {TOKEN_VARIABLE} environment variable" if os.environ.get(TOKEN_VARIABLE) else str(token_path())
+
+
+def ensure_token() -> bool:
+    """Make sure ``ray start`` finds a token, creating one if missing; True if it was created.
+
+    ``ray start`` with ``RAY_AUTH_MODE=token`` fails without a token and never creates
+    one (only ``ray.init`` does), so on a fresh machine (no ``~/.ray``) the head could not
+    start. The token is made by Ray's own generator (``ray get-auth-token --generate``,
+    which writes ``~/.ray/auth_token``) under umask 077, so it is never readable by
+    others, not even for a moment; an existing token file is tightened to 0600 (the
+    token grants code execution on the cluster).
+    """
+    if os.environ.get(TOKEN_VARIABLE):
+        return False
+    path = token_path()
+    created = not path.exists()
+    if created and TOKEN_PATH_VARIABLE in os.environ:
+        raise ShopRankError(
+            f"{TOKEN_PATH_VARIABLE} names {path}, which does not exist: put the cluster's token there, "
+            f"or unset {TOKEN_PATH_VARIABLE} to have one created in ~/.ray/auth_token"
+        )
+    if created:
+        result = subprocess.run(
+            [ray_executable(), "get-auth-token", "--generate"], capture_output=True, text=True, umask=0o077
+        )
+        if result.returncode != 0 or not path.exists():
+            raise ShopRankError(f"`ray get-auth-token --generate` did not create {path}:\n{result.stderr}")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o600)
+    return created
+
+
 def token_env() -> dict[str, str]:
     """The environment a client needs to talk to a token-authenticated cluster."""
     return {**os.environ, "RAY_AUTH_MODE": "token"}
 
 
-def head_env() -> dict[str, str]:
-    """The head's environment: token auth on, and this venv first on PATH.
+def head_env(cluster: LocalCluster) -> dict[str, str]:
+    """The head's environment: token auth on, this venv first on PATH, and the head's marker.
 
     Job entrypoints (``python jobs/...``) inherit the head's environment, so
-    ``python`` there is the interpreter that has shoprank and Ray installed.
+    ``python`` there is the interpreter that has shoprank and Ray installed. The
+    marker (:data:`HEAD_MARKER`) is how :func:`head_processes` finds every process
+    of this head.
     """
     env = token_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env[HEAD_MARKER] = cluster.address
     return env
 
 
@@ -101,35 +174,45 @@ def wait_for_dashboard(cluster: LocalCluster, timeout_s: float = 90.0) -> None:
 
 
 def start(cluster: LocalCluster) -> None:
-    """Start the head (idempotent: an answering dashboard means it already runs)."""
+    """Start the head (idempotent: an answering dashboard means it already runs), creating
+    the auth token first if there is none."""
     if dashboard_ready(cluster):
         print(f"Ray head already running at {cluster.address}")
         return
-    result = subprocess.run(cluster.start_command(), env=head_env(), capture_output=True, text=True)
+    if ensure_token():
+        print(f"Created the Ray auth token: {token_path()} (mode 0600)")
+    result = subprocess.run(cluster.start_command(), env=head_env(cluster), capture_output=True, text=True)
     if result.returncode != 0:
         raise ShopRankError(f"`ray start --head` failed:\n{result.stdout}\n{result.stderr}")
     wait_for_dashboard(cluster)
-    if TOKEN_PATH.exists():
-        TOKEN_PATH.chmod(0o600)  # the token grants code execution on the cluster
 
 
 def head_processes(cluster: LocalCluster) -> list[psutil.Process]:
-    """The processes of the head on ``cluster.gcs_port``: every one that names its session
-    (found from its GCS server's arguments), and their children (workers, agents, replicas)."""
+    """Every process of the head on ``cluster.gcs_port``, and their children.
+
+    A process belongs to the head when its environment carries the head's marker
+    (every process that ``cluster up`` started, and everything those started), or when
+    its command line names the session of the GCS on that port (a head started
+    without the marker, by hand or by an earlier shoprank). The session name alone
+    misses processes: ``ray start`` exits once the head is up, so its daemons are
+    children of init, not of the GCS, and the Ray Client server's command line names
+    only the GCS address (``python -m ray.util.client.server --address=... --port=10001``).
+    Children are added because a process that retitles itself (``ray::DashboardAgent``)
+    can overwrite what ``/proc`` shows of its environment; its parent still shows it.
+    """
     session = None
     for process in psutil.process_iter(["cmdline"]):
         args = process.info["cmdline"] or []
         if f"--gcs_server_port={cluster.gcs_port}" in args:
             session = next((a.split("=", 1)[1] for a in args if a.startswith("--session-name=")), None)
-    if session is None:
-        return []
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
-        if session in " ".join(process.info["cmdline"] or []):
-            try:
+        try:
+            named = session is not None and session in " ".join(process.info["cmdline"] or [])
+            if named or process.environ().get(HEAD_MARKER) == cluster.address:
                 found.update({p.pid: p for p in [process, *process.children(recursive=True)]})
-            except psutil.NoSuchProcess:
-                continue
+        except psutil.Error:  # gone meanwhile, or another user's (not ours to stop)
+            continue
     found.pop(os.getpid(), None)
     return list(found.values())
 
@@ -146,18 +229,19 @@ def stop(cluster: LocalCluster, timeout_s: float = 20.0) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     psutil.wait_procs(alive, timeout=5)
-    address_file = Path(get_ray_address_file(None))
+    address_file = Path(get_ray_address_file(cluster.temp_dir))
     if address_file.exists() and address_file.read_text().strip().endswith(f":{cluster.gcs_port}"):
         address_file.unlink()  # so nothing tries to join the stopped head
     return len(processes)
 
 
 def how_to_reach(cluster: LocalCluster) -> str:
+    """What a user needs to submit jobs to the head."""
     return "\n".join(
         [
             f"Ray head:       {cluster.address} (GCS)",
             f"Dashboard/jobs: {cluster.dashboard_url} (loopback only)",
-            f"Auth token:     {TOKEN_PATH} (token authentication is on)",
+            f"Auth token:     {token_location()} (token authentication is on)",
             "Submit a job:",
             "  export RAY_AUTH_MODE=token",
             f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- \\",

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from shoprank.cluster import ensure_token
 from shoprank.config import Config, RayConfig, load_config
 from shoprank.errors import ShopRankError
 
@@ -79,7 +80,9 @@ def local_ray_options(num_cpus: int, *, dashboard: bool = False) -> Iterator[dic
     clusters and no such file it fails and the CPUs stay held, so the next stage waits
     forever. So the GCS port is chosen here (``RAY_GCS_SERVER_PORT``, read when the head
     starts, set only inside the ``with``) and every worker of the job gets ``RAY_ADDRESS``.
+    The auth token is created here too, mode 0600, as ``shoprank cluster up`` creates it.
     """
+    ensure_token()  # else ray.init writes one readable by every user of the machine (mode 0644)
     port = free_port()
     before = os.environ.get(GCS_PORT_VARIABLE)
     os.environ[GCS_PORT_VARIABLE] = str(port)

@@ -1,0 +1,128 @@
+"""The front door on a fresh machine: the real `shoprank cluster up` with an empty HOME (no
+``~/.ray``), a job submitted with `ray job submit`, then `shoprank cluster down`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from shoprank.entrypoint import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _processes_of(home: Path, temp_dir: str) -> list[psutil.Process]:
+    """The processes of a head started with ``HOME=home`` and ``--temp-dir=temp_dir``, and their
+    children, found without shoprank's own lookup: the head inherits the test's HOME (the Ray
+    Client server too, whose command line names neither the temp dir nor the session)."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        environ = process.info["environ"] or {}
+        if environ.get("HOME") == str(home) or temp_dir in " ".join(process.info["cmdline"] or []):
+            try:
+                found.update({p.pid: p for p in [process, *process.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _port_is_free(port: int) -> bool:
+    """True if a server could listen on ``port`` on every interface now (nothing listens there)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+class Head:
+    """A head started by the real CLI, with its own HOME, ports and temp dir."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        # Short and under /tmp: Ray's socket paths live under the temp dir and must fit 107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="srf-", dir="/tmp")
+        self.gcs_port, self.dashboard_port, self.client_port = free_port(), free_port(), free_port()
+        self.env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token"}
+        for inherited in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+            self.env.pop(inherited, None)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def cluster(self, action: str) -> subprocess.CompletedProcess[str]:
+        """``shoprank cluster <action>`` on this head's ports and temp dir."""
+        return subprocess.run(
+            [str(BIN / "shoprank"), "cluster", action, "--port", str(self.gcs_port),
+             "--dashboard-port", str(self.dashboard_port), "--client-port", str(self.client_port),
+             "--temp-dir", self.temp_dir],
+            env=self.env, capture_output=True, text=True, timeout=180,
+        )
+
+
+@pytest.fixture
+def head(tmp_path: Path) -> Iterator[Head]:
+    """A fresh HOME and a head's settings; whatever a failed test leaves of the head is killed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    started = Head(home)
+    yield started
+    for process in _processes_of(home, started.temp_dir):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    shutil.rmtree(started.temp_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_cluster_up_on_a_fresh_home_runs_a_job_and_down_leaves_nothing(ray_local: None, head: Head) -> None:
+    up = head.cluster("up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    token = head.home / ".ray" / "auth_token"
+    assert f"Created the Ray auth token: {token} (mode 0600)" in up.stdout
+    assert f"Auth token:     {token}" in up.stdout
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert len(token.read_text().strip()) == 64  # Ray's generator: 32 random bytes, hex
+
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--",
+         "python", "-c", "import ray; ray.init(); print('answer', ray.get(ray.remote(lambda: 41).remote()) + 1)"],
+        env=head.env, capture_output=True, text=True, timeout=180,
+    )
+    assert job.returncode == 0 and "answer 42" in job.stdout and "succeeded" in job.stdout, job.stdout + job.stderr
+
+    before = _processes_of(head.home, head.temp_dir)
+    client_server = [p for p in before if "ray.util.client.server" in p.cmdline()]
+    assert client_server and f"--port={head.client_port}" in client_server[0].cmdline()
+    assert not _port_is_free(head.client_port)
+
+    down = head.cluster("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"Ray head on port {head.gcs_port}: " in down.stdout
+    assert [p.pid for p in before if p.is_running()] == [] and _processes_of(head.home, head.temp_dir) == []
+    for port in (head.gcs_port, head.dashboard_port, head.client_port):
+        assert _port_is_free(port), f"port {port} is still taken after `cluster down`"
+    assert ray.get(ray.remote(lambda: 42).remote()) == 42, "the session's own cluster still works"
+
+
+def test_cluster_up_with_a_missing_token_path_says_what_to_do(head: Head) -> None:
+    head.env["RAY_AUTH_TOKEN_PATH"] = str(head.home / "nowhere" / "token")
+    up = head.cluster("up")
+    assert up.returncode == 2
+    assert up.stderr.startswith(f"error: RAY_AUTH_TOKEN_PATH names {head.home / 'nowhere' / 'token'}, which does not")
+    assert "Traceback" not in up.stderr and not (head.home / ".ray").exists()
