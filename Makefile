@@ -59,6 +59,7 @@ test-all: setup $(CHROMIUM)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/serve_load.py --config $(PRESET) --set run.root=$(CURDIR)/runs
 

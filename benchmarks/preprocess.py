@@ -326,10 +326,8 @@ class PandasBaseline:
             "source": "behaviour",
         })
         combined = pd.concat([judged, behaviour], ignore_index=True)
-        split, fold = assign_query_splits(pa.array(combined["query"], pa.string()), self.pre)
+        split = assign_query_splits(pa.array(combined["query"], pa.string()), self.pre)
         combined["split"] = split.to_numpy(zero_copy_only=False)
-        if self.pre.kfold:
-            combined["fold"] = fold.to_numpy(zero_copy_only=False)
         self._write(combined, "query_pairs")
 
 

@@ -48,7 +48,8 @@ from shoprank.serving.app import AppArgs, deploy  # noqa: E402
 from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
 from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
 from shoprank.store.registry import Registry  # noqa: E402
-from shoprank.store.run import Location, Run  # noqa: E402
+from shoprank.store.location import Location  # noqa: E402
+from shoprank.store.run import Run  # noqa: E402
 
 
 def percentiles(latencies_s: list[float]) -> dict[str, float]:

@@ -18,10 +18,10 @@ def test_presets_load(preset: str) -> None:
 
 
 def test_override_is_typed() -> None:
-    config = load_config("tiny", ["source.synthetic.seed=11", "ray.use_gpu=true", "preprocess.kfold=5"])
+    config = load_config("tiny", ["source.synthetic.seed=11", "ray.use_gpu=true", "preprocess.test_fraction=0.2"])
     assert config.source.synthetic.seed == 11
     assert config.ray.use_gpu is True
-    assert config.preprocess.kfold == 5
+    assert config.preprocess.test_fraction == 0.2
 
 
 def test_unknown_key_names_key_and_allowed_keys() -> None:
@@ -44,8 +44,6 @@ def test_impossible_value_names_key_and_allowed_values() -> None:
     assert "'synthetic', 'esci' or 'files'" in str(err.value)
     with pytest.raises(ConfigError, match=r"preprocess.validation_fraction: .*less than 0.5"):
         load_config("tiny", ["preprocess.validation_fraction=0.7"])
-    with pytest.raises(ConfigError, match="kfold must be 0"):
-        load_config("tiny", ["preprocess.kfold=1"])
 
 
 def test_files_source_requires_files_section() -> None:
@@ -70,4 +68,15 @@ def test_hash_ignores_where_the_run_lives() -> None:
     c = load_config("tiny", ["source.synthetic.seed=99"])
     assert a.config_hash() == b.config_hash()
     assert a.config_hash() != c.config_hash()
-    assert a.section_hash("source") == load_config("tiny", ["preprocess.kfold=3"]).section_hash("source")
+    assert a.section_hash("source") == load_config("tiny", ["preprocess.test_fraction=0.2"]).section_hash("source")
+
+
+def test_what_recommendations_leave_out_is_part_of_the_feature_rows_identity() -> None:
+    """``serve.exclude_*`` changes the offline candidates, so the features (and what follows) run again;
+    the rest of ``serve`` (ports, replicas) does not touch them."""
+    from shoprank.ranker.stages import features_hash
+
+    base = features_hash(load_config("tiny"))
+    assert features_hash(load_config("tiny", ["serve.exclude_seen=[click]"])) != base
+    assert features_hash(load_config("tiny", ["serve.exclude_purchased=false"])) != base
+    assert features_hash(load_config("tiny", ["serve.port=8123"])) == base

@@ -92,8 +92,19 @@ def _answers(url: str, run: Run) -> None:
                 assert answer["variant"] == variant and answer["request_id"]
                 ids = [item["product_id"] for item in answer["items"]]
                 assert ids and set(ids) <= catalogue, (path, answer)
-        cold = _post(http, "/recommend", {"user_id": "a-shopper-never-seen", "k": 5})
+        cold = _post(http, "/recommend", {"user_id": "a-shopper-never-seen", "k": 5, "variant": "A"})
         assert cold["note"], "a recommendation that is not personal says so"
+        if not users:  # no behaviour: A (retrieval) keeps the popular order, by training queries judging relevant
+            assert [item["product_id"] for item in cold["items"]] == _most_judged_relevant(run, 5)
+
+
+def _most_judged_relevant(run: Run, k: int) -> list[str]:
+    """The ``k`` products most often judged exact or substitute by training queries (ties: catalogue order)."""
+    catalogue = read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist()
+    pairs = read_table(run, "data", "query_pairs").to_pandas()
+    relevant = pairs[(pairs["source"] == "judgment") & (pairs["split"] == "train") & (pairs["label"] >= 2)]
+    counts = relevant["product_id"].value_counts()
+    return sorted(catalogue, key=lambda p: (-counts.get(p, 0), catalogue.index(p)))[:k]
 
 
 def _post(http: httpx.Client, path: str, body: dict) -> dict:

@@ -157,3 +157,48 @@ def test_trimming_shared_padding_keeps_the_embeddings(tiny_encoder_dir: Path) ->
     assert short_ids.shape[1] == int(mask.sum(1).max()) < 48
     with torch.no_grad():
         torch.testing.assert_close(encoder(ids, mask), encoder(short_ids, short_mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("finetune", ["adalora", "full"])
+def test_adalora_moves_its_rank_budget_and_full_fine_tuning_trains_every_weight(
+    tiny_encoder_dir: Path, finetune: str
+) -> None:
+    """Ray-free, a few steps on product pairs of the tiny BERT: AdaLoRA prunes its ranks from ``lora.r`` to
+    ``lora.r // 2`` on its schedule (every step's ``update_and_allocate``); ``full`` trains the backbone itself."""
+    import torch
+
+    from shoprank.config import load_config
+    from shoprank.encoder.model import load_backbone, tokenize
+    from shoprank.encoder.objectives import Optimisation, build_model
+
+    torch.manual_seed(0)
+    config = load_config("tiny", [f"encoder.model={tiny_encoder_dir}", f"encoder.finetune={finetune}"]).encoder
+    backbone, tokenizer = load_backbone(str(tiny_encoder_dir))
+    steps = 30
+    model = build_model(backbone, config, num_categories=3, total_steps=steps)
+    optimisation = Optimisation(model, config.train, steps)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    words = ["red", "skillet", "lamp", "desk", "steel", "blue", "kettle", "chair", "oak", "mug", "pan", "rug"]
+    rng = np.random.default_rng(0)
+
+    def texts() -> list[str]:
+        return [" ".join(rng.choice(words, 3)) for _ in range(8)]
+
+    for step in range(steps):
+        a, b = tokenize(tokenizer, texts(), 16), tokenize(tokenizer, texts(), 16)
+        pairs = {"a_ids": torch.from_numpy(a["input_ids"]), "a_mask": torch.from_numpy(a["attention_mask"]),
+                 "b_ids": torch.from_numpy(b["input_ids"]), "b_mask": torch.from_numpy(b["attention_mask"])}
+        optimisation.step(step, None, pairs, use_bf16=False)
+
+    if finetune == "adalora":
+        singular = [p for name, p in model.named_parameters() if "lora_E" in name]
+        assert optimisation.adalora is not None and len(singular) > 0
+        kept = sum(int((p != 0).sum()) for p in singular)
+        assert kept == config.lora.r // 2 * len(singular) < config.lora.r * len(singular)
+        assert optimisation.adalora.peft_config["default"].rank_pattern
+    else:
+        assert optimisation.adalora is None
+        backbone_weights = [name for name in before if "encoder.backbone" in name]
+        assert backbone_weights and all(model.get_parameter(name).requires_grad for name in backbone_weights)
+        moved = [name for name in backbone_weights if not torch.equal(before[name], model.get_parameter(name))]
+        assert len(moved) > 0.9 * len(backbone_weights)

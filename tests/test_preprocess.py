@@ -80,13 +80,19 @@ def test_rerun_skips_and_changed_config_reruns_only_what_changed(
     first = run.manifest()["stages"]
     again = prepare_data(config).manifest()["stages"]
     assert again == first
-    changed = prepare_data(config.model_copy(update={"preprocess": config.preprocess.model_copy(update={"kfold": 3})}))
+
+    def test_share() -> float:
+        return pc.mean(pc.cast(pc.equal(read_table(run, "data", "events").column("split"), "test"), "int8")).as_py()
+
+    before = test_share()
+    update = {"test_fraction": 0.3}
+    changed = prepare_data(config.model_copy(update={"preprocess": config.preprocess.model_copy(update=update)}))
     stages = changed.manifest()["stages"]
     assert stages["ingest"] == first["ingest"]
     assert stages["preprocess"]["completed_at"] >= first["preprocess"]["completed_at"]
     assert stages["preprocess"]["config_hash"] != first["preprocess"]["config_hash"]
-    folds = read_table(changed, "data", "query_pairs").column("fold")
-    assert set(folds.to_pylist()) == {0, 1, 2}
+    assert stages["preprocess"]["rows"]["events"] == first["preprocess"]["rows"]["events"]
+    assert test_share() > before + 0.1
 
 
 def test_a_failed_stage_leaves_nothing_behind(

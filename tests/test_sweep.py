@@ -16,7 +16,7 @@ import yaml
 from shoprank.config import Config, load_config
 from shoprank.errors import ShopRankError
 from shoprank.store.run import Run
-from shoprank.sweep import run_sweep
+from shoprank.sweep import SPACES, SWEEPS, asha_horizon, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,3 +91,20 @@ def test_the_pipeline_with_sweep_trains_with_the_best_configs(ranked: tuple[Conf
     trained = Run(str(root), run.name).manifest()["config"]
     assert trained["ranker"] == best["ranker"] and trained["encoder"] == encoder_best["encoder"] == best["encoder"]
     assert len(pd.read_csv(root / "sweeps" / f"{run.name}-encoder" / "results.csv")) == 2
+
+
+@pytest.mark.parametrize("kind, key, values, expected", [
+    ("ranker", "ranker.num_boost_round", {"type": "choice", "values": [10, 200, 50]}, 200 // 5),
+    ("ranker", "ranker.num_boost_round", {"type": "randint", "low": 20, "high": 61}, 60 // 5),
+    ("encoder", "encoder.train.epochs", {"type": "choice", "values": [1, 3, 2]}, 3),
+])
+def test_asha_lets_the_longest_trial_of_the_space_finish(kind: str, key: str, values: dict, expected: int,
+                                                          tmp_path: Path) -> None:
+    """ASHA's horizon is the space's longest trial, not the base config's (tiny: 2 epochs, 40 rounds)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({key: values, "ranker.eta": {"type": "uniform", "low": 0.1, "high": 0.2}}))
+    assert asha_horizon(SWEEPS[kind], "tiny", [], space) == expected
+    space.write_text(yaml.safe_dump({"ranker.eta": {"type": "uniform", "low": 0.1, "high": 0.2}}))
+    assert asha_horizon(SWEEPS[kind], "tiny", [], space) == SWEEPS[kind].max_reports(load_config("tiny"))
+    assert asha_horizon(SWEEPS["ranker"], "tiny", [], SPACES / "ranker_space.yaml") == 300 // 5
+

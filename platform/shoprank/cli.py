@@ -89,7 +89,7 @@ def detached_ui(config: Config, preset: str, overrides: list[str], *, start: boo
 
     import httpx
 
-    from shoprank.store.run import local_state_dir
+    from shoprank.store.location import local_state_dir
 
     state = local_state_dir(config.run.root)
     pid_file = state / "ui.pid"
@@ -127,7 +127,8 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
     from tqdm import tqdm
 
     from shoprank.webui.client import ServeClient
-    from shoprank.webui.simulate import simulate, summary
+    from shoprank.webui.report import report_markdown
+    from shoprank.webui.simulate import simulate
 
     ServeClient(url).health()  # a clear error now rather than one per shopper
     with tqdm(total=users, desc="simulated shoppers", unit="shopper") as bar:
@@ -135,7 +136,7 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
                            progress=lambda done, total: bar.update(done - bar.n))
     failed = f"; {len(traffic.errors)} failed, e.g. {traffic.errors[0]}" if traffic.errors else ""
     return (f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events{failed}\n"
-            + summary(ServeClient(url).report()))
+            + report_markdown(ServeClient(url).report()))
 
 
 def main(argv: list[str] | None = None) -> int:

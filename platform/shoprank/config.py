@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoprank.errors import ConfigError
+from shoprank.store.location import Location
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -228,7 +229,6 @@ class PreprocessConfig(Section):
 
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    kfold: int = Field(0, ge=0, le=20, description="0 or 1: no K-fold column; K >= 2 adds `fold`.")
     history_length: int = Field(50, ge=1, description="Most recent events kept per user.")
     max_session_pairs: int = Field(
         20, ge=1, description="Products per session considered for co-engagement pairs."
@@ -248,8 +248,6 @@ class PreprocessConfig(Section):
     def _fractions(self) -> "PreprocessConfig":
         if self.validation_fraction + self.test_fraction >= 0.9:
             raise ValueError("validation_fraction + test_fraction must leave at least 10% for training")
-        if self.kfold == 1:
-            raise ValueError("kfold must be 0 (off) or at least 2")
         return self
 
 
@@ -334,6 +332,17 @@ class RetrievalConfig(Section):
     bm25_k1: float = Field(1.5, gt=0.0)
     bm25_b: float = Field(0.75, ge=0.0, le=1.0)
     trending_days: float = Field(7.0, gt=0.0, description="Window of the 'trending' popularity for cold starts.")
+    item_item_l2: float = Field(
+        100.0, gt=0.0, description="L2 regularisation of the item-item model (EASE): higher trusts rare pairs less.",
+    )
+    item_item_max_products: int = Field(
+        5_000, ge=2, description="The item-item model covers this many most-engaged products (its fit inverts a "
+        "dense matrix of this size, cubic in it: on 2 cores 5,000 take 7 s, 10,000 take 40 s and 2.4 GiB).",
+    )
+    item_item_neighbours: int = Field(
+        300, ge=1, description="Weights kept per product in the item-item model, the largest in absolute value "
+        "(negative weights matter: pruning them away cost a tenth of its NDCG@10 on benchmarks/recommend.py's data).",
+    )
 
 
 class RankerConfig(Section):
@@ -402,6 +411,13 @@ class ServeConfig(Section):
     )
     baseline_popularity_weight: float = Field(
         0.02, ge=0.0, description="The retrieval strategy's score: cosine + 0.01 * BM25 + this * popularity."
+    )
+    exclude_purchased: bool = Field(
+        True, description="Recommendations leave out what the user already bought (offline rows and Serve alike).",
+    )
+    exclude_seen: list[Literal["view", "click", "add_to_cart"]] = Field(
+        default_factory=list, description="Recommendations also leave out products of the user's events of these "
+        "types (e.g. [click] where nobody engages with a product twice, as in a ratings export).",
     )
 
 
@@ -525,8 +541,6 @@ def read_config_text(path_or_name: str | Path) -> tuple[str, str]:
     """(where, text) of a preset, a YAML path or a YAML file's filesystem URI (a sweep's
     ``best_config.yaml`` on shared storage, say)."""
     if "://" in str(path_or_name):
-        from shoprank.store.run import Location  # here: that module imports this one
-
         folder, _, name = str(path_or_name).rpartition("/")
         try:
             return str(path_or_name), Location(folder).read_text(name)

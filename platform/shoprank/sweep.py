@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
-from shoprank.store.run import Location
+from shoprank.store.location import Location
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,28 @@ def read_space(path: str | Path) -> dict[str, Any]:
         except KeyError as missing:
             raise ConfigError(f"{path}: {key}: a {spec['type']} needs {missing}") from None
     return space
+
+
+def space_upper_bound(path: str | Path, key: str) -> Any | None:
+    """The largest value the space at ``path`` can give ``key`` (None when it does not vary it).
+
+    A ``choice`` of numbers: the largest; ``uniform``/``loguniform``: ``high``;
+    ``randint``: ``high - 1`` (Tune's upper bound is exclusive)."""
+    spec = (yaml.safe_load(Path(path).read_text()) or {}).get(key)
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("type") == "choice":
+        return max(spec["values"])
+    return spec["high"] - 1 if spec.get("type") == "randint" else spec.get("high")
+
+
+def asha_horizon(sweep: "Sweep", preset: str, overrides: list[str], space_path: str | Path) -> int:
+    """ASHA's ``max_t``: the reports of the longest trial the space allows, not of the base config
+    (with the base config's 100 rounds as the horizon, a trial that drew 300 was stopped after 100
+    while its sampled 300 went into the best config)."""
+    upper = space_upper_bound(space_path, sweep.length_key)
+    extra = [] if upper is None else [f"{sweep.length_key}={upper}"]
+    return sweep.max_reports(load_config(preset, [*overrides, *extra]))
 
 
 def trial_config(preset: str, overrides: list[str], params: dict[str, Any]) -> Config:
@@ -105,8 +127,10 @@ class Sweep:
 
     name: str
     trial: Callable[..., None]
+    length_key: str
+    """The config key that sets how long a trial trains (epochs, boosting rounds)."""
     max_reports: Callable[[Config], int]
-    """The most reports a trial makes (ASHA's horizon)."""
+    """The most reports a trial of this config makes."""
     cpus_per_trial: Callable[[Config], float]
     prepare: Callable[[Config], Any]
     """Builds what the trials read (data for the encoder, feature rows for the ranker)."""
@@ -125,9 +149,10 @@ def _prepare_ranker(config: Config) -> Any:
 
 
 SWEEPS = {
-    "encoder": Sweep("encoder", encoder_trial, lambda c: c.encoder.train.epochs,
+    "encoder": Sweep("encoder", encoder_trial, "encoder.train.epochs", lambda c: c.encoder.train.epochs,
                      lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, _prepare_encoder),
-    "ranker": Sweep("ranker", ranker_trial, lambda c: max(1, c.ranker.num_boost_round // RANKER_REPORT_EVERY),
+    "ranker": Sweep("ranker", ranker_trial, "ranker.num_boost_round",
+                    lambda c: max(1, c.ranker.num_boost_round // RANKER_REPORT_EVERY),
                     lambda c: c.ranker.num_workers * c.ranker.cpus_per_worker, _prepare_ranker),
 }
 
@@ -184,7 +209,8 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=num_samples, max_concurrent_trials=concurrent,
                 time_budget_s=time_budget_s, search_alg=search_alg,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.max_reports(config),
+                scheduler=ASHAScheduler(time_attr="training_iteration",
+                                        max_t=asha_horizon(sweep, preset, overrides, space_path),
                                         grace_period=1, reduction_factor=2),
             ),
             # a trial that fails (a worker that did not start in time on a busy machine) gets a second try

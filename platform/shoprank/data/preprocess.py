@@ -22,7 +22,7 @@ table                     rows
 ``query_pairs``           (query, product, label 0..3): judgments, plus behaviour from
                           *training* search events (best engagement: purchase 3, cart 2,
                           click 1, shown but ignored 0); ``split`` by a hash of the normalised
-                          query, so one query text is never in two splits; optional ``fold``
+                          query, so one query text is never in two splits
 ========================  ====================================================================
 """
 
@@ -65,14 +65,13 @@ def _unit_interval(key: str, seed: int, salt: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def assign_query_splits(queries: pa.Array | pa.ChunkedArray, config: PreprocessConfig) -> tuple[pa.Array, pa.Array]:
-    """(split, fold) of each normalised query: a function of the query text alone.
+def assign_query_splits(queries: pa.Array | pa.ChunkedArray, config: PreprocessConfig) -> pa.Array:
+    """The split of each normalised query: a function of the query text alone.
 
     Hashing the text (not sampling rows) keeps every pair of one query in one split,
     in every block and every rerun.
     """
     split_of: dict[str, str] = {}
-    fold_of: dict[str, int] = {}
     for query in pc.unique(queries).to_pylist():
         u = _unit_interval(query, config.seed, "split")
         split_of[query] = (
@@ -80,12 +79,7 @@ def assign_query_splits(queries: pa.Array | pa.ChunkedArray, config: PreprocessC
             else "validation" if u < config.test_fraction + config.validation_fraction
             else "train"
         )
-        fold_of[query] = int(_unit_interval(query, config.seed, "fold") * config.kfold) if config.kfold else -1
-    values = queries.to_pylist()
-    return (
-        pa.array([split_of[q] for q in values], pa.string()),
-        pa.array([fold_of[q] for q in values], pa.int16()),
-    )
+    return pa.array([split_of[q] for q in queries.to_pylist()], pa.string())
 
 
 class _Steps:
@@ -153,10 +147,6 @@ QUERY_PAIRS_SCHEMA = pa.schema(
      pa.field("impressions", pa.int32()), pa.field("source", pa.string()), pa.field("split", pa.string())]
 )
 """The output tables' schemas: what an empty table is written with, so every reader finds its columns."""
-
-
-def query_pairs_schema(config: PreprocessConfig) -> pa.Schema:
-    return QUERY_PAIRS_SCHEMA.append(pa.field("fold", pa.int16())) if config.kfold else QUERY_PAIRS_SCHEMA
 
 
 def _runs(sorted_keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -298,9 +288,7 @@ def _behaviour_pairs(batch: pa.Table) -> pa.Table:
 
 
 def _split_pairs(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
-    split, fold = assign_query_splits(batch.column("query"), config)
-    batch = batch.append_column("split", split)
-    return batch.append_column("fold", fold) if config.kfold else batch
+    return batch.append_column("split", assign_query_splits(batch.column("query"), config))
 
 
 def _event_cutoffs(events: ray.data.Dataset, config: PreprocessConfig) -> tuple[pa.Scalar, pa.Scalar] | None:
@@ -408,7 +396,7 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
             ).map_batches(_behaviour_pairs, batch_format="pyarrow")
         )
         combined = judged.union(behaviour).map_batches(_split_pairs, fn_args=(pre,), batch_format="pyarrow")
-        _write(combined, "query_pairs", query_pairs_schema(pre))
+        _write(combined, "query_pairs", QUERY_PAIRS_SCHEMA)
 
     steps.run("products", products)
     steps.run("events", events)

@@ -104,9 +104,10 @@ def apply_finetuning(backbone: PreTrainedModel, config: EncoderConfig, total_ste
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
         )
     else:
-        peft_config = AdaLoraConfig(
+        total = max(total_steps, 2)
+        peft_config = AdaLoraConfig(  # ranks fixed for the first tenth, pruned to target_r, then fixed for the last fifth
             init_r=lora.r, target_r=max(1, lora.r // 2), lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), total_step=max(total_steps, 2),
+            target_modules=list(lora.target_modules), total_step=total, tinit=total // 10, tfinal=total // 5,
         )
     try:
         return get_peft_model(backbone, peft_config)

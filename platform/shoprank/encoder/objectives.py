@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
 from shoprank.config import EncoderConfig, EncoderTrainConfig
@@ -85,7 +86,8 @@ def loss_weights(train: EncoderTrainConfig) -> dict[str, float]:
 
 @dataclass
 class Optimisation:
-    """AdamW over the trainable weights, linear warm-up then linear decay, gradient accumulation.
+    """AdamW over the trainable weights, linear warm-up then linear decay, gradient accumulation,
+    and AdaLoRA's rank budget (``encoder.finetune: adalora``) after every optimiser step.
 
     One object for the Ray Train worker and the plain loops of the benchmarks, so
     both take exactly the same steps.
@@ -107,6 +109,10 @@ class Optimisation:
             lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
         )
         self.weights = loss_weights(self.train)
+        self.adalora = next((m for m in self.model.modules() if isinstance(m, AdaLoraModel)), None)
+        """AdaLoRA's model, whose budget moves with the optimiser steps (its own schedule: tinit, tfinal,
+        total_step; see :func:`shoprank.encoder.model.apply_finetuning`); None for LoRA and full fine-tuning."""
+        self.optimizer_steps = 0
 
     def step(
         self, step: int, qp: dict[str, torch.Tensor] | None, pairs: dict[str, torch.Tensor] | None, use_bf16: bool
@@ -123,12 +129,17 @@ class Optimisation:
             torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
             self.optimizer.step()
             self.scheduler.step()
+            if self.adalora is not None:  # after the step, before zero_grad: it scores ranks by weight x gradient
+                self.adalora.update_and_allocate(self.optimizer_steps)
+            self.optimizer_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), losses
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_steps = state.get("optimizer_steps", self.scheduler.last_epoch)

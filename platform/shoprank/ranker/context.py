@@ -3,7 +3,8 @@
 The same :class:`RankingContext` backs the offline feature job (one per Ray Data
 actor) and the online ranker, so both see the same products, statistics and
 histories. Everything time-dependent is cut at ``cutoff_s``: product statistics,
-trending products and co-engagement neighbours use only events before it.
+trending products, co-engagement neighbours and the item-item model use only
+events before it.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shoprank.config import Config
+from shoprank.config import Config, RetrievalConfig, ServeConfig
 from shoprank.data.io import read_table
+from shoprank.data.schema import ESCI_LABELS
 from shoprank.encoder.model import (
     QUERY_MAX_LENGTH, TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts,
 )
 from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
-from shoprank.retrieval.candidates import Catalogue
+from shoprank.retrieval.candidates import Catalogue, ItemItem, fit_item_item
 from shoprank.store.run import Run
 
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")
+RELEVANT_LABEL = ESCI_LABELS["S"]
+"""A judgment of at least this label (substitute, exact) says the product answers the query."""
 EVENT_COLUMNS = ["user_id", "session_id", "product_id", "event_type", "ts", "split"]
 MAX_NEIGHBOURS = 50
 
@@ -83,6 +87,30 @@ def coengaged_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: flo
     }
 
 
+def item_item_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float,
+                     retrieval: RetrievalConfig) -> ItemItem:
+    """The item-item model (EASE) of the users' engagements before the cut-off."""
+    engaged = events[(events["ts_s"] < cutoff_s) & events["event_type"].isin(ENGAGEMENTS)
+                     & events["product_id"].isin(row_of.keys())]
+    return fit_item_item(engaged["user_id"].to_numpy(), engaged["product_id"].map(row_of).to_numpy(np.int64),
+                         len(row_of), retrieval.item_item_l2, retrieval.item_item_max_products,
+                         retrieval.item_item_neighbours)
+
+
+def judged_relevant_counts(run: Run, row_of: dict[str, int]) -> np.ndarray:
+    """Per catalogue row, the training-split judged queries that call the product relevant (label >= 2:
+    exact or substitute). Training split only, so no test query's judgment reaches what is evaluated."""
+    pairs = read_table(run, "data", "query_pairs", columns=["product_id", "label", "source", "split"]).to_pandas()
+    relevant = pairs[(pairs["source"] == "judgment") & (pairs["split"] == "train") & (pairs["label"] >= RELEVANT_LABEL)]
+    rows = relevant["product_id"].map(row_of).dropna().to_numpy(np.int64)
+    return np.bincount(rows, minlength=len(row_of)).astype(np.float64)
+
+
+def excluded_event_types(serve: ServeConfig) -> frozenset[str]:
+    """The event types whose products a recommendation leaves out."""
+    return frozenset(serve.exclude_seen) | ({"purchase"} if serve.exclude_purchased else set())
+
+
 def trending_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float, days: float) -> np.ndarray:
     """Catalogue rows by engagements in the ``days`` before the cut-off, most first."""
     recent = events[(events["ts_s"] < cutoff_s) & (events["ts_s"] >= cutoff_s - days * 86_400)
@@ -108,7 +136,7 @@ class RankingContext:
 
 def load_product_stats(config: Config, run: Run) -> ProductStats:
     """The run's product statistics alone (what a ranker needs beside its candidates and the user's history)."""
-    events = read_table(run, "data", "events", columns=["product_id", "event_type", "ts", "split"])
+    events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts", "split"])
     cutoff = ranker_cutoff(events, config.ranker.history_fraction)
     return product_stats(read_table(run, "data", "products"), events, cutoff, config.ranker.ctr_prior_views)
 
@@ -157,6 +185,9 @@ def load_context(
         stats=stats, vectors=vectors, index=index, index_rows=index_rows, texts=texts,
         coengaged=coengaged_before(events, stats.row_of, cutoff),
         trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
+        item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
+        excluded_types=excluded_event_types(config.serve),
+        judged_relevant=judged_relevant_counts(run, stats.row_of),
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
     )
     known = events if history_until_s is None else events[events["ts_s"] < history_until_s]

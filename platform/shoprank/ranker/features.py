@@ -18,10 +18,14 @@ features only from that user's events strictly before the request time.
 | ``from_lexical`` | 1 when BM25 proposed it |
 | ``from_coengaged`` | 1 when it was co-engaged with one of the user's recent products |
 | ``from_popular`` | 1 when it came from the popular items of the user's categories (or trending) |
+| ``from_collaborative`` | 1 when the item-item model (EASE) proposed it from the user's engaged products |
 | ``retrieval_position`` | best 1-based rank of the candidate in any source |
+| ``cf_score`` | item-item model score: the sum of the candidate's weights from every product the user engaged with (0 without) |
+| ``cf_recent`` | the same from the engaged products of the user's latest visit only (:meth:`History.last_visit`: what they were after just now) |
+| ``cf_relative`` | ``cf_score`` over the largest absolute ``cf_score`` among the request's candidates (0 when all are 0) |
 | ``popularity`` | log(1 + engagements) of the product before the cut-off |
-| ``ctr`` | clicks / views, smoothed towards the catalogue mean with ``ctr_prior_views`` views |
-| ``conversion`` | purchases / clicks, smoothed the same way |
+| ``ctr`` | clicks / views, smoothed towards the log's mean with ``ctr_prior_views`` views; missing (NaN) for a product without views |
+| ``conversion`` | share of the users who engaged with the product (click, cart or purchase) who bought it, smoothed the same way; missing without engaged users |
 | ``log_price`` | log(1 + price) |
 | ``price_vs_user`` | log price minus the median log price of the user's engaged products (0 without history) |
 | ``price_in_category`` | log price minus the median log price of the product's category (cheap or premium for what it is) |
@@ -32,8 +36,15 @@ features only from that user's events strictly before the request time.
 | ``engaged_category_share`` | share of the user's clicks, carts and purchases in the product's category (views are what the shop chose to show; engagements are what the user chose) |
 | ``engaged_brand_share`` | the same for the product's brand |
 | ``category_recency_days`` | days since the user's last event in the product's category (365 when never) |
+| ``unseen_rank_in_category`` | 0-based popularity rank of the product in its category among the products the user has not met yet: the best new thing of a category, once its bestsellers are already theirs |
+| ``user_product_events`` | the user's earlier events on this very product (a re-visit, or something already bought) |
 | ``history_length`` | number of events in the user's history |
 | ``is_search`` | 1 for a search request, 0 for a recommendation |
+
+Rates are never a ratio over a zero count: a log without impressions (a ratings-style
+export of clicks and purchases) has no click-through rate, so ``ctr`` is missing
+there, and XGBoost learns where missing values go instead of reading a made-up
+number (a zero denominator once gave every product a ``ctr`` in the thousands).
 """
 
 from __future__ import annotations
@@ -47,17 +58,19 @@ import pyarrow.compute as pc
 
 from shoprank.encoder.users import EVENT_WEIGHTS
 
-FEATURE_SCHEMA_VERSION = 3
+FEATURE_SCHEMA_VERSION = 4
 """Bumped whenever a feature is added, removed, reordered or changes meaning."""
 
 FEATURES = [
-    "cosine", "bm25", "from_dense", "from_lexical", "from_coengaged", "from_popular", "retrieval_position",
+    "cosine", "bm25", "from_dense", "from_lexical", "from_coengaged", "from_popular", "from_collaborative",
+    "retrieval_position", "cf_score", "cf_recent", "cf_relative",
     "popularity", "ctr", "conversion", "log_price", "price_vs_user",
     "price_in_category", "price_position_vs_user", "category_affinity", "department_affinity", "brand_affinity",
-    "engaged_category_share", "engaged_brand_share", "category_recency_days", "history_length", "is_search",
+    "engaged_category_share", "engaged_brand_share", "category_recency_days", "unseen_rank_in_category",
+    "user_product_events", "history_length", "is_search",
 ]
 
-SOURCES = ("dense", "lexical", "coengaged", "popular")
+SOURCES = ("dense", "lexical", "coengaged", "popular", "collaborative")
 """Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
 
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
@@ -65,6 +78,8 @@ COLUMN = {name: i for i, name in enumerate(FEATURES)}
 
 NEVER_DAYS = 365.0
 DAY = 86_400.0
+VISIT_GAP_S = 30 * 60.0
+"""Events further apart than this belong to different visits (the readers' session gap)."""
 
 
 @dataclass
@@ -83,30 +98,44 @@ class ProductStats:
     cutoff_s: float
     """The cut-off (epoch seconds): no event at or after it is counted above."""
     row_of: dict[str, int] = field(init=False)
+    rank_in_category: np.ndarray = field(init=False)
+    """0-based rank of each product by popularity within its category (ties: catalogue order)."""
 
     def __post_init__(self) -> None:
         self.row_of = {p: i for i, p in enumerate(self.product_ids)}
+        order = np.lexsort((np.arange(len(self.popularity)), -self.popularity, self.category))
+        starts = np.searchsorted(self.category[order], self.category[order], side="left")
+        self.rank_in_category = np.empty(len(order), np.int64)
+        self.rank_in_category[order] = np.arange(len(order)) - starts
 
 
 def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_views: float) -> ProductStats:
-    """Statistics from ``events`` strictly before ``cutoff_s`` (epoch seconds)."""
+    """Statistics from ``events`` strictly before ``cutoff_s`` (epoch seconds).
+
+    ``events`` needs ``product_id``, ``event_type``, ``ts`` and ``user_id`` (conversion
+    counts users, not events: in a ratings-style log a purchase is its own row, not the
+    end of a click's funnel).
+    """
     ids = products.column("product_id").to_pylist()
     row_of = {p: i for i, p in enumerate(ids)}
     before = epoch_seconds(events.column("ts")) < cutoff_s
     kinds = np.asarray(events.column("event_type").to_numpy(zero_copy_only=False))[before]
     rows = np.array([row_of.get(p, -1) for p in np.asarray(events.column("product_id").to_numpy(zero_copy_only=False))[before]],
                     dtype=np.int64)
+    users = np.asarray(events.column("user_id").to_numpy(zero_copy_only=False))[before]
     known = rows >= 0
-    rows, kinds = rows[known], kinds[known]
+    rows, kinds, users = rows[known], kinds[known], users[known]
     n = len(ids)
 
     def count(kind: str) -> np.ndarray:
         return np.bincount(rows[kinds == kind], minlength=n).astype(np.float64)
 
+    def distinct_users(mask: np.ndarray) -> np.ndarray:
+        pairs = pd.DataFrame({"row": rows[mask], "user": users[mask]}).drop_duplicates()
+        return np.bincount(pairs["row"].to_numpy(np.int64), minlength=n).astype(np.float64)
+
     views, clicks, carts, purchases = count("view"), count("click"), count("add_to_cart"), count("purchase")
-    mean_ctr = clicks.sum() / max(views.sum(), 1.0)
-    mean_conversion = purchases.sum() / max(clicks.sum(), 1.0)
-    prior_clicks = prior_views * mean_ctr
+    engaged = kinds != "view"
     categories = products.column("category").to_pylist()
     brands = products.column("brand").to_pylist()
     category = _codes(categories)
@@ -120,10 +149,28 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         log_price=log_price,
         price_in_category=log_price - median_in_category,
         popularity=np.log1p(clicks + carts + purchases),
-        ctr=(clicks + prior_views * mean_ctr) / (views + prior_views),
-        conversion=(purchases + prior_clicks * mean_conversion) / (clicks + prior_clicks),
+        ctr=smoothed_rate(clicks, views, prior_views),
+        conversion=smoothed_rate(distinct_users(kinds == "purchase"), distinct_users(engaged), prior_views),
         cutoff_s=cutoff_s,
     )
+
+
+def smoothed_rate(hits: np.ndarray, trials: np.ndarray, prior_trials: float) -> np.ndarray:
+    """``hits / trials`` per product, smoothed towards the pooled rate with ``prior_trials`` pseudo-trials.
+
+    Missing (NaN) where a product has no trial: there is nothing to divide by, and a
+    made-up value (the prior alone, or hits over zero) would tell the ranker something
+    the log does not say. Hits beyond trials (clicks whose impressions were not
+    logged) are capped, so a rate stays within [0, 1].
+    """
+    hits = np.minimum(hits, trials)
+    tried = trials > 0
+    if not tried.any():
+        return np.full(len(trials), np.nan)
+    pooled = hits[tried].sum() / trials[tried].sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = (hits + prior_trials * pooled) / (trials + prior_trials)
+    return np.where(tried, rate, np.nan)
 
 
 def epoch_seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -163,6 +210,19 @@ class History:
     def __len__(self) -> int:
         return len(self.product_rows)
 
+    def last_visit(self) -> "History":
+        """The events of the user's latest visit: the trailing run of events less than
+        :data:`VISIT_GAP_S` apart (what the shopper was after most recently)."""
+        if not len(self):
+            return self
+        gaps = np.diff(self.ts_s)
+        start = int(np.flatnonzero(np.r_[True, gaps > VISIT_GAP_S])[-1])
+        return History(self.product_rows[start:], self.event_types[start:], self.ts_s[start:])
+
+    def engaged_rows(self) -> np.ndarray:
+        """Product rows of the clicks, carts and purchases (views are what the shop chose to show)."""
+        return self.product_rows[[t != "view" for t in self.event_types]]
+
     def followed_by(self, later: "History", limit: int) -> "History":
         """This history, then ``later`` (events received since), in time order: the last ``limit``."""
         ts = np.concatenate([self.ts_s, later.ts_s])
@@ -180,6 +240,10 @@ class Candidates:
     bm25: np.ndarray
     sources: np.ndarray
     position: np.ndarray
+    cf_score: np.ndarray | None = None
+    """Item-item model score from all the user's engaged products; None: no such model (all 0)."""
+    cf_recent: np.ndarray | None = None
+    """The same from the engaged products of their latest visit only."""
 
 
 def compute_features(
@@ -189,11 +253,19 @@ def compute_features(
     rows = candidates.rows
     n = len(rows)
     out = np.zeros((n, len(FEATURES)), dtype=np.float32)
+    if not n:  # e.g. a shopper who already bought everything a recommendation could propose
+        return out
     out[:, COLUMN["cosine"]] = candidates.cosine
     out[:, COLUMN["bm25"]] = candidates.bm25
     for bit, source in enumerate(SOURCES):
         out[:, COLUMN[f"from_{source}"]] = (candidates.sources >> bit) & 1
     out[:, COLUMN["retrieval_position"]] = candidates.position
+    if candidates.cf_score is not None:
+        out[:, COLUMN["cf_score"]] = candidates.cf_score
+        out[:, COLUMN["cf_recent"]] = candidates.cf_recent
+        scale = np.abs(candidates.cf_score).max()
+        if scale > 0:
+            out[:, COLUMN["cf_relative"]] = candidates.cf_score / scale
     out[:, COLUMN["popularity"]] = stats.popularity[rows]
     out[:, COLUMN["ctr"]] = stats.ctr[rows]
     out[:, COLUMN["conversion"]] = stats.conversion[rows]
@@ -202,6 +274,7 @@ def compute_features(
     out[:, COLUMN["history_length"]] = len(history)
     out[:, COLUMN["is_search"]] = float(is_search)
     out[:, COLUMN["category_recency_days"]] = NEVER_DAYS
+    out[:, COLUMN["unseen_rank_in_category"]] = _unseen_rank(stats, rows, history.product_rows)
     if len(history):
         weights = np.array([EVENT_WEIGHTS[t] for t in history.event_types])
         total = weights.sum()
@@ -226,7 +299,18 @@ def compute_features(
         np.maximum.at(last_seen, seen_categories, history.ts_s)
         days = (now_s - last_seen[stats.category[rows]]) / DAY
         out[:, COLUMN["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
+        out[:, COLUMN["user_product_events"]] = np.bincount(history.product_rows, minlength=len(stats.product_ids))[rows]
     return out
+
+
+def _unseen_rank(stats: ProductStats, rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Each candidate's rank in its category less the ``seen`` products of that category ranked above it."""
+    size = len(stats.product_ids)
+    seen = np.unique(seen)
+    keys = np.sort(stats.category[seen] * size + stats.rank_in_category[seen])
+    own = stats.category[rows] * size + stats.rank_in_category[rows]
+    ahead = np.searchsorted(keys, own, side="left") - np.searchsorted(keys, stats.category[rows] * size, side="left")
+    return stats.rank_in_category[rows] - ahead
 
 
 def _share(seen: np.ndarray, candidates: np.ndarray) -> np.ndarray:

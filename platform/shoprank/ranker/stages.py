@@ -93,13 +93,14 @@ def fit_ranker(config: Config, run: Run, record: StageRecord, warm_start: str | 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _ranked(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> dict[str, list[str]]:
+def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> dict[str, list[str]]:
+    """Each request's ``K`` products by ``score`` among the rows in ``mask`` (ties: product id)."""
     rows = frame if mask is None else frame[mask]
     rows = rows.sort_values(["request_id", score, "product_id"], ascending=[True, False, True])
     return {r: g["product_id"].head(K).tolist() for r, g in rows.groupby("request_id", sort=False)}
 
 
-def _qrels(requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+def qrels_of(requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """What was relevant to each request: the query's judgments, or the session's engagements."""
     out = {}
     for request in requests.itertuples(index=False):
@@ -128,15 +129,15 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     tuned["ranker"] = np.concatenate(
         [predict(booster, g[FEATURES].to_numpy(np.float32)) for _, g in tuned.groupby("request_id", sort=False)]
     ) if len(tuned) else []
-    qrels = _qrels(requests, judgments(run))
+    qrels = qrels_of(requests, judgments(run))
     catalogue_size = int(run.manifest()["stages"]["embed"]["rows"]["products"])
     kinds = dict(zip(requests["request_id"], requests["kind"]))
     systems = {
-        "popularity": lambda kind: _ranked(tuned, "popularity", tuned["from_lexical"] == 1) if kind == "search"
-        else _ranked(tuned, "popularity", tuned["from_popular"] == 1),
-        "retrieval (zero-shot encoder)": lambda kind: _ranked(zero, "cosine", zero["from_dense"] == 1),
-        "retrieval (fine-tuned encoder)": lambda kind: _ranked(tuned, "cosine", tuned["from_dense"] == 1),
-        "fine-tuned retrieval + ranker": lambda kind: _ranked(tuned, "ranker"),
+        "popularity": lambda kind: top_k_of(tuned, "popularity", tuned["from_lexical"] == 1) if kind == "search"
+        else top_k_of(tuned, "popularity", tuned["from_popular"] == 1),
+        "retrieval (zero-shot encoder)": lambda kind: top_k_of(zero, "cosine", zero["from_dense"] == 1),
+        "retrieval (fine-tuned encoder)": lambda kind: top_k_of(tuned, "cosine", tuned["from_dense"] == 1),
+        "fine-tuned retrieval + ranker": lambda kind: top_k_of(tuned, "ranker"),
     }
     table: dict[str, dict[str, dict[str, float]]] = {}
     missing: dict[str, str] = {}
@@ -204,12 +205,15 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
 
 RANKER_DATA_FIELDS = ("history_fraction", "max_requests", "ctr_prior_views", "history_events")
 """The ``ranker`` settings that change the feature rows; the others only change training."""
+SERVE_DATA_FIELDS = ("exclude_purchased", "exclude_seen")
+"""The ``serve`` settings that change the feature rows: what a recommendation's candidates leave out."""
 
 
 def features_hash(config: Config) -> str:
     """The inputs of the feature rows and the feature schema (a sweep over eta or depth keeps the rows)."""
     sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval")
-    data = json.dumps({f: getattr(config.ranker, f) for f in RANKER_DATA_FIELDS}, sort_keys=True)
+    data = json.dumps({**{f: getattr(config.ranker, f) for f in RANKER_DATA_FIELDS},
+                       **{f"serve.{f}": getattr(config.serve, f) for f in SERVE_DATA_FIELDS}}, sort_keys=True)
     return f"{sections}-{hashlib.sha256(data.encode()).hexdigest()[:8]}-features-v{FEATURE_SCHEMA_VERSION}"
 
 

@@ -5,27 +5,94 @@
 * **Recommendation**: the top N by similarity to the user's embedding, plus products
   co-engaged with the user's recent products, plus the N most popular products of
   each of the user's three favourite categories and of their favourite department
-  (the categories' parent). A user without history (cold start) gets the most
-  popular and the trending products.
+  (the categories' parent), plus the top N of the item-item model
+  (:class:`ItemItem`, EASE) given the products the user engaged with. A user
+  without history (cold start) gets the most popular and the trending products.
+  Products the user already bought (``serve.exclude_purchased``), and those of the
+  event types in ``serve.exclude_seen``, are left out of every source: this is the
+  one place that rule lives, so the offline rows, the offline evaluation and Serve
+  all follow it.
 
-Every candidate keeps its encoder cosine, BM25 score, the sources that proposed it
-(bits of :data:`shoprank.ranker.features.SOURCES`) and its best position in any
-source: the ranker's features start from these.
+Every candidate keeps its encoder cosine, BM25 score, item-item scores, the
+sources that proposed it (bits of :data:`shoprank.ranker.features.SOURCES`) and its
+best position in any source: the ranker's features start from these.
+
+Why an item-item model: behaviour alone (a ratings-style log, no text signal the
+encoder was trained for, no impressions) says most about a shopper through what
+similar shoppers engaged with. EASE (Steck, 2019, "Embarrassingly Shallow
+Autoencoders") is the closed-form, one-hyperparameter model that is the usual
+strong baseline there; fitted on the events before the ranker's cut-off it is one
+object, read the same way by the offline rows and by Serve, and scoring a live
+history is a sparse row sum, so a new event counts in the very next answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import bm25s
 import faiss
 import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from shoprank.ranker.features import SOURCES, Candidates, History, ProductStats
 from shoprank.encoder.users import user_embedding
 
 FAVOURITE_CATEGORIES = 3
 RECENT_ITEMS = 10
+
+
+@dataclass
+class ItemItem:
+    """Item-item weights: ``weights[i, j]`` is how much engaging with product i says about product j."""
+
+    weights: sp.csr_matrix
+    """Catalogue rows x catalogue rows, the strongest few weights of each row kept."""
+
+    @classmethod
+    def empty(cls, n: int) -> "ItemItem":
+        return cls(sp.csr_matrix((n, n), dtype=np.float32))
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        """Every product's score (catalogue order) from the distinct products ``rows``."""
+        if not len(rows):
+            return np.zeros(self.weights.shape[1], np.float32)
+        return np.asarray(self.weights[np.unique(rows)].sum(axis=0), dtype=np.float32).ravel()
+
+
+def fit_item_item(users: np.ndarray, rows: np.ndarray, n: int, l2: float, max_items: int,
+                  neighbours: int) -> ItemItem:
+    """EASE on the binary user x product matrix of ``(users, rows)`` pairs (catalogue rows < ``n``).
+
+    ``B = -P / diag(P)`` with ``P = (X'X + l2 I)^-1`` and a zero diagonal, over the
+    ``max_items`` products with most distinct users (the inverse is dense, so this
+    bounds its cost); each row keeps its ``neighbours`` weights largest in absolute
+    value (the negative ones matter: "bought a tent, so not another tent").
+    """
+    if not len(rows):
+        return ItemItem.empty(n)
+    user_codes = np.unique(users, return_inverse=True)[1]
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (user_codes, rows)), shape=(user_codes.max() + 1, n))
+    matrix.data[:] = 1.0  # duplicates summed: one user, one product, one count
+    support = np.asarray(matrix.sum(axis=0)).ravel()
+    kept = np.argsort(-support, kind="stable")[: min(max_items, int((support > 0).sum()))]
+    sub = matrix[:, kept]
+    gram = (sub.T @ sub).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    with threadpool_limits(1):  # the same bits in every process: Ray's workers run BLAS on one thread
+        precision = np.linalg.inv(gram)
+    weights = precision / -np.diag(precision)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    k = min(neighbours, len(kept) - 1)
+    if k <= 0:
+        return ItemItem.empty(n)
+    top = np.argpartition(-np.abs(weights), k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(weights, top, axis=1)
+    return ItemItem(sp.csr_matrix(
+        (values.ravel().astype(np.float32), (np.repeat(kept, k), kept[top].ravel())), shape=(n, n)
+    ))
 
 
 @dataclass
@@ -42,13 +109,22 @@ class Catalogue:
     """Catalogue row -> co-engaged catalogue rows, most frequent first."""
     trending: np.ndarray
     """Catalogue rows by engagements in the last days before the cut-off, most first."""
+    item_item: ItemItem
+    excluded_types: Collection[str]
+    """A recommendation leaves out the products of the user's events of these types."""
+    judged_relevant: np.ndarray | None = None
+    """Per product, how many training queries judged it relevant: it orders popular products whose
+    engagements tie, which is all of them in a run without behaviour (judged queries only), so that
+    such a run's recommendations are the products shoppers' queries most often want, not the first
+    rows of the catalogue."""
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
 
     def __post_init__(self) -> None:
         self.bm25 = bm25s.BM25(k1=self.bm25_k1, b=self.bm25_b)
         self.bm25.index(bm25s.tokenize(self.texts, stopwords="en", show_progress=False), show_progress=False)
-        by_popularity = np.argsort(-self.stats.popularity, kind="stable")
+        judged = np.zeros(len(self.stats.popularity)) if self.judged_relevant is None else self.judged_relevant
+        by_popularity = np.lexsort((-judged, -self.stats.popularity))
         self.popular = by_popularity
         self.popular_in = {
             int(c): by_popularity[self.stats.category[by_popularity] == c] for c in np.unique(self.stats.category)
@@ -64,10 +140,12 @@ class Catalogue:
             return np.zeros(len(self.texts), np.float32)
         return self.bm25.get_scores(tokens).astype(np.float32)
 
-    def nearest(self, vector: np.ndarray, n: int) -> np.ndarray:
-        """Catalogue rows of the ``n`` products nearest to ``vector`` in the index."""
-        _, found = self.index.search(vector.reshape(1, -1).astype(np.float32), n)
-        return self.index_rows[found[0][found[0] >= 0]]
+    def nearest(self, vector: np.ndarray, n: int, excluded: np.ndarray | None = None) -> np.ndarray:
+        """Catalogue rows of the ``n`` products nearest to ``vector`` in the index, ``excluded`` rows left out."""
+        extra = 0 if excluded is None else len(excluded)
+        _, found = self.index.search(vector.reshape(1, -1).astype(np.float32), n + extra)
+        rows = self.index_rows[found[0][found[0] >= 0]]
+        return _without(rows, excluded)[:n]
 
     def user_vector(self, history: History, now_s: float, half_life_days: float) -> np.ndarray | None:
         """The user's embedding at ``now_s`` (the function the embed stage uses for every user)."""
@@ -85,21 +163,37 @@ class Catalogue:
 
     def recommend(self, user_vector: np.ndarray | None, history: History, n: int) -> Candidates:
         lists: dict[str, np.ndarray] = {}
+        excluded = self.excluded_rows(history)
         if user_vector is not None:
-            lists["dense"] = self.nearest(user_vector, n)
+            lists["dense"] = self.nearest(user_vector, n, excluded)
         if len(history):
             recent = list(dict.fromkeys(history.product_rows[::-1].tolist()))[:RECENT_ITEMS]
-            neighbours = [self.coengaged.get(r, np.zeros(0, np.int64)) for r in recent]
+            neighbours = [_without(self.coengaged.get(r, np.zeros(0, np.int64)), excluded) for r in recent]
             lists["coengaged"] = _interleave(neighbours, n)
             favourites = np.bincount(self.stats.category[history.product_rows]).argsort()[::-1][:FAVOURITE_CATEGORIES]
             department = int(np.bincount(self.stats.department[history.product_rows]).argmax())
-            popular = [self.popular_in[int(c)][:n] for c in favourites] + [self.popular_in_department[department][:n]]
+            popular = [_without(self.popular_in[int(c)], excluded)[:n] for c in favourites]
+            popular.append(_without(self.popular_in_department[department], excluded)[:n])
             lists["popular"] = _interleave(popular, n * len(popular))
         else:
             lists["popular"] = _interleave([self.popular[:n], self.trending[:n]], n)
-        return self._merge(lists, user_vector, None)
+        cf_score = self.item_item.scores(history.engaged_rows())
+        cf_recent = self.item_item.scores(history.last_visit().engaged_rows())
+        positive = np.flatnonzero(cf_score > 0)
+        # new products only: what the user already saw comes back through the other sources if at all
+        ranked = positive[np.argsort(-cf_score[positive], kind="stable")]
+        lists["collaborative"] = _without(ranked, np.unique(history.product_rows))[:n]
+        return self._merge(lists, user_vector, None, cf_score, cf_recent)
 
-    def _merge(self, lists: dict[str, np.ndarray], vector: np.ndarray | None, bm25: np.ndarray | None) -> Candidates:
+    def excluded_rows(self, history: History) -> np.ndarray:
+        """Catalogue rows a recommendation for this history leaves out (see the module docstring)."""
+        if not self.excluded_types:
+            return np.zeros(0, np.int64)
+        mask = [t in self.excluded_types for t in history.event_types]
+        return np.unique(history.product_rows[mask])
+
+    def _merge(self, lists: dict[str, np.ndarray], vector: np.ndarray | None, bm25: np.ndarray | None,
+               cf_score: np.ndarray | None = None, cf_recent: np.ndarray | None = None) -> Candidates:
         position: dict[int, int] = {}
         sources: dict[int, int] = {}
         for name, rows in lists.items():
@@ -115,7 +209,16 @@ class Catalogue:
             bm25=bm25[rows] if bm25 is not None else np.zeros(len(rows), np.float32),
             sources=np.array([sources[r] for r in rows], dtype=np.int64),
             position=np.array([position[r] for r in rows], dtype=np.float32),
+            cf_score=cf_score[rows] if cf_score is not None else None,
+            cf_recent=cf_recent[rows] if cf_recent is not None else None,
         )
+
+
+def _without(rows: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
+    """``rows`` in their order, less the ``excluded`` ones."""
+    if excluded is None or not len(excluded) or not len(rows):
+        return rows
+    return rows[~np.isin(rows, excluded)]
 
 
 def _interleave(lists: list[np.ndarray], n: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from ray.serve import Application
 from shoprank.config import Config, load_config
 from shoprank.serving.deployments import EventStoreWriter, Ingress, QueryEncoder, Ranker, Retriever, UserState
 from shoprank.serving.variants import event_db_path, resolve_variants
-from shoprank.store.run import Location
+from shoprank.store.location import Location
 
 APP_NAME = "shoprank"
 

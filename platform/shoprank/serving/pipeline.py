@@ -31,8 +31,10 @@ from shoprank.ranker.features import COLUMN, Candidates, History, ProductStats, 
 from shoprank.ranker.train import predict
 
 Strategy = Literal["ranker", "retrieval"]
-EXPLAINED = ("cosine", "bm25", "popularity", "ctr", "category_affinity", "brand_affinity", "price_vs_user")
-"""Per-item scores returned with every answer, beside the score that ordered it."""
+EXPLAINED = ("cosine", "bm25", "cf_score", "popularity", "ctr", "conversion", "category_affinity", "brand_affinity",
+             "price_vs_user")
+"""Per-item scores returned with every answer, beside the score that ordered it; a missing one (a rate
+of a product with nothing to divide by, see :mod:`shoprank.ranker.features`) is left out, not sent as NaN."""
 LiveEvent = tuple[str, str, float]
 """(product_id, event_type, ts_s): an event received after the run's data."""
 
@@ -106,7 +108,8 @@ class Ranking:
         order = np.lexsort((-features[:, COLUMN["popularity"]], -scores))[:k]
         ids = self.stats.product_ids
         return [Ranked(ids[candidates.rows[i]], float(scores[i]),
-                       {name: float(features[i, COLUMN[name]]) for name in EXPLAINED}) for i in order]
+                       {name: float(features[i, COLUMN[name]]) for name in EXPLAINED
+                        if not np.isnan(features[i, COLUMN[name]])}) for i in order]
 
 
 @dataclass

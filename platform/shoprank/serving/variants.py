@@ -20,7 +20,8 @@ from shoprank.config import Config
 from shoprank.errors import ConfigError
 from shoprank.serving.pipeline import Strategy
 from shoprank.store.registry import Registry
-from shoprank.store.run import Location, Run
+from shoprank.store.location import Location
+from shoprank.store.run import Run
 
 
 EncoderKind = Literal["fine_tuned", "zero_shot"]

@@ -16,7 +16,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from shoprank.errors import ShopRankError
-from shoprank.store.run import Location, Run
+from shoprank.store.location import Location
+from shoprank.store.run import Run
 
 REGISTRY_FILE = "registry.json"
 

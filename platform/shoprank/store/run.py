@@ -18,15 +18,9 @@ unchanged is skipped; otherwise its old outputs are removed before it runs again
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,15 +31,13 @@ import pyarrow.fs as pafs
 
 import shoprank
 from shoprank.config import Config
-from shoprank.errors import ShopRankError
+from shoprank.store.location import Location
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGE_LOG = "stage_log.json"
 """Every stage attempt in order: started, done, failed or skipped (what a rerun after a crash shows)."""
-CACHE_ENV = "SHOPRANK_CACHE"
-"""Where downloads of remote model files go (default ``~/.cache/shoprank``)."""
 
 
 def code_version() -> str:
@@ -61,16 +53,6 @@ def code_version() -> str:
     return f"{shoprank.__version__}+g{sha}" if sha else shoprank.__version__
 
 
-def resolve_filesystem(root: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path inside it, URI prefix for Ray Data) of a local path or URI."""
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        scheme = root.split("://", 1)[0]
-        prefix = "" if scheme == "file" else f"{scheme}://"
-        return fs, path.rstrip("/"), prefix
-    return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve()), ""
-
-
 @dataclass
 class StageRecord:
     """What a running stage reports into the manifest when it completes."""
@@ -83,138 +65,6 @@ class StageRecord:
     notes: list[str] = field(default_factory=list)
     """What the stage could not do with this data, and why (an empty input, a metric with no requests);
     shown in the stage log and the pipeline's summary."""
-
-
-class Location:
-    """A directory on a pyarrow filesystem: paths, URIs, JSON files and local copies of model files."""
-
-    def __init__(self, root: str, *, filesystem: pafs.FileSystem | None = None) -> None:
-        if filesystem is not None:
-            self.fs, self.base, self._prefix = filesystem, root.rstrip("/"), ""
-        else:
-            self.fs, self.base, self._prefix = resolve_filesystem(root)
-        self.root = root
-        self.filesystem = filesystem
-        """The filesystem object given, if any (a URI or path alone names the others)."""
-
-    def child(self, *parts: str) -> "Location":
-        """The directory ``parts`` below this one, on the same filesystem."""
-        child = Location.__new__(Location)
-        child.fs, child.base, child._prefix = self.fs, self.path(*parts), self._prefix
-        child.root, child.filesystem = self.uri(*parts), self.filesystem
-        return child
-
-    def path(self, *parts: str) -> str:
-        """Path inside the filesystem."""
-        return "/".join([self.base, *parts])
-
-    def uri(self, *parts: str) -> str:
-        """Path with its scheme, as Ray Data, Ray Train and pyarrow readers take it."""
-        return self._prefix + self.path(*parts)
-
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
-
-    @property
-    def filesystem_for_ray(self) -> pafs.FileSystem | None:
-        """Filesystem argument for Ray Data and Ray Train; None lets Ray resolve plain paths and URIs."""
-        return None if self.is_local or self._prefix else self.fs
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
-
-    def remove(self, *parts: str) -> None:
-        """Delete a file or directory if it exists."""
-        info = self.fs.get_file_info(self.path(*parts))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(info.path)
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(info.path)
-
-    def read_text(self, *parts: str) -> str:
-        with self.fs.open_input_stream(self.path(*parts)) as stream:
-            return stream.read().decode()
-
-    def read_json(self, *parts: str) -> dict[str, Any]:
-        return json.loads(self.read_text(*parts))
-
-    def write_text(self, text: str, *parts: str) -> None:
-        """Write a file atomically: a temporary file moved into place, never half a file."""
-        target = self.path(*parts)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"  # unique: concurrent writers never share one
-        with self.fs.open_output_stream(tmp) as stream:
-            stream.write(text.encode())
-        self.fs.move(tmp, target)
-
-    def write_json(self, payload: dict[str, Any], *parts: str) -> None:
-        self.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), *parts)
-
-    def local_path(self, *parts: str) -> Path:
-        """A file or directory as a local path, for libraries that read only local files.
-
-        On a local filesystem, the path itself. Otherwise a download into the cache
-        (``$SHOPRANK_CACHE``), keyed by every file's path, size and modification time, so
-        a model written again is fetched again and an unchanged one only once per machine.
-        """
-        if self.is_local:
-            return Path(self.path(*parts))
-        source = self.path(*parts)
-        info = self.fs.get_file_info(source)
-        if info.type == pafs.FileType.NotFound:
-            raise ShopRankError(f"{self.uri(*parts)}: not found")
-        files = [info] if info.type == pafs.FileType.File else self.fs.get_file_info(
-            pafs.FileSelector(source, recursive=True))
-        key = repr([self.fs.type_name, source, sorted((f.path, f.size, f.mtime_ns) for f in files)])
-        target = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:20] / source.rsplit("/", 1)[-1]
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
-        try:
-            if info.type == pafs.FileType.Directory:
-                (staging / target.name).mkdir()  # copy_files makes the subfolders, not the top one
-            pafs.copy_files(source, str(staging / target.name), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            os.replace(staging / target.name, target)
-        except OSError:
-            if not target.exists():  # not a concurrent download of the same files that won the rename
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
-
-    @contextmanager
-    def local_output(self, *parts: str) -> Iterator[Path]:
-        """A directory to write with libraries that write only local files.
-
-        On a local filesystem, the directory itself. Otherwise a temporary directory,
-        uploaded when the body finishes without an error (nothing is uploaded otherwise).
-        """
-        if self.is_local:
-            directory = Path(self.path(*parts))
-            directory.mkdir(parents=True, exist_ok=True)
-            yield directory
-            return
-        with tempfile.TemporaryDirectory(prefix="shoprank-output-") as tmp:
-            yield Path(tmp)
-            self.fs.create_dir(self.path(*parts), recursive=True)
-            pafs.copy_files(tmp, self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, "~/.cache/shoprank")).expanduser()
-
-
-def local_state_dir(root: str) -> Path:
-    """Where this machine keeps its own files for a run root (the web page's pid and log):
-    the root itself on a local disk, else a cache folder named after the root."""
-    location = Location(root)
-    if location.is_local:
-        return Path(location.path())
-    return cache_root() / "state" / hashlib.sha256(location.uri().encode()).hexdigest()[:20]
 
 
 class Run(Location):

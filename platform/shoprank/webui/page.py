@@ -28,7 +28,8 @@ import pandas as pd
 
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.webui.client import ServeClient, ServeError
-from shoprank.webui.simulate import simulate, summary
+from shoprank.webui.report import report_markdown
+from shoprank.webui.simulate import simulate
 
 NEW_USER = "new user"
 ACTIONS = (("click", "Click"), ("add_to_cart", "Add to cart"), ("purchase", "Buy"))
@@ -52,39 +53,6 @@ def card(item: dict[str, Any], variant: str) -> str:
         f'${item["price"]:.2f} · score {item["score"]:.3f}</div>'
         f'<div class="why">why: {html.escape(why)}</div></div>'
     )
-
-
-def _num(value: float | None, spec: str) -> str:
-    """A figure, or a dash while there is no data for it."""
-    return "–" if value is None else format(value, spec)
-
-
-def _interval(figure: dict[str, Any], spec: str = ".4f") -> str:
-    return f"{_num(figure['rate'], spec)} [{_num(figure['low'], spec)}, {_num(figure['high'], spec)}]"
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The A/B figures as Markdown tables."""
-    lines = ["| variant | users | impressions | clicks | add to cart | purchases | CTR [95% CI] | conversion [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, row in report["variants"].items():
-        lines.append(f"| {name} | {row['users']} | {row['impressions']} | {row['clicks']} | {row['add_to_carts']} | "
-                     f"{row['purchases']} | {_interval(row['ctr'])} | {_interval(row['conversion'])} |")
-    for metric, lift in report.get("lift", {}).items():
-        lines.append("")
-        lines.append(f"**B vs A, {metric}:** lift {_num(lift['lift'], '+.1%')} "
-                     f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
-                     f"p = {_num(lift['p_value'], '.3g')}")
-    ratio = report.get("sample_ratio")
-    if ratio:
-        verdict = "**mismatch**: check the assignment" if ratio.get("mismatch") else "as configured"
-        lines += ["", f"**Sample ratio:** p = {_num(ratio.get('p_value'), '.3f')} ({verdict})"]
-    forced = report.get("side_by_side") or {}
-    if forced:
-        lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(
-            f"{v}: {r['impressions']} shown, {r['clicks']} clicks, {r['add_to_carts']} carts, {r['purchases']} purchases"
-            for v, r in forced.items())]
-    return "\n".join(lines)
 
 
 def timeline_frame(report: dict[str, Any]) -> pd.DataFrame:
@@ -161,7 +129,7 @@ def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float =
         if traffic.errors:
             note += f" ⚠️ {len(traffic.errors)} shoppers failed: {traffic.errors[0]}"
         try:
-            return note + "\n\n```\n" + summary(client.report()) + "\n```"
+            return note + "\n\n```\n" + report_markdown(client.report()) + "\n```"
         except ServeError as exc:
             return note + f"\n\n⚠️ {exc}"
 

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -87,10 +86,3 @@ def simulate(url: str, simulator: ShopSimulator, users: int, *, concurrency: int
     finally:
         client.close()
     return traffic
-
-
-def summary(report: dict[str, Any]) -> str:
-    """The A/B report as a few readable lines."""
-    from shoprank.webui.page import report_markdown
-
-    return report_markdown(report)

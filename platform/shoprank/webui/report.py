@@ -1,0 +1,42 @@
+"""The A/B report as Markdown: what the web page shows and ``shoprank simulate`` prints.
+
+Its own module so that the page and the traffic simulator, which the page drives,
+both use it without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A figure, or a dash while there is no data for it."""
+    return "–" if value is None else format(value, spec)
+
+
+def _interval(figure: dict[str, Any], spec: str = ".4f") -> str:
+    return f"{_num(figure['rate'], spec)} [{_num(figure['low'], spec)}, {_num(figure['high'], spec)}]"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The A/B figures as Markdown tables."""
+    lines = ["| variant | users | impressions | clicks | add to cart | purchases | CTR [95% CI] | conversion [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in report["variants"].items():
+        lines.append(f"| {name} | {row['users']} | {row['impressions']} | {row['clicks']} | {row['add_to_carts']} | "
+                     f"{row['purchases']} | {_interval(row['ctr'])} | {_interval(row['conversion'])} |")
+    for metric, lift in report.get("lift", {}).items():
+        lines.append("")
+        lines.append(f"**B vs A, {metric}:** lift {_num(lift['lift'], '+.1%')} "
+                     f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
+                     f"p = {_num(lift['p_value'], '.3g')}")
+    ratio = report.get("sample_ratio")
+    if ratio:
+        verdict = "**mismatch**: check the assignment" if ratio.get("mismatch") else "as configured"
+        lines += ["", f"**Sample ratio:** p = {_num(ratio.get('p_value'), '.3f')} ({verdict})"]
+    forced = report.get("side_by_side") or {}
+    if forced:
+        lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(
+            f"{v}: {r['impressions']} shown, {r['clicks']} clicks, {r['add_to_carts']} carts, {r['purchases']} purchases"
+            for v, r in forced.items())]
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""No import circle among the package's modules.
+
+A circle works only while every module in it is imported in a lucky order (or one of
+them imports inside a function to dodge it), and it ties the modules' layers together
+(DESIGN.md, "Layout"). The graph comes from the import statements at any depth, a
+function's own imports included, except those under ``if TYPE_CHECKING:``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import shoprank
+
+PACKAGE = Path(shoprank.__file__).resolve().parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(part for part in parts if part != "__init__")
+
+
+def imported_modules(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` (module ``name``) imports."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(node) for branch in ast.walk(tree)
+                 if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+                 for node in ast.walk(branch)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                package = package[: len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in modules else base)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), less a package's
+    ``__init__`` importing its own submodules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                other = stack.pop()
+                component.append(other)
+                if other == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+
+    def only_packages_and_children(component: list[str]) -> bool:
+        return all(any(o.startswith(m + ".") or m.startswith(o + ".") for o in component if o != m) for m in component)
+
+    return [c for c in found if not only_packages_and_children(c)]
+
+
+def test_the_package_has_no_import_circle() -> None:
+    graph = import_graph()
+    assert len(graph) > 30 and graph["shoprank.store.run"] >= {"shoprank.config", "shoprank.store.location"}
+    assert circles(graph) == []
+
+
+def test_a_circle_would_be_found() -> None:
+    graph = import_graph()
+    graph["shoprank.store.location"] = graph["shoprank.store.location"] | {"shoprank.store.run"}
+    assert any({"shoprank.store.location", "shoprank.store.run"} <= set(c) for c in circles(graph))
