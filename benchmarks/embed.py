@@ -14,9 +14,10 @@ products a batch. Pass the config (and ``--set``) the run was trained with.
 
 1. **Embedding throughput**, two ways:
 
-   a. **Ray Data**: the job of ``embed_and_index``: ``read_parquet`` -> ``map_batches(EmbedProducts,
-      compute=ActorPoolStrategy(size=--actors))`` (1 CPU per actor) -> ``write_parquet`` into a
-      temporary folder (the run's own embeddings are not touched). A thin subclass of the library's
+   a. **Ray Data**: the library's ``embed_catalogue``, the job ``embed_and_index`` runs: ``read_parquet`` ->
+      ``map_batches(EmbedProducts, compute=ActorPoolStrategy(size=--actors))`` (1 CPU per actor) ->
+      ``write_parquet`` into a scratch folder of the run, removed afterwards (the run's own embeddings
+      are not touched). A thin subclass of the library's
       ``EmbedProducts`` only pins torch to 1 thread per actor (as a 1-CPU Ray worker runs) and
       records each batch's call time.
    b. **Plain, one process**: ``load_encoder`` + ``read_table`` + ``product_texts`` + ``encode`` in
@@ -82,25 +83,21 @@ def _embed_actor_class() -> type:
     return TimedEmbedProducts
 
 
-def ray_embed_benchmark(config: Any, run: Any, model_dir: Path, actors: int,
-                        out_dir: Path) -> tuple[dict[str, Any], pa.Table]:
-    """The Ray Data job of ``embed_and_index``, writing to ``out_dir``; (figures, output by product id)."""
-    import pyarrow.dataset as pads
-    import ray
-    from ray.data import ActorPoolStrategy, SaveMode
-
-    from shoprank.data.io import PartFilenames
+def ray_embed_benchmark(config: Any, run: Any, actors: int) -> tuple[dict[str, Any], pa.Table]:
+    """The library's Ray Data job (``embed_catalogue``, as ``embed_and_index`` runs it) into a scratch folder of
+    the run (removed afterwards); (figures, output by product id)."""
+    from shoprank.data.io import read_table
+    from shoprank.encoder.stages import embed_catalogue
 
     embed = config.embed
+    scratch = ("bench", "embeddings")
     started = time.perf_counter()
-    products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray)
-    products.map_batches(
-        _embed_actor_class(),
-        fn_constructor_args=(str(model_dir), config.encoder.model_dump(mode="json"), embed.batch_size, False),
-        batch_size=embed.batch_size, compute=ActorPoolStrategy(size=actors), num_gpus=0, batch_format="pyarrow",
-    ).write_parquet(str(out_dir), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE)
-    wall_s = time.perf_counter() - started
-    table = pads.dataset(str(out_dir), format="parquet").to_table().sort_by("product_id")
+    try:
+        embed_catalogue(config, run, scratch, embedder=_embed_actor_class())
+        wall_s = time.perf_counter() - started
+        table = read_table(run, *scratch).sort_by("product_id")
+    finally:
+        run.remove("bench")
     compute_s = float(table.column("bench_call_s").to_numpy().sum())
     n = table.num_rows
     result = {"products": n, "wall_seconds": wall_s, "products_per_s": n / wall_s,
@@ -213,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--search-repeats must be >= 1")
 
     from shoprank.config import load_config
-    from shoprank.encoder.stages import local_dir
     from shoprank.errors import ShopRankError
     from shoprank.store.run import Run
 
@@ -225,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         run = Run.for_config(config)
-        model_dir = local_dir(run, "encoder", "model")
+        model_dir = run.local_path("encoder", "model")
     except ShopRankError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -241,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     setup_logging()
-    return run_benchmark(lambda scratch: _benchmark(args, config, run, model_dir, scratch), None,
+    return run_benchmark(lambda _scratch: _benchmark(args, config, run, model_dir), None,
                          "shoprank-bench-embed-", args.json)
 
 
-def _benchmark(args: argparse.Namespace, config: Any, run: Any, model_dir: Path, scratch: Path) -> dict[str, Any]:
+def _benchmark(args: argparse.Namespace, config: Any, run: Any, model_dir: Path) -> dict[str, Any]:
     import torch
 
     from shoprank.encoder.model import QUERY_MAX_LENGTH, encode, load_encoder
@@ -265,7 +261,7 @@ def _benchmark(args: argparse.Namespace, config: Any, run: Any, model_dir: Path,
         # 1a. the Ray Data job
         log.info("Ray Data embedding, %d actor(s) ...", actors)
         watcher.set_phase("embed_ray")
-        ray_embed, ray_table = ray_embed_benchmark(config, run, model_dir, actors, scratch / "embeddings")
+        ray_embed, ray_table = ray_embed_benchmark(config, run, actors)
         figures["embed_ray"] = ray_embed
 
         # 1b. the plain loop

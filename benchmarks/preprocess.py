@@ -14,7 +14,7 @@ What it does:
    session chunks, simulated in a throw-away subprocess). Wall time, events/s and the peak memory
    of the driver plus the Ray worker processes (RSS sampled every 0.2 s) are reported.
 2. **Preprocessing with Ray Data**: the library's own ``preprocess`` stage, run through
-   ``shoprank.data.stages.run_stage``; per-step times come from the stage's manifest entry.
+   ``shoprank.stages.run_stages`` (``only``); per-step times come from the stage's manifest entry.
 3. **Baseline: pandas in one process** (``PandasBaseline`` below): the same transformation
    (normalised products with category labels, time split by the same quantile cut-offs, user
    histories, co-engagement pair counts, query pairs) read from the same ``data/records`` and
@@ -421,9 +421,8 @@ def _benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import ray
 
     from shoprank.config import load_config
-    from shoprank.data.ingest import RECORDS, ingest, ingest_outputs
-    from shoprank.data.preprocess import preprocess, preprocess_outputs
-    from shoprank.data.stages import run_stage
+    from shoprank.data.ingest import RECORDS
+    from shoprank.stages import run_stages
     from shoprank.store.run import Run
 
     log = logging.getLogger("bench")
@@ -459,7 +458,7 @@ def _benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # 1. generation (ingest stage)
         sampler.set_phase("generation")
         started = time.perf_counter()
-        run_stage(run, config, "ingest", config.section_hash("source"), ingest_outputs(config), ingest)
+        run_stages(config, run, only=["ingest"])
         generation_s = time.perf_counter() - started
         sampler.set_phase("idle")
         ingest_entry = run.manifest()["stages"]["ingest"]
@@ -478,8 +477,7 @@ def _benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # 2. preprocessing with Ray Data
         sampler.set_phase("ray_preprocess")
         started = time.perf_counter()
-        run_stage(run, config, "preprocess", config.section_hash("source", "preprocess"),
-                  preprocess_outputs(), preprocess)
+        run_stages(config, run, only=["preprocess"])
         ray_s = time.perf_counter() - started
         sampler.set_phase("idle")
         pre_entry = run.manifest()["stages"]["preprocess"]

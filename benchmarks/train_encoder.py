@@ -12,7 +12,7 @@ The embedding job and the index are measured by ``benchmarks/embed.py``.
 What it does (one local Ray cluster, ``num_cpus=2``):
 
 1. **Data**: the ``demo`` preset (or ``--preset``) with ``run.root`` in a temporary directory (or
-   ``--root``), generated and preprocessed by ``prepare_data``; the training tables come from the
+   ``--root``), generated and preprocessed by ``run_stages(until="preprocess")``; the training tables come from the
    library's ``build_training_tables`` (query-product rows with hard negatives, co-engagement pairs).
 2. **Training throughput**, same model (``encoder.model``, the packaged MiniLM by default), same
    tokenized rows, same batch size, same number of steps, same model construction (the library's
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from shoprank.config import load_config
-    from shoprank.data.stages import prepare_data
     from shoprank.encoder.train import build_training_tables
+    from shoprank.stages import run_stages
 
     log = logging.getLogger("bench")
     overrides = [f"run.root={root}", "run.name=bench-train-encoder", "ray.num_cpus=2", *args.overrides]
@@ -334,7 +334,7 @@ def _benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # 1. data
         watcher.set_phase("prepare_data")
         started = time.perf_counter()
-        run = prepare_data(config)
+        run = run_stages(config, until="preprocess")
         figures["prepare_data_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         qp, co, num_categories = build_training_tables(run, encoder)

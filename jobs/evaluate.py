@@ -11,7 +11,7 @@ from __future__ import annotations
 import ray
 
 from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
-from shoprank.ranker.stages import train_rank_and_evaluate
+from shoprank.stages import run_stages
 
 if __name__ == "__main__":
     setup_logging()
@@ -19,6 +19,6 @@ if __name__ == "__main__":
         config = config_from_args(job_parser(__doc__).parse_args())
         with ray_init_options(config.ray) as options:
             ray.init(**options)
-        run = train_rank_and_evaluate(config)
+        run = run_stages(config, until="evaluate")
         print(open(run.path("evaluation", "offline.md")).read())
         print(f"run directory: {run.uri()}")

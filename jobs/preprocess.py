@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ray
 
-from shoprank.data.stages import prepare_data
 from shoprank.entrypoint import config_from_args, job_parser, ray_init_options, setup_logging, user_errors
+from shoprank.stages import run_stages
 
 if __name__ == "__main__":
     setup_logging()
@@ -17,5 +17,5 @@ if __name__ == "__main__":
         config = config_from_args(job_parser(__doc__).parse_args())
         with ray_init_options(config.ray) as options:
             ray.init(**options)
-        run = prepare_data(config)
+        run = run_stages(config, until="preprocess")
         print(f"run directory: {run.uri()}")

@@ -19,12 +19,12 @@ from ray import serve  # noqa: E402
 
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
-from shoprank.data.stages import prepare_data
 from shoprank.entrypoint import free_port, local_ray_options
 from shoprank.serving.app import AppArgs, deploy
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import SqliteEventStore
 from shoprank.store.run import Run
+from shoprank.stages import run_stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def tiny_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple
     reads it the way a cluster reads a run on shared storage.
     """
     config = tiny_config(f"file://{tmp_path_factory.mktemp('runs')}")
-    return config, prepare_data(config)
+    return config, run_stages(config, until="preprocess")
 
 
 @pytest.fixture(scope="session")
@@ -82,20 +82,16 @@ def tiny_encoder_dir(tiny_run: tuple[Config, Run], tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_run: tuple[Config, Run], tiny_encoder_dir: Path) -> tuple[Config, Run]:
     """The tiny run with its encoder fine-tuned (tiny BERT) and its catalogue embedded and indexed."""
-    from shoprank.encoder.stages import train_and_embed
-
     config, _ = tiny_run
     config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"model": str(tiny_encoder_dir)})})
-    return config, train_and_embed(config)
+    return config, run_stages(config, until="embed")
 
 
 @pytest.fixture(scope="session")
 def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
     """The tiny run with its ranking stages done: features, the XGBoost ranker, the offline evaluation."""
-    from shoprank.ranker.stages import train_rank_and_evaluate
-
     config, _ = tiny_trained
-    return config, train_rank_and_evaluate(config)
+    return config, run_stages(config)
 
 
 class App:

@@ -69,14 +69,3 @@ def test_hash_ignores_where_the_run_lives() -> None:
     assert a.config_hash() == b.config_hash()
     assert a.config_hash() != c.config_hash()
     assert a.section_hash("source") == load_config("tiny", ["preprocess.test_fraction=0.2"]).section_hash("source")
-
-
-def test_what_recommendations_leave_out_is_part_of_the_feature_rows_identity() -> None:
-    """``serve.exclude_*`` changes the offline candidates, so the features (and what follows) run again;
-    the rest of ``serve`` (ports, replicas) does not touch them."""
-    from shoprank.ranker.stages import features_hash
-
-    base = features_hash(load_config("tiny"))
-    assert features_hash(load_config("tiny", ["serve.exclude_seen=[click]"])) != base
-    assert features_hash(load_config("tiny", ["serve.exclude_purchased=false"])) != base
-    assert features_hash(load_config("tiny", ["serve.port=8123"])) == base

@@ -22,12 +22,12 @@ from ray import serve
 from shapes import write_esci, write_jsonl_shop, write_ratings
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
-from shoprank.data.stages import prepare_data
 from shoprank.encoder.model import product_texts
 from shoprank.encoder.tiny import build_tiny_encoder
-from shoprank.pipeline import STAGES, run_pipeline
+from shoprank.pipeline import run_pipeline
 from shoprank.serving.app import AppArgs, deploy
 from shoprank.store.run import Run
+from shoprank.stages import STAGE_NAMES, run_stages
 
 SHAPES: dict[str, tuple[Callable[[Path], list[str]], set[str]]] = {
     "ratings": (write_ratings, {"recommend"}),
@@ -47,7 +47,7 @@ def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int
     write, tasks = SHAPES[shape]
     source = write(tmp_path / "data")
     config = shape_config(tmp_path / "runs", source)
-    run = prepare_data(config)  # the records, to train the tiny encoder's tokenizer on this shop's words
+    run = run_stages(config, until="preprocess")  # the records, to train the tiny encoder's tokenizer on its words
     texts = product_texts(read_table(run, "data", "products"), config.encoder)
     texts += read_table(run, "data", "query_pairs", columns=["query"]).column("query").to_pylist()
     encoder = build_tiny_encoder(texts, tmp_path / "encoder")
@@ -56,7 +56,7 @@ def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int
     summary = run_pipeline(config)
 
     done = {entry["stage"] for entry in summary.stages if entry["status"] in ("done", "skipped")}
-    assert set(STAGES) <= done and "register" in done
+    assert set(STAGE_NAMES) <= done and "register" in done
     evaluation = json.loads(Path(run.path("evaluation", "offline.json")).read_text())
     assert {kind for kind in ("search", "recommend") if kind in evaluation} == tasks
     for kind in {"search", "recommend"} - tasks:
@@ -116,12 +116,12 @@ def _post(http: httpx.Client, path: str, body: dict) -> dict:
 def test_a_changed_input_file_is_ingested_again_and_an_unchanged_one_is_not(ray_local: None, tmp_path: Path) -> None:
     source = write_ratings(tmp_path / "data")
     config = shape_config(tmp_path / "runs", source)
-    run = prepare_data(config)
+    run = run_stages(config, until="preprocess")
     events_file = Path(config.source.files.events.path)
     first = run.manifest()["stages"]["ingest"]["completed_at"]
     before = run.stage_log()
 
-    prepare_data(shape_config(tmp_path / "runs", source))
+    run_stages(shape_config(tmp_path / "runs", source), until="preprocess")
     assert [e["status"] for e in run.stage_log()[len(before):]] == ["skipped", "skipped"]
 
     lines = events_file.read_text().splitlines()
@@ -129,7 +129,7 @@ def test_a_changed_input_file_is_ingested_again_and_an_unchanged_one_is_not(ray_
     stat = events_file.stat()
     os.utime(events_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     rows_before = run.manifest()["stages"]["ingest"]["rows"]["events"]
-    prepare_data(shape_config(tmp_path / "runs", source))
+    run_stages(shape_config(tmp_path / "runs", source), until="preprocess")
     ingest = run.manifest()["stages"]["ingest"]
     assert ingest["completed_at"] >= first and ingest["rows"]["events"] == rows_before - 5
     assert [e["status"] for e in run.stage_log()[-4:]] == ["started", "done", "started", "done"]

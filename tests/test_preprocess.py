@@ -12,9 +12,9 @@ import pytest
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.data.preprocess import OUTPUTS
-from shoprank.data.stages import prepare_data
 from shoprank.errors import DataError
 from shoprank.store.run import Run
+from shoprank.stages import run_stages
 
 
 def test_every_output_is_written_and_counted(tiny_run: tuple[Config, Run]) -> None:
@@ -76,9 +76,9 @@ def test_rerun_skips_and_changed_config_reruns_only_what_changed(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:
     config = make_tiny_config(tmp_path, "source.synthetic.num_sessions=200", "source.synthetic.num_products=200")
-    run = prepare_data(config)
+    run = run_stages(config, until="preprocess")
     first = run.manifest()["stages"]
-    again = prepare_data(config).manifest()["stages"]
+    again = run_stages(config, until="preprocess").manifest()["stages"]
     assert again == first
 
     def test_share() -> float:
@@ -86,7 +86,8 @@ def test_rerun_skips_and_changed_config_reruns_only_what_changed(
 
     before = test_share()
     update = {"test_fraction": 0.3}
-    changed = prepare_data(config.model_copy(update={"preprocess": config.preprocess.model_copy(update=update)}))
+    changed_config = config.model_copy(update={"preprocess": config.preprocess.model_copy(update=update)})
+    changed = run_stages(changed_config, until="preprocess")
     stages = changed.manifest()["stages"]
     assert stages["ingest"] == first["ingest"]
     assert stages["preprocess"]["completed_at"] >= first["preprocess"]["completed_at"]
@@ -109,7 +110,7 @@ def test_a_failed_stage_leaves_nothing_behind(
         f"source.files.events.path={events}",
     )
     with pytest.raises(DataError, match="price"):
-        prepare_data(config)
+        run_stages(config, until="preprocess")
     run_dir = tmp_path / "runs" / "tiny"
     assert not (run_dir / "data" / "records").exists()
     assert not (run_dir / "manifest.json").exists()
@@ -138,7 +139,7 @@ def test_files_source_counts_orphan_events_in_the_manifest(
         "source.files.products.columns={product_id: sku}",
         f"source.files.events.path={events}",
     )
-    run = prepare_data(config)
+    run = run_stages(config, until="preprocess")
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["stages"]["ingest"]["drops"]["events_unknown_product"] == 4
     assert manifest["stages"]["ingest"]["rows"]["events"] == 36
@@ -149,8 +150,9 @@ def test_hash_and_sort_shuffles_build_the_same_tables(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:
     small = ("source.synthetic.num_sessions=250", "source.synthetic.num_products=200")
-    by_sort = prepare_data(make_tiny_config(tmp_path / "sort", *small))
-    by_hash = prepare_data(make_tiny_config(tmp_path / "hash", *small, "preprocess.shuffle_strategy=hash_shuffle"))
+    by_sort = run_stages(make_tiny_config(tmp_path / "sort", *small), until="preprocess")
+    by_hash = run_stages(make_tiny_config(tmp_path / "hash", *small, "preprocess.shuffle_strategy=hash_shuffle"),
+                         until="preprocess")
     keys = {
         "user_histories": ["user_id"],
         "coengagement": ["product_a", "product_b", "kind"],

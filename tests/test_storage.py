@@ -16,8 +16,9 @@ import pytest
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
-from shoprank.pipeline import STAGES, run_pipeline
+from shoprank.pipeline import run_pipeline
 from shoprank.serving.variants import event_db_path
+from shoprank.stages import STAGE_NAMES
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -92,11 +93,11 @@ def test_the_whole_pipeline_runs_on_a_pyarrow_filesystem(
 
     summary = run_pipeline(config, run)
 
-    assert [s["stage"] for s in summary.stages if s["status"] == "done"] == [*STAGES, "register"]
+    assert [s["stage"] for s in summary.stages if s["status"] == "done"] == [*STAGE_NAMES, "register"]
     assert not nowhere.exists(), "nothing may land under the config's own run root"
     stored = tmp_path / "bucket" / "runs" / config.run.name
     manifest = json.loads((stored / "manifest.json").read_text())
-    assert set(STAGES) <= set(manifest["stages"])
+    assert set(STAGE_NAMES) <= set(manifest["stages"])
     assert (stored / "encoder" / "model" / "merged" / "config.json").exists()
     assert list((stored / "encoder" / "ray").rglob("checkpoint_*")), "Ray Train checkpoints go to the filesystem"
     assert (stored / "index" / "products.faiss").stat().st_size > 0
@@ -106,4 +107,4 @@ def test_the_whole_pipeline_runs_on_a_pyarrow_filesystem(
     assert registry["aliases"]["B"]["run"] == run.uri() == f"runs/{config.run.name}"
 
     again = run_pipeline(config, run)
-    assert {s["stage"]: s["status"] for s in again.stages} == {**dict.fromkeys(STAGES, "skipped"), "register": "done"}
+    assert {s["stage"]: s["status"] for s in again.stages} == {**dict.fromkeys(STAGE_NAMES, "skipped"), "register": "done"}

@@ -456,8 +456,10 @@ class Config(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def config_hash(self) -> str:
-        """Hash of everything but where the run lives and how Ray is reached."""
-        return self.section_hash("source", "preprocess", "encoder", "embed")
+        """Hash of every section but where the run lives and how Ray is reached (``run``, ``ray``): the
+        manifest's name for the whole config. Stages have identities of their own
+        (:func:`shoprank.stages.stage_hash`), each covering only what it reads."""
+        return self.section_hash(*(name for name in type(self).model_fields if name not in ("run", "ray")))
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

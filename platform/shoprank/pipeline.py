@@ -21,16 +21,15 @@ from typing import Any
 from tqdm import tqdm
 
 from shoprank.config import Config, load_config
-from shoprank.ranker.stages import train_rank_and_evaluate
 from shoprank.serving.variants import register_variants
+from shoprank.stages import STAGES, run_stages
 from shoprank.store.run import Run
 
-STAGES = ("ingest", "preprocess", "encoder", "embed", "features", "ranker", "evaluate")
 POLL_S = 1.0
 
 
 class StageProgress:
-    """A progress bar over :data:`STAGES` that follows the run's stage log from a thread."""
+    """A progress bar over :data:`shoprank.stages.STAGES` that follows the run's stage log from a thread."""
 
     def __init__(self, run: Run, since: int) -> None:
         self.run, self.since = run, since
@@ -117,7 +116,7 @@ def run_pipeline(config: Config, run: Run | None = None, *, sweeps: dict[str, An
     run = run or Run.for_config(config)
     since = len(run.stage_log())
     with StageProgress(run, since):
-        run = train_rank_and_evaluate(config, run)
+        run = run_stages(config, run)
         register_variants(config, run)
         run.log_stage("register", "done")
     stages = run.manifest()["stages"]

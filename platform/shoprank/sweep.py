@@ -39,6 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
+from shoprank.stages import run_stages
 from shoprank.store.location import Location
 
 log = logging.getLogger(__name__)
@@ -132,28 +133,17 @@ class Sweep:
     max_reports: Callable[[Config], int]
     """The most reports a trial of this config makes."""
     cpus_per_trial: Callable[[Config], float]
-    prepare: Callable[[Config], Any]
-    """Builds what the trials read (data for the encoder, feature rows for the ranker)."""
-
-
-def _prepare_encoder(config: Config) -> Any:
-    from shoprank.data.stages import prepare_data
-
-    return prepare_data(config)
-
-
-def _prepare_ranker(config: Config) -> Any:
-    from shoprank.ranker.stages import train_rank_and_evaluate
-
-    return train_rank_and_evaluate(config, evaluate=False)
+    prepare_until: str
+    """The last stage the trials read from (:func:`shoprank.stages.run_stages` runs up to it first): the data
+    for the encoder, the feature rows for the ranker (no ranker is trained to get them)."""
 
 
 SWEEPS = {
     "encoder": Sweep("encoder", encoder_trial, "encoder.train.epochs", lambda c: c.encoder.train.epochs,
-                     lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, _prepare_encoder),
+                     lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, "preprocess"),
     "ranker": Sweep("ranker", ranker_trial, "ranker.num_boost_round",
                     lambda c: max(1, c.ranker.num_boost_round // RANKER_REPORT_EVERY),
-                    lambda c: c.ranker.num_workers * c.ranker.cpus_per_worker, _prepare_ranker),
+                    lambda c: c.ranker.num_workers * c.ranker.cpus_per_worker, "features"),
 }
 
 
@@ -183,7 +173,7 @@ def run_sweep(
     restoring = tune.Tuner.can_restore(directory.uri(), storage_filesystem=filesystem)
     if restoring:
         check_same_sweep(directory, identity)
-    sweep.prepare(config)
+    run_stages(config, until=sweep.prepare_until)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
     per_trial = sweep.cpus_per_trial(config)
     concurrent = max_concurrent_trials or max(1, int(cluster_cpus // max(per_trial, 1)))

@@ -1,4 +1,5 @@
-"""The encoder stages of a run: fine-tune (``encoder``) and embed + index (``embed``).
+"""The encoder stages' bodies: fine-tune (``encoder``) and embed + index (``embed``); their order and
+identity: :mod:`shoprank.stages`.
 
 Outputs, under the run:
 
@@ -6,6 +7,9 @@ Outputs, under the run:
 * ``encoder/model/`` the final encoder: ``adapter/`` (peft), ``merged/`` (a plain
   model for serving), ``head.pt`` (category head), ``encoder.json``;
 * ``embeddings/products``, ``embeddings/users`` Parquet (id, embedding);
+* ``embeddings/zero_shot_products`` Parquet (id, embedding) of the pretrained encoder
+  (``encoder.model``, not fine-tuned): what variant A serves and the evaluation's
+  zero-shot rows read, embedded once here instead of at every replica's start;
 * ``index/products.faiss`` and ``index/product_ids.parquet`` (FAISS row -> product).
 """
 
@@ -24,18 +28,20 @@ from ray.data import ActorPoolStrategy, SaveMode
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import PartFilenames, read_table, write_table
 from shoprank.encoder.index import build_index
-from shoprank.encoder.model import encode, load_backbone, load_encoder, product_texts, save_encoder
+from shoprank.encoder.model import (
+    encode, load_backbone, load_encoder, load_encoder_from_config, product_texts, save_encoder,
+)
 from shoprank.encoder.objectives import build_model
 from shoprank.encoder.train import NothingToLearn, load_checkpoint_state, train_encoder
 from shoprank.encoder.users import user_embedding
 from shoprank.errors import ShopRankError
-from shoprank.data.stages import prepare_data, run_stage
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
 
 ENCODER_OUTPUTS = ["encoder/ray", "encoder/model"]
-EMBED_OUTPUTS = ["embeddings/products", "embeddings/users", "index"]
+ZERO_SHOT_PRODUCTS = ("embeddings", "zero_shot_products")
+EMBED_OUTPUTS = ["embeddings/products", "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]
 
 
 def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
@@ -85,14 +91,17 @@ class EmbedProducts:
     """Ray Data callable class: the encoder is loaded once per actor, then embeds batches.
 
     Each actor fetches the run's model itself, so it works on any node of a cluster
-    whose run root is shared storage.
+    whose run root is shared storage; ``zero_shot`` loads the pretrained model that
+    ``encoder.model`` names instead.
     """
 
-    def __init__(self, run: Run, config: dict, batch_size: int, use_gpu: bool) -> None:
+    def __init__(self, run: Run, config: dict, batch_size: int, use_gpu: bool, zero_shot: bool = False) -> None:
         self.config = EncoderConfig.model_validate(config)
         self.batch_size = batch_size
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encoder, self.tokenizer = load_encoder(run.local_path("encoder", "model"))
+        self.encoder, self.tokenizer = (
+            load_encoder_from_config(self.config) if zero_shot else load_encoder(run.local_path("encoder", "model"))
+        )
         self.encoder.to(self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -107,18 +116,30 @@ class EmbedProducts:
         )
 
 
-def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
-    """Embed the catalogue with an actor pool, build the index, embed users from their histories."""
+def embed_catalogue(config: Config, run: Run, target: tuple[str, ...], *, zero_shot: bool = False,
+                    embedder: type[EmbedProducts] = EmbedProducts) -> None:
+    """Embed the run's catalogue with an actor pool into the Parquet dataset ``target`` of the run.
+
+    ``embedder`` is the actor class (``benchmarks/embed.py`` passes a subclass that times its calls).
+    """
     embed = config.embed
     products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray)
     products.map_batches(
-        EmbedProducts,
-        fn_constructor_args=(run, config.encoder.model_dump(mode="json"), config.embed.batch_size,
-                             config.ray.use_gpu),
+        embedder,
+        fn_constructor_args=(run, config.encoder.model_dump(mode="json"), embed.batch_size, config.ray.use_gpu,
+                             zero_shot),
         batch_size=embed.batch_size, compute=ActorPoolStrategy(size=embed.actors), num_gpus=1 if config.ray.use_gpu else 0,
         batch_format="pyarrow",
-    ).write_parquet(run.uri("embeddings", "products"), filename_provider=PartFilenames(),
+    ).write_parquet(run.uri(*target), filename_provider=PartFilenames(),
                     mode=SaveMode.OVERWRITE, filesystem=run.filesystem_for_ray)
+
+
+def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
+    """Embed the catalogue with an actor pool (fine-tuned, and pretrained for the zero-shot baseline), build
+    the index, embed users from their histories."""
+    embed = config.embed
+    embed_catalogue(config, run, ("embeddings", "products"))
+    embed_catalogue(config, run, ZERO_SHOT_PRODUCTS, zero_shot=True)
     table = read_table(run, "embeddings", "products").sort_by("product_id")
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     index = build_index(vectors, embed)
@@ -155,12 +176,3 @@ def embed_users(run: Run, product_ids: list[str], vectors: np.ndarray, half_life
     dim = vectors.shape[1]
     flat = pa.array(np.concatenate(out) if out else np.zeros(0, np.float32), pa.float32())
     return pa.table({"user_id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
-
-
-def train_and_embed(config: Config, run: Run | None = None, *, embed: bool = True) -> Run:
-    """Data stages, then fine-tuning, then (optionally) embedding and indexing; each skipped when current."""
-    run = prepare_data(config, run)
-    run_stage(run, config, "encoder", config.section_hash("source", "preprocess", "encoder"), ENCODER_OUTPUTS, fine_tune)
-    if embed:
-        run_stage(run, config, "embed", config.config_hash(), EMBED_OUTPUTS, embed_and_index)
-    return run

@@ -25,6 +25,8 @@ from shoprank.data.schema import ESCI_LABELS
 from shoprank.encoder.model import (
     QUERY_MAX_LENGTH, TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts,
 )
+from shoprank.encoder.stages import ZERO_SHOT_PRODUCTS
+from shoprank.errors import ShopRankError
 from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
 from shoprank.retrieval.candidates import Catalogue, ItemItem, fit_item_item
 from shoprank.store.run import Run
@@ -134,6 +136,13 @@ class RankingContext:
         return encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH)
 
 
+def embedding_matrix(embedded: pa.Table, product_ids: list[str]) -> np.ndarray:
+    """The ``embedding`` column of an (id, embedding) table as a matrix in ``product_ids`` order."""
+    position = {p: i for i, p in enumerate(embedded.column("product_id").to_pylist())}
+    matrix = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return matrix[[position[p] for p in product_ids]]
+
+
 def load_product_stats(config: Config, run: Run) -> ProductStats:
     """The run's product statistics alone (what a ranker needs beside its candidates and the user's history)."""
     events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts", "split"])
@@ -168,16 +177,17 @@ def load_context(
     texts = product_texts(products, config.encoder)
     if zero_shot:
         encoder, tokenizer = load_encoder_from_config(config.encoder)
-        vectors = encode(encoder, tokenizer, texts, config.encoder.max_length)
+        if not run.exists(*ZERO_SHOT_PRODUCTS):
+            raise ShopRankError(f"{run.uri()} has no zero-shot catalogue embeddings ({'/'.join(ZERO_SHOT_PRODUCTS)}, "
+                                "written by the embed stage since the stage list of shoprank.stages): run the "
+                                "pipeline on it again")
+        vectors = embedding_matrix(read_table(run, *ZERO_SHOT_PRODUCTS), stats.product_ids)
         index: faiss.Index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
         index_rows = np.arange(len(vectors))
     else:
         encoder, tokenizer = load_encoder(run.local_path("encoder", "model"))
-        embedded = read_table(run, "embeddings", "products")
-        position = {p: i for i, p in enumerate(embedded.column("product_id").to_pylist())}
-        matrix = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-        vectors = matrix[[position[p] for p in stats.product_ids]]
+        vectors = embedding_matrix(read_table(run, "embeddings", "products"), stats.product_ids)
         index = faiss.read_index(str(run.local_path("index", "products.faiss")))
         ids = read_table(run, "index", "product_ids").sort_by("row").column("product_id").to_pylist()
         index_rows = np.array([stats.row_of[p] for p in ids], dtype=np.int64)

@@ -117,6 +117,17 @@ def judged_requests(pairs: pa.Table, searched: pd.DataFrame, ts_s: float) -> pd.
     })
 
 
+def relevance(query: str | None, engaged_ids: list[str], engaged_grades: list[int],
+              judged: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Product -> grade of what answers a request: the ranker's labels and the evaluation's qrels.
+
+    A judged search: the query's judgments (ESCI 0..3). A recommendation, or a search
+    for a query nobody judged: the session's engagements (purchase 3, cart 2, click 1).
+    """
+    truth = judged.get(query) if query is not None else None
+    return truth if truth is not None else dict(zip(engaged_ids, engaged_grades))
+
+
 def judgments(run: Run) -> dict[str, dict[str, int]]:
     """query -> product -> ESCI label, over the whole query pool."""
     pairs = read_table(run, "data", "query_pairs")
@@ -147,9 +158,7 @@ class RequestFeatures:
             query = request.query if isinstance(request.query, str) else None
             inputs = rank_inputs(self.context, request.user_id, query, vectors.get(query), float(request.ts_s))
             products = [ids[r] for r in inputs.candidates.rows]
-            truth = self.judgments.get(query) if query is not None else None
-            if truth is None:  # recommendations, and searches for queries nobody judged
-                truth = dict(zip(request.engaged_ids, request.engaged_grades))
+            truth = relevance(query, request.engaged_ids, request.engaged_grades, self.judgments)
             part = pd.DataFrame(inputs.features, columns=FEATURES)
             part.insert(0, "request_id", request.request_id)
             part.insert(1, "split", request.split)

@@ -23,19 +23,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
-from ray.data import ActorPoolStrategy
 from ray.train.xgboost import RayTrainReportCallback
 
 from shoprank.config import Config, TableFile
 from shoprank.data.io import read_table
 from shoprank.data.readers import read_table as read_records
 from shoprank.errors import DataError
-from shoprank.ranker.dataset import RequestFeatures, sessions_of
-from shoprank.ranker.stages import REQUESTS_PER_BATCH, with_positives
+from shoprank.ranker.dataset import sessions_of
+from shoprank.ranker.stages import feature_rows, with_positives
 from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg
 from shoprank.store.registry import Registry
-from shoprank.store.run import Run
+from shoprank.stages import run_stage
+from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +68,14 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
     requests = sessions_of(events).sort_values("ts_s").reset_index(drop=True)
     cut = int(len(requests) * (1 - VALIDATION_SHARE))
     requests["split"] = np.where(np.arange(len(requests)) < cut, "train", "validation")
-    rows = ray.data.from_pandas(requests).map_batches(
-        RequestFeatures, fn_constructor_args=(config.model_dump(mode="json"), base, False, events),
-        compute=ActorPoolStrategy(size=1), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
-    ).to_pandas()
+    rows = feature_rows(config, base, requests, new_events=events).to_pandas()
     train, validation = (with_positives(rows[rows["split"] == s]) for s in ("train", "validation"))
     if train.empty or validation.empty:
         raise DataError("too few new sessions with a click, cart or purchase to train and validate an update",
                         file=events_path)
     run = Run(base.root, update_run_name(base, events), filesystem=base.filesystem)
-    with run.stage("ranker-update", config, config.section_hash("ranker"), ["ranker"]) as record:
+
+    def train_update(config: Config, run: Run, record: StageRecord) -> None:
         result = train_ranker(config, train, validation, run.uri("ranker", "ray"), warm_start=str(base_model / "model.ubj"),
                               storage_filesystem=run.filesystem_for_ray)
         booster = RayTrainReportCallback.get_model(result.checkpoint)
@@ -87,10 +84,16 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
                    "base_run": base.uri(), "new_events": events.num_rows}
         with run.local_output("ranker", "model") as directory:
             save_ranker(booster, directory, metrics)
-        promoted = metrics["validation/ndcg@10"] >= metrics["base/validation/ndcg@10"] - config.ranker.update_tolerance
-        metrics["promoted"] = bool(promoted)
+        metrics["promoted"] = bool(
+            metrics["validation/ndcg@10"] >= metrics["base/validation/ndcg@10"] - config.ranker.update_tolerance
+        )
         record.metrics.update(metrics)
         record.rows.update(train=len(train), validation=len(validation))
+
+    # the run's name holds the base run's and the events' identity: the same update again is skipped
+    run_stage(run, config, "ranker-update", config.section_hash("ranker"), ["ranker"], train_update)
+    metrics = run.manifest()["stages"]["ranker-update"]["metrics"]
+    promoted = metrics["promoted"]
     registry = Registry.beside(base)
     registry.set(run.name, run.uri(), base_run=base.uri(), metrics={k: metrics[k] for k in ("validation/ndcg@10",)})
     if promoted:

@@ -18,11 +18,8 @@ unchanged is skipped; otherwise its old outputs are removed before it runs again
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,6 @@ import shoprank
 from shoprank.config import Config
 from shoprank.store.location import Location
 
-log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGE_LOG = "stage_log.json"
@@ -111,23 +107,13 @@ class Run(Location):
             return False
         return all(self.exists(*rel.split("/")) for rel in entry.get("outputs", {}).values())
 
-    @contextmanager
-    def stage(self, stage: str, config: Config, config_hash: str, outputs: list[str]) -> Iterator[StageRecord]:
-        """Run a stage: clear its outputs first, remove them on failure, record it on success.
-
-        ``outputs`` are paths relative to the run; the stage body fills the record's
-        rows, drops and metrics, which land in the manifest with the elapsed time.
-        """
+    def remove_outputs(self, outputs: list[str]) -> None:
+        """Delete a stage's outputs (paths relative to the run): before it runs, and when it fails."""
         for rel in outputs:
             self.remove(*rel.split("/"))
-        record = StageRecord(outputs={rel.rsplit("/", 1)[-1]: rel for rel in outputs})
-        started = time.perf_counter()
-        try:
-            yield record
-        except BaseException:
-            for rel in outputs:
-                self.remove(*rel.split("/"))
-            raise
+
+    def record_stage(self, stage: str, config: Config, config_hash: str, record: StageRecord, seconds: float) -> None:
+        """Write a finished stage's entry into the manifest: the commit point of its outputs."""
         manifest = self.manifest()
         manifest.update(
             run_id=self.name,
@@ -142,9 +128,8 @@ class Run(Location):
             "rows": record.rows,
             "drops": record.drops,
             "metrics": record.metrics,
-            "timings": {**record.timings, "total_s": round(time.perf_counter() - started, 3)},
+            "timings": {**record.timings, "total_s": round(seconds, 3)},
             "notes": record.notes,
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.write_json(manifest, MANIFEST)
-        log.info("stage %s done in %.1fs: %s", stage, time.perf_counter() - started, record.rows)

@@ -1,0 +1,143 @@
+"""The offline evaluation: four systems on the test split, for search and for recommendation.
+
+The ``evaluate`` stage's body (its place in the pipeline: :mod:`shoprank.stages`).
+Outputs, under the run: ``evaluation/offline.json``, ``offline.md`` and
+``offline.png``: popularity, zero-shot retrieval, fine-tuned retrieval and fine-tuned
+retrieval + ranker, scored by NDCG@10, Recall@10, MRR and catalogue coverage.
+
+The zero-shot rows come from the pretrained encoder's catalogue embeddings that the
+embed stage wrote (``embeddings/zero_shot_products``, the files variant A serves), so
+the evaluation embeds nothing. What is relevant to a request is
+:func:`shoprank.ranker.dataset.relevance`, the function the ranker's labels come
+from: the two can never disagree on what a good answer was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shoprank.config import Config
+from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
+from shoprank.ranker.dataset import build_requests, judgments, relevance
+from shoprank.ranker.features import FEATURES
+from shoprank.ranker.stages import feature_rows, read_features
+from shoprank.ranker.train import load_ranker, predict
+from shoprank.store.run import Run, StageRecord
+
+EVALUATE_OUTPUTS = ["evaluation"]
+K = 10
+
+
+def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> dict[str, list[str]]:
+    """Each request's ``K`` products by ``score`` among the rows in ``mask`` (ties: product id)."""
+    rows = frame if mask is None else frame[mask]
+    rows = rows.sort_values(["request_id", score, "product_id"], ascending=[True, False, True])
+    return {r: g["product_id"].head(K).tolist() for r, g in rows.groupby("request_id", sort=False)}
+
+
+def qrels_of(requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """What was relevant to each request (:func:`~shoprank.ranker.dataset.relevance`, grade above 0);
+    requests with nothing relevant are left out."""
+    out = {}
+    for request in requests.itertuples(index=False):
+        query = request.query if isinstance(request.query, str) else None
+        graded = relevance(query, request.engaged_ids, request.engaged_grades, judged)
+        out[request.request_id] = {p: int(v) for p, v in graded.items() if v > 0}
+    return {r: rel for r, rel in out.items() if rel}
+
+
+def _score(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], catalogue_size: int) -> dict[str, float]:
+    runs = {r: ranked.get(r, []) for r in qrels}
+    metrics = mean_metrics(runs, qrels, k=K)
+    metrics["coverage"] = catalog_coverage(runs.values(), catalogue_size, k=K)
+    metrics["requests"] = len(runs)
+    return metrics
+
+
+def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
+    """The evaluation table of the four systems on the test split (see the module docstring)."""
+    requests = build_requests(config, run)
+    requests = requests[requests["split"] == "test"]
+    tuned = read_features(run, "test")
+    zero = feature_rows(config, run, requests, zero_shot=True).to_pandas()
+    booster = load_ranker(run.local_path("ranker", "model"))
+    tuned["ranker"] = np.concatenate(
+        [predict(booster, g[FEATURES].to_numpy(np.float32)) for _, g in tuned.groupby("request_id", sort=False)]
+    ) if len(tuned) else []
+    qrels = qrels_of(requests, judgments(run))
+    catalogue_size = int(run.manifest()["stages"]["embed"]["rows"]["products"])
+    kinds = dict(zip(requests["request_id"], requests["kind"]))
+    systems = {
+        "popularity": lambda kind: top_k_of(tuned, "popularity", tuned["from_lexical"] == 1) if kind == "search"
+        else top_k_of(tuned, "popularity", tuned["from_popular"] == 1),
+        "retrieval (zero-shot encoder)": lambda kind: top_k_of(zero, "cosine", zero["from_dense"] == 1),
+        "retrieval (fine-tuned encoder)": lambda kind: top_k_of(tuned, "cosine", tuned["from_dense"] == 1),
+        "fine-tuned retrieval + ranker": lambda kind: top_k_of(tuned, "ranker"),
+    }
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    missing: dict[str, str] = {}
+    for kind in ("search", "recommend"):
+        kind_qrels = {r: rel for r, rel in qrels.items() if kinds.get(r) == kind}
+        if kind_qrels:
+            table[kind] = {name: _score(system(kind), kind_qrels, catalogue_size) for name, system in systems.items()}
+        else:
+            missing[kind] = NO_FIGURES[kind]
+            record.notes.append(f"{kind}: no figures, {NO_FIGURES[kind]}")
+    with run.local_output("evaluation") as directory:
+        write_evaluation(directory, table, missing)
+    for kind, rows in table.items():
+        record.metrics[f"{kind}/ranker_ndcg_gain_over_retrieval"] = round(
+            rows["fine-tuned retrieval + ranker"]["ndcg@10"] - rows["retrieval (fine-tuned encoder)"]["ndcg@10"], 4
+        )
+    record.metrics["table"] = table
+
+
+SYSTEMS = {
+    "popularity": "the most engaged products before the cut-off (search: among BM25's candidates; "
+                  "recommendation: the popular and trending candidates)",
+    "retrieval (zero-shot encoder)": "the pretrained encoder's nearest products to the query or the user vector",
+    "retrieval (fine-tuned encoder)": "the fine-tuned encoder's nearest products",
+    "fine-tuned retrieval + ranker": "every candidate source of the fine-tuned run, ordered by the XGBoost ranker",
+}
+"""What each row of the evaluation compares, written under its table."""
+NO_FIGURES = {
+    "search": "the test split has no search request with a relevant product (no judged query, no search with an "
+              "engagement)",
+    "recommend": "the test split has no browsing session with an engagement (no behaviour events)",
+}
+
+
+def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]], missing: dict[str, str]) -> None:
+    """``offline.json``, ``offline.md`` (one table, what its systems are, and why a task has no figures) and
+    ``offline.png`` (NDCG@10 bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "offline.json").write_text(json.dumps({**table, "no_figures": missing}, indent=2))
+    columns = ["ndcg@10", "recall@10", "mrr", "coverage", "requests"]
+    lines = ["| task | system | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for kind, rows in table.items():
+        for name, metrics in rows.items():
+            cells = [f"{metrics[c]:.4f}" if c != "requests" else str(metrics[c]) for c in columns]
+            lines.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Systems (test split, NDCG@10 over requests with a relevant product):"]
+    lines += [f"- {name}: {meaning}" for name, meaning in SYSTEMS.items()]
+    lines += [f"- {kind}: no figures, {reason}" for kind, reason in missing.items()]
+    (directory / "offline.md").write_text("\n".join(lines) + "\n")
+    figure, axes = plt.subplots(1, max(1, len(table)), figsize=(6 * max(1, len(table)), 4), squeeze=False)
+    for axis, (kind, rows) in zip(axes[0], table.items()):
+        names = list(rows)
+        axis.barh(names, [rows[n]["ndcg@10"] for n in names], color=["#999", "#9bd", "#48c", "#d62"][: len(names)])
+        axis.set_title(f"{kind}: NDCG@10 on the test split")
+        axis.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(directory / "offline.png", dpi=100)
+    plt.close(figure)

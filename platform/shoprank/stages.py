@@ -1,0 +1,171 @@
+"""The pipeline's stages in their one order, and the one runner that skips, resumes, times and records them.
+
+A :class:`Stage` names its body (a function of the config, the run and the record
+it fills, living in its own package), the paths it writes, the config it reads and
+the stages before it. Its identity (:func:`stage_hash`) is derived, never listed by
+hand: the hash of its own config sections (or the part of a section it reads), a
+version for what its code writes, and the hashes of its upstream stages. So changing
+one section's setting reruns the stage that reads it and every stage after it, and
+nothing before it.
+
+:func:`run_stages` runs the list, or a prefix of it (``until``: the sweep's
+preparation stops after the features) or some stages alone (``only``); every job,
+the sweep, the pipeline and the benchmarks call it, never a copy of a stage. A stage
+that is current (same hash, outputs all there) is skipped; a failed one leaves none
+of its outputs behind, so a rerun continues where a crash stopped. Every attempt goes
+to the run's stage log (``stage_log.json``); a stage counts as done only once its
+manifest entry is written (:meth:`shoprank.store.run.Run.record_stage`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shoprank.config import Config
+from shoprank.data.ingest import ingest, ingest_outputs
+from shoprank.data.preprocess import preprocess, preprocess_outputs
+from shoprank.encoder.stages import EMBED_OUTPUTS, ENCODER_OUTPUTS, embed_and_index, fine_tune
+from shoprank.errors import ConfigError, ShopRankError
+from shoprank.evaluation.offline import EVALUATE_OUTPUTS, evaluate_offline
+from shoprank.ranker.features import FEATURE_SCHEMA_VERSION
+from shoprank.ranker.stages import FEATURE_OUTPUTS, RANKER_OUTPUTS, build_features, fit_ranker
+from shoprank.store.run import Run, StageRecord
+
+log = logging.getLogger(__name__)
+
+Body = Callable[[Config, Run, StageRecord], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run: what it does, what it writes, and what its identity covers."""
+
+    name: str
+    body: Body
+    outputs: Callable[[Config], list[str]]
+    """Paths relative to the run that the stage writes (removed before it runs, and on failure)."""
+    sections: tuple[str, ...] = ()
+    """Config sections the stage reads whole."""
+    settings: Callable[[Config], dict[str, Any]] | None = None
+    """Single settings it reads from sections it does not read whole (``section.key`` -> value)."""
+    upstream: tuple[str, ...] = ()
+    """The stages whose outputs it reads; their identities are part of its own."""
+    version: str = ""
+    """What its code writes (a feature schema version): bumped, every run rebuilds it."""
+    inputs: tuple[str, ...] = ()
+    """Paths relative to the run that it reads: a stage run alone (``only``) checks they are there."""
+
+
+RANKER_DATA_FIELDS = ("history_fraction", "max_requests", "ctr_prior_views", "history_events")
+"""The ``ranker`` settings that change the feature rows; the others only change training."""
+SERVE_DATA_FIELDS = ("exclude_purchased", "exclude_seen")
+"""The ``serve`` settings that change the feature rows: what a recommendation's candidates leave out."""
+
+
+def feature_settings(config: Config) -> dict[str, Any]:
+    """What the feature rows read of ``ranker`` and ``serve`` (a sweep over eta or depth keeps the rows)."""
+    return {**{f"ranker.{f}": getattr(config.ranker, f) for f in RANKER_DATA_FIELDS},
+            **{f"serve.{f}": getattr(config.serve, f) for f in SERVE_DATA_FIELDS}}
+
+
+def _fixed(paths: list[str]) -> Callable[[Config], list[str]]:
+    return lambda config: list(paths)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", ingest, ingest_outputs, sections=("source",)),
+    Stage("preprocess", preprocess, lambda config: preprocess_outputs(), sections=("preprocess",),
+          upstream=("ingest",), inputs=("data/records",)),
+    Stage("encoder", fine_tune, _fixed(ENCODER_OUTPUTS), sections=("encoder",), upstream=("preprocess",),
+          inputs=("data/products", "data/query_pairs", "data/coengagement", "data/user_histories")),
+    Stage("embed", embed_and_index, _fixed(EMBED_OUTPUTS), sections=("embed",), upstream=("encoder",),
+          inputs=("encoder/model", "data/products", "data/user_histories")),
+    Stage("features", build_features, _fixed(FEATURE_OUTPUTS), sections=("retrieval",), settings=feature_settings,
+          upstream=("embed",), version=f"features-v{FEATURE_SCHEMA_VERSION}",
+          inputs=("embeddings", "index", "data/events", "data/query_pairs")),
+    Stage("ranker", fit_ranker, _fixed(RANKER_OUTPUTS), sections=("ranker",), upstream=("features",),
+          inputs=("ranker/features",)),
+    Stage("evaluate", evaluate_offline, _fixed(EVALUATE_OUTPUTS), upstream=("ranker",),
+          inputs=("ranker/features", "ranker/model", "embeddings/zero_shot_products")),
+)
+"""Every stage of a run, in the order they run: the only list of them."""
+
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def stage_hash(config: Config, name: str) -> str:
+    """The identity of stage ``name`` under ``config``: own sections and settings, version, upstream hashes."""
+    stage = BY_NAME[name]
+    payload = {
+        "sections": config.section_hash(*stage.sections) if stage.sections else "",
+        "settings": stage.settings(config) if stage.settings else {},
+        "version": stage.version,
+        "upstream": {up: stage_hash(config, up) for up in stage.upstream},
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def selected(until: str | None = None, only: Sequence[str] | None = None) -> list[Stage]:
+    """The stages to run: all, those up to and including ``until``, or ``only`` these (in list order)."""
+    for name in [*(only or []), *([until] if until else [])]:
+        if name not in BY_NAME:
+            raise ConfigError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
+    stages = list(STAGES[: STAGE_NAMES.index(until) + 1] if until else STAGES)
+    return [s for s in stages if s.name in only] if only else stages
+
+
+def run_stages(config: Config, run: Run | None = None, *, until: str | None = None,
+               only: Sequence[str] | None = None) -> Run:
+    """Run the selected stages (see :func:`selected`) of ``config``'s run, each skipped when current; the run.
+
+    ``run`` defaults to the one ``config`` names; pass one to put the run on a
+    filesystem object rather than a path or URI (a ``SubTreeFileSystem``, say).
+    """
+    run = run or Run.for_config(config)
+    for stage in selected(until, only):
+        missing = [path for path in stage.inputs if only and not run.exists(*path.split("/"))]
+        if missing:
+            raise ShopRankError(f"stage {stage.name} reads {', '.join(missing)}, which {run.uri()} does not have: "
+                                f"run the stages before it first (until={stage.name!r})")
+        run_stage(run, config, stage.name, stage_hash(config, stage.name), stage.outputs(config), stage.body)
+    return run
+
+
+def run_stage(run: Run, config: Config, name: str, config_hash: str, outputs: list[str], body: Body) -> bool:
+    """Run ``body`` as stage ``name`` unless it is current; True when it ran.
+
+    The one place that times a stage and records it: in the stage log (started,
+    skipped, failed or done, with seconds and notes) and, once its outputs are
+    complete, in the manifest. A stage outside :data:`STAGES` (an incremental ranker
+    update) comes through here too.
+    """
+    if run.stage_is_current(name, config_hash):
+        log.info("stage %s is current (config hash %s): skipped", name, config_hash)
+        run.log_stage(name, "skipped")
+        return False
+    log.info("stage %s: running (config hash %s)", name, config_hash)
+    run.log_stage(name, "started")
+    run.remove_outputs(outputs)
+    record = StageRecord(outputs={rel.rsplit("/", 1)[-1]: rel for rel in outputs})
+    started = time.perf_counter()
+    try:
+        body(config, run, record)
+    except BaseException:
+        run.remove_outputs(outputs)
+        run.log_stage(name, "failed", time.perf_counter() - started)
+        raise
+    seconds = time.perf_counter() - started
+    run.record_stage(name, config, config_hash, record, seconds)
+    for note in record.notes:
+        log.warning("stage %s: %s", name, note)
+    log.info("stage %s done in %.1fs: %s", name, seconds, record.rows)
+    run.log_stage(name, "done", seconds, record.notes)
+    return True

@@ -1,0 +1,80 @@
+"""The stage list: one order, derived identities, and a changed setting reruns its stage and those after it only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shoprank.config import Config, load_config
+from shoprank.errors import ConfigError, ShopRankError
+from shoprank.stages import BY_NAME, STAGE_NAMES, STAGES, run_stages, selected, stage_hash
+from shoprank.store.run import Run
+
+
+def test_the_order_is_the_list_and_every_stage_comes_after_what_it_reads() -> None:
+    assert STAGE_NAMES == ("ingest", "preprocess", "encoder", "embed", "features", "ranker", "evaluate")
+    for position, stage in enumerate(STAGES):
+        assert all(STAGE_NAMES.index(up) < position for up in stage.upstream), stage.name
+        produced = {path for earlier in STAGES[:position] for path in earlier.outputs(load_config("tiny"))}
+        for path in stage.inputs:  # what it reads is written by a stage before it
+            assert any(path == out or path.startswith(out + "/") or out.startswith(path + "/") for out in produced), \
+                (stage.name, path)
+
+
+def hashes(config: Config) -> dict[str, str]:
+    return {name: stage_hash(config, name) for name in STAGE_NAMES}
+
+
+@pytest.mark.parametrize("override, first", [
+    ("source.synthetic.seed=99", "ingest"),
+    ("preprocess.test_fraction=0.2", "preprocess"),
+    ("encoder.train.epochs=3", "encoder"),
+    ("embed.user_half_life_days=3", "embed"),
+    ("retrieval.bm25_k1=1.2", "features"),
+    ("ranker.history_events=100", "features"),
+    ("serve.exclude_seen=[click]", "features"),
+    ("serve.exclude_purchased=false", "features"),
+    ("ranker.eta=0.2", "ranker"),
+    ("serve.port=8123", None),
+    ("ray.num_cpus=1", None),
+    ("run.root=/elsewhere", None),
+])
+def test_a_changed_setting_changes_its_stage_and_every_later_one_only(override: str, first: str | None) -> None:
+    base, changed = hashes(load_config("tiny")), hashes(load_config("tiny", [override]))
+    cut = STAGE_NAMES.index(first) if first else len(STAGE_NAMES)
+    assert [changed[n] == base[n] for n in STAGE_NAMES] == [True] * cut + [False] * (len(STAGE_NAMES) - cut)
+
+
+def test_unknown_stages_are_named_and_a_prefix_or_a_subset_can_be_chosen() -> None:
+    assert [s.name for s in selected(until="features")] == list(STAGE_NAMES[:5])
+    assert [s.name for s in selected(only=["evaluate", "embed"])] == ["embed", "evaluate"]
+    with pytest.raises(ConfigError, match="unknown stage 'rank'; the stages are ingest, preprocess"):
+        selected(until="rank")
+    assert BY_NAME["features"].version.startswith("features-v")
+
+
+def test_a_stage_run_alone_needs_what_it_reads(tmp_path: Path) -> None:
+    config = load_config("tiny", [f"run.root={tmp_path}"])
+    with pytest.raises(ShopRankError, match=r"stage ranker reads ranker/features, which .* does not have"):
+        run_stages(config, only=["ranker"])
+
+
+def test_a_changed_ranker_setting_reruns_the_ranker_and_the_evaluation_only(
+    ranked: tuple[Config, Run], tmp_path: Path
+) -> None:
+    """On a copy of the session's tiny run (the shared one stays as it is)."""
+    config, run = ranked
+    shutil.copytree(run.path(), tmp_path / run.name)
+    changed = config.model_copy(update={
+        "run": config.run.model_copy(update={"root": str(tmp_path)}),
+        "ranker": config.ranker.model_copy(update={"num_boost_round": config.ranker.num_boost_round + 5}),
+    })
+    copy = Run.for_config(changed)
+    since = len(copy.stage_log())
+    run_stages(changed, copy)
+    statuses = {e["stage"]: e["status"] for e in copy.stage_log()[since:] if e["status"] != "started"}
+    assert statuses == {**dict.fromkeys(STAGE_NAMES[:5], "skipped"), "ranker": "done", "evaluate": "done"}
+    old, new = run.manifest()["stages"], copy.manifest()["stages"]
+    assert [new[n]["config_hash"] == old[n]["config_hash"] for n in STAGE_NAMES] == [True] * 5 + [False] * 2
