@@ -87,13 +87,13 @@ def ray_embed_benchmark(config: Any, run: Any, actors: int) -> tuple[dict[str, A
     """The library's Ray Data job (``embed_catalogue``, as ``embed_and_index`` runs it) into a scratch folder of
     the run (removed afterwards); (figures, output by product id)."""
     from shoprank.data.io import read_table
-    from shoprank.encoder.stages import embed_catalogue
+    from shoprank.encoder.stages import FINE_TUNED, embed_catalogue
 
     embed = config.embed
     scratch = ("bench", "embeddings")
     started = time.perf_counter()
     try:
-        embed_catalogue(config, run, scratch, embedder=_embed_actor_class())
+        embed_catalogue(config, run, {FINE_TUNED: scratch}, embedder=_embed_actor_class())
         wall_s = time.perf_counter() - started
         table = read_table(run, *scratch).sort_by("product_id")
     finally:

@@ -42,7 +42,11 @@ def shape_config(root: Path, source: list[str], *extra: str) -> Config:
     return load_config("tiny", [f"run.root={root}", *FAST, *source, *extra])
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("shape", [
+    "esci", "ratings",
+    # events + judgments: the shape of the session's simulated run, which the default suite serves already
+    pytest.param("jsonl", marks=pytest.mark.slow),
+])
 def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int, tmp_path: Path) -> None:
     write, tasks = SHAPES[shape]
     source = write(tmp_path / "data")

@@ -82,6 +82,7 @@ def test_the_event_store_asks_for_a_local_path_when_runs_are_remote() -> None:
     assert event_db_path(absolute) == Path("/var/lib/shoprank/events.sqlite")
 
 
+@pytest.mark.slow  # every serving test already reads the session's run through a file:// URI
 def test_the_whole_pipeline_runs_on_a_pyarrow_filesystem(
     tiny_run: tuple[Config, Run], tiny_encoder_dir: Path, tmp_path: Path
 ) -> None:
