@@ -78,3 +78,32 @@ def test_a_changed_ranker_setting_reruns_the_ranker_and_the_evaluation_only(
     assert statuses == {**dict.fromkeys(STAGE_NAMES[:5], "skipped"), "ranker": "done", "evaluate": "done"}
     old, new = run.manifest()["stages"], copy.manifest()["stages"]
     assert [new[n]["config_hash"] == old[n]["config_hash"] for n in STAGE_NAMES] == [True] * 5 + [False] * 2
+
+
+def test_a_stage_run_alone_refuses_what_a_changed_upstream_stage_has_not_rebuilt(
+    ranked: tuple[Config, Run], tmp_path: Path
+) -> None:
+    """The ranker alone after a retrieval change would train on the old feature rows under the new identity."""
+    config, run = ranked
+    shutil.copytree(run.path(), tmp_path / run.name)
+    changed = config.model_copy(update={
+        "run": config.run.model_copy(update={"root": str(tmp_path)}),
+        "retrieval": config.retrieval.model_copy(update={"bm25_k1": config.retrieval.bm25_k1 + 0.3}),
+    })
+    with pytest.raises(ShopRankError, match=r"stage ranker reads what features wrote, which is not current"):
+        run_stages(changed, Run.for_config(changed), only=["ranker"])
+
+
+def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it(
+    tiny_run: tuple[Config, Run], tmp_path: Path
+) -> None:
+    """Outputs gone, the stage runs again and may write other ones: the stages after it do not keep theirs."""
+    config, run = tiny_run
+    shutil.copytree(run.path(), tmp_path / run.name)
+    copied = config.model_copy(update={"run": config.run.model_copy(update={"root": str(tmp_path)})})
+    copy = Run.for_config(copied)
+    copy.remove("data", "records")
+    since = len(copy.stage_log())
+    run_stages(copied, copy, until="preprocess")
+    statuses = [e["status"] for e in copy.stage_log()[since:] if e["status"] != "started"]
+    assert statuses == ["done", "done"]

@@ -413,7 +413,8 @@ class ServeConfig(Section):
         0.02, ge=0.0, description="The retrieval strategy's score: cosine + 0.01 * BM25 + this * popularity."
     )
     exclude_purchased: bool = Field(
-        True, description="Recommendations leave out what the user already bought (offline rows and Serve alike).",
+        True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "
+        "as far as the user's history reaches: their last ranker.history_events events.",
     )
     exclude_seen: list[Literal["view", "click", "add_to_cart"]] = Field(
         default_factory=list, description="Recommendations also leave out products of the user's events of these "

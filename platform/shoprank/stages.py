@@ -88,7 +88,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=("encoder/model", "data/products", "data/user_histories")),
     Stage("features", build_features, _fixed(FEATURE_OUTPUTS), sections=("retrieval",), settings=feature_settings,
           upstream=("embed",), version=f"features-v{FEATURE_SCHEMA_VERSION}",
-          inputs=("embeddings", "index", "data/events", "data/query_pairs")),
+          inputs=("embeddings", "index", "encoder/model", "data/products", "data/events", "data/query_pairs")),
     Stage("ranker", fit_ranker, _fixed(RANKER_OUTPUTS), sections=("ranker",), upstream=("features",),
           inputs=("ranker/features",)),
     Stage("evaluate", evaluate_offline, _fixed(EVALUATE_OUTPUTS), upstream=("ranker",),
@@ -130,24 +130,37 @@ def run_stages(config: Config, run: Run | None = None, *, until: str | None = No
     filesystem object rather than a path or URI (a ``SubTreeFileSystem``, say).
     """
     run = run or Run.for_config(config)
-    for stage in selected(until, only):
+    stages = selected(until, only)
+    names = {stage.name for stage in stages}
+    ran: set[str] = set()
+    for stage in stages:
         missing = [path for path in stage.inputs if only and not run.exists(*path.split("/"))]
         if missing:
             raise ShopRankError(f"stage {stage.name} reads {', '.join(missing)}, which {run.uri()} does not have: "
                                 f"run the stages before it first (until={stage.name!r})")
-        run_stage(run, config, stage.name, stage_hash(config, stage.name), stage.outputs(config), stage.body)
+        stale = [up for up in stage.upstream if up not in names and not run.stage_is_current(up, stage_hash(config, up))]
+        if stale:
+            raise ShopRankError(f"stage {stage.name} reads what {', '.join(stale)} wrote, which is not current for this "
+                                f"config in {run.uri()}: run the stages before it too (until={stage.name!r})")
+        # an upstream stage that ran again (changed, or its outputs gone) may have written other outputs
+        # under the same identity (training is not bit for bit repeatable), so what reads them runs too
+        rerun = any(up in ran for up in stage.upstream)
+        if run_stage(run, config, stage.name, stage_hash(config, stage.name), stage.outputs(config), stage.body,
+                     force=rerun):
+            ran.add(stage.name)
     return run
 
 
-def run_stage(run: Run, config: Config, name: str, config_hash: str, outputs: list[str], body: Body) -> bool:
-    """Run ``body`` as stage ``name`` unless it is current; True when it ran.
+def run_stage(run: Run, config: Config, name: str, config_hash: str, outputs: list[str], body: Body, *,
+              force: bool = False) -> bool:
+    """Run ``body`` as stage ``name`` unless it is current (or ``force``); True when it ran.
 
     The one place that times a stage and records it: in the stage log (started,
     skipped, failed or done, with seconds and notes) and, once its outputs are
     complete, in the manifest. A stage outside :data:`STAGES` (an incremental ranker
     update) comes through here too.
     """
-    if run.stage_is_current(name, config_hash):
+    if not force and run.stage_is_current(name, config_hash):
         log.info("stage %s is current (config hash %s): skipped", name, config_hash)
         run.log_stage(name, "skipped")
         return False

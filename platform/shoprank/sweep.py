@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
-from shoprank.stages import run_stages
+from shoprank.stages import run_stages, stage_hash
 from shoprank.store.location import Location
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,10 @@ def run_sweep(
 
 def sweep_identity(kind: str, config: Config, space_path: str | Path, *, num_samples: int, search: str,
                    seed: int) -> dict[str, str]:
-    """What makes a rerun the same sweep: its kind, its base config (every section a trial reads),
-    its search space, its number of trials, its search algorithm and seed."""
-    sections = config.section_hash("source", "preprocess", "encoder", "embed", "retrieval", "ranker")
+    """What makes a rerun the same sweep: its kind, its base config (the identity of the stage its trials
+    train, which covers every setting they read, upstream stages included), its search space, its number
+    of trials, its search algorithm and seed."""
+    sections = stage_hash(config, kind)
     space = hashlib.sha256(Path(space_path).read_bytes()).hexdigest()[:16]
     return {"kind": kind, "base config": sections, "search space": space, "num_samples": str(num_samples),
             "search": search, "seed": str(seed)}

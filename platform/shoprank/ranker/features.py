@@ -79,7 +79,8 @@ COLUMN = {name: i for i, name in enumerate(FEATURES)}
 NEVER_DAYS = 365.0
 DAY = 86_400.0
 VISIT_GAP_S = 30 * 60.0
-"""Events further apart than this belong to different visits (the readers' session gap)."""
+"""Events further apart than this belong to different visits for ``cf_recent``: fixed, like the readers'
+default ``session_id.gap_minutes``, so the feature means the same whatever a file's sessions were cut by."""
 
 
 @dataclass
@@ -241,7 +242,8 @@ class Candidates:
     sources: np.ndarray
     position: np.ndarray
     cf_score: np.ndarray | None = None
-    """Item-item model score from all the user's engaged products; None: no such model (all 0)."""
+    """Item-item model score from all the user's engaged products; None for a search (retrieval computes it for
+    recommendations only), whose cf features are then 0."""
     cf_recent: np.ndarray | None = None
     """The same from the engaged products of their latest visit only."""
 

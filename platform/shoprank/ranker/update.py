@@ -33,7 +33,7 @@ from shoprank.ranker.dataset import sessions_of
 from shoprank.ranker.stages import feature_rows, with_positives
 from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg
 from shoprank.store.registry import Registry
-from shoprank.stages import run_stage
+from shoprank.stages import run_stage, stage_hash
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,13 @@ def update_run_name(base: Run, events: pa.Table) -> str:
     for column in ("event_id", "user_id", "product_id", "event_type"):
         digest.update("\x1f".join(map(str, events.column(column).to_pylist())).encode())
     return f"{base.name}-update-{digest.hexdigest()[:10]}"
+
+
+def update_identity(config: Config, base: Run) -> str:
+    """The update stage's identity: the same update of a retrained base model, or under other settings of
+    the features or the ranker, is trained again, not skipped with the old one's model."""
+    base_model = base.manifest()["stages"].get("ranker", {}).get("completed_at", "")
+    return hashlib.sha256(f"{stage_hash(config, 'ranker')}:{base_model}".encode()).hexdigest()[:16]
 
 
 def update_ranker(config: Config, base: Run, events_path: str, alias: str = "latest") -> dict[str, Any]:
@@ -90,8 +97,9 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
         record.metrics.update(metrics)
         record.rows.update(train=len(train), validation=len(validation))
 
-    # the run's name holds the base run's and the events' identity: the same update again is skipped
-    run_stage(run, config, "ranker-update", config.section_hash("ranker"), ["ranker"], train_update)
+    # the run's name holds the base run's and the events' identity; the stage's, what its rows and training read
+    # (the ranker stage's identity: its settings and every upstream stage's) and the base model it starts from
+    run_stage(run, config, "ranker-update", update_identity(config, base), ["ranker"], train_update)
     metrics = run.manifest()["stages"]["ranker-update"]["metrics"]
     promoted = metrics["promoted"]
     registry = Registry.beside(base)

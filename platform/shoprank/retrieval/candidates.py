@@ -9,7 +9,8 @@
   (:class:`ItemItem`, EASE) given the products the user engaged with. A user
   without history (cold start) gets the most popular and the trending products.
   Products the user already bought (``serve.exclude_purchased``), and those of the
-  event types in ``serve.exclude_seen``, are left out of every source: this is the
+  event types in ``serve.exclude_seen``, within the history the ranker reads (the user's
+  last ``ranker.history_events`` events), are left out of every source: this is the
   one place that rule lives, so the offline rows, the offline evaluation and Serve
   all follow it.
 
