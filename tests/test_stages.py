@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,17 +62,20 @@ def test_a_stage_run_alone_needs_what_it_reads(tmp_path: Path) -> None:
         run_stages(config, only=["ranker"])
 
 
+def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Config, Run]:
+    """A copy of a session run under ``root`` (the shared one stays as it is), its config with ``sections`` replaced."""
+    config, run = session
+    shutil.copytree(run.path(), root / run.name)
+    changed = config.model_copy(update={"run": config.run.model_copy(update={"root": str(root)}), **sections})
+    return changed, Run.for_config(changed)
+
+
 def test_a_changed_ranker_setting_reruns_the_ranker_and_the_evaluation_only(
     ranked: tuple[Config, Run], tmp_path: Path
 ) -> None:
-    """On a copy of the session's tiny run (the shared one stays as it is)."""
     config, run = ranked
-    shutil.copytree(run.path(), tmp_path / run.name)
-    changed = config.model_copy(update={
-        "run": config.run.model_copy(update={"root": str(tmp_path)}),
-        "ranker": config.ranker.model_copy(update={"num_boost_round": config.ranker.num_boost_round + 5}),
-    })
-    copy = Run.for_config(changed)
+    changed, copy = copied(ranked, tmp_path, ranker=config.ranker.model_copy(
+        update={"num_boost_round": config.ranker.num_boost_round + 5}))
     since = len(copy.stage_log())
     run_stages(changed, copy)
     statuses = {e["stage"]: e["status"] for e in copy.stage_log()[since:] if e["status"] != "started"}
@@ -84,26 +88,20 @@ def test_a_stage_run_alone_refuses_what_a_changed_upstream_stage_has_not_rebuilt
     ranked: tuple[Config, Run], tmp_path: Path
 ) -> None:
     """The ranker alone after a retrieval change would train on the old feature rows under the new identity."""
-    config, run = ranked
-    shutil.copytree(run.path(), tmp_path / run.name)
-    changed = config.model_copy(update={
-        "run": config.run.model_copy(update={"root": str(tmp_path)}),
-        "retrieval": config.retrieval.model_copy(update={"bm25_k1": config.retrieval.bm25_k1 + 0.3}),
-    })
+    retrieval = ranked[0].retrieval
+    changed, copy = copied(ranked, tmp_path,
+                           retrieval=retrieval.model_copy(update={"bm25_k1": retrieval.bm25_k1 + 0.3}))
     with pytest.raises(ShopRankError, match=r"stage ranker reads what features wrote, which is not current"):
-        run_stages(changed, Run.for_config(changed), only=["ranker"])
+        run_stages(changed, copy, only=["ranker"])
 
 
 def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it(
     tiny_run: tuple[Config, Run], tmp_path: Path
 ) -> None:
     """Outputs gone, the stage runs again and may write other ones: the stages after it do not keep theirs."""
-    config, run = tiny_run
-    shutil.copytree(run.path(), tmp_path / run.name)
-    copied = config.model_copy(update={"run": config.run.model_copy(update={"root": str(tmp_path)})})
-    copy = Run.for_config(copied)
+    config, copy = copied(tiny_run, tmp_path)
     copy.remove("data", "records")
     since = len(copy.stage_log())
-    run_stages(copied, copy, until="preprocess")
+    run_stages(config, copy, until="preprocess")
     statuses = [e["status"] for e in copy.stage_log()[since:] if e["status"] != "started"]
     assert statuses == ["done", "done"]
