@@ -47,6 +47,7 @@ def shape_config(root: Path, source: list[str], *extra: str) -> Config:
     # events + judgments: the shape of the session's simulated run, which the default suite serves already
     pytest.param("jsonl", marks=pytest.mark.slow),
 ])
+@pytest.mark.timeout(1200)  # a whole pipeline and an app of 9 replicas: 93 s in CI, 335 s on a day 3x slower
 def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int, tmp_path: Path) -> None:
     write, tasks = SHAPES[shape]
     source = write(tmp_path / "data")
