@@ -7,9 +7,10 @@ retrieval + ranker, scored by NDCG@10, Recall@10, MRR and catalogue coverage.
 
 The zero-shot rows come from the pretrained encoder's catalogue embeddings that the
 embed stage wrote (``embeddings/zero_shot_products``, the files variant A serves), so
-the evaluation embeds no product (only the test queries, with the pretrained encoder). What is relevant to a request is
-:func:`shoprank.ranker.dataset.relevance`, the function the ranker's labels come
-from: the two can never disagree on what a good answer was.
+the evaluation embeds no product (only the test queries, with the pretrained encoder).
+What is relevant to a request is :func:`shoprank.ranker.dataset.relevance`, the
+function the ranker's labels come from: the two can never disagree on what a good
+answer was.
 """
 
 from __future__ import annotations
