@@ -44,9 +44,11 @@ def _kill_cluster(process: subprocess.Popen[bytes], temp_dir: str) -> None:
         time.sleep(1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[LocalCluster]:
-    """A real `ray start --head` on loopback with token authentication, stopped after the test."""
+    """A real `ray start --head` on loopback with token authentication, shared by this module's
+    tests (each only reads or submits to it) and stopped after them. That `shoprank cluster
+    down` stops its own head and no other Ray is `test_fresh_home.py`'s test."""
     temp_dir = tempfile.mkdtemp(prefix="srh-", dir="/tmp")
     cluster = LocalCluster(free_port(), free_port(), num_cpus=2, temp_dir=temp_dir, client_port=free_port())
     command = cluster.start_command(block=True) + [
@@ -63,15 +65,6 @@ def ray_head() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         _kill_cluster(process, temp_dir)
-
-
-def test_cluster_down_stops_its_head_and_no_other_ray(ray_local: None, ray_head: LocalCluster) -> None:
-    """`shoprank cluster down` (`make stop`) stops the head on its port, not every Ray on the machine."""
-    assert local_cluster.head_processes(ray_head)
-    assert local_cluster.stop(ray_head) >= 3  # at least the GCS, the raylet and the dashboard
-    assert not local_cluster.head_processes(ray_head)
-    assert not local_cluster.dashboard_ready(ray_head)
-    assert ray.get(ray.remote(lambda: 42).remote()) == 42, "the session's own cluster still works"
 
 
 @ray.remote(num_cpus=0)

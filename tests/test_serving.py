@@ -1,5 +1,6 @@
 """The Serve app on a local Ray cluster, called over HTTP: answers, real time, bad input, A/B,
-hot reload, a killed replica and a restart. Variant A is the tiny run's zero-shot baseline,
+hot reload and a killed replica (a restart of the whole app is in `test_webui.py`, where the
+page watches it). Variant A is the tiny run's zero-shot baseline,
 B its fine-tuned encoder with the XGBoost ranker."""
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import ray
 import xgboost
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
 
 from conftest import App
 from shoprank.data.io import read_table
@@ -271,21 +271,3 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     assert _replica("Ranker_B")._actor_id == replica._actor_id  # the same replica: reloaded in place, not restarted
     assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
     assert _ranker_b(app, run.uri())["ranker_run"] == run.uri()
-
-
-def test_a_restarted_app_keeps_every_accepted_event_and_rebuilds_user_state(app: App) -> None:
-    user = "restart-user"
-    product = next(p for p, c in app.category_of.items())
-    ids = [f"restart-{i}" for i in range(5)]
-    assert app.post("/events", [{"user_id": user, "product_id": product, "event_type": "purchase", "event_id": i}
-                                for i in ids]).status_code == 200
-    stored_before = app.stored_event_ids()
-    serve.delete(APP_NAME)
-    with pytest.raises(httpx.HTTPError):
-        app.http.get("/healthz").raise_for_status()
-    app.deploy()
-    assert stored_before <= app.stored_event_ids()
-    state = app.http.get("/healthz").json()["user_state"]
-    assert state["rebuilt_from"] >= len(stored_before) and state["events"] >= len(stored_before)
-    answer = app.post("/recommend", {"user_id": user, "k": 10, "variant": "B"})
-    assert answer.status_code == 200 and answer.json()["items"]

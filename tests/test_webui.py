@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from ray import serve
@@ -90,15 +91,32 @@ def test_simulated_shoppers_fill_the_report(app: App) -> None:
     assert report["timeline"] and {"ctr", "conversion"} <= report["timeline"][-1].keys()
 
 
-def test_with_serve_stopped_the_page_says_so_and_recovers(app: App, tab: Page) -> None:
+def test_with_serve_stopped_the_page_says_so_and_the_restarted_app_keeps_every_event(app: App, tab: Page) -> None:
+    """One stop and start of Serve (a deployment of the whole app takes most of a minute here)
+    serves two promises: the page names the outage and works again once Serve is back, and
+    the restarted app keeps every accepted event and rebuilds its shoppers' live state from
+    the store."""
+    user, product = "restart-user", next(iter(app.category_of))
+    ids = {f"restart-{i}" for i in range(5)}
+    assert app.post("/events", [{"user_id": user, "product_id": product, "event_type": "purchase", "event_id": i}
+                                for i in sorted(ids)]).status_code == 200
+    stored_before = app.stored_event_ids()
+    assert ids <= stored_before
     serve.shutdown()  # the proxy too: nothing listens on the Serve port
     try:
+        with pytest.raises(httpx.HTTPError):
+            app.http.get("/healthz").raise_for_status()
         tab.locator("#query textarea").fill("anything")
         tab.locator("#ask").click()
         expect(tab.locator("#status")).to_contain_text("is not reachable", timeout=60_000)
         assert "Traceback" not in tab.content()
     finally:
         app.deploy()
+    assert stored_before <= app.stored_event_ids()
+    state = app.http.get("/healthz").json()["user_state"]
+    assert state["rebuilt_from"] >= len(stored_before) and state["events"] >= len(stored_before)
+    answer = app.post("/recommend", {"user_id": user, "k": 10, "variant": "B"})
+    assert answer.status_code == 200 and answer.json()["items"]
     tab.locator("#ask").click()
     expect(tab.locator("#status")).to_contain_text("both variants answered", timeout=60_000)
     expect(tab.locator(".card-B").first).to_be_visible(timeout=30_000)
