@@ -105,3 +105,32 @@ def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it(
     run_stages(config, copy, until="preprocess")
     statuses = [e["status"] for e in copy.stage_log()[since:] if e["status"] != "started"]
     assert statuses == ["done", "done"]
+
+
+def test_actor_pools_that_hold_every_cpu_embed_and_build_the_same_rows(
+    ranked: tuple[Config, Run], tmp_path: Path
+) -> None:
+    """One actor per CPU (the demo's setting): reads and writes around the pools would starve beside them, so they
+    run before and after; the vectors and the feature rows are those of one actor."""
+    import numpy as np
+    import pandas as pd
+
+    from shoprank.data.io import read_table
+    from shoprank.ranker.stages import read_features
+
+    config, run = ranked
+    cpus = config.ray.num_cpus
+    changed, copy = copied(ranked, tmp_path, embed=config.embed.model_copy(update={"actors": cpus}),
+                           ranker=config.ranker.model_copy(update={"feature_actors": cpus}))
+    run_stages(changed, copy, only=["embed", "features"])
+    done = [e["stage"] for e in copy.stage_log() if e["status"] == "done"]
+    assert done[-2:] == ["embed", "features"]
+    for table in (("embeddings", "products"), ("embeddings", "zero_shot_products")):
+        before, after = (read_table(r, *table).sort_by("product_id") for r in (run, copy))
+        assert after.column("product_id").equals(before.column("product_id"))
+        np.testing.assert_allclose(np.stack(after.column("embedding").to_numpy(zero_copy_only=False)),
+                                   np.stack(before.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-5)
+    for split in ("train", "test"):
+        before, after = (read_features(r, split).sort_values(["request_id", "product_id"], ignore_index=True)
+                         for r in (run, copy))
+        pd.testing.assert_frame_equal(after, before)

@@ -50,6 +50,15 @@ def write_dataset(dataset: ray.data.Dataset, run: Run, *parts: str, schema: pa.S
         write_table(run, schema.empty_table(), *parts)
 
 
+def pool_takes_every_cpu(actors: int, cpus_per_actor: float = 1.0) -> bool:
+    """Whether an actor pool of this size holds every CPU of the cluster (as one actor per core does on a laptop).
+
+    Ray Data's read and write tasks beside such a pool would wait for a CPU that only frees when the pool
+    stops, so its input is then materialised before it starts and its output before it is written.
+    """
+    return actors * cpus_per_actor >= ray.cluster_resources().get("CPU", 0)
+
+
 def read_table(run: Run, *parts: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet table directory of the run into memory (for small tables)."""
     return pads.dataset(run.path(*parts), format="parquet", filesystem=run.fs).to_table(columns=columns)

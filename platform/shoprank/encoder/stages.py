@@ -26,7 +26,7 @@ import torch
 from ray.data import ActorPoolStrategy, SaveMode
 
 from shoprank.config import Config, EncoderConfig
-from shoprank.data.io import PartFilenames, read_table, write_table
+from shoprank.data.io import PartFilenames, pool_takes_every_cpu, read_table, write_table
 from shoprank.encoder.index import build_index
 from shoprank.encoder.model import (
     encode, load_backbone, load_encoder, load_encoder_from_config, product_texts, save_encoder,
@@ -135,7 +135,12 @@ def embed_catalogue(config: Config, run: Run, targets: dict[str, tuple[str, ...]
     ``embedder`` is the actor class (``benchmarks/embed.py`` passes a subclass that times its calls).
     """
     embed = config.embed
-    products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray)
+    phased = pool_takes_every_cpu(embed.actors)
+    # blocks of a few batches, so every actor gets a share (a small catalogue is one file: one block)
+    products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray).repartition(
+        target_num_rows_per_block=embed.batch_size * 4)
+    if phased:
+        products = products.materialize()
     embedded = products.map_batches(
         embedder,
         fn_constructor_args=(run, config.encoder.model_dump(mode="json"), embed.batch_size, config.ray.use_gpu,
@@ -143,8 +148,8 @@ def embed_catalogue(config: Config, run: Run, targets: dict[str, tuple[str, ...]
         batch_size=embed.batch_size, compute=ActorPoolStrategy(size=embed.actors), num_gpus=1 if config.ray.use_gpu else 0,
         batch_format="pyarrow",
     )
-    if len(targets) > 1:
-        embedded = embedded.materialize()  # embedded once, written once per encoder
+    if phased or len(targets) > 1:
+        embedded = embedded.materialize()  # and embedded once, written once per encoder
     for name, target in targets.items():
         others = [other for other in targets if other != name]
         (embedded.drop_columns(others) if others else embedded).rename_columns({name: "embedding"}).write_parquet(

@@ -20,7 +20,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 from ray.train.xgboost import RayTrainReportCallback
 
 from shoprank.config import Config
-from shoprank.data.io import PartFilenames
+from shoprank.data.io import PartFilenames, pool_takes_every_cpu
 from shoprank.ranker.dataset import RequestFeatures, build_requests
 from shoprank.ranker.train import save_ranker, train_ranker
 from shoprank.store.run import Run, StageRecord
@@ -39,11 +39,14 @@ def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot:
     The features stage, the evaluation's zero-shot rows and an incremental update's rows
     (``new_events`` join the run's event log) all come through here.
     """
-    blocks = max(1, len(requests) // (REQUESTS_PER_BATCH * 4))
-    return ray.data.from_pandas(requests).repartition(blocks).map_batches(
+    actors = config.ranker.feature_actors
+    # Split in the driver: a repartition task would wait for a CPU beside a pool that holds them all.
+    size = REQUESTS_PER_BATCH * 4
+    blocks = [requests.iloc[start:start + size] for start in range(0, len(requests), size)] or [requests]
+    return ray.data.from_pandas(blocks).map_batches(
         RequestFeatures,
         fn_constructor_args=(config.model_dump(mode="json"), run, zero_shot, new_events),
-        compute=ActorPoolStrategy(size=1), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
+        compute=ActorPoolStrategy(size=actors), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
     )
 
 
@@ -51,7 +54,10 @@ def build_features(config: Config, run: Run, record: StageRecord) -> None:
     requests = build_requests(config, run)
     for split, count in requests["split"].value_counts().items():
         record.rows[f"requests_{split}"] = int(count)
-    feature_rows(config, run, requests).write_parquet(
+    rows = feature_rows(config, run, requests)
+    if pool_takes_every_cpu(config.ranker.feature_actors):
+        rows = rows.materialize()  # written after the actors stop: write tasks beside them would wait for a CPU
+    rows.write_parquet(
         run.uri("ranker", "features"), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
         filesystem=run.filesystem_for_ray,
     )
