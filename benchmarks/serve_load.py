@@ -9,8 +9,9 @@ name variant B (forced), the fine-tuned encoder with the XGBoost ranker, so ever
 level measures the same path.
 
 In process, without Serve: :class:`shoprank.serving.pipeline.VariantPipeline` of
-variant B, one request at a time (batch size 1), and batched (``--batch`` queries
-encoded together, their candidates scored in one ``predict``). The ratio is Serve's
+variant B, one request at a time (batch size 1), and batched (``--batch`` requests through
+``answer_many``, as a variant replica answers a batch: queries encoded together, candidates
+scored in one ``predict``). The ratio is Serve's
 best requests/s over the in-process batch-size-1 requests/s.
 
 ``/events``: concurrency 8, one event per request, each on disk (SQLite,
@@ -45,7 +46,7 @@ from shoprank.data.io import read_table  # noqa: E402
 from shoprank.ranker.context import load_context  # noqa: E402
 from shoprank.ranker.train import load_ranker  # noqa: E402
 from shoprank.serving.app import AppArgs, deploy  # noqa: E402
-from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
+from shoprank.serving.pipeline import Asked, VariantPipeline  # noqa: E402
 from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
 from shoprank.store.registry import Registry  # noqa: E402
 from shoprank.store.location import Location  # noqa: E402
@@ -106,13 +107,10 @@ def in_process(pipeline: VariantPipeline, queries: list[str], users: list[str], 
         start = time.perf_counter()
         for first in range(0, n, batch):
             chunk = range(first, min(first + batch, n))
-            if kind == "search":
-                texts = [queries[i % len(queries)] for i in chunk]
-                vectors = pipeline.context.encode_queries(texts)
-                retrieved = [pipeline.retrieval.retrieve(None, [], q, v, now_s) for q, v in zip(texts, vectors)]
-            else:
-                retrieved = [pipeline.retrieval.retrieve(users[i % len(users)], [], None, None, now_s) for i in chunk]
-            pipeline.ranking.rank_many(retrieved, [10] * len(retrieved))
+            pipeline.answer_many([  # what a variant replica runs on a batch of concurrent requests
+                Asked(None, [], queries[i % len(queries)], 10, now_s) if kind == "search"
+                else Asked(users[i % len(users)], [], None, 10, now_s) for i in chunk
+            ])
         out[f"{kind}/batched"] = {"rps": n / (time.perf_counter() - start)}
     return out
 

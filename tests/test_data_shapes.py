@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 from ray import serve
 
 from shapes import write_esci, write_jsonl_shop, write_ratings
@@ -47,7 +48,7 @@ def shape_config(root: Path, source: list[str], *extra: str) -> Config:
     # events + judgments: the shape of the session's simulated run, which the default suite serves already
     pytest.param("jsonl", marks=pytest.mark.slow),
 ])
-@pytest.mark.timeout(1200)  # a whole pipeline and an app of 9 replicas: 93 s in CI, 335 s on a day 3x slower
+@pytest.mark.timeout(1200)  # a whole pipeline and an app: 93 s in CI, 335 s on a day 3x slower
 def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int, tmp_path: Path) -> None:
     write, tasks = SHAPES[shape]
     source = write(tmp_path / "data")
@@ -72,6 +73,9 @@ def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int
 
     url = _serve(config, run, serve_port, shape)
     try:
+        if shape == "esci":
+            replicas = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+            assert any(name.startswith(f"SERVE_REPLICA::shape-{shape}#QueryEncoder_B#") for name in replicas)
         _answers(url, run)
     finally:
         serve.delete(f"shape-{shape}")
@@ -80,6 +84,8 @@ def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int
 def _serve(config: Config, run: Run, port: int, shape: str) -> str:
     overrides = [f"run.root={config.run.root}", f"run.name={run.name}", f"encoder.model={config.encoder.model}",
                  f"serve.port={port}", f"serve.event_db={Path(run.path()) / 'events.sqlite'}"]
+    if shape == "esci":  # all searches: the query encoders as deployments of their own (the GPU graph, on CPU)
+        overrides.append("serve.separate_query_encoder=true")
     return deploy(AppArgs(config="tiny", overrides=overrides), name=f"shape-{shape}", route_prefix=f"/{shape}")
 
 

@@ -215,7 +215,7 @@ def _recovered(app: App, timeout_s: float = 120.0) -> None:
     raise AssertionError("the app did not recover")
 
 
-@pytest.mark.parametrize("deployment", ["EventStoreWriter", "Ranker_B"])
+@pytest.mark.parametrize("deployment", ["EventStoreWriter", "Variant_B"])
 def test_a_killed_replica_recovers_and_no_accepted_event_is_lost(app: App, deployment: str) -> None:
     stop, outcomes = threading.Event(), []
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, f"kill-{deployment}"))
@@ -254,7 +254,7 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     newer = Run(run.root, f"{run.name}-update-test")
     save_ranker(grown, Path(newer.path("ranker", "model")), {"note": "hot reload test"})
     before = app.http.get("/variants").json()["variants"]["B"]["model"]
-    replica = _replica("Ranker_B")
+    replica = _replica("Variant_B")
     stop, outcomes = threading.Event(), []
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, "reload-user"))
     flow.start()
@@ -268,6 +268,6 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
         flow.join()
         Registry(run.root).set("B", run.uri(), encoder="fine_tuned", strategy="ranker")
     assert after["ranker_run"] == newer.uri() and after["trees"] == before["trees"] + 3
-    assert _replica("Ranker_B")._actor_id == replica._actor_id  # the same replica: reloaded in place, not restarted
+    assert _replica("Variant_B")._actor_id == replica._actor_id  # the same replica: reloaded in place, not restarted
     assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
     assert _ranker_b(app, run.uri())["ranker_run"] == run.uri()

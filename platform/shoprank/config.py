@@ -396,12 +396,18 @@ class ServeConfig(Section):
     )
     experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
     event_db: str = Field("events.sqlite", description="SQLite file of the event store (relative: under run.root).")
-    encoder_batch_size: int = Field(16, ge=1, le=256)
-    ranker_batch_size: int = Field(8, ge=1, le=256)
+    separate_query_encoder: bool | None = Field(
+        None, description="Each variant's query encoder in a deployment of its own (QueryEncoder_A...) instead of "
+        "inside the variant's replica; default: only with ray.use_gpu, where that deployment holds the GPU.",
+    )
+    encoder_batch_size: int = Field(16, ge=1, le=256, description="Queries per call of a separate query encoder.")
+    ranker_batch_size: int = Field(
+        8, ge=1, le=256, description="Requests a variant replica answers together (one encoder call, one predict)."
+    )
     batch_wait_s: float = Field(0.005, ge=0.0, le=1.0)
     event_batch_size: int = Field(32, ge=1, le=1024, description="Concurrent /events requests written in one transaction.")
     max_query_chars: int = Field(200, ge=1, le=10_000)
-    replicas: int = Field(1, ge=1, description="Replicas of each variant's encoder, retriever and ranker.")
+    replicas: int = Field(1, ge=1, description="Replicas of each variant (and of its separate query encoder).")
     max_replicas: int = Field(1, ge=1, description="Above ``replicas``: autoscaling on ongoing requests.")
     cpus_per_replica: float = Field(
         0.0, ge=0.0,
@@ -410,7 +416,7 @@ class ServeConfig(Section):
         "reserve them on a cluster (the cluster preset: 1).",
     )
     registry_poll_s: float = Field(
-        2.0, gt=0.0, description="How often each ranker replica checks the registry for a moved alias (hot reload).",
+        2.0, gt=0.0, description="How often each variant replica checks the registry for a moved alias (hot reload).",
     )
     clock: Literal["data", "wall"] = Field(
         "data", description="'data': the served run's clock continues from its last event (a simulated shop's "

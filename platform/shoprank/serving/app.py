@@ -5,11 +5,12 @@
 
 ``args`` (:class:`AppArgs`) name a config preset and overrides; the variants come
 from the registry under ``run.root`` (``serve.variants``: name -> alias). Each
-variant's query encoder, retriever and ranker are deployments of their own
-(``QueryEncoder_A``, ...); replicas, autoscaling and CPUs come from ``serve``, and
-the encoders get a GPU when ``ray.use_gpu`` is set.
+variant is one deployment (``Variant_A``, ...) that encodes, retrieves and ranks;
+with ``ray.use_gpu`` (or ``serve.separate_query_encoder``) its query encoder is a
+deployment of its own (``QueryEncoder_A``, ..., with a GPU when ``ray.use_gpu``).
+Replicas, autoscaling and CPUs come from ``serve``.
 
-**Hot reload.** Each ranker replica gets its variant's registry alias through
+**Hot reload.** Each variant replica gets its variant's registry alias through
 ``user_config`` (``reconfigure``) and watches the registry (``serve.registry_poll_s``).
 When ``update_ranker`` moves the alias to a new ranker over the same base run, the
 replicas load it and swap it in between two batches: no redeploy, no restart, no
@@ -26,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 
 from shoprank.config import Config, load_config
-from shoprank.serving.deployments import EventStoreWriter, Ingress, QueryEncoder, Ranker, Retriever, UserState
+from shoprank.serving.deployments import EventStoreWriter, Ingress, QueryEncoder, UserState, Variant
 from shoprank.serving.variants import event_db_path, resolve_variants
 from shoprank.store.location import Location
 
@@ -63,25 +64,22 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     specs = resolve_variants(config)
     registry_root = Location(config.run.root).uri()
     cpu = {"num_cpus": settings.cpus_per_replica}
+    separate = config.ray.use_gpu if settings.separate_query_encoder is None else settings.separate_query_encoder
     encoder_gpu = {"num_gpus": 1} if config.ray.use_gpu else {}
     variants = {}
     for name, spec in specs.items():
-        variants[name] = {
-            "encoder": QueryEncoder.options(
-                name=f"QueryEncoder_{name}", ray_actor_options={**cpu, **encoder_gpu},
-                max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(config),
-                user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
-            ).bind(dumped, spec.run, spec.encoder),
-            "retriever": Retriever.options(
-                name=f"Retriever_{name}", ray_actor_options=cpu, max_ongoing_requests=8, **_scaling(config),
-            ).bind(dumped, spec.run, spec.encoder),
-            "ranker": Ranker.options(
-                name=f"Ranker_{name}", ray_actor_options=cpu, max_ongoing_requests=2 * settings.ranker_batch_size,
-                **_scaling(config),
-                user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
-                              "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
-            ).bind(dumped, spec.run),
-        }
+        # on CPU the variant encodes its queries itself: a hop less on every search
+        query_encoder = QueryEncoder.options(
+            name=f"QueryEncoder_{name}", ray_actor_options={**cpu, **encoder_gpu},
+            max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(config),
+            user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
+        ).bind(dumped, spec.run, spec.encoder) if separate else None
+        variants[name] = Variant.options(
+            name=f"Variant_{name}", ray_actor_options=cpu, max_ongoing_requests=2 * settings.ranker_batch_size,
+            **_scaling(config),
+            user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
+                         "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
+        ).bind(dumped, spec.run, spec.encoder, query_encoder)
     db = str(event_db_path(config).resolve())
     # SQLite is a file on one disk: its writer and its reader both live on the head node, on a cluster too.
     on_head = {**cpu, "resources": {HEAD_NODE_RESOURCE: 0.001}}

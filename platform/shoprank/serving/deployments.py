@@ -1,12 +1,17 @@
-"""Ray Serve deployments: the chained graph behind the HTTP API.
+"""Ray Serve deployments: the graph behind the HTTP API, two hops on a request's path.
 
-Per variant (``QueryEncoder_A``, ``Retriever_A``, ``Ranker_A``, and the same for B):
+Per variant (``Variant_A``, ``Variant_B``):
 
-* :class:`QueryEncoder` embeds queries, batched with ``@serve.batch``;
-* :class:`Retriever` holds the variant's run: catalogue, FAISS index, BM25, event log;
-* :class:`Ranker` computes features and scores, batched, one ``predict`` per batch; its
-  model comes through ``user_config``, so moving a registry alias and redeploying
-  reloads it in place (``reconfigure``), without restarting a replica.
+* :class:`Variant` answers whole requests in one replica, batched with ``@serve.batch``:
+  the batch's queries encoded in one call, each request's candidates retrieved (its
+  run's catalogue, FAISS index, BM25, event log), all of them ranked in one ``predict``
+  (:func:`shoprank.serving.pipeline.answer_many`, the Ray-free path the tests and the
+  in-process benchmark call too). Its ranker comes through ``user_config``, so moving a
+  registry alias and redeploying reloads it in place (``reconfigure``), without
+  restarting a replica.
+* :class:`QueryEncoder` (``QueryEncoder_A``...), with ``ray.use_gpu`` (or
+  ``serve.separate_query_encoder``): the encoder in a deployment of its own, on the GPU,
+  called by the variant's replicas; otherwise the variant encodes its queries itself.
 
 Shared by both variants:
 
@@ -16,7 +21,7 @@ Shared by both variants:
 * :class:`UserState` keeps every user's live events (rebuilt from the store when a
   replica starts, so a restart loses nothing accepted);
 * :class:`Ingress` (FastAPI) validates, routes to a variant (salted hash or forced),
-  chains encoder -> retriever -> ranker, logs impressions and answers.
+  asks it, logs impressions and answers.
 
 Nothing here runs at import; :func:`shoprank.serving.app.build_app` binds the graph.
 This module has no ``from __future__ import annotations``: FastAPI reads the ingress
@@ -45,13 +50,13 @@ from shoprank.data.io import read_table
 from shoprank.errors import DataError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
-from shoprank.ranker.context import load_context, load_product_stats
+from shoprank.ranker.context import load_context
 from shoprank.ranker.features import epoch_seconds
 from shoprank.ranker.train import load_ranker
 from shoprank.serving.api import (
     MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, rejected,
 )
-from shoprank.serving.pipeline import LiveEvent, Ranked, Ranking, Retrieval, Retrieved
+from shoprank.serving.pipeline import Answered, Asked, LiveEvent, Ranking, Retrieval, answer_many
 from shoprank.serving.variants import EncoderKind, VariantSpec, resolve_variant
 from shoprank.store.registry import Registry
 from shoprank.store.events import Impression, SqliteEventStore
@@ -62,7 +67,8 @@ log = logging.getLogger(__name__)
 
 @serve.deployment
 class QueryEncoder:
-    """A variant's query encoder: the run's fine-tuned model, or the pretrained one (zero-shot)."""
+    """A variant's query encoder on its own (on the GPU with ``ray.use_gpu``): the run's fine-tuned model, or the
+    pretrained one."""
 
     def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
         import torch
@@ -90,31 +96,22 @@ class QueryEncoder:
 
 
 @serve.deployment
-class Retriever:
-    """A variant's candidates: its run's catalogue, index, BM25 and event log."""
+class Variant:
+    """A variant's answers: its run's context (encoder, catalogue, index, BM25, event log) and its ranker.
 
-    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
-        context = load_context(Config.model_validate(config), Run.from_uri(run_uri), zero_shot=encoder == "zero_shot")
-        self.retrieval = Retrieval(context)
-
-    async def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None,
-                       query_vector: np.ndarray | None, now_s: float) -> Retrieved:
-        return self.retrieval.retrieve(user_id, live, query, query_vector, now_s)
-
-
-@serve.deployment
-class Ranker:
-    """A variant's ranking; its model follows the variant's registry alias while the app runs.
-
-    ``user_config`` names the alias, the registry and the batching; a thread polls the
-    registry and, when the alias moved to another ranker over the same base run (an
-    incremental update), loads it and swaps it in between two batches.
+    The ranker follows the variant's registry alias while the app runs: ``user_config``
+    names the alias, the registry and the batching; a thread polls the registry and, when
+    the alias moved to another ranker over the same base run (an incremental update),
+    loads it and swaps it in between two batches.
     """
 
-    def __init__(self, config: dict[str, Any], run_uri: str) -> None:
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind,
+                 query_encoder: DeploymentHandle | None = None) -> None:
         self.config = Config.model_validate(config)
         self.base_run = run_uri
-        self.stats = load_product_stats(self.config, Run.from_uri(run_uri))
+        self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot")
+        self.retrieval = Retrieval(self.context)
+        self.query_encoder = query_encoder
         self.ranking: Ranking | None = None
         self.model: dict[str, Any] = {}
         self.settings: dict[str, Any] = {}
@@ -122,8 +119,8 @@ class Ranker:
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         self.settings = settings
-        self.rank.set_max_batch_size(settings["batch_size"])
-        self.rank.set_batch_wait_timeout_s(settings["batch_wait_s"])
+        self.answer.set_max_batch_size(settings["batch_size"])
+        self.answer.set_batch_wait_timeout_s(settings["batch_wait_s"])
         self.follow_registry()
         if self.watcher is None:
             self.watcher = threading.Thread(target=self._watch, daemon=True, name="registry-watcher")
@@ -141,7 +138,8 @@ class Ranker:
             return
         booster = (load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
                    if spec.strategy == "ranker" else None)
-        self.ranking = Ranking(self.stats, spec.strategy, booster, self.config.serve.baseline_popularity_weight)
+        self.ranking = Ranking(self.context.catalogue.stats, spec.strategy, booster,
+                               self.config.serve.baseline_popularity_weight)
         self.model = {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
                       "trees": booster.num_boosted_rounds() if booster is not None else 0}
         log.info("ranker loaded: %s", self.model)
@@ -157,11 +155,20 @@ class Ranker:
     def describe(self) -> dict[str, Any]:
         return self.model
 
+    async def _vectors(self, queries: list[str]) -> dict[str, np.ndarray]:
+        if not queries:
+            return {}
+        if self.query_encoder is None:
+            return dict(zip(queries, self.context.encode_queries(queries)))
+        vectors = await asyncio.gather(*(self.query_encoder.encode.remote(q) for q in queries))
+        return dict(zip(queries, vectors))
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def rank(self, requests: list[tuple[Retrieved, int]]) -> list[list[Ranked]]:
+    async def answer(self, asked: list[Asked]) -> list[Answered]:
         ranking = self.ranking
         assert ranking is not None, "reconfigure runs before the first request"
-        return ranking.rank_many([r for r, _ in requests], [k for _, k in requests])
+        vectors = await self._vectors(sorted({a.query for a in asked if a.query is not None}))
+        return answer_many(self.retrieval, ranking, asked, vectors)
 
 
 @serve.deployment
@@ -266,7 +273,7 @@ async def unexpected(_: Request, exc: Exception) -> JSONResponse:
 class Ingress:
     """The HTTP API (see :mod:`shoprank.serving.api` and DESIGN.md)."""
 
-    def __init__(self, config: dict[str, Any], variants: dict[str, dict[str, DeploymentHandle]],
+    def __init__(self, config: dict[str, Any], variants: dict[str, DeploymentHandle],
                  user_state: DeploymentHandle, store: DeploymentHandle) -> None:
         self.config = Config.model_validate(config)
         self.handles = variants
@@ -314,12 +321,10 @@ class Ingress:
     async def _answer(self, kind: str, user_id: str | None, query: str | None, k: int, forced: str | None) -> Answer:
         request_id = uuid.uuid4().hex
         variant = self._variant(forced, user_id, request_id)
-        handles = self.handles[variant]
         now = self.now_s()
-        live_response = self.user_state.events_of.remote(user_id)
-        vector = await handles["encoder"].encode.remote(query) if query is not None else None
-        retrieved = await handles["retriever"].retrieve.remote(user_id, await live_response, query, vector, now)
-        ranked: list[Ranked] = await handles["ranker"].rank.remote((retrieved, k))
+        live = await self.user_state.events_of.remote(user_id)
+        answered: Answered = await self.handles[variant].answer.remote(Asked(user_id, live, query, k, now))
+        ranked = answered.items
         shown_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
         await self.store.log_impressions.remote([
             Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
@@ -328,11 +333,11 @@ class Ingress:
         items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "scores": r.scores}
                  for i, r in enumerate(ranked)]
         return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
-                      note=self._note(kind, self.specs[variant].run, retrieved))
+                      note=self._note(kind, self.specs[variant].run, answered.history_events))
 
-    def _note(self, kind: str, run_uri: str, retrieved: Retrieved) -> str | None:
+    def _note(self, kind: str, run_uri: str, history_events: int) -> str | None:
         """Why a recommendation is not personal, when it is not."""
-        if kind != "recommend" or len(retrieved.history):
+        if kind != "recommend" or history_events:
             return None
         if run_uri in self.without_behaviour:
             return ("this run has no behaviour events (judged queries only): popular products, by how many "
@@ -391,7 +396,7 @@ class Ingress:
 
     @api.get("/variants")
     async def variants(self) -> dict[str, Any]:
-        models = {name: await handles["ranker"].describe.remote() for name, handles in self.handles.items()}
+        models = {name: await handle.describe.remote() for name, handle in self.handles.items()}
         return {
             "experiment": self.config.serve.experiment, "split": self.config.serve.split,
             "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in self.specs.items()},

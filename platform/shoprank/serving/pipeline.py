@@ -1,9 +1,9 @@
 """One variant's answer path, free of Ray: query encoding -> retrieval -> ranking, and live events.
 
-The three steps are separate classes because Serve runs each in its own deployment
-(:mod:`shoprank.serving.deployments`), scaled and batched on its own;
-:class:`VariantPipeline` chains them in one process (tests, the benchmark's
-in-process baseline).
+:func:`answer_many` answers a batch of requests (:class:`Asked`) from their query
+vectors: the one implementation that Serve's per-variant deployment
+(:class:`shoprank.serving.deployments.Variant`, a batch of concurrent requests) and
+:class:`VariantPipeline` (one process: tests, the benchmark's in-process baseline) both call.
 
 * :class:`Retrieval` holds a run's :class:`RankingContext` (catalogue, index, BM25,
   the run's event log). A user's history is the run's events before the request
@@ -54,6 +54,25 @@ class Retrieved:
     history: History
     now_s: float
     is_search: bool
+
+
+@dataclass
+class Asked:
+    """One search (``query``) or recommendation as a variant receives it: the user's live events come with it."""
+
+    user_id: str | None
+    live: list[LiveEvent]
+    query: str | None
+    k: int
+    now_s: float
+
+
+@dataclass
+class Answered:
+    """A request's top ``k``, and how many events of the user's history it saw (none: not personal)."""
+
+    items: list[Ranked]
+    history_events: int
 
 
 class Retrieval:
@@ -112,6 +131,16 @@ class Ranking:
                         if not np.isnan(features[i, COLUMN[name]])}) for i in order]
 
 
+def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
+                vectors: dict[str, np.ndarray]) -> list[Answered]:
+    """Each request retrieved, then all of them ranked in one :meth:`Ranking.rank_many` call; ``vectors`` holds each
+    query's embedding (encoded together beforehand)."""
+    retrieved = [retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
+                                    a.now_s) for a in asked]
+    ranked = ranking.rank_many(retrieved, [a.k for a in asked])
+    return [Answered(items, len(r.history)) for items, r in zip(ranked, retrieved)]
+
+
 @dataclass
 class VariantPipeline:
     """Search and recommend for one variant in one process (see the module docstring)."""
@@ -127,17 +156,20 @@ class VariantPipeline:
         self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight)
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
-        vector = self.context.encode_queries([query])[0]
-        return self._answer(user_id, query, vector, k, now_s)
+        return self.answer_many([self._asked(user_id, query, k, now_s)])[0].items
 
     def recommend(self, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
-        return self._answer(user_id, None, None, k, now_s)
+        return self.answer_many([self._asked(user_id, None, k, now_s)])[0].items
+
+    def answer_many(self, asked: list[Asked]) -> list[Answered]:
+        """Several requests at once: their queries encoded in one call, their candidates ranked in one."""
+        queries = sorted({a.query for a in asked if a.query is not None})
+        vectors = dict(zip(queries, self.context.encode_queries(queries))) if queries else {}
+        return answer_many(self.retrieval, self.ranking, asked, vectors)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:
         """Record a live event: the next answer for ``user_id`` sees it."""
         self.live[user_id].append((product_id, event_type, ts_s))
 
-    def _answer(self, user_id: str | None, query: str | None, vector: np.ndarray | None, k: int,
-                now_s: float) -> list[Ranked]:
-        retrieved = self.retrieval.retrieve(user_id, self.live.get(user_id, []) if user_id else [], query, vector, now_s)
-        return self.ranking.rank_many([retrieved], [k])[0]
+    def _asked(self, user_id: str | None, query: str | None, k: int, now_s: float) -> Asked:
+        return Asked(user_id, list(self.live.get(user_id, ())) if user_id else [], query, k, now_s)
