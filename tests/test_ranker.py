@@ -184,6 +184,27 @@ def test_a_purchase_leaves_the_very_next_answer(ranked: tuple[Config, Run], stra
     assert after[0].scores.keys() >= {"cosine", "popularity"}
 
 
+def test_a_batch_of_requests_gets_what_each_request_gets_alone(ranked: tuple[Config, Run]) -> None:
+    """What a Serve variant replica does with concurrent requests (one encoder call, one predict) changes no answer."""
+    from shoprank.serving.pipeline import Asked, VariantPipeline
+
+    config, run = ranked
+    context = load_context(config, run)
+    pipeline = VariantPipeline(context, "ranker", load_ranker(Path(run.path("ranker", "model"))))
+    users = list(context.events.histories)[:2]
+    titles = read_table(run, "data", "products", columns=["title"]).column("title").to_pylist()[:2]
+    now = max(float(h.ts_s[-1]) for h in context.events.histories.values()) + 3600.0
+    asked = [Asked(users[0], [], None, 10, now), Asked(None, [], titles[0], 10, now),
+             Asked(users[1], [], titles[1], 5, now), Asked("a-shopper-never-seen", [], titles[0], 10, now)]
+    together = pipeline.answer_many(asked)
+    for one, answered in zip(asked, together):
+        alone = pipeline.answer_many([one])[0]
+        assert [r.product_id for r in answered.items] == [r.product_id for r in alone.items]
+        np.testing.assert_allclose([r.score for r in answered.items], [r.score for r in alone.items], atol=1e-5)
+        assert answered.history_events == alone.history_events and len(answered.items) == one.k
+    assert together[0].history_events > 0 and together[3].history_events == 0
+
+
 def test_a_purchase_moves_its_category_up_in_the_next_retrieval_answer(ranked: tuple[Config, Run]) -> None:
     """The retrieval baseline follows the user vector, which weighs a fresh purchase most. (The ranker
     follows what the simulated shop's sessions teach it: a one-off purchase outside a shopper's
