@@ -340,7 +340,8 @@ class RetrievalConfig(Section):
     )
     item_item_max_products: int = Field(
         5_000, ge=2, description="The item-item model covers this many most-engaged products (its fit inverts a "
-        "dense matrix of this size, cubic in it: on 2 cores 5,000 take 7 s, 10,000 take 40 s and 2.4 GiB).",
+        "dense matrix of this size, cubic in it, in every process that loads a run's ranking context: 5,000 take "
+        "5 s on one thread, 10,000 about 8 times as long and 2.4 GiB).",
     )
     item_item_neighbours: int = Field(
         300, ge=1, description="Weights kept per product in the item-item model, the largest in absolute value "
