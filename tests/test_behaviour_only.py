@@ -182,6 +182,21 @@ def test_the_item_item_model_is_ease_and_keeps_its_strongest_weights() -> None:
         assert np.abs(expected[row, kept]).min() >= np.sort(np.abs(expected[row]))[-3] - 1e-9
 
 
+def test_coengaged_products_are_counted_by_shared_sessions_before_the_cutoff() -> None:
+    """Engagements only, a session counted once per product, unknown products and later events left out; most
+    shared sessions first, ties in catalogue order."""
+    events = pd.DataFrame([
+        ("s1", "A", "click", 1.0), ("s1", "B", "purchase", 2.0), ("s1", "C", "click", 3.0), ("s1", "A", "click", 4.0),
+        ("s2", "A", "add_to_cart", 5.0), ("s2", "B", "click", 6.0), ("s2", "E", "view", 7.0),
+        ("s3", "D", "click", 8.0), ("s3", "B", "click", 9.0), ("s3", "X", "click", 10.0),
+        ("s4", "C", "click", 100.0), ("s4", "D", "click", 101.0),
+    ], columns=["session_id", "product_id", "event_type", "ts_s"])
+    row_of = {"A": 0, "B": 1, "C": 2, "D": 3, "E": 4}
+    found = {a: rows.tolist() for a, rows in coengaged_before(events, row_of, cutoff_s=50.0).items()}
+    assert found == {0: [1, 2], 1: [0, 2, 3], 2: [0, 1], 3: [1]}
+    assert coengaged_before(events, row_of, cutoff_s=0.5) == {}
+
+
 def test_the_latest_visit_is_the_trailing_run_of_close_events() -> None:
     ts = np.array([0.0, 600.0, 10_000.0, 10_100.0, 10_100.0 + SESSION_GAP_S - 1])
     history = History(np.arange(5), ["click", "view", "click", "purchase", "view"], ts)

@@ -9,15 +9,14 @@ events before it.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from itertools import combinations
 
 import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from shoprank.config import Config, RetrievalConfig, ServeConfig
 from shoprank.data.io import read_table
@@ -75,18 +74,25 @@ class EventLog:
 
 
 def coengaged_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float) -> dict[int, np.ndarray]:
-    """Products engaged in the same session before the cut-off, most shared sessions first."""
-    engaged = events[(events["ts_s"] < cutoff_s) & events["event_type"].isin(ENGAGEMENTS)]
-    counts: dict[int, Counter] = {}
-    for products in engaged.groupby("session_id")["product_id"].agg(lambda s: sorted(set(s))):
-        rows = [row_of[p] for p in products if p in row_of]
-        for a, b in combinations(rows, 2):
-            counts.setdefault(a, Counter())[b] += 1
-            counts.setdefault(b, Counter())[a] += 1
-    return {
-        a: np.array([b for b, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_NEIGHBOURS]], np.int64)
-        for a, c in counts.items()
-    }
+    """Products engaged in the same session before the cut-off, most shared sessions first (ties: catalogue
+    order); a product's count with another is the number of sessions that engaged with both."""
+    engaged = events[(events["ts_s"] < cutoff_s) & events["event_type"].isin(ENGAGEMENTS)
+                     & events["product_id"].isin(row_of.keys())]
+    if engaged.empty:
+        return {}
+    sessions = pd.factorize(engaged["session_id"])[0]
+    rows = engaged["product_id"].map(row_of).to_numpy(np.int64)
+    by_session = sp.csr_matrix((np.ones(len(rows), np.float32), (sessions, rows)), shape=(sessions.max() + 1, len(row_of)))
+    by_session.data[:] = 1.0  # a session counts once per product
+    shared = (by_session.T @ by_session).tocsr()
+    shared.setdiag(0)
+    shared.eliminate_zeros()
+    out = {}
+    for a in np.flatnonzero(np.diff(shared.indptr)):
+        others = shared.indices[shared.indptr[a]:shared.indptr[a + 1]]
+        counts = shared.data[shared.indptr[a]:shared.indptr[a + 1]]
+        out[int(a)] = others[np.lexsort((others, -counts))][:MAX_NEIGHBOURS].astype(np.int64)
+    return out
 
 
 def item_item_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float,
