@@ -38,7 +38,6 @@ import numpy as np
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import common  # noqa: E402
-import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from shoprank.config import load_config  # noqa: E402

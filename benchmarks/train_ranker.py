@@ -34,7 +34,7 @@ import xgboost  # noqa: E402
 from shoprank.config import load_config  # noqa: E402
 from shoprank.entrypoint import local_ray_options  # noqa: E402
 from shoprank.ranker.features import FEATURES, Candidates, compute_features  # noqa: E402
-from shoprank.ranker.stages import read_features, with_positives  # noqa: E402
+from shoprank.ranker.train import read_features, with_positives  # noqa: E402
 from shoprank.ranker.train import grouped_matrix, train_ranker, validation_ndcg, xgboost_params  # noqa: E402
 from shoprank.ranker.context import load_context  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402

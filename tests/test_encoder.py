@@ -71,6 +71,7 @@ def _with_train(config: Config, **changes: object) -> Config:
     return config.model_copy(update={"encoder": config.encoder.model_copy(update={"train": train})})
 
 
+@pytest.mark.slow  # resuming from a checkpoint stays in the default suite: the next test
 def test_a_killed_worker_resumes_from_its_checkpoint(trained: tuple[Config, Run], tmp_path: Path) -> None:
     config, run = trained
     steps_per_epoch = run.manifest()["stages"]["encoder"]["metrics"]["epochs"][0]["global_step"]

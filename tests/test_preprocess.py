@@ -72,6 +72,7 @@ def test_products_are_normalised_and_labelled(tiny_run: tuple[Config, Run]) -> N
         assert product["leaf"] == product["category"].rsplit(">", 1)[-1].strip().lower()
 
 
+@pytest.mark.slow  # skip and rerun in the default suite: test_stages (a ranker setting) and test_data_shapes (an input file)
 def test_rerun_skips_and_changed_config_reruns_only_what_changed(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:
@@ -146,6 +147,7 @@ def test_files_source_counts_orphan_events_in_the_manifest(
     assert read_table(run, "data", "events").num_rows == 36
 
 
+@pytest.mark.slow  # the other strategy than the default; every run of the default suite shuffles by sort
 def test_hash_and_sort_shuffles_build_the_same_tables(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:

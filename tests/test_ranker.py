@@ -19,7 +19,7 @@ from shoprank.errors import DataError, ShopRankError
 from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, rank_inputs
 from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
-from shoprank.ranker.stages import read_features
+from shoprank.ranker.train import read_features
 from shoprank.ranker.train import META_FILE, load_ranker
 from shoprank.ranker.update import update_ranker
 from shoprank.store.registry import Registry

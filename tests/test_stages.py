@@ -107,6 +107,7 @@ def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it(
     assert statuses == ["done", "done"]
 
 
+@pytest.mark.slow  # the path every `make demo` takes (demo: 2 actors on 2 CPUs); here, that it changes no row
 def test_actor_pools_that_hold_every_cpu_embed_and_build_the_same_rows(
     ranked: tuple[Config, Run], tmp_path: Path
 ) -> None:
@@ -116,7 +117,7 @@ def test_actor_pools_that_hold_every_cpu_embed_and_build_the_same_rows(
     import pandas as pd
 
     from shoprank.data.io import read_table
-    from shoprank.ranker.stages import read_features
+    from shoprank.ranker.train import read_features
 
     config, run = ranked
     cpus = config.ray.num_cpus

@@ -14,7 +14,6 @@ from shoprank import cluster
 from shoprank.config import Config, load_config
 from shoprank.entrypoint import user_errors
 from shoprank.errors import ShopRankError
-from shoprank.webui.page import launch, shop_simulator
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,6 +126,7 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
     from tqdm import tqdm
 
     from shoprank.webui.client import ServeClient
+    from shoprank.webui.page import shop_simulator
     from shoprank.webui.report import report_markdown
     from shoprank.webui.simulate import simulate
 
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.set)
             url = args.serve_url or serve_url(config)
             print(f"Web page: http://{config.ui.host}:{config.ui.port}  (Serve app: {url})", flush=True)
+            from shoprank.webui.page import launch, shop_simulator  # Gradio: 4 s of imports `cluster` need not pay
+
             launch(url, config.ui.host, config.ui.port, lambda: shop_simulator(config))
         elif args.command == "simulate":
             config = load_config(args.config, args.set)

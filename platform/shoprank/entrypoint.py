@@ -21,7 +21,7 @@ import ray
 
 from shoprank.cluster import ensure_token
 from shoprank.config import Config, RayConfig, load_config
-from shoprank.errors import ShopRankError
+from shoprank.errors import ConfigError, ShopRankError
 
 EXIT_USER_ERROR = 2
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
@@ -95,6 +95,18 @@ def local_ray_options(num_cpus: int, *, dashboard: bool = False) -> Iterator[dic
             os.environ.pop(GCS_PORT_VARIABLE, None)
         else:
             os.environ[GCS_PORT_VARIABLE] = before
+
+
+def check_gpu(use_gpu: bool) -> None:
+    """Stop at once when a GPU is asked for and the cluster has none (instead of waiting forever).
+
+    Here, not beside the encoder's trainer, because the ranker's training workers import it: pulling
+    PyTorch and transformers into every XGBoost worker and controller cost about 5 s of CPU each.
+    """
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ConfigError(
+            "ray.use_gpu is true but the Ray cluster has no GPU; set ray.use_gpu=false or add GPU workers"
+        )
 
 
 def free_port() -> int:

@@ -39,7 +39,6 @@ from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
-from shoprank.stages import run_stages, stage_hash
 from shoprank.store.location import Location
 
 log = logging.getLogger(__name__)
@@ -110,8 +109,7 @@ def encoder_trial(params: dict[str, Any], preset: str, overrides: list[str], sto
 
 def ranker_trial(params: dict[str, Any], preset: str, overrides: list[str], storage: str) -> None:
     """One ranker trial: XGBoost on Ray Train on the run's feature rows, reporting every few rounds."""
-    from shoprank.ranker.stages import read_features, with_positives
-    from shoprank.ranker.train import train_ranker
+    from shoprank.ranker.train import read_features, train_ranker, with_positives
     from shoprank.store.run import Run
 
     config = trial_config(preset, overrides, params)
@@ -163,6 +161,10 @@ def run_sweep(
     seed: int = 0,
 ) -> SweepOutcome:
     """Run (or continue, when interrupted before) the ``kind`` sweep; write its tables, plot and best config."""
+    # Imported here: each trial's process imports this module, and needs none of the stages' bodies
+    # (PyTorch and transformers among them: about 8 s of imports a trial on 2 cores).
+    from shoprank.stages import run_stages
+
     sweep = SWEEPS[kind]
     config = load_config(preset, overrides)
     sweeps = Location(config.run.root).child("sweeps")
@@ -221,6 +223,8 @@ def sweep_identity(kind: str, config: Config, space_path: str | Path, *, num_sam
     """What makes a rerun the same sweep: its kind, its base config (the identity of the stage its trials
     train, which covers every setting they read, upstream stages included), its search space, its number
     of trials, its search algorithm and seed."""
+    from shoprank.stages import stage_hash  # here, as in run_sweep
+
     sections = stage_hash(config, kind)
     space = hashlib.sha256(Path(space_path).read_bytes()).hexdigest()[:16]
     return {"kind": kind, "base config": sections, "search space": space, "num_samples": str(num_samples),

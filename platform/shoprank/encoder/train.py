@@ -44,7 +44,8 @@ from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, training_tables
 from shoprank.encoder.model import load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
-from shoprank.errors import ConfigError, ShopRankError
+from shoprank.entrypoint import check_gpu
+from shoprank.errors import ShopRankError
 from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)
@@ -188,14 +189,6 @@ def _saved(name: str, model: DualEncoderModel) -> bool:
 
 class NothingToLearn(ShopRankError):
     """The run's data holds no training example for the encoder: the stage keeps the pretrained model."""
-
-
-def check_gpu(use_gpu: bool) -> None:
-    """Stop at once when a GPU is asked for and the cluster has none (instead of waiting forever)."""
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise ConfigError(
-            "ray.use_gpu is true but the Ray cluster has no GPU; set ray.use_gpu=false or add GPU workers"
-        )
 
 
 def train_encoder(

@@ -26,8 +26,8 @@ from shoprank.config import Config
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
 from shoprank.ranker.dataset import build_requests, judgments, relevance
 from shoprank.ranker.features import FEATURES
-from shoprank.ranker.stages import feature_rows, read_features
-from shoprank.ranker.train import load_ranker, predict
+from shoprank.ranker.stages import feature_rows
+from shoprank.ranker.train import load_ranker, predict, read_features
 from shoprank.store.run import Run, StageRecord
 
 EVALUATE_OUTPUTS = ["evaluation"]

@@ -14,7 +14,6 @@ import logging
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, SaveMode
 from ray.train.xgboost import RayTrainReportCallback
@@ -22,7 +21,7 @@ from ray.train.xgboost import RayTrainReportCallback
 from shoprank.config import Config
 from shoprank.data.io import PartFilenames, pool_takes_every_cpu
 from shoprank.ranker.dataset import RequestFeatures, build_requests
-from shoprank.ranker.train import save_ranker, train_ranker
+from shoprank.ranker.train import read_features, save_ranker, train_ranker, with_positives
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -62,17 +61,6 @@ def build_features(config: Config, run: Run, record: StageRecord) -> None:
         filesystem=run.filesystem_for_ray,
     )
     record.rows["rows"] = pads.dataset(run.path("ranker", "features"), filesystem=run.fs).count_rows()
-
-
-def read_features(run: Run, split: str) -> pd.DataFrame:
-    dataset = pads.dataset(run.path("ranker", "features"), filesystem=run.fs, format="parquet")
-    return dataset.to_table(filter=pc.field("split") == split).to_pandas()
-
-
-def with_positives(frame: pd.DataFrame) -> pd.DataFrame:
-    """Only requests with a relevant candidate: the others carry no ranking signal."""
-    positive = frame.groupby("request_id")["label"].transform("max") > 0
-    return frame[positive]
 
 
 def fit_ranker(config: Config, run: Run, record: StageRecord, warm_start: str | None = None) -> None:

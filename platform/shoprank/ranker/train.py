@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -33,10 +35,11 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
 from shoprank.config import Config
-from shoprank.encoder.train import check_gpu
+from shoprank.entrypoint import check_gpu
 from shoprank.errors import ShopRankError
 from shoprank.evaluation.metrics import mean_metrics
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION, FEATURES
+from shoprank.store.run import Run
 
 MODEL_FILE = "model.ubj"
 REPORT_EVERY = 25
@@ -103,6 +106,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                                 "train/ndcg@10": "train-ndcg@10"}),
         ],
     )
+
+
+def read_features(run: Run, split: str) -> pd.DataFrame:
+    """One split of the feature rows the features stage wrote."""
+    dataset = pads.dataset(run.path("ranker", "features"), filesystem=run.fs, format="parquet")
+    return dataset.to_table(filter=pc.field("split") == split).to_pandas()
+
+
+def with_positives(frame: pd.DataFrame) -> pd.DataFrame:
+    """Only requests with a relevant candidate: the others carry no ranking signal."""
+    positive = frame.groupby("request_id")["label"].transform("max") > 0
+    return frame[positive]
 
 
 def train_ranker(

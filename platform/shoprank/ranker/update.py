@@ -30,8 +30,8 @@ from shoprank.data.io import read_table
 from shoprank.data.readers import read_table as read_records
 from shoprank.errors import DataError
 from shoprank.ranker.dataset import sessions_of
-from shoprank.ranker.stages import feature_rows, with_positives
-from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg
+from shoprank.ranker.stages import feature_rows
+from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg, with_positives
 from shoprank.store.registry import Registry
 from shoprank.stages import run_stage, stage_hash
 from shoprank.store.run import Run, StageRecord

@@ -27,7 +27,8 @@ from ray import serve
 from ray.serve import Application
 
 from shoprank.config import Config, load_config
-from shoprank.serving.deployments import EventStoreWriter, Ingress, QueryEncoder, UserState, Variant
+from shoprank.serving.deployments import EventStoreWriter, Ingress, UserState
+from shoprank.serving.variant_deployments import QueryEncoder, Variant
 from shoprank.serving.variants import event_db_path, resolve_variants
 from shoprank.store.location import Location
 

@@ -2,7 +2,7 @@
 
 :func:`answer_many` answers a batch of requests (:class:`Asked`) from their query
 vectors: the one implementation that Serve's per-variant deployment
-(:class:`shoprank.serving.deployments.Variant`, a batch of concurrent requests) and
+(:class:`shoprank.serving.variant_deployments.Variant`, a batch of concurrent requests) and
 :class:`VariantPipeline` (one process: tests, the benchmark's in-process baseline) both call.
 
 * :class:`Retrieval` holds a run's :class:`RankingContext` (catalogue, index, BM25,
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import xgboost
@@ -29,21 +28,12 @@ from shoprank.ranker.context import RankingContext
 from shoprank.ranker.dataset import retrieve
 from shoprank.ranker.features import COLUMN, Candidates, History, ProductStats, compute_features
 from shoprank.ranker.train import predict
+from shoprank.serving.messages import Answered, Asked, LiveEvent, Ranked, Strategy
 
-Strategy = Literal["ranker", "retrieval"]
 EXPLAINED = ("cosine", "bm25", "cf_score", "popularity", "ctr", "conversion", "category_affinity", "brand_affinity",
              "price_vs_user")
 """Per-item scores returned with every answer, beside the score that ordered it; a missing one (a rate
 of a product with nothing to divide by, see :mod:`shoprank.ranker.features`) is left out, not sent as NaN."""
-LiveEvent = tuple[str, str, float]
-"""(product_id, event_type, ts_s): an event received after the run's data."""
-
-
-@dataclass
-class Ranked:
-    product_id: str
-    score: float
-    scores: dict[str, float]
 
 
 @dataclass
@@ -54,25 +44,6 @@ class Retrieved:
     history: History
     now_s: float
     is_search: bool
-
-
-@dataclass
-class Asked:
-    """One search (``query``) or recommendation as a variant receives it: the user's live events come with it."""
-
-    user_id: str | None
-    live: list[LiveEvent]
-    query: str | None
-    k: int
-    now_s: float
-
-
-@dataclass
-class Answered:
-    """A request's top ``k``, and how many events of the user's history it saw (none: not personal)."""
-
-    items: list[Ranked]
-    history_events: int
 
 
 class Retrieval:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shoprank.config import Config
 from shoprank.errors import ConfigError
-from shoprank.serving.pipeline import Strategy
+from shoprank.serving.messages import Strategy
 from shoprank.store.registry import Registry
 from shoprank.store.location import Location
 from shoprank.store.run import Run

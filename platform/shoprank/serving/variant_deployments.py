@@ -1,0 +1,145 @@
+"""Ray Serve deployments that load a variant's models: the two that answer on a request's path.
+
+Per variant (``Variant_A``, ``Variant_B``):
+
+* :class:`Variant` answers whole requests in one replica, batched with ``@serve.batch``:
+  the batch's queries encoded in one call, each request's candidates retrieved (its
+  run's catalogue, FAISS index, BM25, event log), all of them ranked in one ``predict``
+  (:func:`shoprank.serving.pipeline.answer_many`, the Ray-free path the tests and the
+  in-process benchmark call too). Its ranker comes through ``user_config``, so moving a
+  registry alias and redeploying reloads it in place (``reconfigure``), without
+  restarting a replica.
+* :class:`QueryEncoder` (``QueryEncoder_A``...), with ``ray.use_gpu`` (or
+  ``serve.separate_query_encoder``): the encoder in a deployment of its own, on the GPU,
+  called by the variant's replicas; otherwise the variant encodes its queries itself.
+
+The ingress and the shared deployments live in :mod:`shoprank.serving.deployments`, which
+imports none of this module's models.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from shoprank.config import Config
+from shoprank.ranker.context import load_context
+from shoprank.ranker.train import load_ranker
+from shoprank.serving.messages import Answered, Asked
+from shoprank.serving.pipeline import Ranking, Retrieval, answer_many
+from shoprank.serving.variants import EncoderKind, resolve_variant
+from shoprank.store.registry import Registry
+from shoprank.store.run import Run
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class QueryEncoder:
+    """A variant's query encoder on its own (on the GPU with ``ray.use_gpu``): the run's fine-tuned model, or the
+    pretrained one."""
+
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
+        import torch
+
+        from shoprank.encoder.model import load_encoder, load_encoder_from_config
+
+        self.config = Config.model_validate(config)
+        if encoder == "zero_shot":
+            self.encoder, self.tokenizer = load_encoder_from_config(self.config.encoder)
+        else:
+            self.encoder, self.tokenizer = load_encoder(Run.from_uri(run_uri).local_path("encoder", "model"))
+        self.device = "cuda" if self.config.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoder.to(self.device)
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        self.encode.set_max_batch_size(settings["batch_size"])
+        self.encode.set_batch_wait_timeout_s(settings["batch_wait_s"])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, queries: list[str]) -> list[np.ndarray]:
+        from shoprank.encoder.model import QUERY_MAX_LENGTH, encode
+
+        vectors = encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH, device=self.device)
+        return list(vectors)
+
+
+@serve.deployment
+class Variant:
+    """A variant's answers: its run's context (encoder, catalogue, index, BM25, event log) and its ranker.
+
+    The ranker follows the variant's registry alias while the app runs: ``user_config``
+    names the alias, the registry and the batching; a thread polls the registry and, when
+    the alias moved to another ranker over the same base run (an incremental update),
+    loads it and swaps it in between two batches.
+    """
+
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind,
+                 query_encoder: DeploymentHandle | None = None) -> None:
+        self.config = Config.model_validate(config)
+        self.base_run = run_uri
+        self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot")
+        self.retrieval = Retrieval(self.context)
+        self.query_encoder = query_encoder
+        self.ranking: Ranking | None = None
+        self.model: dict[str, Any] = {}
+        self.settings: dict[str, Any] = {}
+        self.watcher: threading.Thread | None = None
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.answer.set_max_batch_size(settings["batch_size"])
+        self.answer.set_batch_wait_timeout_s(settings["batch_wait_s"])
+        self.follow_registry()
+        if self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, daemon=True, name="registry-watcher")
+            self.watcher.start()
+
+    def follow_registry(self) -> None:
+        """Load the model the alias names now, when it is not the one loaded."""
+        spec = resolve_variant(Registry(self.settings["registry_root"]), self.settings["variant"],
+                               self.settings["alias"])
+        if spec.ranker_run == self.model.get("ranker_run") and spec.strategy == self.model.get("strategy"):
+            return
+        if spec.run != self.base_run:
+            log.warning("alias %s moved to %s over another base run (%s): redeploy the app to serve it",
+                        spec.alias, spec.ranker_run, spec.run)
+            return
+        booster = (load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
+                   if spec.strategy == "ranker" else None)
+        self.ranking = Ranking(self.context.catalogue.stats, spec.strategy, booster,
+                               self.config.serve.baseline_popularity_weight)
+        self.model = {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
+                      "trees": booster.num_boosted_rounds() if booster is not None else 0}
+        log.info("ranker loaded: %s", self.model)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.config.serve.registry_poll_s)
+            try:
+                self.follow_registry()
+            except Exception:  # a half-copied model or a bad entry: keep serving the loaded one
+                log.exception("registry check failed; keeping %s", self.model)
+
+    def describe(self) -> dict[str, Any]:
+        return self.model
+
+    async def _vectors(self, queries: list[str]) -> dict[str, np.ndarray]:
+        if not queries:
+            return {}
+        if self.query_encoder is None:
+            return dict(zip(queries, self.context.encode_queries(queries)))
+        vectors = await asyncio.gather(*(self.query_encoder.encode.remote(q) for q in queries))
+        return dict(zip(queries, vectors))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def answer(self, asked: list[Asked]) -> list[Answered]:
+        ranking = self.ranking
+        assert ranking is not None, "reconfigure runs before the first request"
+        vectors = await self._vectors(sorted({a.query for a in asked if a.query is not None}))
+        return answer_many(self.retrieval, ranking, asked, vectors)
