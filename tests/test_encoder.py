@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 from ray.train import TrainingFailedError
+from ray.util.state import list_actors
 
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
@@ -91,7 +94,14 @@ def test_a_finished_run_continues_from_its_checkpoint(trained: tuple[Config, Run
     metrics = run.manifest()["stages"]["encoder"]["metrics"]
     steps_per_epoch = metrics["epochs"][0]["global_step"]
     finished = sorted(p for p in Path(run.path("encoder", "ray")).rglob("checkpoint_*") if p.is_dir())[-1]
+    sigint = signal.getsignal(signal.SIGINT)
     more = train_encoder(_with_train(config, epochs=3), _fresh_copy(run, tmp_path), resume_from=str(finished))
+    # Ray Train's own handler held the finished run's controller (and its split coordinators) alive, polling
+    assert signal.getsignal(signal.SIGINT) is sigint
+    deadline = time.monotonic() + 60
+    while list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]):
+        assert time.monotonic() < deadline, "the finished run's controller is still alive"
+        time.sleep(1)
     assert more.metrics["epoch"] == 3
     assert more.metrics["global_step"] == 3 * steps_per_epoch
     assert more.metrics["zero_shot/ndcg@10"] == metrics["zero_shot/ndcg@10"]

@@ -1,4 +1,4 @@
-"""No import circle among the package's modules.
+"""No import circle among the package's modules, and no model library where no model is loaded.
 
 A circle works only while every module in it is imported in a lucky order (or one of
 them imports inside a function to dodge it), and it ties the modules' layers together
@@ -9,6 +9,9 @@ function's own imports included, except those under ``if TYPE_CHECKING:``.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import shoprank
@@ -97,3 +100,32 @@ def test_a_circle_would_be_found() -> None:
     graph = import_graph()
     graph["shoprank.store.location"] = graph["shoprank.store.location"] | {"shoprank.store.run"}
     assert any({"shoprank.store.location", "shoprank.store.run"} <= set(c) for c in circles(graph))
+
+
+LIGHT_MODULES = {
+    "shoprank.cli": "every `shoprank` command (`cluster up` need not load Gradio or the models)",
+    "shoprank.ranker.train": "each XGBoost training worker",
+    "shoprank.serving.deployments": "the ingress, event-store and user-state replicas",
+    "shoprank.serving.app": "the process that binds and deploys the Serve app",
+    "shoprank.sweep": "each Tune trial's process",
+}
+"""Modules imported by processes that load no encoder, and who imports them. Each process that imports
+PyTorch and transformers spends about 5 s of CPU on it here: on 2 cores, seconds of every stage."""
+HEAVY = ("torch", "transformers", "peft", "faiss", "gradio")
+
+
+def test_processes_that_load_no_model_do_not_import_the_model_libraries() -> None:
+    probe = (
+        "import importlib, json, sys\n"
+        f"heavy = {HEAVY!r}\n"
+        "found = {}\n"
+        f"for module in {list(LIGHT_MODULES)!r}:\n"
+        "    importlib.import_module(module)\n"
+        "    found[module] = [name for name in heavy if name in sys.modules]\n"
+        "print(json.dumps(found))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {module: names for module, names in loaded.items() if names} == {}, (
+        "imported by " + "; ".join(f"{module} ({LIGHT_MODULES[module]})" for module, names in loaded.items() if names))

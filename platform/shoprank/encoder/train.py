@@ -44,7 +44,7 @@ from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, training_tables
 from shoprank.encoder.model import load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
-from shoprank.entrypoint import check_gpu
+from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ShopRankError
 from shoprank.store.run import Run
 
@@ -254,4 +254,4 @@ def train_encoder(
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    return fit(trainer)

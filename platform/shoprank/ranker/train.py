@@ -35,7 +35,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
 from shoprank.config import Config
-from shoprank.entrypoint import check_gpu
+from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ShopRankError
 from shoprank.evaluation.metrics import mean_metrics
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION, FEATURES
@@ -151,7 +151,7 @@ def train_ranker(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own requests
     )
-    return trainer.fit()
+    return fit(trainer)
 
 
 def save_ranker(booster: xgboost.Booster, directory: Path, metrics: dict[str, Any]) -> None:
