@@ -92,8 +92,7 @@ from shoprank.ranker.context import ENGAGEMENTS, EventLog  # noqa: E402
 from shoprank.ranker.dataset import build_requests, judgments  # noqa: E402
 from shoprank.ranker.features import FEATURES, epoch_seconds  # noqa: E402
 from shoprank.evaluation.offline import qrels_of, top_k_of  # noqa: E402
-from shoprank.ranker.train import read_features  # noqa: E402
-from shoprank.ranker.train import load_ranker, predict  # noqa: E402
+from shoprank.ranker.train import load_ranker, predict, read_features  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,8 @@ from shoprank.data.io import read_table  # noqa: E402
 from shoprank.ranker.context import load_context  # noqa: E402
 from shoprank.ranker.train import load_ranker  # noqa: E402
 from shoprank.serving.app import AppArgs, deploy  # noqa: E402
-from shoprank.serving.pipeline import Asked, VariantPipeline  # noqa: E402
+from shoprank.serving.messages import Asked  # noqa: E402
+from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
 from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
 from shoprank.store.registry import Registry  # noqa: E402
 from shoprank.store.location import Location  # noqa: E402

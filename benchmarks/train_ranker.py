@@ -34,8 +34,9 @@ import xgboost  # noqa: E402
 from shoprank.config import load_config  # noqa: E402
 from shoprank.entrypoint import local_ray_options  # noqa: E402
 from shoprank.ranker.features import FEATURES, Candidates, compute_features  # noqa: E402
-from shoprank.ranker.train import read_features, with_positives  # noqa: E402
-from shoprank.ranker.train import grouped_matrix, train_ranker, validation_ndcg, xgboost_params  # noqa: E402
+from shoprank.ranker.train import (  # noqa: E402
+    grouped_matrix, read_features, train_ranker, validation_ndcg, with_positives, xgboost_params,
+)
 from shoprank.ranker.context import load_context  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 from ray.train.xgboost import RayTrainReportCallback  # noqa: E402

@@ -19,8 +19,7 @@ from shoprank.errors import DataError, ShopRankError
 from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, rank_inputs
 from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
-from shoprank.ranker.train import read_features
-from shoprank.ranker.train import META_FILE, load_ranker
+from shoprank.ranker.train import META_FILE, load_ranker, read_features
 from shoprank.ranker.update import update_ranker
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
@@ -186,7 +185,8 @@ def test_a_purchase_leaves_the_very_next_answer(ranked: tuple[Config, Run], stra
 
 def test_a_batch_of_requests_gets_what_each_request_gets_alone(ranked: tuple[Config, Run]) -> None:
     """What a Serve variant replica does with concurrent requests (one encoder call, one predict) changes no answer."""
-    from shoprank.serving.pipeline import Asked, VariantPipeline
+    from shoprank.serving.messages import Asked
+    from shoprank.serving.pipeline import VariantPipeline
 
     config, run = ranked
     context = load_context(config, run)
