@@ -112,7 +112,8 @@ def plain_embed_benchmark(config: Any, run: Any, model_dir: Path,
     import torch
 
     from shoprank.data.io import read_table
-    from shoprank.encoder.model import encode, load_encoder, product_texts
+    from shoprank.encoder.model import encode, load_encoder
+    from shoprank.encoder.text import product_texts
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 def _benchmark(args: argparse.Namespace, config: Any, run: Any, model_dir: Path) -> dict[str, Any]:
     import torch
 
-    from shoprank.encoder.model import QUERY_MAX_LENGTH, encode, load_encoder
+    from shoprank.encoder.model import encode, load_encoder
+    from shoprank.encoder.text import QUERY_MAX_LENGTH
     from shoprank.encoder.train import build_eval_data
 
     log = logging.getLogger("bench")

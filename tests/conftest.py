@@ -70,7 +70,7 @@ def tiny_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def tiny_encoder_dir(tiny_run: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT whose tokenizer is trained on the tiny catalogue and queries."""
     from shoprank.data.io import read_table
-    from shoprank.encoder.model import product_texts
+    from shoprank.encoder.text import product_texts
     from shoprank.encoder.tiny import build_tiny_encoder
 
     config, run = tiny_run

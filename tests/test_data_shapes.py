@@ -23,7 +23,7 @@ from ray import serve
 from shapes import write_esci, write_jsonl_shop, write_ratings
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
-from shoprank.encoder.model import product_texts
+from shoprank.encoder.text import product_texts
 from shoprank.encoder.tiny import build_tiny_encoder
 from shoprank.pipeline import run_pipeline
 from shoprank.serving.app import AppArgs, deploy

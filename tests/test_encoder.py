@@ -16,7 +16,8 @@ from ray.util.state import list_actors
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
 from shoprank.encoder.examples import training_tables
-from shoprank.encoder.model import encode, load_encoder, load_encoder_from_config, product_texts
+from shoprank.encoder.model import encode, load_encoder, load_encoder_from_config
+from shoprank.encoder.text import product_texts
 from shoprank.encoder.train import train_encoder
 from shoprank.errors import ConfigError
 from shoprank.store.run import Run
@@ -61,6 +62,28 @@ def test_catalogue_users_and_index_are_embedded(trained: tuple[Config, Run]) -> 
     assert index.ntotal == products.num_rows
     users = read_table(run, "embeddings", "users")
     assert users.num_rows > 0
+
+
+def test_the_embed_stage_takes_the_catalogue_as_the_exported_and_the_pretrained_model_embed_it(
+    trained: tuple[Config, Run],
+) -> None:
+    """The training's last evaluation embedded the catalogue with the exported weights and with the pretrained
+    model; the embed stage keeps those vectors instead of embedding twice more, so they must be what the
+    served models give."""
+    config, run = trained
+    assert any("from the encoder's last evaluation" in note for note in run.manifest()["stages"]["embed"]["notes"])
+    products = read_table(run, "data", "products")
+    texts = dict(zip(products.column("product_id").to_pylist(), product_texts(products, config.encoder)))
+    for table, (encoder, tokenizer) in (
+        (("embeddings", "products"), load_encoder(Path(run.path("encoder", "model")))),
+        (("embeddings", "zero_shot_products"), load_encoder_from_config(config.encoder)),
+    ):
+        stored = read_table(run, *table)
+        ids = stored.column("product_id").to_pylist()
+        assert sorted(ids) == sorted(texts)
+        expected = encode(encoder, tokenizer, [texts[p] for p in ids], config.encoder.max_length)
+        np.testing.assert_allclose(np.stack(stored.column("embedding").to_numpy(zero_copy_only=False)), expected,
+                                   atol=1e-5, err_msg="/".join(table))
 
 
 def _fresh_copy(run: Run, root: Path) -> Run:

@@ -35,7 +35,8 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from shoprank.config import EncoderConfig
-from shoprank.encoder.model import QUERY_MAX_LENGTH, TextEncoder, encode, load_tokenizer, product_texts, tokenize
+from shoprank.encoder.model import TextEncoder, encode, load_tokenizer, tokenize
+from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.encoder.users import user_embedding
 from shoprank.evaluation.metrics import mean_metrics
 
@@ -225,12 +226,15 @@ class Tokenize:
 
 def evaluate(
     encoder: TextEncoder, head: nn.Module | None, tokenizer: Any, data: EvalData, max_length: int, k: int,
-    device: torch.device | str,
+    device: torch.device | str, products: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Query -> product retrieval over the whole catalogue, next engagements from the user vector (``next_items/``),
     and category accuracy / macro-F1; ``ndcg@k`` is the search figure, or the next-items one without judged queries
-    (see the module docstring). A figure with nothing to average over is left out, never a mean of nothing."""
-    products = encode(encoder, tokenizer, data.product_texts, max_length, device=device)
+    (see the module docstring). A figure with nothing to average over is left out, never a mean of nothing.
+
+    ``products``: the catalogue already embedded by ``encoder`` (the training loop keeps those vectors)."""
+    if products is None:
+        products = encode(encoder, tokenizer, data.product_texts, max_length, device=device)
     metrics: dict[str, float] = {}
     if data.qrels:
         queries = encode(encoder, tokenizer, list(data.queries.values()), QUERY_MAX_LENGTH, device=device)

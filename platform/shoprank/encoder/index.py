@@ -1,4 +1,5 @@
-"""The retrieval index over product embeddings (FAISS, inner product = cosine on unit vectors).
+"""The retrieval index over product embeddings (FAISS, inner product = cosine on unit vectors), and the
+(id, embedding) tables it is built from.
 
 Exact search (``flat``) by default; ``hnsw`` or ``ivf`` for large catalogues, where
 exact search costs a full scan per query.
@@ -6,10 +7,25 @@ exact search costs a full scan per query.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from shoprank.config import EmbedConfig
+
+PRODUCT_EMBEDDINGS = ("embeddings", "products")
+ZERO_SHOT_PRODUCTS = ("embeddings", "zero_shot_products")
+"""Where the embed stage writes the catalogue as the fine-tuned and as the pretrained encoder embed it; here,
+not beside the stage, so the readers (ranking context, evaluation) import no PyTorch or Ray Train for a path."""
+
+
+def embedding_table(key: str, ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
+    """``(key, embedding)`` rows: one id and one float32 vector (a fixed-size list) per row of ``vectors``."""
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.table({key: pa.array(list(ids), pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
 
 
 def build_index(embeddings: np.ndarray, config: EmbedConfig) -> faiss.Index:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +25,6 @@ from shoprank.config import EncoderConfig
 from shoprank.errors import ConfigError
 
 PACKAGED = "packaged:all-MiniLM-L6-v2"
-QUERY_MAX_LENGTH = 32
-"""Queries are short; padding them to the product length would waste most of a batch."""
 
 
 def resolve_model(name: str) -> str:
@@ -113,27 +110,6 @@ def apply_finetuning(backbone: PreTrainedModel, config: EncoderConfig, total_ste
         return get_peft_model(backbone, peft_config)
     except ValueError as exc:
         raise ConfigError(f"encoder.lora.target_modules {lora.target_modules}: {exc}") from None
-
-
-def product_texts(products: pa.Table, config: EncoderConfig) -> list[str]:
-    """What the encoder reads for each product: title, category, brand, attributes, description."""
-    columns = {name: products.column(name).to_pylist() for name in config.product_fields if name != "attributes"}
-    attributes = products.column("attributes").to_pylist() if "attributes" in config.product_fields else None
-    texts = []
-    for i in range(products.num_rows):
-        parts = []
-        for name in config.product_fields:
-            if name == "attributes":
-                pairs = attributes[i] or []
-                value = ", ".join(f"{k}: {v}" for k, v in pairs)
-            elif name == "description":
-                value = (columns[name][i] or "")[: config.description_chars]
-            else:
-                value = columns[name][i] or ""
-            if value:
-                parts.append(value)
-        texts.append(" | ".join(parts))
-    return texts
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, np.ndarray]:

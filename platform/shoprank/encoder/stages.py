@@ -5,11 +5,15 @@ Outputs, under the run:
 
 * ``encoder/ray/`` Ray Train's run (checkpoints every epoch);
 * ``encoder/model/`` the final encoder: ``adapter/`` (peft), ``merged/`` (a plain
-  model for serving), ``head.pt`` (category head), ``encoder.json``;
+  model for serving), ``head.pt`` (category head), ``encoder.json``, and
+  ``catalogue/`` the catalogue as the training's last evaluation embedded it, with the
+  exported weights and with the pretrained model (absent when nothing was trained);
 * ``embeddings/products``, ``embeddings/users`` Parquet (id, embedding);
 * ``embeddings/zero_shot_products`` Parquet (id, embedding) of the pretrained encoder
   (``encoder.model``, not fine-tuned): what variant A serves and the evaluation's
-  zero-shot rows read, embedded once here instead of at every replica's start;
+  zero-shot rows read, embedded once instead of at every replica's start.
+  Both catalogue tables are the encoder stage's ``catalogue/`` when it covers the
+  catalogue, else embedded here by an actor pool;
 * ``index/products.faiss`` and ``index/product_ids.parquet`` (FAISS row -> product).
 """
 
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -27,12 +33,13 @@ from ray.data import ActorPoolStrategy, SaveMode
 
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import PartFilenames, pool_takes_every_cpu, read_table, write_table
-from shoprank.encoder.index import build_index
-from shoprank.encoder.model import (
-    encode, load_backbone, load_encoder, load_encoder_from_config, product_texts, save_encoder,
-)
+from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, build_index, embedding_table
+from shoprank.encoder.model import encode, load_backbone, load_encoder, load_encoder_from_config, save_encoder
 from shoprank.encoder.objectives import build_model
-from shoprank.encoder.train import NothingToLearn, load_checkpoint_state, train_encoder
+from shoprank.encoder.text import product_texts
+from shoprank.encoder.train import (
+    CATALOGUE, FINE_TUNED, ZERO_SHOT, NothingToLearn, load_checkpoint_state, train_encoder,
+)
 from shoprank.encoder.users import user_embedding
 from shoprank.errors import ShopRankError
 from shoprank.store.run import Run, StageRecord
@@ -40,8 +47,7 @@ from shoprank.store.run import Run, StageRecord
 log = logging.getLogger(__name__)
 
 ENCODER_OUTPUTS = ["encoder/ray", "encoder/model"]
-ZERO_SHOT_PRODUCTS = ("embeddings", "zero_shot_products")
-EMBED_OUTPUTS = ["embeddings/products", "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]
+EMBED_OUTPUTS = ["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]
 
 
 def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
@@ -56,7 +62,8 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
         return
     if result.checkpoint is None:
         raise ShopRankError("encoder training finished without a checkpoint")
-    export_checkpoint(config.encoder, run, load_checkpoint_state(result.checkpoint))
+    with result.checkpoint.as_directory() as checkpoint:
+        export_checkpoint(config.encoder, run, load_checkpoint_state(result.checkpoint), Path(checkpoint) / CATALOGUE)
     final = result.metrics
     record.metrics.update(
         {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
@@ -76,8 +83,9 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
     )
 
 
-def export_checkpoint(config: EncoderConfig, run: Run, state: dict) -> None:
-    """Rebuild the trained model from a checkpoint's state and save it for serving."""
+def export_checkpoint(config: EncoderConfig, run: Run, state: dict, catalogue: Path | None = None) -> None:
+    """Rebuild the trained model from a checkpoint's state and save it for serving, with the checkpoint's
+    ``catalogue`` folder (the embeddings of its evaluation) when it has one."""
     backbone, tokenizer = load_backbone(config.model)
     num_categories = read_table(run, "data", "categories").num_rows
     model = build_model(backbone, config, num_categories, total_steps=2)
@@ -85,10 +93,8 @@ def export_checkpoint(config: EncoderConfig, run: Run, state: dict) -> None:
     with run.local_output("encoder", "model") as target:
         save_encoder(model.encoder, tokenizer, target, config)
         torch.save(model.head.state_dict(), target / "head.pt")
-
-
-FINE_TUNED, ZERO_SHOT = "fine_tuned", "zero_shot"
-"""The encoders :class:`EmbedProducts` can embed with: the run's trained one, and the pretrained ``encoder.model``."""
+        if catalogue is not None and catalogue.is_dir():
+            shutil.copytree(catalogue, target / CATALOGUE)
 
 
 class EmbedProducts:
@@ -159,11 +165,21 @@ def embed_catalogue(config: Config, run: Run, targets: dict[str, tuple[str, ...]
 
 
 def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
-    """Embed the catalogue with an actor pool (fine-tuned, and pretrained for the zero-shot baseline), build
-    the index, embed users from their histories."""
+    """The catalogue's embeddings (fine-tuned, and pretrained for the zero-shot baseline), the index, and the
+    users embedded from their histories.
+
+    The catalogue vectors of the encoder's last evaluation are taken as they are when they cover this
+    catalogue; the others are embedded by an actor pool."""
     embed = config.embed
-    embed_catalogue(config, run, {FINE_TUNED: ("embeddings", "products"), ZERO_SHOT: ZERO_SHOT_PRODUCTS})
-    table = read_table(run, "embeddings", "products").sort_by("product_id")
+    targets = {FINE_TUNED: PRODUCT_EMBEDDINGS, ZERO_SHOT: ZERO_SHOT_PRODUCTS}
+    evaluated = evaluated_catalogue(run)
+    for name, table in evaluated.items():
+        write_table(run, table, *targets.pop(name))
+    if evaluated:
+        record.notes.append(f"{' and '.join(evaluated)} catalogue embeddings from the encoder's last evaluation")
+    if targets:
+        embed_catalogue(config, run, targets)
+    table = read_table(run, *PRODUCT_EMBEDDINGS).sort_by("product_id")
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     index = build_index(vectors, embed)
     with run.local_output("index") as index_dir:
@@ -176,6 +192,20 @@ def embed_and_index(config: Config, run: Run, record: StageRecord) -> None:
     users = embed_users(run, table.column("product_id").to_pylist(), vectors, embed.user_half_life_days)
     write_table(run, users, "embeddings", "users")
     record.rows["users"] = users.num_rows
+
+
+def evaluated_catalogue(run: Run) -> dict[str, pa.Table]:
+    """Encoder name -> (product_id, embedding) of the encoder stage's ``catalogue/`` that holds exactly the
+    run's products (each product once)."""
+    products = set(read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
+    found = {}
+    for name in (FINE_TUNED, ZERO_SHOT):
+        if run.exists("encoder", "model", CATALOGUE, name):
+            table = read_table(run, "encoder", "model", CATALOGUE, name)
+            ids = table.column("product_id").to_pylist()
+            if len(ids) == len(products) and set(ids) == products:
+                found[name] = table
+    return found
 
 
 def embed_users(run: Run, product_ids: list[str], vectors: np.ndarray, half_life_days: float) -> pa.Table:
@@ -196,6 +226,4 @@ def embed_users(run: Run, product_ids: list[str], vectors: np.ndarray, half_life
         if vector is not None:
             ids.append(history["user_id"])
             out.append(vector)
-    dim = vectors.shape[1]
-    flat = pa.array(np.concatenate(out) if out else np.zeros(0, np.float32), pa.float32())
-    return pa.table({"user_id": pa.array(ids, pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    return embedding_table("user_id", ids, np.stack(out) if out else np.zeros((0, vectors.shape[1]), np.float32))

@@ -5,11 +5,16 @@ actor) and the online ranker, so both see the same products, statistics and
 histories. Everything time-dependent is cut at ``cutoff_s``: product statistics,
 trending products, co-engagement neighbours and the item-item model use only
 events before it.
+
+A feature actor's context has no encoder (``load_context(..., encoder=False)``): its
+requests come with their query vectors, embedded once by the stage's driver, so the
+actor imports neither PyTorch nor transformers (about 7 s of CPU per actor here).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -21,14 +26,15 @@ import scipy.sparse as sp
 from shoprank.config import Config, RetrievalConfig, ServeConfig
 from shoprank.data.io import read_table
 from shoprank.data.schema import ESCI_LABELS
-from shoprank.encoder.model import (
-    QUERY_MAX_LENGTH, TextEncoder, encode, load_encoder, load_encoder_from_config, product_texts,
-)
-from shoprank.encoder.stages import ZERO_SHOT_PRODUCTS
+from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
+from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.errors import ShopRankError
 from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
 from shoprank.retrieval.candidates import Catalogue, ItemItem, fit_item_item
 from shoprank.store.run import Run
+
+if TYPE_CHECKING:
+    from shoprank.encoder.model import TextEncoder
 
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")
 RELEVANT_LABEL = ESCI_LABELS["S"]
@@ -133,13 +139,26 @@ class RankingContext:
 
     config: Config
     catalogue: Catalogue
-    encoder: TextEncoder
-    tokenizer: object
+    encoder: TextEncoder | None
+    """None in a context loaded without one (a feature actor's)."""
+    tokenizer: Any
     events: EventLog
     cutoff_s: float
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
+        if self.encoder is None:
+            raise ShopRankError("this ranking context was loaded without its encoder (encoder=False)")
+        from shoprank.encoder.model import encode
+
         return encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH)
+
+
+def load_run_encoder(config: Config, run: Run, *, zero_shot: bool) -> tuple[TextEncoder, Any]:
+    """The encoder a context of ``run`` embeds queries with: the pretrained ``encoder.model`` (``zero_shot``)
+    or the run's fine-tuned one."""
+    from shoprank.encoder.model import load_encoder, load_encoder_from_config
+
+    return load_encoder_from_config(config.encoder) if zero_shot else load_encoder(run.local_path("encoder", "model"))
 
 
 def embedding_matrix(embedded: pa.Table, product_ids: list[str]) -> np.ndarray:
@@ -158,9 +177,10 @@ def load_product_stats(config: Config, run: Run) -> ProductStats:
 
 def load_context(
     config: Config, run: Run, *, zero_shot: bool = False, history_until_s: float | None = None,
-    new_events: pa.Table | None = None,
+    new_events: pa.Table | None = None, encoder: bool = True,
 ) -> RankingContext:
-    """The run's context: fine-tuned encoder and index, or the pretrained encoder (``zero_shot``).
+    """The run's context: fine-tuned encoder and index, or the pretrained encoder (``zero_shot``); without an
+    encoder when ``encoder`` is false (the caller brings its query vectors).
 
     ``history_until_s`` keeps only earlier events in the event log: the state of a
     server that started then and receives later events live through
@@ -181,8 +201,8 @@ def load_context(
         "ts_s": epoch_seconds(events_table.column("ts")),
     })
     texts = product_texts(products, config.encoder)
+    query_encoder, tokenizer = load_run_encoder(config, run, zero_shot=zero_shot) if encoder else (None, None)
     if zero_shot:
-        encoder, tokenizer = load_encoder_from_config(config.encoder)
         if not run.exists(*ZERO_SHOT_PRODUCTS):
             raise ShopRankError(f"{run.uri()} has no zero-shot catalogue embeddings ({'/'.join(ZERO_SHOT_PRODUCTS)}, "
                                 "written by the embed stage since the stage list of shoprank.stages): run the "
@@ -192,8 +212,7 @@ def load_context(
         index.add(vectors)
         index_rows = np.arange(len(vectors))
     else:
-        encoder, tokenizer = load_encoder(run.local_path("encoder", "model"))
-        vectors = embedding_matrix(read_table(run, "embeddings", "products"), stats.product_ids)
+        vectors = embedding_matrix(read_table(run, *PRODUCT_EMBEDDINGS), stats.product_ids)
         index = faiss.read_index(str(run.local_path("index", "products.faiss")))
         ids = read_table(run, "index", "product_ids").sort_by("row").column("product_id").to_pylist()
         index_rows = np.array([stats.row_of[p] for p in ids], dtype=np.int64)
@@ -207,4 +226,4 @@ def load_context(
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
     )
     known = events if history_until_s is None else events[events["ts_s"] < history_until_s]
-    return RankingContext(config, catalogue, encoder, tokenizer, EventLog(known, stats.row_of), cutoff)
+    return RankingContext(config, catalogue, query_encoder, tokenizer, EventLog(known, stats.row_of), cutoff)

@@ -15,7 +15,8 @@ session: purchase 3, add to cart 2, click 1, shown but ignored or not shown 0.
 
 Rows are built with Ray Data: ``map_batches`` over requests with
 :class:`RequestFeatures`, a callable class that loads the run's context once per
-actor and calls :func:`rank_inputs`, the function whose parts (:func:`retrieve`, then
+actor (without an encoder: the requests' queries come embedded) and calls :func:`rank_inputs`,
+the function whose parts (:func:`retrieve`, then
 :func:`~shoprank.ranker.features.compute_features`) the online retriever and ranker call.
 """
 
@@ -140,30 +141,40 @@ def judgments(run: Run) -> dict[str, dict[str, int]]:
 
 
 class RequestFeatures:
-    """Ray Data callable class: the run's context is loaded once per actor, then requests become rows."""
+    """Ray Data callable class: the run's context is loaded once per actor, then requests become rows.
+
+    ``queries`` are every search query of the requests and ``query_vectors`` their embeddings (a row each) by the
+    encoder the rows are for (the driver's :func:`shoprank.ranker.stages.embed_queries`), so the actor loads no
+    encoder.
+    """
 
     def __init__(
-        self, config: dict[str, Any], run: Run, zero_shot: bool = False, new_events: pa.Table | None = None,
+        self, config: dict[str, Any], run: Run, queries: list[str], query_vectors: np.ndarray,
+        zero_shot: bool = False, new_events: pa.Table | None = None,
     ) -> None:
         self.config = Config.model_validate(config)
-        self.context = load_context(self.config, run, zero_shot=zero_shot, new_events=new_events)
+        self.context = load_context(self.config, run, zero_shot=zero_shot, new_events=new_events, encoder=False)
         self.judgments = judgments(run)
+        self.query_vectors = dict(zip(queries, query_vectors))
 
     def __call__(self, requests: pd.DataFrame) -> pd.DataFrame:
-        searches = requests["query"].dropna().unique().tolist()
-        vectors = dict(zip(searches, self.context.encode_queries(searches))) if searches else {}
+        vectors = self.query_vectors
         ids = self.context.catalogue.stats.product_ids
-        parts = []
+        # Columns grow as lists and become one frame per batch: a frame per request with its columns inserted
+        # one by one was a third of a feature actor's time.
+        keys: dict[str, list[Any]] = {"request_id": [], "split": [], "kind": [], "product_id": [], "label": []}
+        features = []
         for request in requests.itertuples(index=False):
             query = request.query if isinstance(request.query, str) else None
             inputs = rank_inputs(self.context, request.user_id, query, vectors.get(query), float(request.ts_s))
             products = [ids[r] for r in inputs.candidates.rows]
             truth = relevance(query, request.engaged_ids, request.engaged_grades, self.judgments)
-            part = pd.DataFrame(inputs.features, columns=FEATURES)
-            part.insert(0, "request_id", request.request_id)
-            part.insert(1, "split", request.split)
-            part.insert(2, "kind", request.kind)
-            part.insert(3, "product_id", products)
-            part.insert(4, "label", np.array([truth.get(p, 0) for p in products], dtype=np.int8))
-            parts.append(part)
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["request_id", *FEATURES])
+            for name, value in (("request_id", request.request_id), ("split", request.split), ("kind", request.kind)):
+                keys[name].extend([value] * len(products))
+            keys["product_id"].extend(products)
+            keys["label"].extend(truth.get(p, 0) for p in products)
+            features.append(inputs.features)
+        if not features:
+            return pd.DataFrame(columns=["request_id", *FEATURES])
+        rows = pd.DataFrame({**keys, "label": np.array(keys["label"], dtype=np.int8)})
+        return pd.concat([rows, pd.DataFrame(np.concatenate(features), columns=FEATURES)], axis=1)

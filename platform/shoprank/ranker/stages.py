@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -20,6 +21,9 @@ from ray.train.xgboost import RayTrainReportCallback
 
 from shoprank.config import Config
 from shoprank.data.io import PartFilenames, pool_takes_every_cpu
+from shoprank.encoder.model import encode
+from shoprank.encoder.text import QUERY_MAX_LENGTH
+from shoprank.ranker.context import load_run_encoder
 from shoprank.ranker.dataset import RequestFeatures, build_requests
 from shoprank.ranker.train import read_features, save_ranker, train_ranker, with_positives
 from shoprank.store.run import Run, StageRecord
@@ -38,15 +42,29 @@ def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot:
     The features stage, the evaluation's zero-shot rows and an incremental update's rows
     (``new_events`` join the run's event log) all come through here.
     """
+    queries = requests["query"].dropna().unique().tolist()
+    # a list and a matrix, not a dict of vectors: Ray Data prints every value of a dict argument into the
+    # dataset's metadata (array2string per query: 9 s for the demo's queries)
+    query_vectors = embed_queries(config, run, queries, zero_shot=zero_shot)
     actors = config.ranker.feature_actors
     # Split in the driver: a repartition task would wait for a CPU beside a pool that holds them all.
     size = REQUESTS_PER_BATCH * 4
     blocks = [requests.iloc[start:start + size] for start in range(0, len(requests), size)] or [requests]
     return ray.data.from_pandas(blocks).map_batches(
         RequestFeatures,
-        fn_constructor_args=(config.model_dump(mode="json"), run, zero_shot, new_events),
+        fn_constructor_args=(config.model_dump(mode="json"), run, queries, query_vectors, zero_shot, new_events),
         compute=ActorPoolStrategy(size=actors), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
     )
+
+
+def embed_queries(config: Config, run: Run, queries: list[str], *, zero_shot: bool) -> np.ndarray:
+    """The queries embedded (a row each) by the run's fine-tuned encoder (or the pretrained one, ``zero_shot``),
+    here, once: the feature actors then load no encoder (about 7 s of CPU per actor for the imports alone),
+    and the queries are bounded by ``ranker.max_requests`` per split."""
+    if not queries:
+        return np.zeros((0, 0), np.float32)
+    encoder, tokenizer = load_run_encoder(config, run, zero_shot=zero_shot)
+    return encode(encoder, tokenizer, queries, QUERY_MAX_LENGTH)
 
 
 def build_features(config: Config, run: Run, record: StageRecord) -> None:

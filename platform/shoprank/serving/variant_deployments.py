@@ -62,7 +62,8 @@ class QueryEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, queries: list[str]) -> list[np.ndarray]:
-        from shoprank.encoder.model import QUERY_MAX_LENGTH, encode
+        from shoprank.encoder.model import encode
+        from shoprank.encoder.text import QUERY_MAX_LENGTH
 
         vectors = encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH, device=self.device)
         return list(vectors)
