@@ -108,6 +108,7 @@ LIGHT_MODULES = {
     "shoprank.serving.deployments": ("the ingress, event-store and user-state replicas", ()),
     "shoprank.serving.app": ("the process that binds and deploys the Serve app", ()),
     "shoprank.sweep": ("each Tune trial's process", ()),
+    "shoprank.stages": ("a job that runs some stages (jobs/preprocess.py runs the data stages)", ("faiss",)),
     # last: it may import FAISS (it retrieves), and an earlier module's FAISS would go unnoticed after it
     "shoprank.ranker.dataset": ("each feature actor (the features stage, the evaluation's zero-shot rows, an update)",
                                 ("faiss",)),

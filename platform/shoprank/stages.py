@@ -1,7 +1,7 @@
 """The pipeline's stages in their one order, and the one runner that skips, resumes, times and records them.
 
 A :class:`Stage` names its body (a function of the config, the run and the record
-it fills, living in its own package), the paths it writes, the config it reads and
+it fills, living in its own package and imported only when the stage runs), the paths it writes, the config it reads and
 the stages before it. Its identity (:func:`stage_hash`) is derived, never listed by
 hand: the hash of its own config sections (or the part of a section it reads), a
 version for what its code writes, and the hashes of its upstream stages. So changing
@@ -20,6 +20,7 @@ manifest entry is written (:meth:`shoprank.store.run.Run.record_stage`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -28,13 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoprank.config import Config
-from shoprank.data.ingest import ingest, ingest_outputs
-from shoprank.data.preprocess import preprocess, preprocess_outputs
-from shoprank.encoder.stages import EMBED_OUTPUTS, ENCODER_OUTPUTS, embed_and_index, fine_tune
+from shoprank.data.ingest import ingest_outputs
+from shoprank.data.preprocess import preprocess_outputs
+from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.errors import ConfigError, ShopRankError
-from shoprank.evaluation.offline import EVALUATE_OUTPUTS, evaluate_offline
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION
-from shoprank.ranker.stages import FEATURE_OUTPUTS, RANKER_OUTPUTS, build_features, fit_ranker
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -78,21 +77,36 @@ def _fixed(paths: list[str]) -> Callable[[Config], list[str]]:
     return lambda config: list(paths)
 
 
+def _body(path: str) -> Body:
+    """The stage body ``module:function``, imported when the stage runs: a job that runs the data stages alone
+    (``jobs/preprocess.py``) then imports no PyTorch, transformers or XGBoost, about 8 s of CPU here."""
+    module, function = path.split(":")
+
+    def run_body(config: Config, run: Run, record: StageRecord) -> None:
+        getattr(importlib.import_module(module), function)(config, run, record)
+
+    run_body.__qualname__ = path
+    return run_body
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ingest, ingest_outputs, sections=("source",)),
-    Stage("preprocess", preprocess, lambda config: preprocess_outputs(), sections=("preprocess",),
-          upstream=("ingest",), inputs=("data/records",)),
-    Stage("encoder", fine_tune, _fixed(ENCODER_OUTPUTS), sections=("encoder",), upstream=("preprocess",),
+    Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",)),
+    Stage("preprocess", _body("shoprank.data.preprocess:preprocess"), lambda config: preprocess_outputs(),
+          sections=("preprocess",), upstream=("ingest",), inputs=("data/records",)),
+    Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),
+          sections=("encoder",), upstream=("preprocess",),
           inputs=("data/products", "data/query_pairs", "data/coengagement", "data/user_histories")),
-    Stage("embed", embed_and_index, _fixed(EMBED_OUTPUTS), sections=("embed",), upstream=("encoder",),
-          inputs=("encoder/model", "data/products", "data/user_histories")),
-    Stage("features", build_features, _fixed(FEATURE_OUTPUTS), sections=("retrieval",), settings=feature_settings,
-          upstream=("embed",), version=f"features-v{FEATURE_SCHEMA_VERSION}",
+    Stage("embed", _body("shoprank.encoder.stages:embed_and_index"),
+          _fixed(["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]),
+          sections=("embed",), upstream=("encoder",), inputs=("encoder/model", "data/products", "data/user_histories")),
+    Stage("features", _body("shoprank.ranker.stages:build_features"), _fixed(["ranker/features"]),
+          sections=("retrieval",), settings=feature_settings, upstream=("embed",),
+          version=f"features-v{FEATURE_SCHEMA_VERSION}",
           inputs=("embeddings", "index", "encoder/model", "data/products", "data/events", "data/query_pairs")),
-    Stage("ranker", fit_ranker, _fixed(RANKER_OUTPUTS), sections=("ranker",), upstream=("features",),
-          inputs=("ranker/features",)),
-    Stage("evaluate", evaluate_offline, _fixed(EVALUATE_OUTPUTS), upstream=("ranker",),
-          inputs=("ranker/features", "ranker/model", "embeddings/zero_shot_products")),
+    Stage("ranker", _body("shoprank.ranker.stages:fit_ranker"), _fixed(["ranker/ray", "ranker/model"]),
+          sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
+    Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
+          upstream=("ranker",), inputs=("ranker/features", "ranker/model", "embeddings/zero_shot_products")),
 )
 """Every stage of a run, in the order they run: the only list of them."""
 

@@ -46,9 +46,6 @@ from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
 
-ENCODER_OUTPUTS = ["encoder/ray", "encoder/model"]
-EMBED_OUTPUTS = ["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]
-
 
 def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
     """Train on Ray Train, then export the best-last checkpoint as adapter + merged model; with nothing to

@@ -30,7 +30,6 @@ from shoprank.ranker.stages import feature_rows
 from shoprank.ranker.train import load_ranker, predict, read_features
 from shoprank.store.run import Run, StageRecord
 
-EVALUATE_OUTPUTS = ["evaluation"]
 K = 10
 
 

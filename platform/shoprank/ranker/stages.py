@@ -30,8 +30,6 @@ from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
 
-FEATURE_OUTPUTS = ["ranker/features"]
-RANKER_OUTPUTS = ["ranker/ray", "ranker/model"]
 REQUESTS_PER_BATCH = 64
 
 
