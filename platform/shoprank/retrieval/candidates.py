@@ -159,7 +159,7 @@ class Catalogue:
         extra = 0 if excluded is None else len(excluded)
         _, found = self.index.search(vector.reshape(1, -1).astype(np.float32), n + extra)
         rows = self.index_rows[found[0][found[0] >= 0]]
-        return _without(rows, excluded)[:n]
+        return _without(rows, excluded, n)
 
     def user_vector(self, history: History, now_s: float, half_life_days: float) -> np.ndarray | None:
         """The user's embedding at ``now_s`` (the function the embed stage uses for every user)."""
@@ -186,8 +186,8 @@ class Catalogue:
             lists["coengaged"] = _interleave(neighbours, n)
             favourites = np.bincount(self.stats.category[history.product_rows]).argsort()[::-1][:FAVOURITE_CATEGORIES]
             department = int(np.bincount(self.stats.department[history.product_rows]).argmax())
-            popular = [_without(self.popular_in[int(c)], excluded)[:n] for c in favourites]
-            popular.append(_without(self.popular_in_department[department], excluded)[:n])
+            popular = [_without(self.popular_in[int(c)], excluded, n) for c in favourites]
+            popular.append(_without(self.popular_in_department[department], excluded, n))
             lists["popular"] = _interleave(popular, n * len(popular))
         else:
             lists["popular"] = _interleave([self.popular[:n], self.trending[:n]], n)
@@ -196,7 +196,7 @@ class Catalogue:
         positive = np.flatnonzero(cf_score > 0)
         # new products only: what the user already saw comes back through the other sources if at all
         ranked = positive[np.argsort(-cf_score[positive], kind="stable")]
-        lists["collaborative"] = _without(ranked, np.unique(history.product_rows))[:n]
+        lists["collaborative"] = _without(ranked, history.product_rows, n)
         return self._merge(lists, user_vector, None, cf_score, cf_recent)
 
     def excluded_rows(self, history: History) -> np.ndarray:
@@ -228,11 +228,22 @@ class Catalogue:
         )
 
 
-def _without(rows: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
-    """``rows`` in their order, less the ``excluded`` ones."""
+def _without(rows: np.ndarray, excluded: np.ndarray | None, limit: int | None = None) -> np.ndarray:
+    """The first ``limit`` (all: None) of ``rows`` (each row once) in their order, less the ``excluded`` ones.
+
+    A set and a loop that stops at ``limit``, not ``np.isin``: the lists are short or only their head is
+    kept, and ``np.isin`` sorted both arrays on every call (a tenth of a feature actor's time)."""
     if excluded is None or not len(excluded) or not len(rows):
-        return rows
-    return rows[~np.isin(rows, excluded)]
+        return rows[:limit]
+    left_out = set(excluded.tolist())
+    head = rows if limit is None else rows[: limit + len(left_out)]  # enough to keep ``limit`` of them
+    kept: list[int] = []
+    for row in head.tolist():
+        if row not in left_out:
+            kept.append(row)
+            if len(kept) == limit:
+                break
+    return np.array(kept, dtype=rows.dtype)
 
 
 def _interleave(lists: list[np.ndarray], n: int) -> np.ndarray:
