@@ -84,10 +84,12 @@ def _embed_actor_class() -> type:
 
 
 def ray_embed_benchmark(config: Any, run: Any, actors: int) -> tuple[dict[str, Any], pa.Table]:
-    """The library's Ray Data job (``embed_catalogue``, as ``embed_and_index`` runs it) into a scratch folder of
-    the run (removed afterwards); (figures, output by product id)."""
+    """The library's Ray Data job (``embed_catalogue``, as ``embed_and_index`` runs it for what the encoder's
+    evaluation did not embed) into a scratch folder of the run (removed afterwards); (figures, output by product
+    id)."""
     from shoprank.data.io import read_table
-    from shoprank.encoder.stages import FINE_TUNED, embed_catalogue
+    from shoprank.encoder.stages import embed_catalogue
+    from shoprank.encoder.train import FINE_TUNED
 
     embed = config.embed
     scratch = ("bench", "embeddings")
