@@ -50,3 +50,10 @@ def build_index(embeddings: np.ndarray, config: EmbedConfig) -> faiss.Index:
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, row numbers) of the top ``k`` products per query; row -1 where fewer exist."""
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def embedding_matrix(embedded: pa.Table, product_ids: list[str]) -> np.ndarray:
+    """The ``embedding`` column of an (id, embedding) table as a matrix in ``product_ids`` order."""
+    position = {p: i for i, p in enumerate(embedded.column("product_id").to_pylist())}
+    matrix = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return matrix[[position[p] for p in product_ids]]

@@ -44,7 +44,7 @@ from ray.train.torch import TorchTrainer
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, training_tables
-from shoprank.encoder.index import embedding_table
+from shoprank.encoder.index import embedding_matrix, embedding_table
 from shoprank.encoder.model import encode, load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
 from shoprank.entrypoint import check_gpu, fit
@@ -109,7 +109,7 @@ def load_zero_shot_catalogue(checkpoint: Checkpoint, product_ids: list[str]) -> 
         table = pq.read_table(path)
     if table.column("product_id").to_pylist() != product_ids:
         return None
-    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return embedding_matrix(table, product_ids)
 
 
 # --------------------------------------------------------------------------- worker loop

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from shoprank.config import Config, RetrievalConfig, ServeConfig
 from shoprank.data.io import read_table
 from shoprank.data.schema import ESCI_LABELS
-from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
+from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, embedding_matrix
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.errors import ShopRankError
 from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
@@ -159,13 +159,6 @@ def load_run_encoder(config: Config, run: Run, *, zero_shot: bool) -> tuple[Text
     from shoprank.encoder.model import load_encoder, load_encoder_from_config
 
     return load_encoder_from_config(config.encoder) if zero_shot else load_encoder(run.local_path("encoder", "model"))
-
-
-def embedding_matrix(embedded: pa.Table, product_ids: list[str]) -> np.ndarray:
-    """The ``embedding`` column of an (id, embedding) table as a matrix in ``product_ids`` order."""
-    position = {p: i for i, p in enumerate(embedded.column("product_id").to_pylist())}
-    matrix = np.stack(embedded.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    return matrix[[position[p] for p in product_ids]]
 
 
 def load_product_stats(config: Config, run: Run) -> ProductStats:
