@@ -3,8 +3,9 @@
 A benchmark that no test runs rots: ``benchmarks/embed.py`` once kept calling the
 embedding job with the arguments it had before the job changed. Each script runs as
 a user runs it, a subprocess with its own local Ray cluster where it starts one, on
-the session's tiny run where it needs a trained one. ``embed.py`` is in the default
-suite; the others take a minute or more each and are ``slow`` (``make test-all``).
+the session's tiny run where it needs a trained one. Each starts its own cluster and takes
+half a minute to minutes, so all of them are ``slow``: ``make test-all`` is the smoke test
+of every benchmark (speed is measured there, never asserted).
 ``gpu_encoder_check.py`` is not a benchmark but the GPU check (it needs a GPU).
 """
 
@@ -43,6 +44,7 @@ def run_overrides(config: Config) -> list[str]:
     return [f"run.root={config.run.root}", f"run.name={config.run.name}", f"encoder.model={config.encoder.model}"]
 
 
+@pytest.mark.slow
 def test_embed(tiny_trained: tuple[Config, Run]) -> None:
     config, run = tiny_trained
     sets = [word for value in run_overrides(config) for word in ("--set", value)]

@@ -36,7 +36,8 @@ SHAPES: dict[str, tuple[Callable[[Path], list[str]], set[str]]] = {
     "jsonl": (write_jsonl_shop, {"search", "recommend"}),
 }
 """Shape -> (fixture writer, the tasks its evaluation has figures for)."""
-FAST = ["run.name=shape", "encoder.train.epochs=1", "ranker.num_boost_round=10"]
+# one XGBoost worker: the session's run trains with two; a worker more is a process start more here
+FAST = ["run.name=shape", "encoder.train.epochs=1", "ranker.num_boost_round=10", "ranker.num_workers=1"]
 
 
 def shape_config(root: Path, source: list[str], *extra: str) -> Config:

@@ -1,9 +1,11 @@
 """The front door on a fresh machine: the real `shoprank cluster up` with an empty HOME (no
-``~/.ray``), a job submitted with `ray job submit`, then `shoprank cluster down`."""
+``~/.ray``), the preprocessing job submitted with `ray job submit` as `make demo` submits its
+job (the CLI is a client of Ray's job SDK), then `shoprank cluster down`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -17,10 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import requests
 
 from shoprank.entrypoint import free_port
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _processes_of(home: Path, temp_dir: str) -> list[psutil.Process]:
@@ -89,8 +93,10 @@ def head(tmp_path: Path) -> Iterator[Head]:
     shutil.rmtree(started.temp_dir, ignore_errors=True)
 
 
-@pytest.mark.timeout(300)
-def test_cluster_up_on_a_fresh_home_runs_a_job_and_down_leaves_nothing(ray_local: None, head: Head) -> None:
+@pytest.mark.timeout(600)
+def test_cluster_up_on_a_fresh_home_runs_a_job_and_down_leaves_nothing(
+    ray_local: None, head: Head, tmp_path: Path
+) -> None:
     up = head.cluster("up")
     assert up.returncode == 0, up.stdout + up.stderr
     token = head.home / ".ray" / "auth_token"
@@ -99,12 +105,23 @@ def test_cluster_up_on_a_fresh_home_runs_a_job_and_down_leaves_nothing(ray_local
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert len(token.read_text().strip()) == 64  # Ray's generator: 32 random bytes, hex
 
+    jobs_api = f"{head.dashboard_url}/api/jobs/"
+    assert requests.get(jobs_api, timeout=10).status_code == 401, "a client without the token is refused"
+    bearer = {"Authorization": f"Bearer {token.read_text().strip()}"}
+    assert requests.get(jobs_api, headers=bearer, timeout=10).status_code == 200
+
+    runs = tmp_path / "runs"
     job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--",
-         "python", "-c", "import ray; ray.init(); print('answer', ray.get(ray.remote(lambda: 41).remote()) + 1)"],
-        env=head.env, capture_output=True, text=True, timeout=180,
+        [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO), "--",
+         "python", "jobs/preprocess.py", "--config", "tiny", "--set", f"run.root={runs}",
+         "--set", "source.synthetic.num_sessions=300"],
+        env=head.env, capture_output=True, text=True, timeout=400,
     )
-    assert job.returncode == 0 and "answer 42" in job.stdout and "succeeded" in job.stdout, job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+    assert f"run directory: {runs / 'tiny'}" in job.stdout
+    manifest = json.loads((runs / "tiny" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"ingest", "preprocess"}
+    assert manifest["stages"]["preprocess"]["rows"]["query_pairs"] > 0
 
     before = _processes_of(head.home, head.temp_dir)
     client_server = [p for p in before if "ray.util.client.server" in p.cmdline()]

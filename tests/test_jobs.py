@@ -1,4 +1,8 @@
-"""Entrypoints: submitted to a real `ray start --head` with token auth, and run directly."""
+"""Entrypoints: submitted to a real `ray start --head` with token auth, and run directly.
+
+A job submitted from the command line to a head that `shoprank cluster up` started on a
+fresh HOME, and a client without the token refused, are `test_fresh_home.py`'s test.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from shoprank import cluster as local_cluster
-from shoprank.cluster import LocalCluster, head_env, token_path, wait_for_dashboard
+from shoprank.cluster import LocalCluster, head_env, wait_for_dashboard
 from shoprank.entrypoint import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +49,8 @@ def _kill_cluster(process: subprocess.Popen[bytes], temp_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[LocalCluster]:
-    """A real `ray start --head` on loopback with token authentication, shared by this module's
-    tests (each only reads or submits to it) and stopped after them. That `shoprank cluster
-    down` stops its own head and no other Ray is `test_fresh_home.py`'s test."""
+    """A real `ray start --head` on loopback with token authentication, for the job SDK's
+    submissions, stopped after them."""
     temp_dir = tempfile.mkdtemp(prefix="srh-", dir="/tmp")
     cluster = LocalCluster(free_port(), free_port(), num_cpus=2, temp_dir=temp_dir, client_port=free_port())
     command = cluster.start_command(block=True) + [
@@ -88,38 +90,6 @@ def test_a_local_cluster_tells_every_worker_its_address(ray_local: None) -> None
     assert ray.get(reader.ray_address.remote()) == own
     assert ray.get(reader.ray_address_of_a_detached_child.remote()) == own
     ray.kill(reader)
-
-
-def test_preprocess_job_submitted_with_the_job_sdk(ray_head: LocalCluster, tmp_path: Path) -> None:
-    assert os.environ["RAY_AUTH_MODE"] == "token"  # set by conftest, as a user sets it
-    client = JobSubmissionClient(ray_head.dashboard_url)
-    job_id = client.submit_job(
-        entrypoint=f"python jobs/preprocess.py --config tiny --set run.root={tmp_path} "
-        "--set source.synthetic.num_sessions=300",
-        runtime_env={"working_dir": str(REPO)},
-    )
-    deadline = time.monotonic() + 400
-    status = client.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert f"run directory: {tmp_path / 'tiny'}" in logs
-    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"ingest", "preprocess"}
-    assert manifest["stages"]["preprocess"]["rows"]["query_pairs"] > 0
-    assert (tmp_path / "tiny" / "data" / "query_pairs").is_dir()
-
-
-def test_a_client_without_the_token_is_refused(ray_head: LocalCluster) -> None:
-    anonymous = requests.get(f"{ray_head.dashboard_url}/api/jobs/", timeout=10)
-    assert anonymous.status_code == 401
-    token = token_path().read_text().strip()
-    authorised = requests.get(
-        f"{ray_head.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    )
-    assert authorised.status_code == 200
 
 
 def test_a_bad_config_is_one_clear_line_without_a_traceback() -> None:

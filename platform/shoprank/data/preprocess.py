@@ -43,7 +43,7 @@ from ray.data.context import DataContext, ShuffleStrategy
 
 from shoprank.config import Config, PreprocessConfig
 from shoprank.data.ingest import RECORDS
-from shoprank.data.io import count_rows, read_table, write_dataset, write_table
+from shoprank.data.io import count_rows, read_dataset, read_table, write_dataset, write_table
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_STRENGTH, PRODUCT_SCHEMA
 from shoprank.data.text import normalize_text
 from shoprank.store.run import Run, StageRecord
@@ -321,13 +321,12 @@ def preprocess(config: Config, run: Run, record: StageRecord) -> None:
 
 def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
     steps = _Steps(6, record)
-    fs = run.filesystem_for_ray
 
     def _write(ds: ray.data.Dataset, name: str, schema: pa.Schema) -> None:
         write_dataset(ds, run, "data", name, schema=schema)
 
     def records(name: str) -> ray.data.Dataset:
-        return ray.data.read_parquet(run.uri(*RECORDS, name), filesystem=fs)
+        return read_dataset(run, *RECORDS, name)
 
     def products() -> None:
         categories = read_table(run, *RECORDS, "products", columns=["category"]).column("category")
@@ -367,8 +366,7 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
     @functools.cache
     def train_events() -> ray.data.Dataset:
         """The training events, read and filtered once, then shared by the steps that need them."""
-        events_ds = ray.data.read_parquet(run.uri("data", "events"), filesystem=fs)
-        return events_ds.filter(expr="split == 'train'").materialize()
+        return read_dataset(run, "data", "events").filter(expr="split == 'train'").materialize()
 
     def histories() -> None:
         _write(

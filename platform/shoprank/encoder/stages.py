@@ -27,12 +27,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 from ray.data import ActorPoolStrategy, SaveMode
 
 from shoprank.config import Config, EncoderConfig
-from shoprank.data.io import PartFilenames, pool_takes_every_cpu, read_table, write_table
+from shoprank.data.io import PartFilenames, pool_takes_every_cpu, read_dataset, read_table, write_table
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, build_index, embedding_table
 from shoprank.encoder.model import encode, load_backbone, load_encoder, load_encoder_from_config, save_encoder
 from shoprank.encoder.objectives import build_model
@@ -140,7 +139,7 @@ def embed_catalogue(config: Config, run: Run, targets: dict[str, tuple[str, ...]
     embed = config.embed
     phased = pool_takes_every_cpu(embed.actors)
     # blocks of a few batches, so every actor gets a share (a small catalogue is one file: one block)
-    products = ray.data.read_parquet(run.uri("data", "products"), filesystem=run.filesystem_for_ray).repartition(
+    products = read_dataset(run, "data", "products").repartition(
         target_num_rows_per_block=embed.batch_size * 4)
     if phased:
         products = products.materialize()
