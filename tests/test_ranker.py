@@ -16,6 +16,7 @@ import pytest
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.errors import DataError, ShopRankError
+from shoprank.evaluation.offline import dense_top_k, top_k_of
 from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, rank_inputs
 from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
@@ -41,6 +42,18 @@ def test_ranker_trains_with_two_workers_and_writes_the_evaluation(ranked: tuple[
             assert {"ndcg@10", "recall@10", "mrr", "coverage"} <= set(metrics)
     assert "| search | fine-tuned retrieval + ranker |" in (evaluation / "offline.md").read_text()
     assert (evaluation / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_evaluations_dense_lists_are_the_dense_rows_of_the_features(ranked: tuple[Config, Run]) -> None:
+    """The zero-shot system's path (:func:`dense_top_k`), given the fine-tuned encoder, finds the fine-tuned
+    retrieval's lists that the features stage's rows give: one meaning of "the encoder's retrieval"."""
+    config, run = ranked
+    requests = build_requests(config, run)
+    rows = read_features(run, "test")
+    expected = top_k_of(rows, "cosine", rows["from_dense"] == 1)
+    found = dense_top_k(config, run, requests[requests["split"] == "test"], zero_shot=False)
+    assert len(found) > 10
+    assert found == expected
 
 
 def test_every_request_keeps_its_candidates_together_with_labels(ranked: tuple[Config, Run]) -> None:

@@ -5,9 +5,11 @@ Outputs, under the run: ``evaluation/offline.json``, ``offline.md`` and
 ``offline.png``: popularity, zero-shot retrieval, fine-tuned retrieval and fine-tuned
 retrieval + ranker, scored by NDCG@10, Recall@10, MRR and catalogue coverage.
 
-The zero-shot rows come from the pretrained encoder's catalogue embeddings that the
-embed stage wrote (``embeddings/zero_shot_products``, the files variant A serves), so
-the evaluation embeds no product (only the test queries, with the pretrained encoder).
+The zero-shot system is the dense source of retrieval alone (:func:`dense_top_k`), over the
+pretrained encoder's catalogue embeddings that the embed stage wrote
+(``embeddings/zero_shot_products``, the files variant A serves): the evaluation embeds no
+product (only the test queries, with the pretrained encoder), and builds neither the other
+candidate sources nor the features of a system that has no ranker.
 What is relevant to a request is :func:`shoprank.ranker.dataset.relevance`, the
 function the ranker's labels come from: the two can never disagree on what a good
 answer was.
@@ -24,9 +26,10 @@ import pandas as pd
 
 from shoprank.config import Config
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
+from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, judgments, relevance
 from shoprank.ranker.features import FEATURES
-from shoprank.ranker.stages import feature_rows
+from shoprank.ranker.stages import embed_queries
 from shoprank.ranker.train import load_ranker, predict, read_features
 from shoprank.store.run import Run, StageRecord
 
@@ -38,6 +41,37 @@ def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> 
     rows = frame if mask is None else frame[mask]
     rows = rows.sort_values(["request_id", score, "product_id"], ascending=[True, False, True])
     return {r: g["product_id"].head(K).tolist() for r, g in rows.groupby("request_id", sort=False)}
+
+
+def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool) -> dict[str, list[str]]:
+    """Each request's ``K`` products of the dense source of :func:`~shoprank.ranker.dataset.retrieve` (the
+    query's nearest products, or the user vector's without what the user may not be shown again), by cosine
+    (ties: product id), with the run's fine-tuned encoder or the pretrained one (``zero_shot``).
+
+    The same lists as the dense rows of :func:`~shoprank.ranker.stages.feature_rows` ranked by ``cosine``
+    (a test compares them), in the driver: the demo's zero-shot rows took a pool of feature actors about
+    45 s for what this finds in a few.
+    """
+    context = load_context(config, run, zero_shot=zero_shot, encoder=False)
+    catalogue, ids = context.catalogue, context.catalogue.stats.product_ids
+    queries = requests["query"].dropna().unique().tolist()
+    query_vectors = dict(zip(queries, embed_queries(config, run, queries, zero_shot=zero_shot)))
+    n = config.retrieval.candidates_per_source
+    ranked: dict[str, list[str]] = {}
+    for request in requests.itertuples(index=False):
+        if isinstance(request.query, str):
+            vector = query_vectors[request.query]
+            rows = catalogue.nearest(vector, n)
+        else:
+            history = context.events.history(request.user_id, float(request.ts_s), config.ranker.history_events)
+            vector = catalogue.user_vector(history, float(request.ts_s), config.embed.user_half_life_days)
+            if vector is None:
+                continue
+            rows = catalogue.nearest(vector, n, catalogue.excluded_rows(history))
+        cosine = (catalogue.vectors[rows] @ vector).astype(np.float32)
+        order = sorted(range(len(rows)), key=lambda i: (-cosine[i], ids[rows[i]]))
+        ranked[request.request_id] = [ids[rows[i]] for i in order[:K]]
+    return ranked
 
 
 def qrels_of(requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -64,7 +98,7 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     requests = build_requests(config, run)
     requests = requests[requests["split"] == "test"]
     tuned = read_features(run, "test")
-    zero = feature_rows(config, run, requests, zero_shot=True).to_pandas()
+    zero_shot = dense_top_k(config, run, requests, zero_shot=True)
     booster = load_ranker(run.local_path("ranker", "model"))
     tuned["ranker"] = np.concatenate(
         [predict(booster, g[FEATURES].to_numpy(np.float32)) for _, g in tuned.groupby("request_id", sort=False)]
@@ -75,7 +109,7 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     systems = {
         "popularity": lambda kind: top_k_of(tuned, "popularity", tuned["from_lexical"] == 1) if kind == "search"
         else top_k_of(tuned, "popularity", tuned["from_popular"] == 1),
-        "retrieval (zero-shot encoder)": lambda kind: top_k_of(zero, "cosine", zero["from_dense"] == 1),
+        "retrieval (zero-shot encoder)": lambda kind: zero_shot,
         "retrieval (fine-tuned encoder)": lambda kind: top_k_of(tuned, "cosine", tuned["from_dense"] == 1),
         "fine-tuned retrieval + ranker": lambda kind: top_k_of(tuned, "ranker"),
     }

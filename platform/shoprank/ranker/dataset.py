@@ -150,10 +150,10 @@ class RequestFeatures:
 
     def __init__(
         self, config: dict[str, Any], run: Run, queries: list[str], query_vectors: np.ndarray,
-        zero_shot: bool = False, new_events: pa.Table | None = None,
+        new_events: pa.Table | None = None,
     ) -> None:
         self.config = Config.model_validate(config)
-        self.context = load_context(self.config, run, zero_shot=zero_shot, new_events=new_events, encoder=False)
+        self.context = load_context(self.config, run, new_events=new_events, encoder=False)
         self.judgments = judgments(run)
         self.query_vectors = dict(zip(queries, query_vectors))
 

@@ -33,24 +33,24 @@ log = logging.getLogger(__name__)
 REQUESTS_PER_BATCH = 64
 
 
-def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool = False,
+def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *,
                  new_events: pa.Table | None = None) -> ray.data.Dataset:
     """Requests -> candidate rows with features and labels (Ray Data, one context per actor).
 
-    The features stage, the evaluation's zero-shot rows and an incremental update's rows
-    (``new_events`` join the run's event log) all come through here.
+    The features stage and an incremental update's rows (``new_events`` join the run's event log) come
+    through here.
     """
     queries = requests["query"].dropna().unique().tolist()
     # a list and a matrix, not a dict of vectors: Ray Data prints every value of a dict argument into the
     # dataset's metadata (array2string per query: 9 s for the demo's queries)
-    query_vectors = embed_queries(config, run, queries, zero_shot=zero_shot)
+    query_vectors = embed_queries(config, run, queries, zero_shot=False)
     actors = config.ranker.feature_actors
     # Split in the driver: a repartition task would wait for a CPU beside a pool that holds them all.
     size = REQUESTS_PER_BATCH * 4
     blocks = [requests.iloc[start:start + size] for start in range(0, len(requests), size)] or [requests]
     return ray.data.from_pandas(blocks).map_batches(
         RequestFeatures,
-        fn_constructor_args=(config.model_dump(mode="json"), run, queries, query_vectors, zero_shot, new_events),
+        fn_constructor_args=(config.model_dump(mode="json"), run, queries, query_vectors, new_events),
         compute=ActorPoolStrategy(size=actors), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
     )
 
