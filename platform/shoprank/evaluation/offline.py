@@ -27,7 +27,7 @@ import pandas as pd
 from shoprank.config import Config
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
 from shoprank.ranker.context import load_context
-from shoprank.ranker.dataset import build_requests, judgments, relevance
+from shoprank.ranker.dataset import build_requests, judgments, relevance, retrieve
 from shoprank.ranker.features import FEATURES
 from shoprank.ranker.stages import embed_queries
 from shoprank.ranker.train import load_ranker, predict, read_features
@@ -44,33 +44,25 @@ def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> 
 
 
 def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool) -> dict[str, list[str]]:
-    """Each request's ``K`` products of the dense source of :func:`~shoprank.ranker.dataset.retrieve` (the
-    query's nearest products, or the user vector's without what the user may not be shown again), by cosine
+    """Each request's ``K`` products of the dense source of :func:`~shoprank.ranker.dataset.retrieve`, by cosine
     (ties: product id), with the run's fine-tuned encoder or the pretrained one (``zero_shot``).
 
-    The same lists as the dense rows of :func:`~shoprank.ranker.stages.feature_rows` ranked by ``cosine``
-    (a test compares them), in the driver: the demo's zero-shot rows took a pool of feature actors about
-    45 s for what this finds in a few.
+    Retrieval itself (``dense_only``), without the other sources and the features of every candidate: the same
+    lists as the dense rows of :func:`~shoprank.ranker.stages.feature_rows` ranked by ``cosine`` (a test compares
+    them), in the driver. The demo's zero-shot rows took a pool of feature actors about 45 s.
     """
     context = load_context(config, run, zero_shot=zero_shot, encoder=False)
-    catalogue, ids = context.catalogue, context.catalogue.stats.product_ids
+    ids = context.catalogue.stats.product_ids
     queries = requests["query"].dropna().unique().tolist()
     query_vectors = dict(zip(queries, embed_queries(config, run, queries, zero_shot=zero_shot)))
-    n = config.retrieval.candidates_per_source
     ranked: dict[str, list[str]] = {}
     for request in requests.itertuples(index=False):
-        if isinstance(request.query, str):
-            vector = query_vectors[request.query]
-            rows = catalogue.nearest(vector, n)
-        else:
-            history = context.events.history(request.user_id, float(request.ts_s), config.ranker.history_events)
-            vector = catalogue.user_vector(history, float(request.ts_s), config.embed.user_half_life_days)
-            if vector is None:
-                continue
-            rows = catalogue.nearest(vector, n, catalogue.excluded_rows(history))
-        cosine = (catalogue.vectors[rows] @ vector).astype(np.float32)
-        order = sorted(range(len(rows)), key=lambda i: (-cosine[i], ids[rows[i]]))
-        ranked[request.request_id] = [ids[rows[i]] for i in order[:K]]
+        query = request.query if isinstance(request.query, str) else None
+        history = context.events.history(request.user_id, float(request.ts_s), config.ranker.history_events)
+        candidates = retrieve(context, history, query, query_vectors.get(query), float(request.ts_s), dense_only=True)
+        if len(candidates.rows):
+            order = sorted(range(len(candidates.rows)), key=lambda i: (-candidates.cosine[i], ids[candidates.rows[i]]))
+            ranked[request.request_id] = [ids[candidates.rows[i]] for i in order[:K]]
     return ranked
 
 

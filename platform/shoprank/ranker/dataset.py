@@ -51,14 +51,15 @@ class RankInputs:
 
 
 def retrieve(context: RankingContext, history: History, query: str | None, query_vector: np.ndarray | None,
-             now_s: float) -> Candidates:
-    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s``."""
+             now_s: float, *, dense_only: bool = False) -> Candidates:
+    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s`` (``dense_only``: the
+    encoder's source alone)."""
     config = context.config
     n = config.retrieval.candidates_per_source
     if query is not None:
-        return context.catalogue.search(query, query_vector, n)
+        return context.catalogue.search(query, query_vector, n, dense_only=dense_only)
     vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
-    return context.catalogue.recommend(vector, history, n)
+    return context.catalogue.recommend(vector, history, n, dense_only=dense_only)
 
 
 def rank_inputs(

@@ -168,18 +168,25 @@ class Catalogue:
         ages = (now_s - history.ts_s) / 86_400.0
         return user_embedding(self.vectors[history.product_rows], history.event_types, ages, half_life_days)
 
-    def search(self, query: str, query_vector: np.ndarray, n: int) -> Candidates:
+    def search(self, query: str, query_vector: np.ndarray, n: int, *, dense_only: bool = False) -> Candidates:
+        """A search's candidates; ``dense_only``: the encoder's alone (the offline evaluation's retrieval rows)."""
+        lists = {"dense": self.nearest(query_vector, n)}
+        if dense_only:
+            return self._merge(lists, query_vector, None)
         bm25 = self.bm25_scores(query)
         lexical = np.argsort(-bm25, kind="stable")[:n]
-        lexical = lexical[bm25[lexical] > 0]
-        lists = {"dense": self.nearest(query_vector, n), "lexical": lexical}
+        lists["lexical"] = lexical[bm25[lexical] > 0]
         return self._merge(lists, query_vector, bm25)
 
-    def recommend(self, user_vector: np.ndarray | None, history: History, n: int) -> Candidates:
+    def recommend(self, user_vector: np.ndarray | None, history: History, n: int, *,
+                  dense_only: bool = False) -> Candidates:
+        """A recommendation's candidates; ``dense_only``: the encoder's alone (the offline evaluation's)."""
         lists: dict[str, np.ndarray] = {}
         excluded = self.excluded_rows(history)
         if user_vector is not None:
             lists["dense"] = self.nearest(user_vector, n, excluded)
+        if dense_only:
+            return self._merge(lists, user_vector, None)
         if len(history):
             recent = list(dict.fromkeys(history.product_rows[::-1].tolist()))[:RECENT_ITEMS]
             neighbours = [_without(self.coengaged.get(r, np.zeros(0, np.int64)), excluded) for r in recent]
