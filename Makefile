@@ -17,7 +17,7 @@ PRESET ?= demo
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-all bench cluster-up cluster-down stop clean
+.PHONY: setup postgres demo test test-all bench cluster-up cluster-down stop clean
 
 setup: $(STAMP)
 
@@ -51,15 +51,22 @@ demo: cluster-up
 	$(BIN)/shoprank ui --detach --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Stop the web page, the Serve app and the local Ray head with: make stop"
 
+# The event-store tests start a throwaway PostgreSQL server (Debian's initdb and pg_ctl).
+POSTGRES_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
-test: setup $(CHROMIUM)
+postgres:
+	@test -n "$(POSTGRES_INITDB)" || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends postgresql; }
+
+test: setup $(CHROMIUM) postgres
 	$(BIN)/python -m pytest
 
 # the slow tests include every benchmark's smallest setting, and benchmarks/recommend.py needs the bench extra
-test-all: setup $(CHROMIUM)
+test-all: setup $(CHROMIUM) postgres
 	$(UV_INSTALL) -e ".[dev,bench]"
 	$(BIN)/python -m pytest -m "slow or not slow"
 

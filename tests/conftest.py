@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray cluster per test session, and one tiny run built once."""
+"""Shared fixtures: one local Ray cluster per test session, one tiny run built once, one PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from postgres import PostgresServer
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.entrypoint import free_port, local_ray_options
-from shoprank.serving.app import AppArgs, deploy
+from shoprank.serving.app import APP_NAME, AppArgs, deploy
 from shoprank.serving.variants import register_variants
-from shoprank.store.events import SqliteEventStore
+from shoprank.store.events import open_event_store
 from shoprank.store.run import Run
 from shoprank.stages import run_stages
 
@@ -95,17 +96,19 @@ def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
 
 
 class App:
-    """The deployed app: its args, URL, event database and an HTTP client."""
+    """The deployed app: its args, name, URL, event store (``serve.event_db``) and an HTTP client."""
 
-    def __init__(self, config: Config, run: Run, args: AppArgs, db: Path) -> None:
+    def __init__(self, config: Config, run: Run, args: AppArgs, db: str, name: str = APP_NAME,
+                 route_prefix: str = "/") -> None:
         self.config, self.run, self.args, self.db = config, run, args, db
-        self.url = f"http://127.0.0.1:{config.serve.port}"
+        self.name, self.route_prefix = name, route_prefix
+        self.url = f"http://127.0.0.1:{config.serve.port}{route_prefix.rstrip('/')}"
         self.http = httpx.Client(base_url=self.url, timeout=60.0)
         products = read_table(run, "data", "products", columns=["product_id", "category"]).to_pylist()
         self.category_of = {p["product_id"]: p["category"] for p in products}
 
     def deploy(self) -> None:
-        deploy(self.args)
+        deploy(self.args, name=self.name, route_prefix=self.route_prefix)
         self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 240.0) -> None:
@@ -123,11 +126,20 @@ class App:
         return self.http.post(path, json=body)
 
     def stored_event_ids(self) -> set[str]:
-        store = SqliteEventStore(self.db)
+        store = open_event_store(self.db)
         try:
             return set(store.events().column("event_id").to_pylist())
         finally:
             store.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (Debian's), started in a temporary directory for the session and stopped after."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -139,16 +151,23 @@ def serve_port(ray_local: None) -> Iterator[int]:
     serve.shutdown()
 
 
-@pytest.fixture(scope="session")
-def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def deploy_app(ranked: tuple[Config, Run], port: int, db: str, name: str = APP_NAME, route_prefix: str = "/",
+               *overrides: str) -> App:
+    """The ranked tiny run's variants deployed as app ``name`` under ``route_prefix``, its events in ``db``, with
+    more config ``overrides``."""
     config, run = ranked
     register_variants(config, run)
-    db = tmp_path_factory.mktemp("serve") / "events.sqlite"
-    port = serve_port
-    overrides = [f"run.root={config.run.root}", f"run.name={run.name}", f"encoder.model={config.encoder.model}",
-                 f"serve.port={port}", f"serve.event_db={db}", "serve.max_query_chars=80"]
+    settings = [f"run.root={config.run.root}", f"run.name={run.name}", f"encoder.model={config.encoder.model}",
+                f"serve.port={port}", f"serve.event_db={db}", "serve.max_query_chars=80", *overrides]
     served = App(config.model_copy(update={"serve": config.serve.model_copy(update={"port": port})}), run,
-                 AppArgs(config="tiny", overrides=overrides), db)
+                 AppArgs(config="tiny", overrides=settings), db, name, route_prefix)
     served.deploy()
+    return served
+
+
+@pytest.fixture(scope="session")
+def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The session's app, its events in SQLite."""
+    served = deploy_app(ranked, serve_port, str(tmp_path_factory.mktemp("serve") / "events.sqlite"))
     yield served
     served.http.close()

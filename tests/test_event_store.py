@@ -1,19 +1,25 @@
-"""The durable event store: WAL + synchronous=FULL, all-or-nothing batches, survives a killed writer."""
+"""The durable event store on both backends (an SQLite file; a real PostgreSQL server started by the tests):
+all-or-nothing batches, survives a killed writer, exports, impressions; SQLite's WAL + FULL sync and its
+online backup and restore."""
 
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shoprank.config import TableFile
+from postgres import PostgresServer
+from shoprank.cli import main
+from shoprank.config import TableFile, load_config
 from shoprank.data.readers import read_table as read_records
-from shoprank.errors import DataError
-from shoprank.store.events import Impression, SqliteEventStore
+from shoprank.errors import ConfigError, DataError
+from shoprank.store.events import EventStore, Impression, PostgresEventStore, SqliteEventStore, open_event_store
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -24,14 +30,41 @@ def event(i: int, **changes: object) -> dict:
             "request_id": "R1", "variant": "B", **changes}
 
 
-def test_the_database_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+def shoprank(argv: list[str]) -> int:
+    """The ``shoprank`` command's exit status (a user error exits with 2 through ``SystemExit``)."""
+    try:
+        return main(argv)
+    except SystemExit as exited:
+        return int(exited.code)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new store's ``serve.event_db``: an SQLite file, or an empty database of the session's server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "events.db")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.database()
+
+
+@pytest.fixture
+def store(location: str) -> Iterator[EventStore]:
+    opened = open_event_store(location)
+    yield opened
+    opened.close()
+
+
+def test_each_location_opens_its_backend(location: str, store: EventStore) -> None:
+    assert isinstance(store, PostgresEventStore if location.startswith("postgresql://") else SqliteEventStore)
+
+
+def test_the_sqlite_database_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
     store = SqliteEventStore(tmp_path / "events.db")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
-    store = SqliteEventStore(tmp_path / "events.db")
+def test_a_batch_is_stored_whole_or_not_at_all(store: EventStore) -> None:
     assert store.append([event(1), event(2)]) == 2
     with pytest.raises(DataError, match="event_id already stored"):
         store.append([event(3), event(1)])  # E1 again: E3 must not stay either
@@ -39,15 +72,19 @@ def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
         store.append([event(4), event(5, event_type="hover")])
     with pytest.raises(DataError, match="row 1.*'user_id'"):
         store.append([event(6, user_id="")])
-    assert store.events().column("event_id").to_pylist() == ["E1", "E2"]
+    with pytest.raises(DataError, match="row 2.*query holds a NUL"):  # PostgreSQL text cannot hold one: nor SQLite's
+        store.append([event(7), event(8, query="sofa\x00")])
+    assert store.append([event(9, ts=dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc), query="\u00e9t\u00e9 \U0001f6cb")]) == 1
+    stored = store.events()
+    assert stored.column("event_id").to_pylist() == ["E1", "E2", "E9"]
+    assert stored.column("query").to_pylist()[-1] == "\u00e9t\u00e9 \U0001f6cb"
 
 
-def test_accepted_events_survive_a_killed_writer(tmp_path: Path) -> None:
-    path = tmp_path / "events.db"
+def test_accepted_events_survive_a_killed_writer(location: str) -> None:
     writer = textwrap.dedent(f"""
         import datetime as dt, os, signal
-        from shoprank.store.events import SqliteEventStore
-        store = SqliteEventStore({str(path)!r})
+        from shoprank.store.events import open_event_store
+        store = open_event_store({location!r})
         t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
         for i in range(50):
             store.append([{{"event_id": f"K{{i}}-{{j}}", "user_id": "U", "session_id": "S", "product_id": "P",
@@ -57,11 +94,10 @@ def test_accepted_events_survive_a_killed_writer(tmp_path: Path) -> None:
     """)
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
     assert "accepted" in done.stdout and done.returncode == -9, done.stderr
-    assert SqliteEventStore(path).events().num_rows == 200
+    assert open_event_store(location).events().num_rows == 200
 
 
-def test_export_is_read_back_by_the_event_reader(tmp_path: Path) -> None:
-    store = SqliteEventStore(tmp_path / "events.db")
+def test_export_is_read_back_by_the_event_reader(store: EventStore, tmp_path: Path) -> None:
     store.append([event(i) for i in range(10)])
     assert store.export_parquet(tmp_path / "out" / "events.parquet", since=T0 + dt.timedelta(seconds=4)) == 6
     table = read_records(TableFile(path=str(tmp_path / "out" / "events.parquet")), "events")
@@ -69,9 +105,52 @@ def test_export_is_read_back_by_the_event_reader(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "events.parquet.partial").exists()
 
 
-def test_impressions_round_trip(tmp_path: Path) -> None:
-    store = SqliteEventStore(tmp_path / "events.db")
+def test_impressions_round_trip(location: str, store: EventStore) -> None:
     shown = [Impression("R1", "U1", "A", f"P{i}", i + 1, T0, forced=i == 0) for i in range(3)]
     store.log_impressions(shown)
     store.close()
-    assert SqliteEventStore(tmp_path / "events.db").impressions() == shown
+    assert open_event_store(location).impressions() == shown
+
+
+def test_a_server_that_cannot_be_used_is_named_without_its_password(postgres_server: PostgresServer) -> None:
+    missing = postgres_server.dsn("no_such_db")
+    with pytest.raises(ConfigError, match='cannot use .*dbname=no_such_db.*database "no_such_db" does not exist'):
+        open_event_store(missing)
+    with pytest.raises(ConfigError, match=r"serve.event_db: .*holds a password.*passfile.*postgresql://u:\*\*\*@") as refused:
+        load_config("tiny", ["serve.event_db=postgresql://u:hunter2@127.0.0.1:5432/shop"])
+    assert "hunter2" not in str(refused.value)
+
+
+def test_backup_while_writing_and_restore(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``shoprank events backup`` copies a live store (SQLite's online backup); ``restore`` puts it back."""
+    root = tmp_path / "runs"
+    overrides = ["--set", f"run.root={root}"]
+    live = SqliteEventStore(root / "events.sqlite")  # the serving writer keeps it open meanwhile
+    live.append([event(i) for i in range(5)])
+    assert shoprank(["events", "backup", str(tmp_path / "copy.sqlite"), "--config", "tiny", *overrides]) == 0
+    assert "5 events" in capsys.readouterr().out
+    live.append([event(i) for i in range(5, 8)])
+    live.close()
+
+    assert shoprank(["events", "restore", str(tmp_path / "copy.sqlite"), "--config", "tiny", *overrides]) == 2
+    assert "holds 8 events; add --replace" in capsys.readouterr().err
+    assert shoprank(["events", "restore", str(tmp_path / "copy.sqlite"), "--config", "tiny", "--replace",
+                     *overrides]) == 0
+    assert SqliteEventStore(root / "events.sqlite").events().num_rows == 5
+
+    (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
+    assert shoprank(["events", "restore", str(tmp_path / "broken.sqlite"), "--config", "tiny", "--replace",
+                     *overrides]) == 2
+    assert "not an SQLite event store" in capsys.readouterr().err
+    assert SqliteEventStore(root / "events.sqlite").events().num_rows == 5, "a refused restore changes nothing"
+    with sqlite3.connect(root / "events.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_server_store_has_no_file_to_back_up(postgres_server: PostgresServer, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    dsn = postgres_server.database()
+    assert shoprank(["events", "backup", str(tmp_path / "copy"), "--config", "tiny", "--set",
+                     f"serve.event_db={dsn}"]) == 2
+    err = capsys.readouterr().err
+    assert "pg_dump" in err and "Traceback" not in err

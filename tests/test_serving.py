@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,10 +18,13 @@ import numpy as np
 import pytest
 import ray
 import xgboost
+from ray import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import App
+from conftest import App, deploy_app
+from postgres import PostgresServer
+from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.ranker.train import load_ranker, save_ranker
 from shoprank.serving.app import APP_NAME
@@ -197,9 +201,9 @@ def _flow(app: App, stop: threading.Event, outcomes: list[tuple[str, int]], user
             outcomes.append(("recommend", 0))
 
 
-def _replica(deployment: str) -> ray.actor.ActorHandle:
+def _replica(deployment: str, app_name: str = APP_NAME) -> ray.actor.ActorHandle:
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{deployment}#")]
+             if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
     assert names, f"no replica of {deployment}"
     return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
 
@@ -215,13 +219,30 @@ def _recovered(app: App, timeout_s: float = 120.0) -> None:
     raise AssertionError("the app did not recover")
 
 
-@pytest.mark.parametrize("deployment", ["EventStoreWriter", "Variant_B"])
-def test_a_killed_replica_recovers_and_no_accepted_event_is_lost(app: App, deployment: str) -> None:
+@pytest.fixture(scope="module")
+def postgres_app(ranked: tuple[Config, Run], serve_port: int, postgres_server: PostgresServer) -> Iterator[App]:
+    """The session's run deployed a second time beside ``app``, its events in a PostgreSQL database; variant B
+    alone (the kill test asks B only): a replica less to start."""
+    served = deploy_app(ranked, serve_port, postgres_server.database(), "shoprank-pg", "/pg",
+                        "serve.variants={B: B}", "serve.split={B: 1.0}")
+    yield served
+    served.http.close()
+    serve.delete(served.name)
+
+
+@pytest.mark.parametrize("store, deployment", [
+    ("sqlite", "EventStoreWriter"), ("sqlite", "Variant_B"),
+    # a second app to deploy (35 s here): in `make test-all`; the store's own tests run on PostgreSQL in `make test`
+    pytest.param("postgres", "EventStoreWriter", marks=pytest.mark.slow),
+])
+def test_a_killed_replica_recovers_and_no_accepted_event_is_lost(request: pytest.FixtureRequest, store: str,
+                                                                 deployment: str) -> None:
+    app: App = request.getfixturevalue("app" if store == "sqlite" else "postgres_app")
     stop, outcomes = threading.Event(), []
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, f"kill-{deployment}"))
     flow.start()
     time.sleep(2.0)
-    ray.kill(_replica(deployment), no_restart=True)
+    ray.kill(_replica(deployment, app.name), no_restart=True)
     time.sleep(3.0)
     _recovered(app)
     time.sleep(1.0)

@@ -17,7 +17,7 @@ import pytest
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.pipeline import run_pipeline
-from shoprank.serving.variants import event_db_path
+from shoprank.serving.variants import event_db_location
 from shoprank.stages import STAGE_NAMES
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
@@ -74,12 +74,14 @@ def test_registry_manifest_and_config_read_through_a_file_uri(tmp_path: Path) ->
         load_config(f"file://{tmp_path}/missing.yaml")
 
 
-def test_the_event_store_asks_for_a_local_path_when_runs_are_remote() -> None:
+def test_the_event_store_asks_for_a_local_path_or_a_server_when_runs_are_remote() -> None:
     config = load_config("tiny", ["run.root=mock:///runs"])
     with pytest.raises(ConfigError, match="serve.event_db: 'events.sqlite' would be under run.root mock:///runs"):
-        event_db_path(config)
+        event_db_location(config)
     absolute = load_config("tiny", ["run.root=mock:///runs", "serve.event_db=/var/lib/shoprank/events.sqlite"])
-    assert event_db_path(absolute) == Path("/var/lib/shoprank/events.sqlite")
+    assert event_db_location(absolute) == "/var/lib/shoprank/events.sqlite"
+    server = "postgresql://shoprank@db.internal:5432/shoprank"
+    assert event_db_location(load_config("tiny", ["run.root=mock:///runs", f"serve.event_db={server}"])) == server
 
 
 @pytest.mark.slow  # every serving test already reads the session's run through a file:// URI

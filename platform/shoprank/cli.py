@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -50,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--users", type=int, default=200, help="simulated shoppers (each 1-3 page views)")
     sim.add_argument("--concurrency", type=int, default=8)
     sim.add_argument("--seed", type=int, default=0)
+
+    ev = commands.add_parser("events", help="back up or restore the SQLite event store (serve.event_db)")
+    ev.add_argument("action", choices=["backup", "restore"])
+    ev.add_argument("file", help="backup: the copy to write; restore: the backup to put in place")
+    ev.add_argument("--config", default="demo")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--replace", action="store_true", help="restore over a store that holds events")
 
     cfg = commands.add_parser("config", help="print a preset with overrides applied, validated")
     cfg.add_argument("--config", default="demo")
@@ -139,6 +147,28 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
             + report_markdown(ServeClient(url).report()))
 
 
+def event_store_copy(config: Config, action: str, file: str, replace: bool) -> str:
+    """``shoprank events backup|restore``: SQLite's online backup of the live store, or a checked restore."""
+    from shoprank.serving.variants import event_db_location
+    from shoprank.store.events import SqliteEventStore, is_server_database, redacted, restore_sqlite
+
+    location = event_db_location(config)
+    if is_server_database(location):
+        raise ShopRankError(f"serve.event_db is a PostgreSQL server ({redacted(location)}): back it up with its own "
+                            "tools (pg_dump / pg_restore, or your managed service's snapshots)")
+    if action == "backup":
+        if not Path(location).exists():
+            raise ShopRankError(f"no event store at {location} (serve.event_db) to back up")
+        store = SqliteEventStore(location)
+        try:
+            count = store.backup(file)
+        finally:
+            store.close()
+        return f"{count} events backed up from {location} to {file}"
+    count = restore_sqlite(file, location, replace=replace)
+    return f"{location} restored from {file}: {count} events; restart the Serve app (shoprank serve) to read them"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with user_errors():
@@ -170,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "simulate":
             config = load_config(args.config, args.set)
             print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.concurrency, args.seed))
+        elif args.command == "events":
+            print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace))
         elif args.command == "config":
             config = load_config(args.config, args.set)
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -396,7 +397,11 @@ class ServeConfig(Section):
         default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Share of users per variant (normalised)."
     )
     experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
-    event_db: str = Field("events.sqlite", description="SQLite file of the event store (relative: under run.root).")
+    event_db: str = Field(
+        "events.sqlite",
+        description="The event store: an SQLite file (relative: under run.root), or a PostgreSQL server as "
+        "``postgresql://user@host:5432/db`` whose password is in a passfile (``PGPASSFILE``, mode 0600), never here.",
+    )
     separate_query_encoder: bool | None = Field(
         None, description="Each variant's query encoder in a deployment of its own (QueryEncoder_A...) instead of "
         "inside the variant's replica; default: only with ray.use_gpu, where that deployment holds the GPU.",
@@ -434,6 +439,22 @@ class ServeConfig(Section):
         default_factory=list, description="Recommendations also leave out products of the user's events of these "
         "types (e.g. [click] where nobody engages with a product twice, as in a ratings export).",
     )
+
+    @field_validator("event_db")
+    @classmethod
+    def _no_password_in_the_dsn(cls, value: str) -> str:
+        """A config file is copied, committed and logged: a server's password belongs in a passfile."""
+        if value.startswith(("postgresql://", "postgres://")):
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                parts = conninfo_to_dict(value)
+            except Exception as exc:  # psycopg.ProgrammingError: the DSN does not parse
+                raise ValueError(f"not a PostgreSQL connection URI ({str(exc).strip()})") from None
+            if "password" in parts:
+                raise ValueError("holds a password: leave it out and put it in a passfile of mode 0600 "
+                                 "(PGPASSFILE, or passfile=... in the URI; libpq's format host:port:db:user:password)")
+        return value
 
 
 class UiConfig(Section):
@@ -507,7 +528,14 @@ def _describe(exc: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: required key is missing")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+    return _without_passwords("\n".join(lines))
+
+
+def _without_passwords(text: str) -> str:
+    """``text`` with the passwords of connection URIs (``scheme://user:secret@``) and ``password=`` masked: a
+    refused config is echoed to a terminal and a job log."""
+    text = re.sub(r"(\b[a-z][a-z0-9+.-]*://[^\s/:@]*):[^\s@/]*@", r"\1:***@", text)
+    return re.sub(r"(password=)[^\s&'\")]+", r"\1***", text)
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:

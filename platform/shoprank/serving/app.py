@@ -29,7 +29,8 @@ from ray.serve import Application
 from shoprank.config import Config, load_config
 from shoprank.serving.deployments import EventStoreWriter, Ingress, UserState
 from shoprank.serving.variant_deployments import QueryEncoder, Variant
-from shoprank.serving.variants import event_db_path, resolve_variants
+from shoprank.serving.variants import event_db_location, resolve_variants
+from shoprank.store.events import is_server_database
 from shoprank.store.location import Location
 
 APP_NAME = "shoprank"
@@ -81,14 +82,15 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder, query_encoder)
-    db = str(event_db_path(config).resolve())
-    # SQLite is a file on one disk: its writer and its reader both live on the head node, on a cluster too.
-    on_head = {**cpu, "resources": {HEAD_NODE_RESOURCE: 0.001}}
+    db = event_db_location(config)
+    # SQLite is a file on one disk: its writer and its reader both live on the head node, on a cluster too; a
+    # server database is reached from any node.
+    state = cpu if is_server_database(db) else {**cpu, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     store = EventStoreWriter.options(
-        ray_actor_options=on_head, max_ongoing_requests=4 * settings.event_batch_size,
+        ray_actor_options=state, max_ongoing_requests=4 * settings.event_batch_size,
         user_config={"batch_size": settings.event_batch_size},
     ).bind(db)
-    user_state = UserState.options(ray_actor_options=on_head, max_ongoing_requests=256).bind(db)
+    user_state = UserState.options(ray_actor_options=state, max_ongoing_requests=256).bind(db)
     return Ingress.options(
         ray_actor_options=cpu, max_ongoing_requests=256, **_scaling(config),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},

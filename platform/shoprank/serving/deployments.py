@@ -3,7 +3,7 @@
 A request's path has two hops: the ingress, then the variant's replica
 (:mod:`shoprank.serving.variant_deployments`, which loads the models).
 
-* :class:`EventStoreWriter` owns the SQLite event store; concurrent ``/events``
+* :class:`EventStoreWriter` owns the event store (SQLite or PostgreSQL); concurrent ``/events``
   requests are written in one transaction (``@serve.batch``), falling back to one
   transaction per request when a batch fails, so each request stays all or nothing;
 * :class:`UserState` keeps every user's live events (rebuilt from the store when a
@@ -43,7 +43,7 @@ from shoprank.serving.api import (
 )
 from shoprank.serving.messages import Answered, Asked, LiveEvent
 from shoprank.serving.variants import VariantSpec
-from shoprank.store.events import Impression, SqliteEventStore
+from shoprank.store.events import Impression, open_event_store
 from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ log = logging.getLogger(__name__)
 
 @serve.deployment
 class EventStoreWriter:
-    """The one owner of the SQLite event store; concurrent writes share a transaction."""
+    """The event store's writer (the one owner of an SQLite file); concurrent writes share a transaction."""
 
-    def __init__(self, path: str) -> None:
-        self.store = SqliteEventStore(path)
+    def __init__(self, location: str) -> None:
+        self.store = open_event_store(location)
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         self.append.set_max_batch_size(settings["batch_size"])
@@ -99,8 +99,8 @@ class EventStoreWriter:
 class UserState:
     """Every user's events received live, in arrival order; rebuilt from the store on start."""
 
-    def __init__(self, path: str) -> None:
-        store = SqliteEventStore(path)
+    def __init__(self, location: str) -> None:
+        store = open_event_store(location)
         stored = store.events()
         store.close()
         self.live: dict[str, list[LiveEvent]] = defaultdict(list)

@@ -1,12 +1,18 @@
 """The durable event store: behaviour events and impressions, on disk before anyone is told "stored".
 
-:class:`EventStore` is the small interface the serving layer talks to; a server
-database can replace :class:`SqliteEventStore` behind it. SQLite runs in WAL mode
-with ``synchronous=FULL``: a committed transaction survives a crash of the
-process and of the machine. Each call is one transaction, so a batch of events is
-stored whole or not at all (a duplicate ``event_id`` rejects its whole batch), and
-many events cost one disk sync; the serving layer batches concurrent requests into
-one call for throughput.
+:class:`EventStore` is the small interface the serving layer talks to, with two
+backends chosen by ``serve.event_db`` (:func:`open_event_store`):
+
+* :class:`SqliteEventStore`, a file on one disk: WAL mode with ``synchronous=FULL``,
+  so a committed transaction survives a crash of the process and of the machine; one
+  writer process on one node;
+* :class:`PostgresEventStore`, a ``postgresql://`` server: the same schema and the
+  same guarantees (a commit is durable, ``synchronous_commit`` as the server sets it),
+  shared by writers on several nodes and outliving the Ray cluster.
+
+Each call is one transaction, so a batch of events is stored whole or not at all (a
+duplicate ``event_id`` rejects its whole batch), and many events cost one disk sync;
+the serving layer batches concurrent requests into one call for throughput.
 
 Events come back in the record schema (:data:`EVENT_SCHEMA`), and
 :meth:`EventStore.export_parquet` writes them where the ranker's incremental update
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -28,9 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES
-from shoprank.errors import DataError
+from shoprank.errors import ConfigError, DataError
 
 EVENT_FIELDS = [f.name for f in EVENT_SCHEMA]
+_TEXT_FIELDS = [f.name for f in EVENT_SCHEMA if pa.types.is_string(f.type)]
+SERVER_SCHEMES = ("postgresql://", "postgres://")
+"""``serve.event_db`` values that name a PostgreSQL server instead of an SQLite file."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,54 @@ class EventStore(ABC):
         return table.num_rows
 
 
+def event_row(event: dict, row: int) -> tuple:
+    """The stored row of one event (``ts`` in microseconds), or a :class:`DataError` naming its field and row.
+
+    Both backends store exactly what this accepts, so an event is stored by one whenever by the other
+    (PostgreSQL text cannot hold a NUL character: it is refused here for both).
+    """
+    missing = [name for name in ("event_id", "user_id", "session_id", "product_id", "event_type", "ts")
+               if event.get(name) in (None, "")]
+    if missing:
+        raise DataError(f"missing {missing[0]!r}", column=missing[0], row=row)
+    if event["event_type"] not in EVENT_TYPES:
+        raise DataError(f"event_type must be one of {', '.join(EVENT_TYPES)}, got {event['event_type']!r}",
+                        column="event_type", row=row)
+    ts = event["ts"]
+    if not isinstance(ts, dt.datetime):
+        raise DataError(f"ts must be a datetime, got {ts!r}", column="ts", row=row)
+    for name in _TEXT_FIELDS:
+        if isinstance(event.get(name), str) and "\x00" in event[name]:
+            raise DataError(f"{name} holds a NUL character", column=name, row=row)
+    return tuple(_micros(ts) if name == "ts" else event.get(name) for name in EVENT_FIELDS)
+
+
+def _impression_row(impression: Impression) -> tuple:
+    i = impression
+    return i.request_id, i.user_id, i.variant, i.product_id, i.position, _micros(i.ts), i.forced
+
+
+def _events_table(rows: list[tuple]) -> pa.Table:
+    """Rows of EVENT_FIELDS (``ts`` in microseconds) as an EVENT_SCHEMA table."""
+    columns = list(zip(*rows)) if rows else [[] for _ in EVENT_FIELDS]
+    arrays = {name: list(values) for name, values in zip(EVENT_FIELDS, columns)}
+    arrays["ts"] = pa.array(arrays["ts"], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return pa.Table.from_pydict(arrays, schema=EVENT_SCHEMA)
+
+
+def _impressions(rows: list[tuple]) -> list[Impression]:
+    return [Impression(r[0], r[1], r[2], r[3], r[4], dt.datetime.fromtimestamp(r[5] / 1e6, dt.timezone.utc),
+                       bool(r[6])) for r in rows]
+
+
+_SELECT_EVENTS = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
+_SELECT_IMPRESSIONS = ("SELECT request_id, user_id, variant, product_id, position, ts, forced FROM impressions "
+                       "ORDER BY seq")
+_INSERT_IMPRESSIONS = ("INSERT INTO impressions (request_id, user_id, variant, product_id, position, ts, forced) "
+                       "VALUES ({})")
+_DUPLICATE = "event_id already stored; nothing of this batch was stored"
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
@@ -110,7 +168,7 @@ class SqliteEventStore(EventStore):
         )
 
     def append(self, events: Sequence[dict]) -> int:
-        rows = [self._row(event, i) for i, event in enumerate(events, start=1)]
+        rows = [event_row(event, i) for i, event in enumerate(events, start=1)]
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -121,59 +179,167 @@ class SqliteEventStore(EventStore):
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 self._db.execute("ROLLBACK")
-                raise DataError(f"event_id already stored; nothing of this batch was stored ({exc})",
-                                column="event_id") from None
+                raise DataError(f"{_DUPLICATE} ({exc})", column="event_id") from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return len(rows)
 
-    @staticmethod
-    def _row(event: dict, row: int) -> tuple:
-        missing = [name for name in ("event_id", "user_id", "session_id", "product_id", "event_type", "ts")
-                   if event.get(name) in (None, "")]
-        if missing:
-            raise DataError(f"missing {missing[0]!r}", column=missing[0], row=row)
-        if event["event_type"] not in EVENT_TYPES:
-            raise DataError(f"event_type must be one of {', '.join(EVENT_TYPES)}, got {event['event_type']!r}",
-                            column="event_type", row=row)
-        ts = event["ts"]
-        if not isinstance(ts, dt.datetime):
-            raise DataError(f"ts must be a datetime, got {ts!r}", column="ts", row=row)
-        return tuple(_micros(ts) if name == "ts" else event.get(name) for name in EVENT_FIELDS)
-
     def log_impressions(self, impressions: Sequence[Impression]) -> None:
-        rows = [(i.request_id, i.user_id, i.variant, i.product_id, i.position, _micros(i.ts), int(i.forced))
-                for i in impressions]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "INSERT INTO impressions (request_id, user_id, variant, product_id, position, ts, forced) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows,
-            )
+            self._db.executemany(_INSERT_IMPRESSIONS.format(", ".join("?" * 7)), map(_impression_row, impressions))
             self._db.execute("COMMIT")
 
     def events(self, since: dt.datetime | None = None) -> pa.Table:
-        query = f"SELECT {', '.join(EVENT_FIELDS)} FROM events"
-        arguments: tuple = ()
-        if since is not None:
-            query += " WHERE ts >= ?"
-            arguments = (_micros(since),)
+        where, arguments = (" WHERE ts >= ?", (_micros(since),)) if since is not None else ("", ())
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY ts, seq", arguments).fetchall()
-        columns = list(zip(*rows)) if rows else [[] for _ in EVENT_FIELDS]
-        arrays = {name: list(values) for name, values in zip(EVENT_FIELDS, columns)}
-        arrays["ts"] = pa.array(arrays["ts"], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-        return pa.Table.from_pydict(arrays, schema=EVENT_SCHEMA)
+            return _events_table(self._db.execute(f"{_SELECT_EVENTS}{where} ORDER BY ts, seq", arguments).fetchall())
 
     def impressions(self) -> list[Impression]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT request_id, user_id, variant, product_id, position, ts, forced FROM impressions ORDER BY seq"
-            ).fetchall()
-        return [Impression(r[0], r[1], r[2], r[3], r[4], dt.datetime.fromtimestamp(r[5] / 1e6, dt.timezone.utc),
-                           bool(r[6])) for r in rows]
+            return _impressions(self._db.execute(_SELECT_IMPRESSIONS).fetchall())
+
+    def backup(self, target: str | Path) -> int:
+        """Copy the database to ``target`` with SQLite's online backup (writers may go on); its event count.
+
+        The copy is written beside ``target`` and renamed, so a failed backup leaves no half file.
+        """
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.unlink(missing_ok=True)
+        copy = sqlite3.connect(partial)
+        try:
+            with self._lock:
+                self._db.backup(copy)
+            count = copy.execute("SELECT count(*) FROM events").fetchone()[0]
+        finally:
+            copy.close()
+        os.replace(partial, target)
+        return count
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class PostgresEventStore(EventStore):
+    """A PostgreSQL database (psycopg 3, a small connection pool): the SQLite store's schema and guarantees,
+    shared by processes on any node.
+
+    The DSN carries no password: libpq reads it from a passfile (``PGPASSFILE``, ``passfile=``
+    in the DSN, or ``~/.pgpass``, mode 0600), so no secret sits in a config file or a log.
+    """
+
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS events (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,
+            user_id TEXT NOT NULL, session_id TEXT NOT NULL, product_id TEXT NOT NULL, event_type TEXT NOT NULL,
+            ts BIGINT NOT NULL, query TEXT, position BIGINT, request_id TEXT, variant TEXT);
+        CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
+        CREATE TABLE IF NOT EXISTS impressions (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL, user_id TEXT NOT NULL,
+            variant TEXT NOT NULL, product_id TEXT NOT NULL, position INTEGER NOT NULL, ts BIGINT NOT NULL,
+            forced BOOLEAN NOT NULL);
+    """
+    _SCHEMA_LOCK = 0x5A0B_EE17
+    """Advisory lock id: replicas starting together create the tables one after the other (``IF NOT EXISTS``
+    alone races in PostgreSQL's catalogue)."""
+
+    def __init__(self, dsn: str, *, max_connections: int = 4, connect_timeout_s: float = 30.0) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.dsn = dsn
+        self._psycopg = psycopg
+        try:  # one plain connection first: libpq's reason (no such database, wrong password) in the error
+            with psycopg.connect(dsn, connect_timeout=max(1, round(connect_timeout_s))) as db, db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (self._SCHEMA_LOCK,))
+                db.execute(self._SCHEMA)
+        except psycopg.OperationalError as exc:
+            raise ConfigError(f"serve.event_db: cannot use {redacted(dsn)}: {str(exc).strip()}") from None
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=max_connections, kwargs={"autocommit": True},
+                                    name="shoprank-events", open=False)
+        self._pool.open(wait=True, timeout=connect_timeout_s)
+
+    def append(self, events: Sequence[dict]) -> int:
+        rows = [event_row(event, i) for i, event in enumerate(events, start=1)]
+        insert = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES ({', '.join(['%s'] * len(EVENT_FIELDS))})"
+        try:
+            with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+                cursor.executemany(insert, rows)
+        except self._psycopg.errors.UniqueViolation as exc:
+            raise DataError(f"{_DUPLICATE} ({exc.diag.message_detail or exc})", column="event_id") from None
+        return len(rows)
+
+    def log_impressions(self, impressions: Sequence[Impression]) -> None:
+        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            cursor.executemany(_INSERT_IMPRESSIONS.format(", ".join(["%s"] * 7)), map(_impression_row, impressions))
+
+    def events(self, since: dt.datetime | None = None) -> pa.Table:
+        where, arguments = (" WHERE ts >= %s", (_micros(since),)) if since is not None else ("", ())
+        with self._pool.connection() as db:
+            return _events_table(db.execute(f"{_SELECT_EVENTS}{where} ORDER BY ts, seq", arguments).fetchall())
+
+    def impressions(self) -> list[Impression]:
+        with self._pool.connection() as db:
+            return _impressions(db.execute(_SELECT_IMPRESSIONS).fetchall())
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = False) -> int:
+    """Put an SQLite backup (:meth:`SqliteEventStore.backup`) in place of ``target``; its event count.
+
+    The backup is checked first (an SQLite file with the store's tables, ``integrity_check`` ok), and a
+    store that holds events is only replaced when asked, so a wrong file or a slip loses nothing. Restore
+    while nothing serves: replicas already running keep the events they read at their start.
+    """
+    backup, target = Path(backup), Path(target)
+    try:
+        with sqlite3.connect(f"file:{backup}?mode=ro", uri=True) as source:
+            if source.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity_check failed")
+            count = source.execute("SELECT count(*) FROM events").fetchone()[0]
+            source.execute("SELECT count(*) FROM impressions").fetchone()
+    except sqlite3.Error as exc:
+        raise DataError(f"{backup} is not an SQLite event store ({exc}); nothing was restored") from None
+    if target.exists() and not replace:
+        held = SqliteEventStore(target)
+        try:
+            stored = held.events().num_rows
+        finally:
+            held.close()
+        if stored:
+            raise DataError(f"{target} holds {stored} events; add --replace to overwrite them with the backup's {count}")
+    partial = target.with_name(target.name + ".restoring")
+    shutil.copyfile(backup, partial)
+    for stale in (target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
+        stale.unlink(missing_ok=True)  # the old file's write-ahead log must not be replayed onto the backup
+    os.replace(partial, target)
+    return count
+
+
+def is_server_database(location: str) -> bool:
+    """True if ``serve.event_db`` names a PostgreSQL server rather than an SQLite file."""
+    return location.startswith(SERVER_SCHEMES)
+
+
+def redacted(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***``, for messages and logs."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # an unparsable DSN: say nothing of it but its scheme
+        return dsn.split("://", 1)[0] + "://..."
+    if "password" in parts:
+        parts["password"] = "***"
+    return make_conninfo(**parts)
+
+
+def open_event_store(location: str) -> EventStore:
+    """The store ``location`` names: a ``postgresql://`` DSN or an SQLite file path (resolved by the caller)."""
+    return PostgresEventStore(location) if is_server_database(location) else SqliteEventStore(location)
