@@ -18,7 +18,8 @@ from shoprank.data.io import read_table
 from shoprank.encoder.examples import training_tables
 from shoprank.encoder.model import encode, load_encoder, load_encoder_from_config
 from shoprank.encoder.text import product_texts
-from shoprank.encoder.train import train_encoder
+from shoprank.encoder.stages import export_checkpoint
+from shoprank.encoder.train import build_training_tables, load_checkpoint_state, train_encoder
 from shoprank.errors import ConfigError
 from shoprank.store.run import Run
 
@@ -112,13 +113,17 @@ def test_a_killed_worker_resumes_from_its_checkpoint(trained: tuple[Config, Run]
     assert with_retry.metrics["global_step"] == steps_per_epoch * config.encoder.train.epochs
 
 
-def test_a_finished_run_continues_from_its_checkpoint(trained: tuple[Config, Run], tmp_path: Path) -> None:
+def test_a_finished_run_continues_from_its_checkpoint_on_two_ddp_workers(trained: tuple[Config, Run],
+                                                                       tmp_path: Path) -> None:
+    """A one-worker run's last checkpoint continued for a third epoch by two workers (DDP over gloo, one CPU
+    each): each trains on its own half of the rows, their weights stay the same, the result exports and loads."""
     config, run = trained
     metrics = run.manifest()["stages"]["encoder"]["metrics"]
     steps_per_epoch = metrics["epochs"][0]["global_step"]
     finished = sorted(p for p in Path(run.path("encoder", "ray")).rglob("checkpoint_*") if p.is_dir())[-1]
     sigint = signal.getsignal(signal.SIGINT)
-    more = train_encoder(_with_train(config, epochs=3), _fresh_copy(run, tmp_path), resume_from=str(finished))
+    copy = _fresh_copy(run, tmp_path)
+    more = train_encoder(_with_train(config, epochs=3, num_workers=2), copy, resume_from=str(finished))
     # Ray Train's own handler held the finished run's controller (and its split coordinators) alive, polling
     assert signal.getsignal(signal.SIGINT) is sigint
     deadline = time.monotonic() + 60
@@ -126,11 +131,20 @@ def test_a_finished_run_continues_from_its_checkpoint(trained: tuple[Config, Run
         assert time.monotonic() < deadline, "the finished run's controller is still alive"
         time.sleep(1)
     assert more.metrics["epoch"] == 3
-    assert more.metrics["global_step"] == 3 * steps_per_epoch
+    workers = more.metrics["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    rows = build_training_tables(copy, config.encoder)[0].num_rows
+    assert all(w["samples"] > 0 for w in workers) and rows - 1 <= sum(w["samples"] for w in workers) <= rows
+    assert workers[0]["weights_checksum"] == pytest.approx(workers[1]["weights_checksum"], rel=1e-9)
+    batch = config.encoder.train.batch_size
+    assert more.metrics["global_step"] == 2 * steps_per_epoch + -(-workers[0]["samples"] // batch)
     assert more.metrics["zero_shot/ndcg@10"] == metrics["zero_shot/ndcg@10"]
     # Ray keeps 2 checkpoints' metrics; the history travels in the checkpoint, so all 3 epochs are there
     assert [row["epoch"] for row in more.metrics["history"]] == [1, 2, 3]
     assert more.metrics["history"][:2] == metrics["epochs"]
+    export_checkpoint(config.encoder, copy, load_checkpoint_state(more.checkpoint))
+    encoder, tokenizer = load_encoder(copy.local_path("encoder", "model"))
+    assert encode(encoder, tokenizer, ["red skillet"], config.encoder.max_length).shape[0] == 1
 
 
 def test_use_gpu_without_a_gpu_is_a_clear_error(trained: tuple[Config, Run]) -> None:

@@ -111,18 +111,21 @@ def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it(
 def test_actor_pools_that_hold_every_cpu_embed_and_build_the_same_rows(
     ranked: tuple[Config, Run], tmp_path: Path
 ) -> None:
-    """One actor per CPU (the demo's setting): reads and writes around the pools would starve beside them, so they
+    """One actor per CPU (the demo's setting, and the feature pool's default): reads and writes around the pools would starve beside them, so they
     run before and after; the vectors and the feature rows are those of one actor."""
     import numpy as np
     import pandas as pd
 
     from shoprank.data.io import read_table
+    from shoprank.ranker.stages import feature_actor_count
     from shoprank.ranker.train import read_features
 
     config, run = ranked
     cpus = config.ray.num_cpus
+    # feature_actors unset: one per CPU of the cluster, as a preset without the key gets
     changed, copy = copied(ranked, tmp_path, embed=config.embed.model_copy(update={"actors": cpus}),
-                           ranker=config.ranker.model_copy(update={"feature_actors": cpus}))
+                           ranker=config.ranker.model_copy(update={"feature_actors": None}))
+    assert feature_actor_count(changed) == cpus
     run_stages(changed, copy, only=["embed", "features"])
     done = [e["stage"] for e in copy.stage_log() if e["status"] == "done"]
     assert done[-2:] == ["embed", "features"]

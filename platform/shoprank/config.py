@@ -359,9 +359,10 @@ class RankerConfig(Section):
         "requests after it are the ranker's training rows (no leakage).",
     )
     max_requests: int = Field(20_000, ge=10, description="Per split, newest kept (bounds feature time).")
-    feature_actors: int = Field(
-        1, ge=1, description="Actors (1 CPU each) building feature rows: as many as the CPUs free for the stage "
-        "(the demo's stage took 97 s with 2 actors on 2 CPUs, 133 s with 1)."
+    feature_actors: int | None = Field(
+        None, ge=1, description="Actors (1 CPU each) building feature rows, for the features stage and an "
+        "incremental update: as many as the CPUs free for the stage (the demo's stage took 97 s with 2 actors on "
+        "2 CPUs, 133 s with 1); default: one per CPU of the cluster when the stage starts.",
     )
     history_events: int = Field(
         500, ge=1, description="A user's most recent events that the ranker's features and the user vector read "

@@ -165,7 +165,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        steps = 0
+        steps = samples = 0
         has_queries = loop["has_queries"]
         main = _batches(ray.train.get_dataset_shard("train" if has_queries else "pairs"), train.batch_size, device)
         pair_iter = (
@@ -181,6 +181,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             loss, losses = optimisation.step(step, qp, pairs, use_bf16)
             global_step += 1
             steps += 1
+            samples += len(next(iter(batch.values())))
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
                 counts[name] = counts.get(name, 0) + 1
@@ -195,6 +196,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 raise RuntimeError(f"injected failure at step {global_step} (encoder.train.fail_at_step)")
         metrics: dict[str, Any] = {f"loss/{k}": v / counts[k] for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, global_step=global_step, epoch_s=round(time.perf_counter() - started, 2))
+        if context.get_world_size() > 1:
+            metrics["workers"] = _what_each_worker_did(model, samples, device)
         with tempfile.TemporaryDirectory() as directory:
             saved = None
             if rank == 0:
@@ -219,6 +222,20 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 saved = Checkpoint.from_directory(directory)
             metrics.update({f"zero_shot/{k}": v for k, v in zero_shot.items()})
             ray.train.report({**metrics, "history": list(history)}, checkpoint=saved)
+
+
+def _what_each_worker_did(model: DualEncoderModel, samples: int, device: torch.device) -> list[dict[str, float]]:
+    """Per rank: the training samples of its shard this epoch and a checksum of its trainable weights.
+
+    Gathered from every worker (a collective: each calls it at the same point), so a run can show that
+    every worker trained on its own share of the data and that DDP kept the replicas' weights the same.
+    """
+    checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
+    mine = torch.tensor([samples, checksum], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, mine)
+    return [{"rank": rank, "samples": int(row[0]), "weights_checksum": float(row[1])}
+            for rank, row in enumerate(t.cpu().tolist() for t in gathered)]
 
 
 def _embed_catalogue(model: DualEncoderModel, tokenizer: Any, data: EvalData, config: EncoderConfig,

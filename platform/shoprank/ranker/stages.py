@@ -44,7 +44,7 @@ def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *,
     # a list and a matrix, not a dict of vectors: Ray Data prints every value of a dict argument into the
     # dataset's metadata (array2string per query: 9 s for the demo's queries)
     query_vectors = embed_queries(config, run, queries, zero_shot=False)
-    actors = config.ranker.feature_actors
+    actors = feature_actor_count(config)
     # Split in the driver: a repartition task would wait for a CPU beside a pool that holds them all.
     size = REQUESTS_PER_BATCH * 4
     blocks = [requests.iloc[start:start + size] for start in range(0, len(requests), size)] or [requests]
@@ -53,6 +53,12 @@ def feature_rows(config: Config, run: Run, requests: pd.DataFrame, *,
         fn_constructor_args=(config.model_dump(mode="json"), run, queries, query_vectors, new_events),
         compute=ActorPoolStrategy(size=actors), batch_size=REQUESTS_PER_BATCH, batch_format="pandas", num_cpus=1,
     )
+
+
+def feature_actor_count(config: Config) -> int:
+    """``ranker.feature_actors``, or one per CPU the cluster has now (at least one): a cluster's worker nodes
+    widen the pool without a config change."""
+    return config.ranker.feature_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def embed_queries(config: Config, run: Run, queries: list[str], *, zero_shot: bool) -> np.ndarray:
@@ -70,7 +76,7 @@ def build_features(config: Config, run: Run, record: StageRecord) -> None:
     for split, count in requests["split"].value_counts().items():
         record.rows[f"requests_{split}"] = int(count)
     rows = feature_rows(config, run, requests)
-    if pool_takes_every_cpu(config.ranker.feature_actors):
+    if pool_takes_every_cpu(feature_actor_count(config)):
         rows = rows.materialize()  # written after the actors stop: write tasks beside them would wait for a CPU
     rows.write_parquet(
         run.uri("ranker", "features"), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
