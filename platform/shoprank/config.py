@@ -408,6 +408,15 @@ class ServeConfig(Section):
         "inside the variant's replica; default: only with ray.use_gpu, where that deployment holds the GPU.",
     )
     encoder_batch_size: int = Field(16, ge=1, le=256, description="Queries per call of a separate query encoder.")
+    gpus_per_encoder: float = Field(
+        1.0, gt=0.0, le=1.0, description="GPU share of each query-encoder replica with ray.use_gpu (0.25: four "
+        "replicas on one GPU; a small encoder's queries leave most of a GPU idle).",
+    )
+    state_resource: str = Field(
+        "", description="A custom resource (e.g. shoprank_state, which cluster.yaml gives the CPU workers) that "
+        "places the event store's writer and the users' state; empty: Ray's head node for an SQLite store "
+        "(its file is on that disk), anywhere for a server store.",
+    )
     ranker_batch_size: int = Field(
         8, ge=1, le=256, description="Requests a variant replica answers together (one encoder call, one predict)."
     )

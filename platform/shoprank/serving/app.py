@@ -20,6 +20,7 @@ redeploy (``shoprank serve``), which Serve rolls out replica by replica.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +58,41 @@ def _scaling(config: Config) -> dict[str, Any]:
     return {"num_replicas": serve_config.replicas}
 
 
+def state_placement(config: Config, db: str) -> dict[str, Any]:
+    """Where the event store's writer and the users' state run: on the nodes that ``serve.state_resource``
+    names; else, for SQLite (a file on one disk), Ray's head node; a server database is reached from any node."""
+    if config.serve.state_resource:
+        return {"resources": {config.serve.state_resource: 0.001}}
+    return {} if is_server_database(db) else {"resources": {HEAD_NODE_RESOURCE: 0.001}}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One deployment's replicas: what each asks of a node, and how many there may be."""
+
+    ray_actor_options: dict[str, Any]
+    min_replicas: int
+    max_replicas: int
+
+
+def placements(config: Config, variants: list[str]) -> dict[str, Placement]:
+    """Deployment name -> its placement, for ``variants`` (names): what :func:`build_app` deploys, so that a
+    cluster's node types can be checked against it before anything starts."""
+    settings = config.serve
+    cpu = {"num_cpus": settings.cpus_per_replica}
+    scaled = (settings.replicas, max(settings.replicas, settings.max_replicas))
+    separate = config.ray.use_gpu if settings.separate_query_encoder is None else settings.separate_query_encoder
+    encoder = {**cpu, **({"num_gpus": settings.gpus_per_encoder} if config.ray.use_gpu else {})}
+    state = {**cpu, **state_placement(config, event_db_location(config))}
+    found = {"Ingress": Placement(cpu, *scaled), "EventStoreWriter": Placement(state, 1, 1),
+             "UserState": Placement(state, 1, 1)}
+    for name in variants:
+        found[f"Variant_{name}"] = Placement(cpu, *scaled)
+        if separate:  # on CPU the variant encodes its queries itself: a hop less on every search
+            found[f"QueryEncoder_{name}"] = Placement(encoder, *scaled)
+    return found
+
+
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
     """The application for ``args`` (nothing starts until ``serve.run`` / ``serve deploy``)."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
@@ -65,34 +101,30 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     dumped = config.model_dump(mode="json")
     specs = resolve_variants(config)
     registry_root = Location(config.run.root).uri()
-    cpu = {"num_cpus": settings.cpus_per_replica}
-    separate = config.ray.use_gpu if settings.separate_query_encoder is None else settings.separate_query_encoder
-    encoder_gpu = {"num_gpus": 1} if config.ray.use_gpu else {}
+    placed = placements(config, list(specs))
     variants = {}
     for name, spec in specs.items():
-        # on CPU the variant encodes its queries itself: a hop less on every search
+        encoder_name = f"QueryEncoder_{name}"
         query_encoder = QueryEncoder.options(
-            name=f"QueryEncoder_{name}", ray_actor_options={**cpu, **encoder_gpu},
+            name=encoder_name, ray_actor_options=placed[encoder_name].ray_actor_options,
             max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(config),
             user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
-        ).bind(dumped, spec.run, spec.encoder) if separate else None
+        ).bind(dumped, spec.run, spec.encoder) if encoder_name in placed else None
         variants[name] = Variant.options(
-            name=f"Variant_{name}", ray_actor_options=cpu, max_ongoing_requests=2 * settings.ranker_batch_size,
-            **_scaling(config),
+            name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
+            max_ongoing_requests=2 * settings.ranker_batch_size, **_scaling(config),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder, query_encoder)
     db = event_db_location(config)
-    # SQLite is a file on one disk: its writer and its reader both live on the head node, on a cluster too; a
-    # server database is reached from any node.
-    state = cpu if is_server_database(db) else {**cpu, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     store = EventStoreWriter.options(
-        ray_actor_options=state, max_ongoing_requests=4 * settings.event_batch_size,
-        user_config={"batch_size": settings.event_batch_size},
+        ray_actor_options=placed["EventStoreWriter"].ray_actor_options,
+        max_ongoing_requests=4 * settings.event_batch_size, user_config={"batch_size": settings.event_batch_size},
     ).bind(db)
-    user_state = UserState.options(ray_actor_options=state, max_ongoing_requests=256).bind(db)
+    user_state = UserState.options(ray_actor_options=placed["UserState"].ray_actor_options,
+                                   max_ongoing_requests=256).bind(db)
     return Ingress.options(
-        ray_actor_options=cpu, max_ongoing_requests=256, **_scaling(config),
+        ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=256, **_scaling(config),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
     ).bind(dumped, variants, user_state, store)
 
