@@ -150,7 +150,8 @@ def test_a_finished_run_continues_from_its_checkpoint_on_two_ddp_workers(trained
 def test_use_gpu_without_a_gpu_is_a_clear_error(trained: tuple[Config, Run]) -> None:
     config, run = trained
     on_gpu = config.model_copy(update={"ray": config.ray.model_copy(update={"use_gpu": True})})
-    with pytest.raises(ConfigError, match="ray.use_gpu is true but the Ray cluster has no GPU"):
+    with pytest.raises(ConfigError, match="ray.use_gpu is true but the Ray cluster has no GPU and no node type of it "
+                                          "offers one"):
         train_encoder(on_gpu, run)
 
 

@@ -42,6 +42,10 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Cluster to join; None starts a local one.")
     num_cpus: int = Field(2, ge=1, description="CPUs of a local cluster started by an entrypoint.")
     use_gpu: bool = False
+    gpu_wait_s: float = Field(
+        600.0, ge=0.0, description="With use_gpu and no GPU in the cluster yet: how long a trainer waits for the "
+        "autoscaler to start a GPU node (refused at once when no node type can offer one).",
+    )
 
 
 class SyntheticShopConfig(Section):

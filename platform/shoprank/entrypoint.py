@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -103,16 +104,70 @@ def local_ray_options(num_cpus: int, *, dashboard: bool = False) -> Iterator[dic
             os.environ[GCS_PORT_VARIABLE] = before
 
 
-def check_gpu(use_gpu: bool) -> None:
-    """Stop at once when a GPU is asked for and the cluster has none (instead of waiting forever).
+def check_gpu(settings: RayConfig, gpus: int = 1) -> None:
+    """With ``ray.use_gpu``, return once the cluster has ``gpus`` GPUs; refuse within seconds where none can come.
+
+    A cluster with no GPU now may start a GPU node on demand (worker types at ``min_workers: 0``): the
+    autoscaler is asked for the GPUs (``request_resources``) and this waits up to ``ray.gpu_wait_s``,
+    logging its progress, while it launches one. When an update of the autoscaler (every 5 s) has seen the
+    request and launched nothing for it, no node type can offer a GPU (or the cluster has no autoscaler):
+    refused then. Its launches are the autoscaler's own report, the one ``ray status`` prints.
 
     Here, not beside the encoder's trainer, because the ranker's training workers import it: pulling
     PyTorch and transformers into every XGBoost worker and controller cost about 5 s of CPU each.
     """
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise ConfigError(
-            "ray.use_gpu is true but the Ray cluster has no GPU; set ray.use_gpu=false or add GPU workers"
-        )
+    if not settings.use_gpu or ray.cluster_resources().get("GPU", 0) >= gpus:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * gpus)
+    try:
+        _wait_for_gpus(gpus, settings.gpu_wait_s)
+    finally:
+        request_resources(bundles=[])  # the trainer's own request keeps the node; this one would keep it idle
+
+
+def autoscaler_status() -> dict[str, Any]:
+    """The autoscaler's last report (what ``ray status`` reads): its launches, and ``time``, when it wrote it."""
+    import json
+
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw) if raw else {}
+
+
+def _wait_for_gpus(gpus: int, wait_s: float, poll_s: float = 1.0, progress_every_s: float = 15.0) -> None:
+    log = logging.getLogger("shoprank")
+    started = said = time.time()
+    updates: set[float] = set()  # reports written since the request
+    launched: dict[str, int] = {}
+    while True:
+        if ray.cluster_resources().get("GPU", 0) >= gpus:
+            log.info("a GPU node joined after %.0f s", time.time() - started)
+            return
+        status = autoscaler_status()
+        report = status.get("autoscaler_report") or {}
+        launching = {**report.get("pending_launches", {}), **{n[-2]: 1 for n in report.get("pending_nodes", [])}}
+        launched.update(launching)
+        # the autoscaler stamps its report just after reading the resource requests, and launches in the same
+        # update: a report stamped after the request (with a margin for that read) has seen it
+        if status.get("time", 0) > started + 0.5:
+            updates.add(status["time"])
+        if updates and not launched:
+            raise ConfigError(f"ray.use_gpu is true but the Ray cluster has no GPU and no node type of it offers "
+                              f"one: the autoscaler launched nothing for {gpus} GPU(s); set ray.use_gpu=false or "
+                              "add a GPU node type")
+        waited = time.time() - started
+        if waited >= wait_s:
+            raise ConfigError(f"ray.use_gpu is true and no GPU node joined within {wait_s:.0f} s (ray.gpu_wait_s); "
+                              f"launched: {launched or 'nothing'}; see `ray status`")
+        if time.time() - said >= progress_every_s:
+            log.info("waiting for the autoscaler to start a GPU node: %.0f s of %.0f, launching %s",
+                     waited, wait_s, launching or "nothing yet")
+            said = time.time()
+        time.sleep(poll_s)
 
 
 def fit(trainer: DataParallelTrainer) -> Result:

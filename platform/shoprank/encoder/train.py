@@ -273,7 +273,7 @@ def train_encoder(
     """
     encoder_config = config.encoder
     train = encoder_config.train
-    check_gpu(config.ray.use_gpu)
+    check_gpu(config.ray, train.num_workers)
     qp, co, num_categories = build_training_tables(run, encoder_config)
     use_pairs = co.num_rows > 0 and train.coengagement_weight > 0
     if qp.num_rows == 0 and not use_pairs:

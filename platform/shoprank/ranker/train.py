@@ -130,7 +130,7 @@ def train_ranker(
     ``callbacks`` (Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep) see
     every report, which comes every ``report_every`` boosting rounds.
     """
-    check_gpu(config.ray.use_gpu)
+    check_gpu(config.ray)
     ranker = config.ranker
     workers = max(1, min(ranker.num_workers, train["request_id"].nunique(), validation["request_id"].nunique()))
     datasets = {}
