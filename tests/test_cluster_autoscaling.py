@@ -1,17 +1,32 @@
 """A multi-node cluster on this machine (Ray's fake multi-node provider with cluster.yaml's node types):
 a GPU asked for where none runs yet waits for the autoscaler to start a GPU node, which goes again
-once idle; where no node type offers a GPU, the request is refused within seconds."""
+once idle; where no node type offers a GPU, the request is refused within seconds; the preprocessing
+job and the Serve app with the cluster preset's Serve settings run on worker nodes the autoscaler
+starts, and those nodes go once the work is done."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
 
 import pytest
 
 from fake_cluster import FakeCluster, node_types
+from postgres import PostgresServer
+from shoprank.config import load_config
+from shoprank.data.io import read_table
+from shoprank.entrypoint import free_port
+from shoprank.serving.variants import register_variants
+from shoprank.store.run import Run
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHECK = textwrap.dedent("""
     import json, time, ray
@@ -78,3 +93,96 @@ def test_a_gpu_request_is_refused_where_no_node_type_offers_one(cpu_only_cluster
     assert found["outcome"].startswith("refused: ray.use_gpu is true but the Ray cluster has no GPU and no node "
                                        "type of it offers one"), found
     assert found["seconds"] < 60, found
+
+
+DEPLOY = textwrap.dedent("""
+    import json, sys, ray
+    from ray import serve
+    from ray.util.state import list_actors
+    from shoprank.serving.app import APP_NAME, AppArgs, deploy
+    args, port = AppArgs.model_validate_json(sys.argv[1]), int(sys.argv[2])
+    ray.init(log_to_driver=False)
+    # one proxy, on the head: the fake nodes share this machine's address, so a proxy per node cannot bind
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    deploy(args)
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    placed = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10000):
+        if actor.class_name.startswith(f"ServeReplica:{APP_NAME}:"):
+            placed.setdefault(actor.class_name.rsplit(":", 1)[1], []).append(nodes.get(actor.node_id, {}))
+    deployments = serve.status().applications[APP_NAME].deployments
+    print(json.dumps({"status": {name: d.status for name, d in deployments.items()}, "placed": placed}))
+""")
+
+
+def _cluster_serve_settings() -> list[str]:
+    """The cluster preset's Serve placement (GPU share of the query encoders, the state actors' resource) with
+    its GPUs on, scaled to a laptop: one replica each, a quarter of a CPU."""
+    cluster = load_config("cluster", ["run.root=s3://bucket/shoprank"]).serve
+    return ["ray.use_gpu=true", f"serve.gpus_per_encoder={cluster.gpus_per_encoder}",
+            f"serve.state_resource={cluster.state_resource}", "serve.replicas=1", "serve.max_replicas=2",
+            "serve.cpus_per_replica=0.25"]
+
+
+@pytest.mark.slow  # the pipeline and an app of seven replicas on nodes started on demand: minutes
+@pytest.mark.timeout(1800)
+def test_the_pipeline_and_the_app_run_on_autoscaled_nodes_that_go_afterwards(
+    gpu_cluster: FakeCluster, tiny_encoder_dir: Path, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """The tiny pipeline (CPU work only) as a job's driver would run it, then its variants served with the
+    cluster preset's Serve placement: query encoders on the GPU nodes, the state actors where cluster.yaml
+    puts ``shoprank_state``, nothing on the head; every deployment healthy and answering; no worker node left
+    once the app is gone."""
+    root = tmp_path / "runs"
+    settings = [f"run.root={root}", f"encoder.model={tiny_encoder_dir}", "encoder.train.epochs=1",
+                "ranker.num_boost_round=10", "ranker.num_workers=1"]
+    started = time.monotonic()
+    job = subprocess.run([sys.executable, "jobs/pipeline.py", "--config", "tiny", *(f"--set={o}" for o in settings)],
+                         cwd=REPO, env=gpu_cluster.env(), capture_output=True, text=True, timeout=1200)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    pipeline_s = time.monotonic() - started
+    config = load_config("tiny", settings)
+    run = Run.for_config(config)
+    assert {"ingest", "preprocess", "encoder", "embed", "features", "ranker", "evaluate"} <= set(
+        run.manifest()["stages"]), f"after {pipeline_s:.0f} s"
+
+    register_variants(config, run)
+    port = free_port()
+    overrides = [*settings, f"serve.port={port}", f"serve.event_db={postgres_server.database()}",
+                 *_cluster_serve_settings()]
+    args = json.dumps({"config": "tiny", "overrides": overrides})
+    deployed = subprocess.run([sys.executable, "-c", DEPLOY, args, str(port)], env=gpu_cluster.env(),
+                              capture_output=True, text=True, timeout=600)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    found = json.loads(deployed.stdout.strip().splitlines()[-1])
+    assert set(found["status"].values()) == {"HEALTHY"}, found["status"]
+    placed = found["placed"]
+    assert {"Ingress", "Variant_A", "Variant_B", "QueryEncoder_A", "QueryEncoder_B", "EventStoreWriter",
+            "UserState"} <= set(placed), placed
+    for encoder in ("QueryEncoder_A", "QueryEncoder_B"):
+        assert all(node.get("GPU") for node in placed[encoder]), f"{encoder} off the GPU nodes: {placed[encoder]}"
+    for state in ("EventStoreWriter", "UserState"):
+        assert all(node.get("shoprank_state") for node in placed[state]), f"{state}: {placed[state]}"
+    assert not any(node.get("node:__internal_head__") for nodes in placed.values() for node in nodes)
+
+    product = read_table(run, "data", "products", columns=["product_id"]).column("product_id")[0].as_py()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as http:
+        for path, body in (("/search", {"query": "black skillet", "k": 5}), ("/recommend", {"user_id": "U1", "k": 5}),
+                           ("/events", [{"user_id": "U1", "product_id": product, "event_type": "click"}])):
+            answer = http.post(path, json=body)
+            assert answer.status_code == 200, (path, answer.text)
+
+    stopped = gpu_cluster.driver("import ray; from ray import serve; ray.init(log_to_driver=False); serve.shutdown()")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    deadline = time.monotonic() + 240
+    while _worker_nodes(gpu_cluster):
+        assert time.monotonic() < deadline, f"worker nodes still up when idle: {_worker_nodes(gpu_cluster)}"
+        time.sleep(5)
+
+
+def _worker_nodes(cluster: FakeCluster) -> list[dict]:
+    """The live nodes other than the head, by their resources."""
+    done = cluster.driver("import json, ray; ray.init(log_to_driver=False); "
+                          "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [n for n in json.loads(done.stdout.strip().splitlines()[-1]) if "node:__internal_head__" not in n]
