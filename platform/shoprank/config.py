@@ -42,6 +42,10 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Cluster to join; None starts a local one.")
     num_cpus: int = Field(2, ge=1, description="CPUs of a local cluster started by an entrypoint.")
     use_gpu: bool = False
+    train_poll_s: float = Field(
+        0.25, gt=0.0, le=60.0, description="How often Ray Train's controller polls its workers (Ray's default: 2 s, "
+        "which a short training waits several times over; raise it for runs of many workers).",
+    )
     gpu_wait_s: float = Field(
         600.0, ge=0.0, description="With use_gpu and no GPU in the cluster yet: how long a trainer waits for the "
         "autoscaler to start a GPU node (refused at once when no node type can offer one).",

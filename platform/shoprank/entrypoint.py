@@ -170,8 +170,18 @@ def _wait_for_gpus(gpus: int, wait_s: float, poll_s: float = 1.0, progress_every
         time.sleep(poll_s)
 
 
-def fit(trainer: DataParallelTrainer) -> Result:
-    """``trainer.fit()``, with the process's SIGINT handler as it was before.
+TRAIN_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train's controller polls its workers this often; Ray copies the driver's value to the controller."""
+
+
+def fit(trainer: DataParallelTrainer, settings: RayConfig) -> Result:
+    """``trainer.fit()``, its controller polling every ``ray.train_poll_s``, with the process's SIGINT handler
+    as it was before.
+
+    Ray Train's controller waits up to its polling interval (Ray's default: 2 s) at each step of a run
+    (workers scheduled, started, each poll, finished): measured on the tiny pipeline and a ranker update
+    here, 111 s at 2 s against 86 s at 0.25 s. The interval is set in this process's environment for the
+    call only, which Ray copies into the controller's.
 
     In the main thread, Ray Train's ``fit`` installs a SIGINT handler that holds the run's
     controller and leaves it installed: the controller, its dataset manager and split
@@ -181,11 +191,17 @@ def fit(trainer: DataParallelTrainer) -> Result:
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    poll_before = os.environ.get(TRAIN_POLL_VARIABLE)
+    os.environ[TRAIN_POLL_VARIABLE] = str(settings.train_poll_s)
     try:
         return trainer.fit()
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, before)
+        if poll_before is None:
+            os.environ.pop(TRAIN_POLL_VARIABLE, None)
+        else:
+            os.environ[TRAIN_POLL_VARIABLE] = poll_before
 
 
 def free_port() -> int:

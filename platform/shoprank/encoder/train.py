@@ -319,4 +319,4 @@ def train_encoder(
         ),
         datasets=datasets,
     )
-    return fit(trainer)
+    return fit(trainer, config.ray)

@@ -151,7 +151,7 @@ def train_ranker(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own requests
     )
-    return fit(trainer)
+    return fit(trainer, config.ray)
 
 
 def save_ranker(booster: xgboost.Booster, directory: Path, metrics: dict[str, Any]) -> None:
