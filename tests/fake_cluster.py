@@ -14,6 +14,7 @@ worker type's CPUs are capped (:data:`CPUS_PER_NODE`) and so is its node count.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ class FakeCluster:
 
     def stop(self) -> None:
         local_cluster.stop(self.head, timeout_s=5.0)
-        subprocess.run(["rm", "-rf", str(self.directory)], check=False)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def driver(self, code: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``code`` as a driver connected to this cluster (the test process has a cluster of its own)."""

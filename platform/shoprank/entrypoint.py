@@ -141,7 +141,7 @@ def autoscaler_status() -> dict[str, Any]:
 def _wait_for_gpus(gpus: int, wait_s: float, poll_s: float = 1.0, progress_every_s: float = 15.0) -> None:
     log = logging.getLogger("shoprank")
     started = said = time.time()
-    updates: set[float] = set()  # reports written since the request
+    seen_by_autoscaler = False  # an autoscaler report written after the request
     launched: dict[str, int] = {}
     while True:
         if ray.cluster_resources().get("GPU", 0) >= gpus:
@@ -153,9 +153,8 @@ def _wait_for_gpus(gpus: int, wait_s: float, poll_s: float = 1.0, progress_every
         launched.update(launching)
         # the autoscaler stamps its report just after reading the resource requests, and launches in the same
         # update: a report stamped after the request (with a margin for that read) has seen it
-        if status.get("time", 0) > started + 0.5:
-            updates.add(status["time"])
-        if updates and not launched:
+        seen_by_autoscaler = seen_by_autoscaler or status.get("time", 0) > started + 0.5
+        if seen_by_autoscaler and not launched:
             raise ConfigError(f"ray.use_gpu is true but the Ray cluster has no GPU and no node type of it offers "
                               f"one: the autoscaler launched nothing for {gpus} GPU(s); set ray.use_gpu=false or "
                               "add a GPU node type")

@@ -50,14 +50,6 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 """The resource only Ray's head node has."""
 
 
-def _scaling(config: Config) -> dict[str, Any]:
-    serve_config = config.serve
-    if serve_config.max_replicas > serve_config.replicas:
-        return {"autoscaling_config": {"min_replicas": serve_config.replicas, "max_replicas": serve_config.max_replicas,
-                                       "target_ongoing_requests": 2}}
-    return {"num_replicas": serve_config.replicas}
-
-
 def state_placement(config: Config, db: str) -> dict[str, Any]:
     """Where the event store's writer and the users' state run: on the nodes that ``serve.state_resource``
     names; else, for SQLite (a file on one disk), Ray's head node; a server database is reached from any node."""
@@ -93,6 +85,15 @@ def placements(config: Config, variants: list[str]) -> dict[str, Placement]:
     return found
 
 
+def _scaling(placement: Placement) -> dict[str, Any]:
+    """Serve's replica settings for ``placement``: a fixed count, or autoscaling on ongoing requests between its
+    bounds."""
+    if placement.max_replicas > placement.min_replicas:
+        return {"autoscaling_config": {"min_replicas": placement.min_replicas, "max_replicas": placement.max_replicas,
+                                       "target_ongoing_requests": 2}}
+    return {"num_replicas": placement.min_replicas}
+
+
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
     """The application for ``args`` (nothing starts until ``serve.run`` / ``serve deploy``)."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
@@ -107,12 +108,12 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         encoder_name = f"QueryEncoder_{name}"
         query_encoder = QueryEncoder.options(
             name=encoder_name, ray_actor_options=placed[encoder_name].ray_actor_options,
-            max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(config),
+            max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(placed[encoder_name]),
             user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder) if encoder_name in placed else None
         variants[name] = Variant.options(
             name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
-            max_ongoing_requests=2 * settings.ranker_batch_size, **_scaling(config),
+            max_ongoing_requests=2 * settings.ranker_batch_size, **_scaling(placed[f"Variant_{name}"]),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder, query_encoder)
@@ -124,7 +125,8 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     user_state = UserState.options(ray_actor_options=placed["UserState"].ray_actor_options,
                                    max_ongoing_requests=256).bind(db)
     return Ingress.options(
-        ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=256, **_scaling(config),
+        ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=256,
+        **_scaling(placed["Ingress"]),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
     ).bind(dumped, variants, user_state, store)
 
