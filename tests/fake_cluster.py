@@ -14,6 +14,7 @@ worker type's CPUs are capped (:data:`CPUS_PER_NODE`) and so is its node count.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,31 @@ class FakeCluster:
     def stop(self) -> None:
         local_cluster.stop(self.head, timeout_s=5.0)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def worker_nodes(self) -> list[dict[str, float]]:
+        """The live nodes other than the head, by their resources."""
+        return self._worker_nodes("0")
+
+    def worker_nodes_once_idle(self, timeout_s: float) -> list[dict[str, float]]:
+        """The worker nodes left once the autoscaler released the idle ones, or after ``timeout_s``: one driver
+        polling every second (a driver per poll would cost a process start each)."""
+        return self._worker_nodes(str(timeout_s))
+
+    def _worker_nodes(self, wait_s: str) -> list[dict[str, float]]:
+        code = ("import json, time, ray\n"
+                "ray.init(log_to_driver=False)\n"
+                f"deadline = time.monotonic() + {wait_s}\n"
+                "while True:\n"
+                "    workers = [n['Resources'] for n in ray.nodes()\n"
+                "               if n['Alive'] and 'node:__internal_head__' not in n['Resources']]\n"
+                "    if not workers or time.monotonic() >= deadline:\n"
+                "        break\n"
+                "    time.sleep(1)\n"
+                "print(json.dumps(workers))\n")
+        done = self.driver(code, timeout_s=float(wait_s) + 120)
+        if done.returncode:
+            raise RuntimeError(f"the fake cluster's nodes could not be listed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     def driver(self, code: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``code`` as a driver connected to this cluster (the test process has a cluster of its own)."""

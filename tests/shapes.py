@@ -26,8 +26,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from shoprank.data.io import read_table
+from shoprank.stages import STAGE_NAMES
+from shoprank.store.run import Run
 
 ESCI_LOCALES: tuple[str, ...] = ("us", "es", "jp")
 ESCI_PRODUCTS_PER_LOCALE: dict[str, int] = {"us": 130, "es": 85, "jp": 85}
@@ -415,3 +420,58 @@ def write_jsonl_shop(directory: Path, seed: int = 0) -> list[str]:
         _set("source.files.judgments.path", str(judgments_path)),
         _set("source.files.judgments.columns", {"query_id": "qid", "product_id": "sku", "label": "grade"}),
     ]
+
+
+# --------------------------------------------------------------- what every shape's run shows
+# Shared by the data-shape tests on the session's cluster and the multi-node cluster test.
+
+
+def check_every_stage(run: Run, tasks: set[str]) -> None:
+    """The run finished every stage and registered its variants; its offline evaluation has figures for ``tasks``
+    (of search and recommend) and says, in the file and in the stage's notes, why it has none for the others."""
+    done = {entry["stage"] for entry in run.stage_log() if entry["status"] in ("done", "skipped")}
+    assert set(STAGE_NAMES) <= done and "register" in done, done
+    evaluation = run.read_json("evaluation", "offline.json")
+    assert {kind for kind in ("search", "recommend") if kind in evaluation} == tasks
+    notes = run.manifest()["stages"]["evaluate"].get("notes", [])
+    for kind in {"search", "recommend"} - tasks:
+        assert kind in evaluation["no_figures"], "a task without figures says why"
+        assert any(kind in note for note in notes), notes
+    for kind in tasks:
+        assert evaluation[kind]["fine-tuned retrieval + ranker"]["requests"] > 0
+
+
+def check_answers(url: str, run: Run) -> None:
+    """``/search`` and ``/recommend`` of both variants answer from this run: its products, for a known and an
+    unknown shopper; a recommendation that is not personal says so, and without behaviour keeps the popular order."""
+    catalogue = set(read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
+    title = read_table(run, "data", "products", columns=["title"]).column("title")[0].as_py()
+    users = read_table(run, "data", "events", columns=["user_id"]).column("user_id").to_pylist()
+    with httpx.Client(base_url=url, timeout=120.0) as http:
+        for path, body in (("/search", {"query": title, "k": 5}),
+                           ("/recommend", {"user_id": users[0] if users else "nobody", "k": 5}),
+                           ("/recommend", {"user_id": "a-shopper-never-seen", "k": 5})):
+            for variant in ("A", "B"):
+                answer = _answer(http, path, {**body, "variant": variant})
+                assert answer["variant"] == variant and answer["request_id"]
+                ids = [item["product_id"] for item in answer["items"]]
+                assert ids and set(ids) <= catalogue, (path, answer)
+        cold = _answer(http, "/recommend", {"user_id": "a-shopper-never-seen", "k": 5, "variant": "A"})
+        assert cold["note"], "a recommendation that is not personal says so"
+        if not users:  # no behaviour: A (retrieval) keeps the popular order, by training queries judging relevant
+            assert [item["product_id"] for item in cold["items"]] == _most_judged_relevant(run, 5)
+
+
+def _most_judged_relevant(run: Run, k: int) -> list[str]:
+    """The ``k`` products most often judged exact or substitute by training queries (ties: catalogue order)."""
+    catalogue = read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist()
+    pairs = read_table(run, "data", "query_pairs").to_pandas()
+    relevant = pairs[(pairs["source"] == "judgment") & (pairs["split"] == "train") & (pairs["label"] >= 2)]
+    counts = relevant["product_id"].value_counts()
+    return sorted(catalogue, key=lambda p: (-counts.get(p, 0), catalogue.index(p)))[:k]
+
+
+def _answer(http: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = http.post(path, json=body)
+    assert response.status_code == 200, (path, body, response.text)
+    return response.json()

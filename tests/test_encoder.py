@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import ray
 from ray.train import TrainingFailedError
 from ray.util.state import list_actors
 
@@ -127,7 +128,9 @@ def test_a_finished_run_continues_from_its_checkpoint_on_two_ddp_workers(trained
     # Ray Train's own handler held the finished run's controller (and its split coordinators) alive, polling
     assert signal.getsignal(signal.SIGINT) is sigint
     deadline = time.monotonic() + 60
-    while list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]):
+    # this session's cluster by its address: another one on the machine (a `make demo` head) makes a bare lookup fail
+    session = ray.get_runtime_context().gcs_address
+    while list_actors(address=session, filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]):
         assert time.monotonic() < deadline, "the finished run's controller is still alive"
         time.sleep(1)
     assert more.metrics["epoch"] == 3
