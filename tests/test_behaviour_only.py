@@ -94,7 +94,7 @@ def test_features_of_a_log_without_views_have_no_rate_over_a_zero_count(small: L
         missing = {FEATURES[c] for c in np.flatnonzero(np.isnan(inputs.features).any(axis=0))}
         assert missing <= {"ctr", "conversion"}, missing
         for item in pipeline.recommend(user, 10, now):  # the served path: what the answer says about each item
-            assert "ctr" not in item.scores and all(np.isfinite(v) for v in item.scores.values())
+            assert "ctr" not in item.contributions and all(np.isfinite(v) for v in item.contributions.values())
             assert np.isfinite(item.score)
 
 

@@ -22,6 +22,7 @@ from shoprank.ranker.dataset import build_requests, rank_inputs
 from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
 from shoprank.ranker.train import META_FILE, load_ranker, read_features
 from shoprank.ranker.update import update_ranker
+from shoprank.serving.messages import BASE, OTHER
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -193,7 +194,15 @@ def test_a_purchase_leaves_the_very_next_answer(ranked: tuple[Config, Run], stra
         pipeline.observe(user, product, "purchase", now - 60 + i)
     after = pipeline.recommend(user, 20, now)
     assert len(after) == 20 and not {r.product_id for r in after} & set(before[:3])
-    assert after[0].scores.keys() >= {"cosine", "popularity"}
+    for item in after:  # each card's explanation: the score's parts, which add up to it
+        parts = item.contributions
+        assert sum(parts.values()) == pytest.approx(item.score, rel=1e-4, abs=1e-4), parts
+        named = [value for name, value in parts.items() if name not in (OTHER, BASE)]
+        assert len(named) <= config.serve.explained_features and named == sorted(named, key=abs, reverse=True)
+    if strategy == "retrieval":  # the baseline's terms: cosine + 0.01 * bm25 + w * popularity, no base
+        assert set(after[0].contributions) <= {"cosine", "bm25", "popularity"}
+    else:
+        assert BASE in after[0].contributions
 
 
 def test_a_batch_of_requests_gets_what_each_request_gets_alone(ranked: tuple[Config, Run]) -> None:

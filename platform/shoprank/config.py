@@ -449,6 +449,10 @@ class ServeConfig(Section):
     baseline_popularity_weight: float = Field(
         0.02, ge=0.0, description="The retrieval strategy's score: cosine + 0.01 * BM25 + this * popularity."
     )
+    explained_features: int = Field(
+        4, ge=1, le=64, description="Features named in each item's contributions (the score's largest parts); "
+        "the rest are summed as 'other features'.",
+    )
     exclude_purchased: bool = Field(
         True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "
         "as far as the user's history reaches: their last ranker.history_events events.",

@@ -67,7 +67,10 @@ class Item(BaseModel):
     brand: str
     price: float
     score: float = Field(description="The score that ordered the list.")
-    scores: dict[str, float] = Field(description="The features behind it.")
+    contributions: dict[str, float] = Field(
+        description="The score's parts, largest first: the features that moved it most (the ranker's SHAP values, "
+        "or the baseline's terms), 'other features' (the rest together) and 'base' (an average candidate's score); "
+        "they add up to the score. '<feature> (no value)': the product has no value for it (a rate over nothing).")
 
 
 class Answer(BaseModel):

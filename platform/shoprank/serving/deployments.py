@@ -208,7 +208,7 @@ class Ingress:
             Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
             for i, r in enumerate(ranked)
         ])
-        items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "scores": r.scores}
+        items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "contributions": r.contributions}
                  for i, r in enumerate(ranked)]
         return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
                       note=self._note(kind, self.specs[variant].run, answered.history_events))

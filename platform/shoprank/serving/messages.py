@@ -13,15 +13,25 @@ Strategy = Literal["ranker", "retrieval"]
 """How a variant orders its candidates: the XGBoost ranker, or the retrieval baseline that needs none."""
 LiveEvent = tuple[str, str, float]
 """(product_id, event_type, ts_s): an event received after the run's data."""
+OTHER, BASE = "other features", "base"
+"""The last two names of an item's contributions: the features beyond the largest ones together, and the ranker's
+bias (its score of an average candidate)."""
 
 
 @dataclass
 class Ranked:
-    """One product of an answer: the score that ordered it and the per-item scores that explain it."""
+    """One product of an answer: the score that ordered it and what made that score.
+
+    ``contributions`` are the score's parts, largest first: the features that moved it most (the ranker's
+    SHAP values, or the baseline's terms), then ``other features`` (the rest together) and ``base`` (the
+    ranker's score of an average candidate); they add up to ``score``. A feature without a value for this
+    product (a rate over nothing) is named ``<feature> (no value)``: its part is what the model makes of
+    the missing value.
+    """
 
     product_id: str
     score: float
-    scores: dict[str, float]
+    contributions: dict[str, float]
 
 
 @dataclass

@@ -13,7 +13,10 @@ vectors: the one implementation that Serve's per-variant deployment
   with (:func:`shoprank.ranker.features.compute_features`) and orders them: by the
   XGBoost ranker (strategy ``ranker``), or, for the baseline that needs no trained
   ranker (strategy ``retrieval``), by ``cosine + 0.01 * bm25 + w * popularity``.
-  Several requests are scored in one ``predict`` call (:meth:`Ranking.rank_many`).
+  Several requests are scored in one ``predict`` call (:meth:`Ranking.rank_many`), and
+  the items shown are explained in one more: each score's parts (the ranker's SHAP
+  values, ``pred_contribs``; the baseline's terms), which add up to the score, so a card
+  says what moved an item up rather than listing raw feature values.
 """
 
 from __future__ import annotations
@@ -28,12 +31,9 @@ from shoprank.ranker.context import RankingContext
 from shoprank.ranker.dataset import retrieve
 from shoprank.ranker.features import COLUMN, Candidates, History, ProductStats, compute_features
 from shoprank.ranker.train import predict
-from shoprank.serving.messages import Answered, Asked, LiveEvent, Ranked, Strategy
+from shoprank.serving.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 
-EXPLAINED = ("cosine", "bm25", "cf_score", "popularity", "ctr", "conversion", "category_affinity", "brand_affinity",
-             "price_vs_user")
-"""Per-item scores returned with every answer, beside the score that ordered it; a missing one (a rate
-of a product with nothing to divide by, see :mod:`shoprank.ranker.features`) is left out, not sent as NaN."""
+FEATURE_NAMES = [name for name, _ in sorted(COLUMN.items(), key=lambda kv: kv[1])]
 
 
 @dataclass
@@ -73,33 +73,60 @@ class Ranking:
     """Features and order of retrieved candidates, by the ranker or the retrieval baseline."""
 
     def __init__(self, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
-                 popularity_weight: float = 0.02) -> None:
+                 popularity_weight: float = 0.02, explained_features: int = 4) -> None:
         if strategy == "ranker" and booster is None:
             raise ValueError("the ranker strategy needs a booster")
         self.stats = stats
         self.strategy = strategy
         self.booster = booster
         self.popularity_weight = popularity_weight
+        self.explained_features = explained_features
 
     def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
-        """Each request's top ``k``; the ranker scores all requests' candidates in one call."""
+        """Each request's top ``k``; the ranker scores all requests' candidates in one call, and explains the
+        chosen ones in one more."""
         features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
         stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
-        if self.strategy == "ranker" and len(stacked):
-            scores = predict(self.booster, stacked)
-        else:
-            scores = (stacked[:, COLUMN["cosine"]] + 0.01 * stacked[:, COLUMN["bm25"]]
-                      + self.popularity_weight * stacked[:, COLUMN["popularity"]])
+        scores = self._parts(stacked).sum(axis=1) if self.strategy == "retrieval" else (
+            predict(self.booster, stacked) if len(stacked) else np.zeros(0, np.float32))
         bounds = np.cumsum([0] + [len(f) for f in features])
-        return [self._top(r.candidates, f, scores[a:b], k)
-                for r, f, a, b, k in zip(requests, features, bounds[:-1], bounds[1:], ks)]
-
-    def _top(self, candidates: Candidates, features: np.ndarray, scores: np.ndarray, k: int) -> list[Ranked]:
-        order = np.lexsort((-features[:, COLUMN["popularity"]], -scores))[:k]
+        chosen = [a + np.lexsort((-f[:, COLUMN["popularity"]], -scores[a:b]))[:k]
+                  for f, a, b, k in zip(features, bounds[:-1], bounds[1:], ks)]
+        rows = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+        parts = self._parts(stacked[rows])
+        candidate_rows = np.concatenate([r.candidates.rows for r in requests]) if requests else np.zeros(0, np.int64)
         ids = self.stats.product_ids
-        return [Ranked(ids[candidates.rows[i]], float(scores[i]),
-                       {name: float(features[i, COLUMN[name]]) for name in EXPLAINED
-                        if not np.isnan(features[i, COLUMN[name]])}) for i in order]
+        ranked = [Ranked(ids[candidate_rows[row]], float(scores[row]), self._explained(stacked[row], part))
+                  for row, part in zip(rows, parts)]
+        ends = np.cumsum([len(c) for c in chosen])
+        return [ranked[end - len(c):end] for c, end in zip(chosen, ends)]
+
+    def _parts(self, features: np.ndarray) -> np.ndarray:
+        """Each row's score split into one part per feature and a last one, the base: the ranker's SHAP values
+        (``pred_contribs``, one call), or the retrieval baseline's three terms."""
+        if self.strategy == "ranker":
+            if not len(features):
+                return np.zeros((0, len(COLUMN) + 1), np.float32)
+            matrix = xgboost.DMatrix(features, missing=np.nan)
+            return self.booster.predict(matrix, pred_contribs=True, validate_features=False)
+        parts = np.zeros((len(features), len(COLUMN) + 1), np.float32)
+        for name, weight in (("cosine", 1.0), ("bm25", 0.01), ("popularity", self.popularity_weight)):
+            parts[:, COLUMN[name]] = weight * features[:, COLUMN[name]]
+        return parts
+
+    def _explained(self, values: np.ndarray, parts: np.ndarray) -> dict[str, float]:
+        """The largest parts by size, named (a feature without a value says so), then the rest and the base."""
+        by_feature = parts[:-1]
+        largest = [i for i in np.argsort(-np.abs(by_feature), kind="stable")[: self.explained_features]
+                   if by_feature[i] != 0.0]
+        named = {(FEATURE_NAMES[i] if not np.isnan(values[i]) else f"{FEATURE_NAMES[i]} (no value)"):
+                 float(by_feature[i]) for i in largest}
+        rest = float(by_feature.sum() - by_feature[largest].sum())
+        if rest:
+            named[OTHER] = rest
+        if parts[-1]:
+            named[BASE] = float(parts[-1])
+        return named
 
 
 def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
@@ -124,7 +151,8 @@ class VariantPipeline:
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
-        self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight)
+        self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight,
+                               self.context.config.serve.explained_features)
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         return self.answer_many([self._asked(user_id, query, k, now_s)])[0].items

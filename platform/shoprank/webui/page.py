@@ -27,6 +27,7 @@ import gradio as gr
 import pandas as pd
 
 from shoprank.data.synthetic import ShopSimulator
+from shoprank.serving.messages import BASE, OTHER
 from shoprank.webui.client import ServeClient, ServeError
 from shoprank.webui.report import report_markdown
 from shoprank.webui.simulate import simulate
@@ -44,8 +45,8 @@ CSS = """
 
 def card(item: dict[str, Any], variant: str) -> str:
     """One product card's HTML (escaped)."""
-    reasons = sorted(item["scores"].items(), key=lambda kv: -abs(kv[1]))[:TOP_FEATURES]
-    why = ", ".join(f"{name} {value:.2f}" for name, value in reasons)
+    reasons = [(name, value) for name, value in item["contributions"].items() if name not in (OTHER, BASE)]
+    why = ", ".join(f"{name} {value:+.2f}" for name, value in reasons[:TOP_FEATURES])
     return (
         f'<div class="card card-{variant}" data-product="{html.escape(item["product_id"])}">'
         f'<div class="title">#{item["rank"]} {html.escape(item["title"])}</div>'
