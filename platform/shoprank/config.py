@@ -449,6 +449,10 @@ class ServeConfig(Section):
     baseline_popularity_weight: float = Field(
         0.02, ge=0.0, description="The retrieval strategy's score: cosine + 0.01 * BM25 + this * popularity."
     )
+    clock_skew_s: float = Field(
+        300.0, ge=0.0, description="How far after the app's clock an event's ts may be (clients' clocks drift); "
+        "later ones are refused: a far-future event would outweigh every other in the user's history.",
+    )
     explained_features: int = Field(
         4, ge=1, le=64, description="Features named in each item's contributions (the score's largest parts); "
         "the rest are summed as 'other features'.",

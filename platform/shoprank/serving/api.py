@@ -9,7 +9,9 @@ variants, the catalogue) is checked by the ingress, which answers with the same
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+import unicodedata
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,8 +23,27 @@ MAX_EVENTS_PER_REQUEST = 1000
 Identifier = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
 
 
+def check_text(value: str) -> str:
+    """``value`` if it is text a person could type: no lone surrogate (not Unicode text at all: it cannot be
+    encoded, so a tokenizer or a database would fail on it later) and no control character (NUL, BEL, ...)."""
+    for position, char in enumerate(value):
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"not valid Unicode text: a lone surrogate (U+{code:04X}) at position {position}")
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(f"contains a control character (U+{code:04X}) at position {position}")
+    return value
+
+
 class Strict(BaseModel):
+    """A request body: unknown fields refused, every string checked by :func:`check_text`."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def text_only(cls, value: object) -> object:
+        return check_text(value) if isinstance(value, str) else value
 
 
 class SearchRequest(Strict):
@@ -91,3 +112,10 @@ class EventsAccepted(BaseModel):
 def rejected(loc: list[str | int], message: str, status: int = 422) -> HTTPException:
     """A 4xx in FastAPI's validation shape, naming the field."""
     return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message}])
+
+
+def invalid(errors: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
+    """FastAPI's validation errors in the shape of :func:`rejected`: where and why, without the input itself, which
+    may not be representable in JSON (``1e400`` parses to infinity, a lone surrogate cannot be encoded)."""
+    return {"detail": [{"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "invalid")),
+                        "type": str(error.get("type", "value_error"))} for error in errors]}

@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -39,7 +40,7 @@ from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
 from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
-    MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, rejected,
+    MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, invalid, rejected,
 )
 from shoprank.serving.messages import Answered, Asked, LiveEvent
 from shoprank.serving.variants import VariantSpec
@@ -136,6 +137,13 @@ def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent:
 
 
 api = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop.")
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each field and why; FastAPI's own answer echoes the input and fails (a 5xx) on one that JSON
+    cannot carry."""
+    return JSONResponse(status_code=422, content=invalid(exc.errors()))
 
 
 @api.exception_handler(Exception)
@@ -252,6 +260,11 @@ class Ingress:
             ts = event.ts or dt.datetime.fromtimestamp(now, dt.timezone.utc)
             if ts.tzinfo is None:
                 ts = ts.replace(tzinfo=dt.timezone.utc)
+            if ts.timestamp() > now + self.config.serve.clock_skew_s:
+                served = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds")
+                raise rejected([i, "ts"], f"{ts.isoformat()} is later than the app's clock ({served}, serve.clock="
+                                          f"{self.config.serve.clock}) by more than serve.clock_skew_s "
+                                          f"({self.config.serve.clock_skew_s:g} s); nothing of this request was stored")
             rows.append({
                 **event.model_dump(), "ts": ts, "event_id": event.event_id or uuid.uuid4().hex,
                 "session_id": event.session_id or f"live-{event.user_id}",
