@@ -115,3 +115,22 @@ def test_ab_report_counts_assigned_answers_only(tmp_path: Path) -> None:
     assert report["lift"]["ctr"]["p_value"] == pytest.approx(compare(2, 100, 5, 100).p_value)
     assert report["lift"]["ctr"]["lift"] == pytest.approx(1.5)
     assert report["sample_ratio"]["mismatch"] is False
+
+
+def test_repeated_and_unshown_engagements_count_once_and_the_report_never_fails(tmp_path: Path) -> None:
+    """A thousand clicks on one impression are one clicked impression, a click naming an answer that did not show its
+    product is none: no rate over 1, so the report (and its Wilson intervals) keeps answering."""
+    store = SqliteEventStore(tmp_path / "events.db")
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    store.log_impressions([Impression("R1", "U1", "A", "P1", 1, t0), Impression("R1", "U1", "A", "P2", 2, t0),
+                           Impression("R2", "U2", "B", "P1", 1, t0)])
+    click = {"user_id": "U1", "session_id": "S1", "product_id": "P1", "event_type": "click", "ts": t0, "request_id": "R1"}
+    store.append([{**click, "event_id": f"c{i}"} for i in range(1000)])
+    store.append([{**click, "event_id": "elsewhere", "product_id": "P9"},
+                  {**click, "event_id": "bought", "event_type": "purchase"},
+                  {**click, "event_id": "bought-again", "event_type": "purchase"}])
+    report = ab_report(store, {"A": 0.5, "B": 0.5})
+    a = report["variants"]["A"]
+    assert (a["impressions"], a["clicks"], a["purchases"]) == (2, 1, 1)
+    assert a["ctr"]["rate"] == 0.5 and a["ctr"]["high"] <= 1.0 and a["conversion"]["rate"] == 0.5
+    assert report["variants"]["B"]["clicks"] == 0 and "ctr" in report["lift"]

@@ -2,7 +2,10 @@
 
 Only answers the router assigned count: impressions of forced requests (the
 side-by-side view) and the events on them are left out. An event belongs to the
-variant that showed the product in the request it names (``request_id``).
+variant that showed the product in the request it names (``request_id``), and counts
+once per impression and kind: an impression is clicked or not, so a client sending
+the same click a thousand times (or a click on a product that answer did not show)
+changes nothing, and no rate can exceed 1.
 
 Per variant: users, sessions, impressions, clicks, add-to-carts, purchases; CTR
 (clicks / impressions) and conversion (purchases / impressions) with Wilson
@@ -29,35 +32,42 @@ ENGAGEMENTS = ("click", "add_to_cart", "purchase")
 
 def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A", treatment: str = "B") -> dict[str, Any]:
     """The report's figures as JSON-ready dicts (see the module docstring)."""
-    shown: dict[str, str] = {}
+    shown: dict[tuple[str, str], str] = {}
+    """(request, product) of each assigned impression -> its variant."""
     shown_at: list[tuple[float, str]] = []
     engaged_at: list[tuple[float, str, str]] = []
     counted: dict[str, dict[str, Any]] = {
         v: {"users": set(), "sessions": set(), "view": 0, "click": 0, "add_to_cart": 0, "purchase": 0} for v in split
     }
     side_by_side: dict[str, dict[str, int]] = {}
-    forced_requests: dict[str, str] = {}
+    forced: dict[tuple[str, str], str] = {}
     for impression in store.impressions():
         if impression.forced:
-            forced_requests[impression.request_id] = impression.variant
+            forced[(impression.request_id, impression.product_id)] = impression.variant
             row = side_by_side.setdefault(impression.variant, dict.fromkeys(("view", *ENGAGEMENTS), 0))
             row["view"] += 1
             continue
         if impression.variant not in counted:
             continue
-        shown[impression.request_id] = impression.variant
+        shown[(impression.request_id, impression.product_id)] = impression.variant
         shown_at.append((impression.ts.timestamp(), impression.variant))
         row = counted[impression.variant]
         row["users"].add(impression.user_id)
         row["view"] += 1
     events = store.events()
-    for request, session, kind, ts in zip(events.column("request_id").to_pylist(), events.column("session_id").to_pylist(),
-                                          events.column("event_type").to_pylist(), events.column("ts").to_pylist()):
-        if kind != "view" and request in forced_requests:
-            side_by_side[forced_requests[request]][kind] += 1
-        variant = shown.get(request)
-        if variant is None or kind == "view":
+    engaged: set[tuple[str, str, str]] = set()
+    for request, product, session, kind, ts in zip(
+        *(events.column(name).to_pylist() for name in ("request_id", "product_id", "session_id", "event_type", "ts"))
+    ):
+        if kind == "view" or (request, product, kind) in engaged:
             continue
+        if (request, product) in forced:
+            engaged.add((request, product, kind))
+            side_by_side[forced[(request, product)]][kind] += 1
+        variant = shown.get((request, product))
+        if variant is None:
+            continue
+        engaged.add((request, product, kind))
         counted[variant][kind] += 1
         engaged_at.append((ts.timestamp(), variant, kind))
         counted[variant]["sessions"].add(session)
