@@ -25,6 +25,7 @@ import yaml
 
 from shoprank import cluster as local_cluster
 from shoprank.entrypoint import free_port
+from shoprank.serving.app import HEAD_NODE_RESOURCE
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 CPUS_PER_NODE = 1
@@ -94,25 +95,22 @@ class FakeCluster:
 
     def worker_nodes(self) -> list[dict[str, float]]:
         """The live nodes other than the head, by their resources."""
-        return self._worker_nodes("0")
+        return self.worker_nodes_once_idle(0.0)
 
     def worker_nodes_once_idle(self, timeout_s: float) -> list[dict[str, float]]:
         """The worker nodes left once the autoscaler released the idle ones, or after ``timeout_s``: one driver
         polling every second (a driver per poll would cost a process start each)."""
-        return self._worker_nodes(str(timeout_s))
-
-    def _worker_nodes(self, wait_s: str) -> list[dict[str, float]]:
         code = ("import json, time, ray\n"
                 "ray.init(log_to_driver=False)\n"
-                f"deadline = time.monotonic() + {wait_s}\n"
+                f"deadline = time.monotonic() + {timeout_s!r}\n"
                 "while True:\n"
                 "    workers = [n['Resources'] for n in ray.nodes()\n"
-                "               if n['Alive'] and 'node:__internal_head__' not in n['Resources']]\n"
+                f"               if n['Alive'] and {HEAD_NODE_RESOURCE!r} not in n['Resources']]\n"
                 "    if not workers or time.monotonic() >= deadline:\n"
                 "        break\n"
                 "    time.sleep(1)\n"
                 "print(json.dumps(workers))\n")
-        done = self.driver(code, timeout_s=float(wait_s) + 120)
+        done = self.driver(code, timeout_s=timeout_s + 120)
         if done.returncode:
             raise RuntimeError(f"the fake cluster's nodes could not be listed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])

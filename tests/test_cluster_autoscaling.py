@@ -26,6 +26,7 @@ from shoprank.data.readers import read_esci
 from shoprank.encoder.text import product_texts
 from shoprank.encoder.tiny import build_tiny_encoder
 from shoprank.entrypoint import free_port
+from shoprank.serving.app import HEAD_NODE_RESOURCE
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import open_event_store
 from shoprank.store.run import Run
@@ -160,7 +161,7 @@ def test_the_pipeline_and_the_app_run_on_autoscaled_nodes_that_go_afterwards(
         assert all(node.get("GPU") for node in placed[name]), f"{name} off the GPU nodes: {placed[name]}"
     for state in ("EventStoreWriter", "UserState"):
         assert all(node.get("shoprank_state") for node in placed[state]), f"{state}: {placed[state]}"
-    assert not any(node.get("node:__internal_head__") for nodes in placed.values() for node in nodes)
+    assert not any(node.get(HEAD_NODE_RESOURCE) for nodes in placed.values() for node in nodes)
 
     url = f"http://127.0.0.1:{port}"
     check_answers(url, run)

@@ -59,15 +59,14 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
     for request, product, session, kind, ts in zip(
         *(events.column(name).to_pylist() for name in ("request_id", "product_id", "session_id", "event_type", "ts"))
     ):
-        if kind == "view" or (request, product, kind) in engaged:
+        impression = (request, product)
+        if kind == "view" or (*impression, kind) in engaged or not (impression in forced or impression in shown):
             continue
-        if (request, product) in forced:
-            engaged.add((request, product, kind))
-            side_by_side[forced[(request, product)]][kind] += 1
-        variant = shown.get((request, product))
-        if variant is None:
+        engaged.add((*impression, kind))
+        if impression in forced:
+            side_by_side[forced[impression]][kind] += 1
             continue
-        engaged.add((request, product, kind))
+        variant = shown[impression]
         counted[variant][kind] += 1
         engaged_at.append((ts.timestamp(), variant, kind))
         counted[variant]["sessions"].add(session)

@@ -29,12 +29,9 @@ import xgboost
 
 from shoprank.ranker.context import RankingContext
 from shoprank.ranker.dataset import retrieve
-from shoprank.ranker.features import COLUMN, Candidates, History, ProductStats, compute_features
+from shoprank.ranker.features import COLUMN, FEATURES, Candidates, History, ProductStats, compute_features
 from shoprank.ranker.train import predict
 from shoprank.serving.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
-
-FEATURE_NAMES = [name for name, _ in sorted(COLUMN.items(), key=lambda kv: kv[1])]
-
 
 @dataclass
 class Retrieved:
@@ -87,13 +84,15 @@ class Ranking:
         chosen ones in one more."""
         features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
         stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
-        scores = self._parts(stacked).sum(axis=1) if self.strategy == "retrieval" else (
+        # the baseline's parts are its score's terms, for every candidate; the ranker explains only the chosen ones
+        every_part = self._parts(stacked) if self.strategy == "retrieval" else None
+        scores = every_part.sum(axis=1) if every_part is not None else (
             predict(self.booster, stacked) if len(stacked) else np.zeros(0, np.float32))
         bounds = np.cumsum([0] + [len(f) for f in features])
         chosen = [a + np.lexsort((-f[:, COLUMN["popularity"]], -scores[a:b]))[:k]
                   for f, a, b, k in zip(features, bounds[:-1], bounds[1:], ks)]
         rows = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
-        parts = self._parts(stacked[rows])
+        parts = every_part[rows] if every_part is not None else self._parts(stacked[rows])
         candidate_rows = np.concatenate([r.candidates.rows for r in requests]) if requests else np.zeros(0, np.int64)
         ids = self.stats.product_ids
         ranked = [Ranked(ids[candidate_rows[row]], float(scores[row]), self._explained(stacked[row], part))
@@ -119,7 +118,7 @@ class Ranking:
         by_feature = parts[:-1]
         largest = [i for i in np.argsort(-np.abs(by_feature), kind="stable")[: self.explained_features]
                    if by_feature[i] != 0.0]
-        named = {(FEATURE_NAMES[i] if not np.isnan(values[i]) else f"{FEATURE_NAMES[i]} (no value)"):
+        named = {(FEATURES[i] if not np.isnan(values[i]) else f"{FEATURES[i]} (no value)"):
                  float(by_feature[i]) for i in largest}
         rest = float(by_feature.sum() - by_feature[largest].sum())
         if rest:
