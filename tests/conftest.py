@@ -125,6 +125,17 @@ class App:
     def post(self, path: str, body: Any) -> httpx.Response:
         return self.http.post(path, json=body)
 
+    def report_once(self, holds: Callable[[dict[str, Any]], bool], timeout_s: float = 15.0) -> dict[str, Any]:
+        """``/ab/report`` once ``holds`` is true of it (or the last one read, after ``timeout_s``): each ingress
+        replica writes its queued impressions every ``serve.impression_flush_s``, so a report may lag another
+        replica's answers by that much."""
+        deadline = time.time() + timeout_s
+        while True:
+            report = self.http.get("/ab/report").json()
+            if holds(report) or time.time() > deadline:
+                return report
+            time.sleep(0.2)
+
     def stored_event_ids(self) -> set[str]:
         store = open_event_store(self.db)
         try:
@@ -167,7 +178,8 @@ def deploy_app(ranked: tuple[Config, Run], port: int, db: str, name: str = APP_N
 
 @pytest.fixture(scope="session")
 def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    """The session's app, its events in SQLite."""
-    served = deploy_app(ranked, serve_port, str(tmp_path_factory.mktemp("serve") / "events.sqlite"))
+    """The session's app, its events in SQLite; two replicas of each variant, each with its own user cache."""
+    served = deploy_app(ranked, serve_port, str(tmp_path_factory.mktemp("serve") / "events.sqlite"), APP_NAME, "/",
+                        "serve.replicas=2")
     yield served
     served.http.close()

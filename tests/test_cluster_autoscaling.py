@@ -155,12 +155,11 @@ def test_the_pipeline_and_the_app_run_on_autoscaled_nodes_that_go_afterwards(
     found = json.loads(deployed.stdout.strip().splitlines()[-1])
     assert set(found["status"].values()) == {"HEALTHY"}, found["status"]
     placed = found["placed"]
-    assert {"Ingress", "Variant_A", "Variant_B", "QueryEncoder_A", "QueryEncoder_B", "EventStoreWriter",
-            "UserState"} <= set(placed), placed
+    assert {"Ingress", "Variant_A", "Variant_B", "QueryEncoder_A", "QueryEncoder_B", "EventStoreWriter"} <= set(placed), \
+        placed
     for name in ("QueryEncoder_A", "QueryEncoder_B"):
         assert all(node.get("GPU") for node in placed[name]), f"{name} off the GPU nodes: {placed[name]}"
-    for state in ("EventStoreWriter", "UserState"):
-        assert all(node.get("shoprank_state") for node in placed[state]), f"{state}: {placed[state]}"
+    assert all(node.get("shoprank_state") for node in placed["EventStoreWriter"]), placed["EventStoreWriter"]
     assert not any(node.get(HEAD_NODE_RESOURCE) for nodes in placed.values() for node in nodes)
 
     url = f"http://127.0.0.1:{port}"

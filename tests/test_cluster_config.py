@@ -52,7 +52,7 @@ def test_the_cluster_presets_serve_app_fits_the_node_types() -> None:
     most = {name: node["max_workers"] for name, node in _prepared()["available_node_types"].items()}
     config = load_config("cluster", ["run.root=s3://bucket/shoprank"])
     placed = placements(config, list(config.serve.variants))
-    assert {"QueryEncoder_A", "QueryEncoder_B", "EventStoreWriter", "UserState"} <= set(placed)
+    assert {"QueryEncoder_A", "QueryEncoder_B", "EventStoreWriter"} <= set(placed)
     for name, placement in placed.items():
         hosts = [kind for kind, node in types.items() if _hosts(placement.ray_actor_options, node)]
         assert hosts and "head.cpu" not in hosts, f"{name} {placement.ray_actor_options}: hosts {hosts}"

@@ -1,9 +1,11 @@
 """The durable event store on both backends (an SQLite file; a real PostgreSQL server started by the tests):
 all-or-nothing batches, survives a killed writer, exports, impressions; SQLite's WAL + FULL sync and its
-online backup and restore."""
+online backup and restore; what serving reads and writes through it (the replicas' user caches, the queued
+impressions)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sqlite3
 import subprocess
@@ -19,6 +21,8 @@ from shoprank.cli import main
 from shoprank.config import TableFile, load_config
 from shoprank.data.readers import read_table as read_records
 from shoprank.errors import ConfigError, DataError
+from shoprank.serving.impressions import ImpressionQueue
+from shoprank.serving.user_state import UserCache
 from shoprank.store.events import EventStore, Impression, PostgresEventStore, SqliteEventStore, open_event_store
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -154,3 +158,63 @@ def test_a_server_store_has_no_file_to_back_up(postgres_server: PostgresServer, 
                      f"serve.event_db={dsn}"]) == 2
     err = capsys.readouterr().err
     assert "pg_dump" in err and "Traceback" not in err
+
+
+def test_two_user_caches_see_each_acknowledged_event_before_their_next_answer(location: str,
+                                                                               store: EventStore) -> None:
+    """Two replicas' caches beside the writer (``store``): each reads a user on a miss, then catches up with what
+    the writer committed since, in the order stored; a second app's reader of the same store sees it all too."""
+    store.append([event(i) for i in range(3)])
+    caches = [UserCache(open_event_store(location), per_user=4, max_events=100) for _ in range(2)]
+    for cache in caches:
+        cache.catch_up()
+        assert [product for product, _, _ in cache.events_of("U1")] == ["P0", "P1", "P2"]
+        assert cache.events_of("U2") == [] and cache.events_of(None) == []
+    store.append([event(3), event(4, user_id="U2"), event(5, event_type="purchase")])
+    for cache in caches:
+        assert cache.catch_up() == 3
+        # at most per_user events, the oldest gone; U2 was read (empty) before the purchase arrived
+        assert [(product, kind) for product, kind, _ in cache.events_of("U1")] == [
+            ("P1", "click"), ("P2", "click"), ("P0", "click"), ("P2", "purchase")]
+        assert [product for product, _, _ in cache.events_of("U2")] == ["P1"]
+        assert cache.summary()["events"] == 5
+        cache.store.close()
+
+
+def test_the_user_cache_stays_within_its_event_bound(tmp_path: Path) -> None:
+    """Past ``max_events`` the users asked for least recently leave the cache; asked again, they are read from the
+    store with nothing lost."""
+    store = SqliteEventStore(tmp_path / "events.db")
+    store.append([event(i, user_id=f"U{i % 5}") for i in range(20)])
+    cache = UserCache(store, per_user=10, max_events=9)
+    for user in ("U0", "U1", "U2", "U3"):
+        assert len(cache.events_of(user)) == 4
+    assert list(cache.users) == ["U2", "U3"] and cache.summary()["events"] == 8
+    store.append([event(20, user_id="U0"), event(21, user_id="U3")])
+    cache.catch_up()
+    assert len(cache.events_of("U3")) == 5 and len(cache.events_of("U0")) == 5  # U0 read again, with its new event
+    assert list(cache.users) == ["U0"] and cache.summary()["events"] == 5  # U0's 5 pushed U2 and U3 out
+
+
+def test_a_full_impression_queue_drops_the_oldest_and_the_store_counts_them(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "events.db")
+    failing = {"now": True}
+
+    async def sink(impressions: list[Impression], dropped: int) -> None:
+        if failing["now"]:
+            raise ConnectionError("the writer is restarting")
+        store.log_impressions(impressions, dropped)
+
+    async def scenario() -> None:
+        queue = ImpressionQueue(sink, capacity=5)
+        queue.put([Impression(f"R{i}", "U1", "A", f"P{i}", 1, T0) for i in range(4)])
+        with pytest.raises(ConnectionError):
+            await queue.flush()  # nothing lost: the batch waits again
+        queue.put([Impression(f"R{i}", "U1", "A", f"P{i}", 1, T0) for i in range(4, 7)])
+        assert queue.summary() == {"waiting": 5, "dropped": 2, "capacity": 5}
+        failing["now"] = False
+        assert await queue.flush() == 5 and await queue.flush() == 0
+
+    asyncio.run(scenario())
+    assert [i.request_id for i in store.impressions()] == ["R2", "R3", "R4", "R5", "R6"]
+    assert store.dropped_impressions() == 2

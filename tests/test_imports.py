@@ -105,7 +105,7 @@ def test_a_circle_would_be_found() -> None:
 LIGHT_MODULES = {
     "shoprank.cli": ("every `shoprank` command (`cluster up` need not load Gradio or the models)", ()),
     "shoprank.ranker.train": ("each XGBoost training worker", ()),
-    "shoprank.serving.deployments": ("the ingress, event-store and user-state replicas", ()),
+    "shoprank.serving.deployments": ("the ingress and event-store replicas", ()),
     "shoprank.serving.app": ("the process that binds and deploys the Serve app", ()),
     "shoprank.sweep": ("each Tune trial's process", ()),
     "shoprank.stages": ("a job that runs some stages (jobs/preprocess.py runs the data stages)", ("faiss",)),

@@ -69,10 +69,12 @@ def test_assignment_is_stable_per_user(app: App) -> None:
 
 @pytest.mark.parametrize("variant", ["A", "B"])
 def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str) -> None:
-    """A purchase posted to ``/events`` is in the user state of the replica that answers next.
+    """A purchase posted to ``/events`` is in the user state of whichever replica answers next.
 
-    On both variants what was just bought leaves the very next answer
-    (``serve.exclude_purchased``) and the answer stays full. On A, the retrieval baseline,
+    The session's app runs two replicas of each variant, each with its own user cache fed
+    from the event store: on both variants, and on both replicas (the answer's
+    ``x-shoprank-replica`` header says which), what was just bought leaves the very next
+    answer (``serve.exclude_purchased``) and the answer stays full. On A, the retrieval baseline,
     whose user vector weighs a fresh purchase most, three purchases in a category it did
     not show bring that category in. The ranker B is not held to the category: it follows
     what the shop's sessions teach it, and a one-off purchase outside a shopper's
@@ -92,9 +94,16 @@ def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str
     before = recommend()
     bought = [item["product_id"] for item in before[:3]]
     buy(bought, "shown")
-    after = recommend()
-    assert len(after) == 20 and not {item["product_id"] for item in after} & set(bought), \
-        f"{variant}: a product bought just now came back"
+    replicas: set[str] = set()
+    for _ in range(40):  # Serve picks the replica: ask until both have answered
+        answer = app.post("/recommend", {"user_id": user, "k": 20, "variant": variant})
+        after = answer.json()["items"]
+        assert len(after) == 20 and not {item["product_id"] for item in after} & set(bought), \
+            f"{variant}: a product bought just now came back from replica {answer.headers['x-shoprank-replica']}"
+        replicas.add(answer.headers["x-shoprank-replica"])
+        if len(replicas) == 2:
+            break
+    assert len(replicas) == 2, f"{variant}: one replica answered 40 requests in a row: {replicas}"
     if variant != "A":
         return
     shown = {item["category"] for item in after}
@@ -217,9 +226,11 @@ def test_ab_report_counts_assigned_traffic_and_leaves_forced_answers_out(app: Ap
     forced = app.post("/recommend", {"user_id": users[0], "k": 5, "variant": "A"}).json()
     app.post("/events", [{"user_id": users[0], "product_id": forced["items"][0]["product_id"], "event_type": "click",
                           "request_id": forced["request_id"]}])
-    report = app.http.get("/ab/report").json()
-    added = {v: report["variants"][v]["clicks"] - report_before["variants"][v]["clicks"] for v in ("A", "B")}
-    assert sum(added.values()) == len(users)  # the forced answer's click is not counted
+    def added(report: dict[str, Any]) -> int:
+        return sum(report["variants"][v]["clicks"] - report_before["variants"][v]["clicks"] for v in ("A", "B"))
+
+    report = app.report_once(lambda report: added(report) >= len(users))
+    assert added(report) == len(users)  # the forced answer's click is not counted
     assert {"ctr", "conversion"} <= report["lift"].keys() and 0.0 <= report["lift"]["ctr"]["p_value"] <= 1.0
     assert "p_value" in report["sample_ratio"] and report["experiment"] == "default"
     assert report["variants"]["B"]["funnel"]
@@ -242,11 +253,11 @@ def _flow(app: App, stop: threading.Event, outcomes: list[tuple[str, int]], user
             outcomes.append(("recommend", 0))
 
 
-def _replica(deployment: str, app_name: str = APP_NAME) -> ray.actor.ActorHandle:
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
+def _replicas(deployment: str, app_name: str = APP_NAME) -> list[ray.actor.ActorHandle]:
+    names = sorted((a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")), key=lambda a: a["name"])
     assert names, f"no replica of {deployment}"
-    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    return [ray.get_actor(name["name"], namespace=name["namespace"]) for name in names]
 
 
 def _recovered(app: App, timeout_s: float = 120.0) -> None:
@@ -283,7 +294,7 @@ def test_a_killed_replica_recovers_and_no_accepted_event_is_lost(request: pytest
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, f"kill-{deployment}"))
     flow.start()
     time.sleep(2.0)
-    ray.kill(_replica(deployment, app.name), no_restart=True)
+    ray.kill(_replicas(deployment, app.name)[0], no_restart=True)
     time.sleep(3.0)
     _recovered(app)
     time.sleep(1.0)
@@ -316,7 +327,7 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     newer = Run(run.root, f"{run.name}-update-test")
     save_ranker(grown, Path(newer.path("ranker", "model")), {"note": "hot reload test"})
     before = app.http.get("/variants").json()["variants"]["B"]["model"]
-    replica = _replica("Variant_B")
+    replicas = {replica._actor_id for replica in _replicas("Variant_B")}
     stop, outcomes = threading.Event(), []
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, "reload-user"))
     flow.start()
@@ -330,6 +341,7 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
         flow.join()
         Registry(run.root).set("B", run.uri(), encoder="fine_tuned", strategy="ranker")
     assert after["ranker_run"] == newer.uri() and after["trees"] == before["trees"] + 3
-    assert _replica("Variant_B")._actor_id == replica._actor_id  # the same replica: reloaded in place, not restarted
+    # the same replicas: reloaded in place, not restarted
+    assert {replica._actor_id for replica in _replicas("Variant_B")} == replicas
     assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
     assert _ranker_b(app, run.uri())["ranker_run"] == run.uri()

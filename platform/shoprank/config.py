@@ -422,8 +422,8 @@ class ServeConfig(Section):
     )
     state_resource: str = Field(
         "", description="A custom resource (e.g. shoprank_state, which cluster.yaml gives the CPU workers) that "
-        "places the event store's writer and the users' state; empty: Ray's head node for an SQLite store "
-        "(its file is on that disk), anywhere for a server store.",
+        "places the event store's writer (and, with an SQLite store, the variants, which read it); empty: Ray's "
+        "head node for an SQLite store (its file is on that disk), anywhere for a server store.",
     )
     ranker_batch_size: int = Field(
         8, ge=1, le=256, description="Requests a variant replica answers together (one encoder call, one predict)."
@@ -456,6 +456,18 @@ class ServeConfig(Section):
     explained_features: int = Field(
         4, ge=1, le=64, description="Features named in each item's contributions (the score's largest parts); "
         "the rest are summed as 'other features'.",
+    )
+    user_cache_events: int = Field(
+        1_000_000, ge=1, description="Live events each variant replica keeps in its user cache, all users together "
+        "(about 100 bytes each); past that, the users asked for least recently leave it and are read from the event "
+        "store again on their next request. Per user at most ranker.history_events.",
+    )
+    impression_queue: int = Field(
+        50_000, ge=1, description="Impressions an ingress replica holds while the event store writes them in "
+        "batches; when the store falls this far behind, the oldest are dropped and counted in the A/B report.",
+    )
+    impression_flush_s: float = Field(
+        0.2, gt=0.0, le=60.0, description="How often an ingress replica writes its queued impressions.",
     )
     exclude_purchased: bool = Field(
         True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "

@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve import Application
 
 from shoprank.config import Config, load_config
-from shoprank.serving.deployments import EventStoreWriter, Ingress, UserState
+from shoprank.serving.deployments import EventStoreWriter, Ingress
 from shoprank.serving.variant_deployments import QueryEncoder, Variant
 from shoprank.serving.variants import event_db_location, resolve_variants
 from shoprank.store.events import is_server_database
@@ -51,8 +51,9 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def state_placement(config: Config, db: str) -> dict[str, Any]:
-    """Where the event store's writer and the users' state run: on the nodes that ``serve.state_resource``
-    names; else, for SQLite (a file on one disk), Ray's head node; a server database is reached from any node."""
+    """Where the event store's writer runs (and, for SQLite, the variants that read the store): on the nodes that
+    ``serve.state_resource`` names; else, for SQLite (a file on one disk), Ray's head node; a server database is
+    reached from any node."""
     if config.serve.state_resource:
         return {"resources": {config.serve.state_resource: 0.001}}
     return {} if is_server_database(db) else {"resources": {HEAD_NODE_RESOURCE: 0.001}}
@@ -75,11 +76,13 @@ def placements(config: Config, variants: list[str]) -> dict[str, Placement]:
     scaled = (settings.replicas, max(settings.replicas, settings.max_replicas))
     separate = config.ray.use_gpu if settings.separate_query_encoder is None else settings.separate_query_encoder
     encoder = {**cpu, **({"num_gpus": settings.gpus_per_encoder} if config.ray.use_gpu else {})}
-    state = {**cpu, **state_placement(config, event_db_location(config))}
-    found = {"Ingress": Placement(cpu, *scaled), "EventStoreWriter": Placement(state, 1, 1),
-             "UserState": Placement(state, 1, 1)}
+    db = event_db_location(config)
+    state = {**cpu, **state_placement(config, db)}
+    # the variants read the event store (their user caches): an SQLite file only on its own disk's node
+    answering = cpu if is_server_database(db) else state
+    found = {"Ingress": Placement(cpu, *scaled), "EventStoreWriter": Placement(state, 1, 1)}
     for name in variants:
-        found[f"Variant_{name}"] = Placement(cpu, *scaled)
+        found[f"Variant_{name}"] = Placement(answering, *scaled)
         if separate:  # on CPU the variant encodes its queries itself: a hop less on every search
             found[f"QueryEncoder_{name}"] = Placement(encoder, *scaled)
     return found
@@ -103,6 +106,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     specs = resolve_variants(config)
     registry_root = Location(config.run.root).uri()
     placed = placements(config, list(specs))
+    db = event_db_location(config)
     variants = {}
     for name, spec in specs.items():
         encoder_name = f"QueryEncoder_{name}"
@@ -116,19 +120,16 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
             max_ongoing_requests=2 * settings.ranker_batch_size, **_scaling(placed[f"Variant_{name}"]),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
-        ).bind(dumped, spec.run, spec.encoder, query_encoder)
-    db = event_db_location(config)
+        ).bind(dumped, spec.run, spec.encoder, db, query_encoder)
     store = EventStoreWriter.options(
         ray_actor_options=placed["EventStoreWriter"].ray_actor_options,
         max_ongoing_requests=4 * settings.event_batch_size, user_config={"batch_size": settings.event_batch_size},
     ).bind(db)
-    user_state = UserState.options(ray_actor_options=placed["UserState"].ray_actor_options,
-                                   max_ongoing_requests=256).bind(db)
     return Ingress.options(
         ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=256,
         **_scaling(placed["Ingress"]),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
-    ).bind(dumped, variants, user_state, store)
+    ).bind(dumped, variants, store)
 
 
 def deploy(args: AppArgs, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/") -> str:

@@ -1,15 +1,15 @@
 """Ray Serve deployments shared by both variants, and the HTTP ingress.
 
-A request's path has two hops: the ingress, then the variant's replica
-(:mod:`shoprank.serving.variant_deployments`, which loads the models).
+A search or recommendation has two hops behind Serve's HTTP proxy: the ingress, then the
+variant's replica (:mod:`shoprank.serving.variant_deployments`, which loads the models and
+reads the users' live events from its own cache of the event store).
 
 * :class:`EventStoreWriter` owns the event store (SQLite or PostgreSQL); concurrent ``/events``
   requests are written in one transaction (``@serve.batch``), falling back to one
   transaction per request when a batch fails, so each request stays all or nothing;
-* :class:`UserState` keeps every user's live events (rebuilt from the store when a
-  replica starts, so a restart loses nothing accepted);
+  the ingress replicas' impressions arrive in batches, off the answers' path;
 * :class:`Ingress` (FastAPI) validates, routes to a variant (salted hash or forced),
-  asks it, logs impressions and answers.
+  asks it, queues the answer's impressions (:mod:`shoprank.serving.impressions`) and answers.
 
 None of them loads a model, so this module imports neither PyTorch nor the ranker: each of
 these replicas starts in about a second of imports instead of ten.
@@ -23,11 +23,10 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -42,7 +41,8 @@ from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
     MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, invalid, rejected,
 )
-from shoprank.serving.messages import Answered, Asked, LiveEvent
+from shoprank.serving.impressions import ImpressionQueue
+from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.variants import VariantSpec
 from shoprank.store.events import Impression, open_event_store
 from shoprank.store.run import Run
@@ -80,13 +80,14 @@ class EventStoreWriter:
                 results.append(str(exc))
         return results
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def log_impressions(self, answers: list[list[Impression]]) -> list[None]:
-        await asyncio.to_thread(self.store.log_impressions, [i for answer in answers for i in answer])
-        return [None] * len(answers)
+    async def log_impressions(self, impressions: list[Impression], dropped: int) -> None:
+        """An ingress replica's queued impressions, already batched (:class:`ImpressionQueue`)."""
+        await asyncio.to_thread(self.store.log_impressions, impressions, dropped)
 
     async def report(self, split: dict[str, float]) -> dict[str, Any]:
-        return await asyncio.to_thread(ab_report, self.store, split)
+        report = await asyncio.to_thread(ab_report, self.store, split)
+        report["impressions_dropped"] = await asyncio.to_thread(self.store.dropped_impressions)
+        return report
 
     async def export(self, path: str) -> int:
         return await asyncio.to_thread(self.store.export_parquet, path)
@@ -94,31 +95,6 @@ class EventStoreWriter:
     async def counts(self) -> dict[str, int]:
         events = await asyncio.to_thread(self.store.events)
         return {"events": events.num_rows, "impressions": len(self.store.impressions())}
-
-
-@serve.deployment
-class UserState:
-    """Every user's events received live, in arrival order; rebuilt from the store on start."""
-
-    def __init__(self, location: str) -> None:
-        store = open_event_store(location)
-        stored = store.events()
-        store.close()
-        self.live: dict[str, list[LiveEvent]] = defaultdict(list)
-        for user, product, kind, ts in zip(stored.column("user_id").to_pylist(), stored.column("product_id").to_pylist(),
-                                           stored.column("event_type").to_pylist(), epoch_seconds(stored.column("ts"))):
-            self.live[user].append((product, kind, float(ts)))
-        self.rebuilt_from = stored.num_rows
-
-    def observe(self, events: list[tuple[str, str, str, float]]) -> None:
-        for user, product, kind, ts in events:
-            self.live[user].append((product, kind, ts))
-
-    def events_of(self, user_id: str | None) -> list[LiveEvent]:
-        return list(self.live.get(user_id, ())) if user_id else []
-
-    def summary(self) -> dict[str, int]:
-        return {"users": len(self.live), "events": sum(map(len, self.live.values())), "rebuilt_from": self.rebuilt_from}
 
 
 def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent: int = 20) -> list[dict[str, str]]:
@@ -160,11 +136,12 @@ class Ingress:
     """The HTTP API (see :mod:`shoprank.serving.api` and DESIGN.md)."""
 
     def __init__(self, config: dict[str, Any], variants: dict[str, DeploymentHandle],
-                 user_state: DeploymentHandle, store: DeploymentHandle) -> None:
+                 store: DeploymentHandle) -> None:
         self.config = Config.model_validate(config)
         self.handles = variants
-        self.user_state = user_state
         self.store = store
+        self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue)
+        self.flusher: asyncio.Task | None = None
         self.specs: dict[str, VariantSpec] = {}
         self.products: dict[str, dict[str, Any]] = {}
         self.clock_offset_s = 0.0
@@ -204,18 +181,21 @@ class Ingress:
             return forced
         return assign(user_id or request_id, self.config.serve.experiment, self.config.serve.split)
 
-    async def _answer(self, kind: str, user_id: str | None, query: str | None, k: int, forced: str | None) -> Answer:
+    async def _answer(self, kind: str, user_id: str | None, query: str | None, k: int, forced: str | None,
+                      response: Response) -> Answer:
         request_id = uuid.uuid4().hex
         variant = self._variant(forced, user_id, request_id)
         now = self.now_s()
-        live = await self.user_state.events_of.remote(user_id)
-        answered: Answered = await self.handles[variant].answer.remote(Asked(user_id, live, query, k, now))
+        answered: Answered = await self.handles[variant].answer.remote(Asked(user_id, [], query, k, now))
         ranked = answered.items
         shown_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        await self.store.log_impressions.remote([
+        self.impressions.put([
             Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
             for i, r in enumerate(ranked)
         ])
+        if self.flusher is None:  # started here, on the replica's event loop, by its first answer
+            self.flusher = asyncio.create_task(self.impressions.run(self.config.serve.impression_flush_s))
+        response.headers["x-shoprank-replica"] = answered.replica
         items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "contributions": r.contributions}
                  for i, r in enumerate(ranked)]
         return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
@@ -231,15 +211,15 @@ class Ingress:
         return "no history for this user: popular and trending products"
 
     @api.post("/search", response_model=Answer)
-    async def search(self, body: SearchRequest) -> Answer:
+    async def search(self, body: SearchRequest, response: Response) -> Answer:
         if len(body.query) > self.config.serve.max_query_chars:
             raise rejected(["query"], f"query is {len(body.query)} characters; at most "
                                       f"{self.config.serve.max_query_chars} (serve.max_query_chars)")
-        return await self._answer("search", body.user_id, body.query, body.k, body.variant)
+        return await self._answer("search", body.user_id, body.query, body.k, body.variant, response)
 
     @api.post("/recommend", response_model=Answer)
-    async def recommend(self, body: RecommendRequest) -> Answer:
-        return await self._answer("recommend", body.user_id, None, body.k, body.variant)
+    async def recommend(self, body: RecommendRequest, response: Response) -> Answer:
+        return await self._answer("recommend", body.user_id, None, body.k, body.variant, response)
 
     # ------------------------------------------------------------------ events
 
@@ -272,15 +252,13 @@ class Ingress:
         outcome = await self.store.append.remote(rows)
         if isinstance(outcome, str):
             raise rejected([], outcome, status=409 if "already stored" in outcome else 422)
-        await self.user_state.observe.remote(
-            [(r["user_id"], r["product_id"], r["event_type"], r["ts"].timestamp()) for r in rows]
-        )
         return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
 
     # ------------------------------------------------------------------ state
 
     @api.get("/ab/report")
     async def ab_report(self) -> dict[str, Any]:
+        await self.impressions.flush()  # this replica's answers so far are in the report
         report = await self.store.report.remote(self.config.serve.split)
         report["experiment"] = self.config.serve.experiment
         return report
@@ -301,4 +279,13 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "variants": sorted(self.specs), "clock": self.now_s(),
-                "user_state": await self.user_state.summary.remote()}
+                "impressions": self.impressions.summary()}
+
+    async def __del__(self) -> None:
+        """On a graceful shutdown, the queued impressions go to the store first (Serve awaits this)."""
+        if self.flusher is not None:
+            self.flusher.cancel()
+        try:
+            await self.impressions.flush()
+        except Exception:
+            log.exception("%d impressions could not be written at shutdown", len(self.impressions.waiting))

@@ -36,7 +36,8 @@ class Ranked:
 
 @dataclass
 class Asked:
-    """One search (``query``) or recommendation as a variant receives it: the user's live events come with it."""
+    """One search (``query``) or recommendation as a variant answers it; ``live``: the user's events received since
+    the run's data (the variant replica fills them in from its user cache)."""
 
     user_id: str | None
     live: list[LiveEvent]
@@ -51,3 +52,5 @@ class Answered:
 
     items: list[Ranked]
     history_events: int
+    replica: str = ""
+    """The Serve replica that answered (the ``x-shoprank-replica`` header): which one saw what, when debugging."""

@@ -3,6 +3,7 @@
 Per variant (``Variant_A``, ``Variant_B``):
 
 * :class:`Variant` answers whole requests in one replica, batched with ``@serve.batch``:
+  its user cache caught up with the event store once (:mod:`shoprank.serving.user_state`),
   the batch's queries encoded in one call, each request's candidates retrieved (its
   run's catalogue, FAISS index, BM25, event log), all of them ranked in one ``predict``
   (:func:`shoprank.serving.pipeline.answer_many`, the Ray-free path the tests and the
@@ -20,6 +21,7 @@ XGBoost) are imported inside the methods that use them: the process that binds t
 """
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -31,7 +33,9 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.config import Config
 from shoprank.serving.messages import Answered, Asked
+from shoprank.serving.user_state import UserCache
 from shoprank.serving.variants import EncoderKind, resolve_variant
+from shoprank.store.events import open_event_store
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -79,12 +83,15 @@ class Variant:
     loads it and swaps it in between two batches.
     """
 
-    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind,
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, event_db: str,
                  query_encoder: DeploymentHandle | None = None) -> None:
         from shoprank.ranker.context import load_context
         from shoprank.serving.pipeline import Ranking, Retrieval
 
         self.config = Config.model_validate(config)
+        self.users = UserCache(open_event_store(event_db), self.config.ranker.history_events,
+                               self.config.serve.user_cache_events)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.base_run = run_uri
         self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot")
         self.retrieval = Retrieval(self.context)
@@ -135,6 +142,11 @@ class Variant:
     def describe(self) -> dict[str, Any]:
         return self.model
 
+    def _with_live_events(self, asked: list[Asked]) -> list[Asked]:
+        """``asked`` with each user's live events: what the store acknowledged up to now is in the cache."""
+        self.users.catch_up()
+        return [dataclasses.replace(a, live=self.users.events_of(a.user_id)) for a in asked]
+
     async def _vectors(self, queries: list[str]) -> dict[str, np.ndarray]:
         if not queries:
             return {}
@@ -147,7 +159,9 @@ class Variant:
     async def answer(self, asked: list[Asked]) -> list[Answered]:
         ranking = self.ranking
         assert ranking is not None, "reconfigure runs before the first request"
+        asked = await asyncio.to_thread(self._with_live_events, asked)
         vectors = await self._vectors(sorted({a.query for a in asked if a.query is not None}))
         from shoprank.serving.pipeline import answer_many
 
-        return answer_many(self.retrieval, ranking, asked, vectors)
+        answered = answer_many(self.retrieval, ranking, asked, vectors)
+        return [dataclasses.replace(answer, replica=self.replica) for answer in answered]

@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,6 +58,16 @@ class Impression:
     """The request forced its variant (side-by-side view): left out of the A/B report."""
 
 
+class StoredEvent(NamedTuple):
+    """An event as the user caches read it: its sequence number in the store, and what the features need."""
+
+    seq: int
+    user_id: str
+    product_id: str
+    event_type: str
+    ts_s: float
+
+
 class EventStore(ABC):
     """What serving needs from durable storage."""
 
@@ -65,8 +76,26 @@ class EventStore(ABC):
         """Store every event or none; returns how many were stored."""
 
     @abstractmethod
-    def log_impressions(self, impressions: Sequence[Impression]) -> None:
-        """Store the products an answer showed."""
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
+        """Store the products answers showed, and how many impressions were dropped before they reached the store
+        (the serving queue was full: the A/B report says so instead of silently counting fewer)."""
+
+    @abstractmethod
+    def dropped_impressions(self) -> int:
+        """Impressions dropped before the store, in total."""
+
+    @abstractmethod
+    def changes(self, after: int, limit: int = 10_000) -> list[StoredEvent]:
+        """Events stored after sequence number ``after``, in the order stored, at most ``limit``: what a replica's
+        user cache reads to catch up (the store has one writer, so sequence numbers commit in order)."""
+
+    @abstractmethod
+    def last_seq(self) -> int:
+        """The sequence number of the last event stored (0 for none)."""
+
+    @abstractmethod
+    def recent_of(self, user_id: str, limit: int) -> list[StoredEvent]:
+        """``user_id``'s last ``limit`` events, in the order stored."""
 
     @abstractmethod
     def events(self, since: dt.datetime | None = None) -> pa.Table:
@@ -132,7 +161,14 @@ _SELECT_IMPRESSIONS = ("SELECT request_id, user_id, variant, product_id, positio
                        "ORDER BY seq")
 _INSERT_IMPRESSIONS = ("INSERT INTO impressions (request_id, user_id, variant, product_id, position, ts, forced) "
                        "VALUES ({})")
+_SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events WHERE seq > {0} ORDER BY seq LIMIT {0}"
+_SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
+                  "ORDER BY seq DESC LIMIT {0}")
 _DUPLICATE = "event_id already stored; nothing of this batch was stored"
+
+
+def _stored(rows: list[tuple]) -> list[StoredEvent]:
+    return [StoredEvent(seq, user, product, kind, ts / 1e6) for seq, user, product, kind, ts in rows]
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -143,8 +179,14 @@ def _micros(value: dt.datetime) -> int:
     return int(_utc(value).timestamp() * 1_000_000)
 
 
+def _now_micros() -> int:
+    return _micros(dt.datetime.now(dt.timezone.utc))
+
+
 class SqliteEventStore(EventStore):
-    """SQLite in WAL mode, ``synchronous=FULL``; one connection guarded by a lock (one owner process)."""
+    """SQLite in WAL mode, ``synchronous=FULL``; one connection guarded by a lock. One process writes (the
+    serving app's event store writer); others on the same disk read beside it (the variants' user caches), which
+    WAL allows without blocking the writer."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -160,10 +202,13 @@ class SqliteEventStore(EventStore):
                 session_id TEXT NOT NULL, product_id TEXT NOT NULL, event_type TEXT NOT NULL, ts INTEGER NOT NULL,
                 query TEXT, position INTEGER, request_id TEXT, variant TEXT);
             CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
+            CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
             CREATE TABLE IF NOT EXISTS impressions (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, user_id TEXT NOT NULL,
                 variant TEXT NOT NULL, product_id TEXT NOT NULL, position INTEGER NOT NULL, ts INTEGER NOT NULL,
                 forced INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS impression_drops (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, dropped INTEGER NOT NULL);
             """
         )
 
@@ -185,11 +230,29 @@ class SqliteEventStore(EventStore):
                 raise
         return len(rows)
 
-    def log_impressions(self, impressions: Sequence[Impression]) -> None:
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(_INSERT_IMPRESSIONS.format(", ".join("?" * 7)), map(_impression_row, impressions))
+            if dropped:
+                self._db.execute("INSERT INTO impression_drops (ts, dropped) VALUES (?, ?)", (_now_micros(), dropped))
             self._db.execute("COMMIT")
+
+    def dropped_impressions(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT coalesce(sum(dropped), 0) FROM impression_drops").fetchone()[0])
+
+    def changes(self, after: int, limit: int = 10_000) -> list[StoredEvent]:
+        with self._lock:
+            return _stored(self._db.execute(_SELECT_CHANGES.format("?"), (after, limit)).fetchall())
+
+    def last_seq(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+    def recent_of(self, user_id: str, limit: int) -> list[StoredEvent]:
+        with self._lock:
+            return _stored(self._db.execute(_SELECT_RECENT.format("?"), (user_id, limit)).fetchall()[::-1])
 
     def events(self, since: dt.datetime | None = None) -> pa.Table:
         where, arguments = (" WHERE ts >= ?", (_micros(since),)) if since is not None else ("", ())
@@ -238,10 +301,13 @@ class PostgresEventStore(EventStore):
             user_id TEXT NOT NULL, session_id TEXT NOT NULL, product_id TEXT NOT NULL, event_type TEXT NOT NULL,
             ts BIGINT NOT NULL, query TEXT, position BIGINT, request_id TEXT, variant TEXT);
         CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
+        CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
         CREATE TABLE IF NOT EXISTS impressions (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL, user_id TEXT NOT NULL,
             variant TEXT NOT NULL, product_id TEXT NOT NULL, position INTEGER NOT NULL, ts BIGINT NOT NULL,
             forced BOOLEAN NOT NULL);
+        CREATE TABLE IF NOT EXISTS impression_drops (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ts BIGINT NOT NULL, dropped BIGINT NOT NULL);
     """
     _SCHEMA_LOCK = 0x5A0B_EE17
     """Advisory lock id: replicas starting together create the tables one after the other (``IF NOT EXISTS``
@@ -273,9 +339,27 @@ class PostgresEventStore(EventStore):
             raise DataError(f"{_DUPLICATE} ({exc.diag.message_detail or exc})", column="event_id") from None
         return len(rows)
 
-    def log_impressions(self, impressions: Sequence[Impression]) -> None:
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
             cursor.executemany(_INSERT_IMPRESSIONS.format(", ".join(["%s"] * 7)), map(_impression_row, impressions))
+            if dropped:
+                cursor.execute("INSERT INTO impression_drops (ts, dropped) VALUES (%s, %s)", (_now_micros(), dropped))
+
+    def dropped_impressions(self) -> int:
+        with self._pool.connection() as db:
+            return int(db.execute("SELECT coalesce(sum(dropped), 0) FROM impression_drops").fetchone()[0])
+
+    def changes(self, after: int, limit: int = 10_000) -> list[StoredEvent]:
+        with self._pool.connection() as db:
+            return _stored(db.execute(_SELECT_CHANGES.format("%s"), (after, limit)).fetchall())
+
+    def last_seq(self) -> int:
+        with self._pool.connection() as db:
+            return int(db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+    def recent_of(self, user_id: str, limit: int) -> list[StoredEvent]:
+        with self._pool.connection() as db:
+            return _stored(db.execute(_SELECT_RECENT.format("%s"), (user_id, limit)).fetchall()[::-1])
 
     def events(self, since: dt.datetime | None = None) -> pa.Table:
         where, arguments = (" WHERE ts >= %s", (_micros(since),)) if since is not None else ("", ())

@@ -1,0 +1,95 @@
+"""Users' live events as each variant replica sees them: a bounded cache fed from the event store.
+
+The store is the one source of truth (``/events`` answers 200 only once an event is
+committed there), and every answering replica keeps its own cache of the users it
+answered lately, so a request needs no round trip to a shared user-state service:
+
+* **catch up** (:meth:`UserCache.catch_up`), once per batch of requests: the events
+  stored since the cache's cursor (one indexed query on the store's sequence number),
+  appended to the users the cache holds. Run before a batch is answered, it makes a
+  purchase that ``/events`` acknowledged show in the very next answer, on any replica;
+* **miss**: a user the cache does not hold is read from the store (their last
+  ``ranker.history_events`` events, one indexed query) when first asked for;
+* **bounds**: at most ``ranker.history_events`` events per user (what the features read),
+  and at most ``serve.user_cache_events`` events in all; past that, the users asked for
+  least recently leave the cache (LRU), to be read again on their next request.
+
+Ray-free: the variant deployment holds one, and the tests drive it directly too.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from shoprank.serving.messages import LiveEvent
+from shoprank.store.events import EventStore
+
+
+@dataclass
+class _Cached:
+    events: deque[LiveEvent]
+    loaded_through: int
+    """The store's sequence number up to which ``events`` is complete: later changes are appended, earlier ones
+    were in the read that loaded the user."""
+
+
+@dataclass
+class UserCache:
+    """Recent live events per user, LRU over users, bounded in events (see the module docstring)."""
+
+    store: EventStore
+    per_user: int
+    max_events: int
+    users: OrderedDict[str, _Cached] = field(default_factory=OrderedDict)
+    held: int = 0
+
+    def __post_init__(self) -> None:
+        self.cursor = self.store.last_seq()
+        """The last sequence number read; earlier events are read per user, on a miss."""
+
+    def catch_up(self) -> int:
+        """Read what the store received since the last call; how many events that was."""
+        read = 0
+        while True:
+            changes = self.store.changes(self.cursor, limit=10_000)
+            for change in changes:
+                cached = self.users.get(change.user_id)
+                if cached is not None and change.seq > cached.loaded_through:
+                    self._append(cached, (change.product_id, change.event_type, change.ts_s))
+                    cached.loaded_through = change.seq
+            read += len(changes)
+            if changes:
+                self.cursor = changes[-1].seq
+            if len(changes) < 10_000:
+                return read
+
+    def events_of(self, user_id: str | None) -> list[LiveEvent]:
+        """``user_id``'s live events, oldest first (read from the store on a miss); none for an anonymous request."""
+        if not user_id:
+            return []
+        cached = self.users.get(user_id)
+        if cached is None:
+            stored = self.store.recent_of(user_id, self.per_user)
+            cached = _Cached(deque(((e.product_id, e.event_type, e.ts_s) for e in stored), maxlen=self.per_user),
+                             max([e.seq for e in stored], default=self.cursor))
+            self.users[user_id] = cached
+            self.held += len(cached.events)
+            self._evict()
+        else:
+            self.users.move_to_end(user_id)
+        return list(cached.events)
+
+    def summary(self) -> dict[str, int]:
+        return {"users": len(self.users), "events": self.held, "cursor": self.cursor}
+
+    def _append(self, cached: _Cached, event: LiveEvent) -> None:
+        if len(cached.events) < self.per_user:
+            self.held += 1
+        cached.events.append(event)
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.held > self.max_events and len(self.users) > 1:
+            _, gone = self.users.popitem(last=False)
+            self.held -= len(gone.events)
