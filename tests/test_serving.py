@@ -5,11 +5,13 @@ B its fine-tuned encoder with the XGBoost ranker."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
@@ -49,7 +51,10 @@ def test_search_and_recommend_answer_with_variant_request_id_and_scores(app: App
         assert first["rank"] == 1 and first["product_id"] in app.category_of
         assert sum(first["contributions"].values()) == pytest.approx(first["score"], rel=1e-4, abs=1e-4)
         scores = [item["score"] for item in payload["items"]]
-        assert scores == sorted(scores, reverse=True)
+        assert scores[0] == max(scores)  # then the diversity rule: at most two of a brand (and of a category leaf)
+        assert max(Counter(item["brand"] for item in payload["items"]).values()) <= app.config.serve.max_per_brand
+        if path == "/recommend":
+            assert max(Counter(item["category"] for item in payload["items"]).values()) <= 2
     for variant in ("A", "B"):
         forced = app.post("/recommend", {"user_id": "U000001", "k": 5, "variant": variant}).json()
         assert forced["variant"] == variant and forced["forced"]
@@ -327,6 +332,10 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     newer = Run(run.root, f"{run.name}-update-test")
     save_ranker(grown, Path(newer.path("ranker", "model")), {"note": "hot reload test"})
     before = app.http.get("/variants").json()["variants"]["B"]["model"]
+    deadline = time.time() + 120.0  # a replica killed by an earlier test may still be starting again
+    while _replicas_running(APP_NAME, "Variant_B") < 2 or len(_replicas("Variant_B")) != 2:
+        assert time.time() < deadline, serve.status().applications[APP_NAME].deployments["Variant_B"]
+        time.sleep(1.0)
     replicas = {replica._actor_id for replica in _replicas("Variant_B")}
     stop, outcomes = threading.Event(), []
     flow = threading.Thread(target=_flow, args=(app, stop, outcomes, "reload-user"))
@@ -345,3 +354,115 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     assert {replica._actor_id for replica in _replicas("Variant_B")} == replicas
     assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
     assert _ranker_b(app, run.uri())["ranker_run"] == run.uri()
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_parsed(app: App) -> None:
+    limit = app.config.serve.max_body_bytes
+    event = {"user_id": "U1", "product_id": next(iter(app.category_of)), "event_type": "view", "query": "x" * 900}
+    body = json.dumps([event] * (limit // len(json.dumps(event)) + 50)).encode()
+    declared = app.http.post("/events", content=body, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "serve.max_body_bytes" in declared.text
+
+    def chunks() -> Iterator[bytes]:  # no content-length: counted as it arrives
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    streamed = app.http.post("/events", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "serve.max_body_bytes" in streamed.text
+    assert app.post("/events", [event]).status_code == 200  # a body under the limit still goes through
+
+
+def test_overload_is_a_503_with_retry_after(app: App) -> None:
+    """More concurrent requests than a variant's replicas take (2 x 16 here) plus its queue per caller
+    (``serve.max_queued_requests``, 4 in the session's app) are refused at once, not queued until they time out."""
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=app.url, timeout=120.0,
+                                     limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(client.post("/search", json={"query": f"sofa {i}", "k": 10, "variant": "A"})
+                                          for i in range(150)))
+
+    answers = asyncio.run(burst())
+    statuses = [answer.status_code for answer in answers]
+    refused = [answer for answer in answers if answer.status_code == 503]
+    assert refused and set(statuses) <= {200, 503}, sorted(set(statuses))
+    # refused by the ingress (a variant's queue full: "overloaded") or already by Serve's proxy (the ingress's own
+    # queue, "backpressure"): a Retry-After of serve.retry_after_s either way
+    assert all(answer.headers.get("retry-after") == "1" for answer in refused), {a.text[:120] for a in refused}
+    assert all("overloaded" in a.text or "backpressure" in a.text for a in refused), {a.text[:120] for a in refused}
+    assert statuses.count(200) >= 32
+    assert app.post("/search", {"query": "sofa", "k": 5, "variant": "A"}).status_code == 200
+
+
+def _on_every_replica(app: App, ranker_run: str, reads: int = 8, timeout_s: float = 60.0) -> None:
+    """Wait until ``reads`` answers of ``/variants`` in a row say B loaded ``ranker_run`` (Serve picks the replica)."""
+    deadline, streak = time.time() + timeout_s, 0
+    while streak < reads:
+        assert time.time() < deadline, f"B's replicas did not all load {ranker_run}"
+        streak = streak + 1 if app.http.get("/variants").json()["variants"]["B"]["model"]["ranker_run"] == ranker_run \
+            else 0
+        time.sleep(0.1 if streak else 0.5)
+
+
+def test_a_bug_is_a_500_naming_an_error_id_and_no_stack_trace(app: App) -> None:
+    """A ranker file that loads (its manifest names this code's features) but was trained on three features fails
+    on every prediction: a bug of the deployed model, answered 500, where overload and restarts are 503s."""
+    run = app.run
+    rng = np.random.default_rng(1)
+    wrong = xgboost.train({"objective": "rank:ndcg"}, xgboost.DMatrix(
+        rng.random((32, 3), dtype=np.float32), label=np.arange(32) % 2, qid=np.repeat(np.arange(4), 8)),
+        num_boost_round=2)
+    broken = Run(run.root, f"{run.name}-broken-ranker")
+    save_ranker(wrong, Path(broken.path("ranker", "model")), {"note": "trained on 3 features on purpose"})
+    Registry(run.root).set("B", broken.uri(), base_run=run.uri(), encoder="fine_tuned", strategy="ranker")
+    try:
+        _on_every_replica(app, broken.uri())
+        answer = app.post("/recommend", {"user_id": "U000003", "k": 5, "variant": "B"})
+        assert answer.status_code == 500, answer.text
+        assert answer.json()["detail"].startswith("internal error ") and "Traceback" not in answer.text
+        assert app.post("/recommend", {"user_id": "U000003", "k": 5, "variant": "A"}).status_code == 200
+    finally:
+        Registry(run.root).set("B", run.uri(), encoder="fine_tuned", strategy="ranker")
+    _on_every_replica(app, run.uri())
+
+
+def _replicas_running(app_name: str, deployment: str) -> int:
+    return serve.status().applications[app_name].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.slow  # an app of its own and a minute of load: 70 s here
+def test_a_variant_scales_up_under_load_and_back_down_when_it_ends(ranked: tuple[Config, Run], serve_port: int,
+                                                                   tmp_path: Path) -> None:
+    """Serve's autoscaler, with the settings of ``serve`` (min 1, max 2, one ongoing request per replica as the
+    target, short delays so that the test sees both moves): load at concurrency 8 brings Variant_A a second
+    replica, and quiet takes it away."""
+    served = deploy_app(ranked, serve_port, str(tmp_path / "events.sqlite"), "shoprank-scaling", "/scaling",
+                        "serve.variants={A: A}", "serve.split={A: 1.0}", "serve.replicas=1", "serve.max_replicas=2",
+                        "serve.target_ongoing_requests=1", "serve.upscale_delay_s=1", "serve.downscale_delay_s=5")
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=served.url, timeout=60.0) as client:
+            while not stop.is_set():
+                client.post("/search", json={"query": "sofa for the living room", "k": 10})
+
+    workers = [threading.Thread(target=load) for _ in range(8)]
+    try:
+        assert _replicas_running(served.name, "Variant_A") == 1
+        for worker in workers:
+            worker.start()
+        deadline = time.time() + 120.0
+        while _replicas_running(served.name, "Variant_A") < 2:
+            assert time.time() < deadline, "Variant_A did not scale up under load"
+            time.sleep(1.0)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        deadline = time.time() + 120.0
+        while _replicas_running(served.name, "Variant_A") > 1:
+            assert time.time() < deadline, "Variant_A did not scale back down"
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        served.http.close()
+        serve.delete(served.name)

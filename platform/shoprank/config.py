@@ -433,6 +433,17 @@ class ServeConfig(Section):
     max_query_chars: int = Field(200, ge=1, le=10_000)
     replicas: int = Field(1, ge=1, description="Replicas of each variant (and of its separate query encoder).")
     max_replicas: int = Field(1, ge=1, description="Above ``replicas``: autoscaling on ongoing requests.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0.0, description="Autoscaling: the ongoing requests per replica Serve's autoscaler aims at (a "
+        "variant replica answers a batch of serve.ranker_batch_size at once, so a few waiting is healthy).",
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0.0, description="Autoscaling: how long the load must ask for more replicas before one starts.",
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0.0, description="Autoscaling: how long the load must ask for fewer replicas before one stops "
+        "(long: a replica takes seconds to start and load its models).",
+    )
     cpus_per_replica: float = Field(
         0.0, ge=0.0,
         description="None reserved on a laptop: the replicas share the cores, and a pipeline job beside the app "
@@ -457,6 +468,25 @@ class ServeConfig(Section):
         4, ge=1, le=64, description="Features named in each item's contributions (the score's largest parts); "
         "the rest are summed as 'other features'.",
     )
+    max_ongoing_requests: int = Field(
+        256, ge=1, le=100_000, description="Requests an ingress replica works on at once (each mostly waits on a "
+        "variant); beyond that Serve queues them.",
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, le=1_000_000, description="Requests queued per caller of the ingress and of each variant before "
+        "new ones are refused with 503 and a Retry-After header (-1: no limit, a queue that grows until timeouts).",
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0.0, le=3600.0, description="The Retry-After of an overload or unavailability 503.",
+    )
+    request_timeout_s: float | None = Field(
+        30.0, gt=0.0, description="End-to-end limit of one HTTP request at Serve's proxy (answered 408); None: none. "
+        "Applies when Serve's HTTP proxy starts.",
+    )
+    max_body_bytes: int = Field(
+        2_000_000, ge=1024, description="Largest request body; a larger one is refused with 413 before it is read "
+        "whole or parsed (1000 events of about 1 KB fit).",
+    )
     user_cache_events: int = Field(
         1_000_000, ge=1, description="Live events each variant replica keeps in its user cache, all users together "
         "(about 100 bytes each); past that, the users asked for least recently leave it and are read from the event "
@@ -468,6 +498,15 @@ class ServeConfig(Section):
     )
     impression_flush_s: float = Field(
         0.2, gt=0.0, le=60.0, description="How often an ingress replica writes its queued impressions.",
+    )
+    max_per_brand: int | None = Field(
+        2, ge=1, description="At most this many products of one brand in an answer's top k, online and in the "
+        "offline evaluation alike (None: no limit); when the candidates cannot fill k under it, the best skipped "
+        "ones do.",
+    )
+    max_per_category: int | None = Field(
+        2, ge=1, description="At most this many products of one category leaf in a recommendation's top k (a "
+        "search names its category itself); None: no limit.",
     )
     exclude_purchased: bool = Field(
         True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "

@@ -73,6 +73,14 @@ def feature_settings(config: Config) -> dict[str, Any]:
             **{f"serve.{f}": getattr(config.serve, f) for f in SERVE_DATA_FIELDS}}
 
 
+DIVERSITY_FIELDS = ("max_per_brand", "max_per_category")
+"""The ``serve`` settings that cut every evaluated top 10 (the diversity rule Serve applies)."""
+
+
+def evaluation_settings(config: Config) -> dict[str, Any]:
+    return {f"serve.{f}": getattr(config.serve, f) for f in DIVERSITY_FIELDS}
+
+
 def _fixed(paths: list[str]) -> Callable[[Config], list[str]]:
     return lambda config: list(paths)
 
@@ -106,7 +114,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ranker", _body("shoprank.ranker.stages:fit_ranker"), _fixed(["ranker/ray", "ranker/model"]),
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
-          upstream=("ranker",), inputs=("ranker/features", "ranker/model", "embeddings/zero_shot_products")),
+          settings=evaluation_settings, upstream=("ranker",),
+          inputs=("ranker/features", "ranker/model", "embeddings/zero_shot_products")),
 )
 """Every stage of a run, in the order they run: the only list of them."""
 

@@ -12,7 +12,10 @@ product (only the test queries, with the pretrained encoder), and builds neither
 candidate sources nor the features of a system that has no ranker.
 What is relevant to a request is :func:`shoprank.ranker.dataset.relevance`, the
 function the ranker's labels come from: the two can never disagree on what a good
-answer was.
+answer was. Every system's top 10 is cut the way Serve cuts an answer, under the
+diversity rule (:mod:`shoprank.ranker.diversity`: at most ``serve.max_per_brand`` of a
+brand, and on recommendations ``serve.max_per_category`` of a category leaf), so the
+figures are those of the lists a shopper would see.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import numpy as np
 import pandas as pd
 
 from shoprank.config import Config
+from shoprank.data.io import read_table
 from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
 from shoprank.ranker.context import load_context
 from shoprank.ranker.dataset import build_requests, judgments, relevance, retrieve
+from shoprank.ranker.diversity import DiverseTop, Diversity
 from shoprank.ranker.features import FEATURES
 from shoprank.ranker.stages import embed_queries
 from shoprank.ranker.train import load_ranker, predict, read_features
@@ -36,16 +41,31 @@ from shoprank.store.run import Run, StageRecord
 K = 10
 
 
-def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None) -> dict[str, list[str]]:
-    """Each request's ``K`` products by ``score`` among the rows in ``mask`` (ties: product id)."""
+def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None,
+             pick: DiverseTop | None = None) -> dict[str, list[str]]:
+    """Each request's ``K`` products by ``score`` among the rows in ``mask`` (ties: product id), under ``pick``'s
+    diversity rule when given."""
     rows = frame if mask is None else frame[mask]
     rows = rows.sort_values(["request_id", score, "product_id"], ascending=[True, False, True])
-    return {r: g["product_id"].head(K).tolist() for r, g in rows.groupby("request_id", sort=False)}
+    return {r: _cut(r, g["product_id"].tolist(), pick) for r, g in rows.groupby("request_id", sort=False)}
 
 
-def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool) -> dict[str, list[str]]:
+def _cut(request_id: str, ordered: list[str], pick: DiverseTop | None) -> list[str]:
+    return pick.top(request_id, ordered, K) if pick is not None else ordered[:K]
+
+
+def diverse_top(config: Config, run: Run, requests: pd.DataFrame) -> DiverseTop:
+    """The diversity rule of ``config`` over ``run``'s catalogue, for ``requests``."""
+    products = read_table(run, "data", "products", columns=["product_id", "brand", "category"])
+    searches = requests[requests["kind"] == "search"]
+    return DiverseTop(Diversity.of(config), products, dict(zip(searches["request_id"], searches["query"])))
+
+
+def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool,
+                pick: DiverseTop | None = None) -> dict[str, list[str]]:
     """Each request's ``K`` products of the dense source of :func:`~shoprank.ranker.dataset.retrieve`, by cosine
-    (ties: product id), with the run's fine-tuned encoder or the pretrained one (``zero_shot``).
+    (ties: product id), with the run's fine-tuned encoder or the pretrained one (``zero_shot``), under ``pick``'s
+    diversity rule when given.
 
     Retrieval itself (``dense_only``), without the other sources and the features of every candidate: the same
     lists as the dense rows of :func:`~shoprank.ranker.stages.feature_rows` ranked by ``cosine`` (a test compares
@@ -62,7 +82,7 @@ def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: 
         candidates = retrieve(context, history, query, query_vectors.get(query), float(request.ts_s), dense_only=True)
         if len(candidates.rows):
             order = sorted(range(len(candidates.rows)), key=lambda i: (-candidates.cosine[i], ids[candidates.rows[i]]))
-            ranked[request.request_id] = [ids[candidates.rows[i]] for i in order[:K]]
+            ranked[request.request_id] = _cut(request.request_id, [ids[candidates.rows[i]] for i in order], pick)
     return ranked
 
 
@@ -90,7 +110,8 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     requests = build_requests(config, run)
     requests = requests[requests["split"] == "test"]
     tuned = read_features(run, "test")
-    zero_shot = dense_top_k(config, run, requests, zero_shot=True)
+    pick = diverse_top(config, run, requests)
+    zero_shot = dense_top_k(config, run, requests, zero_shot=True, pick=pick)
     booster = load_ranker(run.local_path("ranker", "model"))
     tuned["ranker"] = np.concatenate(
         [predict(booster, g[FEATURES].to_numpy(np.float32)) for _, g in tuned.groupby("request_id", sort=False)]
@@ -99,11 +120,11 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     catalogue_size = int(run.manifest()["stages"]["embed"]["rows"]["products"])
     kinds = dict(zip(requests["request_id"], requests["kind"]))
     systems = {
-        "popularity": lambda kind: top_k_of(tuned, "popularity", tuned["from_lexical"] == 1) if kind == "search"
-        else top_k_of(tuned, "popularity", tuned["from_popular"] == 1),
+        "popularity": lambda kind: top_k_of(tuned, "popularity", tuned["from_lexical"] == 1, pick)
+        if kind == "search" else top_k_of(tuned, "popularity", tuned["from_popular"] == 1, pick),
         "retrieval (zero-shot encoder)": lambda kind: zero_shot,
-        "retrieval (fine-tuned encoder)": lambda kind: top_k_of(tuned, "cosine", tuned["from_dense"] == 1),
-        "fine-tuned retrieval + ranker": lambda kind: top_k_of(tuned, "ranker"),
+        "retrieval (fine-tuned encoder)": lambda kind: top_k_of(tuned, "cosine", tuned["from_dense"] == 1, pick),
+        "fine-tuned retrieval + ranker": lambda kind: top_k_of(tuned, "ranker", pick=pick),
     }
     table: dict[str, dict[str, dict[str, float]]] = {}
     missing: dict[str, str] = {}

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shoprank.encoder.users import EVENT_WEIGHTS
+from shoprank.ranker.diversity import group_codes
 
 FEATURE_SCHEMA_VERSION = 4
 """Bumped whenever a feature is added, removed, reordered or changes meaning."""
@@ -91,6 +92,11 @@ class ProductStats:
     category: np.ndarray
     department: np.ndarray
     brand: np.ndarray
+    brand_group: np.ndarray
+    """The brand's code for the diversity rule: :data:`~shoprank.ranker.diversity.NO_GROUP` for a product without
+    one (``brand`` gives those one shared code, a feature value)."""
+    brand_names: list[str]
+    """The brand of each ``brand_group`` code."""
     log_price: np.ndarray
     price_in_category: np.ndarray
     popularity: np.ndarray
@@ -140,6 +146,7 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     categories = products.column("category").to_pylist()
     brands = products.column("brand").to_pylist()
     category = _codes(categories)
+    brand_group, brand_names = group_codes(brands)
     log_price = np.log1p(products.column("price").to_numpy())
     median_in_category = pd.Series(log_price).groupby(category).transform("median").to_numpy()
     return ProductStats(
@@ -147,6 +154,8 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         category=category,
         department=_codes([department_of(c) for c in categories]),
         brand=_codes(brands),
+        brand_group=brand_group,
+        brand_names=brand_names,
         log_price=log_price,
         price_in_category=log_price - median_in_category,
         popularity=np.log1p(clicks + carts + purchases),

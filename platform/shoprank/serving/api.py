@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoprank.data.schema import EVENT_TYPES
 
@@ -47,10 +49,12 @@ class Strict(BaseModel):
 
 
 class SearchRequest(Strict):
-    query: str = Field(description="What the shopper typed (not blank; at most serve.max_query_chars).")
+    query: str = Field(max_length=10_000,
+                       description="What the shopper typed (not blank; at most serve.max_query_chars).")
     user_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
     k: int = Field(10, ge=1, le=MAX_K)
-    variant: str | None = Field(None, description="Force a variant (side-by-side views); left out of the A/B report.")
+    variant: str | None = Field(None, max_length=64,
+                                description="Force a variant (side-by-side views); left out of the A/B report.")
 
     @field_validator("query")
     @classmethod
@@ -64,7 +68,7 @@ class RecommendRequest(Strict):
     user_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
                                 description="Omitted or unknown: a cold-start answer (popular and trending).")
     k: int = Field(10, ge=1, le=MAX_K)
-    variant: str | None = None
+    variant: str | None = Field(None, max_length=64)
 
 
 class EventIn(Strict):
@@ -119,3 +123,42 @@ def invalid(errors: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
     may not be representable in JSON (``1e400`` parses to infinity, a lone surrogate cannot be encoded)."""
     return {"detail": [{"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "invalid")),
                         "type": str(error.get("type", "value_error"))} for error in errors]}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before it is read whole or parsed.
+
+    A declared ``content-length`` over the limit is refused at once; a body without one (chunked) is
+    counted as it arrives and refused as soon as it passes the limit (an :class:`HTTPException`, which
+    FastAPI passes through its body reading). ``max_bytes`` is the class's: the ingress sets it from
+    ``serve.max_body_bytes`` when its replica starts, before the first request.
+    """
+
+    max_bytes = 2_000_000
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await JSONResponse(status_code=413, content=self._refusal())(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(status_code=413, detail=self._refusal()["detail"])
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _refusal(self) -> dict[str, list[dict[str, Any]]]:
+        return {"detail": [{"loc": ["body"], "msg": f"request body larger than {self.max_bytes} bytes "
+                                                    "(serve.max_body_bytes); send fewer events per request"}]}

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from shoprank.config import Config, load_config
 from shoprank.serving.deployments import EventStoreWriter, Ingress
@@ -88,12 +89,15 @@ def placements(config: Config, variants: list[str]) -> dict[str, Placement]:
     return found
 
 
-def _scaling(placement: Placement) -> dict[str, Any]:
+def _scaling(placement: Placement, config: Config) -> dict[str, Any]:
     """Serve's replica settings for ``placement``: a fixed count, or autoscaling on ongoing requests between its
-    bounds."""
+    bounds, with the target and delays of ``serve``."""
     if placement.max_replicas > placement.min_replicas:
-        return {"autoscaling_config": {"min_replicas": placement.min_replicas, "max_replicas": placement.max_replicas,
-                                       "target_ongoing_requests": 2}}
+        settings = config.serve
+        return {"autoscaling_config": {
+            "min_replicas": placement.min_replicas, "max_replicas": placement.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+            "upscale_delay_s": settings.upscale_delay_s, "downscale_delay_s": settings.downscale_delay_s}}
     return {"num_replicas": placement.min_replicas}
 
 
@@ -112,12 +116,13 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         encoder_name = f"QueryEncoder_{name}"
         query_encoder = QueryEncoder.options(
             name=encoder_name, ray_actor_options=placed[encoder_name].ray_actor_options,
-            max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(placed[encoder_name]),
+            max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(placed[encoder_name], config),
             user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder) if encoder_name in placed else None
         variants[name] = Variant.options(
             name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
-            max_ongoing_requests=2 * settings.ranker_batch_size, **_scaling(placed[f"Variant_{name}"]),
+            max_ongoing_requests=2 * settings.ranker_batch_size, max_queued_requests=settings.max_queued_requests,
+            **_scaling(placed[f"Variant_{name}"], config),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder, db, query_encoder)
@@ -126,8 +131,10 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         max_ongoing_requests=4 * settings.event_batch_size, user_config={"batch_size": settings.event_batch_size},
     ).bind(db)
     return Ingress.options(
-        ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=256,
-        **_scaling(placed["Ingress"]),
+        ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=settings.retry_after_s),
+        **_scaling(placed["Ingress"], config),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
     ).bind(dumped, variants, store)
 
@@ -139,6 +146,7 @@ def deploy(args: AppArgs, *, blocking: bool = False, name: str = APP_NAME, route
     under its own prefix of the same HTTP port.
     """
     config = load_config(args.config, args.overrides)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port,
+                              "request_timeout_s": config.serve.request_timeout_s})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=blocking)
     return f"http://{config.serve.host}:{config.serve.port}{route_prefix.rstrip('/')}"

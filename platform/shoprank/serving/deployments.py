@@ -21,6 +21,8 @@ routes' signatures at runtime and would take string annotations for query parame
 import asyncio
 import datetime as dt
 import logging
+import math
+import sqlite3
 import time
 import uuid
 from typing import Any
@@ -30,6 +32,8 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from shoprank.config import Config
@@ -39,7 +43,8 @@ from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
 from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
-    MAX_EVENTS_PER_REQUEST, Answer, EventIn, EventsAccepted, RecommendRequest, SearchRequest, invalid, rejected,
+    MAX_EVENTS_PER_REQUEST, Answer, BodyLimit, EventIn, EventsAccepted, RecommendRequest, SearchRequest, invalid,
+    rejected,
 )
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.messages import Answered, Asked
@@ -113,6 +118,9 @@ def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent:
 
 
 api = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop.")
+api.add_middleware(BodyLimit)
+RETRY_AFTER_S = [1.0]
+"""``serve.retry_after_s``, set by the ingress replica: the exception handlers are the module's."""
 
 
 @api.exception_handler(RequestValidationError)
@@ -122,12 +130,31 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse(status_code=422, content=invalid(exc.errors()))
 
 
+def unavailable(exc: BaseException) -> str | None:
+    """Why ``exc`` means the service cannot answer now (overload, a replica or the database gone), or None: then
+    it is a bug."""
+    if isinstance(exc, BackPressureError):
+        return "overloaded: too many requests waiting"
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return "a part of the service is restarting"
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, sqlite3.OperationalError) or type(cause).__module__.startswith("psycopg"):
+        return "the event store cannot be reached"
+    return None
+
+
 @api.exception_handler(Exception)
-async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-    """A failure inside the app (a replica restarting, a bug): 503 with a message, never a stack trace."""
-    log.exception("request failed")
-    return JSONResponse(status_code=503, content={"detail": f"the service could not answer: {type(exc).__name__}; "
-                                                            "retry shortly"})
+async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After when the service cannot answer now (:func:`unavailable`); else a bug: 500 with an error
+    id that the log names beside the stack trace, which the client never sees."""
+    reason = unavailable(exc)
+    if reason is not None:
+        log.warning("%s %s: 503, %s (%s)", request.method, request.url.path, reason, type(exc).__name__)
+        return JSONResponse(status_code=503, content={"detail": f"{reason}; retry shortly"},
+                            headers={"Retry-After": str(math.ceil(RETRY_AFTER_S[0]))})
+    error_id = uuid.uuid4().hex
+    log.error("%s %s: 500, error %s", request.method, request.url.path, error_id, exc_info=exc)
+    return JSONResponse(status_code=500, content={"detail": f"internal error {error_id}: the app's log has it"})
 
 
 @serve.deployment
@@ -138,6 +165,8 @@ class Ingress:
     def __init__(self, config: dict[str, Any], variants: dict[str, DeploymentHandle],
                  store: DeploymentHandle) -> None:
         self.config = Config.model_validate(config)
+        BodyLimit.max_bytes = self.config.serve.max_body_bytes
+        RETRY_AFTER_S[0] = self.config.serve.retry_after_s
         self.handles = variants
         self.store = store
         self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue)

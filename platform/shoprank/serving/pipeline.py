@@ -29,6 +29,7 @@ import xgboost
 
 from shoprank.ranker.context import RankingContext
 from shoprank.ranker.dataset import retrieve
+from shoprank.ranker.diversity import BrandsNamed, Diversity, diversified
 from shoprank.ranker.features import COLUMN, FEATURES, Candidates, History, ProductStats, compute_features
 from shoprank.ranker.train import predict
 from shoprank.serving.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
@@ -40,7 +41,11 @@ class Retrieved:
     candidates: Candidates
     history: History
     now_s: float
-    is_search: bool
+    query: str | None
+
+    @property
+    def is_search(self) -> bool:
+        return self.query is not None
 
 
 class Retrieval:
@@ -63,14 +68,15 @@ class Retrieval:
     def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None, query_vector: np.ndarray | None,
                  now_s: float) -> Retrieved:
         history = self.history(user_id, live, now_s)
-        return Retrieved(retrieve(self.context, history, query, query_vector, now_s), history, now_s, query is not None)
+        return Retrieved(retrieve(self.context, history, query, query_vector, now_s), history, now_s, query)
 
 
 class Ranking:
     """Features and order of retrieved candidates, by the ranker or the retrieval baseline."""
 
     def __init__(self, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
-                 popularity_weight: float = 0.02, explained_features: int = 4) -> None:
+                 popularity_weight: float = 0.02, explained_features: int = 4,
+                 diversity: Diversity = Diversity()) -> None:
         if strategy == "ranker" and booster is None:
             raise ValueError("the ranker strategy needs a booster")
         self.stats = stats
@@ -78,10 +84,12 @@ class Ranking:
         self.booster = booster
         self.popularity_weight = popularity_weight
         self.explained_features = explained_features
+        self.diversity = diversity
+        self.brands_named = BrandsNamed(stats.brand_names)
 
     def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
-        """Each request's top ``k``; the ranker scores all requests' candidates in one call, and explains the
-        chosen ones in one more."""
+        """Each request's top ``k`` under the diversity rule (:mod:`shoprank.ranker.diversity`); the ranker scores
+        all requests' candidates in one call, and explains the chosen ones in one more."""
         features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
         stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
         # the baseline's parts are its score's terms, for every candidate; the ranker explains only the chosen ones
@@ -89,8 +97,8 @@ class Ranking:
         scores = every_part.sum(axis=1) if every_part is not None else (
             predict(self.booster, stacked) if len(stacked) else np.zeros(0, np.float32))
         bounds = np.cumsum([0] + [len(f) for f in features])
-        chosen = [a + np.lexsort((-f[:, COLUMN["popularity"]], -scores[a:b]))[:k]
-                  for f, a, b, k in zip(features, bounds[:-1], bounds[1:], ks)]
+        chosen = [a + diversified(np.lexsort((-f[:, COLUMN["popularity"]], -scores[a:b])), k, self._limits(r))
+                  for r, f, a, b, k in zip(requests, features, bounds[:-1], bounds[1:], ks)]
         rows = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
         parts = every_part[rows] if every_part is not None else self._parts(stacked[rows])
         candidate_rows = np.concatenate([r.candidates.rows for r in requests]) if requests else np.zeros(0, np.int64)
@@ -99,6 +107,11 @@ class Ranking:
                   for row, part in zip(rows, parts)]
         ends = np.cumsum([len(c) for c in chosen])
         return [ranked[end - len(c):end] for c, end in zip(chosen, ends)]
+
+    def _limits(self, request: Retrieved) -> list[tuple[np.ndarray, int]]:
+        rows = request.candidates.rows
+        return self.diversity.limits(self.stats.brand_group[rows], self.stats.category[rows], request.is_search,
+                                     self.brands_named(request.query))
 
     def _parts(self, features: np.ndarray) -> np.ndarray:
         """Each row's score split into one part per feature and a last one, the base: the ranker's SHAP values
@@ -151,7 +164,7 @@ class VariantPipeline:
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
         self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight,
-                               self.context.config.serve.explained_features)
+                               self.context.config.serve.explained_features, Diversity.of(self.context.config))
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         return self.answer_many([self._asked(user_id, query, k, now_s)])[0].items

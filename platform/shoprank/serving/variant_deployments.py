@@ -112,6 +112,7 @@ class Variant:
 
     def follow_registry(self) -> None:
         """Load the model the alias names now, when it is not the one loaded."""
+        from shoprank.ranker.diversity import Diversity
         from shoprank.ranker.train import load_ranker
         from shoprank.serving.pipeline import Ranking
 
@@ -126,7 +127,8 @@ class Variant:
         booster = (load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
                    if spec.strategy == "ranker" else None)
         self.ranking = Ranking(self.context.catalogue.stats, spec.strategy, booster,
-                               self.config.serve.baseline_popularity_weight, self.config.serve.explained_features)
+                               self.config.serve.baseline_popularity_weight, self.config.serve.explained_features,
+                               Diversity.of(self.config))
         self.model = {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
                       "trees": booster.num_boosted_rounds() if booster is not None else 0}
         log.info("ranker loaded: %s", self.model)
