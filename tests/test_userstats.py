@@ -16,6 +16,7 @@ from shoprank.config import load_config
 from shoprank.data.synthetic import ShopModel
 from shoprank.experiment import calibrate as calibration
 from shoprank.experiment.plan import minimum_detectable_effect, plan, power, users_per_arm
+from shoprank.experiment.readout import user_level_markdown
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.sequential import always_valid, horizon_log_threshold, mixing_sd
 from shoprank.experiment.userstats import compare_means, cuped, cuped_ratio, delta_ratio, linearize, welch
@@ -50,7 +51,8 @@ def test_missing_figures_say_why_instead_of_dividing_by_zero() -> None:
     flat = welch("x", [0.0, 0.0, 0.0], [0.0, 0.0])
     assert flat.difference == 0.0 and flat.p_value is None and "no variation" in flat.missing
     zero_control = welch("x", [0.0, 0.0, 0.0], [0.0, 1.0, 1.0])
-    assert zero_control.p_value is not None and zero_control.relative is None and "control value is 0" in zero_control.missing
+    assert zero_control.p_value is not None and zero_control.relative is None
+    assert "control value is 0" in zero_control.missing
     no_impressions = delta_ratio("ctr", [0, 0], [0, 0], [1, 2], [3, 4])
     assert no_impressions.p_value is None and "denominator" in no_impressions.missing
     assert linearize([], []) is None
@@ -246,3 +248,16 @@ def test_calibration_on_the_simulated_shop_is_fast_and_finds_the_better_arm() ->
     assert set(result.false_positives) == {key for key, _, _ in calibration.TESTS}
     assert result.ab_conversion_difference > 0 and result.seconds_per_experiment < 1.0
     assert "| user-level Welch, conversion per user | end |" in result.table()
+
+
+def test_readout_markdown_shows_every_metric_and_the_verdict(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "events.db")
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    store.log_impressions([Impression(f"R{u}", f"U{u}", "AB"[u % 2], "P1", 1, t0) for u in range(40)])
+    store.append([{"event_id": f"b{u}", "user_id": f"U{u}", "session_id": f"S{u}", "product_id": "P1",
+                   "event_type": "purchase", "ts": t0, "request_id": f"R{u}"} for u in range(0, 40, 3)])
+    text = user_level_markdown(ab_report(store, {"A": 0.5, "B": 0.5}, prices={"P1": 25.0})["user_level"])
+    assert "| conversion_per_user (welch) |" in text and "| ctr (delta) |" in text
+    assert "**Verdict: keep running**" in text and "| A | 20 |" in text
+    unpriced = user_level_markdown(ab_report(store, {"A": 0.5, "B": 0.5})["user_level"])
+    assert "revenue_per_user: no product prices were given to the report" in unpriced

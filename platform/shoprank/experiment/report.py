@@ -280,7 +280,8 @@ def verdict(primary: Mapping[str, Any], sample_ratio_broken: bool, past_planned_
         if fixed["p_value"] is not None and fixed["p_value"] < ALPHA:
             better = fixed["difference"] > 0
             return {"decision": "ship B" if better else "keep A",
-                    "rule": f"planned size reached: fixed-horizon test on {PRIMARY_METRIC}, p = {fixed['p_value']:.3g}"}
+                    "rule": f"planned size reached: fixed-horizon test on {PRIMARY_METRIC}, "
+                            f"p = {fixed['p_value']:.3g}"}
         return {"decision": "keep A", "rule": f"planned size reached with no difference in {PRIMARY_METRIC} "
                                               f"at alpha {ALPHA}: B is not shown to be better"}
     return {"decision": "keep running",

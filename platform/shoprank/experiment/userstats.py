@@ -263,7 +263,8 @@ def metric_effects(metric: str, control: UserTotals, treatment: UserTotals, cont
         return plain, adjusted
     plain = welch(metric, _per_user_values(metric, control), _per_user_values(metric, treatment), confidence)
     if metric == "average_order_value":  # buyers only: their history is no covariate of a selected group
-        return plain, replace(plain, method="welch+cuped", missing="CUPED needs every user; this metric has buyers only")
+        return plain, replace(plain, method="welch+cuped",
+                              missing="CUPED needs every user; this metric has buyers only")
     adjusted = cuped(metric, _per_user_values(metric, control), _per_user_values(metric, control_before),
                      _per_user_values(metric, treatment), _per_user_values(metric, treatment_before),
                      confidence=confidence)
