@@ -35,6 +35,7 @@ live view needs the sequential one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,8 +282,6 @@ class Calibration:
 def calibrate(model: ShopModel, experiments: int = 200, shoppers: int = 2_000, look_every: int = 20,
               alpha: float = 0.05, seed: int = 0, pages_per_user: int = 6) -> Calibration:
     """Run ``experiments`` A/A and as many A/B experiments and count each test's rejections."""
-    import time
-
     bank = build_bank(model, pages_per_user, seed)
     started = time.perf_counter()
     rng = np.random.default_rng([seed, 1818])
