@@ -59,6 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--replace", action="store_true", help="restore over a store that holds events")
 
+    exp = commands.add_parser("experiment", help="plan an A/B experiment, or calibrate its tests by simulation")
+    actions = exp.add_subparsers(dest="action", required=True)
+    pl = actions.add_parser("plan", help="users per arm for a minimum detectable effect, or the effect a size detects")
+    pl.add_argument("--baseline", type=float, required=True,
+                    help="the control's value of the metric (a rate such as conversion per user, or a mean)")
+    pl.add_argument("--std", type=float, default=None,
+                    help="per-user standard deviation (default for a rate: sqrt(baseline (1 - baseline)))")
+    size = pl.add_mutually_exclusive_group(required=True)
+    size.add_argument("--mde", type=float, help="relative effect to detect (0.05: 5%% of the baseline)")
+    size.add_argument("--users", type=int, help="users per arm you can get: print the effect they detect")
+    pl.add_argument("--alpha", type=float, default=0.05)
+    pl.add_argument("--power", type=float, default=0.8)
+    cal = actions.add_parser("calibrate", help="A/A false-positive rates and A/B power of each test, by simulation "
+                                               "on the simulated shop's ground truth (no Ray)")
+    cal.add_argument("--config", default="demo", help="preset whose simulated shop (source.synthetic) is used")
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cal.add_argument("--experiments", type=int, default=200, help="A/A experiments, and as many A/B ones")
+    cal.add_argument("--shoppers", type=int, default=2000, help="simulated shoppers per experiment")
+    cal.add_argument("--look-every", type=int, default=20, help="shoppers between two looks (page refreshes)")
+    cal.add_argument("--alpha", type=float, default=0.05)
+    cal.add_argument("--seed", type=int, default=0)
+
     cfg = commands.add_parser("config", help="print a preset with overrides applied, validated")
     cfg.add_argument("--config", default="demo")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -169,6 +191,30 @@ def event_store_copy(config: Config, action: str, file: str, replace: bool) -> s
     return f"{location} restored from {file}: {count} events; restart the Serve app (shoprank serve) to read them"
 
 
+def experiment_command(args: argparse.Namespace) -> str:
+    """``shoprank experiment plan|calibrate``: numbers only, no cluster."""
+    if args.action == "plan":
+        from shoprank.experiment.plan import binary_sigma, plan
+
+        sigma = args.std if args.std is not None else binary_sigma(args.baseline)
+        result = plan(args.baseline, sigma, relative_effect=args.mde, users=args.users, alpha=args.alpha,
+                      target_power=args.power)
+        relative = "" if result.relative_effect is None else f" ({result.relative_effect:.2%} of the baseline)"
+        return (f"baseline {result.baseline:g}, per-user standard deviation {result.sigma:.4g}, "
+                f"alpha {result.alpha:g} (two-sided), power {result.power:g}\n"
+                f"users per arm: {result.users_per_arm:,} (both arms: {2 * result.users_per_arm:,})\n"
+                f"minimum detectable effect: {result.minimum_detectable_effect:.4g}{relative}\n"
+                f"watched live (always-valid test tuned for this size): the interval is "
+                f"{result.sequential_width_factor:.2f} times the fixed-horizon one")
+    from shoprank.data.synthetic import ShopModel
+    from shoprank.experiment.calibrate import calibrate
+
+    config = load_config(args.config, args.set)
+    result = calibrate(ShopModel.build(config.source.synthetic), args.experiments, args.shoppers, args.look_every,
+                       args.alpha, args.seed)
+    return result.table() + f"\n{result.seconds_per_experiment:.2f} s per simulated experiment."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with user_errors():
@@ -202,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.concurrency, args.seed))
         elif args.command == "events":
             print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace))
+        elif args.command == "experiment":
+            print(experiment_command(args))
         elif args.command == "config":
             config = load_config(args.config, args.set)
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")

@@ -644,14 +644,26 @@ class ShopModel:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boolean (clicked, added to cart, purchased) per shown product, in list order."""
         n = len(products)
-        examined = rng.random(n) < (np.arange(1, n + 1) ** -0.9)
+        examine, click, cart, buy = self.response_probabilities(user, products, query)
+        examined = rng.random(n) < examine
+        clicked = examined & (rng.random(n) < click)
+        carted = clicked & (rng.random(n) < cart)
+        bought = carted & (rng.random(n) < buy)
+        return clicked, carted, bought
+
+    def response_probabilities(
+        self, user: int, products: np.ndarray, query: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per shown product (list order): P(examined), P(click | examined), P(cart | click), P(buy | cart).
+
+        :meth:`respond` draws from these; A/B calibration (:mod:`shoprank.experiment.calibrate`) draws
+        from them directly, many experiments at once, so both follow the one model of behaviour.
+        """
+        examine = np.arange(1, len(products) + 1) ** -0.9
         logit = self.utility(user, products) - 2.5
         if query is not None:
             logit = logit + RELEVANCE_BONUS[relevance(self.queries, query, self.catalog, products)]
-        clicked = examined & (rng.random(n) < _sigmoid(logit))
-        carted = clicked & (rng.random(n) < _sigmoid(logit - 1.0))
-        bought = carted & (rng.random(n) < _sigmoid(logit - 0.5))
-        return clicked, carted, bought
+        return examine, _sigmoid(logit), _sigmoid(logit - 1.0), _sigmoid(logit - 0.5)
 
     def intent(self, user: int, rng: np.random.Generator) -> int:
         """The leaf a session is about: a favourite leaf (weighted) or, sometimes, any leaf."""
