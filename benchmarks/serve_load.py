@@ -45,6 +45,7 @@ from shoprank.data.io import read_table  # noqa: E402
 from shoprank.ranker.context import load_context  # noqa: E402
 from shoprank.ranker.train import load_ranker  # noqa: E402
 from shoprank.serving.app import AppArgs, deploy  # noqa: E402
+from shoprank.serving.keys import client_keys, create_keys  # noqa: E402
 from shoprank.serving.messages import Asked  # noqa: E402
 from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
 from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
@@ -58,14 +59,16 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)} if len(ms) else {}
 
 
-async def _drive(url: str, path: str, bodies: list[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
+async def _drive(url: str, key: str, path: str, bodies: list[Any], concurrency: int,
+                 duration_s: float) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + duration_s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
         async def worker(offset: int) -> None:
             nonlocal errors
             i = offset
@@ -85,9 +88,9 @@ async def _drive(url: str, path: str, bodies: list[Any], concurrency: int, durat
     return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed, **percentiles(latencies)}
 
 
-def drive(url: str, path: str, bodies: list[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
-    """Runs in the load-driver process."""
-    return asyncio.run(_drive(url, path, bodies, concurrency, duration_s))
+def drive(url: str, key: str, path: str, bodies: list[Any], concurrency: int, duration_s: float) -> dict[str, Any]:
+    """Runs in the load-driver process, with the client ``key``."""
+    return asyncio.run(_drive(url, key, path, bodies, concurrency, duration_s))
 
 
 def in_process(pipeline: VariantPipeline, queries: list[str], users: list[str], n: int, batch: int,
@@ -136,6 +139,8 @@ def main() -> None:
         port = 8123
         overrides = [*args.set, f"run.root={Location(config.run.root).uri()}", f"serve.port={port}",
                      f"serve.event_db={scratch}/events.sqlite"]
+        create_keys(config)
+        key = client_keys(config)["client"]
         url = deploy(AppArgs(config=args.config, overrides=overrides))
         bodies = {"/search": [{"query": q, "k": 10, "variant": "B"} for q in queries],
                   "/recommend": [{"user_id": u, "k": 10, "variant": "B"} for u in users]}
@@ -144,13 +149,14 @@ def main() -> None:
                   for i, p in enumerate(products)]
         served: dict[str, dict[str, Any]] = {}
         with multiprocessing.get_context("spawn").Pool(1) as driver:
-            driver.apply(drive, (url, "/search", bodies["/search"], 1, 3.0))  # warm-up
+            driver.apply(drive, (url, key, "/search", bodies["/search"], 1, 3.0))  # warm-up
             for path in ("/search", "/recommend"):
                 for level in args.levels:
                     watcher.set_phase(f"serve {path} c={level}")
-                    served[f"{path} c={level}"] = driver.apply(drive, (url, path, bodies[path], level, args.duration))
+                    served[f"{path} c={level}"] = driver.apply(drive, (url, key, path, bodies[path], level,
+                                                                       args.duration))
             watcher.set_phase("serve /events c=8")
-            served["/events c=8"] = driver.apply(drive, (url, "/events", events, 8, args.duration))
+            served["/events c=8"] = driver.apply(drive, (url, key, "/events", events, 8, args.duration))
         serve.shutdown()
         watcher.set_phase("in process")
         spec = resolve_variants(config)["B"]

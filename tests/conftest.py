@@ -22,6 +22,7 @@ from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.entrypoint import free_port, local_ray_options
 from shoprank.serving.app import APP_NAME, AppArgs, deploy
+from shoprank.serving.keys import client_keys, create_keys
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import open_event_store
 from shoprank.store.run import Run
@@ -95,15 +96,23 @@ def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
     return config, run_stages(config)
 
 
+def bearer(key: str) -> dict[str, str]:
+    """The header that presents ``key`` to the app."""
+    return {"Authorization": f"Bearer {key}"}
+
+
 class App:
-    """The deployed app: its args, name, URL, event store (``serve.event_db``) and an HTTP client."""
+    """The deployed app: its args, name, URL, event store (``serve.event_db``), its run root's API keys
+    (``keys``: client, admin and the page's logins) and an HTTP client holding the admin key."""
 
     def __init__(self, config: Config, run: Run, args: AppArgs, db: str, name: str = APP_NAME,
                  route_prefix: str = "/") -> None:
         self.config, self.run, self.args, self.db = config, run, args, db
         self.name, self.route_prefix = name, route_prefix
         self.url = f"http://127.0.0.1:{config.serve.port}{route_prefix.rstrip('/')}"
-        self.http = httpx.Client(base_url=self.url, timeout=60.0)
+        create_keys(config)
+        self.keys = client_keys(config)
+        self.http = httpx.Client(base_url=self.url, timeout=60.0, headers=bearer(self.keys["admin"]))
         products = read_table(run, "data", "products", columns=["product_id", "category"]).to_pylist()
         self.category_of = {p["product_id"]: p["category"] for p in products}
 

@@ -19,6 +19,7 @@ import pytest
 
 from fake_cluster import FakeCluster, node_types
 from postgres import PostgresServer
+from conftest import bearer
 from shapes import check_answers, check_every_stage, write_esci
 from shoprank.config import load_config
 from shoprank.data.io import read_table
@@ -27,6 +28,7 @@ from shoprank.encoder.text import product_texts
 from shoprank.encoder.tiny import build_tiny_encoder
 from shoprank.entrypoint import free_port
 from shoprank.serving.app import HEAD_NODE_RESOURCE
+from shoprank.serving.keys import client_keys, create_keys
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import open_event_store
 from shoprank.store.run import Run
@@ -145,6 +147,8 @@ def test_the_pipeline_and_the_app_run_on_autoscaled_nodes_that_go_afterwards(
     check_every_stage(run, {"search"})
 
     register_variants(config, run)
+    create_keys(config)
+    key = client_keys(config)["client"]
     port, events_db = free_port(), postgres_server.database()
     overrides = [*settings, f"serve.port={port}", f"serve.event_db={events_db}",
                  *_cluster_serve_settings()]
@@ -163,10 +167,10 @@ def test_the_pipeline_and_the_app_run_on_autoscaled_nodes_that_go_afterwards(
     assert not any(node.get(HEAD_NODE_RESOURCE) for nodes in placed.values() for node in nodes)
 
     url = f"http://127.0.0.1:{port}"
-    check_answers(url, run)
+    check_answers(url, run, key)
     product = read_table(run, "data", "products", columns=["product_id"]).column("product_id")[0].as_py()
     event = [{"user_id": "U1", "product_id": product, "event_type": "click"}]
-    assert httpx.post(f"{url}/events", json=event, timeout=120.0).status_code == 200
+    assert httpx.post(f"{url}/events", json=event, timeout=120.0, headers=bearer(key)).status_code == 200
     store = open_event_store(events_db)
     try:
         assert store.events().column("product_id").to_pylist() == [product], "the click is in the cluster's Postgres"

@@ -27,6 +27,7 @@ from shoprank.encoder.text import product_texts
 from shoprank.encoder.tiny import build_tiny_encoder
 from shoprank.pipeline import run_pipeline
 from shoprank.serving.app import AppArgs, deploy
+from shoprank.serving.keys import client_keys, create_keys
 from shoprank.store.run import Run
 from shoprank.stages import run_stages
 
@@ -65,13 +66,14 @@ def test_each_data_shape_runs_every_stage_and_serves(shape: str, serve_port: int
 
     run_pipeline(config)
     check_every_stage(run, tasks)
+    create_keys(config)
 
     url = _serve(config, run, serve_port, shape)
     try:
         if shape == "esci":
             replicas = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
             assert any(name.startswith(f"SERVE_REPLICA::shape-{shape}#QueryEncoder_B#") for name in replicas)
-        check_answers(url, run)
+        check_answers(url, run, client_keys(config)["client"])
     finally:
         serve.delete(f"shape-{shape}")
 

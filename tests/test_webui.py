@@ -9,14 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from ray import serve
 
 from conftest import App
 from shoprank.data.io import read_table
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.entrypoint import free_port
-from shoprank.webui.page import CSS, build_page
+from shoprank.webui.page import CSS, build_page, logins
 from shoprank.webui.simulate import simulate
 
 CHROMIUM = "/usr/bin/chromium"
@@ -26,8 +26,9 @@ OUTPUT = Path(__file__).resolve().parents[1] / "test-output" / "webui"
 @pytest.fixture(scope="module")
 def page_url(app: App) -> Iterator[str]:
     port = free_port()
-    page = build_page(app.url, lambda: ShopSimulator(app.config.source.synthetic), timeout_s=20.0)
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
+    page = build_page(app.url, app.keys, lambda: ShopSimulator(app.config.source.synthetic), timeout_s=20.0)
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True,
+                auth=logins(app.keys))
     yield f"http://127.0.0.1:{port}"
     page.close()
 
@@ -43,13 +44,46 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def tab(browser: Browser, page_url: str) -> Iterator[Page]:
+def _logged_in(browser: Browser, page_url: str, user: str, password: str) -> tuple[BrowserContext, Page]:
+    """A new browser tab through the page's login form."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.goto(page_url)
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    expect(page.locator("#ask")).to_be_visible(timeout=60_000)
+    return context, page
+
+
+@pytest.fixture
+def tab(browser: Browser, page_url: str, app: App) -> Iterator[Page]:
+    context, page = _logged_in(browser, page_url, "admin", app.keys["page_logins"]["admin"])
     yield page
     context.close()
+
+
+def test_the_page_needs_a_login_and_only_the_admin_sends_simulated_shoppers(browser: Browser, page_url: str,
+                                                                            app: App) -> None:
+    assert httpx.get(f"{page_url}/config").status_code == 401  # the page's API too, not only its form
+    context, page = _logged_in(browser, page_url, "viewer", app.keys["page_logins"]["viewer"])
+    try:
+        page.get_by_role("tab", name="A/B test").click()
+        page.locator("#simulate").click()
+        expect(page.get_by_text("needs the page's admin login")).to_be_visible(timeout=30_000)
+    finally:
+        context.close()
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(page_url)
+        page.get_by_label("username").fill("admin")
+        page.get_by_label("password").fill("not the password")
+        page.get_by_role("button", name="Login").click()
+        expect(page.get_by_text(re.compile("incorrect", re.IGNORECASE))).to_be_visible(timeout=30_000)
+        assert page.locator("#ask").count() == 0
+    finally:
+        context.close()
 
 
 def _ab_figures(tab: Page) -> str:
@@ -83,7 +117,7 @@ def test_side_by_side_buy_in_b_changes_the_ab_counts(app: App, tab: Page) -> Non
 def test_simulated_shoppers_fill_the_report(app: App) -> None:
     simulator = ShopSimulator(app.config.source.synthetic)
     seen = []
-    traffic = simulate(app.url, simulator, 24, concurrency=4, seed=5, progress=lambda done, total: seen.append(done))
+    traffic = simulate(app.url, app.keys["client"], simulator, 24, concurrency=4, seed=5, progress=lambda done, total: seen.append(done))
     assert traffic.shoppers == 24 and not traffic.errors and traffic.requests >= 24
     assert sorted(seen) == list(range(1, 25))
     report = app.report_once(lambda report: all(report["variants"][v]["impressions"] > 0 for v in ("A", "B")))

@@ -15,6 +15,7 @@ from shoprank import cluster
 from shoprank.config import Config, load_config
 from shoprank.entrypoint import user_errors
 from shoprank.errors import ShopRankError
+from shoprank.serving.keys import client_keys, client_keys_path, create_keys
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--alpha", type=float, default=0.05)
     cal.add_argument("--seed", type=int, default=0)
 
+    keys = commands.add_parser("keys", help="create this machine's API keys and the page's logins for a run root")
+    keys.add_argument("action", choices=["create", "show"])
+    keys.add_argument("--config", default="demo")
+    keys.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     cfg = commands.add_parser("config", help="print a preset with overrides applied, validated")
     cfg.add_argument("--config", default="demo")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -100,9 +106,18 @@ def serve_app(preset: str, overrides: list[str], register: bool, address: str) -
         register_variants(config, Run.for_config(config))
     if address != "auto":
         os.environ["RAY_ADDRESS"] = address  # Serve connects to the cluster itself when it starts
+    keys = create_keys(config)
     url = deploy(AppArgs(config=preset, overrides=overrides))
-    return (f"Serve app: {url}  (API docs: {url}/docs, OpenAPI: {url}/openapi.json)\n"
+    docs = f"API docs: {url}/docs, OpenAPI: {url}/openapi.json" if config.serve.docs else "API docs off: serve.docs"
+    return (f"Serve app: {url}  ({docs})\n{keys_note(keys)}\n"
             f"Variants: " + ", ".join(f"{name} = registry alias {alias!r}" for name, alias in config.serve.variants.items()))
+
+
+def keys_note(path: Path) -> str:
+    """Where this machine's API keys and page logins are, and what they are for."""
+    return (f"API keys and the web page's logins: {path} (mode 0600; the app holds only their SHA-256). "
+            "Send a key as 'Authorization: Bearer <key>': 'client' for /search, /recommend and /events, "
+            "'admin' for everything; log in to the page as 'admin' (may send simulated shoppers) or 'viewer'.")
 
 
 def serve_url(config: Config) -> str:
@@ -160,13 +175,14 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
     from shoprank.webui.report import report_markdown
     from shoprank.webui.simulate import simulate
 
-    ServeClient(url).health()  # a clear error now rather than one per shopper
+    keys = client_keys(config)
+    ServeClient(url, keys["admin"]).health()  # a clear error now rather than one per shopper
     with tqdm(total=users, desc="simulated shoppers", unit="shopper") as bar:
-        traffic = simulate(url, shop_simulator(config), users, concurrency=concurrency, seed=seed,
+        traffic = simulate(url, keys["client"], shop_simulator(config), users, concurrency=concurrency, seed=seed,
                            progress=lambda done, total: bar.update(done - bar.n))
     failed = f"; {len(traffic.errors)} failed, e.g. {traffic.errors[0]}" if traffic.errors else ""
     return (f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events{failed}\n"
-            + report_markdown(ServeClient(url).report()))
+            + report_markdown(ServeClient(url, keys["admin"]).report()))
 
 
 def event_store_copy(config: Config, action: str, file: str, replace: bool) -> str:
@@ -242,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Web page: http://{config.ui.host}:{config.ui.port}  (Serve app: {url})", flush=True)
             from shoprank.webui.page import launch, shop_simulator  # Gradio: 4 s of imports `cluster` need not pay
 
-            launch(url, config.ui.host, config.ui.port, lambda: shop_simulator(config))
+            launch(url, client_keys(config), config.ui.host, config.ui.port, lambda: shop_simulator(config))
         elif args.command == "simulate":
             config = load_config(args.config, args.set)
             print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.concurrency, args.seed))
@@ -250,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace))
         elif args.command == "experiment":
             print(experiment_command(args))
+        elif args.command == "keys":
+            config = load_config(args.config, args.set)
+            path = create_keys(config) if args.action == "create" else client_keys_path(config)
+            print(keys_note(path))
         elif args.command == "config":
             config = load_config(args.config, args.set)
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")

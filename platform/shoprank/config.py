@@ -398,6 +398,14 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (loopback unless you mean to expose it).")
     port: int = Field(8000, ge=1, le=65535)
+    api_keys: str = Field(
+        "secrets/api_keys.json", min_length=1, description="The app's key file (relative: under run.root): each "
+        "key's role and SHA-256, never the key; `shoprank keys create` writes it (shoprank.serving.keys). Keys in "
+        "SHOPRANK_API_KEYS (role:key,...) are accepted too. With no key at all the app refuses to start.",
+    )
+    docs: bool = Field(
+        False, description="Serve /docs and /openapi.json (the API's shape, no data; off unless asked for).",
+    )
     variants: dict[str, str] = Field(
         default_factory=lambda: {"A": "A", "B": "B"},
         description="Variant name -> registry alias (each alias names a run, its encoder and strategy).",

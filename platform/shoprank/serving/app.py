@@ -110,6 +110,8 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     specs = resolve_variants(config)
     registry_root = Location(config.run.root).uri()
     placed = placements(config, list(specs))
+    # a full queue is a 503 with Retry-After wherever it is met (Serve's proxy, or the ingress calling a variant)
+    backpressure = BackpressureConfig(retry_after_s=settings.retry_after_s)
     db = event_db_location(config)
     variants = {}
     for name, spec in specs.items():
@@ -122,7 +124,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         variants[name] = Variant.options(
             name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
             max_ongoing_requests=2 * settings.ranker_batch_size, max_queued_requests=settings.max_queued_requests,
-            **_scaling(placed[f"Variant_{name}"], config),
+            backpressure_config=backpressure, **_scaling(placed[f"Variant_{name}"], config),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder, db, query_encoder)
@@ -133,8 +135,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     return Ingress.options(
         ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
-        backpressure_config=BackpressureConfig(retry_after_s=settings.retry_after_s),
-        **_scaling(placed["Ingress"], config),
+        backpressure_config=backpressure, **_scaling(placed["Ingress"], config),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
     ).bind(dumped, variants, store)
 

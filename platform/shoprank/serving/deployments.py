@@ -28,17 +28,17 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.errors import DataError
+from shoprank.errors import ConfigError, DataError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
 from shoprank.ranker.features import epoch_seconds
@@ -47,6 +47,7 @@ from shoprank.serving.api import (
     rejected,
 )
 from shoprank.serving.impressions import ImpressionQueue
+from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
 from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.variants import VariantSpec
 from shoprank.store.events import Impression, open_event_store
@@ -89,8 +90,8 @@ class EventStoreWriter:
         """An ingress replica's queued impressions, already batched (:class:`ImpressionQueue`)."""
         await asyncio.to_thread(self.store.log_impressions, impressions, dropped)
 
-    async def report(self, split: dict[str, float]) -> dict[str, Any]:
-        report = await asyncio.to_thread(ab_report, self.store, split)
+    async def report(self, split: dict[str, float], prices: dict[str, float]) -> dict[str, Any]:
+        report = await asyncio.to_thread(ab_report, self.store, split, prices=prices)
         report["impressions_dropped"] = await asyncio.to_thread(self.store.dropped_impressions)
         return report
 
@@ -117,10 +118,62 @@ def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent:
     return out
 
 
-api = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop.")
+class Access:
+    """What the module-level parts of the HTTP app (its dependencies, middleware and exception handlers) need of
+    the config, set by the ingress replica when it starts, before its first request.
+
+    Class attributes, not a module-level instance: Serve pickles the ingress class and its FastAPI app by value,
+    and a by-value function gets copies of the module globals it names, while an importable class travels by
+    reference, so this class is the one object that the replica's code and the app's code both see.
+    """
+
+    keys = KeyRing(())
+    docs = False
+    retry_after_s = 1.0
+
+
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def needs(role: Role) -> Any:
+    """A route dependency: 401 without a known key (``Authorization: Bearer`` or ``X-API-Key``), 403 when the key's
+    role may not call the route (:mod:`shoprank.serving.keys`)."""
+
+    async def check(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
+        held = Access.keys.role_of(presented)
+        if held is None:
+            raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"}, detail=[{
+                "loc": ["header", "authorization"],
+                "msg": "no API key, or an unknown one: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"}])
+        if not allows(held, role):
+            raise HTTPException(status_code=403, detail=[{
+                "loc": ["header", "authorization"], "msg": f"a {held} key may not call this endpoint: it needs {role}"}])
+
+    return Depends(check)
+
+
+class DocsSwitch:
+    """ASGI middleware: ``/docs`` and ``/openapi.json`` answer 404 unless ``serve.docs``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not Access.docs:
+            path, root = scope["path"], scope.get("root_path", "")
+            if (path[len(root):] if root and path.startswith(root) else path) in DOCS_PATHS:
+                await JSONResponse(status_code=404, content={"detail": "API docs are off (serve.docs)"})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop. "
+                                            "Every endpoint but /healthz needs an API key (Authorization: Bearer).")
 api.add_middleware(BodyLimit)
-RETRY_AFTER_S = [1.0]
-"""``serve.retry_after_s``, set by the ingress replica: the exception handlers are the module's."""
+api.add_middleware(DocsSwitch)
 
 
 @api.exception_handler(RequestValidationError)
@@ -131,10 +184,8 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
 
 
 def unavailable(exc: BaseException) -> str | None:
-    """Why ``exc`` means the service cannot answer now (overload, a replica or the database gone), or None: then
-    it is a bug."""
-    if isinstance(exc, BackPressureError):
-        return "overloaded: too many requests waiting"
+    """Why ``exc`` means the service cannot answer now (a replica or the database gone), or None: then it is a bug.
+    (Overload never gets here: Serve answers a full queue itself, 503 with the deployment's Retry-After.)"""
     if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
         return "a part of the service is restarting"
     cause = exc.cause if isinstance(exc, RayTaskError) else exc
@@ -151,7 +202,7 @@ async def unexpected(request: Request, exc: Exception) -> JSONResponse:
     if reason is not None:
         log.warning("%s %s: 503, %s (%s)", request.method, request.url.path, reason, type(exc).__name__)
         return JSONResponse(status_code=503, content={"detail": f"{reason}; retry shortly"},
-                            headers={"Retry-After": str(math.ceil(RETRY_AFTER_S[0]))})
+                            headers={"Retry-After": str(math.ceil(Access.retry_after_s))})
     error_id = uuid.uuid4().hex
     log.error("%s %s: 500, error %s", request.method, request.url.path, error_id, exc_info=exc)
     return JSONResponse(status_code=500, content={"detail": f"internal error {error_id}: the app's log has it"})
@@ -165,14 +216,20 @@ class Ingress:
     def __init__(self, config: dict[str, Any], variants: dict[str, DeploymentHandle],
                  store: DeploymentHandle) -> None:
         self.config = Config.model_validate(config)
+        keys = load_keyring(self.config)
+        if not keys.entries:
+            raise ConfigError(f"no API keys: serve.api_keys ({self.config.serve.api_keys} under run.root) is missing "
+                              "and SHOPRANK_API_KEYS is empty; create them with `shoprank keys create`")
         BodyLimit.max_bytes = self.config.serve.max_body_bytes
-        RETRY_AFTER_S[0] = self.config.serve.retry_after_s
+        Access.keys, Access.docs, Access.retry_after_s = keys, self.config.serve.docs, self.config.serve.retry_after_s
         self.handles = variants
         self.store = store
         self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue)
         self.flusher: asyncio.Task | None = None
         self.specs: dict[str, VariantSpec] = {}
         self.products: dict[str, dict[str, Any]] = {}
+        self.prices: dict[str, float] = {}
+        """Product -> price: the A/B report's revenue."""
         self.clock_offset_s = 0.0
         self.users: list[dict[str, str]] = []
         self.without_behaviour: set[str] = set()
@@ -188,6 +245,7 @@ class Ingress:
             products = read_table(run, "data", "products", columns=["product_id", "title", "category", "brand", "price"])
             for row in products.to_pylist():
                 self.products[row["product_id"]] = row
+                self.prices[row["product_id"]] = row["price"]
             events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts"])
             ts = epoch_seconds(events.column("ts"))
             last_event_s = max(last_event_s, float(ts.max()) if len(ts) else 0.0)
@@ -239,20 +297,20 @@ class Ingress:
                     "queries judged them relevant")
         return "no history for this user: popular and trending products"
 
-    @api.post("/search", response_model=Answer)
+    @api.post("/search", response_model=Answer, dependencies=[needs("client")])
     async def search(self, body: SearchRequest, response: Response) -> Answer:
         if len(body.query) > self.config.serve.max_query_chars:
             raise rejected(["query"], f"query is {len(body.query)} characters; at most "
                                       f"{self.config.serve.max_query_chars} (serve.max_query_chars)")
         return await self._answer("search", body.user_id, body.query, body.k, body.variant, response)
 
-    @api.post("/recommend", response_model=Answer)
+    @api.post("/recommend", response_model=Answer, dependencies=[needs("client")])
     async def recommend(self, body: RecommendRequest, response: Response) -> Answer:
         return await self._answer("recommend", body.user_id, None, body.k, body.variant, response)
 
     # ------------------------------------------------------------------ events
 
-    @api.post("/events", response_model=EventsAccepted)
+    @api.post("/events", response_model=EventsAccepted, dependencies=[needs("client")])
     async def events(self, body: list[EventIn]) -> EventsAccepted:
         if not body:
             raise rejected([], "send at least one event")
@@ -285,14 +343,14 @@ class Ingress:
 
     # ------------------------------------------------------------------ state
 
-    @api.get("/ab/report")
+    @api.get("/ab/report", dependencies=[needs("admin")])
     async def ab_report(self) -> dict[str, Any]:
         await self.impressions.flush()  # this replica's answers so far are in the report
-        report = await self.store.report.remote(self.config.serve.split)
+        report = await self.store.report.remote(self.config.serve.split, self.prices)
         report["experiment"] = self.config.serve.experiment
         return report
 
-    @api.get("/variants")
+    @api.get("/variants", dependencies=[needs("admin")])
     async def variants(self) -> dict[str, Any]:
         models = {name: await handle.describe.remote() for name, handle in self.handles.items()}
         return {
@@ -300,7 +358,7 @@ class Ingress:
             "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in self.specs.items()},
         }
 
-    @api.get("/users")
+    @api.get("/users", dependencies=[needs("admin")])
     async def users(self, limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, str]]:
         """The most active known users, each with a one-line summary of their history (for pickers)."""
         return self.users[:limit]

@@ -14,12 +14,14 @@ class ServeError(ShopRankError):
 
 
 class ServeClient:
-    """``POST /search``, ``/recommend``, ``/events``; ``GET /ab/report``, ``/variants``, ``/healthz``."""
+    """``POST /search``, ``/recommend``, ``/events``; ``GET /ab/report``, ``/variants``, ``/healthz``; every call
+    but the last with ``key`` (:mod:`shoprank.serving.keys`: a client key for the first three, an admin key for
+    all)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, key: str, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {key}"})
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -35,6 +37,9 @@ class ServeClient:
         if answer.status_code == 404 and "detail" not in answer.text:
             raise ServeError(f"Nothing is deployed at {self.url}{path}: Serve runs, but not the shoprank app "
                              "(`shoprank serve` deploys it).")
+        if answer.status_code in (401, 403):
+            raise ServeError(f"{path}: {answer.status_code} {_reason(answer)} (this machine's keys: "
+                             "`shoprank keys create --config <preset>` makes them; the app reads their digests)")
         if answer.status_code >= 400:
             raise ServeError(f"{path}: {answer.status_code} {_reason(answer)}")
         return answer.json()

@@ -62,9 +62,16 @@ def timeline_frame(report: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float = 30.0) -> gr.Blocks:
-    """The page for the Serve app at ``serve_url``; ``simulator_factory()`` builds the shop for simulations."""
-    client = ServeClient(serve_url, timeout_s=timeout_s)
+def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = None,
+               timeout_s: float = 30.0) -> gr.Blocks:
+    """The page for the Serve app at ``serve_url``; ``keys``: the API keys (:func:`shoprank.serving.keys.client_keys`);
+    ``simulator_factory()`` builds the shop for simulations.
+
+    Shoppers' calls (search, recommend, events) go with the client key, the report, the users and the variants
+    with the admin key; only the page's ``admin`` login may send simulated shoppers into the live test.
+    """
+    shop = ServeClient(serve_url, keys["client"], timeout_s=timeout_s)
+    client = ServeClient(serve_url, keys["admin"], timeout_s=timeout_s)
 
     def user_choices() -> tuple[list[str], str]:
         try:
@@ -84,8 +91,8 @@ def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float =
         problems = []
         for variant in ("A", "B"):
             try:
-                answer = (client.search(query, user, int(k), variant) if query
-                          else client.recommend(user, int(k), variant))
+                answer = (shop.search(query, user, int(k), variant) if query
+                          else shop.recommend(user, int(k), variant))
                 answers[variant] = answer
                 if not answer["items"]:
                     problems.append(f"Variant {variant} found nothing for this request.")
@@ -102,7 +109,7 @@ def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float =
                  "request_id": answer.get("request_id"), "variant": variant, "position": item["rank"],
                  "query": last.get("query") or None}
         try:
-            client.events([event])
+            shop.events([event])
         except ServeError as exc:
             return last, f"⚠️ {exc}"
         refreshed, status = ask(last.get("query", ""), last["user"], k, last["user"], last)
@@ -119,12 +126,14 @@ def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float =
         frame = timeline_frame(report)
         return report_markdown(report), frame, frame
 
-    def run_simulation(users: float, progress: gr.Progress = gr.Progress()) -> str:
+    def run_simulation(users: float, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
+        if request.username != "admin":
+            return "⚠️ Sending simulated shoppers into the live test needs the page's admin login."
         if simulator_factory is None:
             return "⚠️ Simulation needs the simulated shop (start the page with `shoprank ui`)."
         progress(0.0, desc="building the simulated shop")
         simulator = simulator_factory()
-        traffic = simulate(serve_url, simulator, int(users),
+        traffic = simulate(serve_url, keys["client"], simulator, int(users),
                            progress=lambda done, total: progress(done / total, desc=f"{done}/{total} shoppers"))
         note = f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events sent."
         if traffic.errors:
@@ -203,8 +212,14 @@ def build_page(serve_url: str, simulator_factory: Any = None, timeout_s: float =
     return page
 
 
-def launch(serve_url: str, host: str, port: int, simulator_factory: Any = None) -> None:
-    build_page(serve_url, simulator_factory).launch(server_name=host, server_port=port, css=CSS, show_error=False)
+def logins(keys: dict[str, Any]) -> list[tuple[str, str]]:
+    """The page's (user, password) pairs: ``admin`` (may simulate) and ``viewer``."""
+    return sorted(keys["page_logins"].items())
+
+
+def launch(serve_url: str, keys: dict[str, Any], host: str, port: int, simulator_factory: Any = None) -> None:
+    build_page(serve_url, keys, simulator_factory).launch(server_name=host, server_port=port, css=CSS,
+                                                          show_error=False, auth=logins(keys))
 
 
 def shop_simulator(config: Any) -> ShopSimulator:

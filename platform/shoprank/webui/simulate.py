@@ -60,14 +60,15 @@ def shopper(client: ServeClient, simulator: ShopSimulator, user_id: str, seed: i
     return requests, events
 
 
-def simulate(url: str, simulator: ShopSimulator, users: int, *, concurrency: int = 8, k: int = 10,
+def simulate(url: str, key: str, simulator: ShopSimulator, users: int, *, concurrency: int = 8, k: int = 10,
              search_fraction: float = 0.5, seed: int = 0, progress: Progress | None = None) -> Traffic:
-    """Send ``users`` simulated shoppers (drawn from the shop's users) through the API, ``concurrency`` at a time."""
+    """Send ``users`` simulated shoppers (drawn from the shop's users) through the API with ``key`` (a client key
+    suffices), ``concurrency`` at a time."""
     pool = simulator.user_ids
     picks = np.random.default_rng(seed).choice(len(pool), size=users, replace=users > len(pool))
     traffic = Traffic()
     lock = threading.Lock()
-    client = ServeClient(url, timeout_s=120.0)
+    client = ServeClient(url, key, timeout_s=120.0)
     try:
         with ThreadPoolExecutor(max_workers=concurrency) as workers:
             futures = [workers.submit(shopper, client, simulator, pool[p], seed * 1_000_003 + i, k, search_fraction)
