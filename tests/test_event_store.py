@@ -68,10 +68,21 @@ def test_the_sqlite_database_is_in_wal_mode_with_full_sync(tmp_path: Path) -> No
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+def test_a_retried_batch_is_accepted_again_and_stored_once(store: EventStore) -> None:
+    """A client that lost the answer sends the batch again (the server's default ts differs): the same answer."""
+    assert store.append([event(1), event(2)]) == 2
+    retry = [event(1, ts=event(1)["ts"] + dt.timedelta(seconds=5)), event(2), event(3), event(3)]
+    assert store.append(retry) == 4
+    assert sorted(store.events().column("event_id").to_pylist()) == ["E1", "E2", "E3"]
+    assert store.last_seq() == 3
+
+
 def test_a_batch_is_stored_whole_or_not_at_all(store: EventStore) -> None:
     assert store.append([event(1), event(2)]) == 2
-    with pytest.raises(DataError, match="event_id already stored"):
-        store.append([event(3), event(1)])  # E1 again: E3 must not stay either
+    with pytest.raises(DataError, match="row 2.*'E1' is already stored with other content"):
+        store.append([event(3), event(1, event_type="purchase")])  # E1 again, another event: E3 must not stay either
+    with pytest.raises(DataError, match="row 2.*given twice in this batch"):
+        store.append([event(3), event(3, product_id="P9")])
     with pytest.raises(DataError, match="row 2.*event_type"):
         store.append([event(4), event(5, event_type="hover")])
     with pytest.raises(DataError, match="row 1.*'user_id'"):
@@ -179,6 +190,26 @@ def test_two_user_caches_see_each_acknowledged_event_before_their_next_answer(lo
         assert [product for product, _, _ in cache.events_of("U2")] == ["P1"]
         assert cache.summary()["events"] == 5
         cache.store.close()
+
+
+def test_erasure_and_retention_delete_rows_and_every_cache_forgets_the_user(location: str, store: EventStore) -> None:
+    store.append([event(i, user_id="U1" if i % 2 else "U2") for i in range(6)])
+    store.log_impressions([Impression("R1", "U1", "A", "P1", 1, T0), Impression("R1", "U1", "A", "P2", 2, T0),
+                           Impression("R2", "U2", "B", "P1", 1, T0 + dt.timedelta(days=2))])
+    assert store.shown("R1") == ("U1", {"P1", "P2"}) and store.shown("R-none") is None
+    caches = [UserCache(open_event_store(location), per_user=10, max_events=100) for _ in range(2)]
+    for cache in caches:
+        assert len(cache.events_of("U1")) == 3
+    assert store.erase("U1") == {"events": 3, "impressions": 2}
+    assert store.erase("U1") == {"events": 0, "impressions": 0}
+    assert set(store.events().column("user_id").to_pylist()) == {"U2"} and store.shown("R1") is None
+    for cache in caches:
+        cache.catch_up()
+        assert "U1" not in cache.users and cache.events_of("U1") == [] and cache.summary()["events"] == 0
+        cache.store.close()
+    assert store.purge(T0 + dt.timedelta(seconds=3)) == {"events": 2, "impressions": 0}  # E0 and E2 of U2
+    assert store.events().column("event_id").to_pylist() == ["E4"]
+    assert store.purge(T0 + dt.timedelta(days=3)) == {"events": 1, "impressions": 1}
 
 
 def test_the_user_cache_stays_within_its_event_bound(tmp_path: Path) -> None:

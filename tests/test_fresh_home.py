@@ -43,6 +43,30 @@ def _processes_of(home: Path, temp_dir: str) -> list[psutil.Process]:
     return list(found.values())
 
 
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def _listeners(processes: list[psutil.Process]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket ``processes`` listen on."""
+    found = set()
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found |= {(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def test_every_listener_of_a_local_cluster_is_on_loopback(ray_local: None) -> None:
+    """The session's cluster, started like every entrypoint's local cluster (``local_ray_options``): its GCS,
+    raylet, dashboard, agents and workers, and this driver, listen on 127.0.0.1 only."""
+    node = ray._private.worker._global_node
+    daemons = [psutil.Process(info.process.pid) for infos in node.all_processes.values() for info in infos]
+    processes = [psutil.Process(), *daemons, *(c for d in daemons for c in d.children(recursive=True))]
+    listening = _listeners(processes)
+    assert {name for _, _, name in listening} >= {"gcs_server", "raylet"}, listening
+    assert all(ip in LOOPBACK for ip, _, _ in listening), sorted(listening)
+
+
 def _port_is_free(port: int) -> bool:
     """True if a server could listen on ``port`` on every interface now (nothing listens there)."""
     with socket.socket() as probe:
@@ -124,6 +148,9 @@ def test_cluster_up_on_a_fresh_home_runs_a_job_and_down_leaves_nothing(
     assert manifest["stages"]["preprocess"]["rows"]["query_pairs"] > 0
 
     before = _processes_of(head.home, head.temp_dir)
+    listening = _listeners(before)  # the GCS, the raylet, the dashboard and its agents, the Ray Client server
+    assert {head.gcs_port, head.dashboard_port, head.client_port} <= {port for _, port, _ in listening}
+    assert all(ip in LOOPBACK for ip, _, _ in listening), sorted(listening)
     client_server = [p for p in before if "ray.util.client.server" in p.cmdline()]
     assert client_server and f"--port={head.client_port}" in client_server[0].cmdline()
     assert not _port_is_free(head.client_port)

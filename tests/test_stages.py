@@ -10,6 +10,7 @@ import pytest
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
+from shoprank.privacy import KEY_ENV
 from shoprank.stages import BY_NAME, STAGE_NAMES, STAGES, run_stages, selected, stage_hash
 from shoprank.store.run import Run
 
@@ -42,10 +43,21 @@ def hashes(config: Config) -> dict[str, str]:
     ("ray.num_cpus=1", None),
     ("run.root=/elsewhere", None),
 ])
-def test_a_changed_setting_changes_its_stage_and_every_later_one_only(override: str, first: str | None) -> None:
+def test_a_changed_setting_changes_its_stage_and_every_later_one_only(override: str, first: str | None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "5e" * 32)  # one user key wherever run.root points
     base, changed = hashes(load_config("tiny")), hashes(load_config("tiny", [override]))
     cut = STAGE_NAMES.index(first) if first else len(STAGE_NAMES)
     assert [changed[n] == base[n] for n in STAGE_NAMES] == [True] * cut + [False] * (len(STAGE_NAMES) - cut)
+
+
+def test_a_new_user_key_reingests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotating the users' key (shoprank.privacy) changes every stage: the run's pseudonyms change."""
+    config = load_config("tiny")
+    monkeypatch.setenv(KEY_ENV, "5e" * 32)
+    before = hashes(config)
+    monkeypatch.setenv(KEY_ENV, "e5" * 32)
+    assert all(before[name] != changed for name, changed in hashes(config).items())
 
 
 def test_unknown_stages_are_named_and_a_prefix_or_a_subset_can_be_chosen() -> None:
@@ -63,9 +75,12 @@ def test_a_stage_run_alone_needs_what_it_reads(tmp_path: Path) -> None:
 
 
 def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Config, Run]:
-    """A copy of a session run under ``root`` (the shared one stays as it is), its config with ``sections`` replaced."""
+    """A copy of a session run under ``root`` (the shared one stays as it is), with its root's user key (else the
+    copy's users would be pseudonyms of another key, and it would ingest again), its config with ``sections``
+    replaced."""
     config, run = session
     shutil.copytree(run.path(), root / run.name)
+    shutil.copytree(Path(run.path()).parent / "secrets", root / "secrets")
     changed = config.model_copy(update={"run": config.run.model_copy(update={"root": str(root)}), **sections})
     return changed, Run.for_config(changed)
 

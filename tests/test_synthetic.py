@@ -16,9 +16,11 @@ from shoprank.data.ingest import generate_shop
 from shoprank.data.io import read_table
 from shoprank.data.schema import EVENT_SCHEMA, JUDGMENT_SCHEMA, PRODUCT_SCHEMA
 from shoprank.data.taxonomy import BRANDS, LEAVES
+from shoprank.privacy import Pseudonyms
 from shoprank.store.run import Run
 
 SHOP = SyntheticShopConfig(seed=3, num_products=800, num_users=150, num_sessions=600, num_queries=120, num_blocks=2)
+USERS = Pseudonyms(b"a test key of 32 bytes, no more!")
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -37,9 +39,9 @@ def test_taxonomy_is_a_three_level_tree_with_30_leaves() -> None:
 
 
 def test_same_seed_same_bytes_different_seed_different_data(ray_local: None, tmp_path: Path) -> None:
-    generate_shop(SHOP, Run(str(tmp_path / "a"), "shop"))
-    generate_shop(SHOP, Run(str(tmp_path / "b"), "shop"))
-    generate_shop(SHOP.model_copy(update={"seed": 4}), Run(str(tmp_path / "c"), "shop"))
+    generate_shop(SHOP, Run(str(tmp_path / "a"), "shop"), USERS)
+    generate_shop(SHOP, Run(str(tmp_path / "b"), "shop"), USERS)
+    generate_shop(SHOP.model_copy(update={"seed": 4}), Run(str(tmp_path / "c"), "shop"), USERS)
     a, b, c = (_digest(tmp_path / x / "shop") for x in "abc")
     assert a and a == b, "same seed must give byte-identical files"
     assert set(a) == set(c)
@@ -47,8 +49,8 @@ def test_same_seed_same_bytes_different_seed_different_data(ray_local: None, tmp
 
 
 def test_content_does_not_depend_on_the_number_of_blocks(ray_local: None, tmp_path: Path) -> None:
-    generate_shop(SHOP, Run(str(tmp_path / "two"), "shop"))
-    generate_shop(SHOP.model_copy(update={"num_blocks": 1}), Run(str(tmp_path / "one"), "shop"))
+    generate_shop(SHOP, Run(str(tmp_path / "two"), "shop"), USERS)
+    generate_shop(SHOP.model_copy(update={"num_blocks": 1}), Run(str(tmp_path / "one"), "shop"), USERS)
     for table in ("products", "events"):
         two = read_table(Run(str(tmp_path / "two"), "shop"), "data", "records", table)
         one = read_table(Run(str(tmp_path / "one"), "shop"), "data", "records", table)
@@ -58,7 +60,7 @@ def test_content_does_not_depend_on_the_number_of_blocks(ray_local: None, tmp_pa
 
 def test_records_have_exactly_the_design_schemas(ray_local: None, tmp_path: Path) -> None:
     run = Run(str(tmp_path), "shop")
-    generate_shop(SHOP, run)
+    generate_shop(SHOP, run, USERS)
     for table, schema in (("products", PRODUCT_SCHEMA), ("events", EVENT_SCHEMA), ("judgments", JUDGMENT_SCHEMA)):
         for part in (tmp_path / "shop" / "data" / "records" / table).glob("*.parquet"):
             assert pq.read_schema(part).remove_metadata().equals(schema), (table, part)

@@ -6,6 +6,7 @@ Workloads are the ``jobs/*.py`` entrypoints, run directly or with ``ray job subm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def serve_app(preset: str, overrides: list[str], register: bool, address: str) -
     if address != "auto":
         os.environ["RAY_ADDRESS"] = address  # Serve connects to the cluster itself when it starts
     keys = create_keys(config)
-    url = deploy(AppArgs(config=preset, overrides=overrides))
+    with cluster.on_loopback() if cluster.is_loopback_address(address) else contextlib.nullcontext():
+        url = deploy(AppArgs(config=preset, overrides=overrides))
     docs = f"API docs: {url}/docs, OpenAPI: {url}/openapi.json" if config.serve.docs else "API docs off: serve.docs"
     return (f"Serve app: {url}  ({docs})\n{keys_note(keys)}\n"
             f"Variants: " + ", ".join(f"{name} = registry alias {alias!r}" for name, alias in config.serve.variants.items()))

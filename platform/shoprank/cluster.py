@@ -8,12 +8,16 @@ Clients (``ray job submit``, the job SDK) need ``RAY_AUTH_MODE=token`` in their
 environment to send it. ``shoprank cluster down`` stops every process of that head and
 no other Ray instance of the machine.
 
-Only the dashboard (the job API) is bound to 127.0.0.1: Ray on Linux replaces a
-loopback ``--node-ip-address`` with the machine's address, so the GCS, the raylet, the
-agents and the Ray Client server listen there too (all behind the token). Binding them
-to loopback takes Ray's single-node switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``),
-and then every driver that joins through the GCS (``shoprank serve``, ``ray.init``)
-needs it as well, or it looks for the GCS on the machine's address and hangs.
+Every listener of a local head is on 127.0.0.1: the dashboard (the job API) by
+``--dashboard-host``, and the GCS, the raylet, the agents and the Ray Client server by
+Ray's single-node switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, :func:`on_loopback`).
+Without it Ray on Linux replaces a loopback ``--node-ip-address`` with the machine's
+network address and they listen on every interface (the GCS and raylet on ``::``).
+The head's environment carries the switch, so every process it starts (workers, job
+drivers, Serve replicas) agrees on the node's address; a driver that joins it through
+the GCS (``shoprank serve``) turns it on for itself (:func:`on_loopback`), or it would
+look for the GCS on the machine's address and hang. A multi-node cluster
+(``cluster.yaml``) is started by Ray's launcher, without it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 from ray._common.utils import get_ray_address_file
+from ray._private import ray_constants
 
 from shoprank.errors import ShopRankError
 
@@ -40,6 +46,39 @@ HOST = "127.0.0.1"
 HEAD_MARKER = "SHOPRANK_RAY_HEAD"
 TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
 TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
+SINGLE_NODE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@contextlib.contextmanager
+def on_loopback() -> Iterator[None]:
+    """While a driver starts or joins a one-machine cluster: Ray's single-node mode, in which the node's address is
+    127.0.0.1 and every Ray daemon started now listens there only.
+
+    The variable reaches the processes started inside (a local cluster's GCS, raylet and so its workers); Ray read
+    it into ``ray_constants`` when first imported, so the constant is set too, for this process's own address
+    lookups while it connects. Both are restored after: a later join of a multi-node cluster works as before.
+    """
+    before_env, before_constant = os.environ.get(SINGLE_NODE_VARIABLE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_VARIABLE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_constant
+        if before_env is None:
+            os.environ.pop(SINGLE_NODE_VARIABLE, None)
+        else:
+            os.environ[SINGLE_NODE_VARIABLE] = before_env
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """True if a Ray address (``host:port``, or ``auto``: this machine's running head) names a loopback GCS."""
+    if address in (None, "", "auto"):
+        address_file = Path(get_ray_address_file(None))
+        address = address_file.read_text().strip() if address_file.exists() else ""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True)
@@ -150,6 +189,7 @@ def head_env(cluster: LocalCluster) -> dict[str, str]:
     env = token_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env[HEAD_MARKER] = cluster.address
+    env[SINGLE_NODE_VARIABLE] = "0"  # every listener on loopback (see the module docstring)
     return env
 
 

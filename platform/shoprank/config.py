@@ -34,6 +34,10 @@ class RunConfig(Section):
 
     root: str = Field("runs", description="Directory or filesystem URI holding all runs.")
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    user_key: str = Field(
+        "secrets/user_key", min_length=1, description="The key of the users' pseudonyms (relative: under root; "
+        "created, mode 0600, when missing; SHOPRANK_USER_KEY overrides it). See shoprank.privacy.",
+    )
 
 
 class RayConfig(Section):
@@ -471,6 +475,17 @@ class ServeConfig(Section):
     clock_skew_s: float = Field(
         300.0, ge=0.0, description="How far after the app's clock an event's ts may be (clients' clocks drift); "
         "later ones are refused: a far-future event would outweigh every other in the user's history.",
+    )
+    retention_days: float = Field(
+        400.0, gt=0.0, description="Events and impressions older than this (by the app's clock) are purged from "
+        "the event store, and an event dated before it is refused (422).",
+    )
+    purge_interval_s: float = Field(
+        3600.0, gt=0.0, description="How often the ingress purges rows older than serve.retention_days.",
+    )
+    unattributed: Literal["reject", "keep"] = Field(
+        "reject", description="An engagement whose request_id names an answer that did not show its product to its "
+        "user: 'reject' answers 422, 'keep' stores it (the A/B report leaves it out either way).",
     )
     explained_features: int = Field(
         4, ge=1, le=64, description="Features named in each item's contributions (the score's largest parts); "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from shoprank.cluster import ensure_token
+from shoprank.cluster import ensure_token, on_loopback
 from shoprank.config import Config, RayConfig, load_config
 from shoprank.errors import ConfigError, ShopRankError
 
@@ -94,9 +94,10 @@ def local_ray_options(num_cpus: int, *, dashboard: bool = False) -> Iterator[dic
     before = os.environ.get(GCS_PORT_VARIABLE)
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
-        yield {"address": "local", "num_cpus": num_cpus, "include_dashboard": dashboard,
-               "dashboard_port": free_port() if dashboard else None,
-               "runtime_env": {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}}
+        with on_loopback():  # every listener of the new cluster on 127.0.0.1 (shoprank.cluster)
+            yield {"address": "local", "num_cpus": num_cpus, "include_dashboard": dashboard,
+                   "dashboard_port": free_port() if dashboard else None,
+                   "runtime_env": {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}}
     finally:
         if before is None:
             os.environ.pop(GCS_PORT_VARIABLE, None)

@@ -33,6 +33,7 @@ from shoprank.data.ingest import ingest_outputs
 from shoprank.data.preprocess import preprocess_outputs
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.errors import ConfigError, ShopRankError
+from shoprank.privacy import key_id, pseudonyms
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION
 from shoprank.store.run import Run, StageRecord
 
@@ -98,7 +99,8 @@ def _body(path: str) -> Body:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",)),
+    Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",),
+          settings=lambda config: {"user_key": key_id(config)}),
     Stage("preprocess", _body("shoprank.data.preprocess:preprocess"), lambda config: preprocess_outputs(),
           sections=("preprocess",), upstream=("ingest",), inputs=("data/records",)),
     Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),
@@ -154,6 +156,8 @@ def run_stages(config: Config, run: Run | None = None, *, until: str | None = No
     """
     run = run or Run.for_config(config)
     stages = selected(until, only)
+    if any(stage.name == "ingest" for stage in stages):
+        pseudonyms(config)  # the users' key exists before any stage's identity is computed (shoprank.privacy)
     names = {stage.name for stage in stages}
     ran: set[str] = set()
     for stage in stages:

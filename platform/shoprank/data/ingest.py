@@ -19,6 +19,7 @@ from ray.data import SaveMode
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
 from shoprank.data.io import PartFilenames, count_rows, write_table
+from shoprank.privacy import Pseudonyms, pseudonyms
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,10 @@ def ingest_outputs(config: Config) -> list[str]:
     return outputs
 
 
-def _render_block(batch: dict[str, np.ndarray], shop: SyntheticShopConfig, table: str) -> pa.Table:
-    """Records of one block of chunks; the (cheap, numeric) ground truth is rebuilt per block."""
+def _render_block(batch: dict[str, np.ndarray], shop: SyntheticShopConfig, table: str,
+                  users: Pseudonyms) -> pa.Table:
+    """Records of one block of chunks (users pseudonymous); the (cheap, numeric) ground truth is rebuilt per
+    block."""
     if table == "products":
         catalog = synthetic.build_catalog(shop)
         size, total = synthetic.PRODUCT_CHUNK, shop.num_products
@@ -47,34 +50,37 @@ def _render_block(batch: dict[str, np.ndarray], shop: SyntheticShopConfig, table
     else:
         render = synthetic.ShopModel.build(shop).sessions
         size, total = synthetic.SESSION_CHUNK, shop.num_sessions
-    return pa.concat_tables(
+    return users.table(pa.concat_tables(
         [render(int(c), int(c) * size, min((int(c) + 1) * size, total)) for c in batch["id"]]
-    )
+    ))
 
 
-def _generate_table(shop: SyntheticShopConfig, run: Run, table: str, total: int, chunk_size: int) -> float:
+def _generate_table(shop: SyntheticShopConfig, run: Run, table: str, total: int, chunk_size: int,
+                    users: Pseudonyms) -> float:
     """Render ``table`` with Ray Data, one task per block of chunks; returns seconds."""
     started = time.perf_counter()
     chunks = max(1, -(-total // chunk_size))
     (
         ray.data.range(chunks, override_num_blocks=min(shop.num_blocks, chunks))
-        .map_batches(_render_block, fn_kwargs={"shop": shop, "table": table}, batch_size=None, batch_format="numpy")
+        .map_batches(_render_block, fn_kwargs={"shop": shop, "table": table, "users": users}, batch_size=None, batch_format="numpy")
         .write_parquet(run.uri(*RECORDS, table), filename_provider=PartFilenames(), mode=SaveMode.OVERWRITE,
                        filesystem=run.filesystem_for_ray)
     )
     return round(time.perf_counter() - started, 3)
 
 
-def generate_shop(shop: SyntheticShopConfig, run: Run) -> dict[str, float]:
+def generate_shop(shop: SyntheticShopConfig, run: Run, users: Pseudonyms) -> dict[str, float]:
     """Generate the simulated shop into the run with Ray Data, in parallel blocks.
 
     Products and sessions are rendered by Ray tasks, one per block of chunks; the
     query pool, judgments and users' hidden tastes are small and written from the
-    driver. Returns timings per part.
+    driver. The events name users by pseudonym; the hidden tastes (``data/shop/users``,
+    the simulator's world, which the platform never serves) by the simulated shopper's
+    own id, as a shopper knows it. Returns timings per part.
     """
     timings = {
-        "products_s": _generate_table(shop, run, "products", shop.num_products, synthetic.PRODUCT_CHUNK),
-        "events_s": _generate_table(shop, run, "events", shop.num_sessions, synthetic.SESSION_CHUNK),
+        "products_s": _generate_table(shop, run, "products", shop.num_products, synthetic.PRODUCT_CHUNK, users),
+        "events_s": _generate_table(shop, run, "events", shop.num_sessions, synthetic.SESSION_CHUNK, users),
     }
     started = time.perf_counter()
     model = synthetic.ShopModel.build(shop)
@@ -86,10 +92,12 @@ def generate_shop(shop: SyntheticShopConfig, run: Run) -> dict[str, float]:
 
 
 def ingest(config: Config, run: Run, record: StageRecord) -> None:
-    """Fill ``data/records`` from the configured source and report rows and drops."""
+    """Fill ``data/records`` from the configured source, users pseudonymous (:mod:`shoprank.privacy`), and report
+    rows and drops."""
     source = config.source
+    users = pseudonyms(config)
     if source.kind == "synthetic":
-        record.timings.update(generate_shop(source.synthetic, run))
+        record.timings.update(generate_shop(source.synthetic, run, users))
     else:
         from shoprank.data.readers import read_esci, read_files
 
@@ -99,7 +107,7 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
             assert source.files is not None  # checked by the config
             tables = read_files(source.files, orphan_events=source.orphan_events)
         for name in TABLES:
-            write_table(run, getattr(tables, name), *RECORDS, name)
+            write_table(run, users.table(getattr(tables, name)), *RECORDS, name)
         record.drops.update(tables.drops)
         for reason, count in tables.drops.items():
             if count:

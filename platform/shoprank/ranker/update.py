@@ -29,6 +29,7 @@ from shoprank.config import Config, TableFile
 from shoprank.data.io import read_table
 from shoprank.data.readers import read_table as read_records
 from shoprank.errors import DataError
+from shoprank.privacy import Pseudonyms, pseudonyms
 from shoprank.ranker.dataset import sessions_of
 from shoprank.ranker.stages import feature_rows
 from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg, with_positives
@@ -41,9 +42,10 @@ log = logging.getLogger(__name__)
 VALIDATION_SHARE = 0.25
 
 
-def read_new_events(path: str, known_products: set[str]) -> pa.Table:
-    """The new events, validated; an event naming an unknown product is an error naming its row."""
-    events = read_records(TableFile(path=path), "events")
+def read_new_events(path: str, known_products: set[str], users: Pseudonyms) -> pa.Table:
+    """The new events, validated, users pseudonymous as in the base run (an export of the event store already
+    is); an event naming an unknown product is an error naming its row."""
+    events = users.table(read_records(TableFile(path=path), "events"))
     products = events.column("product_id").to_pylist()
     for row, product in enumerate(products, start=1):
         if product not in known_products:
@@ -71,7 +73,7 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
     base_model = base.local_path("ranker", "model")
     old = load_ranker(base_model)
     known = set(read_table(base, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
-    events = read_new_events(events_path, known)
+    events = read_new_events(events_path, known, pseudonyms(config))
     requests = sessions_of(events).sort_values("ts_s").reset_index(drop=True)
     cut = int(len(requests) * (1 - VALIDATION_SHARE))
     requests["split"] = np.where(np.arange(len(requests)) < cut, "train", "validation")

@@ -109,8 +109,14 @@ class Answer(BaseModel):
 
 
 class EventsAccepted(BaseModel):
-    stored: int
+    stored: int = Field(description="Events of the request now in the store (a retried event counts, stored once).")
     event_ids: list[str]
+
+
+class Erased(BaseModel):
+    user: str = Field(description="The erased shopper's pseudonym (user ids are stored only as keyed hashes).")
+    events: int = Field(description="Events deleted from the store.")
+    impressions: int = Field(description="Impressions deleted from the store.")
 
 
 def rejected(loc: list[str | int], message: str, status: int = 422) -> HTTPException:

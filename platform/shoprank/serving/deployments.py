@@ -25,10 +25,11 @@ import math
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import pyarrow as pa
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -41,10 +42,11 @@ from shoprank.data.io import read_table
 from shoprank.errors import ConfigError, DataError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
+from shoprank.privacy import pseudonyms
 from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
-    MAX_EVENTS_PER_REQUEST, Answer, BodyLimit, EventIn, EventsAccepted, RecommendRequest, SearchRequest, invalid,
-    rejected,
+    MAX_EVENTS_PER_REQUEST, Answer, BodyLimit, Erased, EventIn, EventsAccepted, RecommendRequest, SearchRequest,
+    check_text, invalid, rejected,
 )
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
@@ -54,6 +56,10 @@ from shoprank.store.events import Impression, open_event_store
 from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)
+
+SHOWN_MEMORY = 100_000
+"""Answers an ingress replica remembers (request id -> user and products shown) to check the engagements that name
+them without a query; older ones are looked up in the store's impressions."""
 
 
 @serve.deployment
@@ -94,6 +100,15 @@ class EventStoreWriter:
         report = await asyncio.to_thread(ab_report, self.store, split, prices=prices)
         report["impressions_dropped"] = await asyncio.to_thread(self.store.dropped_impressions)
         return report
+
+    async def erase(self, user: str) -> dict[str, int]:
+        return await asyncio.to_thread(self.store.erase, user)
+
+    async def purge(self, before: dt.datetime) -> dict[str, int]:
+        return await asyncio.to_thread(self.store.purge, before)
+
+    async def shown(self, request_id: str) -> tuple[str, set[str]] | None:
+        return await asyncio.to_thread(self.store.shown, request_id)
 
     async def export(self, path: str) -> int:
         return await asyncio.to_thread(self.store.export_parquet, path)
@@ -224,8 +239,11 @@ class Ingress:
         Access.keys, Access.docs, Access.retry_after_s = keys, self.config.serve.docs, self.config.serve.retry_after_s
         self.handles = variants
         self.store = store
+        self.pseudonyms = pseudonyms(self.config)
+        """Every user id of a request is replaced by its pseudonym first: nothing past this point sees the id."""
         self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue)
-        self.flusher: asyncio.Task | None = None
+        self.shown: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
+        self.background: list[asyncio.Task] = []
         self.specs: dict[str, VariantSpec] = {}
         self.products: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, float] = {}
@@ -259,6 +277,26 @@ class Ingress:
     def now_s(self) -> float:
         return time.time() - self.clock_offset_s
 
+    def _start_background(self) -> None:
+        """The impressions' flusher and the retention purge, started on the replica's event loop by its first
+        request."""
+        if not self.background:
+            self.background = [asyncio.create_task(self.impressions.run(self.config.serve.impression_flush_s)),
+                               asyncio.create_task(self._purge_every(self.config.serve.purge_interval_s))]
+
+    async def _purge_every(self, interval_s: float) -> None:
+        """Delete what is older than ``serve.retention_days`` now, then every ``interval_s``."""
+        while True:
+            before = dt.datetime.fromtimestamp(self.now_s() - self.config.serve.retention_days * 86_400,
+                                               dt.timezone.utc)
+            try:
+                purged = await self.store.purge.remote(before)
+                if any(purged.values()):
+                    log.info("retention: purged %s dated before %s", purged, before.isoformat(timespec="seconds"))
+            except Exception:
+                log.exception("retention purge failed; retrying in %.0f s", interval_s)
+            await asyncio.sleep(interval_s)
+
     # ------------------------------------------------------------------ answers
 
     def _variant(self, forced: str | None, user_id: str | None, request_id: str) -> str:
@@ -270,7 +308,9 @@ class Ingress:
 
     async def _answer(self, kind: str, user_id: str | None, query: str | None, k: int, forced: str | None,
                       response: Response) -> Answer:
+        self._start_background()
         request_id = uuid.uuid4().hex
+        user_id = self.pseudonyms.of(user_id) if user_id else None
         variant = self._variant(forced, user_id, request_id)
         now = self.now_s()
         answered: Answered = await self.handles[variant].answer.remote(Asked(user_id, [], query, k, now))
@@ -280,8 +320,9 @@ class Ingress:
             Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
             for i, r in enumerate(ranked)
         ])
-        if self.flusher is None:  # started here, on the replica's event loop, by its first answer
-            self.flusher = asyncio.create_task(self.impressions.run(self.config.serve.impression_flush_s))
+        self.shown[request_id] = (user_id or "anonymous", frozenset(r.product_id for r in ranked))
+        if len(self.shown) > SHOWN_MEMORY:
+            self.shown.popitem(last=False)
         response.headers["x-shoprank-replica"] = answered.replica
         items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "contributions": r.contributions}
                  for i, r in enumerate(ranked)]
@@ -316,9 +357,12 @@ class Ingress:
             raise rejected([], "send at least one event")
         if len(body) > MAX_EVENTS_PER_REQUEST:
             raise rejected([], f"{len(body)} events in one request; at most {MAX_EVENTS_PER_REQUEST}")
+        self._start_background()
         now = self.now_s()
+        oldest = now - self.config.serve.retention_days * 86_400
         rows = []
         for i, event in enumerate(body):
+            user = self.pseudonyms.of(event.user_id)
             if event.product_id not in self.products:
                 raise rejected([i, "product_id"], f"unknown product {event.product_id!r}; nothing of this request "
                                                   "was stored")
@@ -332,14 +376,47 @@ class Ingress:
                 raise rejected([i, "ts"], f"{ts.isoformat()} is later than the app's clock ({served}, serve.clock="
                                           f"{self.config.serve.clock}) by more than serve.clock_skew_s "
                                           f"({self.config.serve.clock_skew_s:g} s); nothing of this request was stored")
+            if ts.timestamp() < oldest:
+                raise rejected([i, "ts"], f"{ts.isoformat()} is older than serve.retention_days "
+                                          f"({self.config.serve.retention_days:g}); nothing of this request was stored")
+            if (event.request_id is not None and event.event_type != "view"
+                    and self.config.serve.unattributed == "reject"):
+                why = await self._unattributed(user, event.request_id, event.product_id)
+                if why is not None:
+                    raise rejected([i, "request_id"], f"{why} (serve.unattributed=reject); nothing of this request "
+                                                      "was stored")
             rows.append({
-                **event.model_dump(), "ts": ts, "event_id": event.event_id or uuid.uuid4().hex,
-                "session_id": event.session_id or f"live-{event.user_id}",
+                **event.model_dump(), "user_id": user, "ts": ts, "event_id": event.event_id or uuid.uuid4().hex,
+                "session_id": event.session_id or f"live-{user}",
             })
         outcome = await self.store.append.remote(rows)
         if isinstance(outcome, str):
             raise rejected([], outcome, status=409 if "already stored" in outcome else 422)
         return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
+
+    async def _unattributed(self, user: str, request_id: str, product_id: str) -> str | None:
+        """Why an engagement naming ``request_id`` is not with a product that answer showed to ``user``, or None.
+
+        The answer is looked up in this replica's memory, else in the store's impressions (this replica's queue
+        flushed first); one not found there may still wait in another ingress replica's queue, which flushes
+        within ``serve.impression_flush_s``: so it is looked up once more after that long.
+        """
+        shown = self.shown.get(request_id)
+        if shown is None:
+            await self.impressions.flush()
+            shown = await self.store.shown.remote(request_id)
+            if shown is None:
+                await asyncio.sleep(self.config.serve.impression_flush_s)
+                shown = await self.store.shown.remote(request_id)
+            if shown is None:
+                return f"request_id {request_id!r} names no answer of this app"
+            self.shown[request_id] = shown = (shown[0], frozenset(shown[1]))
+        owner, products = shown
+        if owner != user:
+            return f"answer {request_id!r} was not shown to this user"
+        if product_id not in products:
+            return f"answer {request_id!r} did not show product {product_id!r}"
+        return None
 
     # ------------------------------------------------------------------ state
 
@@ -363,6 +440,22 @@ class Ingress:
         """The most active known users, each with a one-line summary of their history (for pickers)."""
         return self.users[:limit]
 
+    @api.delete("/users/{user_id}", response_model=Erased, dependencies=[needs("admin")])
+    async def erase_user(self, user_id: str = Path(min_length=1, max_length=128)) -> Erased:
+        """Erase a shopper (their id or pseudonym): every event and impression in the store, and every replica's
+        cached events (they read the store's tombstone before their next answer). How many rows went."""
+        try:
+            check_text(user_id)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=[{"loc": ["path", "user_id"], "msg": str(exc)}]) from None
+        user = self.pseudonyms.of(user_id)
+        await self.impressions.flush()  # the user's queued impressions are in the store, then erased with the rest
+        for request_id in [r for r, (owner, _) in self.shown.items() if owner == user]:
+            del self.shown[request_id]
+        erased = await self.store.erase.remote(user)
+        log.info("erased user %s: %s", user, erased)
+        return Erased(user=user, **erased)
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "variants": sorted(self.specs), "clock": self.now_s(),
@@ -370,8 +463,8 @@ class Ingress:
 
     async def __del__(self) -> None:
         """On a graceful shutdown, the queued impressions go to the store first (Serve awaits this)."""
-        if self.flusher is not None:
-            self.flusher.cancel()
+        for task in self.background:
+            task.cancel()
         try:
             await self.impressions.flush()
         except Exception:

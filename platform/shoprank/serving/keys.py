@@ -37,7 +37,7 @@ from typing import Literal
 
 from shoprank.config import Config
 from shoprank.errors import ConfigError
-from shoprank.store.location import Location, local_state_dir
+from shoprank.store.location import Location, file_under, local_state_dir
 
 Role = Literal["client", "admin"]
 ROLES: tuple[Role, ...] = ("client", "admin")
@@ -76,13 +76,7 @@ class KeyRing:
 
 def _key_file(config: Config) -> tuple[Location, str]:
     """(directory, file name) of ``serve.api_keys``."""
-    path = config.serve.api_keys
-    if path.startswith("/") or "://" in path:
-        parent, _, name = path.rstrip("/").rpartition("/")
-        return Location(parent or "/"), name
-    parent, _, name = path.rpartition("/")
-    root = Location(config.run.root)
-    return (root.child(*parent.split("/")) if parent else root), name
+    return file_under(config.run.root, config.serve.api_keys)
 
 
 def load_keyring(config: Config, environ: dict[str, str] | None = None) -> KeyRing:
@@ -126,15 +120,8 @@ def create_keys(config: Config) -> Path:
     directory, name = _key_file(config)
     stored = json.loads(directory.read_text(name))["keys"] if directory.exists(name) else []
     stored += [{"name": f"{role}-{digest(key)[:8]}", "role": role, "sha256": digest(key)} for role, key in plain.items()]
-    directory.write_json({"keys": stored}, name)
-    if directory.is_local:
-        Path(directory.path(name)).chmod(0o600)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.touch(mode=0o600)
-    partial.write_text(json.dumps({**plain, "page_logins": logins}, indent=2))
-    partial.chmod(0o600)
-    os.replace(partial, path)
+    directory.write_secret(json.dumps({"keys": stored}, indent=2), name)
+    Location(str(path.parent)).write_secret(json.dumps({**plain, "page_logins": logins}, indent=2), path.name)
     return path
 
 

@@ -10,6 +10,9 @@ answered lately, so a request needs no round trip to a shared user-state service
   purchase that ``/events`` acknowledged show in the very next answer, on any replica;
 * **miss**: a user the cache does not hold is read from the store (their last
   ``ranker.history_events`` events, one indexed query) when first asked for;
+* **erasure**: a user erased from the store (``DELETE /users/{id}``) leaves a tombstone
+  there; catching up reads the tombstones too and forgets those users, so no replica
+  answers from an erased user's events;
 * **bounds**: at most ``ranker.history_events`` events per user (what the features read),
   and at most ``serve.user_cache_events`` events in all; past that, the users asked for
   least recently leave the cache (LRU), to be read again on their next request.
@@ -47,9 +50,14 @@ class UserCache:
     def __post_init__(self) -> None:
         self.cursor = self.store.last_seq()
         """The last sequence number read; earlier events are read per user, on a miss."""
+        self.erasure_cursor = self.store.last_erasure()
 
     def catch_up(self) -> int:
-        """Read what the store received since the last call; how many events that was."""
+        """Read what the store received since the last call (events, then erasures); how many events that was."""
+        for self.erasure_cursor, erased in self.store.erasures(self.erasure_cursor):
+            gone = self.users.pop(erased, None)
+            if gone is not None:
+                self.held -= len(gone.events)
         read = 0
         while True:
             changes = self.store.changes(self.cursor, limit=10_000)

@@ -105,6 +105,66 @@ class EventStore(ABC):
     def impressions(self) -> list[Impression]:
         """Every logged impression, in the order logged."""
 
+    @abstractmethod
+    def _fetch(self, sql: str, arguments: tuple = ()) -> list[tuple]:
+        """The rows of one query (``{0}`` in ``sql``: the backend's parameter mark)."""
+
+    @abstractmethod
+    def _write(self, statements: Sequence[tuple[str, tuple]]) -> list[int]:
+        """Run ``statements`` (``{0}``: the parameter mark) in one transaction; the rows each changed."""
+
+    def fresh(self, rows: Sequence[tuple]) -> list[tuple]:
+        """``rows`` (:func:`event_row`) less the events already stored or repeated in the batch with the same
+        content: a client's retry of a batch whose answer it lost is accepted again and stored once. One id for
+        events of different content is a :class:`DataError` naming the row (a client's bug, or a forged event)."""
+        ids = list({row[0] for row in rows})
+        seen: dict[str, tuple] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ", ".join(["{0}"] * len(chunk))
+            for found in self._fetch(f"{_SELECT_IDENTITY} WHERE event_id IN ({marks})", tuple(chunk)):
+                seen[found[0]] = tuple(found[1:])
+        stored = set(seen)
+        out = []
+        for i, row in enumerate(rows, start=1):
+            if row[0] not in seen:
+                seen[row[0]] = _identity(row)
+                out.append(row)
+            elif seen[row[0]] != _identity(row):
+                where = "already stored" if row[0] in stored else "given twice in this batch"
+                raise DataError(f"event_id {row[0]!r} is {where} with other content; nothing of this batch was "
+                                "stored", column="event_id", row=i)
+        return out
+
+    def erase(self, user_id: str) -> dict[str, int]:
+        """Delete every event and impression of ``user_id``; how many of each went. A tombstone tells the
+        replicas' user caches (:meth:`erasures`) to forget the user too."""
+        events, impressions, _ = self._write([
+            ("DELETE FROM events WHERE user_id = {0}", (user_id,)),
+            ("DELETE FROM impressions WHERE user_id = {0}", (user_id,)),
+            ("INSERT INTO erasures (user_id, ts) VALUES ({0}, {0})", (user_id, _now_micros())),
+        ])
+        return {"events": events, "impressions": impressions}
+
+    def erasures(self, after: int) -> list[tuple[int, str]]:
+        """(sequence number, user) of the erasures after ``after``, in order."""
+        return [(int(seq), user) for seq, user in
+                self._fetch("SELECT seq, user_id FROM erasures WHERE seq > {0} ORDER BY seq", (after,))]
+
+    def last_erasure(self) -> int:
+        return int(self._fetch("SELECT coalesce(max(seq), 0) FROM erasures")[0][0])
+
+    def purge(self, before: dt.datetime) -> dict[str, int]:
+        """Delete the events and impressions dated before ``before`` (``serve.retention_days``); how many went."""
+        events, impressions = self._write([("DELETE FROM events WHERE ts < {0}", (_micros(before),)),
+                                           ("DELETE FROM impressions WHERE ts < {0}", (_micros(before),))])
+        return {"events": events, "impressions": impressions}
+
+    def shown(self, request_id: str) -> tuple[str, set[str]] | None:
+        """(user, products) of the answer ``request_id`` as logged, or None if no impression names it."""
+        rows = self._fetch("SELECT user_id, product_id FROM impressions WHERE request_id = {0}", (request_id,))
+        return (rows[0][0], {product for _, product in rows}) if rows else None
+
     def export_parquet(self, path: str | Path, since: dt.datetime | None = None) -> int:
         """Write the events to one Parquet file (atomically: a temporary file, then a rename)."""
         table = self.events(since)
@@ -165,6 +225,21 @@ _SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events W
 _SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
                   "ORDER BY seq DESC LIMIT {0}")
 _DUPLICATE = "event_id already stored; nothing of this batch was stored"
+IDENTITY_FIELDS = ("user_id", "product_id", "event_type", "query", "position", "request_id", "variant")
+"""What makes two events with one id the same event (``ts`` and ``session_id`` may be the server's defaults, which
+a retry gets anew)."""
+_SELECT_IDENTITY = f"SELECT event_id, {', '.join(IDENTITY_FIELDS)} FROM events"
+_EXTRA_TABLES = """
+    CREATE INDEX IF NOT EXISTS impressions_by_user ON impressions (user_id);
+    CREATE INDEX IF NOT EXISTS impressions_by_request ON impressions (request_id);
+    CREATE INDEX IF NOT EXISTS impressions_by_ts ON impressions (ts);
+    CREATE TABLE IF NOT EXISTS erasures (seq {seq}, user_id TEXT NOT NULL, ts BIGINT NOT NULL);
+"""
+"""Indexes and the erasures' tombstones, in both backends (``{seq}``: the backend's auto-numbered key)."""
+
+
+def _identity(row: tuple) -> tuple:
+    return tuple(row[EVENT_FIELDS.index(name)] for name in IDENTITY_FIELDS)
 
 
 def _stored(rows: list[tuple]) -> list[StoredEvent]:
@@ -209,11 +284,12 @@ class SqliteEventStore(EventStore):
                 forced INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS impression_drops (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, dropped INTEGER NOT NULL);
-            """
+            """ + _EXTRA_TABLES.format(seq="INTEGER PRIMARY KEY AUTOINCREMENT")
         )
 
     def append(self, events: Sequence[dict]) -> int:
         rows = [event_row(event, i) for i, event in enumerate(events, start=1)]
+        rows = self.fresh(rows)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -228,7 +304,22 @@ class SqliteEventStore(EventStore):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return len(rows)
+        return len(events)
+
+    def _fetch(self, sql: str, arguments: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql.format("?"), arguments).fetchall()
+
+    def _write(self, statements: Sequence[tuple[str, tuple]]) -> list[int]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = [self._db.execute(sql.format("?"), arguments).rowcount for sql, arguments in statements]
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return counts
 
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._lock:
@@ -308,7 +399,7 @@ class PostgresEventStore(EventStore):
             forced BOOLEAN NOT NULL);
         CREATE TABLE IF NOT EXISTS impression_drops (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ts BIGINT NOT NULL, dropped BIGINT NOT NULL);
-    """
+    """ + _EXTRA_TABLES.format(seq="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
     _SCHEMA_LOCK = 0x5A0B_EE17
     """Advisory lock id: replicas starting together create the tables one after the other (``IF NOT EXISTS``
     alone races in PostgreSQL's catalogue)."""
@@ -331,13 +422,26 @@ class PostgresEventStore(EventStore):
 
     def append(self, events: Sequence[dict]) -> int:
         rows = [event_row(event, i) for i, event in enumerate(events, start=1)]
+        rows = self.fresh(rows)
         insert = f"INSERT INTO events ({', '.join(EVENT_FIELDS)}) VALUES ({', '.join(['%s'] * len(EVENT_FIELDS))})"
         try:
             with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
                 cursor.executemany(insert, rows)
         except self._psycopg.errors.UniqueViolation as exc:
             raise DataError(f"{_DUPLICATE} ({exc.diag.message_detail or exc})", column="event_id") from None
-        return len(rows)
+        return len(events)
+
+    def _fetch(self, sql: str, arguments: tuple = ()) -> list[tuple]:
+        with self._pool.connection() as db:
+            return db.execute(sql.format("%s"), arguments).fetchall()
+
+    def _write(self, statements: Sequence[tuple[str, tuple]]) -> list[int]:
+        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            counts = []
+            for sql, arguments in statements:
+                cursor.execute(sql.format("%s"), arguments)
+                counts.append(cursor.rowcount)
+        return counts
 
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:

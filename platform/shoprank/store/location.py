@@ -102,6 +102,19 @@ class Location:
     def write_json(self, payload: dict[str, Any], *parts: str) -> None:
         self.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), *parts)
 
+    def write_secret(self, text: str, *parts: str) -> None:
+        """Write a secret atomically; on a local disk the file is mode 0600 from its creation (never readable by
+        others, not even for a moment). Elsewhere (object stores) the storage's own access control applies."""
+        if not self.is_local:
+            self.write_text(text, *parts)
+            return
+        target = Path(self.path(*parts))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as stream:
+            stream.write(text)
+        os.replace(tmp, target)
+
     def local_path(self, *parts: str) -> Path:
         """A file or directory as a local path, for libraries that read only local files.
 
@@ -157,6 +170,16 @@ class Location:
 
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, "~/.cache/shoprank")).expanduser()
+
+
+def file_under(root: str, path: str) -> tuple[Location, str]:
+    """(directory, file name) of ``path``: itself when absolute or a URI, else relative to ``root`` (``run.root``)."""
+    if path.startswith("/") or "://" in path:
+        parent, _, name = path.rstrip("/").rpartition("/")
+        return Location(parent or "/"), name
+    parent, _, name = path.rpartition("/")
+    location = Location(root)
+    return (location.child(*parent.split("/")) if parent else location), name
 
 
 def local_state_dir(root: str) -> Path:

@@ -1,0 +1,154 @@
+"""Pseudonymous users, erasure and events that can be trusted (issue 17, items 2 and 3).
+
+No raw user id in the run's tables, the event store (its SQLite file read as bytes), its
+Parquet export, the app's answers or the cluster's logs; erasure removes a user from the
+store and from both replicas' caches; an engagement must name a product its answer
+showed to that user; a retried batch is answered the same way and stored once.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray
+
+from conftest import App
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.errors import ConfigError
+from shoprank.privacy import KEY_ENV, PSEUDONYM, Pseudonyms, pseudonyms
+from shoprank.store.events import open_event_store
+from shoprank.store.run import Run
+
+RAW = "jane.doe+shoprank@example.com"
+"""A shopper id as a shop might use it: an e-mail address, which must never be written anywhere."""
+
+
+def test_pseudonyms_are_keyed_stable_and_kept_once_made() -> None:
+    one, other = Pseudonyms(b"1" * 32), Pseudonyms(b"2" * 32)
+    assert one.of(RAW) == one.of(RAW) != other.of(RAW) and PSEUDONYM.match(one.of(RAW))
+    assert one.of(one.of(RAW)) == one.of(RAW)  # a pseudonym (from /users, an export) is not hashed again
+    column = pa.chunked_array([["a", "b", None], ["a"]])
+    assert one.column(column).to_pylist() == [one.of("a"), one.of("b"), None, one.of("a")]
+    assert one.key_id != other.key_id and len(one.key_id) == 16
+    with pytest.raises(ConfigError, match="32 bytes"):
+        Pseudonyms(b"short")
+
+
+def test_the_key_is_created_once_mode_0600_and_the_environment_overrides_it(
+        make_tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config: Config = make_tiny_config(tmp_path)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    made = pseudonyms(config)
+    key_file = tmp_path / "secrets" / "user_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(bytes.fromhex(key_file.read_text())) == 32
+    assert pseudonyms(make_tiny_config(tmp_path)).of(RAW) == made.of(RAW)
+    monkeypatch.setenv(KEY_ENV, "ab" * 32)
+    assert pseudonyms(config).of(RAW) == Pseudonyms(bytes.fromhex("ab" * 32)).of(RAW) != made.of(RAW)
+    monkeypatch.setenv(KEY_ENV, "not hex")
+    with pytest.raises(ConfigError, match=KEY_ENV):
+        pseudonyms(config)
+
+
+def test_the_run_names_users_only_by_pseudonym(tiny_run: tuple[Config, Run]) -> None:
+    config, run = tiny_run
+    for path in (("data", "records", "events"), ("data", "events")):
+        users = set(read_table(run, *path, columns=["user_id"]).column("user_id").to_pylist())
+        assert users and all(PSEUDONYM.match(u) for u in users), path
+    assert pseudonyms(config).of("U000001") in users  # the simulated shopper U000001, as the app will name them
+
+
+def _logs_holding(text: str) -> list[str]:
+    """Files of the session cluster's logs that contain ``text``."""
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [str(p) for p in logs.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def test_no_raw_user_id_is_stored_exported_listed_or_logged(app: App, tmp_path: Path) -> None:
+    pseudonym = pseudonyms(app.config).of(RAW)
+    answer = app.post("/recommend", {"user_id": RAW, "k": 5}).json()
+    shown = answer["items"][0]["product_id"]
+    event = {"user_id": RAW, "product_id": shown, "event_type": "click", "request_id": answer["request_id"]}
+    assert app.post("/events", [event]).status_code == 200
+    assert app.post("/search", {"query": "black skillet", "user_id": RAW, "k": 3}).status_code == 200
+    app.report_once(lambda report: True)  # flushes this replica's queued impressions
+    store = open_event_store(app.db)
+    try:
+        assert pseudonym in store.events().column("user_id").to_pylist()
+        assert pseudonym in {i.user_id for i in store.impressions()}
+        exported = tmp_path / "events.parquet"
+        store.export_parquet(exported)
+    finally:
+        store.close()
+    files = [exported, *Path(app.db).parent.glob(Path(app.db).name + "*")]  # the database, its WAL
+    assert all(RAW.encode() not in f.read_bytes() for f in files), files
+    assert all(PSEUDONYM.match(u["user_id"]) for u in app.http.get("/users").json())
+    assert _logs_holding(RAW) == []
+
+
+def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(app: App) -> None:
+    user, pseudonym = "erase-me-0001", pseudonyms(app.config).of("erase-me-0001")
+    products = list(app.category_of)[:3]
+    assert app.post("/events", [{"user_id": user, "product_id": p, "event_type": "purchase"}
+                                for p in products]).status_code == 200
+
+    def notes_by_replica() -> dict[str, str | None]:
+        seen: dict[str, str | None] = {}
+        for _ in range(40):  # Serve picks the replica: ask until both answered
+            answer = app.post("/recommend", {"user_id": user, "k": 5, "variant": "B"})
+            seen[answer.headers["x-shoprank-replica"]] = answer.json()["note"]
+            if len(seen) == 2:
+                return seen
+        raise AssertionError(f"one replica answered 40 requests in a row: {seen}")
+
+    assert set(notes_by_replica().values()) == {None}  # both personalise from the three purchases
+    erased = app.http.delete(f"/users/{user}")
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["user"] == pseudonym and erased.json()["events"] == 3 and erased.json()["impressions"] >= 2
+    store = open_event_store(app.db)
+    try:
+        assert pseudonym not in store.events().column("user_id").to_pylist()
+        assert pseudonym not in {i.user_id for i in store.impressions()}
+    finally:
+        store.close()
+    assert all(note and note.startswith("no history") for note in notes_by_replica().values())
+    client = {"Authorization": f"Bearer {app.keys['client']}"}
+    assert app.http.delete(f"/users/{user}", headers=client).status_code == 403
+    assert _logs_holding(user) == []  # the access logs name the route (/users/{user_id}), not the path
+
+
+def test_engagements_must_name_a_product_their_answer_showed_to_that_user(app: App) -> None:
+    user = "attribution-user-1"
+    answer = app.post("/recommend", {"user_id": user, "k": 5}).json()
+    shown = [item["product_id"] for item in answer["items"]]
+    unshown = next(p for p in app.category_of if p not in shown)
+    click = {"user_id": user, "product_id": shown[0], "event_type": "click", "request_id": answer["request_id"]}
+    for wrong, why in (({"product_id": unshown}, "did not show product"),
+                       ({"user_id": "someone-else"}, "not shown to this user"),
+                       ({"request_id": "f" * 32}, "names no answer"),
+                       ({"ts": "2001-01-01T00:00:00Z"}, "older than serve.retention_days")):
+        refused = app.post("/events", [click, {**click, **wrong}])
+        assert refused.status_code == 422, (wrong, refused.text)
+        detail = refused.json()["detail"][0]
+        assert detail["loc"][-2] == 1 and why in detail["msg"], detail
+    assert app.post("/events", [{**click, "product_id": unshown, "event_type": "view"}]).status_code == 200
+    batch = [{**click, "event_id": "retry-1"}, {**click, "event_type": "add_to_cart", "event_id": "retry-2"}]
+    first, again = app.post("/events", batch), app.post("/events", batch)
+    assert first.status_code == again.status_code == 200 and first.json() == again.json()
+    stored = open_event_store(app.db)
+    try:
+        ids = stored.events().column("event_id").to_pylist()
+    finally:
+        stored.close()
+    assert ids.count("retry-1") == ids.count("retry-2") == 1
+
+
+@pytest.fixture(autouse=True)
+def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests here see the run root's key file, whatever the machine's environment holds."""
+    if os.environ.get(KEY_ENV):
+        monkeypatch.delenv(KEY_ENV)
