@@ -57,7 +57,8 @@ class FakeCluster:
     def __init__(self, types: dict[str, dict], idle_timeout_s: float = 10.0) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="srfk-", dir="/tmp"))  # short: Ray's socket paths
         self.head = local_cluster.LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), num_cpus=0,
-                                               temp_dir=str(self.directory / "ray"), client_port=free_port())
+                                               temp_dir=str(self.directory / "ray"), client_port=free_port(),
+                                               loopback_only=False)  # its fake worker nodes join on the machine's address
         self.config = self.directory / "autoscaling.yaml"
         self.config.write_text(yaml.safe_dump({
             "cluster_name": "fake", "max_workers": sum(t["max_workers"] for t in types.values()),

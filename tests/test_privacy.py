@@ -136,15 +136,17 @@ def test_engagements_must_name_a_product_their_answer_showed_to_that_user(app: A
         detail = refused.json()["detail"][0]
         assert detail["loc"][-2] == 1 and why in detail["msg"], detail
     assert app.post("/events", [{**click, "product_id": unshown, "event_type": "view"}]).status_code == 200
-    batch = [{**click, "event_id": "retry-1"}, {**click, "event_type": "add_to_cart", "event_id": "retry-2"}]
+    batch = [{**click, "event_id": "retry-1"}, {**click, "event_type": "purchase", "quantity": 2, "event_id": "retry-2"}]
     first, again = app.post("/events", batch), app.post("/events", batch)
     assert first.status_code == again.status_code == 200 and first.json() == again.json()
     stored = open_event_store(app.db)
     try:
-        ids = stored.events().column("event_id").to_pylist()
+        events = stored.events().to_pylist()
     finally:
         stored.close()
+    ids = [e["event_id"] for e in events]
     assert ids.count("retry-1") == ids.count("retry-2") == 1
+    assert [e["quantity"] for e in events if e["event_id"] == "retry-2"] == [2]  # revenue: price x 2
 
 
 @pytest.fixture(autouse=True)

@@ -65,7 +65,7 @@ EVENT_ROWS: list[dict[str, Any]] = [
 EXPECTED_EVENTS = [
     {"event_id": r["event_id"], "user_id": r["user_id"], "session_id": r["session_id"],
      "product_id": r["item"], "event_type": r["type"], "ts": ts[3], "query": r["query"],
-     "position": r["position"], "request_id": None, "variant": None}
+     "position": r["position"], "request_id": None, "variant": None, "quantity": None}
     for r, ts in zip(EVENT_ROWS, TS)
 ]
 

@@ -238,6 +238,9 @@ def test_ab_report_counts_assigned_traffic_and_leaves_forced_answers_out(app: Ap
     assert added(report) == len(users)  # the forced answer's click is not counted
     assert {"ctr", "conversion"} <= report["lift"].keys() and 0.0 <= report["lift"]["ctr"]["p_value"] <= 1.0
     assert "p_value" in report["sample_ratio"] and report["experiment"] == "default"
+    offline = report["offline"]  # each variant's offline NDCG@10 (its run's evaluation) beside the online figures
+    assert offline["A"]["system"] == "retrieval (zero-shot encoder)" and offline["A"]["ndcg@10"]
+    assert offline["B"]["system"] == "fine-tuned retrieval + ranker" and 0 <= offline["B"]["ndcg@10"]["search"] <= 1
     assert report["variants"]["B"]["funnel"]
 
 

@@ -213,7 +213,8 @@ def test_report_user_level_section(tmp_path: Path) -> None:
             impressions += [Impression(request, user, variant, f"P{p}", p + 1, ts) for p in range(5)]
             if rng.random() < (0.6 if keen else 0.2) + (0.1 if variant == "B" else 0.0):
                 events += [{"event_id": f"{request}-{k}", "user_id": user, "session_id": f"S{request}",
-                            "product_id": "P2", "event_type": k, "ts": ts, "request_id": request}
+                            "product_id": "P2", "event_type": k, "ts": ts, "request_id": request,
+                            "quantity": 3 if k == "purchase" and variant == "B" else None}
                            for k in ("click", "add_to_cart", "purchase")]
     store.log_impressions(impressions)
     store.append(events)
@@ -225,6 +226,8 @@ def test_report_user_level_section(tmp_path: Path) -> None:
     assert a["users"] == 30 and a["sessions"] == 60  # two visits 3 hours apart: two sessions each
     purchases = report["variants"]["A"]["purchases"]
     assert a["revenue"] == pytest.approx(12.0 * purchases) and a["funnel_users"]["shown"] == 30
+    # B's purchases name a quantity of 3, stored with them: three times the price each
+    assert section["variants"]["B"]["revenue"] == pytest.approx(36.0 * report["variants"]["B"]["purchases"])
     conversion = section["metrics"]["conversion_per_user"]
     assert conversion["fixed_horizon"]["method"] == "welch" and conversion["always_valid"] is not None
     assert conversion["cuped"]["variance_reduction"] > 0.05  # buying before predicts buying again here

@@ -90,6 +90,9 @@ class LocalCluster:
     num_cpus: int = 2
     temp_dir: str | None = None
     client_port: int = 10001
+    loopback_only: bool = True
+    """Ray's single-node mode, every listener on 127.0.0.1 (:func:`on_loopback`); off for a head that other nodes
+    join (the tests' fake multi-node cluster)."""
 
     @property
     def address(self) -> str:
@@ -189,7 +192,8 @@ def head_env(cluster: LocalCluster) -> dict[str, str]:
     env = token_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env[HEAD_MARKER] = cluster.address
-    env[SINGLE_NODE_VARIABLE] = "0"  # every listener on loopback (see the module docstring)
+    if cluster.loopback_only:
+        env[SINGLE_NODE_VARIABLE] = "0"  # every listener on loopback (see the module docstring)
     return env
 
 

@@ -34,7 +34,7 @@ real catalogs lack them and a missing one does not stop any model from working):
 
 Every other field in :data:`REQUIRED_FIELDS` must have a column, and every row a
 value. Optional event fields (``query``, ``position``, ``request_id``,
-``variant``) are filled with nulls when the file has no column for them.
+``variant``, ``quantity``) are filled with nulls when the file has no column for them.
 
 Events fields a file may lack and the reader derives instead, when the events
 table's config (:class:`~shoprank.config.EventsFile`) asks for it, because a
@@ -80,6 +80,7 @@ from shoprank.data.schema import (
     EVENT_SCHEMA,
     EVENT_TYPES,
     JUDGMENT_SCHEMA,
+    MAX_QUANTITY,
     PRODUCT_SCHEMA,
     REQUIRED_FIELDS,
     SCHEMAS,
@@ -963,6 +964,8 @@ def _convert(arr: AnyArray, f: pa.Field, kind: str, where: _Where) -> AnyArray:
         return _integer(arr, where, name, LABEL_RANGE, pa.int8(), required=True)
     if name == "position":
         return _integer(arr, where, name, (0, 2**31 - 1), pa.int32(), required=False)
+    if name == "quantity":
+        return _integer(arr, where, name, (1, MAX_QUANTITY), pa.int32(), required=False)
     text = _text(arr, where, name)
     if required:
         _require_present(text, where, name)

@@ -31,6 +31,9 @@ PRODUCT_SCHEMA = pa.schema(
     ]
 )
 
+MAX_QUANTITY = 10_000
+"""The most items one purchase event may carry (a larger number is a client's mistake, not an order)."""
+
 EVENT_SCHEMA = pa.schema(
     [
         pa.field("event_id", pa.string(), nullable=False),
@@ -43,6 +46,7 @@ EVENT_SCHEMA = pa.schema(
         pa.field("position", pa.int32(), nullable=True),
         pa.field("request_id", pa.string(), nullable=True),
         pa.field("variant", pa.string(), nullable=True),
+        pa.field("quantity", pa.int32(), nullable=True),  # items bought: a purchase's revenue is price x quantity
     ]
 )
 

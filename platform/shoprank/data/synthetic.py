@@ -750,6 +750,7 @@ class ShopModel:
                 pa.array(arrays["pos"], pa.int32()),
                 pa.array([f"R{s:08d}-{p}" for s, p in zip(arrays["session"], arrays["page"])]),
                 pa.nulls(len(order), pa.string()),
+                pa.nulls(len(order), pa.int32()),
             ],
             schema=EVENT_SCHEMA,
         )

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shoprank.data.schema import EVENT_TYPES
+from shoprank.data.schema import EVENT_TYPES, MAX_QUANTITY
 
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1000
@@ -82,6 +82,8 @@ class EventIn(Strict):
     position: int | None = Field(None, ge=1, le=10_000)
     request_id: str | None = Field(None, max_length=128, description="The answer the event reacts to (A/B).")
     variant: str | None = Field(None, max_length=64)
+    quantity: int | None = Field(None, ge=1, le=MAX_QUANTITY,
+                                 description="Items bought (a purchase); its revenue is price x quantity (1 if omitted).")
 
 
 class Item(BaseModel):

@@ -51,7 +51,7 @@ from shoprank.serving.api import (
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
 from shoprank.serving.messages import Answered, Asked
-from shoprank.serving.variants import VariantSpec
+from shoprank.serving.variants import VariantSpec, offline_figures
 from shoprank.store.events import Impression, open_event_store
 from shoprank.store.run import Run
 
@@ -245,6 +245,8 @@ class Ingress:
         self.shown: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self.background: list[asyncio.Task] = []
         self.specs: dict[str, VariantSpec] = {}
+        self.offline: dict[str, dict[str, Any]] = {}
+        """Each variant's offline figures (its run's evaluation), shown beside the online ones."""
         self.products: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, float] = {}
         """Product -> price: the A/B report's revenue."""
@@ -256,6 +258,7 @@ class Ingress:
     def reconfigure(self, settings: dict[str, Any]) -> None:
         """The variants (from the registry, at deploy time): their products and the serving clock."""
         self.specs = {name: VariantSpec.model_validate(spec) for name, spec in settings["variants"].items()}
+        self.offline = {name: offline_figures(spec) for name, spec in self.specs.items()}
         last_event_s = 0.0
         events_of_run = {}
         for run_uri in sorted({spec.run for spec in self.specs.values()}):
@@ -425,6 +428,7 @@ class Ingress:
         await self.impressions.flush()  # this replica's answers so far are in the report
         report = await self.store.report.remote(self.config.serve.split, self.prices)
         report["experiment"] = self.config.serve.experiment
+        report["offline"] = self.offline
         return report
 
     @api.get("/variants", dependencies=[needs("admin")])

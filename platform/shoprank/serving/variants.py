@@ -43,6 +43,28 @@ class VariantSpec(BaseModel):
     strategy: Strategy = "ranker"
 
 
+SYSTEM_OF: dict[tuple[EncoderKind, Strategy], str] = {
+    ("zero_shot", "retrieval"): "retrieval (zero-shot encoder)",
+    ("fine_tuned", "retrieval"): "retrieval (fine-tuned encoder)",
+    ("fine_tuned", "ranker"): "fine-tuned retrieval + ranker",
+}
+"""The row of a run's offline evaluation (:mod:`shoprank.evaluation.offline`) that a variant serves."""
+
+
+def offline_figures(spec: VariantSpec) -> dict[str, object]:
+    """The variant's offline NDCG@10 per task, from its run's evaluation, to show beside the online figures; a task
+    without a figure says why."""
+    system = SYSTEM_OF.get((spec.encoder, spec.strategy))
+    evaluation = Run.from_uri(spec.run).manifest().get("stages", {}).get("evaluate", {})
+    table = evaluation.get("metrics", {}).get("table", {})
+    if system is None or spec.ranker_run != spec.run:
+        why = ("an incremental update: its validation figure is in its run's manifest" if system
+               else f"the evaluation has no {spec.encoder} encoder with the {spec.strategy} strategy")
+        return {"system": system, "ndcg@10": {}, "note": why}
+    return {"system": system, "note": None if table else "the run has no offline evaluation",
+            "ndcg@10": {kind: rows[system]["ndcg@10"] for kind, rows in table.items() if system in rows}}
+
+
 def resolve_variant(registry: Registry, name: str, alias: str) -> VariantSpec:
     """Variant ``name`` as registry ``alias`` describes it now."""
     entry = registry.get(alias)

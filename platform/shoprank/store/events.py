@@ -225,7 +225,7 @@ _SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events W
 _SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
                   "ORDER BY seq DESC LIMIT {0}")
 _DUPLICATE = "event_id already stored; nothing of this batch was stored"
-IDENTITY_FIELDS = ("user_id", "product_id", "event_type", "query", "position", "request_id", "variant")
+IDENTITY_FIELDS = ("user_id", "product_id", "event_type", "query", "position", "request_id", "variant", "quantity")
 """What makes two events with one id the same event (``ts`` and ``session_id`` may be the server's defaults, which
 a retry gets anew)."""
 _SELECT_IDENTITY = f"SELECT event_id, {', '.join(IDENTITY_FIELDS)} FROM events"
@@ -275,7 +275,7 @@ class SqliteEventStore(EventStore):
             CREATE TABLE IF NOT EXISTS events (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
                 session_id TEXT NOT NULL, product_id TEXT NOT NULL, event_type TEXT NOT NULL, ts INTEGER NOT NULL,
-                query TEXT, position INTEGER, request_id TEXT, variant TEXT);
+                query TEXT, position INTEGER, request_id TEXT, variant TEXT, quantity INTEGER);
             CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
             CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
             CREATE TABLE IF NOT EXISTS impressions (
@@ -286,6 +286,8 @@ class SqliteEventStore(EventStore):
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, dropped INTEGER NOT NULL);
             """ + _EXTRA_TABLES.format(seq="INTEGER PRIMARY KEY AUTOINCREMENT")
         )
+        if "quantity" not in {row[1] for row in self._db.execute("PRAGMA table_info(events)")}:
+            self._db.execute("ALTER TABLE events ADD COLUMN quantity INTEGER")  # a store made before the field
 
     def append(self, events: Sequence[dict]) -> int:
         rows = [event_row(event, i) for i, event in enumerate(events, start=1)]
@@ -390,7 +392,8 @@ class PostgresEventStore(EventStore):
         CREATE TABLE IF NOT EXISTS events (
             seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,
             user_id TEXT NOT NULL, session_id TEXT NOT NULL, product_id TEXT NOT NULL, event_type TEXT NOT NULL,
-            ts BIGINT NOT NULL, query TEXT, position BIGINT, request_id TEXT, variant TEXT);
+            ts BIGINT NOT NULL, query TEXT, position BIGINT, request_id TEXT, variant TEXT, quantity INTEGER);
+        ALTER TABLE events ADD COLUMN IF NOT EXISTS quantity INTEGER;
         CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
         CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
         CREATE TABLE IF NOT EXISTS impressions (

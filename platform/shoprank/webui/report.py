@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shoprank.experiment.readout import user_level_markdown
+
 
 def _num(value: float | None, spec: str) -> str:
     """A figure, or a dash while there is no data for it."""
@@ -34,6 +36,14 @@ def report_markdown(report: dict[str, Any]) -> str:
     if ratio:
         verdict = "**mismatch**: check the assignment" if ratio.get("mismatch") else "as configured"
         lines += ["", f"**Sample ratio:** p = {_num(ratio.get('p_value'), '.3f')} ({verdict})"]
+    offline = report.get("offline") or {}
+    if offline:
+        lines += ["", "**Offline, test split (NDCG@10 of the system each variant serves):** " + "; ".join(
+            f"{name}: " + (", ".join(f"{kind} {value:.4f}" for kind, value in figures["ndcg@10"].items())
+                           or f"– ({figures['note']})")
+            for name, figures in offline.items())]
+    if report.get("user_level"):
+        lines += ["", user_level_markdown(report["user_level"])]
     forced = report.get("side_by_side") or {}
     if forced:
         lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(
