@@ -18,10 +18,15 @@ import httpx
 import pytest
 import ray
 import yaml
+from fastapi import FastAPI
+from starlette.responses import JSONResponse
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from conftest import REPO, App, bearer
 from shoprank.entrypoint import free_port
 from shoprank.serving.app import APP_NAME
+from shoprank.serving.metrics import endpoint_of
 
 MONITORING = REPO / "monitoring"
 CONFIG, RULES, RULES_TEST = (MONITORING / name for name in
@@ -91,6 +96,44 @@ def test_rules_dashboard_and_docs_name_only_metrics_the_app_defines() -> None:
         unknown = {name for name in used
                    if name not in defined and re.sub(r"_(bucket|sum|count)$", "", name) not in histograms}
         assert not unknown, f"{path.name} names metrics the app does not define: {unknown}"
+
+
+def test_an_endpoint_label_is_a_route_template_never_a_raw_path() -> None:
+    """A path parameter (a user id) never becomes a label value, nor does a path the app does not serve; a request
+    refused before routing (413 by the body limit) is still labelled with its route."""
+    api, labels = FastAPI(), []
+
+    @api.get("/users/{user_id}")
+    async def user(user_id: str) -> dict[str, str]:
+        return {}
+
+    @api.post("/events")
+    async def events() -> dict[str, str]:
+        return {}
+
+    def refusing(app: ASGIApp) -> ASGIApp:
+        async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and dict(scope["headers"]).get(b"x-too-large"):
+                await JSONResponse({}, status_code=413)(scope, receive, send)
+            else:
+                await app(scope, receive, send)
+        return refuse
+
+    def labelled(app: ASGIApp) -> ASGIApp:
+        async def label(scope: Scope, receive: Receive, send: Send) -> None:
+            await app(scope, receive, send)
+            if scope["type"] == "http":
+                labels.append(endpoint_of(scope))
+        return label
+
+    api.add_middleware(refusing)
+    api.add_middleware(labelled)
+    with TestClient(api) as client:
+        client.get("/users/shopper-1234")
+        client.post("/events", headers={"x-too-large": "1"})
+        client.get("/users")
+        client.get("/wp-admin/install.php?step=1")
+    assert labels == ["/users/{user_id}", "/events", "other", "other"]
 
 
 def dashboard_queries() -> list[str]:
