@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from conftest import REPO, App, bearer
 from shoprank.entrypoint import free_port
 from shoprank.serving.app import APP_NAME
-from shoprank.serving.metrics import endpoint_of
+from shoprank.serving.metrics import HeldGauges, endpoint_of
 
 MONITORING = REPO / "monitoring"
 CONFIG, RULES, RULES_TEST = (MONITORING / name for name in
@@ -136,6 +136,31 @@ def test_an_endpoint_label_is_a_route_template_never_a_raw_path() -> None:
     assert labels == ["/users/{user_id}", "/events", "other", "other"]
 
 
+class RecordedGauge:
+    """Stands in for a Ray gauge (which would need a Ray worker): the values set, with their tags."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[float, dict[str, str]]] = []
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.sets.append((value, tags))
+
+
+def test_held_gauges_are_set_again_until_let_go() -> None:
+    """Ray forgets a gauge value that was not set for two export intervals: a held one is set again and again."""
+    gauge, held = RecordedGauge(), HeldGauges(every_s=0.05)
+    held.hold(gauge, 1, {"variant": "B", "ranker_run": "run-1"})
+    held.hold(gauge, 7, {"variant": "A"})
+    time.sleep(0.5)
+    held.let_go(gauge, {"variant": "B", "ranker_run": "run-1"})
+    time.sleep(0.1)
+    before = len(gauge.sets)
+    time.sleep(0.5)
+    later = gauge.sets[before:]
+    assert gauge.sets.count((1, {"variant": "B", "ranker_run": "run-1"})) >= 3
+    assert later and set(map(repr, later)) == {repr((7, {"variant": "A"}))}  # B's series let go: no longer set
+
+
 def dashboard_queries() -> list[str]:
     """Every PromQL query of the dashboard, with Grafana's variables as a query over all of it would have them."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -226,6 +251,7 @@ def test_prometheus_scrapes_the_apps_metrics_of_each_variant(app: App, tmp_path:
             "purchases": f'sum by (variant) (ray_shoprank_events_total{{{application}, event_type="purchase"}})',
             "revenue": f"sum by (variant) (ray_shoprank_revenue_total{{{application}}})",
             "trees": f"max by (variant) (ray_shoprank_model_trees{{{application}}})",
+            "split": f"max by (variant) (ray_shoprank_split{{{application}}})",
         }
         deadline, seen = time.monotonic() + 60.0, {}
         while time.monotonic() < deadline:
@@ -242,6 +268,7 @@ def test_prometheus_scrapes_the_apps_metrics_of_each_variant(app: App, tmp_path:
             assert seen["purchases"][variant] >= 1 and seen["revenue"][variant] > 0
         assert seen["trees"]["B"] > 0  # B serves the XGBoost ranker, A the retrieval baseline: no trees
         assert seen["trees"]["A"] == 0
+        assert seen["split"] == app.config.serve.split
         refused = prometheus.query(f'ray_shoprank_requests_total{{{application}, endpoint="/search", '
                                    'variant="none", status="4xx"}')
         writes = prometheus.query(f"sum by (operation) (ray_shoprank_event_store_write_seconds_count{{{application}}})")

@@ -120,11 +120,12 @@ def _metrics() -> _Metrics:
     )
 
 
-class _HeldGauges:
-    """Gauge values this process holds, set again every :data:`GAUGE_REFRESH_S` by a daemon thread (started with
-    the first value) until they are let go."""
+class HeldGauges:
+    """Gauge values this process holds, set again every ``every_s`` by a daemon thread (started with the first
+    value) until they are let go."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = GAUGE_REFRESH_S) -> None:
+        self.every_s = every_s
         self.values: dict[tuple[Gauge, tuple[tuple[str, str], ...]], float] = {}
         self.lock = threading.Lock()
         self.refresher: threading.Thread | None = None
@@ -144,7 +145,7 @@ class _HeldGauges:
 
     def _refresh(self) -> None:
         while True:
-            time.sleep(GAUGE_REFRESH_S)
+            time.sleep(self.every_s)
             with self.lock:
                 held = list(self.values.items())
             for (gauge, tags), value in held:
@@ -152,8 +153,8 @@ class _HeldGauges:
 
 
 @functools.cache
-def _held() -> _HeldGauges:
-    return _HeldGauges()
+def _held() -> HeldGauges:
+    return HeldGauges()
 
 
 def endpoint_of(scope: Scope) -> str:
