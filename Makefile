@@ -15,6 +15,7 @@ DASHBOARD := http://127.0.0.1:8265
 PRESET ?= demo
 # The browser tests drive Debian's chromium (playwright cannot download its own browsers here).
 CHROMIUM := /usr/bin/chromium
+PROMTOOL := /usr/bin/promtool
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup postgres demo test test-all bench cluster-up cluster-down stop clean
@@ -62,11 +63,18 @@ postgres:
 	@test -n "$(POSTGRES_INITDB)" || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends postgresql; }
 
-test: setup $(CHROMIUM) postgres
+# The monitoring tests run Debian's promtool and start its prometheus (in a temporary directory, on loopback).
+# Under systemd the package also starts a system-wide Prometheus on every interface (:9090): stopped and disabled.
+$(PROMTOOL):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends prometheus
+	if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus; fi
+
+test: setup $(CHROMIUM) postgres $(PROMTOOL)
 	$(BIN)/python -m pytest
 
 # the slow tests include every benchmark's smallest setting, and benchmarks/recommend.py needs the bench extra
-test-all: setup $(CHROMIUM) postgres
+test-all: setup $(CHROMIUM) postgres $(PROMTOOL)
 	$(UV_INSTALL) -e ".[dev,bench]"
 	$(BIN)/python -m pytest -m "slow or not slow"
 

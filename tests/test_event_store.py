@@ -236,13 +236,15 @@ def test_a_full_impression_queue_drops_the_oldest_and_the_store_counts_them(tmp_
             raise ConnectionError("the writer is restarting")
         store.log_impressions(impressions, dropped)
 
+    heard: list[int] = []  # what the app's metrics hear: each drop as it happens, before any batch reaches the store
+
     async def scenario() -> None:
-        queue = ImpressionQueue(sink, capacity=5)
+        queue = ImpressionQueue(sink, capacity=5, on_drop=heard.append)
         queue.put([Impression(f"R{i}", "U1", "A", f"P{i}", 1, T0) for i in range(4)])
         with pytest.raises(ConnectionError):
             await queue.flush()  # nothing lost: the batch waits again
         queue.put([Impression(f"R{i}", "U1", "A", f"P{i}", 1, T0) for i in range(4, 7)])
-        assert queue.summary() == {"waiting": 5, "dropped": 2, "capacity": 5}
+        assert queue.summary() == {"waiting": 5, "dropped": 2, "capacity": 5} and heard == [2]
         failing["now"] = False
         assert await queue.flush() == 5 and await queue.flush() == 0
 

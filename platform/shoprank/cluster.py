@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from ray._common.utils import get_ray_address_file
+from ray._common.utils import get_default_ray_temp_dir, get_ray_address_file
 from ray._private import ray_constants
 
 from shoprank.errors import ShopRankError
@@ -101,6 +101,12 @@ class LocalCluster:
     @property
     def dashboard_url(self) -> str:
         return f"http://{HOST}:{self.dashboard_port}"
+
+    @property
+    def metrics_discovery_file(self) -> Path:
+        """Where the head's dashboard lists every node's metrics export port for Prometheus (Ray's service
+        discovery file, rewritten every 5 s; monitoring/prometheus.yml reads the default temp dir's)."""
+        return Path(self.temp_dir or get_default_ray_temp_dir()).absolute() / "prom_metrics_service_discovery.json"
 
     def start_command(self, *, block: bool = False) -> list[str]:
         """``ray start --head`` for this head.
@@ -286,6 +292,7 @@ def how_to_reach(cluster: LocalCluster) -> str:
             f"Ray head:       {cluster.address} (GCS)",
             f"Dashboard/jobs: {cluster.dashboard_url} (loopback only)",
             f"Auth token:     {token_location()} (token authentication is on)",
+            f"Metrics:        {cluster.metrics_discovery_file} (Prometheus service discovery; README, Monitoring)",
             "Submit a job:",
             "  export RAY_AUTH_MODE=token",
             f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- \\",

@@ -51,6 +51,9 @@ from shoprank.serving.api import (
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
 from shoprank.serving.messages import Answered, Asked
+from shoprank.serving.metrics import (
+    VARIANT_HEADER, RequestMetrics, metered, record_answer, record_dropped, record_events, record_split,
+)
 from shoprank.serving.variants import VariantSpec, offline_figures
 from shoprank.store.events import Impression, open_event_store
 from shoprank.store.run import Run
@@ -67,7 +70,7 @@ class EventStoreWriter:
     """The event store's writer (the one owner of an SQLite file); concurrent writes share a transaction."""
 
     def __init__(self, location: str) -> None:
-        self.store = open_event_store(location)
+        self.store = metered(open_event_store(location))
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         self.append.set_max_batch_size(settings["batch_size"])
@@ -189,6 +192,7 @@ api = FastAPI(title="shoprank", description="Search, recommendations, events and
                                             "Every endpoint but /healthz needs an API key (Authorization: Bearer).")
 api.add_middleware(BodyLimit)
 api.add_middleware(DocsSwitch)
+api.add_middleware(RequestMetrics)  # the outermost: it sees the refusals of the others too
 
 
 @api.exception_handler(RequestValidationError)
@@ -241,7 +245,9 @@ class Ingress:
         self.store = store
         self.pseudonyms = pseudonyms(self.config)
         """Every user id of a request is replaced by its pseudonym first: nothing past this point sees the id."""
-        self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue)
+        self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue,
+                                           on_drop=record_dropped)
+        record_split(self.config.serve.split)
         self.shown: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self.background: list[asyncio.Task] = []
         self.specs: dict[str, VariantSpec] = {}
@@ -327,6 +333,8 @@ class Ingress:
         if len(self.shown) > SHOWN_MEMORY:
             self.shown.popitem(last=False)
         response.headers["x-shoprank-replica"] = answered.replica
+        response.headers[VARIANT_HEADER] = variant
+        record_answer(variant, forced is not None, len(ranked))
         items = [{"rank": i + 1, **self.products[r.product_id], "score": r.score, "contributions": r.contributions}
                  for i, r in enumerate(ranked)]
         return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
@@ -395,6 +403,7 @@ class Ingress:
         outcome = await self.store.append.remote(rows)
         if isinstance(outcome, str):
             raise rejected([], outcome, status=409 if "already stored" in outcome else 422)
+        record_events(rows, self.prices)
         return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
 
     async def _unattributed(self, user: str, request_id: str, product_id: str) -> str | None:

@@ -24,14 +24,19 @@ from shoprank.store.events import Impression
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Impression], int], Awaitable[object]]
+DropCounter = Callable[[int], None]
 
 
 class ImpressionQueue:
-    """At most ``capacity`` impressions waiting for ``sink``; the oldest are dropped (and counted) beyond that."""
+    """At most ``capacity`` impressions waiting for ``sink``; the oldest are dropped (and counted) beyond that.
 
-    def __init__(self, sink: Sink, capacity: int) -> None:
+    ``on_drop`` hears of each drop as it happens (the app's metrics), not only with the next batch the sink takes,
+    which may be long in coming when the store is down."""
+
+    def __init__(self, sink: Sink, capacity: int, on_drop: DropCounter = lambda count: None) -> None:
         self.sink = sink
         self.capacity = capacity
+        self.on_drop = on_drop
         self.waiting: deque[Impression] = deque()
         self.dropped_unreported = 0
         """Dropped since the last batch the sink accepted: sent with the next one."""
@@ -83,3 +88,4 @@ class ImpressionQueue:
         if overflow > 0:
             self.dropped += overflow
             self.dropped_unreported += overflow
+            self.on_drop(overflow)

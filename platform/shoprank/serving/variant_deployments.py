@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.config import Config
 from shoprank.serving.messages import Answered, Asked
+from shoprank.serving.metrics import record_model
 from shoprank.serving.user_state import UserCache
 from shoprank.serving.variants import EncoderKind, resolve_variant
 from shoprank.store.events import open_event_store
@@ -129,8 +130,9 @@ class Variant:
         self.ranking = Ranking(self.context.catalogue.stats, spec.strategy, booster,
                                self.config.serve.baseline_popularity_weight, self.config.serve.explained_features,
                                Diversity.of(self.config))
-        self.model = {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
-                      "trees": booster.num_boosted_rounds() if booster is not None else 0}
+        replaced, self.model = self.model, {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
+                                            "trees": booster.num_boosted_rounds() if booster is not None else 0}
+        record_model(self.settings["variant"], replaced, self.model)
         log.info("ranker loaded: %s", self.model)
 
     def _watch(self) -> None:
