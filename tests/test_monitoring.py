@@ -220,7 +220,7 @@ def send_traffic(app: App) -> dict[str, int]:
     with httpx.Client(base_url=app.url, timeout=60.0, headers=bearer(app.keys["client"])) as client:
         for variant in ("A", "B"):
             answers = [client.post(path, json={**body, "variant": variant, "k": 5})
-                       for path, body in [("/search", {"query": "kitchen knife"})] * 3
+                       for path, body in [("/search", {"query": "kitchen knife", "user_id": "monitoring-shopper"})] * 3
                        + [("/recommend", {"user_id": "monitoring-shopper"})]]
             assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
             shown = answers[0].json()

@@ -111,7 +111,7 @@ def test_side_by_side_buy_in_b_changes_the_ab_counts(app: App, tab: Page) -> Non
     figures = tab.locator("#ab-figures")
     expect(figures).not_to_have_text(before, timeout=30_000)
     expect(figures).to_contain_text(re.compile(r"B: \d+ shown, \d+ clicks, \d+ carts, [1-9]\d* purchases"))
-    expect(figures).to_contain_text(re.compile(r"Offline, test split .* B: search [01]\.\d{4}"))
+    expect(figures).to_contain_text(re.compile(r"Offline, test split .* B: .*search [01]\.\d{4}"))
     expect(figures).to_contain_text("Unit: the user.")  # the user-level readout (experiment.readout)
     tab.screenshot(path=str(OUTPUT / "ab_tab.png"), full_page=False)
 
