@@ -3,7 +3,9 @@
 Validation that needs no state happens here (types, ``k`` in 1..100, a blank query,
 unknown fields); what needs the app's state (the configured query length, the
 variants, the catalogue) is checked by the ingress, which answers with the same
-4xx shape: ``{"detail": [{"loc": [...], "msg": ...}]}``.
+4xx shape, :class:`Refusal`: ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``. The routes document it
+(:func:`refusals`) in place of FastAPI's own ``HTTPValidationError``, which echoes the input and is not what a
+client gets.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import datetime as dt
 import unicodedata
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import HTTPException
+from fastapi import Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoprank.data.schema import EVENT_TYPES
+from shoprank.serving.messages import Strategy
+from shoprank.serving.variants import VariantSpec
 
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1000
@@ -84,6 +88,11 @@ class EventIn(Strict):
     variant: str | None = Field(None, max_length=64)
 
 
+EventBatch = Annotated[list[EventIn], Body(min_length=1, max_length=MAX_EVENTS_PER_REQUEST,
+                                            description="Stored all or nothing.")]
+"""The body of ``POST /events``: 1 to ``MAX_EVENTS_PER_REQUEST`` events."""
+
+
 class Item(BaseModel):
     rank: int
     product_id: str
@@ -113,16 +122,109 @@ class EventsAccepted(BaseModel):
     event_ids: list[str]
 
 
-def rejected(loc: list[str | int], message: str, status: int = 422) -> HTTPException:
-    """A 4xx in FastAPI's validation shape, naming the field."""
-    return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message}])
+class UserSummary(BaseModel):
+    user_id: str
+    summary: str = Field(description="'N events; mostly <category>; last: <event> <title>'.")
+
+
+class LoadedRanker(BaseModel):
+    """What a variant's replica has loaded now (it follows its registry alias)."""
+
+    strategy: Strategy
+    ranker_run: str
+    trees: int = Field(description="The XGBoost ranker's boosted rounds; 0 for the retrieval baseline.")
+
+
+class ServedVariant(VariantSpec):
+    model: LoadedRanker
+
+
+class Variants(BaseModel):
+    experiment: str
+    split: dict[str, float]
+    variants: dict[str, ServedVariant]
+
+
+class QueueState(BaseModel):
+    """This ingress replica's impression queue (:class:`shoprank.serving.impressions.ImpressionQueue`)."""
+
+    waiting: int
+    dropped: int
+    capacity: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    variants: list[str]
+    clock: float = Field(description="The app's clock, epoch seconds (serve.clock).")
+    impressions: QueueState
+
+
+class Problem(BaseModel):
+    """One thing wrong with a request."""
+
+    loc: list[str | int] = Field(description="Where: `body`, `query` or `header`, then the path to the field "
+                                             "(an event's index in a batch, its field).")
+    msg: str = Field(description="Why, in words; never the input itself.")
+    type: str = Field(description="What kind of problem, for programs: pydantic's error type (`missing`, "
+                                  "`string_too_long`, ...) or the app's (`value_error`, `unauthorized`, `forbidden`, "
+                                  "`conflict`, `too_large`).")
+
+
+class Refusal(BaseModel):
+    """Every 4xx of the app: each problem of the request, none of its input."""
+
+    detail: list[Problem]
+
+
+class Failure(BaseModel):
+    """A 5xx of the app: why (503: retry after `Retry-After` seconds; 500: a bug, with the error id the log names)."""
+
+    detail: str
+
+
+REFUSALS: dict[int, str] = {
+    401: "No API key, or an unknown one (`WWW-Authenticate: Bearer`).",
+    403: "The key's role may not call this endpoint.",
+    409: "An `event_id` of the batch is already stored; nothing of the batch was stored.",
+    413: "The body is larger than `serve.max_body_bytes`; refused before it is parsed.",
+    422: "The request is invalid: each field at fault and why.",
+}
+
+
+def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The 4xx answers a route documents in its OpenAPI ``responses``, each a :class:`Refusal`."""
+    return {status: {"model": Refusal, "description": REFUSALS[status]} for status in statuses}
+
+
+PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+FAILURES: dict[int | str, dict[str, Any]] = {
+    408: {"description": "The request took longer than `serve.request_timeout_s` (Serve's proxy answers).",
+          "content": PLAIN_TEXT},
+    413: {"model": Refusal, "description": REFUSALS[413]},
+    500: {"model": Failure, "description": "A bug: an error id that the app's log names beside the stack trace."},
+    503: {"model": Failure, "content": PLAIN_TEXT,
+          "description": "Overloaded (Serve's proxy answers, in plain text) or a part is unavailable (a replica "
+                         "restarting, the event store unreachable); retry after `Retry-After` seconds."},
+}
+"""What any route may answer, whatever it does: documented app-wide."""
+
+
+def problem(loc: list[str | int], message: str, error_type: str = "value_error") -> dict[str, Any]:
+    """One :class:`Problem`, as JSON."""
+    return {"loc": loc, "msg": message, "type": error_type}
+
+
+def rejected(loc: list[str | int], message: str, status: int = 422, error_type: str = "value_error") -> HTTPException:
+    """A :class:`Refusal` naming the body's field at ``loc``."""
+    return HTTPException(status_code=status, detail=[problem(["body", *loc], message, error_type)])
 
 
 def invalid(errors: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
-    """FastAPI's validation errors in the shape of :func:`rejected`: where and why, without the input itself, which
-    may not be representable in JSON (``1e400`` parses to infinity, a lone surrogate cannot be encoded)."""
-    return {"detail": [{"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "invalid")),
-                        "type": str(error.get("type", "value_error"))} for error in errors]}
+    """FastAPI's validation errors as a :class:`Refusal`: where and why, without the input itself, which may not be
+    representable in JSON (``1e400`` parses to infinity, a lone surrogate cannot be encoded)."""
+    return {"detail": [problem(list(error.get("loc", ())), str(error.get("msg", "invalid")),
+                               str(error.get("type", "value_error"))) for error in errors]}
 
 
 class BodyLimit:
@@ -160,5 +262,5 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
     def _refusal(self) -> dict[str, list[dict[str, Any]]]:
-        return {"detail": [{"loc": ["body"], "msg": f"request body larger than {self.max_bytes} bytes "
-                                                    "(serve.max_body_bytes); send fewer events per request"}]}
+        return {"detail": [problem(["body"], f"request body larger than {self.max_bytes} bytes "
+                                             "(serve.max_body_bytes); send fewer events per request", "too_large")]}
