@@ -27,6 +27,10 @@ from shoprank.serving.variants import VariantSpec
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1000
 Identifier = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+TEXT = r"^[^\x00-\x1f\x7f-\x9f]*$"
+"""What :func:`check_text` accepts, as a JSON-schema pattern: no control character (Unicode category Cc)."""
+SOME_TEXT = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+"""The same, with at least one character that is not whitespace (a query)."""
 
 
 def check_text(value: str) -> str:
@@ -41,10 +45,20 @@ def check_text(value: str) -> str:
     return value
 
 
+def document_text(schema: dict[str, Any]) -> None:
+    """Each string field of a request's JSON schema names what :func:`check_text` refuses (``TEXT``) unless its own
+    pattern already says more: the documented contract is what the app accepts. Only the schema: the check itself
+    stays in :class:`Strict`, whose message names the character and its position."""
+    for field in schema.get("properties", {}).values():
+        for option in field.get("anyOf", [field]):
+            if option.get("type") == "string" and "format" not in option:  # a date-time says enough
+                option.setdefault("pattern", TEXT)
+
+
 class Strict(BaseModel):
     """A request body: unknown fields refused, every string checked by :func:`check_text`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=document_text)
 
     @field_validator("*")
     @classmethod
@@ -53,7 +67,7 @@ class Strict(BaseModel):
 
 
 class SearchRequest(Strict):
-    query: str = Field(max_length=10_000,
+    query: str = Field(max_length=10_000, json_schema_extra={"pattern": SOME_TEXT},
                        description="What the shopper typed (not blank; at most serve.max_query_chars).")
     user_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
     k: int = Field(10, ge=1, le=MAX_K)
