@@ -5,9 +5,10 @@ operation does not list, no body outside the documented model, no undocumented c
 request refused with a 4xx, and an operation that declares a key refusing the same request without one.
 
 Each operation is called with a key of the role its security requirement names (``clientKey`` or ``adminKey``), so
-the admin endpoints are exercised past their 403. Half of the valid requests get product ids and variants that the app
-knows (:func:`with_known_values`), so that the answers past validation (events stored, forced variants) are fuzzed too. The operations are those of the app's FastAPI definition, one test
-each; the live schema must hold every one of them.
+the admin endpoints are exercised past their 403. Half of the valid requests get product ids and variants that the
+app knows (:func:`with_known_values`), so that the answers past validation (events stored, forced variants) are
+fuzzed too. The operations are those of the app's FastAPI definition, one test each; the live schema must hold every
+one of them.
 
 schemathesis's own pytest loader for a schema from a fixture (``schemathesis.pytest.from_fixture``) fails on pytest 9.2
 (it sets ``Node._nodeid``, which pytest 9.2 no longer has), so each test draws its cases from the operation's

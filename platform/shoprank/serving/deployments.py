@@ -44,8 +44,8 @@ from shoprank.data.io import read_table
 from shoprank.errors import ConfigError, DataError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
-from shoprank.ranker.features import epoch_seconds
 from shoprank.experiment.report_model import ABReport
+from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
     FAILURES, Answer, BodyLimit, EventBatch, EventsAccepted, Health, RecommendRequest, SearchRequest, UserSummary,
     Variants, invalid, problem, refusals, rejected,
@@ -144,8 +144,8 @@ def needs(role: Role) -> Any:
     role may not call the route (:mod:`shoprank.serving.keys`).
 
     The two ways of sending a key are FastAPI security schemes named after the role (``clientKey``,
-    ``clientKeyHeader``, ``adminKey``...), so the OpenAPI schema says which endpoints need a key and of which role: the docs page can
-    send one, and a client (or the contract test) can pick the right one.
+    ``clientKeyHeader``, ``adminKey``...), so the OpenAPI schema says which endpoints need a key and of which
+    role: the docs page can send one, and a client (or the contract test) picks the right one.
     """
     bearer = HTTPBearer(scheme_name=f"{role}Key", auto_error=False,
                         description=f"A key of role {role}: `Authorization: Bearer <key>`.")
