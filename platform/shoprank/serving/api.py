@@ -206,9 +206,13 @@ REFUSALS: dict[int, str] = {
 }
 
 
+CHALLENGE = {"WWW-Authenticate": {"description": "`Bearer`: how to send a key.", "schema": {"type": "string"}}}
+
+
 def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The 4xx answers a route documents in its OpenAPI ``responses``, each a :class:`Refusal`."""
-    return {status: {"model": Refusal, "description": REFUSALS[status]} for status in statuses}
+    return {status: {"model": Refusal, "description": REFUSALS[status],
+                     **({"headers": CHALLENGE} if status == 401 else {})} for status in statuses}
 
 
 PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
@@ -218,6 +222,8 @@ FAILURES: dict[int | str, dict[str, Any]] = {
     413: {"model": Refusal, "description": REFUSALS[413]},
     500: {"model": Failure, "description": "A bug: an error id that the app's log names beside the stack trace."},
     503: {"model": Failure, "content": PLAIN_TEXT,
+          "headers": {"Retry-After": {"description": "Seconds to wait (`serve.retry_after_s`); absent when a "
+                                                     "replica is restarting.", "schema": {"type": "integer"}}},
           "description": "Overloaded (Serve's proxy answers, in plain text) or a part is unavailable (a replica "
                          "restarting, the event store unreachable); retry after `Retry-After` seconds."},
 }
