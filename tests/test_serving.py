@@ -134,7 +134,8 @@ BAD_REQUESTS = [
     ("/events", [{"user_id": "U1", "product_id": "P-NOPE", "event_type": "click"}], "product_id"),
     ("/events", [{"user_id": "U1", "product_id": "P000001", "event_type": "like"}], "event_type"),
     ("/events", [{"user_id": "U1", "event_type": "click"}], "product_id"),
-    ("/events", [], "at least one"),
+    ("/events", [], "at least 1 item"),
+    ("/events", [{"user_id": "U1", "product_id": "P000001", "event_type": "view"}] * 1001, "at most 1000 items"),
     ("/events", {"user_id": "U1"}, "list"),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from shoprank.experiment import calibrate as calibration
 from shoprank.experiment.plan import minimum_detectable_effect, plan, power, users_per_arm
 from shoprank.experiment.readout import user_level_markdown
 from shoprank.experiment.report import ab_report
+from shoprank.experiment.report_model import ABReport
 from shoprank.experiment.sequential import always_valid, horizon_log_threshold, mixing_sd
 from shoprank.experiment.userstats import compare_means, cuped, cuped_ratio, delta_ratio, linearize, welch
 from shoprank.store.events import Impression, SqliteEventStore
@@ -196,6 +198,13 @@ def test_plan_matches_statsmodels_power(effect_size: float, ratio: float) -> Non
         plan(0.2, 0.4)
 
 
+def documented(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` after checking it against the shape ``GET /ab/report`` documents (with the two fields the app
+    adds), which forbids any field it does not name."""
+    ABReport.model_validate({**report, "experiment": "default", "impressions_dropped": 0})
+    return report
+
+
 def test_report_user_level_section(tmp_path: Path) -> None:
     """Users with history before the start, sessions split by a gap, revenue from prices; the old keys stay."""
     store = SqliteEventStore(tmp_path / "events.db")
@@ -220,6 +229,7 @@ def test_report_user_level_section(tmp_path: Path) -> None:
     store.append(events)
     report = ab_report(store, {"A": 0.5, "B": 0.5}, prices=prices, planned_users_per_arm=30)
     assert {"variants", "lift", "sample_ratio", "side_by_side", "timeline"} <= set(report)
+    documented(report)
     section = report["user_level"]
     assert section["experiment_start"] == start.isoformat() and section["users_with_history"] == 60
     a = section["variants"]["A"]
@@ -233,13 +243,13 @@ def test_report_user_level_section(tmp_path: Path) -> None:
     assert conversion["cuped"]["variance_reduction"] > 0.05  # buying before predicts buying again here
     assert section["metrics"]["ctr"]["fixed_horizon"]["method"] == "delta"
     assert section["past_planned_size"] and section["verdict"]["decision"] in ("ship B", "keep A")
-    unpriced = ab_report(store, {"A": 0.5, "B": 0.5})["user_level"]
+    unpriced = documented(ab_report(store, {"A": 0.5, "B": 0.5}))["user_level"]
     assert unpriced["metrics"]["revenue_per_user"] == {"missing": "no product prices were given to the report"}
     assert unpriced["variants"]["A"]["revenue"] is None and unpriced["verdict"]["decision"] == "keep running"
 
 
 def test_empty_store_report_has_a_user_level_section(tmp_path: Path) -> None:
-    section = ab_report(SqliteEventStore(tmp_path / "events.db"), {"A": 0.5, "B": 0.5})["user_level"]
+    section = documented(ab_report(SqliteEventStore(tmp_path / "events.db"), {"A": 0.5, "B": 0.5}))["user_level"]
     assert section["variants"]["A"]["users"] == 0 and section["experiment_start"] is None
     assert section["metrics"]["ctr"]["fixed_horizon"]["missing"] and section["verdict"]["decision"] == "keep running"
 

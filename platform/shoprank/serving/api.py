@@ -3,7 +3,9 @@
 Validation that needs no state happens here (types, ``k`` in 1..100, a blank query,
 unknown fields); what needs the app's state (the configured query length, the
 variants, the catalogue) is checked by the ingress, which answers with the same
-4xx shape: ``{"detail": [{"loc": [...], "msg": ...}]}``.
+4xx shape, :class:`Refusal`: ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``. The routes document it
+(:func:`refusals`) in place of FastAPI's own ``HTTPValidationError``, which echoes the input and is not what a
+client gets.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 import datetime as dt
 import unicodedata
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import HTTPException
+from fastapi import Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoprank.data.schema import EVENT_TYPES, MAX_QUANTITY
+from shoprank.serving.messages import Strategy
+from shoprank.serving.variants import VariantSpec
 
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1000
 Identifier = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+TEXT = r"^[^\x00-\x1f\x7f-\x9f]*$"
+"""What :func:`check_text` accepts, as a JSON-schema pattern: no control character (Unicode category Cc)."""
+SOME_TEXT = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+"""The same, with at least one character that is not whitespace (a query)."""
 
 
 def check_text(value: str) -> str:
@@ -37,10 +45,20 @@ def check_text(value: str) -> str:
     return value
 
 
+def document_text(schema: dict[str, Any]) -> None:
+    """Each string field of a request's JSON schema names what :func:`check_text` refuses (``TEXT``) unless its own
+    pattern already says more: the documented contract is what the app accepts. Only the schema: the check itself
+    stays in :class:`Strict`, whose message names the character and its position."""
+    for field in schema.get("properties", {}).values():
+        for option in field.get("anyOf", [field]):
+            if option.get("type") == "string" and "format" not in option:  # a date-time says enough
+                option.setdefault("pattern", TEXT)
+
+
 class Strict(BaseModel):
     """A request body: unknown fields refused, every string checked by :func:`check_text`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=document_text)
 
     @field_validator("*")
     @classmethod
@@ -49,7 +67,7 @@ class Strict(BaseModel):
 
 
 class SearchRequest(Strict):
-    query: str = Field(max_length=10_000,
+    query: str = Field(max_length=10_000, json_schema_extra={"pattern": SOME_TEXT},
                        description="What the shopper typed (not blank; at most serve.max_query_chars).")
     user_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
     k: int = Field(10, ge=1, le=MAX_K)
@@ -84,6 +102,11 @@ class EventIn(Strict):
     variant: str | None = Field(None, max_length=64)
     quantity: int | None = Field(None, ge=1, le=MAX_QUANTITY,
                                  description="Items bought (a purchase); its revenue is price x quantity (1 if omitted).")
+
+
+EventBatch = Annotated[list[EventIn], Body(min_length=1, max_length=MAX_EVENTS_PER_REQUEST,
+                                            description="Stored all or nothing.")]
+"""The body of ``POST /events``: 1 to ``MAX_EVENTS_PER_REQUEST`` events."""
 
 
 class Item(BaseModel):
@@ -121,16 +144,115 @@ class Erased(BaseModel):
     impressions: int = Field(description="Impressions deleted from the store.")
 
 
-def rejected(loc: list[str | int], message: str, status: int = 422) -> HTTPException:
-    """A 4xx in FastAPI's validation shape, naming the field."""
-    return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": message}])
+class UserSummary(BaseModel):
+    user_id: str
+    summary: str = Field(description="'N events; mostly <category>; last: <event> <title>'.")
+
+
+class LoadedRanker(BaseModel):
+    """What a variant's replica has loaded now (it follows its registry alias)."""
+
+    strategy: Strategy
+    ranker_run: str
+    trees: int = Field(description="The XGBoost ranker's boosted rounds; 0 for the retrieval baseline.")
+
+
+class ServedVariant(VariantSpec):
+    model: LoadedRanker
+
+
+class Variants(BaseModel):
+    experiment: str
+    split: dict[str, float]
+    variants: dict[str, ServedVariant]
+
+
+class QueueState(BaseModel):
+    """This ingress replica's impression queue (:class:`shoprank.serving.impressions.ImpressionQueue`)."""
+
+    waiting: int
+    dropped: int
+    capacity: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    variants: list[str]
+    clock: float = Field(description="The app's clock, epoch seconds (serve.clock).")
+    impressions: QueueState
+
+
+class Problem(BaseModel):
+    """One thing wrong with a request."""
+
+    loc: list[str | int] = Field(description="Where: `body`, `query` or `header`, then the path to the field "
+                                             "(an event's index in a batch, its field).")
+    msg: str = Field(description="Why, in words; never the input itself.")
+    type: str = Field(description="What kind of problem, for programs: pydantic's error type (`missing`, "
+                                  "`string_too_long`, ...) or the app's (`value_error`, `unauthorized`, `forbidden`, "
+                                  "`conflict`, `too_large`).")
+
+
+class Refusal(BaseModel):
+    """Every 4xx of the app: each problem of the request, none of its input."""
+
+    detail: list[Problem]
+
+
+class Failure(BaseModel):
+    """A 5xx of the app: why (503: retry after `Retry-After` seconds; 500: a bug, with the error id the log names)."""
+
+    detail: str
+
+
+REFUSALS: dict[int, str] = {
+    401: "No API key, or an unknown one (`WWW-Authenticate: Bearer`).",
+    403: "The key's role may not call this endpoint.",
+    409: "An `event_id` of the batch is already stored; nothing of the batch was stored.",
+    413: "The body is larger than `serve.max_body_bytes`; refused before it is parsed.",
+    422: "The request is invalid: each field at fault and why.",
+}
+
+
+CHALLENGE = {"WWW-Authenticate": {"description": "`Bearer`: how to send a key.", "schema": {"type": "string"}}}
+
+
+def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The 4xx answers a route documents in its OpenAPI ``responses``, each a :class:`Refusal`."""
+    return {status: {"model": Refusal, "description": REFUSALS[status],
+                     **({"headers": CHALLENGE} if status == 401 else {})} for status in statuses}
+
+
+PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+FAILURES: dict[int | str, dict[str, Any]] = {
+    408: {"description": "The request took longer than `serve.request_timeout_s` (Serve's proxy answers).",
+          "content": PLAIN_TEXT},
+    413: {"model": Refusal, "description": REFUSALS[413]},
+    500: {"model": Failure, "description": "A bug: an error id that the app's log names beside the stack trace."},
+    503: {"model": Failure, "content": PLAIN_TEXT,
+          "headers": {"Retry-After": {"description": "Seconds to wait (`serve.retry_after_s`); absent when a "
+                                                     "replica is restarting.", "schema": {"type": "integer"}}},
+          "description": "Overloaded (Serve's proxy answers, in plain text) or a part is unavailable (a replica "
+                         "restarting, the event store unreachable); retry after `Retry-After` seconds."},
+}
+"""What any route may answer, whatever it does: documented app-wide."""
+
+
+def problem(loc: list[str | int], message: str, error_type: str = "value_error") -> dict[str, Any]:
+    """One :class:`Problem`, as JSON."""
+    return {"loc": loc, "msg": message, "type": error_type}
+
+
+def rejected(loc: list[str | int], message: str, status: int = 422, error_type: str = "value_error") -> HTTPException:
+    """A :class:`Refusal` naming the body's field at ``loc``."""
+    return HTTPException(status_code=status, detail=[problem(["body", *loc], message, error_type)])
 
 
 def invalid(errors: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
-    """FastAPI's validation errors in the shape of :func:`rejected`: where and why, without the input itself, which
-    may not be representable in JSON (``1e400`` parses to infinity, a lone surrogate cannot be encoded)."""
-    return {"detail": [{"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "invalid")),
-                        "type": str(error.get("type", "value_error"))} for error in errors]}
+    """FastAPI's validation errors as a :class:`Refusal`: where and why, without the input itself, which may not be
+    representable in JSON (``1e400`` parses to infinity, a lone surrogate cannot be encoded)."""
+    return {"detail": [problem(list(error.get("loc", ())), str(error.get("msg", "invalid")),
+                               str(error.get("type", "value_error"))) for error in errors]}
 
 
 class BodyLimit:
@@ -168,5 +290,5 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
     def _refusal(self) -> dict[str, list[dict[str, Any]]]:
-        return {"detail": [{"loc": ["body"], "msg": f"request body larger than {self.max_bytes} bytes "
-                                                    "(serve.max_body_bytes); send fewer events per request"}]}
+        return {"detail": [problem(["body"], f"request body larger than {self.max_bytes} bytes "
+                                             "(serve.max_body_bytes); send fewer events per request", "too_large")]}

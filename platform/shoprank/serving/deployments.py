@@ -29,24 +29,28 @@ from collections import OrderedDict
 from typing import Any
 
 import pyarrow as pa
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.errors import ConfigError, DataError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.report import ab_report
+from shoprank.experiment.report_model import ABReport
 from shoprank.privacy import pseudonyms
 from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
-    MAX_EVENTS_PER_REQUEST, Answer, BodyLimit, Erased, EventIn, EventsAccepted, RecommendRequest, SearchRequest,
-    check_text, invalid, rejected,
+    FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, SearchRequest,
+    UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
 )
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
@@ -155,19 +159,28 @@ DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 def needs(role: Role) -> Any:
     """A route dependency: 401 without a known key (``Authorization: Bearer`` or ``X-API-Key``), 403 when the key's
-    role may not call the route (:mod:`shoprank.serving.keys`)."""
+    role may not call the route (:mod:`shoprank.serving.keys`).
 
-    async def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
-        held = Access.keys.role_of(presented)
+    The two ways of sending a key are FastAPI security schemes named after the role (``clientKey``,
+    ``clientKeyHeader``, ``adminKey``...), so the OpenAPI schema says which endpoints need a key and of which
+    role: the docs page can send one, and a client (or the contract test) picks the right one.
+    """
+    bearer = HTTPBearer(scheme_name=f"{role}Key", auto_error=False,
+                        description=f"A key of role {role}: `Authorization: Bearer <key>`.")
+    header = APIKeyHeader(name="X-API-Key", scheme_name=f"{role}KeyHeader", auto_error=False,
+                          description=f"A key of role {role}, in the `X-API-Key` header.")
+
+    async def check(sent_bearer: HTTPAuthorizationCredentials | None = Security(bearer),
+                    sent_header: str | None = Security(header)) -> None:
+        held = Access.keys.role_of(sent_bearer.credentials if sent_bearer is not None else sent_header)
         if held is None:
-            raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"}, detail=[{
-                "loc": ["header", "authorization"],
-                "msg": "no API key, or an unknown one: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"}])
+            raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"}, detail=[problem(
+                ["header", "authorization"],
+                "no API key, or an unknown one: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "unauthorized")])
         if not allows(held, role):
-            raise HTTPException(status_code=403, detail=[{
-                "loc": ["header", "authorization"], "msg": f"a {held} key may not call this endpoint: it needs {role}"}])
+            raise HTTPException(status_code=403, detail=[problem(
+                ["header", "authorization"], f"a {held} key may not call this endpoint: it needs {role}", "forbidden")])
 
     return Depends(check)
 
@@ -189,7 +202,8 @@ class DocsSwitch:
 
 
 api = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop. "
-                                            "Every endpoint but /healthz needs an API key (Authorization: Bearer).")
+                                            "Every endpoint but /healthz needs an API key (Authorization: Bearer).",
+              responses=FAILURES)
 api.add_middleware(BodyLimit)
 api.add_middleware(DocsSwitch)
 api.add_middleware(RequestMetrics)  # the outermost: it sees the refusals of the others too
@@ -200,6 +214,17 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
     """422 naming each field and why; FastAPI's own answer echoes the input and fails (a 5xx) on one that JSON
     cannot carry."""
     return JSONResponse(status_code=422, content=invalid(exc.errors()))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+    """An HTTP exception as FastAPI answers it, except a body that could not be parsed at all (not UTF-8 text, or
+    nested deeper than the parser goes): FastAPI answers that with a 400 of another shape, but it is malformed JSON
+    like any other, so it is a 422 naming the body."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        return JSONResponse(status_code=422, content={"detail": [problem(
+            ["body"], f"the body is not JSON text ({type(exc.__cause__).__name__}): send UTF-8 JSON", "json_invalid")]})
+    return await http_exception_handler(request, exc)
 
 
 def unavailable(exc: BaseException) -> str | None:
@@ -349,25 +374,23 @@ class Ingress:
                     "queries judged them relevant")
         return "no history for this user: popular and trending products"
 
-    @api.post("/search", response_model=Answer, dependencies=[needs("client")])
+    @api.post("/search", response_model=Answer, dependencies=[needs("client")], responses=refusals(401, 403, 422))
     async def search(self, body: SearchRequest, response: Response) -> Answer:
         if len(body.query) > self.config.serve.max_query_chars:
             raise rejected(["query"], f"query is {len(body.query)} characters; at most "
                                       f"{self.config.serve.max_query_chars} (serve.max_query_chars)")
         return await self._answer("search", body.user_id, body.query, body.k, body.variant, response)
 
-    @api.post("/recommend", response_model=Answer, dependencies=[needs("client")])
+    @api.post("/recommend", response_model=Answer, dependencies=[needs("client")],
+              responses=refusals(401, 403, 422))
     async def recommend(self, body: RecommendRequest, response: Response) -> Answer:
         return await self._answer("recommend", body.user_id, None, body.k, body.variant, response)
 
     # ------------------------------------------------------------------ events
 
-    @api.post("/events", response_model=EventsAccepted, dependencies=[needs("client")])
-    async def events(self, body: list[EventIn]) -> EventsAccepted:
-        if not body:
-            raise rejected([], "send at least one event")
-        if len(body) > MAX_EVENTS_PER_REQUEST:
-            raise rejected([], f"{len(body)} events in one request; at most {MAX_EVENTS_PER_REQUEST}")
+    @api.post("/events", response_model=EventsAccepted, dependencies=[needs("client")],
+              responses=refusals(401, 403, 409, 422))
+    async def events(self, body: EventBatch) -> EventsAccepted:
         self._start_background()
         now = self.now_s()
         oldest = now - self.config.serve.retention_days * 86_400
@@ -402,7 +425,8 @@ class Ingress:
             })
         outcome = await self.store.append.remote(rows)
         if isinstance(outcome, str):
-            raise rejected([], outcome, status=409 if "already stored" in outcome else 422)
+            raise (rejected([], outcome, status=409, error_type="conflict") if "already stored" in outcome
+                   else rejected([], outcome))
         record_events(rows, self.prices)
         return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
 
@@ -432,7 +456,8 @@ class Ingress:
 
     # ------------------------------------------------------------------ state
 
-    @api.get("/ab/report", dependencies=[needs("admin")])
+    @api.get("/ab/report", response_model=ABReport, response_model_exclude_unset=True,
+             dependencies=[needs("admin")], responses=refusals(401, 403))
     async def ab_report(self) -> dict[str, Any]:
         await self.impressions.flush()  # this replica's answers so far are in the report
         report = await self.store.report.remote(self.config.serve.split, self.prices)
@@ -440,7 +465,7 @@ class Ingress:
         report["offline"] = self.offline
         return report
 
-    @api.get("/variants", dependencies=[needs("admin")])
+    @api.get("/variants", response_model=Variants, dependencies=[needs("admin")], responses=refusals(401, 403))
     async def variants(self) -> dict[str, Any]:
         models = {name: await handle.describe.remote() for name, handle in self.handles.items()}
         return {
@@ -448,19 +473,21 @@ class Ingress:
             "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in self.specs.items()},
         }
 
-    @api.get("/users", dependencies=[needs("admin")])
+    @api.get("/users", response_model=list[UserSummary], dependencies=[needs("admin")],
+             responses=refusals(401, 403, 422))
     async def users(self, limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, str]]:
         """The most active known users, each with a one-line summary of their history (for pickers)."""
         return self.users[:limit]
 
-    @api.delete("/users/{user_id}", response_model=Erased, dependencies=[needs("admin")])
+    @api.delete("/users/{user_id}", response_model=Erased, dependencies=[needs("admin")],
+                responses=refusals(401, 403, 422))
     async def erase_user(self, user_id: str = Path(min_length=1, max_length=128)) -> Erased:
         """Erase a shopper (their id or pseudonym): every event and impression in the store, and every replica's
         cached events (they read the store's tombstone before their next answer). How many rows went."""
         try:
             check_text(user_id)
         except ValueError as exc:
-            raise HTTPException(status_code=422, detail=[{"loc": ["path", "user_id"], "msg": str(exc)}]) from None
+            raise HTTPException(status_code=422, detail=[problem(["path", "user_id"], str(exc))]) from None
         user = self.pseudonyms.of(user_id)
         await self.impressions.flush()  # the user's queued impressions are in the store, then erased with the rest
         for request_id in [r for r, (owner, _) in self.shown.items() if owner == user]:
@@ -469,7 +496,7 @@ class Ingress:
         log.info("erased user %s: %s", user, erased)
         return Erased(user=user, **erased)
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "variants": sorted(self.specs), "clock": self.now_s(),
                 "impressions": self.impressions.summary()}

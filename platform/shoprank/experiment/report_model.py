@@ -1,0 +1,155 @@
+"""The A/B report's shape (``GET /ab/report``), as the API documents and checks it.
+
+:func:`shoprank.experiment.report.ab_report` builds the report as plain dicts; these models say what each of them
+holds, so the OpenAPI schema describes the real answer and the app validates every report it sends against it.
+Where the report writes a statistics dataclass as it is (a rate, the sample-ratio check, an effect, the always-valid
+readout), the model names that dataclass rather than a copy of its fields. Every model forbids fields it does not
+name: a figure added to the report and not here fails the app's response validation (a 500 that the contract test
+finds), instead of being dropped silently from the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoprank.experiment.sequential import AlwaysValid
+from shoprank.experiment.stats import Rate, SampleRatio
+from shoprank.experiment.userstats import Effect
+
+
+class Closed(BaseModel):
+    """A part of the report: exactly these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FunnelStep(Closed):
+    step: Literal["view", "click", "add_to_cart", "purchase"]
+    count: int
+    rate_of_previous: float
+
+
+class VariantCounts(Closed):
+    """One variant's assigned traffic, an engagement counted once per impression and kind."""
+
+    users: int
+    impressions: int
+    clicks: int
+    add_to_carts: int
+    purchases: int
+    ctr: Rate
+    conversion: Rate
+    clicks_per_engaged_session: float
+    funnel: list[FunnelStep]
+
+
+class Comparison(Closed):
+    """B against A on one rate (:class:`shoprank.experiment.stats.Comparison`); null where undefined (a control rate
+    of 0 has no relative lift)."""
+
+    control: Rate
+    treatment: Rate
+    lift: float | None
+    lift_low: float | None
+    lift_high: float | None
+    z: float | None
+    p_value: float | None
+
+
+class Lift(Closed):
+    ctr: Comparison
+    conversion: Comparison
+
+
+class SideBySide(Closed):
+    """The forced answers' own counts (side-by-side views), apart from the test."""
+
+    impressions: int
+    clicks: int
+    add_to_carts: int
+    purchases: int
+
+
+class TimelinePoint(Closed):
+    ts: float = Field(description="Epoch seconds.")
+    variant: str
+    impressions: int
+    ctr: float
+    conversion: float
+
+
+class UserFunnel(Closed):
+    shown: int
+    clicked: int
+    carted: int
+    bought: int
+
+
+class UserVariant(Closed):
+    users: int
+    sessions: int
+    revenue: float | None = Field(description="Null when the report has no prices.")
+    revenue_per_user: float | None
+    average_order_value: float | None
+    funnel_users: UserFunnel
+
+
+class MetricResult(Closed):
+    """One metric, B against A: fixed-horizon, CUPED-adjusted, and the always-valid readout (null without a
+    standard error)."""
+
+    fixed_horizon: Effect
+    cuped: Effect
+    always_valid: AlwaysValid | None
+
+
+class MetricMissing(Closed):
+    missing: str = Field(description="Why the metric has no figures (a revenue metric without prices).")
+
+
+class Verdict(Closed):
+    decision: Literal["ship B", "keep A", "keep running", "fix the assignment"]
+    rule: str = Field(description="The rule that decided.")
+
+
+class UserLevel(Closed):
+    """The shopper as the unit (:func:`shoprank.experiment.report.user_level`); ``metrics``, ``past_planned_size``
+    and ``verdict`` need both the control and the treatment variant."""
+
+    unit: Literal["user"]
+    experiment_start: str | None
+    variants: dict[str, UserVariant]
+    session_gap_s: float
+    planned_users_per_arm: int
+    alpha: float
+    users_with_history: int
+    revenue: str
+    metrics: dict[str, MetricResult | MetricMissing] | None = None
+    past_planned_size: bool | None = None
+    verdict: Verdict | None = None
+
+
+class OfflineFigures(Closed):
+    """A variant's offline NDCG@10 per task (:func:`shoprank.serving.variants.offline_figures`)."""
+
+    system: str | None = Field(description="The evaluation's row for what the variant serves (None: not evaluated).")
+    ndcg_at_10: dict[str, float] = Field(alias="ndcg@10", description="Test split NDCG@10 per task (search, "
+                                                                      "recommend) that has figures.")
+    note: str | None = Field(description="Why a figure is missing, when one is.")
+
+
+class ABReport(Closed):
+    """``GET /ab/report``: see :mod:`shoprank.experiment.report`."""
+
+    experiment: str
+    variants: dict[str, VariantCounts]
+    lift: Lift | None = Field(None, description="Present when both the control and the treatment variant serve.")
+    sample_ratio: SampleRatio
+    side_by_side: dict[str, SideBySide]
+    timeline: list[TimelinePoint]
+    user_level: UserLevel
+    impressions_dropped: int = Field(description="Impressions the ingress queues dropped under load (not counted).")
+    offline: dict[str, OfflineFigures] = Field(
+        default_factory=dict, description="Each variant's offline figures, from its run's evaluation.")
