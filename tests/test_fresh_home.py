@@ -21,6 +21,7 @@ import pytest
 import ray
 import requests
 
+from conftest import App
 from shoprank.entrypoint import free_port
 
 BIN = Path(sys.executable).parent
@@ -56,15 +57,19 @@ def _listeners(processes: list[psutil.Process]) -> set[tuple[str, int, str]]:
     return found
 
 
-def test_every_listener_of_a_local_cluster_is_on_loopback(ray_local: None) -> None:
-    """The session's cluster, started like every entrypoint's local cluster (``local_ray_options``): its GCS,
-    raylet, dashboard, agents and workers, and this driver, listen on 127.0.0.1 only."""
+def test_every_listener_of_a_local_cluster_is_on_loopback(app: App) -> None:
+    """The session's cluster, started like every entrypoint's local cluster (``local_ray_options``), with the app
+    deployed: its GCS, raylet, dashboard, agents and workers, Serve's proxy and every replica (whose
+    replica-to-replica gRPC server Ray Serve binds to ``::``, see ``shoprank.cluster``), and this driver, listen on
+    127.0.0.1 only."""
     node = ray._private.worker._global_node
     daemons = [psutil.Process(info.process.pid) for infos in node.all_processes.values() for info in infos]
     processes = [psutil.Process(), *daemons, *(c for d in daemons for c in d.children(recursive=True))]
     listening = _listeners(processes)
-    assert {name for _, _, name in listening} >= {"gcs_server", "raylet"}, listening
-    assert all(ip in LOOPBACK for ip, _, _ in listening), sorted(listening)
+    names = {name for _, _, name in listening}
+    assert names >= {"gcs_server", "raylet", "ray::ProxyActor"}, listening
+    assert {f"ray::ServeReplica:{app.name}:{deployment}" for deployment in ("Ingress", "Variant_A", "Variant_B")} <= names
+    assert [entry for entry in sorted(listening) if entry[0] not in LOOPBACK] == []
 
 
 def _port_is_free(port: int) -> bool:
@@ -150,7 +155,7 @@ def test_cluster_up_on_a_fresh_home_runs_a_job_and_down_leaves_nothing(
     before = _processes_of(head.home, head.temp_dir)
     listening = _listeners(before)  # the GCS, the raylet, the dashboard and its agents, the Ray Client server
     assert {head.gcs_port, head.dashboard_port, head.client_port} <= {port for _, port, _ in listening}
-    assert all(ip in LOOPBACK for ip, _, _ in listening), sorted(listening)
+    assert [entry for entry in sorted(listening) if entry[0] not in LOOPBACK] == []
     client_server = [p for p in before if "ray.util.client.server" in p.cmdline()]
     assert client_server and f"--port={head.client_port}" in client_server[0].cmdline()
     assert not _port_is_free(head.client_port)

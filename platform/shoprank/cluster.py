@@ -13,6 +13,9 @@ Every listener of a local head is on 127.0.0.1: the dashboard (the job API) by
 Ray's single-node switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, :func:`on_loopback`).
 Without it Ray on Linux replaces a loopback ``--node-ip-address`` with the machine's
 network address and they listen on every interface (the GCS and raylet on ``::``).
+One listener is not Ray core's: each Serve replica's replica-to-replica gRPC server, which Ray Serve binds to
+``[::]:0`` whatever the node's address (it checks Ray's token, yet listens on every interface). The app's replicas
+call :func:`replica_grpc_on_loopback` first thing in ``__init__``, which binds it to 127.0.0.1 under the switch.
 The head's environment carries the switch, so every process it starts (workers, job
 drivers, Serve replicas) agrees on the node's address; a driver that joins it through
 the GCS (``shoprank serve``) turns it on for itself (:func:`on_loopback`), or it would
@@ -33,6 +36,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from ray._common.utils import get_default_ray_temp_dir, get_ray_address_file
@@ -70,6 +74,32 @@ def on_loopback() -> Iterator[None]:
             os.environ.pop(SINGLE_NODE_VARIABLE, None)
         else:
             os.environ[SINGLE_NODE_VARIABLE] = before_env
+
+
+def replica_grpc_on_loopback() -> None:
+    """Called first in each of the app's Serve deployments' ``__init__``: under Ray's single-node switch, which the
+    replica's worker inherits from its raylet, the replica's gRPC server for calls between deployments listens on
+    127.0.0.1, the node's address there, where the proxy and the other replicas call it (node address and port).
+
+    Ray Serve binds that server to ``[::]:0`` in ``Replica._on_initialized``, which runs after the deployment's
+    ``__init__``, through the module's ``add_port_to_grpc_server``, looked up when called, so wrapping that name
+    first reaches it. (A runtime_env ``worker_process_setup_hook`` would be the natural place, but Ray honours it
+    only in a job's runtime_env, not a replica's.) If a later Ray renames
+    it, nothing is wrapped and the listener test (``tests/test_fresh_home.py``) names the replica listening on
+    ``::``. On a multi-node cluster (no switch) nothing changes.
+    """
+    if os.environ.get(SINGLE_NODE_VARIABLE) != "0":
+        return
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None:
+        return
+
+    def bind_on_loopback(server: Any, address: str) -> int:
+        return bind(server, f"{HOST}:0" if address == "[::]:0" else address)
+
+    replica.add_port_to_grpc_server = bind_on_loopback
 
 
 def is_loopback_address(address: str | None) -> bool:

@@ -40,6 +40,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.errors import ConfigError, DataError
@@ -74,6 +75,7 @@ class EventStoreWriter:
     """The event store's writer (the one owner of an SQLite file); concurrent writes share a transaction."""
 
     def __init__(self, location: str) -> None:
+        replica_grpc_on_loopback()
         self.store = metered(open_event_store(location))
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
@@ -259,6 +261,7 @@ class Ingress:
 
     def __init__(self, config: dict[str, Any], variants: dict[str, DeploymentHandle],
                  store: DeploymentHandle) -> None:
+        replica_grpc_on_loopback()
         self.config = Config.model_validate(config)
         keys = load_keyring(self.config)
         if not keys.entries:

@@ -31,6 +31,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import record_model
@@ -49,6 +50,7 @@ class QueryEncoder:
     pretrained one."""
 
     def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
+        replica_grpc_on_loopback()
         import torch
 
         from shoprank.encoder.model import load_encoder, load_encoder_from_config
@@ -86,6 +88,7 @@ class Variant:
 
     def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, event_db: str,
                  query_encoder: DeploymentHandle | None = None) -> None:
+        replica_grpc_on_loopback()
         from shoprank.ranker.context import load_context
         from shoprank.serving.pipeline import Ranking, Retrieval
 
