@@ -46,7 +46,10 @@ def shape_config(root: Path, source: list[str], *extra: str) -> Config:
 
 
 @pytest.mark.parametrize("shape", [
-    "ratings",
+    # behaviour without impressions or queries: 63 s here, `slow` for make test's 10 minutes; the default suite
+    # keeps its Ray-free checks (test_behaviour_only: features without views, clicks without impressions, the
+    # exclusions, the item-item model) and its ingest on Ray (the changed-file test below)
+    pytest.param("ratings", marks=pytest.mark.slow),
     # judged queries, no behaviour: in the default suite on the multi-node cluster
     # (test_cluster_autoscaling), deployed with the query encoders as deployments of their own there too
     pytest.param("esci", marks=pytest.mark.slow),
