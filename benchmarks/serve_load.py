@@ -1,4 +1,4 @@
-"""Serve under load: ``/search`` and ``/recommend`` over HTTP at concurrency 1, 8 and 32, against
+"""Serve under load: ``/search`` and ``/recommend`` over HTTP at concurrency 1, 8, 32 and 64, against
 the same pipeline called in process; and durable ``/events`` throughput.
 
 The app is deployed on a fresh local cluster on the run's registry variants (``A`` and
@@ -11,14 +11,14 @@ level measures the same path.
 In process, without Serve: :class:`shoprank.serving.pipeline.VariantPipeline` of
 variant B, one request at a time (batch size 1), and batched (``--batch`` requests through
 ``answer_many``, as a variant replica answers a batch: queries encoded together, candidates
-scored in one ``predict``). The ratio is Serve's
-best requests/s over the in-process batch-size-1 requests/s.
+scored in one ``predict``). The ratios: Serve's requests/s at c=32 over the in-process batched requests/s
+(the strongest baseline: the same code without HTTP and Serve), and its p99 over its p50 there.
 
-``/events``: concurrency 8, one event per request, each on disk (SQLite,
-``synchronous=FULL``) before its 200.
+``/events``: concurrency 8, ``--events-per-request`` (50) events per request, each on disk (SQLite,
+``synchronous=FULL``) before its 200; events/s.
 
     python benchmarks/serve_load.py --config demo
-    python benchmarks/serve_load.py --config demo --duration 10 --levels 1 8
+    python benchmarks/serve_load.py --config demo --duration 10 --levels 1 8 --events-per-request 1
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def _drive(url: str, key: str, path: str, bodies: list[Any], concurrency: 
             i = offset
             while time.perf_counter() < deadline:
                 body = bodies[i % len(bodies)]
-                body = [{**body[0], "event_id": uuid.uuid4().hex}] if isinstance(body, list) else body
+                body = [{**event, "event_id": uuid.uuid4().hex} for event in body] if isinstance(body, list) else body
                 start = time.perf_counter()
                 answer = await client.post(path, json=body)
                 if answer.status_code == 200:
@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--config", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per endpoint and concurrency")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--events-per-request", type=int, default=50)
     parser.add_argument("--in-process-requests", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
@@ -145,8 +146,8 @@ def main() -> None:
         bodies = {"/search": [{"query": q, "k": 10, "variant": "B"} for q in queries],
                   "/recommend": [{"user_id": u, "k": 10, "variant": "B"} for u in users]}
         products = read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist()[:200]
-        events = [[{"user_id": users[i % len(users)], "product_id": p, "event_type": "click"}]
-                  for i, p in enumerate(products)]
+        events = [[{"user_id": users[(i + j) % len(users)], "product_id": products[(i + j) % len(products)],
+                    "event_type": "click"} for j in range(args.events_per_request)] for i in range(len(products))]
         served: dict[str, dict[str, Any]] = {}
         with multiprocessing.get_context("spawn").Pool(1) as driver:
             driver.apply(drive, (url, key, "/search", bodies["/search"], 1, 3.0))  # warm-up
@@ -157,6 +158,7 @@ def main() -> None:
                                                                        args.duration))
             watcher.set_phase("serve /events c=8")
             served["/events c=8"] = driver.apply(drive, (url, key, "/events", events, 8, args.duration))
+            served["/events c=8"]["events_per_s"] = served["/events c=8"]["rps"] * args.events_per_request
         serve.shutdown()
         watcher.set_phase("in process")
         spec = resolve_variants(config)["B"]
@@ -170,13 +172,19 @@ def main() -> None:
         rows.append(f"{name:<18} {figures['rps']:>8.1f} req/s  p50 {figures.get('p50_ms', 0):7.1f} ms  "
                     f"p95 {figures.get('p95_ms', 0):7.1f} ms  p99 {figures.get('p99_ms', 0):7.1f} ms  "
                     f"errors {figures['errors']}")
+    rows.append(f"/events: {served['/events c=8']['events_per_s']:.0f} events/s durable "
+                f"({args.events_per_request} per request)")
     ratios = {}
+    top = 32 if 32 in args.levels else max(args.levels)
     for kind in ("search", "recommend"):
-        best = max(served[f"/{kind} c={level}"]["rps"] for level in args.levels)
-        ratios[kind] = best / local[f"{kind}/batch1"]["rps"]
+        at = served[f"/{kind} c={top}"]
+        ratios[kind] = {f"c{top}_over_batched": at["rps"] / local[f"{kind}/batched"]["rps"],
+                        f"c{top}_p99_over_p50": at.get("p99_ms", 0.0) / at["p50_ms"] if at.get("p50_ms") else None}
         rows.append(f"in process {kind:<9} batch 1 {local[f'{kind}/batch1']['rps']:8.1f} req/s  "
                     f"p50 {local[f'{kind}/batch1']['p50_ms']:7.1f} ms; batched ({args.batch}) "
-                    f"{local[f'{kind}/batched']['rps']:8.1f} req/s; Serve best / in-process batch 1: {ratios[kind]:.2f}")
+                    f"{local[f'{kind}/batched']['rps']:8.1f} req/s; Serve c={top} / in-process batched: "
+                    f"{ratios[kind][f'c{top}_over_batched']:.2f}, its p99 / p50: "
+                    f"{ratios[kind][f'c{top}_p99_over_p50'] or float('nan'):.2f}")
     common.print_title("Serve load: HTTP through Ray Serve against the pipeline in process", machine,
                        [f"run {run.uri()}, variant B forced, {args.duration:.0f} s per level, load from a separate process"],
                        100)

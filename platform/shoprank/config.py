@@ -441,6 +441,12 @@ class ServeConfig(Section):
         8, ge=1, le=256, description="Requests a variant replica answers together (one encoder call, one predict)."
     )
     batch_wait_s: float = Field(0.005, ge=0.0, le=1.0)
+    variant_max_ongoing_requests: int = Field(
+        64, ge=1, le=10_000, description="Requests a variant replica (and a separate query encoder) holds at once: "
+        "it answers them serve.ranker_batch_size at a time and the rest wait in its batch queue, where a finished "
+        "batch's slot is taken at once. Past this limit they wait in the caller's Serve router, which retries with "
+        "backoff: at 16 (twice the batch), 32 concurrent searches got 15 req/s where 8 got 38 (benchmarks/serve_load.py).",
+    )
     event_batch_size: int = Field(32, ge=1, le=1024, description="Concurrent /events requests written in one transaction.")
     max_query_chars: int = Field(200, ge=1, le=10_000)
     replicas: int = Field(1, ge=1, description="Replicas of each variant (and of its separate query encoder).")

@@ -118,12 +118,12 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         encoder_name = f"QueryEncoder_{name}"
         query_encoder = QueryEncoder.options(
             name=encoder_name, ray_actor_options=placed[encoder_name].ray_actor_options,
-            max_ongoing_requests=2 * settings.encoder_batch_size, **_scaling(placed[encoder_name], config),
+            max_ongoing_requests=settings.variant_max_ongoing_requests, **_scaling(placed[encoder_name], config),
             user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
         ).bind(dumped, spec.run, spec.encoder) if encoder_name in placed else None
         variants[name] = Variant.options(
             name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
-            max_ongoing_requests=2 * settings.ranker_batch_size, max_queued_requests=settings.max_queued_requests,
+            max_ongoing_requests=settings.variant_max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
             backpressure_config=backpressure, **_scaling(placed[f"Variant_{name}"], config),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
