@@ -12,6 +12,7 @@ from scipy import stats
 from scipy.stats.contingency import relative_risk
 
 from shoprank.experiment.assignment import assign
+from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
 from shoprank.store.events import Impression, SqliteEventStore
@@ -134,3 +135,37 @@ def test_repeated_and_unshown_engagements_count_once_and_the_report_never_fails(
     assert (a["impressions"], a["clicks"], a["purchases"]) == (2, 1, 1)
     assert a["ctr"]["rate"] == 0.5 and a["ctr"]["high"] <= 1.0 and a["conversion"]["rate"] == 0.5
     assert report["variants"]["B"]["clicks"] == 0 and "ctr" in report["lift"]
+
+
+LIMITS = GuardrailLimits(p99_ms=1000.0, error_rate=0.05, min_requests=100)
+
+
+def test_a_slow_or_failing_treatment_breaches_its_guardrails_and_is_not_shipped() -> None:
+    window = GuardrailWindow(1000)
+    for i in range(200):
+        window.observe("A", 0.05, False)
+        window.observe("B", 2.0 if i % 50 == 0 else 0.05, i % 10 == 0)  # 2% at 2 s, 10% server errors
+    figures = window.figures(LIMITS)
+    assert figures["A"] == {"requests": 200, "errors": 0, "error_rate": 0.0, "p99_ms": pytest.approx(50.0),
+                            "breached": []}
+    assert figures["B"]["errors"] == 20 and figures["B"]["error_rate"] == pytest.approx(0.1)
+    assert figures["B"]["p99_ms"] == pytest.approx(2000.0)
+    assert figures["B"]["breached"] == ["p99 latency 2000 ms over 1000 ms", "server error rate 10.00% over 5.00%"]
+    ship = {"decision": "ship B", "rule": "always-valid test on conversion_per_user: B above A"}
+    kept = with_guardrails(ship, figures)
+    assert kept["decision"] == "keep A" and kept["rule"].startswith("guardrail: B's p99 latency 2000 ms")
+    assert with_guardrails(ship, {"B": figures["A"]}) == ship
+    running = {"decision": "keep running", "rule": "not decided"}
+    assert with_guardrails(running, figures) == running
+
+
+def test_guardrails_judge_only_enough_recent_answers() -> None:
+    few = GuardrailWindow(1000)
+    for _ in range(10):
+        few.observe("B", 5.0, True)
+    assert few.figures(LIMITS)["B"]["error_rate"] == 1.0 and few.figures(LIMITS)["B"]["breached"] == []
+    recent = GuardrailWindow(100)
+    for seconds, failed in [(5.0, True)] * 100 + [(0.01, False)] * 100:
+        recent.observe("B", seconds, failed)
+    assert recent.figures(LIMITS)["B"] == {"requests": 100, "errors": 0, "error_rate": 0.0,
+                                           "p99_ms": pytest.approx(10.0), "breached": []}

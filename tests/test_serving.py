@@ -237,6 +237,8 @@ def test_ab_report_counts_assigned_traffic_and_leaves_forced_answers_out(app: Ap
 
     report = app.report_once(lambda report: added(report) >= len(users))
     assert added(report) == len(users)  # the forced answer's click is not counted
+    # the answering ingress replica's own answers of each variant, for the guardrails
+    assert all(report["guardrails"][v]["requests"] > 0 and report["guardrails"][v]["p99_ms"] > 0 for v in ("A", "B"))
     assert {"ctr", "conversion"} <= report["lift"].keys() and 0.0 <= report["lift"]["ctr"]["p_value"] <= 1.0
     assert "p_value" in report["sample_ratio"] and report["experiment"] == "default"
     offline = report["offline"]  # each variant's offline NDCG@10 (its run's evaluation) beside the online figures

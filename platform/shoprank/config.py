@@ -528,6 +528,21 @@ class ServeConfig(Section):
     impression_flush_s: float = Field(
         0.2, gt=0.0, le=60.0, description="How often an ingress replica writes its queued impressions.",
     )
+    guardrail_p99_ms: float = Field(
+        1000.0, gt=0.0, description="Guardrail of the A/B verdict: B is not shipped while its p99 latency on /search "
+        "and /recommend is over this (the ShoprankHighP99Latency alert's threshold).",
+    )
+    guardrail_error_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="Guardrail: B is not shipped while this share of its answers or more are "
+        "5xx (the ShoprankHigh5xxRate alert's threshold).",
+    )
+    guardrail_window: int = Field(
+        10_000, ge=100, le=1_000_000, description="Answers per variant the guardrails read: each ingress replica's "
+        "last ones (shoprank.experiment.guardrails).",
+    )
+    guardrail_min_requests: int = Field(
+        100, ge=1, description="Below this many answers a variant's guardrail figures are shown but breach nothing.",
+    )
     max_per_brand: int | None = Field(
         2, ge=1, description="At most this many products of one brand in an answer's top k, online and in the "
         "offline evaluation alike (None: no limit); when the candidates cannot fill k under it, the best skipped "

@@ -3,7 +3,7 @@
 Per variant the money and the funnel of users; per metric B against A with the
 fixed-horizon interval and p-value, the CUPED-adjusted interval and its variance
 reduction, and the always-valid interval and p-value; then the verdict and the
-rule that produced it. A figure the report could not compute is a dash followed
+rule that produced it, and the app's guardrails when the report has them. A figure the report could not compute is a dash followed
 by its reason.
 """
 
@@ -25,8 +25,9 @@ def _effect(effect: Mapping[str, Any] | None, low: str = "low", high: str = "hig
             f"{_num(effect.get(high), spec)}]")
 
 
-def user_level_markdown(section: Mapping[str, Any]) -> str:
-    """The ``user_level`` section of :func:`shoprank.experiment.report.ab_report` as Markdown."""
+def user_level_markdown(section: Mapping[str, Any], guardrails: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """The ``user_level`` section of :func:`shoprank.experiment.report.ab_report` as Markdown, with the report's
+    ``guardrails`` (the app's, :mod:`shoprank.experiment.guardrails`) when given."""
     lines = [f"**Unit: the user.** Experiment start {section.get('experiment_start') or '–'}; "
              f"{section.get('users_with_history', 0)} users with pre-experiment history (CUPED); "
              f"revenue: {section.get('revenue')}.", "",
@@ -59,8 +60,13 @@ def user_level_markdown(section: Mapping[str, Any]) -> str:
     verdict = section["verdict"]
     lines += ["", f"**Verdict: {verdict['decision']}** ({verdict['rule']}; planned size "
                   f"{section['planned_users_per_arm']} users per arm"
-                  f"{', reached' if section.get('past_planned_size') else ''}). "
-                  "Guardrails (p99 latency, error rate per variant) are not part of this readout yet."]
+                  f"{', reached' if section.get('past_planned_size') else ''})."]
+    if guardrails:
+        lines += ["", "| guardrail | " + " | ".join(guardrails) + " |", "|---|" + "---|" * len(guardrails),
+                  "| answers (5xx) | " + " | ".join(f"{g['requests']} ({g['errors']})" for g in guardrails.values())
+                  + " |",
+                  "| p99 latency | " + " | ".join(f"{g['p99_ms']:.0f} ms" for g in guardrails.values()) + " |",
+                  "| breached | " + " | ".join("; ".join(g["breached"]) or "none" for g in guardrails.values()) + " |"]
     if notes:
         lines += ["", "Not computed: " + "; ".join(notes) + "."]
     return "\n".join(lines)

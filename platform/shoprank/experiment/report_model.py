@@ -140,6 +140,17 @@ class OfflineFigures(Closed):
     note: str | None = Field(description="Why a figure is missing, when one is.")
 
 
+class Guardrail(Closed):
+    """A variant's answers as the guardrails read them (:mod:`shoprank.experiment.guardrails`)."""
+
+    requests: int = Field(description="Answers to /search and /recommend in the window.")
+    errors: int = Field(description="Of those, 5xx answers.")
+    error_rate: float
+    p99_ms: float
+    breached: list[str] = Field(description="The limits (serve.guardrail_*) this variant breaches; empty: none, or "
+                                            "too few answers to judge.")
+
+
 class ABReport(Closed):
     """``GET /ab/report``: see :mod:`shoprank.experiment.report`."""
 
@@ -153,3 +164,6 @@ class ABReport(Closed):
     impressions_dropped: int = Field(description="Impressions the ingress queues dropped under load (not counted).")
     offline: dict[str, OfflineFigures] = Field(
         default_factory=dict, description="Each variant's offline figures, from its run's evaluation.")
+    guardrails: dict[str, Guardrail] = Field(
+        default_factory=dict, description="Per variant: latency and server errors of its last serve.guardrail_window "
+        "answers in the ingress replica that wrote this report; a treatment that breaches a limit is not shipped.")

@@ -45,6 +45,7 @@ from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.errors import ConfigError, DataError
 from shoprank.experiment.assignment import assign
+from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.report_model import ABReport
 from shoprank.privacy import pseudonyms
@@ -57,7 +58,7 @@ from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
 from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import (
-    VARIANT_HEADER, RequestMetrics, metered, record_answer, record_dropped, record_events, record_split,
+    VARIANT_HEADER, Guardrails, RequestMetrics, metered, record_answer, record_dropped, record_events, record_split,
 )
 from shoprank.serving.variants import VariantSpec, offline_figures
 from shoprank.store.events import Impression, open_event_store
@@ -268,6 +269,7 @@ class Ingress:
             raise ConfigError(f"no API keys: serve.api_keys ({self.config.serve.api_keys} under run.root) is missing "
                               "and SHOPRANK_API_KEYS is empty; create them with `shoprank keys create`")
         BodyLimit.max_bytes = self.config.serve.max_body_bytes
+        Guardrails.window = GuardrailWindow(self.config.serve.guardrail_window)
         Access.keys, Access.docs, Access.retry_after_s = keys, self.config.serve.docs, self.config.serve.retry_after_s
         self.handles = variants
         self.store = store
@@ -466,6 +468,12 @@ class Ingress:
         report = await self.store.report.remote(self.config.serve.split, self.prices)
         report["experiment"] = self.config.serve.experiment
         report["offline"] = self.offline
+        settings = self.config.serve
+        report["guardrails"] = Guardrails.window.figures(GuardrailLimits(
+            settings.guardrail_p99_ms, settings.guardrail_error_rate, settings.guardrail_min_requests))
+        user_level = report["user_level"]
+        if user_level.get("verdict"):
+            user_level["verdict"] = with_guardrails(user_level["verdict"], report["guardrails"])
         return report
 
     @api.get("/variants", response_model=Variants, dependencies=[needs("admin")], responses=refusals(401, 403))

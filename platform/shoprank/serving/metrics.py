@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any, cast
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shoprank.experiment.guardrails import GuardrailWindow
+
 if TYPE_CHECKING:  # the store's module is the writer's; ray.serve.metrics is imported where metrics are made
     from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -194,10 +196,24 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, observed)
         finally:
+            seconds = time.perf_counter() - started
             tags = {"endpoint": endpoint_of(scope), "variant": variant}
             metrics = _metrics()
             metrics.requests.inc(tags={**tags, "status": f"{status // 100}xx"})
-            metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
+            metrics.request_seconds.observe(seconds, tags=tags)
+            if tags["endpoint"] in ANSWERING_ENDPOINTS and variant != NO_VARIANT:
+                Guardrails.window.observe(variant, seconds, status >= 500)
+
+
+ANSWERING_ENDPOINTS = ("/search", "/recommend")
+"""The endpoints whose latency and errors the A/B guardrails read (an answer of a variant)."""
+
+
+class Guardrails:
+    """This ingress process's answers for the A/B guardrails (:mod:`shoprank.experiment.guardrails`); the ingress
+    replaces the window with one of ``serve.guardrail_window`` answers when it starts."""
+
+    window = GuardrailWindow(10_000)
 
 
 def record_split(split: dict[str, float]) -> None:

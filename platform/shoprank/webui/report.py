@@ -43,7 +43,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                            or f"– ({figures['note']})")
             for name, figures in offline.items())]
     if report.get("user_level"):
-        lines += ["", user_level_markdown(report["user_level"])]
+        lines += ["", user_level_markdown(report["user_level"], report.get("guardrails"))]
     forced = report.get("side_by_side") or {}
     if forced:
         lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(
