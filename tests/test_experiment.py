@@ -13,6 +13,7 @@ from scipy.stats.contingency import relative_risk
 
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
+from shoprank.experiment.readout import readout_png, user_level_markdown
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
 from shoprank.store.events import Impression, SqliteEventStore
@@ -169,3 +170,33 @@ def test_guardrails_judge_only_enough_recent_answers() -> None:
         recent.observe("B", seconds, failed)
     assert recent.figures(LIMITS)["B"] == {"requests": 100, "errors": 0, "error_rate": 0.0,
                                            "p99_ms": pytest.approx(10.0), "breached": []}
+
+
+def test_the_readout_draws_whole_reports_and_empty_ones(tmp_path: Path) -> None:
+    """A report with traffic in both arms, and one of an empty store: each becomes one whole PNG (nothing half
+    written beside it), and the Markdown readout carries the guardrails under the verdict."""
+    store = SqliteEventStore(tmp_path / "events.db")
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    impressions, events = [], []
+    for variant, bought in (("A", 8), ("B", 14)):
+        for u in range(40):
+            request, user = f"{variant}-R{u}", f"{variant}-U{u}"
+            impressions += [Impression(request, user, variant, f"P{p}", p + 1, t0) for p in range(5)]
+            kinds = ["click"] + ["purchase"] * (u < bought)
+            events += [{"event_id": f"{request}-{k}", "user_id": user, "session_id": f"S-{request}", "product_id": "P0",
+                        "event_type": k, "ts": t0, "request_id": request} for k in kinds]
+    store.log_impressions(impressions)
+    store.append(events)
+    window = GuardrailWindow(1000)
+    for _ in range(150):
+        window.observe("A", 0.05, False)
+        window.observe("B", 1.5, False)
+    report = {**ab_report(store, {"A": 0.5, "B": 0.5}, prices={"P0": 10.0}), "experiment": "readout-test",
+              "guardrails": window.figures(LIMITS)}
+    empty = {**ab_report(SqliteEventStore(tmp_path / "empty.db"), {"A": 0.5, "B": 0.5}), "experiment": "empty"}
+    for name, drawn in (("full", report), ("empty", empty)):
+        readout_png(drawn, tmp_path / "out" / f"{name}.png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["empty.png", "full.png"]
+    assert all((tmp_path / "out" / f).read_bytes().startswith(b"\x89PNG") for f in ("empty.png", "full.png"))
+    markdown = user_level_markdown(report["user_level"], report["guardrails"])
+    assert "| p99 latency | 50 ms | 1500 ms |" in markdown and "p99 latency 1500 ms over 1000 ms" in markdown

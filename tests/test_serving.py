@@ -247,6 +247,22 @@ def test_ab_report_counts_assigned_traffic_and_leaves_forced_answers_out(app: Ap
     assert report["variants"]["B"]["funnel"]
 
 
+def test_the_readout_command_writes_the_apps_report_as_markdown_and_png(app: App, tmp_path: Path) -> None:
+    """``shoprank experiment readout`` as a user runs it against the live app, with the run root's admin key."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "readout"
+    done = subprocess.run([str(Path(sys.executable).parent / "shoprank"), "experiment", "readout", "--config", "tiny",
+                           "--set", f"run.root={app.config.run.root}", "--serve-url", app.url, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"A/B readout: {out / 'ab_readout.md'} and {out / 'ab_readout.png'}" in done.stdout
+    assert (out / "ab_readout.png").read_bytes().startswith(b"\x89PNG")
+    assert "| variant | users |" in (out / "ab_readout.md").read_text() and "Verdict: " in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["ab_readout.md", "ab_readout.png"]
+
+
 def _flow(app: App, stop: threading.Event, outcomes: list[tuple[str, int]], user: str) -> None:
     """Events and recommendations in a loop, recording each event id with its status."""
     product = next(iter(app.category_of))

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--alpha", type=float, default=0.05)
     cal.add_argument("--seed", type=int, default=0)
 
+    rd = actions.add_parser("readout", help="the running app's A/B report as Markdown and PNG files (admin key)")
+    rd.add_argument("--config", default="demo")
+    rd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rd.add_argument("--serve-url", default=None)
+    rd.add_argument("--out", default=None, help="folder of ab_readout.md and ab_readout.png (default: run.root/readout)")
+
     keys = commands.add_parser("keys", help="create this machine's API keys and the page's logins for a run root")
     keys.add_argument("action", choices=["create", "show"])
     keys.add_argument("--config", default="demo")
@@ -209,8 +215,33 @@ def event_store_copy(config: Config, action: str, file: str, replace: bool) -> s
     return f"{location} restored from {file}: {count} events; restart the Serve app (shoprank serve) to read them"
 
 
+def write_readout(config: Config, url: str, out: Path) -> str:
+    """``shoprank experiment readout``: the app's ``/ab/report`` (admin key) as ``ab_readout.md`` and
+    ``ab_readout.png`` in ``out``; where they are and the verdict."""
+    from shoprank.experiment.readout import readout_png
+    from shoprank.webui.client import ServeClient
+    from shoprank.webui.report import report_markdown
+
+    report = ServeClient(url, client_keys(config)["admin"]).report()
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "ab_readout.md"
+    partial = markdown.with_name(f".{markdown.name}.partial")
+    partial.write_text(report_markdown(report) + "\n")
+    partial.replace(markdown)
+    readout_png(report, out / "ab_readout.png")
+    verdict = (report.get("user_level") or {}).get("verdict")
+    decision = f"{verdict['decision']} ({verdict['rule']})" if verdict else "none yet (both variants need users)"
+    return f"A/B readout: {markdown} and {out / 'ab_readout.png'}\nVerdict: {decision}"
+
+
 def experiment_command(args: argparse.Namespace) -> str:
-    """``shoprank experiment plan|calibrate``: numbers only, no cluster."""
+    """``shoprank experiment plan|calibrate`` (numbers only, no cluster) and ``readout`` (the running app's)."""
+    if args.action == "readout":
+        config = load_config(args.config, args.set)
+        if not args.out and "://" in config.run.root:
+            raise ShopRankError(f"run.root is {config.run.root}: name a local folder for the readout with --out")
+        out = Path(args.out) if args.out else Path(config.run.root) / "readout"
+        return write_readout(config, args.serve_url or serve_url(config), out)
     if args.action == "plan":
         from shoprank.experiment.plan import binary_sigma, plan
 

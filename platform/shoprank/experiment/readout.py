@@ -3,13 +3,18 @@
 Per variant the money and the funnel of users; per metric B against A with the
 fixed-horizon interval and p-value, the CUPED-adjusted interval and its variance
 reduction, and the always-valid interval and p-value; then the verdict and the
-rule that produced it, and the app's guardrails when the report has them. A figure the report could not compute is a dash followed
+rule that produced it, and the app's guardrails when the report has them. :func:`readout_png` draws the same
+readout as one picture (``shoprank experiment readout`` writes both files). A figure the report could not compute is a dash followed
 by its reason.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import textwrap
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -70,3 +75,74 @@ def user_level_markdown(section: Mapping[str, Any], guardrails: Mapping[str, Map
     if notes:
         lines += ["", "Not computed: " + "; ".join(notes) + "."]
     return "\n".join(lines)
+
+
+FUNNEL = ("shown", "clicked", "carted", "bought")
+
+
+def readout_png(report: Mapping[str, Any], path: Path) -> None:
+    """The readout of a whole ``/ab/report`` as a PNG at ``path``: per variant the funnel of users; per metric
+    B - A relative to A, with the fixed-horizon interval (thick) and the always-valid one (thin); the verdict, its
+    rule and the guardrails as the title. A metric without figures is left out and named. The file appears whole
+    or not at all (written beside, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    section = report.get("user_level") or {}
+    figure, (funnel_axis, effect_axis) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    variants = section.get("variants") or {}
+    width = 0.8 / max(1, len(variants))
+    for i, (name, row) in enumerate(variants.items()):
+        shares = [row["funnel_users"][step] / row["users"] if row["users"] else 0.0 for step in FUNNEL]
+        funnel_axis.bar([x + i * width for x in range(len(FUNNEL))], shares, width, label=f"{name} ({row['users']} users)")
+    funnel_axis.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(FUNNEL))], FUNNEL)
+    funnel_axis.set_ylabel("share of the variant's users")
+    funnel_axis.set_title("Funnel of users")
+    if variants:
+        funnel_axis.legend()
+    rows, left_out = [], []
+    for name, entry in (section.get("metrics") or {}).items():
+        fixed = entry.get("fixed_horizon") or {}
+        control = fixed.get("control")
+        if fixed.get("difference") is None or not control:
+            left_out.append(name)
+            continue
+        live = entry.get("always_valid") or {}
+        rows.append((name, fixed["difference"] / control, fixed.get("low"), fixed.get("high"), live.get("low"),
+                     live.get("high"), control))
+    for y, (name, relative, low, high, live_low, live_high, control) in enumerate(rows):
+        if live_low is not None and live_high is not None:
+            effect_axis.plot([live_low / control, live_high / control], [y, y], color="#9bd", linewidth=2)
+        if low is not None and high is not None:
+            effect_axis.plot([low / control, high / control], [y, y], color="#236", linewidth=6)
+        effect_axis.plot([relative], [y], "o", color="#d62")
+    effect_axis.axvline(0.0, color="#666", linewidth=1)
+    effect_axis.set_yticks(range(len(rows)), [row[0] for row in rows])
+    effect_axis.invert_yaxis()
+    effect_axis.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    effect_axis.set_xlabel("B - A, relative to A: 95% interval (thick), always-valid (thin)")
+    effect_axis.set_title("B against A per user" + (f" (no figures: {', '.join(left_out)})" if left_out else ""))
+    if not rows:
+        effect_axis.text(0.5, 0.5, "no figures yet: both variants need users", ha="center", transform=effect_axis.transAxes)
+    verdict = section.get("verdict")
+    title = [f"{report.get('experiment', 'experiment')}: " + (f"{verdict['decision']} ({verdict['rule']})" if verdict
+                                                             else "no verdict yet")]
+    guardrails = report.get("guardrails") or {}
+    if guardrails:
+        title.append("Guardrails: " + "; ".join(
+            f"{name} p99 {g['p99_ms']:.0f} ms, 5xx {g['error_rate']:.1%} of {g['requests']}"
+            + (f" BREACHED: {', '.join(g['breached'])}" if g["breached"] else "") for name, g in guardrails.items()))
+    figure.suptitle("\n".join(textwrap.fill(line, 150) for line in title), fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(partial, dpi=100)
+        os.replace(partial, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(partial):
+            os.remove(partial)
