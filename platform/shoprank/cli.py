@@ -219,15 +219,13 @@ def write_readout(config: Config, url: str, out: Path) -> str:
     """``shoprank experiment readout``: the app's ``/ab/report`` (admin key) as ``ab_readout.md`` and
     ``ab_readout.png`` in ``out``; where they are and the verdict."""
     from shoprank.experiment.readout import readout_png
+    from shoprank.store.location import Location
     from shoprank.webui.client import ServeClient
     from shoprank.webui.report import report_markdown
 
     report = ServeClient(url, client_keys(config)["admin"]).report()
-    out.mkdir(parents=True, exist_ok=True)
     markdown = out / "ab_readout.md"
-    partial = markdown.with_name(f".{markdown.name}.partial")
-    partial.write_text(report_markdown(report) + "\n")
-    partial.replace(markdown)
+    Location(str(out)).write_text(report_markdown(report) + "\n", markdown.name)
     readout_png(report, out / "ab_readout.png")
     verdict = (report.get("user_level") or {}).get("verdict")
     decision = f"{verdict['decision']} ({verdict['rule']})" if verdict else "none yet (both variants need users)"

@@ -533,7 +533,7 @@ class ServeConfig(Section):
         "and /recommend is over this (the ShoprankHighP99Latency alert's threshold).",
     )
     guardrail_error_rate: float = Field(
-        0.05, ge=0.0, le=1.0, description="Guardrail: B is not shipped while this share of its answers or more are "
+        0.05, ge=0.0, le=1.0, description="Guardrail: B is not shipped while more than this share of its answers are "
         "5xx (the ShoprankHigh5xxRate alert's threshold).",
     )
     guardrail_window: int = Field(

@@ -10,12 +10,13 @@ by its reason.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from shoprank.store.location import Location
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -84,7 +85,7 @@ def readout_png(report: Mapping[str, Any], path: Path) -> None:
     """The readout of a whole ``/ab/report`` as a PNG at ``path``: per variant the funnel of users; per metric
     B - A relative to A, with the fixed-horizon interval (thick) and the always-valid one (thin); the verdict, its
     rule and the guardrails as the title. A metric without figures is left out and named. The file appears whole
-    or not at all (written beside, then renamed)."""
+    or not at all (:meth:`~shoprank.store.location.Location.write_bytes`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,13 +137,7 @@ def readout_png(report: Mapping[str, Any], path: Path) -> None:
             + (f" BREACHED: {', '.join(g['breached'])}" if g["breached"] else "") for name, g in guardrails.items()))
     figure.suptitle("\n".join(textwrap.fill(line, 150) for line in title), fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(partial, dpi=100)
-        os.replace(partial, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
+    picture = io.BytesIO()
+    figure.savefig(picture, format="png", dpi=100)
+    plt.close(figure)
+    Location(str(path.parent)).write_bytes(picture.getvalue(), path.name)

@@ -90,14 +90,17 @@ class Location:
     def read_json(self, *parts: str) -> dict[str, Any]:
         return json.loads(self.read_text(*parts))
 
-    def write_text(self, text: str, *parts: str) -> None:
+    def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a file atomically: a temporary file moved into place, never half a file."""
         target = self.path(*parts)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"  # unique: concurrent writers never share one
         with self.fs.open_output_stream(tmp) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         self.fs.move(tmp, target)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
 
     def write_json(self, payload: dict[str, Any], *parts: str) -> None:
         self.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), *parts)
