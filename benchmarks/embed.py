@@ -20,8 +20,9 @@ products a batch. Pass the config (and ``--set``) the run was trained with.
       are not touched). A thin subclass of the library's
       ``EmbedProducts`` only pins torch to 1 thread per actor (as a 1-CPU Ray worker runs) and
       records each batch's call time.
-   b. **Plain, one process**: ``load_encoder`` + ``read_table`` + ``product_texts`` + ``encode`` in
-      the driver, at each thread count of ``--plain-threads``. The ratio compares the Ray job with
+   b. **Plain, one process**: ``load_embedder`` + ``read_table`` + ``product_texts`` + ``embed`` in
+      the driver, at each thread count of ``--plain-threads``, in the runtime the actors use
+      (``batch_runtime``: the export stage's fp32 ONNX graph on a CPU, else PyTorch). The ratio compares the Ray job with
       the plain loop at as many threads as the job has actors (the same number of cores).
 
    Both are timed end to end (model load / actor start-up, read, embed, and for Ray the write) and
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import statistics
 import sys
@@ -104,33 +106,37 @@ def ray_embed_benchmark(config: Any, run: Any, actors: int) -> tuple[dict[str, A
     n = table.num_rows
     result = {"products": n, "wall_seconds": wall_s, "products_per_s": n / wall_s,
               "compute_seconds": compute_s, "compute_products_per_s": n / compute_s,
-              "actors": actors, "torch_threads": actors, "batch_size": embed.batch_size}
+              "actors": actors, "threads": actors, "batch_size": embed.batch_size}
     return result, table.drop_columns(["bench_call_s"])
 
 
-def plain_embed_benchmark(config: Any, run: Any, model_dir: Path,
-                          threads: int) -> tuple[dict[str, Any], np.ndarray, list[str]]:
-    """Load, read and embed the catalogue in this process; (figures, vectors, product ids in table order)."""
+def plain_embed_benchmark(config: Any, run: Any, threads: int) -> tuple[dict[str, Any], np.ndarray, list[str]]:
+    """Load, read and embed the catalogue in this process, in the runtime the Ray job's actors use
+    (``batch_runtime``: the export's fp32 ONNX graph on a CPU); (figures, vectors, product ids in table order)."""
     import torch
 
     from shoprank.data.io import read_table
-    from shoprank.encoder.model import encode, load_encoder
+    from shoprank.encoder.runtime import load_embedder
+    from shoprank.encoder.stages import batch_runtime
     from shoprank.encoder.text import product_texts
+    from shoprank.encoder.train import FINE_TUNED
 
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's threads, as Ray sets them for a 1-CPU actor
+    runtime = batch_runtime(run, FINE_TUNED, "cpu")
     started = time.perf_counter()
-    encoder, tokenizer = load_encoder(model_dir, "merged")
+    embedder = load_embedder(config, run, zero_shot=False, runtime=runtime)
     products = read_table(run, "data", "products")
     load_s = time.perf_counter() - started
     compute_started = time.perf_counter()
     texts = product_texts(products, config.encoder)
-    vectors = encode(encoder, tokenizer, texts, config.encoder.max_length, batch_size=config.embed.batch_size)
+    vectors = embedder.embed(texts, config.encoder.max_length, batch_size=config.embed.batch_size)
     compute_s = time.perf_counter() - compute_started
     wall_s = time.perf_counter() - started
     n = len(texts)
     return ({"products": n, "wall_seconds": wall_s, "products_per_s": n / wall_s, "load_seconds": load_s,
-             "compute_seconds": compute_s, "compute_products_per_s": n / compute_s, "torch_threads": threads,
-             "batch_size": config.embed.batch_size},
+             "compute_seconds": compute_s, "compute_products_per_s": n / compute_s, "threads": threads,
+             "runtime": runtime, "batch_size": config.embed.batch_size},
             vectors, products.column("product_id").to_pylist())
 
 
@@ -275,7 +281,7 @@ def _benchmark(args: argparse.Namespace, config: Any, run: Any, model_dir: Path)
         for threads in thread_counts:
             log.info("plain embedding loop, %d thread(s) ...", threads)
             watcher.set_phase(f"embed_plain_{threads}_thread")
-            result, vectors, ids = plain_embed_benchmark(config, run, model_dir, threads)
+            result, vectors, ids = plain_embed_benchmark(config, run, threads)
             figures["embed_plain"][f"threads_{threads}"] = result
             if plain_vectors is None:
                 plain_vectors, plain_ids = vectors, ids
@@ -324,11 +330,11 @@ def _report(f: dict[str, Any]) -> None:
     print("-" * len(header))
     rows = [(f"Ray Data map_batches ({er['actors']} actor{'s' if er['actors'] > 1 else ''})", er)]
     for r in f["embed_plain"].values():
-        threads = int(r["torch_threads"])
+        threads = int(r["threads"])
         rows.append(("plain encode(), one process" if threads == tc else
                      f"plain encode() (extra: {threads} thread{'s' if threads > 1 else ''})", r))
     for name, r in rows:
-        print(f"{name:<40} {int(r['torch_threads']):>7} {r['wall_seconds']:>8.2f} {r['products_per_s']:>11.1f} "
+        print(f"{name:<40} {int(r['threads']):>7} {r['wall_seconds']:>8.2f} {r['products_per_s']:>11.1f} "
               f"{r['compute_seconds']:>10.2f} {r['compute_products_per_s']:>10.1f}")
     ch = f["embed_check"]
     print(f"ratio Ray/plain ({tc} thread{'s' if tc > 1 else ''} each): products/s {f['embed_ratio_ray_over_plain']:.3f}, "

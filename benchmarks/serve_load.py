@@ -162,7 +162,7 @@ def main() -> None:
         serve.shutdown()
         watcher.set_phase("in process")
         spec = resolve_variants(config)["B"]
-        context = load_context(config, Run.from_uri(spec.run))
+        context = load_context(config, Run.from_uri(spec.run), runtime=spec.runtime)  # Serve's runtime
         booster = load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
         pipeline = VariantPipeline(context, "ranker", booster)
         now_s = float(context.catalogue.stats.cutoff_s) + 30 * 86_400

@@ -1,4 +1,4 @@
-"""The whole pipeline: data, encoder, embedding and index, ranking features, ranker, evaluation,
+"""The whole pipeline: data, encoder, its ONNX export, embedding and index, ranking features, ranker, evaluation,
 then variants A and B registered. Finished stages are skipped, so a rerun continues after a crash.
 
     python jobs/pipeline.py --config demo

@@ -99,3 +99,12 @@ def test_demo_quality_scan(tiny_trained: tuple[Config, Run]) -> None:
     config, run = tiny_trained
     run_benchmark("demo_quality_scan.py", "--data", str(Path(run.path("data"))), "--model", config.encoder.model,
                   "--only", "base")
+
+
+@pytest.mark.slow
+def test_encoder_runtime(tiny_trained: tuple[Config, Run]) -> None:
+    config, _ = tiny_trained
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    figures = run_benchmark("encoder_runtime.py", "--config", "tiny", *sets, "--queries", "32",
+                            "--batch1-queries", "8", "--threads", "1")
+    assert figures["fine_tuned"]["chosen"] in ("torch", "onnx", "onnx-int8")

@@ -29,6 +29,7 @@ from conftest import App, bearer, deploy_app
 from postgres import PostgresServer
 from shoprank.config import Config
 from shoprank.data.io import read_table
+from shoprank.encoder.runtime import verdicts
 from shoprank.ranker.train import load_ranker, save_ranker
 from shoprank.serving.app import APP_NAME
 from shoprank.store.registry import Registry
@@ -62,6 +63,9 @@ def test_search_and_recommend_answer_with_variant_request_id_and_scores(app: App
     assert app.post("/recommend", {"user_id": "never-seen-before", "k": 5}).status_code == 200
     variants = app.http.get("/variants").json()
     assert variants["variants"]["A"]["strategy"] == "retrieval" and variants["variants"]["B"]["model"]["trees"] >= 1
+    exported = verdicts(app.run)  # serve.encoder_runtime auto: each variant's encoder in the export's pick
+    assert {name: v["runtime"] for name, v in variants["variants"].items()} == {
+        "A": exported["zero_shot"]["chosen"], "B": exported["fine_tuned"]["chosen"]}
     assert {"/search", "/recommend", "/events", "/ab/report", "/variants", "/healthz"} <= app.http.get("/openapi.json").json()["paths"].keys()
 
 

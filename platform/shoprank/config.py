@@ -323,6 +323,21 @@ class EmbedConfig(Section):
     user_half_life_days: float = Field(7.0, gt=0.0, description="Recency weighting of a user's history.")
 
 
+class ExportConfig(Section):
+    """The ``export`` stage: the encoders in ONNX (fp32 and int8) for CPU serving and batch embedding, each checked
+    against PyTorch before it may serve (:mod:`shoprank.encoder.export`)."""
+
+    min_cosine: float = Field(
+        0.999, gt=0.0, le=1.0, description="The fp32 export must give vectors this close to PyTorch's (smallest "
+        "cosine over the validation queries and sampled products), else ONNX is not offered.",
+    )
+    max_ndcg_drop: float = Field(
+        0.005, ge=0.0, le=1.0, description="serve.encoder_runtime auto picks the fastest runtime whose validation "
+        "NDCG@10 is at most this much below PyTorch's.",
+    )
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset of the export.")
+
+
 class EncoderConfig(Section):
     """The pretrained encoder and how it is fine-tuned."""
 
@@ -426,6 +441,11 @@ class ServeConfig(Section):
     separate_query_encoder: bool | None = Field(
         None, description="Each variant's query encoder in a deployment of its own (QueryEncoder_A...) instead of "
         "inside the variant's replica; default: only with ray.use_gpu, where that deployment holds the GPU.",
+    )
+    encoder_runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="How the query encoder runs: torch, or the export stage's ONNX graph in fp32 (onnx) or "
+        "int8 (onnx-int8). auto: torch with ray.use_gpu, else the export's pick, the fastest runtime whose validation "
+        "NDCG@10 is within export.max_ndcg_drop of PyTorch's (shoprank.encoder.runtime).",
     )
     encoder_batch_size: int = Field(16, ge=1, le=256, description="Queries per call of a separate query encoder.")
     gpus_per_encoder: float = Field(
@@ -595,6 +615,7 @@ class Config(Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     ranker: RankerConfig = Field(default_factory=RankerConfig)

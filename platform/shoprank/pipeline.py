@@ -1,4 +1,4 @@
-"""The end-to-end pipeline: preprocess -> encoder -> embed and index -> features -> ranker ->
+"""The end-to-end pipeline: preprocess -> encoder -> ONNX export -> embed and index -> features -> ranker ->
 evaluate -> register the variants.
 
 Each stage is skipped when its config hash is unchanged and its outputs are there, so

@@ -32,6 +32,7 @@ from shoprank.config import Config
 from shoprank.data.ingest import ingest_outputs
 from shoprank.data.preprocess import preprocess_outputs
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
+from shoprank.encoder.runtime import EXPORT
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import key_id, pseudonyms
 from shoprank.ranker.features import FEATURE_SCHEMA_VERSION
@@ -106,9 +107,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),
           sections=("encoder",), upstream=("preprocess",),
           inputs=("data/products", "data/query_pairs", "data/coengagement", "data/user_histories")),
+    Stage("export", _body("shoprank.encoder.export:export_encoders"), _fixed(["/".join(EXPORT)]),
+          sections=("export",), upstream=("encoder",),
+          inputs=("encoder/model", "data/products", "data/query_pairs", "data/events", "data/user_histories")),
     Stage("embed", _body("shoprank.encoder.stages:embed_and_index"),
           _fixed(["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]),
-          sections=("embed",), upstream=("encoder",), inputs=("encoder/model", "data/products", "data/user_histories")),
+          sections=("embed",), upstream=("export",),
+          inputs=("encoder/model", "/".join(EXPORT), "data/products", "data/user_histories")),
     Stage("features", _body("shoprank.ranker.stages:build_features"), _fixed(["ranker/features"]),
           sections=("retrieval",), settings=feature_settings, upstream=("embed",),
           version=f"features-v{FEATURE_SCHEMA_VERSION}",

@@ -238,13 +238,13 @@ def evaluate(
     metrics: dict[str, float] = {}
     if data.qrels:
         queries = encode(encoder, tokenizer, list(data.queries.values()), QUERY_MAX_LENGTH, device=device)
-        metrics.update(mean_metrics(_top_k(queries, products, data.product_ids, list(data.queries), k), data.qrels, k=k))
+        metrics.update(mean_metrics(top_k(queries, products, data.product_ids, list(data.queries), k), data.qrels, k=k))
     if data.user_qrels:
         users = list(data.user_qrels)
         empty = np.zeros(products.shape[1], np.float32)
         vectors = np.stack([_or(user_embedding(products[rows], kinds, ages, HALF_LIFE_DAYS), empty)
                             for rows, kinds, ages in (data.user_histories[u] for u in users)])
-        found = mean_metrics(_top_k(vectors, products, data.product_ids, users, k), data.user_qrels, k=k)
+        found = mean_metrics(top_k(vectors, products, data.product_ids, users, k), data.user_qrels, k=k)
         metrics.update({f"{NEXT_ITEMS}/{name}": value for name, value in found.items()})
         metrics.setdefault(f"ndcg@{k}", found[f"ndcg@{k}"])
     if head is not None:
@@ -266,7 +266,7 @@ def _or(vector: np.ndarray | None, default: np.ndarray) -> np.ndarray:
     return default if vector is None else vector
 
 
-def _top_k(vectors: np.ndarray, products: np.ndarray, product_ids: list[str], keys: list[str], k: int) -> dict[str, list[str]]:
+def top_k(vectors: np.ndarray, products: np.ndarray, product_ids: list[str], keys: list[str], k: int) -> dict[str, list[str]]:
     """Each key's ``k`` products of highest inner product with its vector."""
     top = np.argsort(-(vectors @ products.T), axis=1)[:, :k]
     return {key: [product_ids[i] for i in row] for key, row in zip(keys, top)}

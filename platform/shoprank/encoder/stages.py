@@ -33,8 +33,9 @@ from ray.data import ActorPoolStrategy, SaveMode
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import PartFilenames, pool_takes_every_cpu, read_dataset, read_table, write_table
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, build_index, embedding_table
-from shoprank.encoder.model import encode, load_backbone, load_encoder, load_encoder_from_config, save_encoder
+from shoprank.encoder.model import load_backbone, save_encoder
 from shoprank.encoder.objectives import build_model
+from shoprank.encoder.runtime import Embedder, Runtime, load_embedder, verdicts
 from shoprank.encoder.text import product_texts
 from shoprank.encoder.train import (
     CATALOGUE, FINE_TUNED, ZERO_SHOT, NothingToLearn, load_checkpoint_state, train_encoder,
@@ -93,6 +94,12 @@ def export_checkpoint(config: EncoderConfig, run: Run, state: dict, catalogue: P
             shutil.copytree(catalogue, target / CATALOGUE)
 
 
+def batch_runtime(run: Run, name: str, device: str) -> Runtime:
+    """How batch embedding runs encoder ``name``: the export's fp32 ONNX graph on a CPU where the export matched
+    PyTorch (the same vectors, faster), else PyTorch (on the GPU, or a run without an export)."""
+    return "onnx" if device == "cpu" and "onnx" in verdicts(run).get(name, {}).get("offered", []) else "torch"
+
+
 class EmbedProducts:
     """Ray Data callable class: the encoders are loaded once per actor, then embed batches.
 
@@ -101,28 +108,26 @@ class EmbedProducts:
     (:data:`FINE_TUNED`, :data:`ZERO_SHOT`: the pretrained model that ``encoder.model``
     names); each gives a column of that name. Both in one actor cost one actor start and
     one read of the catalogue instead of two, which on a small machine is most of the
-    embed stage's time.
+    embed stage's time. On a CPU each encoder runs as the export stage's fp32 ONNX graph
+    where the export matched PyTorch (:mod:`shoprank.encoder.runtime`), else in PyTorch.
     """
 
     def __init__(self, run: Run, config: dict, batch_size: int, use_gpu: bool,
                  encoders: tuple[str, ...] = (FINE_TUNED,)) -> None:
-        self.config = EncoderConfig.model_validate(config)
+        self.config = Config.model_validate(config)
         self.batch_size = batch_size
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encoders = {
-            name: load_encoder_from_config(self.config) if name == ZERO_SHOT
-            else load_encoder(run.local_path("encoder", "model"))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoders: dict[str, Embedder] = {
+            name: load_embedder(self.config, run, zero_shot=name == ZERO_SHOT, device=device,
+                                runtime=batch_runtime(run, name, device))
             for name in encoders
         }
-        for encoder, _ in self.encoders.values():
-            encoder.to(self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = product_texts(batch, self.config)
+        texts = product_texts(batch, self.config.encoder)
         columns = {"product_id": batch.column("product_id")}
-        for name, (encoder, tokenizer) in self.encoders.items():
-            vectors = encode(encoder, tokenizer, texts, self.config.max_length, batch_size=self.batch_size,
-                             device=self.device)
+        for name, embedder in self.encoders.items():
+            vectors = embedder.embed(texts, self.config.encoder.max_length, batch_size=self.batch_size)
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
                                                               vectors.shape[1])
         return pa.table(columns)
@@ -145,7 +150,7 @@ def embed_catalogue(config: Config, run: Run, targets: dict[str, tuple[str, ...]
         products = products.materialize()
     embedded = products.map_batches(
         embedder,
-        fn_constructor_args=(run, config.encoder.model_dump(mode="json"), embed.batch_size, config.ray.use_gpu,
+        fn_constructor_args=(run, config.model_dump(mode="json"), embed.batch_size, config.ray.use_gpu,
                              tuple(targets)),
         batch_size=embed.batch_size, compute=ActorPoolStrategy(size=embed.actors), num_gpus=1 if config.ray.use_gpu else 0,
         batch_format="pyarrow",

@@ -14,7 +14,7 @@ actor imports neither PyTorch nor transformers (about 7 s of CPU per actor here)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -27,6 +27,7 @@ from shoprank.config import Config, RetrievalConfig, ServeConfig
 from shoprank.data.io import read_table
 from shoprank.data.schema import ESCI_LABELS
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, embedding_matrix
+from shoprank.encoder.runtime import Runtime, load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.errors import ShopRankError
 from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
@@ -34,7 +35,7 @@ from shoprank.retrieval.candidates import Catalogue, ItemItem, fit_item_item
 from shoprank.store.run import Run
 
 if TYPE_CHECKING:
-    from shoprank.encoder.model import TextEncoder
+    from shoprank.encoder.runtime import Embedder
 
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")
 RELEVANT_LABEL = ESCI_LABELS["S"]
@@ -139,26 +140,16 @@ class RankingContext:
 
     config: Config
     catalogue: Catalogue
-    encoder: TextEncoder | None
-    """None in a context loaded without one (a feature actor's)."""
-    tokenizer: Any
+    embedder: Embedder | None
+    """The query encoder in its runtime (:mod:`shoprank.encoder.runtime`); None in a context loaded without one
+    (a feature actor's)."""
     events: EventLog
     cutoff_s: float
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
-        if self.encoder is None:
+        if self.embedder is None:
             raise ShopRankError("this ranking context was loaded without its encoder (encoder=False)")
-        from shoprank.encoder.model import encode
-
-        return encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH)
-
-
-def load_run_encoder(config: Config, run: Run, *, zero_shot: bool) -> tuple[TextEncoder, Any]:
-    """The encoder a context of ``run`` embeds queries with: the pretrained ``encoder.model`` (``zero_shot``)
-    or the run's fine-tuned one."""
-    from shoprank.encoder.model import load_encoder, load_encoder_from_config
-
-    return load_encoder_from_config(config.encoder) if zero_shot else load_encoder(run.local_path("encoder", "model"))
+        return self.embedder.embed(queries, QUERY_MAX_LENGTH)
 
 
 def load_product_stats(config: Config, run: Run) -> ProductStats:
@@ -170,10 +161,10 @@ def load_product_stats(config: Config, run: Run) -> ProductStats:
 
 def load_context(
     config: Config, run: Run, *, zero_shot: bool = False, history_until_s: float | None = None,
-    new_events: pa.Table | None = None, encoder: bool = True,
+    new_events: pa.Table | None = None, encoder: bool = True, runtime: Runtime = "torch",
 ) -> RankingContext:
-    """The run's context: fine-tuned encoder and index, or the pretrained encoder (``zero_shot``); without an
-    encoder when ``encoder`` is false (the caller brings its query vectors).
+    """The run's context: fine-tuned encoder and index, or the pretrained encoder (``zero_shot``), the encoder in
+    ``runtime``; without an encoder when ``encoder`` is false (the caller brings its query vectors).
 
     ``history_until_s`` keeps only earlier events in the event log: the state of a
     server that started then and receives later events live through
@@ -194,7 +185,7 @@ def load_context(
         "ts_s": epoch_seconds(events_table.column("ts")),
     })
     texts = product_texts(products, config.encoder)
-    query_encoder, tokenizer = load_run_encoder(config, run, zero_shot=zero_shot) if encoder else (None, None)
+    embedder = load_embedder(config, run, zero_shot=zero_shot, runtime=runtime) if encoder else None
     if zero_shot:
         if not run.exists(*ZERO_SHOT_PRODUCTS):
             raise ShopRankError(f"{run.uri()} has no zero-shot catalogue embeddings ({'/'.join(ZERO_SHOT_PRODUCTS)}, "
@@ -219,4 +210,4 @@ def load_context(
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
     )
     known = events if history_until_s is None else events[events["ts_s"] < history_until_s]
-    return RankingContext(config, catalogue, query_encoder, tokenizer, EventLog(known, stats.row_of), cutoff)
+    return RankingContext(config, catalogue, embedder, EventLog(known, stats.row_of), cutoff)

@@ -21,9 +21,8 @@ from ray.train.xgboost import RayTrainReportCallback
 
 from shoprank.config import Config
 from shoprank.data.io import PartFilenames, pool_takes_every_cpu
-from shoprank.encoder.model import encode
+from shoprank.encoder.runtime import load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH
-from shoprank.ranker.context import load_run_encoder
 from shoprank.ranker.dataset import RequestFeatures, build_requests
 from shoprank.ranker.train import read_features, save_ranker, train_ranker, with_positives
 from shoprank.store.run import Run, StageRecord
@@ -67,8 +66,7 @@ def embed_queries(config: Config, run: Run, queries: list[str], *, zero_shot: bo
     and the queries are bounded by ``ranker.max_requests`` per split."""
     if not queries:
         return np.zeros((0, 0), np.float32)
-    encoder, tokenizer = load_run_encoder(config, run, zero_shot=zero_shot)
-    return encode(encoder, tokenizer, queries, QUERY_MAX_LENGTH)
+    return load_embedder(config, run, zero_shot=zero_shot).embed(queries, QUERY_MAX_LENGTH)
 
 
 def build_features(config: Config, run: Run, record: StageRecord) -> None:

@@ -120,14 +120,14 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
             name=encoder_name, ray_actor_options=placed[encoder_name].ray_actor_options,
             max_ongoing_requests=settings.variant_max_ongoing_requests, **_scaling(placed[encoder_name], config),
             user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
-        ).bind(dumped, spec.run, spec.encoder) if encoder_name in placed else None
+        ).bind(dumped, spec.run, spec.encoder, spec.runtime) if encoder_name in placed else None
         variants[name] = Variant.options(
             name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
             max_ongoing_requests=settings.variant_max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
             backpressure_config=backpressure, **_scaling(placed[f"Variant_{name}"], config),
             user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
-        ).bind(dumped, spec.run, spec.encoder, db, query_encoder)
+        ).bind(dumped, spec.run, spec.encoder, spec.runtime, db, query_encoder)
     store = EventStoreWriter.options(
         ray_actor_options=placed["EventStoreWriter"].ray_actor_options,
         max_ongoing_requests=4 * settings.event_batch_size, user_config={"batch_size": settings.event_batch_size},

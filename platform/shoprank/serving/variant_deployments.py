@@ -49,19 +49,16 @@ class QueryEncoder:
     """A variant's query encoder on its own (on the GPU with ``ray.use_gpu``): the run's fine-tuned model, or the
     pretrained one."""
 
-    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind) -> None:
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, runtime: str) -> None:
         replica_grpc_on_loopback()
         import torch
 
-        from shoprank.encoder.model import load_encoder, load_encoder_from_config
+        from shoprank.encoder.runtime import load_embedder
 
         self.config = Config.model_validate(config)
-        if encoder == "zero_shot":
-            self.encoder, self.tokenizer = load_encoder_from_config(self.config.encoder)
-        else:
-            self.encoder, self.tokenizer = load_encoder(Run.from_uri(run_uri).local_path("encoder", "model"))
-        self.device = "cuda" if self.config.ray.use_gpu and torch.cuda.is_available() else "cpu"
-        self.encoder.to(self.device)
+        device = "cuda" if runtime == "torch" and self.config.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        self.embedder = load_embedder(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot",
+                                      runtime=runtime, device=device)
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         self.encode.set_max_batch_size(settings["batch_size"])
@@ -69,11 +66,9 @@ class QueryEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, queries: list[str]) -> list[np.ndarray]:
-        from shoprank.encoder.model import encode
         from shoprank.encoder.text import QUERY_MAX_LENGTH
 
-        vectors = encode(self.encoder, self.tokenizer, queries, QUERY_MAX_LENGTH, device=self.device)
-        return list(vectors)
+        return list(self.embedder.embed(queries, QUERY_MAX_LENGTH))
 
 
 @serve.deployment
@@ -86,7 +81,7 @@ class Variant:
     loads it and swaps it in between two batches.
     """
 
-    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, event_db: str,
+    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, runtime: str, event_db: str,
                  query_encoder: DeploymentHandle | None = None) -> None:
         replica_grpc_on_loopback()
         from shoprank.ranker.context import load_context
@@ -97,7 +92,9 @@ class Variant:
                                self.config.serve.user_cache_events)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.base_run = run_uri
-        self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot")
+        # with a query encoder of its own, the variant loads no encoder
+        self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot",
+                                    encoder=query_encoder is None, runtime=runtime)
         self.retrieval = Retrieval(self.context)
         self.query_encoder = query_encoder
         self.ranking: Ranking | None = None

@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shoprank.config import Config
+from shoprank.encoder.runtime import Runtime, chosen_runtime
 from shoprank.errors import ConfigError
 from shoprank.serving.messages import Strategy
 from shoprank.store.events import is_server_database
@@ -41,6 +42,8 @@ class VariantSpec(BaseModel):
     """The run whose ``ranker/model`` ranks (the alias's own run)."""
     encoder: EncoderKind = "fine_tuned"
     strategy: Strategy = "ranker"
+    runtime: Runtime = Field("torch", description="How its query encoder runs (serve.encoder_runtime, resolved: "
+                             "shoprank.encoder.runtime).")
 
 
 SYSTEM_OF: dict[tuple[EncoderKind, Strategy], str] = {
@@ -75,9 +78,13 @@ def resolve_variant(registry: Registry, name: str, alias: str) -> VariantSpec:
 
 
 def resolve_variants(config: Config) -> dict[str, VariantSpec]:
-    """``serve.variants`` (name -> alias) looked up in the registry under ``run.root``."""
+    """``serve.variants`` (name -> alias) looked up in the registry under ``run.root``, each with the runtime its
+    query encoder runs in (``serve.encoder_runtime`` for its run's export)."""
     registry = Registry(config.run.root)
-    return {name: resolve_variant(registry, name, alias) for name, alias in config.serve.variants.items()}
+    specs = {name: resolve_variant(registry, name, alias) for name, alias in config.serve.variants.items()}
+    return {name: spec.model_copy(update={"runtime": chosen_runtime(config, Run.from_uri(spec.run), spec.encoder,
+                                                                     config.serve.encoder_runtime)})
+            for name, spec in specs.items()}
 
 
 def register_variants(config: Config, run: Run) -> dict[str, dict]:

@@ -1,0 +1,171 @@
+"""The ``export`` stage: both encoders (fine-tuned, pretrained) to ONNX, fp32 and int8, each checked before use.
+
+Outputs, under the run's ``encoder/onnx/``: ``fine_tuned.onnx``, ``fine_tuned.int8.onnx``,
+``zero_shot.onnx``, ``zero_shot.int8.onnx`` and ``export.json``, per encoder:
+
+* ``cosine``: the smallest cosine between each ONNX runtime's vectors and PyTorch's,
+  over the validation queries and a sample of product texts. An fp32 export below
+  ``export.min_cosine`` is not offered at all (a wrong export must never be fast);
+* ``ndcg@10``: validation NDCG@10 of query -> product retrieval with each runtime's
+  query vectors against the catalogue's vectors as the index holds them; ``None``
+  where the validation split has no judged query;
+* ``queries_per_s``: each runtime's throughput on those queries, batches of 16
+  (the serving batch), here, now (the best of three interleaved rounds);
+* ``offered``: the runtimes that may serve; ``chosen``: the fastest offered whose
+  NDCG@10 is within ``export.max_ndcg_drop`` of PyTorch's (int8 needs a figure to be
+  chosen: without judged queries its loss cannot be shown, and a note says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoprank.config import Config, ExportConfig
+from shoprank.data.io import read_table
+from shoprank.encoder.examples import EvalData, top_k
+from shoprank.encoder.runtime import (
+    EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, load_embedder,
+    onnx_file,
+)
+from shoprank.encoder.text import QUERY_MAX_LENGTH
+from shoprank.encoder.train import CATALOGUE, FINE_TUNED, ZERO_SHOT, build_eval_data
+from shoprank.evaluation.metrics import mean_metrics
+from shoprank.store.run import Run, StageRecord
+
+log = logging.getLogger(__name__)
+
+SERVING_BATCH = 16
+"""Queries per call when timing a runtime: a Serve replica's batch (``serve.ranker_batch_size`` and above)."""
+PRODUCT_SAMPLE = 256
+"""Product texts compared with PyTorch's vectors (beside every validation query)."""
+
+
+def export_onnx(embedder: TorchEmbedder, path: Path, opset: int) -> None:
+    """The PyTorch encoder as an ONNX graph with dynamic batch and sequence axes (tokens in, unit vectors out)."""
+    import torch
+
+    example = embedder.tokenizer(["an example query", "a longer example product text to trace"], padding=True,
+                                 return_tensors="pt")
+    encoder = embedder.encoder.eval()
+    axes = {"batch": 0, "seq": 1}
+    with torch.no_grad():
+        torch.onnx.export(
+            encoder, (example["input_ids"], example["attention_mask"]), str(path), dynamo=False,
+            opset_version=opset, input_names=INPUTS, output_names=[OUTPUT],
+            dynamic_axes={**{name: {i: a for a, i in axes.items()} for name in INPUTS}, OUTPUT: {0: "batch"}},
+        )
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 weights, one scale per output channel: the per-tensor default lost too much here (cosine
+    0.94 to PyTorch on MiniLM; per channel about 0.99)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine between matching rows (both unit length); 1.0 for no rows."""
+    return float((a * b).sum(axis=1).min()) if len(a) else 1.0
+
+
+def queries_per_s(embedders: dict[Runtime, Embedder], queries: list[str], minimum: int = 256,
+                  rounds: int = 3) -> dict[Runtime, float]:
+    """Each embedder's throughput over ``queries`` (repeated to at least ``minimum``) in serving batches: the best
+    of ``rounds`` rounds that take the runtimes in turn, so a burst of other work on a shared machine slows one
+    round of every runtime rather than one runtime's only measurement."""
+    texts = (queries * (minimum // max(1, len(queries)) + 1))[: max(minimum, len(queries))]
+    best: dict[Runtime, float] = {}
+    for embedder in embedders.values():
+        embedder.embed(texts[:SERVING_BATCH], QUERY_MAX_LENGTH, SERVING_BATCH)  # warm-up: first-call allocations
+    for _ in range(rounds):
+        for runtime, embedder in embedders.items():
+            started = time.perf_counter()
+            embedder.embed(texts, QUERY_MAX_LENGTH, SERVING_BATCH)
+            best[runtime] = max(best.get(runtime, 0.0), len(texts) / (time.perf_counter() - started))
+    return best
+
+
+def catalogue_vectors(run: Run, name: str, data: EvalData, reference: TorchEmbedder, max_length: int) -> np.ndarray:
+    """The catalogue as encoder ``name`` embeds it for the index, in ``data.product_ids`` order: the encoder stage's
+    last evaluation when it holds exactly these products, else embedded here by PyTorch."""
+    if run.exists("encoder", "model", CATALOGUE, name):
+        table = read_table(run, "encoder", "model", CATALOGUE, name)
+        position = {p: i for i, p in enumerate(table.column("product_id").to_pylist())}
+        if set(position) == set(data.product_ids) and len(position) == table.num_rows:
+            matrix = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+            return matrix[[position[p] for p in data.product_ids]]
+    return reference.embed(data.product_texts, max_length)
+
+
+def judge(name: str, embedders: dict[Runtime, Embedder], data: EvalData, products: np.ndarray,
+          config: ExportConfig, k: int, max_length: int, timed: int = 256) -> dict[str, Any]:
+    """One encoder's verdict (see the module docstring); ``timed`` queries (the validation queries, repeated) give
+    each runtime's throughput."""
+    queries = list(data.queries.values())
+    sample = data.product_texts[:PRODUCT_SAMPLE]
+    torch_queries = embedders["torch"].embed(queries, QUERY_MAX_LENGTH)
+    torch_products = embedders["torch"].embed(sample, max_length)
+    verdict: dict[str, Any] = {"cosine": {}, f"ndcg@{k}": {}, "notes": []}
+    for runtime, embedder in embedders.items():
+        found = embedder.embed(queries, QUERY_MAX_LENGTH)
+        verdict["cosine"][runtime] = round(min(min_cosine(found, torch_queries),
+                                               min_cosine(embedder.embed(sample, max_length), torch_products)), 6)
+        verdict[f"ndcg@{k}"][runtime] = (
+            round(mean_metrics(top_k(found, products, data.product_ids, list(data.queries), k), data.qrels, k=k)
+                  [f"ndcg@{k}"], 4) if data.qrels else None)
+    verdict["queries_per_s"] = {runtime: round(figure, 1)
+                                for runtime, figure in queries_per_s(embedders, queries or sample, timed).items()}
+    if verdict["cosine"]["onnx"] < config.min_cosine:
+        verdict["notes"].append(f"the fp32 ONNX export's vectors differ from PyTorch's (smallest cosine "
+                                f"{verdict['cosine']['onnx']} < export.min_cosine {config.min_cosine}): ONNX not offered")
+        offered: list[Runtime] = ["torch"]
+    else:
+        offered = list(RUNTIMES)
+    ndcg = verdict[f"ndcg@{k}"]
+    if ndcg["torch"] is None:
+        verdict["notes"].append("no judged validation query: int8's loss cannot be measured, so auto does not pick it")
+        eligible = [r for r in offered if r != "onnx-int8"]
+    else:
+        eligible = [r for r in offered if ndcg["torch"] - ndcg[r] <= config.max_ndcg_drop]
+        if "onnx-int8" in offered and "onnx-int8" not in eligible:
+            verdict["notes"].append(f"int8 loses {ndcg['torch'] - ndcg['onnx-int8']:.4f} NDCG@{k} "
+                                    f"(> export.max_ndcg_drop {config.max_ndcg_drop}): auto does not pick it")
+    verdict["offered"] = offered
+    verdict["chosen"] = max(eligible, key=lambda r: verdict["queries_per_s"][r])
+    log.info("export %s: %s", name, verdict)
+    return verdict
+
+
+def export_encoders(config: Config, run: Run, record: StageRecord) -> None:
+    """Export, quantise and judge both encoders (see the module docstring); written whole or not at all."""
+    data = build_eval_data(run, config.encoder)
+    k = config.encoder.train.eval_k
+    found: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="shoprank-export-") as scratch:
+        for name in (FINE_TUNED, ZERO_SHOT):
+            reference = load_embedder(config, run, zero_shot=name == ZERO_SHOT)
+            assert isinstance(reference, TorchEmbedder)
+            fp32, int8 = Path(scratch) / onnx_file(name, "onnx"), Path(scratch) / onnx_file(name, "onnx-int8")
+            export_onnx(reference, fp32, config.export.opset)
+            quantize_int8(fp32, int8)
+            embedders: dict[Runtime, Embedder] = {
+                "torch": reference, "onnx": OnnxEmbedder(fp32, reference.tokenizer, "onnx"),
+                "onnx-int8": OnnxEmbedder(int8, reference.tokenizer, "onnx-int8"),
+            }
+            products = catalogue_vectors(run, name, data, reference, config.encoder.max_length)
+            found[name] = judge(name, embedders, data, products, config.export, k, config.encoder.max_length)
+            record.notes.extend(f"{name}: {note}" for note in found[name]["notes"])
+        with run.local_output(*EXPORT) as target:
+            for path in Path(scratch).glob("*.onnx"):
+                shutil.move(str(path), target / path.name)
+    run.write_json(found, *EXPORT, VERDICTS)
+    record.metrics.update({name: {key: verdict[key] for key in ("chosen", "cosine", f"ndcg@{k}", "queries_per_s")}
+                           for name, verdict in found.items()})

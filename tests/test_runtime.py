@@ -1,0 +1,102 @@
+"""The encoder's runtimes: the ONNX export matches PyTorch, int8 is judged before auto may pick it, every reader
+(Serve, the in-process pipeline, batch embedding) gets the runtime asked for, and a runtime that cannot serve is
+refused with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shoprank.config import Config
+from shoprank.encoder.export import catalogue_vectors, export_onnx, judge, quantize_int8
+from shoprank.encoder.runtime import (
+    EXPORT, RUNTIMES, OnnxEmbedder, TorchEmbedder, chosen_runtime, load_embedder, onnx_file, verdicts,
+)
+from shoprank.encoder.text import QUERY_MAX_LENGTH
+from shoprank.encoder.tiny import build_tiny_encoder
+from shoprank.encoder.train import FINE_TUNED, ZERO_SHOT, build_eval_data
+from shoprank.errors import ConfigError
+from shoprank.ranker.context import load_context
+from shoprank.ranker.train import load_ranker
+from shoprank.serving.pipeline import VariantPipeline
+from shoprank.store.run import Run
+
+
+def test_each_runtime_embeds_like_pytorch_and_the_export_says_why_it_picked_one(
+    tiny_trained: tuple[Config, Run],
+) -> None:
+    config, run = tiny_trained
+    found = verdicts(run)
+    assert set(found) == {FINE_TUNED, ZERO_SHOT}
+    queries = list(build_eval_data(run, config.encoder).queries.values())
+    for name, verdict in found.items():
+        assert verdict["cosine"]["onnx"] >= config.export.min_cosine, verdict
+        assert verdict["offered"] == list(RUNTIMES)
+        assert verdict["chosen"] in RUNTIMES
+        ndcg = verdict["ndcg@10"]
+        eligible = [r for r in RUNTIMES if ndcg["torch"] - ndcg[r] <= config.export.max_ndcg_drop]
+        assert verdict["chosen"] == max(eligible, key=lambda r: verdict["queries_per_s"][r])
+        reference = load_embedder(config, run, zero_shot=name == ZERO_SHOT).embed(queries, QUERY_MAX_LENGTH)
+        for runtime in RUNTIMES[1:]:
+            vectors = load_embedder(config, run, zero_shot=name == ZERO_SHOT, runtime=runtime).embed(
+                queries, QUERY_MAX_LENGTH, batch_size=7)  # batches padded differently from the reference's
+            np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+            cosine = (vectors * reference).sum(axis=1).min()
+            assert cosine >= (config.export.min_cosine if runtime == "onnx" else 0.9), (name, runtime, cosine)
+    assert run.manifest()["stages"]["export"]["metrics"][FINE_TUNED]["chosen"] == found[FINE_TUNED]["chosen"]
+
+
+def test_a_wrong_export_is_not_offered_and_int8_needs_a_validation_figure(tiny_trained: tuple[Config, Run],
+                                                                         tmp_path: Path) -> None:
+    """A graph that does not give PyTorch's vectors (here: another tiny BERT, initialised from another seed, standing
+    in for a broken export) must never serve, however fast; without judged queries int8's loss cannot be shown."""
+    config, run = tiny_trained
+    data = build_eval_data(run, config.encoder)
+    reference = load_embedder(config, run, zero_shot=False)
+    assert isinstance(reference, TorchEmbedder)
+    products = catalogue_vectors(run, FINE_TUNED, data, reference, config.encoder.max_length)
+    other = build_tiny_encoder(data.product_texts + list(data.queries), tmp_path / "other", seed=1)
+    other_config = config.model_copy(update={"encoder": config.encoder.model_copy(update={"model": str(other)})})
+    stranger = load_embedder(other_config, run, zero_shot=True)
+    assert isinstance(stranger, TorchEmbedder)
+    export_onnx(stranger, tmp_path / "wrong.onnx", config.export.opset)
+    quantize_int8(tmp_path / "wrong.onnx", tmp_path / "wrong.int8.onnx")
+    wrong = {"torch": reference, "onnx": OnnxEmbedder(tmp_path / "wrong.onnx", stranger.tokenizer),
+             "onnx-int8": OnnxEmbedder(tmp_path / "wrong.int8.onnx", stranger.tokenizer, "onnx-int8")}
+    verdict = judge(FINE_TUNED, wrong, data, products, config.export, 10, config.encoder.max_length, timed=32)
+    assert verdict["offered"] == ["torch"] and verdict["chosen"] == "torch"
+    assert any("ONNX not offered" in note for note in verdict["notes"])
+
+    export = run.local_path(*EXPORT)
+    right = {"torch": reference, "onnx": OnnxEmbedder(export / onnx_file(FINE_TUNED, "onnx"), reference.tokenizer),
+             "onnx-int8": OnnxEmbedder(export / onnx_file(FINE_TUNED, "onnx-int8"), reference.tokenizer, "onnx-int8")}
+    unjudged = dataclasses.replace(data, queries={}, qrels={})
+    verdict = judge(FINE_TUNED, right, unjudged, products, config.export, 10, config.encoder.max_length, timed=32)
+    assert verdict["ndcg@10"] == {runtime: None for runtime in RUNTIMES}
+    assert verdict["chosen"] in ("torch", "onnx") and verdict["offered"] == list(RUNTIMES)
+    assert any("cannot be measured" in note for note in verdict["notes"])
+
+
+def test_a_runtime_that_cannot_serve_is_refused_with_the_reason(tiny_trained: tuple[Config, Run],
+                                                                tmp_path: Path) -> None:
+    config, run = tiny_trained
+    assert chosen_runtime(config, run, FINE_TUNED, "auto") == verdicts(run)[FINE_TUNED]["chosen"]
+    gpu = config.model_copy(update={"ray": config.ray.model_copy(update={"use_gpu": True})})
+    assert chosen_runtime(gpu, run, FINE_TUNED, "auto") == "torch", "auto serves PyTorch on a GPU"
+    bare = Run(str(tmp_path), "bare")  # a run without an export (made before the stage existed, say)
+    assert chosen_runtime(config, bare, FINE_TUNED, "auto") == "torch"
+    with pytest.raises(ConfigError, match=r"serve.encoder_runtime: onnx-int8 .*no ONNX export"):
+        chosen_runtime(config, bare, FINE_TUNED, "onnx-int8")
+
+
+def test_the_in_process_pipeline_searches_with_the_int8_encoder(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    context = load_context(config, run, runtime="onnx-int8")
+    assert context.embedder is not None and context.embedder.runtime == "onnx-int8"
+    pipeline = VariantPipeline(context, "ranker", load_ranker(run.local_path("ranker", "model")))
+    query = next(iter(build_eval_data(run, config.encoder).queries))
+    items = pipeline.search(query, None, 5, float(context.catalogue.stats.cutoff_s))
+    assert len(items) == 5 and all(np.isfinite(item.score) for item in items)
