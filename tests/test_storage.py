@@ -17,6 +17,7 @@ import pytest
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.pipeline import run_pipeline
+from shoprank.privacy import KEY_ENV
 from shoprank.serving.variants import event_db_location
 from shoprank.stages import STAGE_NAMES
 from shoprank.store.registry import Registry
@@ -86,9 +87,13 @@ def test_the_event_store_asks_for_a_local_path_or_a_server_when_runs_are_remote(
 
 @pytest.mark.slow  # every serving test already reads the session's run through a file:// URI
 def test_the_whole_pipeline_runs_on_a_pyarrow_filesystem(
-    tiny_run: tuple[Config, Run], tiny_encoder_dir: Path, tmp_path: Path
+    tiny_run: tuple[Config, Run], tiny_encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every stage, Ray Data, Ray Train checkpoints and the registry on a SubTreeFileSystem; a rerun skips all."""
+    """Every stage, Ray Data, Ray Train checkpoints and the registry on a SubTreeFileSystem; a rerun skips all.
+
+    The users' pseudonym key is config's (``run.user_key`` under ``run.root``, or ``SHOPRANK_USER_KEY``), not the
+    run object's: a run on a filesystem object takes it from the environment, as the README says."""
+    monkeypatch.setenv(KEY_ENV, "3c" * 32)
     config, _ = tiny_run
     nowhere = tmp_path / "run-root-of-the-config"
     config = load_config("tiny", [f"run.root={nowhere}", f"encoder.model={tiny_encoder_dir}"])
