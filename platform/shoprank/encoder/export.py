@@ -76,7 +76,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).min()) if len(a) else 1.0
 
 
-def queries_per_s(embedders: dict[Runtime, Embedder], queries: list[str], minimum: int = 256,
+def queries_per_s(embedders: dict[Runtime, Embedder], queries: list[str], minimum: int,
                   rounds: int = 3) -> dict[Runtime, float]:
     """Each embedder's throughput over ``queries`` (repeated to at least ``minimum``) in serving batches: the best
     of ``rounds`` rounds that take the runtimes in turn, so a burst of other work on a shared machine slows one
@@ -106,7 +106,7 @@ def catalogue_vectors(run: Run, name: str, data: EvalData, reference: TorchEmbed
 
 
 def judge(name: str, embedders: dict[Runtime, Embedder], data: EvalData, products: np.ndarray,
-          config: ExportConfig, k: int, max_length: int, timed: int = 256) -> dict[str, Any]:
+          config: ExportConfig, k: int, max_length: int, timed: int) -> dict[str, Any]:
     """One encoder's verdict (see the module docstring); ``timed`` queries (the validation queries, repeated) give
     each runtime's throughput."""
     queries = list(data.queries.values())
@@ -161,7 +161,8 @@ def export_encoders(config: Config, run: Run, record: StageRecord) -> None:
                 "onnx-int8": OnnxEmbedder(int8, reference.tokenizer, "onnx-int8"),
             }
             products = catalogue_vectors(run, name, data, reference, config.encoder.max_length)
-            found[name] = judge(name, embedders, data, products, config.export, k, config.encoder.max_length)
+            found[name] = judge(name, embedders, data, products, config.export, k, config.encoder.max_length,
+                                config.export.timed_queries)
             record.notes.extend(f"{name}: {note}" for note in found[name]["notes"])
         with run.local_output(*EXPORT) as target:
             for path in Path(scratch).glob("*.onnx"):
