@@ -189,8 +189,10 @@ def deploy_app(ranked: tuple[Config, Run], port: int, db: str, name: str = APP_N
 def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """The session's app, its events in SQLite; two replicas of each variant, each with its own user cache, and a
     short queue per caller and few requests per variant replica, so that a burst of requests meets the overload
-    answer (503)."""
+    answer (503). Its replicas check the registry every 0.5 s instead of 2 s: the hot-reload tests wait for every
+    replica to load a moved alias (four times), and a check is one small file read."""
     served = deploy_app(ranked, serve_port, str(tmp_path_factory.mktemp("serve") / "events.sqlite"), APP_NAME, "/",
-                        "serve.replicas=2", "serve.max_queued_requests=4", "serve.variant_max_ongoing_requests=16")
+                        "serve.replicas=2", "serve.max_queued_requests=4", "serve.variant_max_ongoing_requests=16",
+                        "serve.registry_poll_s=0.5")
     yield served
     served.http.close()
