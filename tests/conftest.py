@@ -11,6 +11,10 @@ from typing import Any
 # Token authentication stays on, as on every shoprank cluster; Ray reads the mode once,
 # when it is first imported, so it must be in the environment before `import ray`.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray Train starts a preemption watcher actor beside each training run's workers: observability for cloud nodes
+# that are taken back, which the tests' local nodes never are. Off, a run starts a process fewer (about 1.5 s of CPU:
+# a worker importing Ray Train). Ray Train passes it on to its controllers; the tests' subprocesses inherit it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
