@@ -11,6 +11,10 @@ from typing import Any
 # Token authentication stays on, as on every shoprank cluster; Ray reads the mode once,
 # when it is first imported, so it must be in the environment before `import ray`.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray Train starts a preemption watcher actor beside each training run's workers: observability for cloud nodes
+# that are taken back, which the tests' local nodes never are. Off, a run starts a process fewer (about 1.5 s of CPU:
+# a worker importing Ray Train). Ray Train passes it on to its controllers; the tests' subprocesses inherit it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
@@ -189,8 +193,10 @@ def deploy_app(ranked: tuple[Config, Run], port: int, db: str, name: str = APP_N
 def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """The session's app, its events in SQLite; two replicas of each variant, each with its own user cache, and a
     short queue per caller and few requests per variant replica, so that a burst of requests meets the overload
-    answer (503)."""
+    answer (503). Its replicas check the registry every 0.5 s instead of 2 s: the hot-reload tests wait for every
+    replica to load a moved alias (four times), and a check is one small file read."""
     served = deploy_app(ranked, serve_port, str(tmp_path_factory.mktemp("serve") / "events.sqlite"), APP_NAME, "/",
-                        "serve.replicas=2", "serve.max_queued_requests=4", "serve.variant_max_ongoing_requests=16")
+                        "serve.replicas=2", "serve.max_queued_requests=4", "serve.variant_max_ongoing_requests=16",
+                        "serve.registry_poll_s=0.5")
     yield served
     served.http.close()

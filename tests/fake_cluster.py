@@ -82,9 +82,14 @@ class FakeCluster:
         return {**local_cluster.token_env(), "RAY_ADDRESS": self.address}
 
     def start(self) -> None:
+        """Start the head, its autoscaler updating every second (Ray's default: 5 s).
+
+        A launch waits for the autoscaler's next update to see the demand, and a release for the first one after
+        the idle timeout: up to 5 s each at Ray's interval, for nodes the tests launch and release several times.
+        """
         local_cluster.ensure_token()
         command = [*self.head.start_command(), f"--autoscaling-config={self.config}"]
-        env = {**local_cluster.head_env(self.head), "RAY_FAKE_CLUSTER": "1"}
+        env = {**local_cluster.head_env(self.head), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         if done.returncode:
             raise RuntimeError(f"the fake cluster's head did not start:\n{done.stdout}\n{done.stderr}")

@@ -87,6 +87,13 @@ def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Co
     return changed, Run.for_config(changed)
 
 
+# a ranker trained again (17-19 s here): `make test-all`. In `make test`, which stages a ranker setting reruns is
+# test_a_changed_setting_changes_its_stage_and_every_later_one_only[ranker.eta=0.2-ranker]; that the runner skips the
+# current stages and runs the rest, on this run, is the session's `ranked` fixture (run_stages after `tiny_trained`:
+# four stages skipped, three run); and that it runs a changed stage again and every stage after it,
+# test_data_shapes.py's test_a_changed_input_file_is_ingested_again_and_an_unchanged_one_is_not and
+# test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it below.
+@pytest.mark.slow
 def test_a_changed_ranker_setting_reruns_the_ranker_and_the_evaluation_only(
     ranked: tuple[Config, Run], tmp_path: Path
 ) -> None:

@@ -297,18 +297,38 @@ def head_processes(cluster: LocalCluster) -> list[psutil.Process]:
     return list(found.values())
 
 
+def _stop_order(process: psutil.Process) -> int:
+    """When ``process`` is stopped: the raylet first, Ray's other daemons and the workers next, the GCS last.
+
+    Ray's own ``ray stop`` order. Sent SIGTERM while the others still run, this Ray's GCS hangs in its shutdown
+    (flushing its event recorder) until it is killed, so a head stopped all at once took the whole grace period;
+    stopped last, it exits in about 2 s (the whole head in about 6 s instead of 22)."""
+    try:
+        name = process.name()
+    except psutil.Error:
+        return 1
+    return {"raylet": 0, "gcs_server": 2}.get(name, 1)
+
+
 def stop(cluster: LocalCluster, timeout_s: float = 20.0) -> int:
     """Stop this head and its workers, and no other Ray instance (unlike ``ray stop``, which
-    stops every Ray process on the machine); how many processes were stopped."""
+    stops every Ray process on the machine); how many processes were stopped.
+
+    In ``ray stop``'s order (:func:`_stop_order`): each group gets SIGTERM and a third of ``timeout_s`` to exit,
+    then SIGKILL, before the next group's turn."""
     processes = head_processes(cluster)
+    groups: list[list[psutil.Process]] = [[], [], []]
     for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
+        groups[_stop_order(process)].append(process)
+    for group in groups:
+        for process in group:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        _, alive = psutil.wait_procs(group, timeout=timeout_s / len(groups))
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
     address_file = Path(get_ray_address_file(cluster.temp_dir))
     if address_file.exists() and address_file.read_text().strip().endswith(f":{cluster.gcs_port}"):
         address_file.unlink()  # so nothing tries to join the stopped head
