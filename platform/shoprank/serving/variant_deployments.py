@@ -51,12 +51,14 @@ class QueryEncoder:
 
     def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, runtime: str) -> None:
         replica_grpc_on_loopback()
-        import torch
-
         from shoprank.encoder.runtime import load_embedder
 
         self.config = Config.model_validate(config)
-        device = "cuda" if runtime == "torch" and self.config.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        device = "cpu"
+        if runtime == "torch" and self.config.ray.use_gpu:  # an ONNX runtime's replica never imports PyTorch
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.embedder = load_embedder(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot",
                                       runtime=runtime, device=device)
 
