@@ -64,7 +64,7 @@ def context_of(shop: LatentShop, config: Config) -> RankingContext:
         item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
         excluded_types=excluded_event_types(config.serve),
     )
-    return RankingContext(config, catalogue, None, None, EventLog(events, stats.row_of), cutoff)
+    return RankingContext(config, catalogue, None, EventLog(events, stats.row_of), cutoff)
 
 
 @pytest.fixture(scope="module")
