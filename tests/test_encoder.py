@@ -198,7 +198,8 @@ def test_hard_negatives_come_from_the_configured_grades(tiny_run: tuple[Config, 
 def test_trimming_shared_padding_keeps_the_embeddings(tiny_encoder_dir: Path) -> None:
     import torch
 
-    from shoprank.encoder.model import TextEncoder, load_backbone, tokenize
+    from shoprank.encoder.model import TextEncoder, load_backbone
+    from shoprank.encoder.tokens import tokenize
     from shoprank.encoder.objectives import trimmed
 
     backbone, tokenizer = load_backbone(str(tiny_encoder_dir))

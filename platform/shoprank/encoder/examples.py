@@ -35,7 +35,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from shoprank.config import EncoderConfig
-from shoprank.encoder.model import TextEncoder, encode, load_tokenizer, tokenize
+from shoprank.encoder.model import TextEncoder, encode
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.encoder.users import user_embedding
 from shoprank.evaluation.metrics import mean_metrics
@@ -195,33 +195,6 @@ def training_tables(
         }
     )
     return qp, co_text
-
-
-class Tokenize:
-    """Token ids of a batch of examples; a Ray Data callable class (tokenizer loaded once per actor)."""
-
-    def __init__(self, model: str, max_length: int) -> None:
-        self.tokenizer = load_tokenizer(model)
-        self.max_length = max_length
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if "query" in batch:
-            q = tokenize(self.tokenizer, list(batch["query"]), QUERY_MAX_LENGTH)
-            p = tokenize(self.tokenizer, list(batch["positive"]), self.max_length)
-            negatives = [list(n) for n in batch["negatives"]]
-            width = len(negatives[0]) if negatives else 0
-            out.update(q_ids=q["input_ids"], q_mask=q["attention_mask"], p_ids=p["input_ids"],
-                       p_mask=p["attention_mask"], category=batch["category"].astype(np.int64))
-            if width:
-                flat = tokenize(self.tokenizer, [t for n in negatives for t in n], self.max_length)
-                shape = (len(negatives), width, self.max_length)
-                out.update(n_ids=flat["input_ids"].reshape(shape), n_mask=flat["attention_mask"].reshape(shape))
-        else:
-            a = tokenize(self.tokenizer, list(batch["anchor"]), self.max_length)
-            b = tokenize(self.tokenizer, list(batch["other"]), self.max_length)
-            out.update(a_ids=a["input_ids"], a_mask=a["attention_mask"], b_ids=b["input_ids"], b_mask=b["attention_mask"])
-        return out
 
 
 def evaluate(

@@ -31,10 +31,11 @@ from shoprank.config import Config, ExportConfig
 from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, top_k
 from shoprank.encoder.runtime import (
-    EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, fast_tokenizer,
-    load_embedder, onnx_file,
+    EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, load_embedder,
+    onnx_file,
 )
 from shoprank.encoder.text import QUERY_MAX_LENGTH
+from shoprank.encoder.tokens import fast_tokenizer
 from shoprank.encoder.train import CATALOGUE, FINE_TUNED, ZERO_SHOT, build_eval_data
 from shoprank.evaluation.metrics import mean_metrics
 from shoprank.store.run import Run, StageRecord

@@ -97,12 +97,6 @@ def apply_finetuning(backbone: PreTrainedModel, config: EncoderConfig, total_ste
         raise ConfigError(f"encoder.lora.target_modules {lora.target_modules}: {exc}") from None
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """Fixed-length token ids and masks (fixed shapes batch without copying in Ray Data)."""
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-    return {"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)}
-
-
 @torch.no_grad()
 def encode(
     encoder: nn.Module,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from shoprank.encoder.tokens import fast_tokenizer
 from shoprank.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -149,19 +150,3 @@ def load_embedder(config: Config, run: Run, *, zero_shot: bool, runtime: Runtime
     path = run.local_path(*EXPORT) / onnx_file(name, runtime)
     tokenizer = fast_tokenizer(config.encoder.model if zero_shot else str(run.local_path("encoder", "model") / "merged"))
     return OnnxEmbedder(path, tokenizer, runtime)
-
-
-def fast_tokenizer(name: str) -> Any:
-    """The model's tokenizer from its ``tokenizer.json`` (``PreTrainedTokenizerFast``), which imports neither PyTorch
-    nor transformers' models: a replica serving ONNX starts about 7 s of CPU sooner. A model saved without a
-    ``tokenizer.json`` falls back to ``AutoTokenizer`` (:func:`shoprank.encoder.model.load_tokenizer`)."""
-    from transformers import PreTrainedTokenizerFast
-
-    from shoprank.encoder.text import resolve_model
-
-    try:
-        return PreTrainedTokenizerFast.from_pretrained(resolve_model(name))
-    except (OSError, ValueError):
-        from shoprank.encoder.model import load_tokenizer
-
-        return load_tokenizer(name)

@@ -43,11 +43,12 @@ from ray.train.torch import TorchTrainer
 
 from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
-from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, training_tables
+from shoprank.encoder.examples import EvalData, eval_data, evaluate, training_tables
 from shoprank.encoder.index import embedding_matrix, embedding_table
 from shoprank.encoder.model import encode, load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
 from shoprank.encoder.runtime import FINE_TUNED, ZERO_SHOT
+from shoprank.encoder.tokens import Tokenize
 from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ShopRankError
 from shoprank.store.run import Run
