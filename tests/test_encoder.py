@@ -221,7 +221,8 @@ def test_adalora_moves_its_rank_budget_and_full_fine_tuning_trains_every_weight(
     import torch
 
     from shoprank.config import load_config
-    from shoprank.encoder.model import load_backbone, tokenize
+    from shoprank.encoder.model import load_backbone
+    from shoprank.encoder.tokens import tokenize
     from shoprank.encoder.objectives import Optimisation, build_model
 
     torch.manual_seed(0)

@@ -212,6 +212,16 @@ def test_erasure_and_retention_delete_rows_and_every_cache_forgets_the_user(loca
     assert store.purge(T0 + dt.timedelta(days=3)) == {"events": 1, "impressions": 1}
 
 
+def test_impressions_of_an_erased_user_that_arrive_late_stay_out(store: EventStore) -> None:
+    """Another ingress replica may still queue a user's impressions when the user is erased: those stamped before the
+    erasure never reach the store; a later answer's do."""
+    store.erase("U1", at=T0 + dt.timedelta(minutes=5))
+    store.log_impressions([Impression("R1", "U1", "A", "P1", 1, T0 + dt.timedelta(minutes=4)),
+                           Impression("R2", "U2", "A", "P1", 1, T0 + dt.timedelta(minutes=4)),
+                           Impression("R3", "U1", "B", "P2", 1, T0 + dt.timedelta(minutes=6))])
+    assert sorted((i.request_id, i.user_id) for i in store.impressions()) == [("R2", "U2"), ("R3", "U1")]
+
+
 def test_the_user_cache_stays_within_its_event_bound(tmp_path: Path) -> None:
     """Past ``max_events`` the users asked for least recently leave the cache; asked again, they are read from the
     store with nothing lost."""

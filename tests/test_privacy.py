@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -108,7 +109,10 @@ def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(
     assert set(notes_by_replica().values()) == {None}  # both personalise from the three purchases
     erased = app.http.delete(f"/users/{user}")
     assert erased.status_code == 200, erased.text
-    assert erased.json()["user"] == pseudonym and erased.json()["events"] == 3 and erased.json()["impressions"] >= 2
+    # the answering ingress replica's queued impressions are erased with the stored ones; another replica's queue
+    # flushes later, and the store keeps those out (test_event_store: late impressions of an erased user)
+    assert erased.json()["user"] == pseudonym and erased.json()["events"] == 3
+    time.sleep(app.config.serve.impression_flush_s * 2)
     store = open_event_store(app.db)
     try:
         assert pseudonym not in store.events().column("user_id").to_pylist()

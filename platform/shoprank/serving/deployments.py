@@ -111,8 +111,8 @@ class EventStoreWriter:
         report["impressions_dropped"] = await asyncio.to_thread(self.store.dropped_impressions)
         return report
 
-    async def erase(self, user: str) -> dict[str, int]:
-        return await asyncio.to_thread(self.store.erase, user)
+    async def erase(self, user: str, at: dt.datetime) -> dict[str, int]:
+        return await asyncio.to_thread(self.store.erase, user, at)
 
     async def purge(self, before: dt.datetime) -> dict[str, int]:
         return await asyncio.to_thread(self.store.purge, before)
@@ -503,7 +503,8 @@ class Ingress:
         await self.impressions.flush()  # the user's queued impressions are in the store, then erased with the rest
         for request_id in [r for r, (owner, _) in self.shown.items() if owner == user]:
             del self.shown[request_id]
-        erased = await self.store.erase.remote(user)
+        # on the app's clock, the one its impressions carry: what another ingress replica still queues is dropped
+        erased = await self.store.erase.remote(user, dt.datetime.fromtimestamp(self.now_s(), dt.timezone.utc))
         log.info("erased user %s: %s", user, erased)
         return Erased(user=user, **erased)
 

@@ -136,13 +136,15 @@ class EventStore(ABC):
                                 "stored", column="event_id", row=i)
         return out
 
-    def erase(self, user_id: str) -> dict[str, int]:
+    def erase(self, user_id: str, at: dt.datetime | None = None) -> dict[str, int]:
         """Delete every event and impression of ``user_id``; how many of each went. A tombstone tells the
-        replicas' user caches (:meth:`erasures`) to forget the user too."""
+        replicas' user caches (:meth:`erasures`) to forget the user too, and keeps out any impression stamped
+        ``at`` or before (the app's clock, default now) that reaches the store later (:meth:`log_impressions`)."""
         events, impressions, _ = self._write([
             ("DELETE FROM events WHERE user_id = {0}", (user_id,)),
             ("DELETE FROM impressions WHERE user_id = {0}", (user_id,)),
-            ("INSERT INTO erasures (user_id, ts) VALUES ({0}, {0})", (user_id, _now_micros())),
+            ("INSERT INTO erasures (user_id, ts) VALUES ({0}, {0})",
+             (user_id, _micros(at) if at is not None else _now_micros())),
         ])
         return {"events": events, "impressions": impressions}
 
@@ -221,6 +223,10 @@ _SELECT_IMPRESSIONS = ("SELECT request_id, user_id, variant, product_id, positio
                        "ORDER BY seq")
 _INSERT_IMPRESSIONS = ("INSERT INTO impressions (request_id, user_id, variant, product_id, position, ts, forced) "
                        "VALUES ({})")
+_FORGET_ERASED = ("DELETE FROM impressions WHERE user_id IN (SELECT user_id FROM erasures) AND ts <= "
+                  "(SELECT max(erasures.ts) FROM erasures WHERE erasures.user_id = impressions.user_id)")
+"""Impressions of an erased user from before the erasure: another ingress replica may still have held some in its
+queue when the user was erased, and they must not come back when it flushes."""
 _SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events WHERE seq > {0} ORDER BY seq LIMIT {0}"
 _SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
                   "ORDER BY seq DESC LIMIT {0}")
@@ -327,6 +333,7 @@ class SqliteEventStore(EventStore):
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(_INSERT_IMPRESSIONS.format(", ".join("?" * 7)), map(_impression_row, impressions))
+            self._db.execute(_FORGET_ERASED)
             if dropped:
                 self._db.execute("INSERT INTO impression_drops (ts, dropped) VALUES (?, ?)", (_now_micros(), dropped))
             self._db.execute("COMMIT")
@@ -449,6 +456,7 @@ class PostgresEventStore(EventStore):
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
             cursor.executemany(_INSERT_IMPRESSIONS.format(", ".join(["%s"] * 7)), map(_impression_row, impressions))
+            cursor.execute(_FORGET_ERASED)
             if dropped:
                 cursor.execute("INSERT INTO impression_drops (ts, dropped) VALUES (%s, %s)", (_now_micros(), dropped))
 
