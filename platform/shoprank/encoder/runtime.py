@@ -107,7 +107,8 @@ class OnnxEmbedder:
             feed = {name: batch[name].astype(np.int64) for name in INPUTS}
             out.append(self.session.run([OUTPUT], feed)[0].astype(np.float32, copy=False))
         if not out:
-            return np.zeros((0, self.session.get_outputs()[0].shape[-1] or 0), np.float32)
+            width = self.session.get_outputs()[0].shape[-1]  # the hidden size; a name where the export left it open
+            return np.zeros((0, width if isinstance(width, int) else 0), np.float32)
         return np.concatenate(out)
 
 

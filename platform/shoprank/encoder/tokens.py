@@ -23,7 +23,7 @@ def fast_tokenizer(name: str) -> Any:
 
     try:
         return PreTrainedTokenizerFast.from_pretrained(resolve_model(name))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # no tokenizer.json (a slow tokenizer's files only)
         from shoprank.encoder.model import load_tokenizer
 
         return load_tokenizer(name)
