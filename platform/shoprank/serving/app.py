@@ -20,6 +20,7 @@ redeploy (``shoprank serve``), which Serve rolls out replica by replica.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         ray_actor_options=placed["Ingress"].ray_actor_options, max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         backpressure_config=backpressure, **_scaling(placed["Ingress"], config),
-        user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}},
+        user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}, "deployed_at_s": time.time()},
     ).bind(dumped, variants, store)
 
 

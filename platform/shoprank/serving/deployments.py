@@ -311,7 +311,9 @@ class Ingress:
                 self.without_behaviour.add(run_uri)
         self.users = user_summaries(events_of_run[self.specs[sorted(self.specs)[-1]].run], self.products)
         if self.config.serve.clock == "data" and last_event_s:
-            self.clock_offset_s = time.time() - (last_event_s + 60.0)
+            # from the deploy's moment, not this replica's start: every ingress replica (a restarted one too) keeps
+            # the same clock, so impressions and erasures stamped by different replicas compare in time order
+            self.clock_offset_s = settings["deployed_at_s"] - (last_event_s + 60.0)
 
     def now_s(self) -> float:
         return time.time() - self.clock_offset_s
