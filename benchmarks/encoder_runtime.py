@@ -27,8 +27,8 @@ import time
 from common import machine, round_floats, versions
 
 from shoprank.config import load_config
-from shoprank.encoder.export import catalogue_vectors, judge
-from shoprank.encoder.runtime import EXPORT, RUNTIMES, Embedder, OnnxEmbedder, TorchEmbedder, load_embedder, onnx_file
+from shoprank.encoder.export import catalogue_vectors, judge, repeated
+from shoprank.encoder.runtime import EXPORT, RUNTIMES, Embedder, TorchEmbedder, load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.train import FINE_TUNED, ZERO_SHOT, build_eval_data
 from shoprank.errors import ShopRankError
@@ -37,7 +37,7 @@ from shoprank.store.run import Run
 
 def batch1_queries_per_s(embedder: Embedder, queries: list[str], count: int) -> float:
     """One query per call, as an unbatched server would run."""
-    texts = (queries * (count // max(1, len(queries)) + 1))[:count]
+    texts = repeated(queries, count)[:count]
     started = time.perf_counter()
     for text in texts:
         embedder.embed([text], QUERY_MAX_LENGTH, 1)
@@ -67,12 +67,10 @@ def main() -> int:
                                   "threads": args.threads, "validation_queries": len(data.queries)}
     print(f"encoder runtimes on {run.uri()}: {len(data.queries)} validation queries, {args.threads} threads each")
     for name in (FINE_TUNED, ZERO_SHOT):
-        reference = load_embedder(config, run, zero_shot=name == ZERO_SHOT)
+        embedders: dict[str, Embedder] = {runtime: load_embedder(config, run, zero_shot=name == ZERO_SHOT,
+                                                                 runtime=runtime) for runtime in RUNTIMES}
+        reference = embedders["torch"]
         assert isinstance(reference, TorchEmbedder)
-        embedders: dict[str, Embedder] = {"torch": reference}
-        for runtime in RUNTIMES[1:]:
-            embedders[runtime] = OnnxEmbedder(run.local_path(*EXPORT) / onnx_file(name, runtime),
-                                              reference.tokenizer, runtime)
         products = catalogue_vectors(run, name, data, reference, config.encoder.max_length)
         verdict = judge(name, embedders, data, products, config.export, k, config.encoder.max_length,
                         timed=args.queries)

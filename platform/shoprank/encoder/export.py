@@ -28,15 +28,16 @@ from typing import Any
 import numpy as np
 
 from shoprank.config import Config, ExportConfig
-from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, top_k
+from shoprank.encoder.index import embedding_matrix
 from shoprank.encoder.runtime import (
     EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, load_embedder,
-    onnx_file,
+    onnx_file, tokenizer_source,
 )
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import fast_tokenizer
-from shoprank.encoder.train import CATALOGUE, FINE_TUNED, ZERO_SHOT, build_eval_data
+from shoprank.encoder.stages import evaluated_catalogue
+from shoprank.encoder.train import FINE_TUNED, ZERO_SHOT, build_eval_data
 from shoprank.evaluation.metrics import mean_metrics
 from shoprank.store.run import Run, StageRecord
 
@@ -77,12 +78,17 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).min()) if len(a) else 1.0
 
 
+def repeated(texts: list[str], count: int) -> list[str]:
+    """``texts`` over and over, ``count`` of them (all of them when there are more)."""
+    return (texts * (count // max(1, len(texts)) + 1))[: max(count, len(texts))]
+
+
 def queries_per_s(embedders: dict[Runtime, Embedder], queries: list[str], minimum: int,
                   rounds: int = 3) -> dict[Runtime, float]:
     """Each embedder's throughput over ``queries`` (repeated to at least ``minimum``) in serving batches: the best
     of ``rounds`` rounds that take the runtimes in turn, so a burst of other work on a shared machine slows one
     round of every runtime rather than one runtime's only measurement."""
-    texts = (queries * (minimum // max(1, len(queries)) + 1))[: max(minimum, len(queries))]
+    texts = repeated(queries, minimum)
     best: dict[Runtime, float] = {}
     for embedder in embedders.values():
         embedder.embed(texts[:SERVING_BATCH], QUERY_MAX_LENGTH, SERVING_BATCH)  # warm-up: first-call allocations
@@ -96,13 +102,11 @@ def queries_per_s(embedders: dict[Runtime, Embedder], queries: list[str], minimu
 
 def catalogue_vectors(run: Run, name: str, data: EvalData, reference: TorchEmbedder, max_length: int) -> np.ndarray:
     """The catalogue as encoder ``name`` embeds it for the index, in ``data.product_ids`` order: the encoder stage's
-    last evaluation when it holds exactly these products, else embedded here by PyTorch."""
-    if run.exists("encoder", "model", CATALOGUE, name):
-        table = read_table(run, "encoder", "model", CATALOGUE, name)
-        position = {p: i for i, p in enumerate(table.column("product_id").to_pylist())}
-        if set(position) == set(data.product_ids) and len(position) == table.num_rows:
-            matrix = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-            return matrix[[position[p] for p in data.product_ids]]
+    last evaluation when it holds exactly these products (what the embed stage takes too), else embedded here by
+    PyTorch."""
+    evaluated = evaluated_catalogue(run).get(name)
+    if evaluated is not None:
+        return embedding_matrix(evaluated, data.product_ids)
     return reference.embed(data.product_texts, max_length)
 
 
@@ -157,8 +161,7 @@ def export_encoders(config: Config, run: Run, record: StageRecord) -> None:
             fp32, int8 = Path(scratch) / onnx_file(name, "onnx"), Path(scratch) / onnx_file(name, "onnx-int8")
             export_onnx(reference, fp32, config.export.opset)
             quantize_int8(fp32, int8)
-            tokenizer = fast_tokenizer(config.encoder.model if name == ZERO_SHOT  # the one Serve's ONNX runtimes load
-                                       else str(run.local_path("encoder", "model") / "merged"))
+            tokenizer = fast_tokenizer(tokenizer_source(config, run, zero_shot=name == ZERO_SHOT))  # Serve's
             embedders: dict[Runtime, Embedder] = {
                 "torch": reference, "onnx": OnnxEmbedder(fp32, tokenizer, "onnx"),
                 "onnx-int8": OnnxEmbedder(int8, tokenizer, "onnx-int8"),

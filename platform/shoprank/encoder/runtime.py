@@ -149,5 +149,9 @@ def load_embedder(config: Config, run: Run, *, zero_shot: bool, runtime: Runtime
         encoder.to(device)
         return TorchEmbedder(encoder, tokenizer, device)
     path = run.local_path(*EXPORT) / onnx_file(name, runtime)
-    tokenizer = fast_tokenizer(config.encoder.model if zero_shot else str(run.local_path("encoder", "model") / "merged"))
-    return OnnxEmbedder(path, tokenizer, runtime)
+    return OnnxEmbedder(path, fast_tokenizer(tokenizer_source(config, run, zero_shot=zero_shot)), runtime)
+
+
+def tokenizer_source(config: Config, run: Run, *, zero_shot: bool) -> str:
+    """Where the tokenizer of the run's fine-tuned encoder (or the pretrained one, ``zero_shot``) loads from."""
+    return config.encoder.model if zero_shot else str(run.local_path("encoder", "model") / "merged")

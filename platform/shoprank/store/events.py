@@ -223,10 +223,18 @@ _SELECT_IMPRESSIONS = ("SELECT request_id, user_id, variant, product_id, positio
                        "ORDER BY seq")
 _INSERT_IMPRESSIONS = ("INSERT INTO impressions (request_id, user_id, variant, product_id, position, ts, forced) "
                        "VALUES ({})")
-_FORGET_ERASED = ("DELETE FROM impressions WHERE user_id IN (SELECT user_id FROM erasures) AND ts <= "
-                  "(SELECT max(erasures.ts) FROM erasures WHERE erasures.user_id = impressions.user_id)")
-"""Impressions of an erased user from before the erasure: another ingress replica may still have held some in its
-queue when the user was erased, and they must not come back when it flushes."""
+_FORGET_ERASED = ("DELETE FROM impressions WHERE user_id IN (SELECT user_id FROM erasures WHERE user_id IN ({1})) "
+                  "AND ts <= (SELECT max(erasures.ts) FROM erasures WHERE erasures.user_id = impressions.user_id)")
+"""Impressions of an erased user from before the erasure, among the users of the batch just written (``{1}``: one
+placeholder each): another ingress replica may still have held some in its queue when the user was erased, and they
+must not come back when it flushes. Only a batch user with a tombstone (``erasures_by_user``) costs a look at their
+impressions, so the flushes, every fraction of a second, stay cheap as erasures accumulate."""
+
+
+def _forget_erased(impressions: Sequence[Impression], placeholder: str) -> tuple[str, tuple[str, ...]]:
+    """:data:`_FORGET_ERASED` for the users of ``impressions``, and its arguments."""
+    users = tuple(sorted({i.user_id for i in impressions}))
+    return _FORGET_ERASED.format(placeholder, ", ".join([placeholder] * len(users))), users
 _SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events WHERE seq > {0} ORDER BY seq LIMIT {0}"
 _SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
                   "ORDER BY seq DESC LIMIT {0}")
@@ -240,6 +248,7 @@ _EXTRA_TABLES = """
     CREATE INDEX IF NOT EXISTS impressions_by_request ON impressions (request_id);
     CREATE INDEX IF NOT EXISTS impressions_by_ts ON impressions (ts);
     CREATE TABLE IF NOT EXISTS erasures (seq {seq}, user_id TEXT NOT NULL, ts BIGINT NOT NULL);
+    CREATE INDEX IF NOT EXISTS erasures_by_user ON erasures (user_id);
 """
 """Indexes and the erasures' tombstones, in both backends (``{seq}``: the backend's auto-numbered key)."""
 
@@ -333,7 +342,8 @@ class SqliteEventStore(EventStore):
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(_INSERT_IMPRESSIONS.format(", ".join("?" * 7)), map(_impression_row, impressions))
-            self._db.execute(_FORGET_ERASED)
+            if impressions:
+                self._db.execute(*_forget_erased(impressions, "?"))
             if dropped:
                 self._db.execute("INSERT INTO impression_drops (ts, dropped) VALUES (?, ?)", (_now_micros(), dropped))
             self._db.execute("COMMIT")
@@ -456,7 +466,8 @@ class PostgresEventStore(EventStore):
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
             cursor.executemany(_INSERT_IMPRESSIONS.format(", ".join(["%s"] * 7)), map(_impression_row, impressions))
-            cursor.execute(_FORGET_ERASED)
+            if impressions:
+                cursor.execute(*_forget_erased(impressions, "%s"))
             if dropped:
                 cursor.execute("INSERT INTO impression_drops (ts, dropped) VALUES (%s, %s)", (_now_micros(), dropped))
 
