@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import REPO
 from shoprank.config import Config, load_config
+from shoprank.data.io import read_table
+from shoprank.data.preprocess import preprocess_outputs
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import KEY_ENV
 from shoprank.stages import BY_NAME, STAGE_NAMES, STAGES, run_stages, selected, stage_hash
-from shoprank.store.run import Run
+from shoprank.store.run import STAGING, Run
 
 
 def test_the_order_is_the_list_and_every_stage_comes_after_what_it_reads() -> None:
@@ -92,7 +101,7 @@ def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Co
 # current stages and runs the rest, on this run, is the session's `ranked` fixture (run_stages after `tiny_trained`:
 # four stages skipped, three run); and that it runs a changed stage again and every stage after it,
 # test_data_shapes.py's test_a_changed_input_file_is_ingested_again_and_an_unchanged_one_is_not and
-# test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it below.
+# test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it_in_the_next_invocation_too below.
 @pytest.mark.slow
 def test_a_changed_ranker_setting_reruns_the_ranker_and_the_evaluation_only(
     ranked: tuple[Config, Run], tmp_path: Path
@@ -120,16 +129,63 @@ def test_a_stage_run_alone_refuses_what_a_changed_upstream_stage_has_not_rebuilt
         run_stages(changed, copy, only=["ranker"])
 
 
-def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it(
+def test_a_stage_that_runs_again_under_the_same_identity_reruns_what_reads_it_in_the_next_invocation_too(
     tiny_run: tuple[Config, Run], tmp_path: Path
 ) -> None:
-    """Outputs gone, the stage runs again and may write other ones: the stages after it do not keep theirs."""
+    """Outputs gone, the stage runs again and may write other ones: the stages after it do not keep theirs, in the
+    same invocation, and in the next one when the first stopped between the two (a job killed there)."""
     config, copy = copied(tiny_run, tmp_path)
     copy.remove("data", "records")
     since = len(copy.stage_log())
     run_stages(config, copy, until="preprocess")
-    statuses = [e["status"] for e in copy.stage_log()[since:] if e["status"] != "started"]
-    assert statuses == ["done", "done"]
+    assert statuses_since(copy, since) == {"ingest": "done", "preprocess": "done"}
+    copy.remove("data", "records")
+    run_stages(config, copy, only=["ingest"])
+    since = len(copy.stage_log())
+    run_stages(config, copy, until="preprocess")
+    assert statuses_since(copy, since) == {"ingest": "skipped", "preprocess": "done"}
+
+
+def statuses_since(run: Run, since: int) -> dict[str, str]:
+    return {e["stage"]: e["status"] for e in run.stage_log()[since:] if e["status"] != "started"}
+
+
+def table_digests(run: Run, outputs: list[str]) -> dict[str, str]:
+    """Each output table's rows, in any order, as one digest: equal digests, equal tables."""
+    return {rel: hashlib.sha256("\n".join(sorted(map(repr, read_table(run, *rel.split("/")).to_pylist()))).encode())
+            .hexdigest() for rel in outputs}
+
+
+def test_a_job_killed_mid_stage_after_an_upstream_rerun_is_finished_by_the_next_run_as_a_clean_run(
+    tiny_run: tuple[Config, Run], tmp_path: Path
+) -> None:
+    """SIGKILL in the middle of ``preprocess``, after ``ingest`` ran again: the next run runs ``preprocess`` (never
+    skips it on its old entry) and its outputs are the clean run's, with nothing half-written left behind."""
+    config, copy = copied(tiny_run, tmp_path)
+    copy.remove("data", "records")  # ingest runs again, under the same identity
+    job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "preprocess.py"), "--config", "tiny",
+                            "--set", f"run.root={tmp_path}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    staging = tmp_path / copy.name / STAGING / "preprocess"
+    deadline = time.monotonic() + 120
+    try:
+        # mid-stage: the body has written some of its outputs, not all
+        while not (staging.exists() and any(staging.rglob("*.parquet"))):
+            assert job.poll() is None, "the job ended before it could be killed mid-stage"
+            assert time.monotonic() < deadline, "preprocess did not start writing within 120 s"
+            time.sleep(0.01)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert [e["status"] for e in copy.stage_log() if e["stage"] == "preprocess"][-1] == "started"
+    assert "preprocess" not in copy.manifest()["stages"]  # cleared before the body ran: nothing to trust
+    assert not any(copy.exists(*rel.split("/")) for rel in preprocess_outputs())  # nothing half-written in place
+
+    since = len(copy.stage_log())
+    run_stages(config, copy, until="preprocess")
+    assert statuses_since(copy, since) == {"ingest": "skipped", "preprocess": "done"}
+    assert not copy.exists(STAGING)
+    assert table_digests(copy, preprocess_outputs()) == table_digests(tiny_run[1], preprocess_outputs())
 
 
 @pytest.mark.slow  # the path every `make demo` takes (demo: 2 actors on 2 CPUs); here, that it changes no row

@@ -11,10 +11,12 @@ nothing before it.
 :func:`run_stages` runs the list, or a prefix of it (``until``: the sweep's
 preparation stops after the features) or some stages alone (``only``); every job,
 the sweep, the pipeline and the benchmarks call it, never a copy of a stage. A stage
-that is current (same hash, outputs all there) is skipped; a failed one leaves none
-of its outputs behind, so a rerun continues where a crash stopped. Every attempt goes
-to the run's stage log (``stage_log.json``); a stage counts as done only once its
-manifest entry is written (:meth:`shoprank.store.run.Run.record_stage`).
+that is current (same hash, outputs all there, upstream outputs still the ones it
+read) is skipped; a failed or killed one leaves none of its outputs behind and is not
+current, so a rerun continues where a crash stopped and never trusts a stage that a
+crash cut short (:mod:`shoprank.store.run`). Every attempt goes to the run's stage log
+(``stage_log.json``); a stage counts as done only once its manifest entry is written
+(:meth:`shoprank.store.run.Run.record_stage`).
 """
 
 from __future__ import annotations
@@ -164,53 +166,58 @@ def run_stages(config: Config, run: Run | None = None, *, until: str | None = No
     if any(stage.name == "ingest" for stage in stages):
         pseudonyms(config)  # the users' key exists before any stage's identity is computed (shoprank.privacy)
     names = {stage.name for stage in stages}
-    ran: set[str] = set()
     for stage in stages:
         missing = [path for path in stage.inputs if only and not run.exists(*path.split("/"))]
         if missing:
             raise ShopRankError(f"stage {stage.name} reads {', '.join(missing)}, which {run.uri()} does not have: "
                                 f"run the stages before it first (until={stage.name!r})")
-        stale = [up for up in stage.upstream if up not in names and not run.stage_is_current(up, stage_hash(config, up))]
+        stale = [up for up in stage.upstream if up not in names
+                 and not run.stage_is_current(up, stage_hash(config, up), BY_NAME[up].upstream)]
         if stale:
             raise ShopRankError(f"stage {stage.name} reads what {', '.join(stale)} wrote, which is not current for this "
                                 f"config in {run.uri()}: run the stages before it too (until={stage.name!r})")
-        # an upstream stage that ran again (changed, or its outputs gone) may have written other outputs
-        # under the same identity (training is not bit for bit repeatable), so what reads them runs too
-        rerun = any(up in ran for up in stage.upstream)
-        if run_stage(run, config, stage.name, stage_hash(config, stage.name), stage.outputs(config), stage.body,
-                     force=rerun):
-            ran.add(stage.name)
+        run_stage(run, config, stage.name, stage_hash(config, stage.name), stage.outputs(config), stage.body,
+                  upstream=stage.upstream)
     return run
 
 
 def run_stage(run: Run, config: Config, name: str, config_hash: str, outputs: list[str], body: Body, *,
-              force: bool = False) -> bool:
-    """Run ``body`` as stage ``name`` unless it is current (or ``force``); True when it ran.
+              upstream: Sequence[str] = ()) -> None:
+    """Run ``body`` as stage ``name`` unless it is current.
 
     The one place that times a stage and records it: in the stage log (started,
     skipped, failed or done, with seconds and notes) and, once its outputs are
-    complete, in the manifest. A stage outside :data:`STAGES` (an incremental ranker
-    update) comes through here too.
+    complete and in place, in the manifest. Its entry is cleared first and the body
+    writes into staging (:class:`shoprank.store.run.StagedRun`), so a crash at any
+    point leaves the stage to run again, never a stale or half-written stage that
+    looks current. It is current only while the ``upstream`` stages' outputs are the
+    ones it read: one of them that ran again (its outputs lost, say) under the same
+    identity may have written other outputs (training is not bit for bit
+    repeatable), so this one runs again too. A stage outside :data:`STAGES` (an
+    incremental ranker update) comes through here too.
     """
-    if not force and run.stage_is_current(name, config_hash):
+    if run.stage_is_current(name, config_hash, upstream):
         log.info("stage %s is current (config hash %s): skipped", name, config_hash)
         run.log_stage(name, "skipped")
-        return False
+        return
     log.info("stage %s: running (config hash %s)", name, config_hash)
     run.log_stage(name, "started")
+    run.forget_stage(name)
     run.remove_outputs(outputs)
+    staged = run.staged(name, outputs)
     record = StageRecord(outputs={rel.rsplit("/", 1)[-1]: rel for rel in outputs})
     started = time.perf_counter()
     try:
-        body(config, run, record)
+        body(config, staged, record)
+        run.commit_outputs(staged, list(record.outputs.values()))
     except BaseException:
+        run.drop_staging(name)
         run.remove_outputs(outputs)
         run.log_stage(name, "failed", time.perf_counter() - started)
         raise
     seconds = time.perf_counter() - started
-    run.record_stage(name, config, config_hash, record, seconds)
+    run.record_stage(name, config, config_hash, record, seconds, upstream)
     for note in record.notes:
         log.warning("stage %s: %s", name, note)
     log.info("stage %s done in %.1fs: %s", name, seconds, record.rows)
     run.log_stage(name, "done", seconds, record.notes)
-    return True

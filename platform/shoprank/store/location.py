@@ -83,6 +83,21 @@ class Location:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(info.path)
 
+    def move(self, source: str, target: str) -> None:
+        """Move a file or directory (paths inside the filesystem) to ``target``, which must not exist.
+
+        A rename where the filesystem has one (a local disk: atomic); object stores rename files only, so a
+        directory there is copied, then deleted.
+        """
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        try:
+            self.fs.move(source, target)
+        except (OSError, NotImplementedError):
+            if self.fs.get_file_info(source).type != pafs.FileType.Directory:
+                raise
+            pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
+            self.fs.delete_dir(source)
+
     def read_text(self, *parts: str) -> str:
         with self.fs.open_input_stream(self.path(*parts)) as stream:
             return stream.read().decode()

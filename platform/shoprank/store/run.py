@@ -10,16 +10,27 @@ when it is complete).
 
 ``manifest.json`` names the run's config, its config hash, the code version and,
 per stage, the config hash the stage ran under, its outputs, row counts, drops,
-metrics and timings. The manifest is the commit point: a stage counts as done
-only once its entry is written, after all its outputs are complete, so a crash
-leaves no artifact that a later run would trust. A stage whose config hash is
-unchanged is skipped; otherwise its old outputs are removed before it runs again.
+metrics and timings. The manifest is the commit point, so a crash (a SIGKILL
+included) leaves nothing that a later run would trust:
+
+* a stage's entry is cleared before its body runs (:meth:`Run.forget_stage`) and
+  written only after its outputs are complete (:meth:`Run.record_stage`);
+* the body writes into a staging folder (:class:`StagedRun`), moved into place
+  once the body has finished (:meth:`Run.commit_outputs`), so a killed stage
+  leaves no half-written folder where its outputs belong;
+* each entry records the attempt it was (a new id every time the stage runs) and
+  the attempts of the stages it read, so a stage is current only while what it
+  read is still what those stages wrote: an upstream stage that ran again (its
+  outputs lost, even under the same identity) makes every later one run again,
+  in the same invocation or in the next one after a crash.
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +45,9 @@ from shoprank.store.location import Location
 MANIFEST = "manifest.json"
 STAGE_LOG = "stage_log.json"
 """Every stage attempt in order: started, done, failed or skipped (what a rerun after a crash shows)."""
+STAGING = "staging"
+"""Where a running stage writes its outputs (``staging/<stage>/<output>``) until they are complete. Not hidden:
+readers such as pyarrow's datasets skip paths that start with a dot or an underscore."""
 
 
 def code_version() -> str:
@@ -100,21 +114,59 @@ class Run(Location):
             entry["notes"] = notes
         self.write_json({"entries": [*self.stage_log(), entry]}, STAGE_LOG)
 
-    def stage_is_current(self, stage: str, config_hash: str) -> bool:
-        """True when ``stage`` completed under ``config_hash`` and its outputs are all there."""
-        entry = self.manifest().get("stages", {}).get(stage)
+    def stage_is_current(self, stage: str, config_hash: str, upstream: Sequence[str] = ()) -> bool:
+        """True when ``stage`` completed under ``config_hash``, its outputs are all there, and each ``upstream``
+        stage's outputs are still those it read (the same attempt: see the module docstring)."""
+        stages = self.manifest().get("stages", {})
+        entry = stages.get(stage)
         if not entry or entry.get("config_hash") != config_hash:
+            return False
+        read = entry.get("upstream_attempts", {})
+        if any(read.get(up) != stages.get(up, {}).get("attempt") for up in upstream):
             return False
         return all(self.exists(*rel.split("/")) for rel in entry.get("outputs", {}).values())
 
-    def remove_outputs(self, outputs: list[str]) -> None:
+    def forget_stage(self, stage: str) -> None:
+        """Clear ``stage``'s manifest entry: from now until it completes again, it is not current (a crash in
+        between makes the next run run it, never skip it on its old entry)."""
+        manifest = self.manifest()
+        if manifest.get("stages", {}).pop(stage, None) is not None:
+            self.write_json(manifest, MANIFEST)
+
+    def remove_outputs(self, outputs: Sequence[str]) -> None:
         """Delete a stage's outputs (paths relative to the run): before it runs, and when it fails."""
         for rel in outputs:
             self.remove(*rel.split("/"))
 
-    def record_stage(self, stage: str, config: Config, config_hash: str, record: StageRecord, seconds: float) -> None:
-        """Write a finished stage's entry into the manifest: the commit point of its outputs."""
+    def staged(self, stage: str, outputs: Sequence[str]) -> "StagedRun":
+        """This run as ``stage``'s body sees it: ``outputs`` lead into a fresh staging folder (what a killed
+        attempt left there is removed first)."""
+        self.drop_staging(stage)
+        return StagedRun(self, stage, outputs)
+
+    def commit_outputs(self, staged: "StagedRun", outputs: Sequence[str]) -> None:
+        """Move what ``staged``'s body wrote of ``outputs`` into place (an output it did not write stays absent),
+        then drop the staging folder."""
+        for rel in outputs:
+            parts = rel.split("/")
+            if staged.exists(*parts):
+                self.remove(*parts)
+                self.move(staged.path(*parts), self.path(*parts))
+        self.drop_staging(staged.stage)
+
+    def drop_staging(self, stage: str) -> None:
+        """Remove ``stage``'s staging folder, and the staging folder itself once no stage has one."""
+        self.remove(STAGING, stage)
+        selector = pafs.FileSelector(self.path(STAGING), allow_not_found=True)
+        if self.exists(STAGING) and not self.fs.get_file_info(selector):
+            self.remove(STAGING)
+
+    def record_stage(self, stage: str, config: Config, config_hash: str, record: StageRecord, seconds: float,
+                     upstream: Sequence[str] = ()) -> None:
+        """Write a finished stage's entry into the manifest: the commit point of its outputs. It names this
+        attempt and the attempts of the ``upstream`` stages it read."""
         manifest = self.manifest()
+        stages = manifest.get("stages", {})
         manifest.update(
             run_id=self.name,
             run_uri=self.uri(),
@@ -124,6 +176,8 @@ class Run(Location):
         )
         manifest.setdefault("stages", {})[stage] = {
             "config_hash": config_hash,
+            "attempt": uuid.uuid4().hex[:12],
+            "upstream_attempts": {up: stages.get(up, {}).get("attempt") for up in upstream},
             "outputs": record.outputs,
             "rows": record.rows,
             "drops": record.drops,
@@ -133,3 +187,24 @@ class Run(Location):
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.write_json(manifest, MANIFEST)
+
+
+class StagedRun(Run):
+    """A run whose stage outputs lead into ``staging/<stage>/`` (see :meth:`Run.staged`).
+
+    Every path a body asks for goes through :meth:`path` (``uri``, ``exists``, ``child``, ``local_output``,
+    Ray Data's writers given ``uri``), so the body needs no change to write into staging, and what it reads of
+    its own outputs it reads from there. Picklable: Ray tasks and actors that a body starts get the same view.
+    """
+
+    def __init__(self, run: Run, stage: str, outputs: Sequence[str]) -> None:
+        self.__dict__.update(run.__dict__)
+        self.stage = stage
+        self.outputs = tuple(outputs)
+        self.staging = Run.path(run, STAGING, stage)
+
+    def path(self, *parts: str) -> str:
+        relative = "/".join(parts)
+        if any(relative == out or relative.startswith(out + "/") for out in self.outputs):
+            return f"{self.staging}/{relative}"
+        return super().path(*parts)
