@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import logging
 import math
+import pathlib
 import sqlite3
 import time
 import uuid
@@ -65,7 +66,7 @@ from shoprank.serving.metrics import (
 )
 from shoprank.serving.variants import VariantSpec, offline_figures
 from shoprank.store.events import (
-    EventStore, Impression, StoreBusy, is_server_database, open_event_writer, redacted, restore_sqlite,
+    EventStore, Impression, StoreBusy, checked_backup, is_server_database, open_event_writer, redacted, restore_sqlite,
 )
 from shoprank.store.run import Run
 
@@ -146,6 +147,10 @@ class EventStoreWriter:
                     "tools (pg_restore, or your managed service's snapshots)")
         if self.restoring:
             return "a restore is already under way"
+        try:
+            await asyncio.to_thread(checked_backup, pathlib.Path(backup))  # a wrong file never pauses the writer
+        except DataError as exc:
+            return str(exc)
         self.restoring = True
         try:
             await self.idle.wait()

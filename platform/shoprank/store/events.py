@@ -615,14 +615,7 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
     erasure from them.
     """
     backup, target = Path(backup), Path(target)
-    try:
-        with sqlite3.connect(f"file:{backup}?mode=ro", uri=True) as source:
-            if source.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("integrity_check failed")
-            count = source.execute("SELECT count(*) FROM events").fetchone()[0]
-            source.execute("SELECT count(*) FROM impressions").fetchone()
-    except sqlite3.Error as exc:
-        raise DataError(f"{backup} is not an SQLite event store ({exc}); nothing was restored") from None
+    count = checked_backup(backup)
     target.parent.mkdir(parents=True, exist_ok=True)
     held = writer_lock(target, wait_s=0.0)
     if held is None:
@@ -632,7 +625,7 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
                         "(POST /admin/events/restore, admin key), which pauses its writer; nothing was restored")
     try:
         _private_database(target, tighten=True)
-        with sqlite3.connect(f"file:{backup}?mode=ro", uri=True) as source:
+        with sqlite3.connect(_read_only(backup), uri=True) as source:
             live = sqlite3.connect(target, isolation_level=None)
             try:
                 stored = _count_events(live)
@@ -652,6 +645,26 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
     finally:
         os.close(held)
     return count
+
+
+def checked_backup(backup: Path) -> int:
+    """The event count of ``backup``, an SQLite event store whose ``integrity_check`` is ok, or a
+    :class:`DataError` saying why it is not one."""
+    try:
+        with sqlite3.connect(_read_only(backup), uri=True) as source:
+            if source.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity_check failed")
+            count = int(source.execute("SELECT count(*) FROM events").fetchone()[0])
+            source.execute("SELECT count(*) FROM impressions").fetchone()
+    except (sqlite3.Error, OSError) as exc:
+        raise DataError(f"{backup} is not an SQLite event store ({exc}); nothing was restored") from None
+    return count
+
+
+def _read_only(database: Path) -> str:
+    """A read-only URI of ``database``: the path percent-encoded, so no ``?`` or ``#`` in it can add URI options
+    (``mode=rwc`` would create a file; the path may come from an HTTP request)."""
+    return database.absolute().as_uri() + "?mode=ro"
 
 
 def _sequences(db: sqlite3.Connection) -> dict[str, int]:
