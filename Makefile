@@ -18,7 +18,7 @@ CHROMIUM := /usr/bin/chromium
 PROMTOOL := /usr/bin/promtool
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup bytecode postgres demo test test-all bench cluster-up cluster-down stop clean
+.PHONY: setup bytecode postgres demo test test-all bench cluster-up cluster-down stop clean clean-all
 
 setup: $(STAMP)
 
@@ -90,5 +90,15 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/serve_load.py --config $(PRESET) --set run.root=$(CURDIR)/runs
 
+# clean: what can be rebuilt (the runs' outputs, logs, test output, caches), never what cannot: runs/secrets (API
+# keys, the pseudonym key: a new one would orphan every pseudonym), the event store (shoppers' live events, its
+# WAL and lock) and the registry (which run each variant serves). clean-all removes those too.
+KEPT := secrets events.sqlite events.sqlite-wal events.sqlite-shm events.sqlite.lock registry.json
 clean:
+	if [ -d runs ]; then find runs -mindepth 1 -maxdepth 1 $(foreach kept,$(KEPT),! -name $(kept)) -exec rm -rf {} +; fi
+	rm -rf test-output .pytest_cache
+	@echo "Kept under runs/: the keys (secrets/), the event store (events.sqlite) and the registry; make clean-all removes them too"
+
+clean-all:
+	@echo "Removing runs/ whole: API keys, the pseudonym key, the event store and the registry with the runs"
 	rm -rf runs test-output .pytest_cache

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -23,7 +25,9 @@ from shoprank.data.readers import read_table as read_records
 from shoprank.errors import ConfigError, DataError
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.user_state import UserCache
-from shoprank.store.events import EventStore, Impression, PostgresEventStore, SqliteEventStore, open_event_store
+from shoprank.store.events import (
+    EventStore, Impression, PostgresEventStore, SqliteEventStore, open_event_store, restore_sqlite,
+)
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -140,15 +144,20 @@ def test_backup_while_writing_and_restore(tmp_path: Path, capsys: pytest.Capture
     """``shoprank events backup`` copies a live store (SQLite's online backup); ``restore`` puts it back."""
     root = tmp_path / "runs"
     overrides = ["--set", f"run.root={root}"]
-    live = SqliteEventStore(root / "events.sqlite")  # the serving writer keeps it open meanwhile
+    live = SqliteEventStore(root / "events.sqlite", writer=True)  # the serving writer keeps it open meanwhile
     live.append([event(i) for i in range(5)])
     assert shoprank(["events", "backup", str(tmp_path / "copy.sqlite"), "--config", "tiny", *overrides]) == 0
     assert "5 events" in capsys.readouterr().out
     live.append([event(i) for i in range(5, 8)])
+    assert shoprank(["events", "restore", str(tmp_path / "copy.sqlite"), "--config", "tiny", "--replace",
+                     *overrides]) == 2
+    assert "the Serve app is writing to it" in capsys.readouterr().err
+    live.append([event(8)])  # the writer goes on: nothing was replaced under it
     live.close()
+    assert SqliteEventStore(root / "events.sqlite").events().num_rows == 9
 
     assert shoprank(["events", "restore", str(tmp_path / "copy.sqlite"), "--config", "tiny", *overrides]) == 2
-    assert "holds 8 events; add --replace" in capsys.readouterr().err
+    assert "holds 9 events; add --replace" in capsys.readouterr().err
     assert shoprank(["events", "restore", str(tmp_path / "copy.sqlite"), "--config", "tiny", "--replace",
                      *overrides]) == 0
     assert SqliteEventStore(root / "events.sqlite").events().num_rows == 5
@@ -241,23 +250,95 @@ def test_a_full_impression_queue_drops_the_oldest_and_the_store_counts_them(tmp_
     store = SqliteEventStore(tmp_path / "events.db")
     failing = {"now": True}
 
-    async def sink(impressions: list[Impression], dropped: int) -> None:
+    async def sink(impressions: list[Impression], dropped: int, batch_id: str) -> None:
         if failing["now"]:
             raise ConnectionError("the writer is restarting")
-        store.log_impressions(impressions, dropped)
+        store.log_impressions(impressions, dropped, batch_id)
 
     heard: list[int] = []  # what the app's metrics hear: each drop as it happens, before any batch reaches the store
+    held: list[int] = []
 
     async def scenario() -> None:
-        queue = ImpressionQueue(sink, capacity=5, on_drop=heard.append)
+        queue = ImpressionQueue(sink, capacity=5, on_drop=heard.append, on_waiting=held.append)
         queue.put([Impression(f"R{i}", "U1", "A", f"P{i}", 1, T0) for i in range(4)])
         with pytest.raises(ConnectionError):
-            await queue.flush()  # nothing lost: the batch waits again
+            await queue.flush()  # nothing lost: the batch waits to be sent again, whole
         queue.put([Impression(f"R{i}", "U1", "A", f"P{i}", 1, T0) for i in range(4, 7)])
+        # the unsent batch may be in the store already (its answer lost): the drops take the newer ones waiting
         assert queue.summary() == {"waiting": 5, "dropped": 2, "capacity": 5} and heard == [2]
         failing["now"] = False
         assert await queue.flush() == 5 and await queue.flush() == 0
+        assert held == [4, 5, 1, 0]
 
     asyncio.run(scenario())
-    assert [i.request_id for i in store.impressions()] == ["R2", "R3", "R4", "R5", "R6"]
+    assert [i.request_id for i in store.impressions()] == ["R0", "R1", "R2", "R3", "R6"]
     assert store.dropped_impressions() == 2
+
+
+def test_an_impression_batch_sent_twice_is_stored_once(store: EventStore) -> None:
+    """The writer committed a batch but its answer was lost: the queue sends it again under its id, and the store,
+    which has that id, ignores it (impressions are CTR denominators: at-least-once would inflate them)."""
+    shown = [Impression("R1", "U1", "A", f"P{i}", i + 1, T0) for i in range(3)]
+    assert store.log_impressions(shown, 2, "batch-1") is True
+    assert store.log_impressions(shown, 2, "batch-1") is False
+    assert store.log_impressions([], 1, "batch-2") is True and store.log_impressions([], 1, "batch-2") is False
+    assert store.impressions() == shown and store.dropped_impressions() == 3
+    store.purge(T0 + dt.timedelta(days=1))  # batch ids are forgotten with the impressions they dated
+    assert store.log_impressions(shown, 0, "batch-1") is True
+
+
+def test_the_queue_sends_a_batch_again_under_its_id_when_the_answer_is_lost(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "events.db")
+    sent: list[str] = []
+
+    async def committed_then_lost(impressions: list[Impression], dropped: int, batch_id: str) -> None:
+        sent.append(batch_id)
+        store.log_impressions(impressions, dropped, batch_id)
+        if len(sent) == 1:
+            raise ConnectionError("the answer never came back")
+
+    async def scenario() -> None:
+        queue = ImpressionQueue(committed_then_lost, capacity=10)
+        queue.put([Impression(f"R{i}", "U1", "A", "P1", 1, T0) for i in range(3)])
+        with pytest.raises(ConnectionError):
+            await queue.flush()
+        queue.put([Impression("R3", "U1", "A", "P1", 1, T0)])
+        assert await queue.flush() == 4  # the unsent batch again (ignored by the store), then the new one
+
+    asyncio.run(scenario())
+    assert sent[0] == sent[1] != sent[2] and len(sent) == 3
+    assert [i.request_id for i in store.impressions()] == ["R0", "R1", "R2", "R3"]
+
+
+def test_the_database_its_wal_and_backups_are_private(tmp_path: Path) -> None:
+    """Pseudonymous, but each shopper's behaviour: mode 0600 like the keys, whatever the umask allows."""
+    def modes() -> dict[str, int]:
+        return {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+
+    previous = os.umask(0o022)
+    try:
+        store = SqliteEventStore(tmp_path / "events.db", writer=True)
+        store.append([event(1)])
+        store.backup(tmp_path / "backup.db")
+        live = modes()  # the WAL and shared memory exist while the store is open (the last close removes them)
+        store.close()
+        assert restore_sqlite(tmp_path / "backup.db", tmp_path / "restored.db") == 1
+    finally:
+        os.umask(previous)
+    assert {"events.db", "events.db-wal", "events.db-shm", "events.db.lock", "backup.db"} <= set(live)
+    made = {**live, **modes()}
+    assert "restored.db" in made and made == {name: 0o600 for name in made}
+
+
+def test_a_killed_writer_never_blocks_a_restore(tmp_path: Path) -> None:
+    """The writer's lock is the kernel's: it goes with the process, however the process ends."""
+    database = tmp_path / "events.db"
+    SqliteEventStore(database).backup(tmp_path / "backup.db")
+    writer = textwrap.dedent(f"""
+        import os, signal
+        from shoprank.store.events import SqliteEventStore
+        SqliteEventStore({str(database)!r}, writer=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", writer], timeout=120).returncode == -9
+    assert restore_sqlite(tmp_path / "backup.db", database) == 0

@@ -32,6 +32,7 @@ from shoprank.data.io import read_table
 from shoprank.encoder.runtime import verdicts
 from shoprank.ranker.train import load_ranker, save_ranker
 from shoprank.serving.app import APP_NAME
+from shoprank.store.events import SqliteEventStore
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -355,6 +356,53 @@ def test_moving_the_alias_reloads_the_ranker_in_place_without_dropping_requests(
     assert {replica._actor_id for replica in _replicas("Variant_B")} == replicas
     assert outcomes and all(status == 200 for _, status in outcomes), [s for _, s in outcomes if s != 200]
     assert _ranker_b(app, run.uri())["ranker_run"] == run.uri()
+
+
+def test_a_restore_under_load_loses_no_event_answered_200(app: App, tmp_path: Path) -> None:
+    """Events flow while the store is restored through the app (a backup taken a moment before): each event is
+    answered 200 or 503, and every 200 sent after the restore answered, or answered before the backup began, is in
+    the store: the writer paused for the restore instead of committing to a replaced file. The backup holds the
+    store as the other tests left it, so they lose nothing."""
+    product = next(iter(app.category_of))
+    stop, outcomes = threading.Event(), []  # (event id, status, sent, answered): monotonic seconds
+
+    def flow() -> None:
+        with httpx.Client(base_url=app.url, timeout=60.0, headers=bearer(app.keys["client"])) as client:
+            while not stop.is_set():
+                event_id, sent = f"restore-{uuid.uuid4().hex}", time.monotonic()
+                status = client.post("/events", json=[{"user_id": "U-restore", "product_id": product,
+                                                        "event_type": "view", "event_id": event_id}]).status_code
+                outcomes.append((event_id, status, sent, time.monotonic()))
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    try:
+        time.sleep(0.5)
+        backup_began = time.monotonic()
+        backup = tmp_path / "events-backup.sqlite"
+        reader = SqliteEventStore(app.db)  # a reader beside the app's writer: SQLite's online backup
+        try:
+            backed_up = reader.backup(backup)
+        finally:
+            reader.close()
+        time.sleep(0.3)
+        restored = app.post("/admin/events/restore", {"backup": str(backup), "replace": True})
+        restore_answered = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        flowing.join()
+    assert restored.status_code == 200 and restored.json()["events"] == backed_up, restored.text
+    assert {status for _, status, _, _ in outcomes} <= {200, 503}, outcomes
+    kept = [event_id for event_id, status, sent, answered in outcomes
+            if status == 200 and (answered < backup_began or sent > restore_answered)]
+    assert any(sent > restore_answered for _, status, sent, _ in outcomes if status == 200), "no event after"
+    stored = app.stored_event_ids()
+    assert [event_id for event_id in kept if event_id not in stored] == []
+    refused = app.post("/admin/events/restore", {"backup": str(tmp_path / "missing.sqlite"), "replace": True})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "backup"], refused.text
+    assert "not an SQLite event store" in refused.text and app.post("/events", [
+        {"user_id": "U-restore", "product_id": product, "event_type": "view"}]).status_code == 200
 
 
 def test_a_body_over_the_limit_is_refused_with_413_before_it_is_parsed(app: App) -> None:

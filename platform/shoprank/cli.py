@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default="demo")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--replace", action="store_true", help="restore over a store that holds events")
+    ev.add_argument("--app", metavar="URL", help="restore through the running Serve app at URL (admin key), which "
+                    "pauses its writer meanwhile; the backup is a path on the app's host")
 
     exp = commands.add_parser("experiment", help="plan an A/B experiment, or calibrate its tests by simulation")
     actions = exp.add_subparsers(dest="action", required=True)
@@ -193,11 +195,19 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
             + report_markdown(ServeClient(url, keys["admin"]).report()))
 
 
-def event_store_copy(config: Config, action: str, file: str, replace: bool) -> str:
-    """``shoprank events backup|restore``: SQLite's online backup of the live store, or a checked restore."""
+def event_store_copy(config: Config, action: str, file: str, replace: bool, app: str | None = None) -> str:
+    """``shoprank events backup|restore``: SQLite's online backup of the live store, or a checked restore, here
+    (refused while the app writes to the store) or through the running app (``app``: its URL)."""
     from shoprank.serving.variants import event_db_location
     from shoprank.store.events import SqliteEventStore, is_server_database, redacted, restore_sqlite
+    from shoprank.webui.client import ServeClient
 
+    if app is not None:
+        if action != "restore":
+            raise ShopRankError("--app is for restore: a backup reads the live store from this machine")
+        restored = ServeClient(app, client_keys(config)["admin"], timeout_s=600.0).restore_events(
+            str(Path(file).resolve()), replace)
+        return f"the app at {app} restored its event store from {file}: {restored['events']} events"
     location = event_db_location(config)
     if is_server_database(location):
         raise ShopRankError(f"serve.event_db is a PostgreSQL server ({redacted(location)}): back it up with its own "
@@ -212,7 +222,7 @@ def event_store_copy(config: Config, action: str, file: str, replace: bool) -> s
             store.close()
         return f"{count} events backed up from {location} to {file}"
     count = restore_sqlite(file, location, replace=replace)
-    return f"{location} restored from {file}: {count} events; restart the Serve app (shoprank serve) to read them"
+    return f"{location} restored from {file}: {count} events"
 
 
 def write_readout(config: Config, url: str, out: Path) -> str:
@@ -294,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.set)
             print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.concurrency, args.seed))
         elif args.command == "events":
-            print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace))
+            print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace, args.app))
         elif args.command == "experiment":
             print(experiment_command(args))
         elif args.command == "keys":

@@ -144,6 +144,17 @@ class Erased(BaseModel):
     impressions: int = Field(description="Impressions deleted from the store.")
 
 
+class RestoreRequest(Strict):
+    backup: str = Field(min_length=1, max_length=4096, description="The SQLite backup to restore (`shoprank events "
+                        "backup`): a path on the host of the app's event store writer.")
+    replace: bool = Field(False, description="Overwrite a store that holds events.")
+
+
+class Restored(BaseModel):
+    events: int = Field(description="Events in the restored store (the backup's).")
+    backup: str
+
+
 class UserSummary(BaseModel):
     user_id: str
     summary: str = Field(description="'N events; mostly <category>; last: <event> <title>'.")

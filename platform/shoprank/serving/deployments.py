@@ -19,13 +19,16 @@ routes' signatures at runtime and would take string annotations for query parame
 """
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
+import pathlib
 import sqlite3
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pyarrow as pa
@@ -43,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.errors import ConfigError, DataError
+from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.report import ab_report
@@ -51,17 +54,20 @@ from shoprank.experiment.report_model import ABReport
 from shoprank.privacy import pseudonyms
 from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
-    FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, SearchRequest,
-    UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
+    FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, Restored,
+    RestoreRequest, SearchRequest, UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
 )
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
 from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import (
     VARIANT_HEADER, Guardrails, RequestMetrics, metered, record_answer, record_dropped, record_events, record_split,
+    record_waiting,
 )
 from shoprank.serving.variants import VariantSpec, offline_figures
-from shoprank.store.events import Impression, open_event_store
+from shoprank.store.events import (
+    EventStore, Impression, StoreBusy, checked_backup, is_server_database, open_event_writer, redacted, restore_sqlite,
+)
 from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)
@@ -73,59 +79,120 @@ them without a query; older ones are looked up in the store's impressions."""
 
 @serve.deployment
 class EventStoreWriter:
-    """The event store's writer (the one owner of an SQLite file); concurrent writes share a transaction."""
+    """The event store's writer (the one owner of an SQLite file, holding its writer lock); concurrent writes share a
+    transaction. A restore (:meth:`restore`) pauses it: the calls it is serving finish, new ones are refused with
+    :class:`StoreBusy` (a 503 with Retry-After at the ingress) until the backup is in place and the store reopened,
+    so no request is answered 200 for a write the restore then loses."""
 
     def __init__(self, location: str) -> None:
         replica_grpc_on_loopback()
-        self.store = metered(open_event_store(location))
+        self.location = location
+        self.store = metered(open_event_writer(location))
+        self.restoring = False
+        self.in_use = 0
+        self.idle = asyncio.Event()
+        """Set while no call uses the store: what a restore waits for after it stops new calls."""
+        self.idle.set()
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         self.append.set_max_batch_size(settings["batch_size"])
 
+    @contextlib.asynccontextmanager
+    async def _using(self) -> AsyncIterator[EventStore]:
+        """The store for one call, or :class:`StoreBusy` while a restore is under way."""
+        if self.restoring:
+            raise StoreBusy("the event store is being restored from a backup")
+        self.in_use += 1
+        self.idle.clear()
+        try:
+            yield self.store
+        finally:
+            self.in_use -= 1
+            if not self.in_use:
+                self.idle.set()
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def append(self, batches: list[list[dict]]) -> list[int | str]:
         """Per request: how many were stored, or why none were (each request all or nothing)."""
-        return await asyncio.to_thread(self._append, batches)
+        async with self._using() as store:
+            return await asyncio.to_thread(self._append, store, batches)
 
-    def _append(self, batches: list[list[dict]]) -> list[int | str]:
+    @staticmethod
+    def _append(store: EventStore, batches: list[list[dict]]) -> list[int | str]:
         if len(batches) > 1:
             try:
-                self.store.append([event for batch in batches for event in batch])
+                store.append([event for batch in batches for event in batch])
                 return [len(batch) for batch in batches]
             except DataError:
                 pass  # one request's events are at fault: store each request alone
         results: list[int | str] = []
         for batch in batches:
             try:
-                results.append(self.store.append(batch))
+                results.append(store.append(batch))
             except DataError as exc:
                 results.append(str(exc))
         return results
 
-    async def log_impressions(self, impressions: list[Impression], dropped: int) -> None:
-        """An ingress replica's queued impressions, already batched (:class:`ImpressionQueue`)."""
-        await asyncio.to_thread(self.store.log_impressions, impressions, dropped)
+    async def log_impressions(self, impressions: list[Impression], dropped: int, batch_id: str) -> bool:
+        """An ingress replica's queued impressions, already batched (:class:`ImpressionQueue`); False when the store
+        had this batch already (a retry after a lost answer)."""
+        async with self._using() as store:
+            return await asyncio.to_thread(store.log_impressions, impressions, dropped, batch_id)
+
+    async def restore(self, backup: str, replace: bool) -> int | str:
+        """Put an SQLite backup in place of the store (:func:`restore_sqlite`): the events it holds, or why nothing
+        was restored. Calls already using the store finish first; new ones are refused until the store is open again."""
+        if is_server_database(self.location):
+            return (f"serve.event_db is a PostgreSQL server ({redacted(self.location)}): restore it with its own "
+                    "tools (pg_restore, or your managed service's snapshots)")
+        if self.restoring:
+            return "a restore is already under way"
+        try:
+            await asyncio.to_thread(checked_backup, pathlib.Path(backup))  # a wrong file never pauses the writer
+        except DataError as exc:
+            return str(exc)
+        self.restoring = True
+        try:
+            await self.idle.wait()
+            return await asyncio.to_thread(self._restore, backup, replace)
+        finally:
+            self.restoring = False
+
+    def _restore(self, backup: str, replace: bool) -> int | str:
+        self.store.close()  # lets go of the writer lock, which the restore takes
+        try:
+            return restore_sqlite(backup, self.location, replace=replace)
+        except ShopRankError as exc:
+            return str(exc)
+        finally:
+            self.store = metered(open_event_writer(self.location))
 
     async def report(self, split: dict[str, float], prices: dict[str, float]) -> dict[str, Any]:
-        report = await asyncio.to_thread(ab_report, self.store, split, prices=prices)
-        report["impressions_dropped"] = await asyncio.to_thread(self.store.dropped_impressions)
+        async with self._using() as store:
+            report = await asyncio.to_thread(ab_report, store, split, prices=prices)
+            report["impressions_dropped"] = await asyncio.to_thread(store.dropped_impressions)
         return report
 
     async def erase(self, user: str, at: dt.datetime) -> dict[str, int]:
-        return await asyncio.to_thread(self.store.erase, user, at)
+        async with self._using() as store:
+            return await asyncio.to_thread(store.erase, user, at)
 
     async def purge(self, before: dt.datetime) -> dict[str, int]:
-        return await asyncio.to_thread(self.store.purge, before)
+        async with self._using() as store:
+            return await asyncio.to_thread(store.purge, before)
 
     async def shown(self, request_id: str) -> tuple[str, set[str]] | None:
-        return await asyncio.to_thread(self.store.shown, request_id)
+        async with self._using() as store:
+            return await asyncio.to_thread(store.shown, request_id)
 
     async def export(self, path: str) -> int:
-        return await asyncio.to_thread(self.store.export_parquet, path)
+        async with self._using() as store:
+            return await asyncio.to_thread(store.export_parquet, path)
 
     async def counts(self) -> dict[str, int]:
-        events = await asyncio.to_thread(self.store.events)
-        return {"events": events.num_rows, "impressions": len(self.store.impressions())}
+        async with self._using() as store:
+            events = await asyncio.to_thread(store.events)
+            return {"events": events.num_rows, "impressions": len(await asyncio.to_thread(store.impressions))}
 
 
 def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent: int = 20) -> list[dict[str, str]]:
@@ -236,6 +303,8 @@ def unavailable(exc: BaseException) -> str | None:
     if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
         return "a part of the service is restarting"
     cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, StoreBusy):
+        return "the event store is being restored"
     if isinstance(cause, sqlite3.OperationalError) or type(cause).__module__.startswith("psycopg"):
         return "the event store cannot be reached"
     return None
@@ -276,7 +345,7 @@ class Ingress:
         self.pseudonyms = pseudonyms(self.config)
         """Every user id of a request is replaced by its pseudonym first: nothing past this point sees the id."""
         self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue,
-                                           on_drop=record_dropped)
+                                           on_drop=record_dropped, on_waiting=record_waiting)
         record_split(self.config.serve.split)
         self.shown: OrderedDict[str, tuple[str, frozenset[str]]] = OrderedDict()
         self.background: list[asyncio.Task] = []
@@ -510,6 +579,19 @@ class Ingress:
         log.info("erased user %s: %s", user, erased)
         return Erased(user=user, **erased)
 
+    @api.post("/admin/events/restore", response_model=Restored, dependencies=[needs("admin")],
+              responses=refusals(401, 403, 422))
+    async def restore_events(self, body: RestoreRequest) -> Restored:
+        """Restore the SQLite event store from a backup on the writer's host, without stopping the app: the writer
+        finishes what it is writing, answers 503 (Retry-After) meanwhile, restores and goes on. The variants' user
+        caches read on from their cursors (numbering continues after the replaced store's); users they hold keep
+        the events they had read that the backup lacks until they leave the cache or the app is redeployed."""
+        restored = await self.store.restore.remote(body.backup, body.replace)
+        if isinstance(restored, str):
+            raise rejected(["backup"], restored)
+        log.info("event store restored from a backup: %d events", restored)
+        return Restored(events=restored, backup=body.backup)
+
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "variants": sorted(self.specs), "clock": self.now_s(),
@@ -522,4 +604,4 @@ class Ingress:
         try:
             await self.impressions.flush()
         except Exception:
-            log.exception("%d impressions could not be written at shutdown", len(self.impressions.waiting))
+            log.exception("%d impressions could not be written at shutdown", self.impressions.held)

@@ -24,6 +24,11 @@ metric (as Prometheus names it)                type       labels                
 ``ray_shoprank_impressions_total``             counter    variant                         products shown in answers
 ``ray_shoprank_impressions_dropped_total``     counter    (none)                          impressions dropped by a full
                                                                                           queue (``serve.impression_queue``)
+``ray_shoprank_impressions_waiting``           gauge      (Serve's ``replica``)           impressions an ingress replica
+                                                                                          holds, not yet in the store: a
+                                                                                          replica that dies without a
+                                                                                          graceful shutdown lost about its
+                                                                                          series' last value
 ``ray_shoprank_events_total``                  counter    event_type, variant             events stored by ``/events``
                                                                                           (views, clicks, carts, purchases)
 ``ray_shoprank_revenue_total``                 counter    variant                         price sum of the stored purchases
@@ -84,6 +89,7 @@ class _Metrics:
     split: Gauge
     impressions: Counter
     impressions_dropped: Counter
+    impressions_waiting: Gauge
     events: Counter
     revenue: Counter
     write_seconds: Histogram
@@ -109,6 +115,8 @@ def _metrics() -> _Metrics:
         impressions=Counter("shoprank_impressions", "Products shown in answers.", ("variant",)),
         impressions_dropped=Counter("shoprank_impressions_dropped",
                                     "Impressions dropped before the event store (full queue)."),
+        impressions_waiting=Gauge("shoprank_impressions_waiting",
+                                  "Impressions this ingress replica holds, not yet written to the event store."),
         events=Counter("shoprank_events", "Events stored by /events.", ("event_type", "variant")),
         revenue=Counter("shoprank_revenue", "Price sum of the purchases stored by /events.", ("variant",)),
         write_seconds=Histogram("shoprank_event_store_write_seconds", "One event-store transaction (s).",
@@ -237,6 +245,12 @@ def record_dropped(count: int) -> None:
         _metrics().impressions_dropped.inc(count)
 
 
+def record_waiting(count: int) -> None:
+    """The impressions this replica's queue holds now: a held gauge, so the last value before a crash stays visible
+    (Prometheus keeps it after the replica's series ends) as the impressions that crash lost."""
+    _held().hold(_metrics().impressions_waiting, count, {})
+
+
 def record_events(events: Sequence[dict[str, Any]], prices: dict[str, float]) -> None:
     """Events the store committed, by kind and variant, and the revenue of their purchases (price x quantity)."""
     metrics = _metrics()
@@ -278,9 +292,9 @@ class MeteredEventStore:
         with self._transaction("events", len(events)):
             return self.store.append(events)
 
-    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0, batch_id: str | None = None) -> bool:
         with self._transaction("impressions", len(impressions)):
-            self.store.log_impressions(impressions, dropped)
+            return self.store.log_impressions(impressions, dropped, batch_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)

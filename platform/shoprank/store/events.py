@@ -22,10 +22,11 @@ Events come back in the record schema (:data:`EVENT_SCHEMA`), and
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
-import shutil
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,12 +37,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES
-from shoprank.errors import ConfigError, DataError
+from shoprank.errors import ConfigError, DataError, ShopRankError
 
 EVENT_FIELDS = [f.name for f in EVENT_SCHEMA]
 _TEXT_FIELDS = [f.name for f in EVENT_SCHEMA if pa.types.is_string(f.type)]
 SERVER_SCHEMES = ("postgresql://", "postgres://")
 """``serve.event_db`` values that name a PostgreSQL server instead of an SQLite file."""
+PRIVATE_MODE = 0o600
+"""The event database, its WAL and shared memory, its lock and its backups: pseudonymous, but still each shopper's
+behaviour, so only the owner reads them (as the keys)."""
+WRITER_LOCK_WAIT_S = 30.0
+"""How long a new writer waits for the previous one to let go of an SQLite store (Serve may start a replaced writer
+replica before the old one has stopped) before it gives up with an error naming the lock file."""
+
+
+class StoreBusy(ShopRankError):
+    """The SQLite store is held by another writer, or is being restored: the caller may try again later."""
 
 
 @dataclass(frozen=True)
@@ -76,9 +87,11 @@ class EventStore(ABC):
         """Store every event or none; returns how many were stored."""
 
     @abstractmethod
-    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0, batch_id: str | None = None) -> bool:
         """Store the products answers showed, and how many impressions were dropped before they reached the store
-        (the serving queue was full: the A/B report says so instead of silently counting fewer)."""
+        (the serving queue was full: the A/B report says so instead of silently counting fewer). A batch whose
+        ``batch_id`` is already stored is ignored (False): a queue that lost the answer to a committed batch sends
+        it again under the same id, and CTR denominators must not count it twice."""
 
     @abstractmethod
     def dropped_impressions(self) -> int:
@@ -158,8 +171,9 @@ class EventStore(ABC):
 
     def purge(self, before: dt.datetime) -> dict[str, int]:
         """Delete the events and impressions dated before ``before`` (``serve.retention_days``); how many went."""
-        events, impressions = self._write([("DELETE FROM events WHERE ts < {0}", (_micros(before),)),
-                                           ("DELETE FROM impressions WHERE ts < {0}", (_micros(before),))])
+        events, impressions, _ = self._write([("DELETE FROM events WHERE ts < {0}", (_micros(before),)),
+                                              ("DELETE FROM impressions WHERE ts < {0}", (_micros(before),)),
+                                              ("DELETE FROM impression_batches WHERE ts < {0}", (_micros(before),))])
         return {"events": events, "impressions": impressions}
 
     def shown(self, request_id: str) -> tuple[str, set[str]] | None:
@@ -235,6 +249,23 @@ def _forget_erased(impressions: Sequence[Impression], placeholder: str) -> tuple
     """:data:`_FORGET_ERASED` for the users of ``impressions``, and its arguments."""
     users = tuple(sorted({i.user_id for i in impressions}))
     return _FORGET_ERASED.format(placeholder, ", ".join([placeholder] * len(users))), users
+
+
+_CLAIM_BATCH = ("INSERT INTO impression_batches (batch_id, ts, impressions) VALUES ({0}, {0}, {0}) "
+                "ON CONFLICT (batch_id) DO NOTHING")
+"""Record an impression batch's id in the transaction that writes its rows: no row changed means the store has it
+already (a retry after a lost answer), and the batch is skipped. In PostgreSQL a concurrent retry waits for the
+first transaction and then changes nothing."""
+
+
+def _batch_claim(impressions: Sequence[Impression], batch_id: str, placeholder: str) -> tuple[str, tuple]:
+    """:data:`_CLAIM_BATCH` and its arguments: the batch is dated by its latest impression, on the app's clock, so
+    the retention purge (on that clock too) forgets old batch ids with their impressions."""
+    dated = max((i.ts for i in impressions), default=None)
+    return (_CLAIM_BATCH.format(placeholder),
+            (batch_id, _micros(dated) if dated is not None else _now_micros(), len(impressions)))
+
+
 _SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events WHERE seq > {0} ORDER BY seq LIMIT {0}"
 _SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
                   "ORDER BY seq DESC LIMIT {0}")
@@ -249,8 +280,12 @@ _EXTRA_TABLES = """
     CREATE INDEX IF NOT EXISTS impressions_by_ts ON impressions (ts);
     CREATE TABLE IF NOT EXISTS erasures (seq {seq}, user_id TEXT NOT NULL, ts BIGINT NOT NULL);
     CREATE INDEX IF NOT EXISTS erasures_by_user ON erasures (user_id);
+    CREATE TABLE IF NOT EXISTS impression_batches (
+        batch_id TEXT PRIMARY KEY, ts BIGINT NOT NULL, impressions INTEGER NOT NULL);
+    CREATE INDEX IF NOT EXISTS impression_batches_by_ts ON impression_batches (ts);
 """
-"""Indexes and the erasures' tombstones, in both backends (``{seq}``: the backend's auto-numbered key)."""
+"""Indexes, the erasures' tombstones and the impression batches already stored, in both backends (``{seq}``: the
+backend's auto-numbered key); ``IF NOT EXISTS`` adds what a store made by an earlier version lacks."""
 
 
 def _identity(row: tuple) -> tuple:
@@ -276,12 +311,23 @@ def _now_micros() -> int:
 class SqliteEventStore(EventStore):
     """SQLite in WAL mode, ``synchronous=FULL``; one connection guarded by a lock. One process writes (the
     serving app's event store writer); others on the same disk read beside it (the variants' user caches), which
-    WAL allows without blocking the writer."""
+    WAL allows without blocking the writer.
 
-    def __init__(self, path: str | Path) -> None:
+    The writer (``writer=True``) holds an exclusive lock on ``<db>.lock`` for its lifetime (:func:`writer_lock`),
+    so that a restore cannot replace the store under it (:func:`restore_sqlite` refuses while it is held); the OS
+    lets go of it when the process dies, so a killed writer never blocks a restore. Readers take no lock."""
+
+    def __init__(self, path: str | Path, *, writer: bool = False, lock_wait_s: float = WRITER_LOCK_WAIT_S) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._writer_lock: int | None = None
+        if writer:
+            self._writer_lock = writer_lock(self.path, lock_wait_s)
+            if self._writer_lock is None:
+                raise StoreBusy(f"{self.path} is held by another writer (lock {lock_path(self.path)}) for more than "
+                                f"{lock_wait_s:g} s: is another Serve app writing to it? Stop it first")
+        _private_database(self.path, tighten=writer)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -338,15 +384,23 @@ class SqliteEventStore(EventStore):
             self._db.execute("COMMIT")
         return counts
 
-    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0, batch_id: str | None = None) -> bool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(_INSERT_IMPRESSIONS.format(", ".join("?" * 7)), map(_impression_row, impressions))
-            if impressions:
-                self._db.execute(*_forget_erased(impressions, "?"))
-            if dropped:
-                self._db.execute("INSERT INTO impression_drops (ts, dropped) VALUES (?, ?)", (_now_micros(), dropped))
+            try:
+                if batch_id is not None and not self._db.execute(*_batch_claim(impressions, batch_id, "?")).rowcount:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.executemany(_INSERT_IMPRESSIONS.format(", ".join("?" * 7)), map(_impression_row, impressions))
+                if impressions:
+                    self._db.execute(*_forget_erased(impressions, "?"))
+                if dropped:
+                    self._db.execute("INSERT INTO impression_drops (ts, dropped) VALUES (?, ?)", (_now_micros(), dropped))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
+        return True
 
     def dropped_impressions(self) -> int:
         with self._lock:
@@ -382,6 +436,7 @@ class SqliteEventStore(EventStore):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
         partial.unlink(missing_ok=True)
+        _private_database(partial)
         copy = sqlite3.connect(partial)
         try:
             with self._lock:
@@ -395,6 +450,44 @@ class SqliteEventStore(EventStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._writer_lock is not None:
+                os.close(self._writer_lock)  # closing the descriptor lets go of the lock
+                self._writer_lock = None
+
+
+def lock_path(database: Path) -> Path:
+    """The sidecar file whose lock marks an SQLite store's writer."""
+    return database.with_name(database.name + ".lock")
+
+
+def writer_lock(database: Path, wait_s: float) -> int | None:
+    """An open descriptor holding the exclusive lock of ``database``'s writer (close it to let go), or None when
+    another process still held it after ``wait_s`` seconds.
+
+    ``flock`` rather than SQLite's own locks: SQLite locks one transaction, this one the writer's lifetime, and the
+    kernel drops it with the process, so a crashed writer leaves nothing to clean up."""
+    descriptor = os.open(lock_path(database), os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(descriptor)
+                return None
+            time.sleep(0.1)
+
+
+def _private_database(path: Path, *, tighten: bool = False) -> None:
+    """Create ``path`` mode 0600 before SQLite opens it (SQLite would create it with the umask's mode, 0644 here,
+    and gives its WAL and shared-memory files the database's mode); with ``tighten``, a store made 0644 by an
+    earlier version and its WAL files are made 0600 too (its writer owns them)."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))
+    if tighten:
+        for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
+            if file.exists():
+                os.chmod(file, PRIVATE_MODE)
 
 
 class PostgresEventStore(EventStore):
@@ -463,13 +556,18 @@ class PostgresEventStore(EventStore):
                 counts.append(cursor.rowcount)
         return counts
 
-    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
+    def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0, batch_id: str | None = None) -> bool:
         with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            if batch_id is not None:
+                cursor.execute(*_batch_claim(impressions, batch_id, "%s"))
+                if not cursor.rowcount:
+                    return False  # leaving the block commits an empty transaction: nothing was written
             cursor.executemany(_INSERT_IMPRESSIONS.format(", ".join(["%s"] * 7)), map(_impression_row, impressions))
             if impressions:
                 cursor.execute(*_forget_erased(impressions, "%s"))
             if dropped:
                 cursor.execute("INSERT INTO impression_drops (ts, dropped) VALUES (%s, %s)", (_now_micros(), dropped))
+        return True
 
     def dropped_impressions(self) -> int:
         with self._pool.connection() as db:
@@ -501,35 +599,88 @@ class PostgresEventStore(EventStore):
 
 
 def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = False) -> int:
-    """Put an SQLite backup (:meth:`SqliteEventStore.backup`) in place of ``target``; its event count.
+    """Put an SQLite backup (:meth:`SqliteEventStore.backup`) in place of ``target``'s content; its event count.
 
     The backup is checked first (an SQLite file with the store's tables, ``integrity_check`` ok), and a
-    store that holds events is only replaced when asked, so a wrong file or a slip loses nothing. Restore
-    while nothing serves: replicas already running keep the events they read at their start.
+    store that holds events is only replaced when asked, so a wrong file or a slip loses nothing. The store's
+    writer lock is taken for the restore: while a writer (the Serve app) holds it the restore is refused, since a
+    writer would go on committing, and answering 200, to the store the backup replaces; the Serve app restores
+    through its writer instead (``POST /admin/events/restore``), which pauses writing meanwhile.
+
+    The backup is copied into the live database by SQLite's backup API, in one transaction, not by replacing the
+    file: a crash leaves the old content, and readers with the store open (the variants' user caches) read the
+    restored content rather than a deleted file's. Events and erasures are then numbered on from the replaced
+    store's last sequence numbers, never below: the user caches read what comes after their cursors
+    (:class:`~shoprank.serving.user_state.UserCache`), and a number reused below one would hide a new event or a new
+    erasure from them.
     """
     backup, target = Path(backup), Path(target)
+    count = checked_backup(backup)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    held = writer_lock(target, wait_s=0.0)
+    if held is None:
+        raise StoreBusy(f"{target} is in use: the Serve app is writing to it (lock {lock_path(target)}), and events "
+                        "it accepts during a restore would be lost. Stop the app first (`make stop`, or `serve "
+                        "shutdown`), or restore through the app: `shoprank events restore FILE --app URL` "
+                        "(POST /admin/events/restore, admin key), which pauses its writer; nothing was restored")
     try:
-        with sqlite3.connect(f"file:{backup}?mode=ro", uri=True) as source:
+        _private_database(target, tighten=True)
+        with sqlite3.connect(_read_only(backup), uri=True) as source:
+            live = sqlite3.connect(target, isolation_level=None)
+            try:
+                stored = _count_events(live)
+                if stored and not replace:
+                    raise DataError(f"{target} holds {stored} events; add --replace to overwrite them with the "
+                                    f"backup's {count}")
+                numbered = _sequences(live)
+                source.backup(live)
+                live.execute("BEGIN IMMEDIATE")
+                for table, last in numbered.items():  # numbering goes on after the replaced store's: see the docstring
+                    live.execute("DELETE FROM sqlite_sequence WHERE name = ? AND seq < ?", (table, last))
+                    live.execute("INSERT INTO sqlite_sequence (name, seq) SELECT ?, ? WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM sqlite_sequence WHERE name = ?)", (table, last, table))
+                live.execute("COMMIT")
+            finally:
+                live.close()
+    finally:
+        os.close(held)
+    return count
+
+
+def checked_backup(backup: Path) -> int:
+    """The event count of ``backup``, an SQLite event store whose ``integrity_check`` is ok, or a
+    :class:`DataError` saying why it is not one."""
+    try:
+        with sqlite3.connect(_read_only(backup), uri=True) as source:
             if source.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("integrity_check failed")
-            count = source.execute("SELECT count(*) FROM events").fetchone()[0]
+            count = int(source.execute("SELECT count(*) FROM events").fetchone()[0])
             source.execute("SELECT count(*) FROM impressions").fetchone()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise DataError(f"{backup} is not an SQLite event store ({exc}); nothing was restored") from None
-    if target.exists() and not replace:
-        held = SqliteEventStore(target)
-        try:
-            stored = held.events().num_rows
-        finally:
-            held.close()
-        if stored:
-            raise DataError(f"{target} holds {stored} events; add --replace to overwrite them with the backup's {count}")
-    partial = target.with_name(target.name + ".restoring")
-    shutil.copyfile(backup, partial)
-    for stale in (target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
-        stale.unlink(missing_ok=True)  # the old file's write-ahead log must not be replayed onto the backup
-    os.replace(partial, target)
     return count
+
+
+def _read_only(database: Path) -> str:
+    """A read-only URI of ``database``: the path percent-encoded, so no ``?`` or ``#`` in it can add URI options
+    (``mode=rwc`` would create a file; the path may come from an HTTP request)."""
+    return database.absolute().as_uri() + "?mode=ro"
+
+
+def _sequences(db: sqlite3.Connection) -> dict[str, int]:
+    """The last sequence numbers of the tables the user caches follow (events, erasures), none for a new store."""
+    try:
+        return dict(db.execute("SELECT name, seq FROM sqlite_sequence WHERE name IN ('events', 'erasures')"))
+    except sqlite3.OperationalError:
+        return {}
+
+
+def _count_events(db: sqlite3.Connection) -> int:
+    """Events in an SQLite store, 0 for a file with no events table yet (a new store)."""
+    try:
+        return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
 
 
 def is_server_database(location: str) -> bool:
@@ -553,3 +704,9 @@ def redacted(dsn: str) -> str:
 def open_event_store(location: str) -> EventStore:
     """The store ``location`` names: a ``postgresql://`` DSN or an SQLite file path (resolved by the caller)."""
     return PostgresEventStore(location) if is_server_database(location) else SqliteEventStore(location)
+
+
+def open_event_writer(location: str) -> EventStore:
+    """The store ``location`` names, opened by its one writer: an SQLite file's writer takes the file's writer lock
+    (:class:`SqliteEventStore`); a PostgreSQL server takes any number of writers."""
+    return PostgresEventStore(location) if is_server_database(location) else SqliteEventStore(location, writer=True)

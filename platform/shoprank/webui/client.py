@@ -62,6 +62,9 @@ class ServeClient:
     def variants(self) -> dict[str, Any]:
         return self._call("GET", "/variants")
 
+    def restore_events(self, backup: str, replace: bool) -> dict[str, Any]:
+        return self._call("POST", "/admin/events/restore", {"backup": backup, "replace": replace})
+
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
 
