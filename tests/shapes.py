@@ -233,16 +233,22 @@ RATINGS_ITEMS = 120
 RATINGS_USERS = 40
 
 
+def ratings_user_id(user: int) -> str:
+    """Rating user ``user``'s id as the export names them: an e-mail address, as many shops key their customers,
+    distinctive enough for the raw-id scans (:mod:`raw_ids`) to find it anywhere it leaks."""
+    return f"reader{user:03d}@ratings-shop.example"
+
+
 def write_ratings(directory: Path, seed: int = 0) -> list[str]:
     """A catalog CSV and a ratings export, the commonest shape of a shop's own data.
 
     ``catalog.csv`` has ``item_id,name,genre,maker,cost,blurb,specs`` (names unlike the
     record fields; ``specs`` holds JSON attributes, ``blurb`` is sometimes empty).
-    ``ratings.csv`` is ``user,item,rating,timestamp``: integer users and items, ratings
-    1..5, unix seconds, one rating per user and item, sorted by user then item as
-    exports are (not by time). Each of :data:`RATINGS_USERS` users rates mostly items of
-    two favourite genres, highly, in a few bursts days apart (sessions under a
-    :data:`SESSION_GAP_MINUTES` gap). Returns the overrides for ``source.kind: files``
+    ``ratings.csv`` is ``user,item,rating,timestamp``: e-mail addresses as users
+    (:func:`ratings_user_id`), integer items, ratings 1..5, unix seconds, one rating
+    per user and item, sorted by user then item as exports are (not by time). Each of
+    :data:`RATINGS_USERS` users rates mostly items of two favourite genres, highly, in a
+    few bursts days apart (sessions under a :data:`SESSION_GAP_MINUTES` gap). Returns the overrides for ``source.kind: files``
     that derive event types (:data:`RATING_EVENT_TYPES`), event ids and sessions.
     """
     rng = random.Random(seed)
@@ -263,7 +269,7 @@ def write_ratings(directory: Path, seed: int = 0) -> list[str]:
             specs = json.dumps({"format": rng.choice(["standard", "deluxe"]), "year": 1990 + item % 35})
             writer.writerow([item, name, _GENRES[genre], rng.choice(_MAKERS), f"{rng.uniform(5, 60):.2f}", blurb, specs])
 
-    ratings: list[tuple[int, int, int, int]] = []
+    ratings: list[tuple[str, int, int, int]] = []
     for user in range(1, RATINGS_USERS + 1):
         favourites = rng.sample(range(len(_GENRES)), 2)
         liked = [i for i in genre_of if genre_of[i] in favourites]
@@ -277,7 +283,7 @@ def write_ratings(directory: Path, seed: int = 0) -> list[str]:
             else:
                 clock += timedelta(minutes=rng.randint(1, 12))
             rating = rng.choice([4, 5, 5]) if genre_of[item] in favourites else rng.randint(1, 3)
-            ratings.append((user, item, rating, int(clock.timestamp())))
+            ratings.append((ratings_user_id(user), item, rating, int(clock.timestamp())))
     ratings.sort(key=lambda r: (r[0], r[1]))
     with ratings_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -312,6 +318,11 @@ _COLORS = ["black", "white", "red", "blue", "green"]
 _BRANDS = ["Acme", "Zenta", "Koru", "Valdo", "Mizu", "Northway"]
 JSONL_PRODUCTS = 150
 JSONL_USERS = 25
+
+
+def jsonl_user_id(user: int) -> str:
+    """JSON Lines shopper ``user``'s id: an e-mail address (see :func:`ratings_user_id`)."""
+    return f"shopper-{user:03d}@jsonl-shop.example"
 JSONL_QUERIES = 15
 JSONL_LIST_SIZE = 6
 
@@ -380,7 +391,7 @@ def write_jsonl_shop(directory: Path, seed: int = 0) -> list[str]:
             for sku, kind, rank, after in steps:
                 clock += timedelta(seconds=after)
                 events.append({
-                    "event_id": f"ev-{len(events):05d}", "user_id": f"user-{user:03d}",
+                    "event_id": f"ev-{len(events):05d}", "user_id": jsonl_user_id(user),
                     "session_id": session_id, "sku": sku, "type": kind, "timestamp": _iso(clock),
                     "search_query": query, "rank": rank,
                 })

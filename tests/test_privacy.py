@@ -1,29 +1,42 @@
-"""Pseudonymous users, erasure and events that can be trusted (issue 17, items 2 and 3).
+"""Pseudonymous users, erasure and events that can be trusted (issue 17, items 2 and 3; issue 34, items 2 and 3).
 
-No raw user id in the run's tables, the event store (its SQLite file read as bytes), its
-Parquet export, the app's answers or the cluster's logs; erasure removes a user from the
-store and from both replicas' caches; an engagement must name a product its answer
-showed to that user; a retried batch is answered the same way and stored once.
+No raw user id in any file of the run root (its tables, Parquet values included, the
+simulator's shoppers, the registry), the event store (its SQLite file read as bytes), its
+Parquet export, the app's answers, the cluster's logs, or the logs of a request that fails;
+one pseudonym key per run root, created exclusively and checked by the app against the key
+its runs were ingested under; erasure removes a user from the store and from both
+replicas' caches; an engagement must name a product its answer showed to that user; a
+retried batch is answered the same way and stored once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import ray
+from fastapi import FastAPI
+from starlette.testclient import TestClient
 
 from conftest import App
+from raw_ids import ray_logs, raw_ids_in
 from shoprank.config import Config
+from shoprank.data import synthetic
 from shoprank.data.io import read_table
 from shoprank.errors import ConfigError
-from shoprank.privacy import KEY_ENV, PSEUDONYM, Pseudonyms, pseudonyms
+from shoprank.privacy import INGEST_KEY_ID, KEY_ENV, PSEUDONYM, Pseudonyms, pseudonyms, serving_pseudonyms
+from shoprank.serving.app import build_app
+from shoprank.serving.deployments import unexpected
 from shoprank.store.events import open_event_store
-from shoprank.store.run import Run
+from shoprank.store.location import Location
+from shoprank.store.run import MANIFEST, Run
 
 RAW = "jane.doe+shoprank@example.com"
 """A shopper id as a shop might use it: an e-mail address, which must never be written anywhere."""
@@ -61,12 +74,12 @@ def test_the_run_names_users_only_by_pseudonym(tiny_run: tuple[Config, Run]) -> 
         users = set(read_table(run, *path, columns=["user_id"]).column("user_id").to_pylist())
         assert users and all(PSEUDONYM.match(u) for u in users), path
     assert pseudonyms(config).of("U000001") in users  # the simulated shopper U000001, as the app will name them
+    assert run.manifest()["stages"]["ingest"]["metrics"][INGEST_KEY_ID] == pseudonyms(config).key_id
 
 
 def _logs_holding(text: str) -> list[str]:
     """Files of the session cluster's logs that contain ``text``."""
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    return [str(p) for p in logs.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+    return sorted(raw_ids_in([ray_logs()], [text]))
 
 
 def test_no_raw_user_id_is_stored_exported_listed_or_logged(app: App, tmp_path: Path) -> None:
@@ -85,10 +98,12 @@ def test_no_raw_user_id_is_stored_exported_listed_or_logged(app: App, tmp_path: 
         store.export_parquet(exported)
     finally:
         store.close()
-    files = [exported, *Path(app.db).parent.glob(Path(app.db).name + "*")]  # the database, its WAL
-    assert all(RAW.encode() not in f.read_bytes() for f in files), files
     assert all(PSEUDONYM.match(u["user_id"]) for u in app.http.get("/users").json())
-    assert _logs_holding(RAW) == []
+    # every file of the run root (the simulated shop's run, its registry, secrets), of the event store's folder
+    # (the database, its WAL) and the export, and the cluster's logs: neither this shopper nor a simulated one
+    simulated = [synthetic.user_id(i) for i in range(app.config.source.synthetic.num_users)]
+    roots = [Path(Location(app.config.run.root).path()), Path(app.db).parent, tmp_path, ray_logs()]
+    assert raw_ids_in(roots, [RAW, *simulated]) == {}
 
 
 def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(app: App) -> None:
@@ -158,3 +173,76 @@ def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests here see the run root's key file, whatever the machine's environment holds."""
     if os.environ.get(KEY_ENV):
         monkeypatch.delenv(KEY_ENV)
+
+
+CREATE_KEY = """
+import sys
+from shoprank.config import load_config
+from shoprank.privacy import pseudonyms
+config = load_config("tiny", ["run.root=" + sys.argv[1]])
+print("ready", flush=True)
+sys.stdin.readline()  # every process creates the key at the same moment
+print(pseudonyms(config).key_id)
+"""
+
+
+def test_concurrent_starts_create_one_key_and_all_use_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    processes = [subprocess.Popen([sys.executable, "-c", CREATE_KEY, str(tmp_path)], env=env, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(6)]
+    assert all(process.stdout.readline() == "ready\n" for process in processes)  # type: ignore[union-attr]
+    for process in processes:
+        process.stdin.write("go\n")  # type: ignore[union-attr]
+        process.stdin.flush()  # type: ignore[union-attr]
+    used = {process.communicate(timeout=60)[0].strip() for process in processes}
+    assert all(process.returncode == 0 for process in processes)
+    key_file = tmp_path / "secrets" / "user_key"
+    assert used == {Pseudonyms(bytes.fromhex(key_file.read_text())).key_id}
+    assert [p.name for p in key_file.parent.iterdir()] == ["user_key"]  # no temporary file left behind
+    assert not Location(str(tmp_path)).create_secret("00" * 32, "secrets", "user_key")  # an existing key stays
+    assert used == {Pseudonyms(bytes.fromhex(key_file.read_text())).key_id}
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_the_app_refuses_a_key_other_than_its_runs_and_never_creates_one(
+        app: App, make_tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_uri, ingested = app.run.uri(), pseudonyms(app.config).key_id
+    assert serving_pseudonyms(app.config, [run_uri]).key_id == ingested
+    other = Pseudonyms(bytes.fromhex("cd" * 32)).key_id
+    monkeypatch.setenv(KEY_ENV, "cd" * 32)  # the app started with another key than the run was ingested under
+    for refused in (lambda: serving_pseudonyms(app.config, [run_uri]), lambda: build_app(app.args)):
+        with pytest.raises(ConfigError) as info:
+            refused()
+        assert ingested in str(info.value) and other in str(info.value) and run_uri in str(info.value)
+    monkeypatch.delenv(KEY_ENV)
+
+    empty: Config = make_tiny_config(tmp_path)  # a run root without a key: refused, and still without one
+    with pytest.raises(ConfigError, match="never creates one"):
+        serving_pseudonyms(empty)
+    assert not (tmp_path / "secrets" / "user_key").exists()
+    old = Run(str(tmp_path), "old")  # a run ingested before the key id was recorded
+    old.write_json({"run_id": "old", "stages": {"ingest": {"config_hash": "0", "metrics": {}}}}, MANIFEST)
+    pseudonyms(empty)
+    with pytest.raises(ConfigError, match="records no user pseudonym key id"):
+        serving_pseudonyms(empty, [old.uri()])
+
+
+def test_a_failing_request_logs_the_route_not_the_raw_id_in_its_path(caplog: pytest.LogCaptureFixture) -> None:
+    """The app's catch-all handler (503 when the store cannot be reached, 500 for a bug) behind real routing."""
+    probe = FastAPI()
+    probe.add_exception_handler(Exception, unexpected)
+
+    @probe.delete("/users/{user_id}")
+    async def store_unreachable(user_id: str) -> None:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    @probe.get("/users/{user_id}")
+    async def bug(user_id: str) -> None:
+        raise RuntimeError("a bug")
+
+    caplog.set_level(logging.INFO, logger="shoprank.serving.deployments")
+    with TestClient(probe, raise_server_exceptions=False) as client:
+        assert client.delete(f"/users/{RAW}").status_code == 503
+        assert client.get(f"/users/{RAW}").status_code == 500
+    assert "DELETE /users/{user_id}: 503" in caplog.text and "GET /users/{user_id}: 500" in caplog.text
+    assert RAW not in caplog.text

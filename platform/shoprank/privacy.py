@@ -15,11 +15,15 @@ them stored as they are; no other id is.
 
 The key: ``SHOPRANK_USER_KEY`` (hex, at least 32 bytes) where a secret manager injects
 it, else the file ``run.user_key`` (under ``run.root`` unless absolute), created with 32
-random bytes, mode 0600, by the first stage or app that needs it. Its fingerprint
+random bytes, mode 0600, by the pipeline before its ingest stage, exclusively (of several
+processes creating it at once, one writes it and all use that one). Its fingerprint
 (:attr:`Pseudonyms.key_id`, which reveals nothing of the key) is part of the ingest
-stage's identity, so **rotating the key** (a new file or variable) makes the next
-pipeline run ingest, train and evaluate again under the new pseudonyms; deploy that run
-with the new key. The event store's rows keep the old pseudonyms: export and erase them
+stage's identity and recorded in its manifest entry, so **rotating the key** (a new file
+or variable) makes the next pipeline run ingest, train and evaluate again under the new
+pseudonyms; deploy that run with the new key. The app never creates a key: it refuses to
+start without one, or with one other than the key each served run's ingest recorded
+(:func:`serving_pseudonyms`), since a request pseudonymised under another key would match
+none of the run's shoppers (no personalisation, an erasure missing their rows). The event store's rows keep the old pseudonyms: export and erase them
 (or let ``serve.retention_days`` age them out) when the old key is retired.
 """
 
@@ -30,6 +34,7 @@ import hmac
 import os
 import re
 import secrets
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +42,7 @@ import pyarrow.compute as pc
 from shoprank.config import Config
 from shoprank.errors import ConfigError
 from shoprank.store.location import file_under
+from shoprank.store.run import Run
 
 KEY_ENV = "SHOPRANK_USER_KEY"
 PREFIX = "ps_"
@@ -105,13 +111,46 @@ def find_pseudonyms(config: Config) -> Pseudonyms | None:
 
 def pseudonyms(config: Config) -> Pseudonyms:
     """The run root's pseudonyms (:func:`find_pseudonyms`), the key file created (32 random bytes, mode 0600) if
-    there is none yet."""
+    there is none yet: exclusively, then read back, so concurrent creators all use the one that was written."""
     found = find_pseudonyms(config)
     if found is None:
         directory, name = file_under(config.run.root, config.run.user_key)
-        directory.write_secret(secrets.token_hex(32), name)
+        directory.create_secret(secrets.token_hex(32), name)
         found = find_pseudonyms(config)
         assert found is not None
+    return found
+
+
+INGEST_KEY_ID = "user_key_id"
+"""The ingest stage's manifest metric naming the key its pseudonyms were made with (:attr:`Pseudonyms.key_id`)."""
+
+
+def recorded_key_id(run: Run) -> str | None:
+    """The key id that ``run``'s ingest recorded (None: no ingest, or one from before shoprank recorded it)."""
+    ingest = run.manifest().get("stages", {}).get("ingest", {})
+    return ingest.get("metrics", {}).get(INGEST_KEY_ID)
+
+
+def serving_pseudonyms(config: Config, runs: Iterable[str] = ()) -> Pseudonyms:
+    """The key the app pseudonymises requests with, checked: the run root's existing key (never created here) and
+    the one that every run in ``runs`` (URIs) was ingested under. Raises :class:`ConfigError` naming both key ids
+    otherwise: a request pseudonymised under another key matches none of the run's shoppers."""
+    found = find_pseudonyms(config)
+    if found is None:
+        directory, name = file_under(config.run.root, config.run.user_key)
+        raise ConfigError(f"no user pseudonym key: {KEY_ENV} is empty and run.user_key ({directory.uri(name)}) does "
+                          "not exist. The app never creates one (it must be the key the served runs were ingested "
+                          f"under): set {KEY_ENV} or restore that file, or run the pipeline, which creates it")
+    for uri in sorted(set(runs)):
+        recorded = recorded_key_id(Run.from_uri(uri))
+        if recorded is None:
+            raise ConfigError(f"run {uri} records no user pseudonym key id (ingested before shoprank recorded it): "
+                              f"run the pipeline again (it ingests again) and deploy that run; serving key "
+                              f"{found.key_id}")
+        if recorded != found.key_id:
+            raise ConfigError(f"run {uri} was ingested under user pseudonym key {recorded}, but the app's key "
+                              f"({KEY_ENV} or run.user_key) is {found.key_id}: serve with the key the run was "
+                              "ingested under, or run the pipeline again under this one and deploy that run")
     return found
 
 

@@ -102,8 +102,10 @@ def _body(path: str) -> Body:
 
 
 STAGES: tuple[Stage, ...] = (
+    # v2: derived session and event ids from pseudonyms and the key id recorded (the app checks it), so a run
+    # ingested before ingests again
     Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",),
-          settings=lambda config: {"user_key": key_id(config)}),
+          settings=lambda config: {"user_key": key_id(config)}, version="ingest-v2"),
     Stage("preprocess", _body("shoprank.data.preprocess:preprocess"), lambda config: preprocess_outputs(),
           sections=("preprocess",), upstream=("ingest",), inputs=("data/records",)),
     Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),

@@ -19,7 +19,7 @@ from ray.data import SaveMode
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
 from shoprank.data.io import PartFilenames, count_rows, write_table
-from shoprank.privacy import Pseudonyms, pseudonyms
+from shoprank.privacy import INGEST_KEY_ID, Pseudonyms, pseudonyms
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def generate_shop(shop: SyntheticShopConfig, run: Run, users: Pseudonyms) -> dic
 
     Products and sessions are rendered by Ray tasks, one per block of chunks; the
     query pool, judgments and users' hidden tastes are small and written from the
-    driver. The events name users by pseudonym; the hidden tastes (``data/shop/users``,
-    the simulator's world, which the platform never serves) by the simulated shopper's
-    own id, as a shopper knows it. Returns timings per part.
+    driver. Every table names users by pseudonym, the hidden tastes (``data/shop/users``,
+    which the platform never serves) too: the simulator rebuilds its shoppers from the
+    config, not from the run, so the run holds no raw id at all. Returns timings per part.
     """
     timings = {
         "products_s": _generate_table(shop, run, "products", shop.num_products, synthetic.PRODUCT_CHUNK, users),
@@ -85,7 +85,7 @@ def generate_shop(shop: SyntheticShopConfig, run: Run, users: Pseudonyms) -> dic
     started = time.perf_counter()
     model = synthetic.ShopModel.build(shop)
     write_table(run, model.judgments(), *RECORDS, "judgments")
-    write_table(run, synthetic.users_table(model.users), *SHOP, "users")
+    write_table(run, users.table(synthetic.users_table(model.users)), *SHOP, "users")
     write_table(run, synthetic.queries_table(model.queries), *SHOP, "queries")
     timings["judgments_users_s"] = round(time.perf_counter() - started, 3)
     return timings
@@ -93,9 +93,10 @@ def generate_shop(shop: SyntheticShopConfig, run: Run, users: Pseudonyms) -> dic
 
 def ingest(config: Config, run: Run, record: StageRecord) -> None:
     """Fill ``data/records`` from the configured source, users pseudonymous (:mod:`shoprank.privacy`), and report
-    rows and drops."""
+    rows, drops and the pseudonym key's id (the app checks it is serving with the same key)."""
     source = config.source
     users = pseudonyms(config)
+    record.metrics[INGEST_KEY_ID] = users.key_id
     if source.kind == "synthetic":
         record.timings.update(generate_shop(source.synthetic, run, users))
     else:
@@ -105,7 +106,7 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
             tables = read_esci(source.esci, orphan_events=source.orphan_events)
         else:
             assert source.files is not None  # checked by the config
-            tables = read_files(source.files, orphan_events=source.orphan_events)
+            tables = read_files(source.files, orphan_events=source.orphan_events, users=users)
         for name in TABLES:
             write_table(run, users.table(getattr(tables, name)), *RECORDS, name)
         record.drops.update(tables.drops)

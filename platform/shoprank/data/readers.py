@@ -54,6 +54,12 @@ should not have to rewrite its export:
   ``"{user_id}@{time of the session's first event, ISO-8601 UTC}"``: it belongs to
   one user, sorts by time within the user, and does not change when later events
   are appended.
+
+Given the run's :class:`~shoprank.privacy.Pseudonyms` (``users``, as the ingest stage
+passes them), the events' user ids are replaced by their pseudonyms as soon as they are
+read, before anything is derived from them: a derived session id is then
+``"{pseudonym}@{time}"`` and an event id hashes the pseudonym, so no field of the run
+holds or hashes a raw user id, and the ids stay the same for the same key.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ from shoprank.data.schema import (
     conform,
 )
 from shoprank.errors import DataError
+from shoprank.privacy import Pseudonyms
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +219,7 @@ class _Where:
 # --------------------------------------------------------------------------- public API
 
 
-def read_table(spec: TableFile, kind: Kind) -> pa.Table:
+def read_table(spec: TableFile, kind: Kind, users: Pseudonyms | None = None) -> pa.Table:
     """Read one input file into a table of exactly the ``kind`` record schema.
 
     All single-file checks happen here (columns, types, nulls, allowed values, and
@@ -220,6 +227,7 @@ def read_table(spec: TableFile, kind: Kind) -> pa.Table:
     Cross-table checks (events naming unknown products) need the catalog and live
     in :func:`validate_source`. An :class:`~shoprank.config.EventsFile` may derive
     ``event_type``, ``event_id`` and ``session_id`` instead (module docstring).
+    With ``users``, the user ids are pseudonyms before anything is derived from them.
     """
     if kind not in SCHEMAS:
         raise ValueError(f"kind must be one of {', '.join(SCHEMAS)}, got {kind!r}")
@@ -230,23 +238,23 @@ def read_table(spec: TableFile, kind: Kind) -> pa.Table:
     wanted = {spec.columns.get(f.name, f.name) for f in SCHEMAS[kind]}
     if not derived:
         raw, names = _read_raw(spec, wanted)
-        return _records(raw, names, kind, spec.columns, file=spec.path)
+        return _pseudonymous(_records(raw, names, kind, spec.columns, file=spec.path), users)
     assert isinstance(spec, EventsFile)  # only an EventsFile derives fields
     rule = spec.event_type
     if rule is not None and rule.column is not None:
         wanted.add(rule.column)
     raw, names = _read_raw(spec, wanted)
-    return _derive_events(raw, names, spec, derived)
+    return _derive_events(raw, names, spec, derived, users)
 
 
-def read_files(files: FilesConfig, orphan_events: OrphanPolicy = "drop") -> SourceTables:
+def read_files(files: FilesConfig, orphan_events: OrphanPolicy = "drop", users: Pseudonyms | None = None) -> SourceTables:
     """Read a user's catalog, events and optional judgments files and validate them together.
 
     Without a judgments file the judgments table is empty: offline relevance is then
     measured from behaviour alone; without an events file the events table is empty.
     """
     products = read_table(files.products, "products")
-    events = read_table(files.events, "events") if files.events is not None else EVENT_SCHEMA.empty_table()
+    events = read_table(files.events, "events", users) if files.events is not None else EVENT_SCHEMA.empty_table()
     judgments = (
         read_table(files.judgments, "judgments")
         if files.judgments is not None
@@ -824,12 +832,13 @@ def _default_array(f: pa.Field, default: Any, n: int) -> pa.Array:
 # ------------------------------------------------------------------ derived event fields
 
 
-def _derive_events(raw: pa.Table, names: list[str], spec: EventsFile, derived: list[str]) -> pa.Table:
+def _derive_events(raw: pa.Table, names: list[str], spec: EventsFile, derived: list[str],
+                   users: Pseudonyms | None) -> pa.Table:
     """Events whose ``derived`` fields are computed (see the module docstring), the rest read.
 
     The event type comes first, from the raw file; ids and sessions need the converted
-    user, product and time, so they are computed on the record table and replace
-    placeholders that never leave this function.
+    user (its pseudonym, with ``users``), product and time, so they are computed on the
+    record table and replace placeholders that never leave this function.
     """
     for name in derived:
         if name in names:
@@ -838,13 +847,19 @@ def _derive_events(raw: pa.Table, names: list[str], spec: EventsFile, derived: l
     fixed: dict[str, AnyArray] = {name: pa.nulls(n, pa.string()) for name in derived}
     if spec.event_type is not None:
         fixed["event_type"] = _derived_event_types(raw, names, spec.event_type, spec.path)
-    table = _records(raw, names, "events", spec.columns, file=spec.path, fixed=fixed)
+    table = _pseudonymous(_records(raw, names, "events", spec.columns, file=spec.path, fixed=fixed), users)
     if spec.session_id is not None:
         sessions = _derived_sessions(table.column("user_id"), table.column("ts"), spec.session_id.gap_minutes)
         table = _replace(table, "session_id", sessions)
     if spec.event_id is not None:
         table = _replace(table, "event_id", _derived_event_ids(table, with_session=spec.session_id is None))
     return table
+
+
+def _pseudonymous(records: pa.Table, users: Pseudonyms | None) -> pa.Table:
+    """``records`` with their user ids replaced by pseudonyms when ``users`` is given (a table without users as
+    it is)."""
+    return users.table(records) if users is not None else records
 
 
 def _replace(table: pa.Table, name: str, values: AnyArray) -> pa.Table:

@@ -8,7 +8,9 @@ from the registry under ``run.root`` (``serve.variants``: name -> alias). Each
 variant is one deployment (``Variant_A``, ...) that encodes, retrieves and ranks;
 with ``ray.use_gpu`` (or ``serve.separate_query_encoder``) its query encoder is a
 deployment of its own (``QueryEncoder_A``, ..., with a GPU when ``ray.use_gpu``).
-Replicas, autoscaling and CPUs come from ``serve``.
+Replicas, autoscaling and CPUs come from ``serve``. The app needs the user pseudonym key
+that every variant's run was ingested under, and refuses to start otherwise
+(:func:`shoprank.privacy.serving_pseudonyms`).
 
 **Hot reload.** Each variant replica gets its variant's registry alias through
 ``user_config`` (``reconfigure``) and watches the registry (``serve.registry_poll_s``).
@@ -30,6 +32,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from shoprank.config import Config, load_config
+from shoprank.privacy import serving_pseudonyms
 from shoprank.serving.deployments import EventStoreWriter, Ingress
 from shoprank.serving.variant_deployments import QueryEncoder, Variant
 from shoprank.serving.variants import event_db_location, resolve_variants
@@ -109,6 +112,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     settings = config.serve
     dumped = config.model_dump(mode="json")
     specs = resolve_variants(config)
+    serving_pseudonyms(config, [spec.run for spec in specs.values()])  # refused here, before anything starts
     registry_root = Location(config.run.root).uri()
     placed = placements(config, list(specs))
     # a full queue is a 503 with Retry-After wherever it is met (Serve's proxy, or the ingress calling a variant)

@@ -51,7 +51,7 @@ from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.report_model import ABReport
-from shoprank.privacy import pseudonyms
+from shoprank.privacy import serving_pseudonyms
 from shoprank.ranker.features import epoch_seconds
 from shoprank.serving.api import (
     FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, Restored,
@@ -61,8 +61,8 @@ from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
 from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import (
-    VARIANT_HEADER, Guardrails, RequestMetrics, metered, record_answer, record_dropped, record_events, record_split,
-    record_waiting,
+    VARIANT_HEADER, Guardrails, RequestMetrics, endpoint_of, metered, record_answer, record_dropped, record_events,
+    record_split, record_waiting,
 )
 from shoprank.serving.variants import VariantSpec, offline_figures
 from shoprank.store.events import (
@@ -313,14 +313,15 @@ def unavailable(exc: BaseException) -> str | None:
 @api.exception_handler(Exception)
 async def unexpected(request: Request, exc: Exception) -> JSONResponse:
     """503 with Retry-After when the service cannot answer now (:func:`unavailable`); else a bug: 500 with an error
-    id that the log names beside the stack trace, which the client never sees."""
+    id that the log names beside the stack trace, which the client never sees. The log names the route's template
+    (``/users/{user_id}``), never the path, which may hold a raw user id."""
     reason = unavailable(exc)
     if reason is not None:
-        log.warning("%s %s: 503, %s (%s)", request.method, request.url.path, reason, type(exc).__name__)
+        log.warning("%s %s: 503, %s (%s)", request.method, endpoint_of(request.scope), reason, type(exc).__name__)
         return JSONResponse(status_code=503, content={"detail": f"{reason}; retry shortly"},
                             headers={"Retry-After": str(math.ceil(Access.retry_after_s))})
     error_id = uuid.uuid4().hex
-    log.error("%s %s: 500, error %s", request.method, request.url.path, error_id, exc_info=exc)
+    log.error("%s %s: 500, error %s", request.method, endpoint_of(request.scope), error_id, exc_info=exc)
     return JSONResponse(status_code=500, content={"detail": f"internal error {error_id}: the app's log has it"})
 
 
@@ -342,8 +343,9 @@ class Ingress:
         Access.keys, Access.docs, Access.retry_after_s = keys, self.config.serve.docs, self.config.serve.retry_after_s
         self.handles = variants
         self.store = store
-        self.pseudonyms = pseudonyms(self.config)
-        """Every user id of a request is replaced by its pseudonym first: nothing past this point sees the id."""
+        self.pseudonyms = serving_pseudonyms(self.config)
+        """Every user id of a request is replaced by its pseudonym first: nothing past this point sees the id. The
+        run root's key, never one made here; :meth:`reconfigure` checks it is the one the variants' runs recorded."""
         self.impressions = ImpressionQueue(self.store.log_impressions.remote, self.config.serve.impression_queue,
                                            on_drop=record_dropped, on_waiting=record_waiting)
         record_split(self.config.serve.split)
@@ -363,6 +365,7 @@ class Ingress:
     def reconfigure(self, settings: dict[str, Any]) -> None:
         """The variants (from the registry, at deploy time): their products and the serving clock."""
         self.specs = {name: VariantSpec.model_validate(spec) for name, spec in settings["variants"].items()}
+        self.pseudonyms = serving_pseudonyms(self.config, [spec.run for spec in self.specs.values()])
         self.offline = {name: offline_figures(spec) for name, spec in self.specs.items()}
         last_event_s = 0.0
         events_of_run = {}

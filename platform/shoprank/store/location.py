@@ -127,11 +127,31 @@ class Location:
             self.write_text(text, *parts)
             return
         target = Path(self.path(*parts))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as stream:
-            stream.write(text)
-        os.replace(tmp, target)
+        os.replace(_private_file(text, target), target)
+
+    def create_secret(self, text: str, *parts: str) -> bool:
+        """Write a secret only if the file does not exist yet; True when this call made it.
+
+        Exclusive on a local disk: the secret is written, mode 0600, to a temporary file that is then hard-linked
+        to its name, which fails if the name exists, so of several processes creating it at once exactly one wins
+        and the others read the winner's file, never half of it. Object stores have no exclusive create through
+        pyarrow: there the check and the write are two steps, so create such a secret from one process (the
+        pipeline's driver) before starting others.
+        """
+        if not self.is_local:
+            if self.exists(*parts):
+                return False
+            self.write_text(text, *parts)
+            return True
+        target = Path(self.path(*parts))
+        tmp = _private_file(text, target)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        return True
 
     def local_path(self, *parts: str) -> Path:
         """A file or directory as a local path, for libraries that read only local files.
@@ -184,6 +204,16 @@ class Location:
             self.fs.create_dir(self.path(*parts), recursive=True)
             pafs.copy_files(tmp, self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
+
+
+def _private_file(text: str, target: Path) -> Path:
+    """``text`` in a new file beside ``target``, mode 0600 from its creation (never readable by others, not even for
+    a moment), under a unique temporary name: the caller moves or links it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as stream:
+        stream.write(text)
+    return tmp
 
 
 def cache_root() -> Path:
