@@ -22,6 +22,7 @@ Events come back in the record schema (:data:`EVENT_SCHEMA`), and
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import shutil
 import sqlite3
@@ -37,6 +38,8 @@ import pyarrow.parquet as pq
 
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES
 from shoprank.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 EVENT_FIELDS = [f.name for f in EVENT_SCHEMA]
 _TEXT_FIELDS = [f.name for f in EVENT_SCHEMA if pa.types.is_string(f.type)]
@@ -146,7 +149,13 @@ class EventStore(ABC):
             ("INSERT INTO erasures (user_id, ts) VALUES ({0}, {0})",
              (user_id, _micros(at) if at is not None else _now_micros())),
         ])
+        self._scrub()
         return {"events": events, "impressions": impressions}
+
+    def _scrub(self) -> None:
+        """After an erasure: leave no readable copy of the deleted rows where this process can reach them.
+        PostgreSQL keeps deleted rows in its pages until VACUUM reuses them (the server's autovacuum, or the
+        operator's ``VACUUM``); nothing more can be done through a connection."""
 
     def erasures(self, after: int) -> list[tuple[int, str]]:
         """(sequence number, user) of the erasures after ``after``, in order."""
@@ -285,6 +294,7 @@ class SqliteEventStore(EventStore):
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros, not left in free space
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS events (
@@ -337,6 +347,16 @@ class SqliteEventStore(EventStore):
                 raise
             self._db.execute("COMMIT")
         return counts
+
+    def _scrub(self) -> None:
+        """Copy the WAL into the database file and empty it (``wal_checkpoint(TRUNCATE)``): the WAL still holds the
+        pages as they were before the erasure, the user's rows in them, until a checkpoint; ``secure_delete``
+        zeroed them in the pages the checkpoint writes back."""
+        with self._lock:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("the WAL of %s could not be emptied after an erasure (a reader held it); it keeps copies of the "
+                        "erased rows until later writes reuse it", self.path)
 
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._lock:
