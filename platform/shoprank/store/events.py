@@ -355,8 +355,8 @@ class SqliteEventStore(EventStore):
         with self._lock:
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
-            log.warning("the WAL of %s could not be emptied after an erasure (a reader held it); it keeps copies of the "
-                        "erased rows until later writes reuse it", self.path)
+            log.warning("the WAL of %s could not be emptied after an erasure (a reader held it): it keeps copies "
+                        "of the erased rows until later writes reuse it", self.path)
 
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0) -> None:
         with self._lock:
