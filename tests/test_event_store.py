@@ -171,6 +171,19 @@ def test_backup_while_writing_and_restore(tmp_path: Path, capsys: pytest.Capture
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_a_restore_never_brings_back_a_shopper_erased_after_the_backup(tmp_path: Path) -> None:
+    store = SqliteEventStore(tmp_path / "events.sqlite", writer=True)
+    store.append([event(0), event(1, user_id="U2"), event(2, user_id="U2")])
+    store.backup(tmp_path / "before.sqlite")
+    store.erase("U2")
+    store.close()
+    restore_sqlite(tmp_path / "before.sqlite", tmp_path / "events.sqlite", replace=True)
+    restored = SqliteEventStore(tmp_path / "events.sqlite")
+    assert restored.events().column("user_id").to_pylist() == ["U1"]
+    assert [user for _, user in restored.erasures(0)] == ["U2"]  # the replicas' caches forget U2 again too
+    restored.close()
+
+
 def test_a_server_store_has_no_file_to_back_up(postgres_server: PostgresServer, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     dsn = postgres_server.database()
@@ -206,19 +219,54 @@ def test_erasure_and_retention_delete_rows_and_every_cache_forgets_the_user(loca
     store.log_impressions([Impression("R1", "U1", "A", "P1", 1, T0), Impression("R1", "U1", "A", "P2", 2, T0),
                            Impression("R2", "U2", "B", "P1", 1, T0 + dt.timedelta(days=2))])
     assert store.shown("R1") == ("U1", {"P1", "P2"}) and store.shown("R-none") is None
-    caches = [UserCache(open_event_store(location), per_user=10, max_events=100) for _ in range(2)]
+    forgotten: list[list[str]] = [[], [], []]
+    """What each cache told the rest of its replica to forget (``forget_elsewhere``: the run's history)."""
+    caches = [UserCache(open_event_store(location), per_user=10, max_events=100, forget_elsewhere=forgotten[i].append)
+              for i in range(2)]
     for cache in caches:
         assert len(cache.events_of("U1")) == 3
     assert store.erase("U1") == {"events": 3, "impressions": 2}
     assert store.erase("U1") == {"events": 0, "impressions": 0}
     assert set(store.events().column("user_id").to_pylist()) == {"U2"} and store.shown("R1") is None
+    assert forgotten == [[], [], []]  # the caches hear of an erasure when they catch up, before their next answer
+    # a replica started after the erasure reads every tombstone at once
+    caches.append(UserCache(open_event_store(location), per_user=10, max_events=100,
+                            forget_elsewhere=forgotten[2].append))
     for cache in caches:
         cache.catch_up()
         assert "U1" not in cache.users and cache.events_of("U1") == [] and cache.summary()["events"] == 0
         cache.store.close()
+    assert forgotten == [["U1", "U1"]] * 3  # erased twice: two tombstones, each told once
     assert store.purge(T0 + dt.timedelta(seconds=3)) == {"events": 2, "impressions": 0}  # E0 and E2 of U2
     assert store.events().column("event_id").to_pylist() == ["E4"]
     assert store.purge(T0 + dt.timedelta(days=3)) == {"events": 1, "impressions": 1}
+
+
+def test_sqlite_erasure_leaves_no_readable_copy_in_the_database_or_its_wal(tmp_path: Path) -> None:
+    """The erased user's rows are overwritten (``secure_delete``) and the WAL that held them is emptied (a
+    checkpoint), while a replica's reader has the store open: the files' bytes keep nothing of them, and the
+    pseudonym only where the tombstone (row and index) keeps it, as in a store that never saw the user's rows."""
+    user = "ps_" + "e" * 32
+    path = tmp_path / "events.db"
+    store, reader = SqliteEventStore(path), SqliteEventStore(path)
+    store.append([event(i, user_id=user if i % 2 else "U2", event_id=f"erased-event-{i}" if i % 2 else f"E{i}",
+                        session_id="erased-session" if i % 2 else "S2") for i in range(40)])
+    store.log_impressions([Impression("erased-request", user, "A", "P1", 1, T0)])
+    assert len(reader.recent_of(user, 10)) == 10
+    assert store.erase(user) == {"events": 20, "impressions": 1}
+    only_tombstone = SqliteEventStore(tmp_path / "tombstone.db")
+    only_tombstone.erase(user)
+
+    def files(db: Path) -> bytes:
+        return b"".join(f.read_bytes() for f in db.parent.glob(db.name + "*"))
+
+    erased = files(path)
+    for marker in ("erased-event-", "erased-session", "erased-request"):
+        assert marker.encode() not in erased, marker
+    assert erased.count(user.encode()) == files(tmp_path / "tombstone.db").count(user.encode()) == 2
+    assert reader.events().num_rows == 20 and reader.recent_of(user, 10) == []
+    for opened in (store, reader, only_tombstone):
+        opened.close()
 
 
 def test_impressions_of_an_erased_user_that_arrive_late_stay_out(store: EventStore) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -34,7 +35,8 @@ from shoprank.errors import ConfigError
 from shoprank.privacy import INGEST_KEY_ID, KEY_ENV, PSEUDONYM, Pseudonyms, pseudonyms, serving_pseudonyms
 from shoprank.serving.app import build_app
 from shoprank.serving.deployments import unexpected
-from shoprank.store.events import open_event_store
+from shoprank.stages import run_stages, stage_hash
+from shoprank.store.events import event_db_location, open_event_store
 from shoprank.store.location import Location
 from shoprank.store.run import MANIFEST, Run
 
@@ -138,6 +140,79 @@ def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(
     client = {"Authorization": f"Bearer {app.keys['client']}"}
     assert app.http.delete(f"/users/{user}", headers=client).status_code == 403
     assert _logs_holding(user) == []  # the access logs name the route (/users/{user_id}), not the path
+
+
+def test_erasing_a_shopper_of_the_runs_history_makes_them_a_new_shopper_on_every_replica(app: App) -> None:
+    """The demo's ``DELETE /users/{id}`` for a shopper the run knows (no live event of theirs): from the 200 on,
+    every answer for them on both variants' two replicas is a never-seen shopper's (same products, same order, the
+    cold-start note), and no ingress replica lists them."""
+    taken = {pseudonyms(app.config).of(f"U{i:06d}") for i in range(12)}  # the simulated shoppers other tests ask for
+    listed = [u["user_id"] for u in app.http.get("/users", params={"limit": 5000}).json()]
+    user = [u for u in listed if u not in taken][-1]  # the least active listed: no other test asks for them
+    run_events = read_table(app.run, "data", "events", columns=["user_id"]).column("user_id").to_pylist().count(user)
+    assert run_events > 0
+
+    def answers(who: str) -> dict[str, set[tuple[tuple[str, ...], str | None]]]:
+        """Variant -> the distinct recommendations for ``who`` (products, note) it gave, asked until both of its
+        replicas answered."""
+        seen: dict[str, set[tuple[tuple[str, ...], str | None]]] = {}
+        for variant in ("A", "B"):
+            replicas, seen[variant] = set(), set()
+            for _ in range(40):  # Serve picks the replica: ask until both answered
+                answer = app.post("/recommend", {"user_id": who, "k": 5, "variant": variant})
+                assert answer.status_code == 200, answer.text
+                replicas.add(answer.headers["x-shoprank-replica"])
+                seen[variant].add((tuple(item["product_id"] for item in answer.json()["items"]), answer.json()["note"]))
+                if len(replicas) == 2:
+                    break
+            else:
+                raise AssertionError(f"one replica of {variant} answered 40 requests in a row: {replicas}")
+        return seen
+
+    never_seen = answers("never-seen-shopper-of-erasure")
+    assert all(len(given) == 1 and next(iter(given))[1].startswith("no history") for given in never_seen.values())
+    before = answers(user)
+    assert all(note is None for given in before.values() for _, note in given)  # personal, from the run's history
+    assert before != never_seen
+    erased = app.http.delete(f"/users/{user}")
+    assert erased.status_code == 200, erased.text
+    # impressions: those of the answers above that reached the store (another ingress replica's queue may hold some)
+    assert erased.json() | {"impressions": 0} == {"user": user, "events": 0, "impressions": 0,
+                                                  "run_events": run_events, "excluded_from_next_ingest": True}
+    assert answers(user) == never_seen  # from the first answer after the 200, on every replica
+    for _ in range(10):  # requests land on either ingress replica: neither lists the shopper
+        assert user not in {u["user_id"] for u in app.http.get("/users", params={"limit": 5000}).json()}
+    assert user not in app.http.get("/ab/report").text
+
+
+def test_the_next_ingest_leaves_erased_shoppers_out_of_every_table(tiny_run: tuple[Config, Run], make_tiny_config,
+                                                                   tmp_path: Path) -> None:
+    """A pipeline run after an erasure ingests again (the tombstone is part of the stage's identity) and writes
+    none of the shopper's rows; the manifest counts them. Under the session run's key, so the rerun is the session
+    run's ingest less that shopper."""
+    session_config, session = tiny_run
+    shutil.copytree(Path(session.path()).parent / "secrets", tmp_path / "secrets")
+    config: Config = make_tiny_config(tmp_path)
+    never_erased = stage_hash(config, "ingest")
+    assert not Path(event_db_location(config)).exists()  # the stage's identity reads the store, never makes one
+    simulated = "U000042"
+    erased = pseudonyms(config).of(simulated)
+    assert erased == pseudonyms(session_config).of(simulated)
+    store = open_event_store(event_db_location(config))
+    try:
+        store.erase(erased)
+    finally:
+        store.close()
+    assert stage_hash(config, "ingest") != never_erased
+    run = run_stages(config, until="ingest")
+    before = read_table(session, "data", "records", "events")
+    theirs = before.column("user_id").to_pylist().count(erased)
+    after = read_table(run, "data", "records", "events")
+    assert theirs > 0 and after.num_rows == before.num_rows - theirs
+    assert erased not in set(after.column("user_id").to_pylist())
+    assert simulated not in read_table(run, "data", "shop", "users", columns=["user_id"]).column("user_id").to_pylist()
+    drops = run.manifest()["stages"]["ingest"]["drops"]
+    assert drops == {"events_of_erased_shoppers": theirs, "users_of_erased_shoppers": 1}
 
 
 def test_engagements_must_name_a_product_their_answer_showed_to_that_user(app: App) -> None:

@@ -18,8 +18,8 @@ from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.pipeline import run_pipeline
 from shoprank.privacy import KEY_ENV
-from shoprank.serving.variants import event_db_location
 from shoprank.stages import STAGE_NAMES
+from shoprank.store.events import event_db_location
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 

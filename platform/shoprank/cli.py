@@ -198,8 +198,7 @@ def run_simulation(config: Config, url: str, users: int, concurrency: int, seed:
 def event_store_copy(config: Config, action: str, file: str, replace: bool, app: str | None = None) -> str:
     """``shoprank events backup|restore``: SQLite's online backup of the live store, or a checked restore, here
     (refused while the app writes to the store) or through the running app (``app``: its URL)."""
-    from shoprank.serving.variants import event_db_location
-    from shoprank.store.events import SqliteEventStore, is_server_database, redacted, restore_sqlite
+    from shoprank.store.events import SqliteEventStore, event_db_location, is_server_database, redacted, restore_sqlite
     from shoprank.webui.client import ServeClient
 
     if app is not None:

@@ -4,22 +4,34 @@ Whatever the source (the simulated shop, the ESCI files, a shop's own CSV /
 Parquet / JSON Lines), the run ends up with ``data/records/{products,events,
 judgments}`` in exactly the record schemas of :mod:`shoprank.data.schema`, and
 every deliberate drop counted in the manifest.
+
+Shoppers erased from the event store (``DELETE /users/{id}``: a tombstone there, by
+pseudonym) are left out of every table ingest writes, so nothing after it (features,
+encoder, ranker, evaluation) sees them again. The last tombstone's number is part of
+the stage's identity (:func:`erasure_mark`): a new erasure makes the next pipeline run
+ingest again, and every later stage rebuild without the shopper.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import SaveMode
 
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
-from shoprank.data.io import PartFilenames, count_rows, write_table
+from shoprank.data.io import PartFilenames, column_names, count_rows, read_table, write_table
+from shoprank.errors import ConfigError
 from shoprank.privacy import INGEST_KEY_ID, Pseudonyms, pseudonyms
+from shoprank.store.events import EventStore, event_db_location, is_server_database, open_event_store
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -91,9 +103,58 @@ def generate_shop(shop: SyntheticShopConfig, run: Run, users: Pseudonyms) -> dic
     return timings
 
 
+@contextmanager
+def _existing_event_store(config: Config) -> Iterator[EventStore | None]:
+    """The event store ``serve.event_db`` names, or None where there is none: an SQLite file not made yet (reading
+    must not create one), or a run root on remote storage with a relative ``serve.event_db``, where no SQLite store
+    can be."""
+    try:
+        location = event_db_location(config)
+    except ConfigError:
+        yield None
+        return
+    if not is_server_database(location) and not Path(location).exists():
+        yield None
+        return
+    store = open_event_store(location)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def erasure_mark(config: Config) -> int:
+    """The event store's last tombstone (0: none, or no store): part of the ingest stage's identity, so that the
+    next pipeline run after an erasure ingests again without the shopper."""
+    with _existing_event_store(config) as store:
+        return store.last_erasure() if store is not None else 0
+
+
+def leave_out_erased(config: Config, run: Run, users: Pseudonyms) -> dict[str, int]:
+    """Drop the erased shoppers' rows from every table ingest wrote that names users (by pseudonym, or by a
+    simulated shopper's own id); rows dropped per table, as ``<table>_of_erased_shoppers`` (none: no tombstone)."""
+    with _existing_event_store(config) as store:
+        erased = pa.array(sorted({user for _, user in store.erasures(0)}) if store is not None else [], pa.string())
+    if not len(erased):
+        return {}
+    drops: dict[str, int] = {}
+    for output in ingest_outputs(config):
+        parts = output.split("/")
+        if "user_id" not in column_names(run, *parts):
+            continue
+        table = read_table(run, *parts)
+        kept = table.filter(pc.invert(pc.is_in(users.column(table.column("user_id")), value_set=erased)))
+        drops[f"{parts[-1]}_of_erased_shoppers"] = table.num_rows - kept.num_rows
+        if kept.num_rows < table.num_rows:
+            run.remove(*parts)  # Ray Data wrote it in parts: the kept rows replace them all
+            write_table(run, kept, *parts)
+    return drops
+
+
 def ingest(config: Config, run: Run, record: StageRecord) -> None:
-    """Fill ``data/records`` from the configured source, users pseudonymous (:mod:`shoprank.privacy`), and report
-    rows, drops and the pseudonym key's id (the app checks it is serving with the same key)."""
+    """Fill ``data/records`` from the configured source, users pseudonymous (:mod:`shoprank.privacy`) and erased
+    shoppers left out, and report rows, drops and the pseudonym key's id (the app checks it is serving with the same
+    key)."""
     source = config.source
     users = pseudonyms(config)
     record.metrics[INGEST_KEY_ID] = users.key_id
@@ -113,5 +174,9 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
         for reason, count in tables.drops.items():
             if count:
                 log.warning("ingest dropped %d rows: %s", count, reason)
+    erased = leave_out_erased(config, run, users)
+    record.drops.update(erased)
+    if any(erased.values()):
+        log.info("ingest left out the shoppers erased from the event store: %s", erased)
     for name in TABLES:
         record.rows[name] = count_rows(run, *RECORDS, name)

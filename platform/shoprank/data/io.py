@@ -90,6 +90,11 @@ def read_table(run: Run, *parts: str, columns: list[str] | None = None) -> pa.Ta
     return pads.dataset(run.path(*parts), format="parquet", filesystem=run.fs).to_table(columns=columns)
 
 
+def column_names(run: Run, *parts: str) -> list[str]:
+    """The columns of a Parquet table directory, from the files' schema."""
+    return pads.dataset(run.path(*parts), format="parquet", filesystem=run.fs).schema.names
+
+
 def count_rows(run: Run, *parts: str) -> int:
     """Rows of a Parquet table directory, from the files' metadata."""
     return pads.dataset(run.path(*parts), format="parquet", filesystem=run.fs).count_rows()

@@ -72,6 +72,10 @@ class EventLog:
         known = self.histories.get(user_id) if user_id else None
         return known.before(before_s, limit) if known is not None else History.empty()
 
+    def forget(self, user_id: str) -> None:
+        """Drop ``user_id``'s history (an erased shopper): from now on they are unknown, as a new shopper is."""
+        self.histories.pop(user_id, None)
+
     def append(self, user_id: str, row: int, event_type: str, ts_s: float) -> None:
         """Record a live event (events arrive in time order per user)."""
         old = self.histories.get(user_id, History.empty())

@@ -142,6 +142,12 @@ class Erased(BaseModel):
     user: str = Field(description="The erased shopper's pseudonym (user ids are stored only as keyed hashes).")
     events: int = Field(description="Events deleted from the store.")
     impressions: int = Field(description="Impressions deleted from the store.")
+    run_events: int = Field(description="The shopper's events in the history of the runs served: no serving replica "
+                                        "reads them once it has read the erasure's tombstone, which each does before "
+                                        "its next answer (the run's files keep them until the next pipeline run).")
+    excluded_from_next_ingest: bool = Field(
+        description="The tombstone stays in the event store: the next pipeline run's ingest leaves the shopper out "
+                    "of every table it writes. Backups and exports made earlier are outside erasure (README).")
 
 
 class RestoreRequest(Strict):

@@ -35,8 +35,8 @@ from shoprank.config import Config, load_config
 from shoprank.privacy import serving_pseudonyms
 from shoprank.serving.deployments import EventStoreWriter, Ingress
 from shoprank.serving.variant_deployments import QueryEncoder, Variant
-from shoprank.serving.variants import event_db_location, resolve_variants
-from shoprank.store.events import is_server_database
+from shoprank.serving.variants import resolve_variants
+from shoprank.store.events import event_db_location, is_server_database
 from shoprank.store.location import Location
 
 APP_NAME = "shoprank"

@@ -27,11 +27,12 @@ import pathlib
 import sqlite3
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -176,6 +177,9 @@ class EventStoreWriter:
     async def erase(self, user: str, at: dt.datetime) -> dict[str, int]:
         async with self._using() as store:
             return await asyncio.to_thread(store.erase, user, at)
+
+    async def erasures(self, after: int) -> list[tuple[int, str]]:
+        return await asyncio.to_thread(self.store.erasures, after)
 
     async def purge(self, before: dt.datetime) -> dict[str, int]:
         async with self._using() as store:
@@ -359,6 +363,10 @@ class Ingress:
         """Product -> price: the A/B report's revenue."""
         self.clock_offset_s = 0.0
         self.users: list[dict[str, str]] = []
+        self.run_events_of: Counter[str] = Counter()
+        """User -> their events in the served runs' history: what an erasure masks on the variants."""
+        self.erasure_cursor = 0
+        """The last tombstone whose user left ``users`` and ``run_events_of``."""
         self.without_behaviour: set[str] = set()
         """Runs with no behaviour events (judged queries only): nothing there is popular or personal."""
 
@@ -369,6 +377,7 @@ class Ingress:
         self.offline = {name: offline_figures(spec) for name, spec in self.specs.items()}
         last_event_s = 0.0
         events_of_run = {}
+        self.run_events_of = Counter()
         for run_uri in sorted({spec.run for spec in self.specs.values()}):
             run = Run.from_uri(run_uri)
             products = read_table(run, "data", "products", columns=["product_id", "title", "category", "brand", "price"])
@@ -381,7 +390,10 @@ class Ingress:
             events_of_run[run_uri] = events
             if events.num_rows == 0:
                 self.without_behaviour.add(run_uri)
+            for counted in pc.value_counts(events.column("user_id")).to_pylist():
+                self.run_events_of[counted["values"]] += counted["counts"]
         self.users = user_summaries(events_of_run[self.specs[sorted(self.specs)[-1]].run], self.products)
+        self.erasure_cursor = 0  # the lists are the run's again: every erasure so far leaves them at the next read
         if self.config.serve.clock == "data" and last_event_s:
             # from the deploy's moment, not this replica's start: every ingress replica (a restarted one too) keeps
             # the same clock, so impressions and erasures stamped by different replicas compare in time order
@@ -561,14 +573,27 @@ class Ingress:
     @api.get("/users", response_model=list[UserSummary], dependencies=[needs("admin")],
              responses=refusals(401, 403, 422))
     async def users(self, limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, str]]:
-        """The most active known users, each with a one-line summary of their history (for pickers)."""
+        """The most active known users, each with a one-line summary of their history (for pickers); none erased."""
+        await self._forget_erased()
         return self.users[:limit]
+
+    async def _forget_erased(self) -> None:
+        """Drop the users erased since the last read from what this replica lists: the store's tombstones, so an
+        erasure answered by any ingress replica reaches every one."""
+        erased: set[str] = set()
+        for self.erasure_cursor, user in await self.store.erasures.remote(self.erasure_cursor):
+            erased.add(user)
+            self.run_events_of.pop(user, None)
+        if erased:
+            self.users = [u for u in self.users if u["user_id"] not in erased]
 
     @api.delete("/users/{user_id}", response_model=Erased, dependencies=[needs("admin")],
                 responses=refusals(401, 403, 422))
     async def erase_user(self, user_id: str = Path(min_length=1, max_length=128)) -> Erased:
-        """Erase a shopper (their id or pseudonym): every event and impression in the store, and every replica's
-        cached events (they read the store's tombstone before their next answer). How many rows went."""
+        """Erase a shopper (their id or pseudonym): every event and impression in the store; on every variant
+        replica, their cached events and their history in the run (each reads the store's tombstone before its next
+        answer), so they are a new shopper there; from ``/users``; and, through the tombstone, from the next
+        pipeline run's tables. How many rows went where."""
         try:
             check_text(user_id)
         except ValueError as exc:
@@ -577,10 +602,13 @@ class Ingress:
         await self.impressions.flush()  # the user's queued impressions are in the store, then erased with the rest
         for request_id in [r for r, (owner, _) in self.shown.items() if owner == user]:
             del self.shown[request_id]
+        await self._forget_erased()  # a user erased before has no run history left to mask
+        run_events = self.run_events_of.get(user, 0)
         # on the app's clock, the one its impressions carry: what another ingress replica still queues is dropped
         erased = await self.store.erase.remote(user, dt.datetime.fromtimestamp(self.now_s(), dt.timezone.utc))
-        log.info("erased user %s: %s", user, erased)
-        return Erased(user=user, **erased)
+        await self._forget_erased()
+        log.info("erased user %s: %s, %d events of the run's history masked", user, erased, run_events)
+        return Erased(user=user, **erased, run_events=run_events, excluded_from_next_ingest=True)
 
     @api.post("/admin/events/restore", response_model=Restored, dependencies=[needs("admin")],
               responses=refusals(401, 403, 422))

@@ -12,7 +12,9 @@ answered lately, so a request needs no round trip to a shared user-state service
   ``ranker.history_events`` events, one indexed query) when first asked for;
 * **erasure**: a user erased from the store (``DELETE /users/{id}``) leaves a tombstone
   there; catching up reads the tombstones too and forgets those users, so no replica
-  answers from an erased user's events;
+  answers from an erased user's events. ``forget_elsewhere`` hears of each erased user
+  as well (every tombstone at start, then the new ones): the variant drops them from the
+  run's history it personalises from, so they are cold, not only without live events;
 * **bounds**: at most ``ranker.history_events`` events per user (what the features read),
   and at most ``serve.user_cache_events`` events in all; past that, the users asked for
   least recently leave the cache (LRU), to be read again on their next request.
@@ -23,6 +25,7 @@ Ray-free: the variant deployment holds one, and the tests drive it directly too.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoprank.serving.messages import LiveEvent
@@ -44,20 +47,20 @@ class UserCache:
     store: EventStore
     per_user: int
     max_events: int
+    forget_elsewhere: Callable[[str], object] = lambda user: None
+    """Called with each erased user: what else the replica holds of users (the run's history) forgets them too."""
     users: OrderedDict[str, _Cached] = field(default_factory=OrderedDict)
     held: int = 0
 
     def __post_init__(self) -> None:
         self.cursor = self.store.last_seq()
         """The last sequence number read; earlier events are read per user, on a miss."""
-        self.erasure_cursor = self.store.last_erasure()
+        self.erasure_cursor = 0
+        self._read_erasures()  # every tombstone so far: a replica started after an erasure forgets that user too
 
     def catch_up(self) -> int:
-        """Read what the store received since the last call (events, then erasures); how many events that was."""
-        for self.erasure_cursor, erased in self.store.erasures(self.erasure_cursor):
-            gone = self.users.pop(erased, None)
-            if gone is not None:
-                self.held -= len(gone.events)
+        """Read what the store received since the last call (erasures, then events); how many events that was."""
+        self._read_erasures()
         read = 0
         while True:
             changes = self.store.changes(self.cursor, limit=10_000)
@@ -71,6 +74,14 @@ class UserCache:
                 self.cursor = changes[-1].seq
             if len(changes) < 10_000:
                 return read
+
+    def _read_erasures(self) -> None:
+        """Forget the users erased since the last read (their cached events, and ``forget_elsewhere``)."""
+        for self.erasure_cursor, erased in self.store.erasures(self.erasure_cursor):
+            gone = self.users.pop(erased, None)
+            if gone is not None:
+                self.held -= len(gone.events)
+            self.forget_elsewhere(erased)
 
     def events_of(self, user_id: str | None) -> list[LiveEvent]:
         """``user_id``'s live events, oldest first (read from the store on a miss); none for an anonymous request."""

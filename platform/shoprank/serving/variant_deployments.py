@@ -90,13 +90,14 @@ class Variant:
         from shoprank.serving.pipeline import Ranking, Retrieval
 
         self.config = Config.model_validate(config)
-        self.users = UserCache(open_event_store(event_db), self.config.ranker.history_events,
-                               self.config.serve.user_cache_events)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.base_run = run_uri
         # with a query encoder of its own, the variant loads no encoder
         self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot",
                                     encoder=query_encoder is None, runtime=runtime)
+        # an erased shopper leaves the run's history too (every tombstone now, the new ones before each batch)
+        self.users = UserCache(open_event_store(event_db), self.config.ranker.history_events,
+                               self.config.serve.user_cache_events, forget_elsewhere=self.context.events.forget)
         self.retrieval = Retrieval(self.context)
         self.query_encoder = query_encoder
         self.ranking: Ranking | None = None
@@ -149,7 +150,8 @@ class Variant:
         return self.model
 
     def _with_live_events(self, asked: list[Asked]) -> list[Asked]:
-        """``asked`` with each user's live events: what the store acknowledged up to now is in the cache."""
+        """``asked`` with each user's live events: what the store acknowledged up to now is in the cache, and a
+        user erased up to now is out of it and out of the run's history."""
         self.users.catch_up()
         return [dataclasses.replace(a, live=self.users.events_of(a.user_id)) for a in asked]
 

@@ -11,18 +11,14 @@ with.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoprank.config import Config
 from shoprank.encoder.runtime import Runtime, chosen_runtime
-from shoprank.errors import ConfigError
 from shoprank.serving.messages import Strategy
-from shoprank.store.events import is_server_database
 from shoprank.store.registry import Registry
-from shoprank.store.location import Location
 from shoprank.store.run import Run
 
 
@@ -95,22 +91,3 @@ def register_variants(config: Config, run: Run) -> dict[str, dict]:
         "B": registry.set("B", run.uri(), encoder="fine_tuned", strategy="ranker"),
     }
 
-
-def event_db_location(config: Config) -> str:
-    """``serve.event_db`` as the store opens it: a ``postgresql://`` DSN as given, else the SQLite file's
-    absolute path (relative paths are under the run root).
-
-    SQLite needs a local disk: with a run root on remote storage (``s3://``...), ``serve.event_db``
-    must be an absolute local path or a server database.
-    """
-    if is_server_database(config.serve.event_db):
-        return config.serve.event_db
-    path = Path(config.serve.event_db)
-    if path.is_absolute():
-        return str(path)
-    root = Location(config.run.root)
-    if not root.is_local:
-        raise ConfigError(f"serve.event_db: {config.serve.event_db!r} would be under run.root {config.run.root}, "
-                          "which is not a local disk; SQLite needs one, so give an absolute local path "
-                          "(or a postgresql:// server)")
-    return str((Path(root.path()) / path).resolve())

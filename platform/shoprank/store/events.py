@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -36,8 +37,12 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shoprank.config import Config
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES
 from shoprank.errors import ConfigError, DataError, ShopRankError
+from shoprank.store.location import Location
+
+log = logging.getLogger(__name__)
 
 EVENT_FIELDS = [f.name for f in EVENT_SCHEMA]
 _TEXT_FIELDS = [f.name for f in EVENT_SCHEMA if pa.types.is_string(f.type)]
@@ -159,7 +164,13 @@ class EventStore(ABC):
             ("INSERT INTO erasures (user_id, ts) VALUES ({0}, {0})",
              (user_id, _micros(at) if at is not None else _now_micros())),
         ])
+        self._scrub()
         return {"events": events, "impressions": impressions}
+
+    def _scrub(self) -> None:
+        """After an erasure: leave no readable copy of the deleted rows where this process can reach them.
+        PostgreSQL keeps deleted rows in its pages until VACUUM reuses them (the server's autovacuum, or the
+        operator's ``VACUUM``); nothing more can be done through a connection."""
 
     def erasures(self, after: int) -> list[tuple[int, str]]:
         """(sequence number, user) of the erasures after ``after``, in order."""
@@ -331,6 +342,7 @@ class SqliteEventStore(EventStore):
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros, not left in free space
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS events (
@@ -383,6 +395,16 @@ class SqliteEventStore(EventStore):
                 raise
             self._db.execute("COMMIT")
         return counts
+
+    def _scrub(self) -> None:
+        """Copy the WAL into the database file and empty it (``wal_checkpoint(TRUNCATE)``): the WAL still holds the
+        pages as they were before the erasure, the user's rows in them, until a checkpoint; ``secure_delete``
+        zeroed them in the pages the checkpoint writes back."""
+        with self._lock:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("the WAL of %s could not be emptied after an erasure (a reader held it): it keeps copies "
+                        "of the erased rows until later writes reuse it", self.path)
 
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0, batch_id: str | None = None) -> bool:
         with self._lock:
@@ -612,7 +634,8 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
     restored content rather than a deleted file's. Events and erasures are then numbered on from the replaced
     store's last sequence numbers, never below: the user caches read what comes after their cursors
     (:class:`~shoprank.serving.user_state.UserCache`), and a number reused below one would hide a new event or a new
-    erasure from them.
+    erasure from them. An erasure the replaced store holds and the backup does not (made after the backup was taken)
+    is made again in the same transaction, so a restore never brings an erased shopper back.
     """
     backup, target = Path(backup), Path(target)
     count = checked_backup(backup)
@@ -633,13 +656,22 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
                     raise DataError(f"{target} holds {stored} events; add --replace to overwrite them with the "
                                     f"backup's {count}")
                 numbered = _sequences(live)
+                erased = _erasures(live)
                 source.backup(live)
+                live.execute("PRAGMA secure_delete=ON")
                 live.execute("BEGIN IMMEDIATE")
                 for table, last in numbered.items():  # numbering goes on after the replaced store's: see the docstring
                     live.execute("DELETE FROM sqlite_sequence WHERE name = ? AND seq < ?", (table, last))
                     live.execute("INSERT INTO sqlite_sequence (name, seq) SELECT ?, ? WHERE NOT EXISTS "
                                  "(SELECT 1 FROM sqlite_sequence WHERE name = ?)", (table, last, table))
+                restored_erasures = set(_erasures(live))
+                for user, ts in erased:  # an erasure made after the backup was taken is made again
+                    if (user, ts) not in restored_erasures:
+                        live.execute("DELETE FROM events WHERE user_id = ?", (user,))
+                        live.execute("DELETE FROM impressions WHERE user_id = ?", (user,))
+                        live.execute("INSERT INTO erasures (user_id, ts) VALUES (?, ?)", (user, ts))
                 live.execute("COMMIT")
+                live.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 live.close()
     finally:
@@ -665,6 +697,14 @@ def _read_only(database: Path) -> str:
     """A read-only URI of ``database``: the path percent-encoded, so no ``?`` or ``#`` in it can add URI options
     (``mode=rwc`` would create a file; the path may come from an HTTP request)."""
     return database.absolute().as_uri() + "?mode=ro"
+
+
+def _erasures(db: sqlite3.Connection) -> list[tuple[str, int]]:
+    """(user, time) of every tombstone in ``db``, none for a new store."""
+    try:
+        return [(user, int(ts)) for user, ts in db.execute("SELECT user_id, ts FROM erasures ORDER BY seq")]
+    except sqlite3.OperationalError:
+        return []
 
 
 def _sequences(db: sqlite3.Connection) -> dict[str, int]:
@@ -699,6 +739,26 @@ def redacted(dsn: str) -> str:
     if "password" in parts:
         parts["password"] = "***"
     return make_conninfo(**parts)
+
+
+def event_db_location(config: Config) -> str:
+    """``serve.event_db`` as the store opens it: a ``postgresql://`` DSN as given, else the SQLite file's
+    absolute path (relative paths are under the run root).
+
+    SQLite needs a local disk: with a run root on remote storage (``s3://``...), ``serve.event_db``
+    must be an absolute local path or a server database.
+    """
+    if is_server_database(config.serve.event_db):
+        return config.serve.event_db
+    path = Path(config.serve.event_db)
+    if path.is_absolute():
+        return str(path)
+    root = Location(config.run.root)
+    if not root.is_local:
+        raise ConfigError(f"serve.event_db: {config.serve.event_db!r} would be under run.root {config.run.root}, "
+                          "which is not a local disk; SQLite needs one, so give an absolute local path "
+                          "(or a postgresql:// server)")
+    return str((Path(root.path()) / path).resolve())
 
 
 def open_event_store(location: str) -> EventStore:
