@@ -161,7 +161,10 @@ class ABReport(Closed):
     side_by_side: dict[str, SideBySide]
     timeline: list[TimelinePoint]
     user_level: UserLevel
-    impressions_dropped: int = Field(description="Impressions the ingress queues dropped under load (not counted).")
+    impressions_dropped: int = Field(description="Impressions the ingress queues dropped under load (not counted). "
+                                     "What an ingress replica still queued when it died without a graceful shutdown "
+                                     "never reached the store and is not here: the shoprank_impressions_waiting gauge "
+                                     "shows each replica's queue, so its last value is what such a loss was.")
     offline: dict[str, OfflineFigures] = Field(
         default_factory=dict, description="Each variant's offline figures, from its run's evaluation.")
     guardrails: dict[str, Guardrail] = Field(
