@@ -161,13 +161,9 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
     if source.kind == "synthetic":
         record.timings.update(generate_shop(source.synthetic, run, users))
     else:
-        from shoprank.data.readers import read_esci, read_files
+        from shoprank.data.readers import reader_for
 
-        if source.kind == "esci":
-            tables = read_esci(source.esci, orphan_events=source.orphan_events)
-        else:
-            assert source.files is not None  # checked by the config
-            tables = read_files(source.files, orphan_events=source.orphan_events, users=users)
+        tables = reader_for(source).read(orphan_events=source.orphan_events, users=users)
         for name in TABLES:
             write_table(run, users.table(getattr(tables, name)), *RECORDS, name)
         record.drops.update(tables.drops)
