@@ -35,7 +35,7 @@ Needs ``implicit`` (``pip install implicit``, 0.7.x) for the ALS row.
 
 Results (this 2-core machine, 2026-12-01; pipeline 4 to 10 minutes per seed, baselines
 1 to 2 minutes), NDCG@10 on the test split, and the system's per-request gain with its 95%
-bootstrap interval (a rerun of seed 0 on 2026-12-02, in the README, gave the system 0.2339,
+bootstrap interval (a rerun of seed 0 on 2026-12-02, in benchmarks/README.md, gave the system 0.2339,
 EASE 0.2236, ALS 0.2205: the pipeline's ranker is not bit-for-bit repeatable across runs):
 
 =========================================  ===============  ===============
@@ -104,7 +104,7 @@ ALS_GRID = [{"factors": f, "regularization": r, "alpha": a}
 ALS_ITERATIONS = 15
 
 PIPELINE_SETTINGS: dict[str, Any] = {
-    # the demo preset's encoder settings (README, "Encoder") with one epoch on 1,500 pairs of each kind (co-engaged
+    # the demo preset's encoder settings (configs/demo.yaml) with one epoch on 1,500 pairs of each kind (co-engaged
     # products, consecutive engagements): about 95 steps, minutes on 2 CPUs instead of the hours 20,000 would take;
     # on this data the encoder's source is the weakest (the results in the module docstring)
     "encoder": {"max_length": 32, "description_chars": 60,
@@ -116,7 +116,7 @@ PIPELINE_SETTINGS: dict[str, Any] = {
 
 
 def write_pipeline_config(data: Path, run_root: Path, name: str) -> Path:
-    """``<data>/pipeline.yaml``: the generated files read as a ratings export (README, "Data")."""
+    """``<data>/pipeline.yaml``: the generated files read as a ratings export (docs/data.md)."""
     config = {
         "run": {"root": str(run_root.resolve()), "name": name},
         "ray": {"num_cpus": 2},

@@ -3,7 +3,7 @@
 ``initdb`` makes the cluster (password authentication, loopback only), ``pg_ctl`` starts and stops
 it. PostgreSQL refuses to run as root, so under root (CI here) both run as the ``postgres`` user that
 Debian's package creates, on a directory that user owns. The password is in a passfile of mode 0600,
-which the DSNs name, as the README asks of a real deployment.
+which the DSNs name, as docs/serving.md asks of a real deployment.
 """
 
 from __future__ import annotations

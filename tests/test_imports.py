@@ -2,7 +2,7 @@
 
 A circle works only while every module in it is imported in a lucky order (or one of
 them imports inside a function to dodge it), and it ties the modules' layers together
-(DESIGN.md, "Layout"). The graph comes from the import statements at any depth, a
+(docs/architecture.md, "Package layout"). The graph comes from the import statements at any depth, a
 function's own imports included, except those under ``if TYPE_CHECKING:``.
 """
 

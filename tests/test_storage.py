@@ -92,7 +92,7 @@ def test_the_whole_pipeline_runs_on_a_pyarrow_filesystem(
     """Every stage, Ray Data, Ray Train checkpoints and the registry on a SubTreeFileSystem; a rerun skips all.
 
     The users' pseudonym key is config's (``run.user_key`` under ``run.root``, or ``SHOPRANK_USER_KEY``), not the
-    run object's: a run on a filesystem object takes it from the environment, as the README says."""
+    run object's: a run on a filesystem object takes it from the environment, as docs/architecture.md says."""
     monkeypatch.setenv(KEY_ENV, "3c" * 32)
     config, _ = tiny_run
     nowhere = tmp_path / "run-root-of-the-config"

@@ -342,7 +342,7 @@ def how_to_reach(cluster: LocalCluster) -> str:
             f"Ray head:       {cluster.address} (GCS)",
             f"Dashboard/jobs: {cluster.dashboard_url} (loopback only)",
             f"Auth token:     {token_location()} (token authentication is on)",
-            f"Metrics:        {cluster.metrics_discovery_file} (Prometheus service discovery; README, Monitoring)",
+            f"Metrics:        {cluster.metrics_discovery_file} (Prometheus service discovery; docs/monitoring.md)",
             "Submit a job:",
             "  export RAY_AUTH_MODE=token",
             f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- \\",

@@ -1,4 +1,4 @@
-"""The record schemas every reader produces (DESIGN.md, "Records").
+"""The record schemas every reader produces (docs/data.md, "Records").
 
 One module, one truth: the simulated shop, the ESCI reader and the generic file
 readers all end in tables of exactly these Arrow schemas, checked by

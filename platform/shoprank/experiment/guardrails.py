@@ -8,7 +8,7 @@ from where answers leave the app, the ingress's request middleware
 ``serve.guardrail_window`` answers to ``/search`` and ``/recommend`` and how many were a 5xx (a
 4xx is the client's error, not the variant's). They are the answering ingress replica's own, so
 with several ingress replicas each report reads a sample of the traffic (Serve spreads requests
-evenly); Prometheus has the whole (README, "Monitoring": the same limits are alerts there).
+evenly); Prometheus has the whole (docs/monitoring.md: the same limits are alerts there).
 A variant with fewer than ``min_requests`` answers has figures but no breach: a p99 of a handful
 of requests says nothing.
 """

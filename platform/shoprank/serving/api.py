@@ -147,7 +147,8 @@ class Erased(BaseModel):
                                         "its next answer (the run's files keep them until the next pipeline run).")
     excluded_from_next_ingest: bool = Field(
         description="The tombstone stays in the event store: the next pipeline run's ingest leaves the shopper out "
-                    "of every table it writes. Backups and exports made earlier are outside erasure (README).")
+                    "of every table it writes. Backups and exports made earlier are outside erasure "
+                    "(docs/security.md).")
 
 
 class RestoreRequest(Strict):

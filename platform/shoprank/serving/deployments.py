@@ -332,7 +332,7 @@ async def unexpected(request: Request, exc: Exception) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """The HTTP API (see :mod:`shoprank.serving.api` and DESIGN.md)."""
+    """The HTTP API (see :mod:`shoprank.serving.api` and docs/serving.md)."""
 
     def __init__(self, config: dict[str, Any], variants: dict[str, DeploymentHandle],
                  store: DeploymentHandle) -> None:
