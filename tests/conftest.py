@@ -25,7 +25,7 @@ from postgres import PostgresServer
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.entrypoint import free_port, local_ray_options
-from shoprank.serving.app import APP_NAME, AppArgs, deploy
+from shoprank.serving.app import APP_NAME, AppArgs, bind_app, deploy
 from shoprank.serving.keys import client_keys, create_keys
 from shoprank.serving.variants import register_variants
 from shoprank.store.events import open_event_store
@@ -109,18 +109,24 @@ class App:
     """The deployed app: its args, name, URL, event store (``serve.event_db``), its run root's API keys
     (``keys``: client, admin and the page's logins) and an HTTP client holding the admin key."""
 
-    def __init__(self, config: Config, run: Run, args: AppArgs, db: str, name: str = APP_NAME,
-                 route_prefix: str = "/") -> None:
+    def __init__(self, config: Config, run: Run | None, args: AppArgs | None, db: str, name: str = APP_NAME,
+                 route_prefix: str = "/", keys: dict[str, str] | None = None,
+                 category_of: dict[str, str] | None = None) -> None:
         self.config, self.run, self.args, self.db = config, run, args, db
         self.name, self.route_prefix = name, route_prefix
         self.url = f"http://127.0.0.1:{config.serve.port}{route_prefix.rstrip('/')}"
-        create_keys(config)
-        self.keys = client_keys(config)
+        if keys is None:
+            create_keys(config)
+            keys = client_keys(config)
+        self.keys = keys
         self.http = httpx.Client(base_url=self.url, timeout=60.0, headers=bearer(self.keys["admin"]))
-        products = read_table(run, "data", "products", columns=["product_id", "category"]).to_pylist()
-        self.category_of = {p["product_id"]: p["category"] for p in products}
+        if category_of is None and run is not None:
+            products = read_table(run, "data", "products", columns=["product_id", "category"]).to_pylist()
+            category_of = {p["product_id"]: p["category"] for p in products}
+        self.category_of = category_of or {}
 
     def deploy(self) -> None:
+        assert self.args is not None, "an app of the run's args (deploy_app); a fake shop's is bound by fake_app"
         deploy(self.args, name=self.name, route_prefix=self.route_prefix)
         self.wait_ready()
 
@@ -200,3 +206,34 @@ def app(ranked: tuple[Config, Run], serve_port: int, tmp_path_factory: pytest.Te
                         "serve.registry_poll_s=0.5")
     yield served
     served.http.close()
+
+
+@pytest.fixture(scope="session")
+def fake_app(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The app on the in-memory shop (``fake_shop.py``), app ``fake`` under ``/fake`` beside the session's trained
+    ``app``: real Serve, real HTTP and a real SQLite event store, and no trained run, so the tests of routing, keys,
+    validation, overload and erasure start in seconds. Its limits are the session app's: two replicas of each
+    variant, a short queue per caller, few requests per variant replica."""
+    import secrets
+
+    from ray import cloudpickle
+
+    import fake_shop
+    from fake_shop import FakeShop, products
+
+    cloudpickle.register_pickle_by_value(fake_shop)  # the replicas cannot import the tests' modules
+
+    root = tmp_path_factory.mktemp("fake-shop")
+    db = str(root / "events.sqlite")
+    config = tiny_config(root, f"serve.port={serve_port}", f"serve.event_db={db}", "serve.max_query_chars=80",
+                         "serve.replicas=2", "serve.max_queued_requests=4", "serve.variant_max_ongoing_requests=16")
+    keys = {role: secrets.token_urlsafe(24) for role in ("client", "admin")}
+    shop = FakeShop(config, keys, secrets.token_bytes(32))
+    category_of = dict(zip(products().column("product_id").to_pylist(), products().column("category").to_pylist()))
+    served = App(config, None, None, db, "fake", "/fake", keys=keys, category_of=category_of)
+    specs = shop.specs()
+    serve.run(bind_app(config, specs, shop, shop), name="fake", route_prefix="/fake")
+    served.wait_ready()
+    yield served
+    served.http.close()
+    serve.delete("fake")

@@ -30,9 +30,13 @@ from schemathesis.generation.case import Case
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from conftest import App, bearer
-from shoprank.serving.deployments import api
+from shoprank.config import load_config
+from shoprank.experiment.guardrails import GuardrailWindow
+from shoprank.serving.routes import http_api
 
-OPERATIONS = sorted((method.upper(), path) for path, methods in api.openapi()["paths"].items() for method in methods)
+SCHEMA = http_api(load_config("tiny").serve, GuardrailWindow(1)).openapi()
+"""The app's schema as FastAPI defines it (an app built outside Serve: the routes are the same)."""
+OPERATIONS = sorted((method.upper(), path) for path, methods in SCHEMA["paths"].items() for method in methods)
 CASES_PER_OPERATION = 25
 
 

@@ -28,13 +28,13 @@ from starlette.testclient import TestClient
 
 from conftest import App
 from raw_ids import ray_logs, raw_ids_in
-from shoprank.config import Config
+from shoprank.config import Config, load_config
 from shoprank.data import synthetic
 from shoprank.data.io import read_table
 from shoprank.errors import ConfigError
 from shoprank.privacy import INGEST_KEY_ID, KEY_ENV, PSEUDONYM, Pseudonyms, pseudonyms, serving_pseudonyms
 from shoprank.serving.app import build_app
-from shoprank.serving.deployments import unexpected
+from shoprank.serving.routes import unexpected
 from shoprank.stages import run_stages, stage_hash
 from shoprank.store.events import event_db_location, open_event_store
 from shoprank.store.location import Location
@@ -305,6 +305,7 @@ def test_the_app_refuses_a_key_other_than_its_runs_and_never_creates_one(
 def test_a_failing_request_logs_the_route_not_the_raw_id_in_its_path(caplog: pytest.LogCaptureFixture) -> None:
     """The app's catch-all handler (503 when the store cannot be reached, 500 for a bug) behind real routing."""
     probe = FastAPI()
+    probe.state.serve = load_config("tiny").serve  # its serve.retry_after_s, as the app's own (routes.http_api)
     probe.add_exception_handler(Exception, unexpected)
 
     @probe.delete("/users/{user_id}")
@@ -315,7 +316,7 @@ def test_a_failing_request_logs_the_route_not_the_raw_id_in_its_path(caplog: pyt
     async def bug(user_id: str) -> None:
         raise RuntimeError("a bug")
 
-    caplog.set_level(logging.INFO, logger="shoprank.serving.deployments")
+    caplog.set_level(logging.INFO, logger="shoprank.serving.routes")
     with TestClient(probe, raise_server_exceptions=False) as client:
         assert client.delete(f"/users/{RAW}").status_code == 503
         assert client.get(f"/users/{RAW}").status_code == 500

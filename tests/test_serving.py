@@ -146,11 +146,11 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("path", "body", "named"), BAD_REQUESTS)
-def test_bad_input_gets_a_4xx_naming_the_field(app: App, path: str, body: Any, named: str) -> None:
+def test_bad_input_gets_a_4xx_naming_the_field(fake_app: App, path: str, body: Any, named: str) -> None:
     if isinstance(body, bytes):
-        answer = app.http.post(path, content=body, headers={"content-type": "application/json"})
+        answer = fake_app.http.post(path, content=body, headers={"content-type": "application/json"})
     else:
-        answer = app.post(path, body)
+        answer = fake_app.post(path, body)
     assert 400 <= answer.status_code < 500, answer.text
     assert named in answer.text
 
@@ -167,33 +167,33 @@ ODD_INPUTS = [  # plausible bodies that once got a 5xx: the answer echoed what J
 
 
 @pytest.mark.parametrize(("path", "body", "loc"), ODD_INPUTS)
-def test_odd_input_is_a_422_naming_the_field(app: App, path: str, body: bytes, loc: list[str | int]) -> None:
-    answer = app.http.post(path, content=body, headers={"content-type": "application/json"})
+def test_odd_input_is_a_422_naming_the_field(fake_app: App, path: str, body: bytes, loc: list[str | int]) -> None:
+    answer = fake_app.http.post(path, content=body, headers={"content-type": "application/json"})
     assert answer.status_code == 422, answer.text
     assert [error["loc"] for error in answer.json()["detail"]] == [loc], answer.text
 
 
-def test_a_far_future_event_is_refused_and_every_answer_keeps_numbers(app: App) -> None:
-    product = next(iter(app.category_of))
+def test_a_far_future_event_is_refused_and_every_answer_keeps_numbers(fake_app: App) -> None:
+    product = next(iter(fake_app.category_of))
     far = [{"user_id": "U-far-future", "product_id": product, "event_type": "purchase", "ts": "9999-01-01T00:00:00Z",
             "event_id": "far-future-1"}]
-    answer = app.post("/events", far)
+    answer = fake_app.post("/events", far)
     assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", 0, "ts"], answer.text
-    assert "serve.clock_skew_s" in answer.text and "far-future-1" not in app.stored_event_ids()
+    assert "serve.clock_skew_s" in answer.text and "far-future-1" not in fake_app.stored_event_ids()
     for variant in ("A", "B"):
-        items = app.post("/recommend", {"user_id": "U-far-future", "k": 5, "variant": variant}).json()["items"]
+        items = fake_app.post("/recommend", {"user_id": "U-far-future", "k": 5, "variant": variant}).json()["items"]
         assert items and all(isinstance(item["score"], float) for item in items), items
 
 
-def test_a_rejected_batch_of_events_stores_nothing(app: App) -> None:
-    good = {"user_id": "U000002", "product_id": next(iter(app.category_of)), "event_type": "click"}
+def test_a_rejected_batch_of_events_stores_nothing(fake_app: App) -> None:
+    good = {"user_id": "U000002", "product_id": next(iter(fake_app.category_of)), "event_type": "click"}
     batch = [{**good, "event_id": f"batch-{i}"} for i in range(3)] + [{**good, "product_id": "P-NOPE"}]
-    answer = app.post("/events", batch)
+    answer = fake_app.post("/events", batch)
     assert answer.status_code == 422 and "3" in json.dumps(answer.json()["detail"][0]["loc"])
     duplicate = [{**good, "event_id": "dup-1", "event_type": "purchase"}, {**good, "event_id": "dup-2"}]
-    assert app.post("/events", [{**good, "event_id": "dup-1"}]).status_code == 200
-    assert app.post("/events", duplicate).status_code == 409  # dup-1 again, but another event
-    stored = app.stored_event_ids()
+    assert fake_app.post("/events", [{**good, "event_id": "dup-1"}]).status_code == 200
+    assert fake_app.post("/events", duplicate).status_code == 409  # dup-1 again, but another event
+    stored = fake_app.stored_event_ids()
     assert not any(i.startswith("batch-") for i in stored) and "dup-2" not in stored and "dup-1" in stored
 
 
@@ -214,11 +214,11 @@ BODIES = st.one_of(JSON, st.dictionaries(st.sampled_from(FIELDS), FIELD_VALUES, 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/search", "/recommend", "/events"]), body=BODIES)
-def test_no_generated_body_gets_a_5xx(app: App, path: str, body: Any) -> None:
+def test_no_generated_body_gets_a_5xx(fake_app: App, path: str, body: Any) -> None:
     """Sent as Python's JSON writes it (NaN, Infinity and any integer, lone surrogates escaped): never a 5xx, and an
     answer's every score is a number."""
     raw = json.dumps(body, allow_nan=True).encode()
-    answer = app.http.post(path, content=raw, headers={"content-type": "application/json"})
+    answer = fake_app.http.post(path, content=raw, headers={"content-type": "application/json"})
     assert answer.status_code < 500, (path, body, answer.status_code, answer.text)
     if answer.status_code == 200 and path != "/events":
         items = answer.json()["items"]
@@ -405,29 +405,29 @@ def test_a_restore_under_load_loses_no_event_answered_200(app: App, tmp_path: Pa
         {"user_id": "U-restore", "product_id": product, "event_type": "view"}]).status_code == 200
 
 
-def test_a_body_over_the_limit_is_refused_with_413_before_it_is_parsed(app: App) -> None:
-    limit = app.config.serve.max_body_bytes
-    event = {"user_id": "U1", "product_id": next(iter(app.category_of)), "event_type": "view", "query": "x" * 900}
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_parsed(fake_app: App) -> None:
+    limit = fake_app.config.serve.max_body_bytes
+    event = {"user_id": "U1", "product_id": next(iter(fake_app.category_of)), "event_type": "view", "query": "x" * 900}
     body = json.dumps([event] * (limit // len(json.dumps(event)) + 50)).encode()
-    declared = app.http.post("/events", content=body, headers={"content-type": "application/json"})
+    declared = fake_app.http.post("/events", content=body, headers={"content-type": "application/json"})
     assert declared.status_code == 413 and "serve.max_body_bytes" in declared.text
 
     def chunks() -> Iterator[bytes]:  # no content-length: counted as it arrives
         for start in range(0, len(body), 65536):
             yield body[start:start + 65536]
 
-    streamed = app.http.post("/events", content=chunks(), headers={"content-type": "application/json"})
+    streamed = fake_app.http.post("/events", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413 and "serve.max_body_bytes" in streamed.text
-    assert app.post("/events", [event]).status_code == 200  # a body under the limit still goes through
+    assert fake_app.post("/events", [event]).status_code == 200  # a body under the limit still goes through
 
 
-def test_overload_is_a_503_with_retry_after(app: App) -> None:
+def test_overload_is_a_503_with_retry_after(fake_app: App) -> None:
     """A burst beyond what the replicas take and the queue per caller holds (``serve.max_queued_requests``, 4 in
-    the session's app) is refused at once with 503 and Retry-After, not queued until it times out."""
+    the fake shop's app) is refused at once with 503 and Retry-After, not queued until it times out."""
 
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=app.url, timeout=120.0, limits=httpx.Limits(max_connections=200),
-                                     headers=bearer(app.keys["client"])) as client:
+        async with httpx.AsyncClient(base_url=fake_app.url, timeout=120.0, limits=httpx.Limits(max_connections=200),
+                                     headers=bearer(fake_app.keys["client"])) as client:
             return await asyncio.gather(*(client.post("/search", json={"query": f"sofa {i}", "k": 10, "variant": "A"})
                                           for i in range(150)))
 
@@ -440,7 +440,7 @@ def test_overload_is_a_503_with_retry_after(app: App) -> None:
     assert all(answer.headers.get("retry-after") == "1" and "backpressure" in answer.text for answer in refused), \
         {a.text[:120] for a in refused}
     assert statuses.count(200) >= 1  # Serve counts a request as queued until a replica is picked: 16 of 150 here
-    assert app.post("/search", {"query": "sofa", "k": 5, "variant": "A"}).status_code == 200
+    assert fake_app.post("/search", {"query": "sofa", "k": 5, "variant": "A"}).status_code == 200
 
 
 def _on_every_replica(app: App, ranker_run: str, reads: int = 8, timeout_s: float = 60.0) -> None:
@@ -527,22 +527,22 @@ def _calls(app: App) -> list[tuple[str, str, Any, str]]:
             ("POST", "/admin/events/restore", {"backup": "/nowhere/backup.sqlite"}, "admin")]
 
 
-def test_each_endpoint_refuses_without_a_key_and_with_the_wrong_role(app: App) -> None:
-    calls = _calls(app)
-    documented = {(method.upper(), path) for path, methods in app.http.get("/openapi.json").json()["paths"].items()
-                  for method in methods}
+def test_each_endpoint_refuses_without_a_key_and_with_the_wrong_role(fake_app: App) -> None:
+    calls = _calls(fake_app)
+    schema = fake_app.http.get("/openapi.json").json()
+    documented = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}
     checked = {(method, path.replace("nobody-to-erase", "{user_id}")) for method, path, _, _ in calls}
     assert documented == checked | {("GET", "/healthz")}, "an endpoint this test does not check"
-    with httpx.Client(base_url=app.url, timeout=60.0) as anonymous:
+    with httpx.Client(base_url=fake_app.url, timeout=60.0) as anonymous:
         assert anonymous.get("/healthz").status_code == 200
         for method, path, body, role in calls:
             missing = anonymous.request(method, path, json=body)
             assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer", (path, missing.text)
-            unknown = anonymous.request(method, path, json=body, headers=bearer(app.keys["admin"][:-1] + "x"))
+            unknown = anonymous.request(method, path, json=body, headers=bearer(fake_app.keys["admin"][:-1] + "x"))
             assert unknown.status_code == 401, (path, unknown.text)
-            as_client = anonymous.request(method, path, json=body, headers=bearer(app.keys["client"]))
+            as_client = anonymous.request(method, path, json=body, headers=bearer(fake_app.keys["client"]))
             assert as_client.status_code == (200 if role == "client" else 403), (path, as_client.text)
-            as_admin = anonymous.request(method, path, json=body, headers={"X-API-Key": app.keys["admin"]})
+            as_admin = anonymous.request(method, path, json=body, headers={"X-API-Key": fake_app.keys["admin"]})
             # let in: a restore from a file that is not there is refused for what it names (restoring is tested apart)
             assert as_admin.status_code == (422 if path == "/admin/events/restore" else 200), (path, as_admin.text)
 

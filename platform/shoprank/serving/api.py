@@ -278,14 +278,13 @@ class BodyLimit:
 
     A declared ``content-length`` over the limit is refused at once; a body without one (chunked) is
     counted as it arrives and refused as soon as it passes the limit (an :class:`HTTPException`, which
-    FastAPI passes through its body reading). ``max_bytes`` is the class's: the ingress sets it from
-    ``serve.max_body_bytes`` when its replica starts, before the first request.
+    FastAPI passes through its body reading). ``max_bytes`` is ``serve.max_body_bytes``, given to each app
+    built (:func:`shoprank.serving.routes.http_api`).
     """
 
-    max_bytes = 2_000_000
-
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -34,10 +34,10 @@ from ray.serve.config import BackpressureConfig
 from shoprank.config import Config, load_config
 from shoprank.privacy import serving_pseudonyms
 from shoprank.serving.deployments import EventStoreWriter, Ingress
+from shoprank.serving.loaders import RunLoader, ShopSource, VariantLoader
 from shoprank.serving.variant_deployments import QueryEncoder, Variant
-from shoprank.serving.variants import resolve_variants
+from shoprank.serving.variants import VariantSpec, resolve_variants
 from shoprank.store.events import event_db_location, is_server_database
-from shoprank.store.location import Location
 
 APP_NAME = "shoprank"
 
@@ -106,14 +106,23 @@ def _scaling(placement: Placement, config: Config) -> dict[str, Any]:
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
-    """The application for ``args`` (nothing starts until ``serve.run`` / ``serve deploy``)."""
+    """The application for ``args`` (nothing starts until ``serve.run`` / ``serve deploy``): the variants of the
+    registry under ``run.root``, loaded from their runs (:class:`RunLoader`)."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
     config = load_config(args.config, args.overrides)
-    settings = config.serve
-    dumped = config.model_dump(mode="json")
     specs = resolve_variants(config)
     serving_pseudonyms(config, [spec.run for spec in specs.values()])  # refused here, before anything starts
-    registry_root = Location(config.run.root).uri()
+    loader = RunLoader(config)
+    return bind_app(config, specs, loader, loader)
+
+
+def bind_app(config: Config, specs: dict[str, VariantSpec], variants_from: VariantLoader,
+             shop: ShopSource) -> Application:
+    """The graph serving ``specs`` (name -> variant) with ``config``: each variant's replicas load through
+    ``variants_from``, the ingress reads the shop (keys, pseudonym key, catalogues) through ``shop``. The loaders
+    are bound, as every deployment's arguments, so a test binds in-memory ones to the same graph."""
+    settings = config.serve
+    dumped = config.model_dump(mode="json")
     placed = placements(config, list(specs))
     # a full queue is a 503 with Retry-After wherever it is met (Serve's proxy, or the ingress calling a variant)
     backpressure = BackpressureConfig(retry_after_s=settings.retry_after_s)
@@ -125,14 +134,14 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
             name=encoder_name, ray_actor_options=placed[encoder_name].ray_actor_options,
             max_ongoing_requests=settings.variant_max_ongoing_requests, **_scaling(placed[encoder_name], config),
             user_config={"batch_size": settings.encoder_batch_size, "batch_wait_s": settings.batch_wait_s},
-        ).bind(dumped, spec.run, spec.encoder, spec.runtime) if encoder_name in placed else None
+        ).bind(dumped, spec, variants_from) if encoder_name in placed else None
         variants[name] = Variant.options(
             name=f"Variant_{name}", ray_actor_options=placed[f"Variant_{name}"].ray_actor_options,
             max_ongoing_requests=settings.variant_max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
             backpressure_config=backpressure, **_scaling(placed[f"Variant_{name}"], config),
-            user_config={"variant": name, "alias": spec.alias, "registry_root": registry_root,
+            user_config={"variant": name, "alias": spec.alias,
                          "batch_size": settings.ranker_batch_size, "batch_wait_s": settings.batch_wait_s},
-        ).bind(dumped, spec.run, spec.encoder, spec.runtime, db, query_encoder)
+        ).bind(dumped, spec, variants_from, db, query_encoder)
     store = EventStoreWriter.options(
         ray_actor_options=placed["EventStoreWriter"].ray_actor_options,
         max_ongoing_requests=4 * settings.event_batch_size, user_config={"batch_size": settings.event_batch_size},
@@ -142,7 +151,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         max_queued_requests=settings.max_queued_requests,
         backpressure_config=backpressure, **_scaling(placed["Ingress"], config),
         user_config={"variants": {name: spec.model_dump() for name, spec in specs.items()}, "deployed_at_s": time.time()},
-    ).bind(dumped, variants, store)
+    ).bind(dumped, variants, store, shop)
 
 
 def deploy(args: AppArgs, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/") -> str:

@@ -181,10 +181,12 @@ def endpoint_of(scope: Scope) -> str:
 
 class RequestMetrics:
     """ASGI middleware: every HTTP request counted and timed by endpoint, variant (:data:`VARIANT_HEADER` of the
-    answer) and status class; an exception that escapes the app counts as the 5xx it becomes."""
+    answer) and status class; an exception that escapes the app counts as the 5xx it becomes. The answers of a
+    variant also go to ``guardrails``, the window of the A/B guardrails that the app's report reads."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, guardrails: GuardrailWindow) -> None:
         self.app = app
+        self.guardrails = guardrails
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -210,18 +212,11 @@ class RequestMetrics:
             metrics.requests.inc(tags={**tags, "status": f"{status // 100}xx"})
             metrics.request_seconds.observe(seconds, tags=tags)
             if tags["endpoint"] in ANSWERING_ENDPOINTS and variant != NO_VARIANT:
-                Guardrails.window.observe(variant, seconds, status >= 500)
+                self.guardrails.observe(variant, seconds, status >= 500)
 
 
 ANSWERING_ENDPOINTS = ("/search", "/recommend")
 """The endpoints whose latency and errors the A/B guardrails read (an answer of a variant)."""
-
-
-class Guardrails:
-    """This ingress process's answers for the A/B guardrails (:mod:`shoprank.experiment.guardrails`); the ingress
-    replaces the window with one of ``serve.guardrail_window`` answers when it starts."""
-
-    window = GuardrailWindow(10_000)
 
 
 def record_split(split: dict[str, float]) -> None:

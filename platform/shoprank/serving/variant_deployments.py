@@ -10,6 +10,8 @@ Per variant (``Variant_A``, ``Variant_B``):
   in-process benchmark call too). Its ranker comes through ``user_config``, so moving a
   registry alias and redeploying reloads it in place (``reconfigure``), without
   restarting a replica.
+  What it loads comes from the :class:`~shoprank.serving.loaders.VariantLoader` bound to it
+  (the runs under ``run.root`` in production, an in-memory shop in the tests).
 * :class:`QueryEncoder` (``QueryEncoder_A``...), with ``ray.use_gpu`` (or
   ``serve.separate_query_encoder``): the encoder in a deployment of its own, on the GPU,
   called by the variant's replicas; otherwise the variant encodes its queries itself.
@@ -33,13 +35,12 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
+from shoprank.serving.loaders import VariantLoader
 from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import record_model
 from shoprank.serving.user_state import UserCache
-from shoprank.serving.variants import EncoderKind, resolve_variant
+from shoprank.serving.variants import VariantSpec
 from shoprank.store.events import open_event_store
-from shoprank.store.registry import Registry
-from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,15 @@ class QueryEncoder:
     """A variant's query encoder on its own (on the GPU with ``ray.use_gpu``): the run's fine-tuned model, or the
     pretrained one."""
 
-    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, runtime: str) -> None:
+    def __init__(self, config: dict[str, Any], spec: VariantSpec, loader: VariantLoader) -> None:
         replica_grpc_on_loopback()
-        from shoprank.encoder.runtime import load_embedder
-
         self.config = Config.model_validate(config)
         device = "cpu"
-        if runtime == "torch" and self.config.ray.use_gpu:  # an ONNX runtime's replica never imports PyTorch
+        if spec.runtime == "torch" and self.config.ray.use_gpu:  # an ONNX runtime's replica never imports PyTorch
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.embedder = load_embedder(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot",
-                                      runtime=runtime, device=device)
+        self.embedder = loader.embedder(spec, device)
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
         self.encode.set_max_batch_size(settings["batch_size"])
@@ -78,23 +76,22 @@ class Variant:
     """A variant's answers: its run's context (encoder, catalogue, index, BM25, event log) and its ranker.
 
     The ranker follows the variant's registry alias while the app runs: ``user_config``
-    names the alias, the registry and the batching; a thread polls the registry and, when
+    names the alias and the batching; a thread polls the registry and, when
     the alias moved to another ranker over the same base run (an incremental update),
     loads it and swaps it in between two batches.
     """
 
-    def __init__(self, config: dict[str, Any], run_uri: str, encoder: EncoderKind, runtime: str, event_db: str,
+    def __init__(self, config: dict[str, Any], spec: VariantSpec, loader: VariantLoader, event_db: str,
                  query_encoder: DeploymentHandle | None = None) -> None:
         replica_grpc_on_loopback()
-        from shoprank.ranker.context import load_context
         from shoprank.serving.pipeline import Ranking, Retrieval
 
         self.config = Config.model_validate(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.base_run = run_uri
+        self.base_run = spec.run
+        self.loader = loader
         # with a query encoder of its own, the variant loads no encoder
-        self.context = load_context(self.config, Run.from_uri(run_uri), zero_shot=encoder == "zero_shot",
-                                    encoder=query_encoder is None, runtime=runtime)
+        self.context = loader.context(spec, encoder=query_encoder is None)
         # an erased shopper leaves the run's history too (every tombstone now, the new ones before each batch)
         self.users = UserCache(open_event_store(event_db), self.config.ranker.history_events,
                                self.config.serve.user_cache_events, forget_elsewhere=self.context.events.forget)
@@ -117,19 +114,16 @@ class Variant:
     def follow_registry(self) -> None:
         """Load the model the alias names now, when it is not the one loaded."""
         from shoprank.ranker.diversity import Diversity
-        from shoprank.ranker.train import load_ranker
         from shoprank.serving.pipeline import Ranking
 
-        spec = resolve_variant(Registry(self.settings["registry_root"]), self.settings["variant"],
-                               self.settings["alias"])
+        spec = self.loader.resolve(self.settings["variant"], self.settings["alias"])
         if spec.ranker_run == self.model.get("ranker_run") and spec.strategy == self.model.get("strategy"):
             return
         if spec.run != self.base_run:
             log.warning("alias %s moved to %s over another base run (%s): redeploy the app to serve it",
                         spec.alias, spec.ranker_run, spec.run)
             return
-        booster = (load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
-                   if spec.strategy == "ranker" else None)
+        booster = self.loader.booster(spec)
         self.ranking = Ranking(self.context.catalogue.stats, spec.strategy, booster,
                                self.config.serve.baseline_popularity_weight, self.config.serve.explained_features,
                                Diversity.of(self.config))

@@ -1,0 +1,132 @@
+"""What the Serve deployments load, handed to them through ``.bind(...)``.
+
+A deployment never builds its own loader: :func:`shoprank.serving.app.build_app` binds a
+:class:`RunLoader` (the runs under ``run.root``, their registry and the run root's keys), and a
+test binds an in-memory one (``tests/fake_shop.py``), so the app's routing, keys, validation and
+erasure are exercised without a trained run. Two concerns, two protocols:
+
+* :class:`VariantLoader`: what a variant's replica answers with (its run's context, its query
+  encoder, its ranker) and where its registry alias points now (hot reload);
+* :class:`ShopSource`: what the ingress needs of the shop (API keys, the pseudonym key, each
+  run's catalogue and event log, the offline figures shown beside the A/B report).
+
+A loader is pickled with the deployment's arguments, so it holds settings only (the config) and
+loads in the replica that calls it. Its methods import the models' modules (PyTorch, FAISS,
+XGBoost) when called: the ingress, which imports this module, never pays for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pyarrow as pa
+
+from shoprank.config import Config
+from shoprank.data.io import read_table
+from shoprank.privacy import Pseudonyms, serving_pseudonyms
+from shoprank.serving.keys import KeyRing, load_keyring
+from shoprank.serving.variants import VariantSpec, offline_figures, resolve_variant
+from shoprank.store.location import Location
+from shoprank.store.registry import Registry
+from shoprank.store.run import Run
+
+if TYPE_CHECKING:
+    import xgboost
+
+    from shoprank.encoder.runtime import Embedder
+    from shoprank.ranker.context import RankingContext
+
+PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price"]
+"""What the ingress shows of a product in an answer, and prices the A/B report's revenue with."""
+EVENT_COLUMNS = ["user_id", "product_id", "event_type", "ts"]
+"""What the ingress reads of a run's events: the serving clock, the users' summaries, what an erasure masks."""
+
+
+class VariantLoader(Protocol):
+    """What a variant's replicas load: called in the replica, at its start and whenever its alias moves."""
+
+    def resolve(self, variant: str, alias: str) -> VariantSpec:
+        """Variant ``variant`` as its registry ``alias`` describes it now."""
+        ...
+
+    def context(self, spec: VariantSpec, *, encoder: bool) -> RankingContext:
+        """The context of ``spec``'s run (catalogue, index, event log), with its query encoder when ``encoder``."""
+        ...
+
+    def embedder(self, spec: VariantSpec, device: str) -> Embedder:
+        """``spec``'s query encoder alone, on ``device`` (a separate query encoder's deployment)."""
+        ...
+
+    def booster(self, spec: VariantSpec) -> xgboost.Booster | None:
+        """``spec``'s ranker, or None when its strategy needs none (``retrieval``)."""
+        ...
+
+
+class ShopSource(Protocol):
+    """What the ingress reads of the shop: called in the ingress replica, at its start and when it is reconfigured."""
+
+    def keyring(self) -> KeyRing:
+        """The API keys and their roles."""
+        ...
+
+    def pseudonyms(self, runs: Iterable[str]) -> Pseudonyms:
+        """The pseudonym key of the app, checked against the one each run in ``runs`` (URIs) was ingested under."""
+        ...
+
+    def products(self, run: str) -> pa.Table:
+        """Run ``run``'s catalogue, :data:`PRODUCT_COLUMNS`."""
+        ...
+
+    def events(self, run: str) -> pa.Table:
+        """Run ``run``'s event log, :data:`EVENT_COLUMNS`."""
+        ...
+
+    def offline(self, spec: VariantSpec) -> dict[str, Any]:
+        """``spec``'s offline figures (its run's evaluation), shown beside the online ones."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunLoader:
+    """Both loaders for the runs of ``config`` (``run.root``): what :func:`~shoprank.serving.app.build_app` binds."""
+
+    config: Config
+
+    def resolve(self, variant: str, alias: str) -> VariantSpec:
+        return resolve_variant(Registry(Location(self.config.run.root).uri()), variant, alias)
+
+    def context(self, spec: VariantSpec, *, encoder: bool) -> RankingContext:
+        from shoprank.ranker.context import load_context
+
+        return load_context(self.config, Run.from_uri(spec.run), zero_shot=spec.encoder == "zero_shot",
+                            encoder=encoder, runtime=spec.runtime)
+
+    def embedder(self, spec: VariantSpec, device: str) -> Embedder:
+        from shoprank.encoder.runtime import load_embedder
+
+        return load_embedder(self.config, Run.from_uri(spec.run), zero_shot=spec.encoder == "zero_shot",
+                             runtime=spec.runtime, device=device)
+
+    def booster(self, spec: VariantSpec) -> xgboost.Booster | None:
+        if spec.strategy != "ranker":
+            return None
+        from shoprank.ranker.train import load_ranker
+
+        return load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
+
+    def keyring(self) -> KeyRing:
+        return load_keyring(self.config)
+
+    def pseudonyms(self, runs: Iterable[str]) -> Pseudonyms:
+        return serving_pseudonyms(self.config, runs)
+
+    def products(self, run: str) -> pa.Table:
+        return read_table(Run.from_uri(run), "data", "products", columns=PRODUCT_COLUMNS)
+
+    def events(self, run: str) -> pa.Table:
+        return read_table(Run.from_uri(run), "data", "events", columns=EVENT_COLUMNS)
+
+    def offline(self, spec: VariantSpec) -> dict[str, Any]:
+        return offline_figures(spec)

@@ -1,0 +1,403 @@
+"""The HTTP API of the ingress: one FastAPI app per ingress replica, its routes in routers by concern.
+
+* ``answer_routes``: ``/search`` and ``/recommend`` (validate, route to a variant, ask it, queue the impressions);
+* ``event_routes``: ``/events`` (validated, pseudonymised, written by the event store's writer);
+* ``experiment_routes``: ``/ab/report`` and ``/variants``;
+* ``user_routes``: ``/users`` (the pickers' list) and ``DELETE /users/{user_id}`` (erasure);
+* ``admin_routes``: ``/admin/events/restore`` and ``/healthz``.
+
+:func:`http_api` builds the app and its middleware from ``serve`` settings; the ingress replica
+(:class:`shoprank.serving.deployments.Ingress`) builds its own (Serve's ``__serve_build_asgi_app__``) and puts
+itself in ``app.state.ingress``, where every route finds it through the :data:`Replica` dependency. So each
+replica's state (keys, limits, guardrail window, catalogue) is its instance's, never a class attribute or a module
+global: Serve pickles the ingress class by value, and a replica gets copies of the globals it names.
+
+This module has no ``from __future__ import annotations``: FastAPI reads the routes' signatures at runtime and
+would take string annotations for query parameters.
+"""
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import sqlite3
+import uuid
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shoprank.config import ServeConfig
+from shoprank.experiment.assignment import assign
+from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
+from shoprank.experiment.report_model import ABReport
+from shoprank.serving.api import (
+    FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, Restored,
+    RestoreRequest, SearchRequest, UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
+)
+from shoprank.serving.keys import Role, allows
+from shoprank.serving.messages import Answered, Asked
+from shoprank.serving.metrics import VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events
+from shoprank.store.events import Impression, StoreBusy
+
+if TYPE_CHECKING:
+    from shoprank.serving.deployments import Ingress
+
+log = logging.getLogger(__name__)
+
+SHOWN_MEMORY = 100_000
+"""Answers an ingress replica remembers (request id -> user and products shown) to check the engagements that name
+them without a query; older ones are looked up in the store's impressions."""
+
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def replica(request: Request) -> "Ingress":
+    """The ingress replica that serves this app (a route dependency)."""
+    return request.app.state.ingress
+
+
+Replica = Annotated["Ingress", Depends(replica)]
+
+
+def needs(role: Role) -> Any:
+    """A route dependency: 401 without a known key (``Authorization: Bearer`` or ``X-API-Key``), 403 when the key's
+    role may not call the route (:mod:`shoprank.serving.keys`).
+
+    The two ways of sending a key are FastAPI security schemes named after the role (``clientKey``,
+    ``clientKeyHeader``, ``adminKey``...), so the OpenAPI schema says which endpoints need a key and of which
+    role: the docs page can send one, and a client (or the contract test) picks the right one.
+    """
+    bearer = HTTPBearer(scheme_name=f"{role}Key", auto_error=False,
+                        description=f"A key of role {role}: `Authorization: Bearer <key>`.")
+    header = APIKeyHeader(name="X-API-Key", scheme_name=f"{role}KeyHeader", auto_error=False,
+                          description=f"A key of role {role}, in the `X-API-Key` header.")
+
+    async def check(ingress: Replica, sent_bearer: HTTPAuthorizationCredentials | None = Security(bearer),
+                    sent_header: str | None = Security(header)) -> None:
+        held = ingress.keys.role_of(sent_bearer.credentials if sent_bearer is not None else sent_header)
+        if held is None:
+            raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"}, detail=[problem(
+                ["header", "authorization"],
+                "no API key, or an unknown one: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "unauthorized")])
+        if not allows(held, role):
+            raise HTTPException(status_code=403, detail=[problem(
+                ["header", "authorization"], f"a {held} key may not call this endpoint: it needs {role}", "forbidden")])
+
+    return Depends(check)
+
+
+class DocsSwitch:
+    """ASGI middleware: ``/docs`` and ``/openapi.json`` answer 404 unless ``docs`` (``serve.docs``)."""
+
+    def __init__(self, app: Any, docs: bool) -> None:
+        self.app = app
+        self.docs = docs
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.docs:
+            path, root = scope["path"], scope.get("root_path", "")
+            if (path[len(root):] if root and path.startswith(root) else path) in DOCS_PATHS:
+                await JSONResponse(status_code=404, content={"detail": "API docs are off (serve.docs)"})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each field and why; FastAPI's own answer echoes the input and fails (a 5xx) on one that JSON
+    cannot carry."""
+    return JSONResponse(status_code=422, content=invalid(exc.errors()))
+
+
+async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+    """An HTTP exception as FastAPI answers it, except a body that could not be parsed at all (not UTF-8 text, or
+    nested deeper than the parser goes): FastAPI answers that with a 400 of another shape, but it is malformed JSON
+    like any other, so it is a 422 naming the body."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        return JSONResponse(status_code=422, content={"detail": [problem(
+            ["body"], f"the body is not JSON text ({type(exc.__cause__).__name__}): send UTF-8 JSON", "json_invalid")]})
+    return await http_exception_handler(request, exc)
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """Why ``exc`` means the service cannot answer now (a replica or the database gone), or None: then it is a bug.
+    (Overload never gets here: Serve answers a full queue itself, 503 with the deployment's Retry-After.)"""
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return "a part of the service is restarting"
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, StoreBusy):
+        return "the event store is being restored"
+    if isinstance(cause, sqlite3.OperationalError) or type(cause).__module__.startswith("psycopg"):
+        return "the event store cannot be reached"
+    return None
+
+
+async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After (``serve.retry_after_s`` of the app's ``state.serve``) when the service cannot answer
+    now (:func:`unavailable`); else a bug: 500 with an error id that the log names beside the stack trace, which
+    the client never sees. The log names the route's template (``/users/{user_id}``), never the path, which may
+    hold a raw user id."""
+    reason = unavailable(exc)
+    if reason is not None:
+        log.warning("%s %s: 503, %s (%s)", request.method, endpoint_of(request.scope), reason, type(exc).__name__)
+        return JSONResponse(status_code=503, content={"detail": f"{reason}; retry shortly"},
+                            headers={"Retry-After": str(math.ceil(request.app.state.serve.retry_after_s))})
+    error_id = uuid.uuid4().hex
+    log.error("%s %s: 500, error %s", request.method, endpoint_of(request.scope), error_id, exc_info=exc)
+    return JSONResponse(status_code=500, content={"detail": f"internal error {error_id}: the app's log has it"})
+
+
+# ---------------------------------------------------------------------------------------------------- answers
+
+answer_routes = APIRouter()
+
+
+def _variant(ingress: "Ingress", forced: str | None, user_id: str | None, request_id: str) -> str:
+    if forced is not None:
+        if forced not in ingress.specs:
+            raise rejected(["variant"], f"unknown variant {forced!r}; known: {', '.join(sorted(ingress.specs))}")
+        return forced
+    return assign(user_id or request_id, ingress.config.serve.experiment, ingress.config.serve.split)
+
+
+def _note(ingress: "Ingress", kind: str, run_uri: str, history_events: int) -> str | None:
+    """Why a recommendation is not personal, when it is not."""
+    if kind != "recommend" or history_events:
+        return None
+    if run_uri in ingress.without_behaviour:
+        return ("this run has no behaviour events (judged queries only): popular products, by how many "
+                "queries judged them relevant")
+    return "no history for this user: popular and trending products"
+
+
+async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str | None, k: int, forced: str | None,
+                  response: Response) -> Answer:
+    ingress.start_background()
+    request_id = uuid.uuid4().hex
+    user_id = ingress.pseudonyms.of(user_id) if user_id else None
+    variant = _variant(ingress, forced, user_id, request_id)
+    now = ingress.now_s()
+    answered: Answered = await ingress.handles[variant].answer.remote(Asked(user_id, [], query, k, now))
+    ranked = answered.items
+    shown_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    ingress.impressions.put([
+        Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
+        for i, r in enumerate(ranked)
+    ])
+    ingress.shown[request_id] = (user_id or "anonymous", frozenset(r.product_id for r in ranked))
+    if len(ingress.shown) > SHOWN_MEMORY:
+        ingress.shown.popitem(last=False)
+    response.headers["x-shoprank-replica"] = answered.replica
+    response.headers[VARIANT_HEADER] = variant
+    record_answer(variant, forced is not None, len(ranked))
+    items = [{"rank": i + 1, **ingress.products[r.product_id], "score": r.score, "contributions": r.contributions}
+             for i, r in enumerate(ranked)]
+    return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
+                  note=_note(ingress, kind, ingress.specs[variant].run, answered.history_events))
+
+
+@answer_routes.post("/search", response_model=Answer, dependencies=[needs("client")], responses=refusals(401, 403, 422))
+async def search(body: SearchRequest, response: Response, ingress: Replica) -> Answer:
+    limit = ingress.config.serve.max_query_chars
+    if len(body.query) > limit:
+        raise rejected(["query"], f"query is {len(body.query)} characters; at most {limit} (serve.max_query_chars)")
+    return await _answer(ingress, "search", body.user_id, body.query, body.k, body.variant, response)
+
+
+@answer_routes.post("/recommend", response_model=Answer, dependencies=[needs("client")],
+                    responses=refusals(401, 403, 422))
+async def recommend(body: RecommendRequest, response: Response, ingress: Replica) -> Answer:
+    return await _answer(ingress, "recommend", body.user_id, None, body.k, body.variant, response)
+
+
+# ---------------------------------------------------------------------------------------------------- events
+
+event_routes = APIRouter()
+
+
+@event_routes.post("/events", response_model=EventsAccepted, dependencies=[needs("client")],
+             responses=refusals(401, 403, 409, 422))
+async def events(body: EventBatch, ingress: Replica) -> EventsAccepted:
+    ingress.start_background()
+    settings = ingress.config.serve
+    now = ingress.now_s()
+    oldest = now - settings.retention_days * 86_400
+    rows = []
+    for i, event in enumerate(body):
+        user = ingress.pseudonyms.of(event.user_id)
+        if event.product_id not in ingress.products:
+            raise rejected([i, "product_id"], f"unknown product {event.product_id!r}; nothing of this request "
+                                              "was stored")
+        if event.variant is not None and event.variant not in ingress.specs:
+            raise rejected([i, "variant"], f"unknown variant {event.variant!r}; nothing of this request was stored")
+        ts = event.ts or dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=dt.timezone.utc)
+        if ts.timestamp() > now + settings.clock_skew_s:
+            served = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds")
+            raise rejected([i, "ts"], f"{ts.isoformat()} is later than the app's clock ({served}, serve.clock="
+                                      f"{settings.clock}) by more than serve.clock_skew_s "
+                                      f"({settings.clock_skew_s:g} s); nothing of this request was stored")
+        if ts.timestamp() < oldest:
+            raise rejected([i, "ts"], f"{ts.isoformat()} is older than serve.retention_days "
+                                      f"({settings.retention_days:g}); nothing of this request was stored")
+        if event.request_id is not None and event.event_type != "view" and settings.unattributed == "reject":
+            why = await _unattributed(ingress, user, event.request_id, event.product_id)
+            if why is not None:
+                raise rejected([i, "request_id"], f"{why} (serve.unattributed=reject); nothing of this request "
+                                                  "was stored")
+        rows.append({
+            **event.model_dump(), "user_id": user, "ts": ts, "event_id": event.event_id or uuid.uuid4().hex,
+            "session_id": event.session_id or f"live-{user}",
+        })
+    outcome = await ingress.store.append.remote(rows)
+    if isinstance(outcome, str):
+        raise (rejected([], outcome, status=409, error_type="conflict") if "already stored" in outcome
+               else rejected([], outcome))
+    record_events(rows, ingress.prices)
+    return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
+
+
+async def _unattributed(ingress: "Ingress", user: str, request_id: str, product_id: str) -> str | None:
+    """Why an engagement naming ``request_id`` is not with a product that answer showed to ``user``, or None.
+
+    The answer is looked up in this replica's memory, else in the store's impressions (this replica's queue
+    flushed first); one not found there may still wait in another ingress replica's queue, which flushes
+    within ``serve.impression_flush_s``: so it is looked up once more after that long.
+    """
+    shown = ingress.shown.get(request_id)
+    if shown is None:
+        await ingress.impressions.flush()
+        shown = await ingress.store.shown.remote(request_id)
+        if shown is None:
+            await asyncio.sleep(ingress.config.serve.impression_flush_s)
+            shown = await ingress.store.shown.remote(request_id)
+        if shown is None:
+            return f"request_id {request_id!r} names no answer of this app"
+        ingress.shown[request_id] = shown = (shown[0], frozenset(shown[1]))
+    owner, products = shown
+    if owner != user:
+        return f"answer {request_id!r} was not shown to this user"
+    if product_id not in products:
+        return f"answer {request_id!r} did not show product {product_id!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- experiment
+
+experiment_routes = APIRouter()
+
+
+@experiment_routes.get("/ab/report", response_model=ABReport, response_model_exclude_unset=True,
+                dependencies=[needs("admin")], responses=refusals(401, 403))
+async def ab_report(ingress: Replica) -> dict[str, Any]:
+    await ingress.impressions.flush()  # this replica's answers so far are in the report
+    settings = ingress.config.serve
+    report = await ingress.store.report.remote(settings.split, ingress.prices)
+    report["experiment"] = settings.experiment
+    report["offline"] = ingress.offline
+    report["guardrails"] = ingress.guardrails.figures(GuardrailLimits(
+        settings.guardrail_p99_ms, settings.guardrail_error_rate, settings.guardrail_min_requests))
+    user_level = report["user_level"]
+    if user_level.get("verdict"):
+        user_level["verdict"] = with_guardrails(user_level["verdict"], report["guardrails"])
+    return report
+
+
+@experiment_routes.get("/variants", response_model=Variants, dependencies=[needs("admin")],
+                       responses=refusals(401, 403))
+async def variants(ingress: Replica) -> dict[str, Any]:
+    models = {name: await handle.describe.remote() for name, handle in ingress.handles.items()}
+    return {
+        "experiment": ingress.config.serve.experiment, "split": ingress.config.serve.split,
+        "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in ingress.specs.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- users
+
+user_routes = APIRouter()
+
+
+@user_routes.get("/users", response_model=list[UserSummary], dependencies=[needs("admin")],
+           responses=refusals(401, 403, 422))
+async def users(ingress: Replica, limit: int = Query(200, ge=1, le=5000)) -> list[dict[str, str]]:
+    """The most active known users, each with a one-line summary of their history (for pickers); none erased."""
+    await ingress.forget_erased()
+    return ingress.users[:limit]
+
+
+@user_routes.delete("/users/{user_id}", response_model=Erased, dependencies=[needs("admin")],
+              responses=refusals(401, 403, 422))
+async def erase_user(ingress: Replica, user_id: str = Path(min_length=1, max_length=128)) -> Erased:
+    """Erase a shopper (their id or pseudonym): every event and impression in the store; on every variant
+    replica, their cached events and their history in the run (each reads the store's tombstone before its next
+    answer), so they are a new shopper there; from ``/users``; and, through the tombstone, from the next
+    pipeline run's tables. How many rows went where."""
+    try:
+        check_text(user_id)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=[problem(["path", "user_id"], str(exc))]) from None
+    user = ingress.pseudonyms.of(user_id)
+    await ingress.impressions.flush()  # the user's queued impressions are in the store, then erased with the rest
+    for request_id in [r for r, (owner, _) in ingress.shown.items() if owner == user]:
+        del ingress.shown[request_id]
+    await ingress.forget_erased()  # a user erased before has no run history left to mask
+    run_events = ingress.run_events_of.get(user, 0)
+    # on the app's clock, the one its impressions carry: what another ingress replica still queues is dropped
+    erased = await ingress.store.erase.remote(user, dt.datetime.fromtimestamp(ingress.now_s(), dt.timezone.utc))
+    await ingress.forget_erased()
+    log.info("erased user %s: %s, %d events of the run's history masked", user, erased, run_events)
+    return Erased(user=user, **erased, run_events=run_events, excluded_from_next_ingest=True)
+
+
+# ---------------------------------------------------------------------------------------------------- admin
+
+admin_routes = APIRouter()
+
+
+@admin_routes.post("/admin/events/restore", response_model=Restored, dependencies=[needs("admin")],
+            responses=refusals(401, 403, 422))
+async def restore_events(body: RestoreRequest, ingress: Replica) -> Restored:
+    """Restore the SQLite event store from a backup on the writer's host, without stopping the app: the writer
+    finishes what it is writing, answers 503 (Retry-After) meanwhile, restores and goes on. The variants' user
+    caches read on from their cursors (numbering continues after the replaced store's); users they hold keep
+    the events they had read that the backup lacks until they leave the cache or the app is redeployed."""
+    restored = await ingress.store.restore.remote(body.backup, body.replace)
+    if isinstance(restored, str):
+        raise rejected(["backup"], restored)
+    log.info("event store restored from a backup: %d events", restored)
+    return Restored(events=restored, backup=body.backup)
+
+
+@admin_routes.get("/healthz", response_model=Health)
+async def healthz(ingress: Replica) -> dict[str, Any]:
+    return {"status": "ok", "variants": sorted(ingress.specs), "clock": ingress.now_s(),
+            "impressions": ingress.impressions.summary()}
+
+
+def http_api(settings: ServeConfig, guardrails: GuardrailWindow) -> FastAPI:
+    """The app of one ingress replica: every router, its middleware set from ``settings`` (``serve``), and the
+    answers' latencies and errors observed into ``guardrails``. The caller puts the replica in
+    ``app.state.ingress`` before the first request; the routes reach it through :data:`Replica`."""
+    app = FastAPI(title="shoprank", description="Search, recommendations, events and the A/B report of the shop. "
+                                                "Every endpoint but /healthz needs an API key (Authorization: Bearer).",
+                  responses=FAILURES)
+    app.state.serve = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DocsSwitch, docs=settings.docs)
+    app.add_middleware(RequestMetrics, guardrails=guardrails)  # the outermost: it sees the others' refusals too
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, refused)
+    app.add_exception_handler(Exception, unexpected)
+    for router in (answer_routes, event_routes, experiment_routes, user_routes, admin_routes):
+        app.include_router(router)
+    return app

@@ -1,0 +1,164 @@
+"""A small shop held in memory, for the serving tests that need no trained run.
+
+:class:`FakeShop` is both loaders the app's deployments are bound with
+(:class:`~shoprank.serving.loaders.VariantLoader`, :class:`~shoprank.serving.loaders.ShopSource`): 36 products in
+four categories, five shoppers with a few weeks of events, API keys and a pseudonym key, and a query encoder that
+hashes words into a 32-dimensional space (deterministic, no model). Both variants rank by retrieval (no ranker to
+train). The app itself is the real one: Ray Serve, HTTP, the event store in SQLite, the routing, keys, validation
+and erasure of :mod:`shoprank.serving.routes`; what it answers is the real retrieval and ranking path
+(:class:`~shoprank.ranker.context.RankingContext` built with the helpers ``load_context`` uses), over this data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from shoprank.config import Config
+from shoprank.encoder.text import product_texts
+from shoprank.privacy import Pseudonyms
+from shoprank.ranker.context import (
+    EventLog, RankingContext, coengaged_before, excluded_event_types, item_item_before, ranker_cutoff,
+    trending_before,
+)
+from shoprank.ranker.features import epoch_seconds, product_stats
+from shoprank.retrieval.candidates import Catalogue
+from shoprank.serving.keys import KeyRing, digest
+from shoprank.serving.loaders import EVENT_COLUMNS as INGRESS_EVENT_COLUMNS
+from shoprank.serving.loaders import PRODUCT_COLUMNS
+from shoprank.serving.variants import VariantSpec
+
+RUN = "memory://fake-shop"
+"""The one "run" the fake shop serves: a name only, nothing is read from it."""
+CATEGORIES = ("Kitchen > Cookware", "Kitchen > Knives", "Outdoors > Tents", "Outdoors > Lights")
+BRANDS = ("Acme", "Borealis", "Cinder")
+NOUNS = {"Cookware": ("skillet", "saucepan", "wok"), "Knives": ("chef knife", "paring knife", "cleaver"),
+         "Tents": ("dome tent", "tunnel tent", "bivy"), "Lights": ("headlamp", "lantern", "torch")}
+COLOURS = ("black", "red", "green")
+SHOPPERS = tuple(f"U{i:06d}" for i in range(1, 6))
+DIMENSIONS = 32
+START = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
+
+
+class HashedWords:
+    """A query encoder without a model: each word adds a fixed random unit vector (seeded by its hash)."""
+
+    runtime = "torch"
+
+    def embed(self, texts: list[str], max_length: int, batch_size: int = 128) -> np.ndarray:
+        rows = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split()[:max_length]:
+                seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little")
+                rows[i] += np.random.default_rng(seed).standard_normal(DIMENSIONS).astype(np.float32)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return rows / np.where(norms > 0, norms, 1.0)
+
+
+def products() -> pa.Table:
+    """36 products: per category, each brand in each colour of one of its nouns."""
+    rows = []
+    for c, category in enumerate(CATEGORIES):
+        nouns = NOUNS[category.split(" > ")[1]]
+        for b, brand in enumerate(BRANDS):
+            for k, colour in enumerate(COLOURS):
+                noun = nouns[(b + k) % len(nouns)]
+                rows.append({"product_id": f"P{len(rows):05d}", "title": f"{brand} {colour} {noun}",
+                             "description": f"A {colour} {noun} by {brand}.", "category": category, "brand": brand,
+                             "price": 10.0 + 5 * c + b + k, "attributes": [("colour", colour)]})
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("product_id", pa.string()), ("title", pa.string()), ("description", pa.string()), ("category", pa.string()),
+        ("brand", pa.string()), ("price", pa.float64()), ("attributes", pa.map_(pa.string(), pa.string()))]))
+
+
+def events(pseudonyms: Pseudonyms) -> pa.Table:
+    """Each shopper's four weeks: a view every day of a product in their favourite category, a click every third
+    day, a purchase every seventh; shopper ``U000001`` is the busiest (two a day)."""
+    rows = []
+    for s, shopper in enumerate(SHOPPERS):
+        user = pseudonyms.of(shopper)
+        for day in range(28):
+            for repeat in range(2 if s == 0 else 1):
+                product = f"P{(s % len(CATEGORIES)) * 9 + (day + repeat) % 9:05d}"
+                kind = "purchase" if day % 7 == 6 else "click" if day % 3 == 2 else "view"
+                rows.append({"user_id": user, "session_id": f"{user}-{day}", "product_id": product,
+                             "event_type": kind, "ts": START + dt.timedelta(days=day, hours=s, minutes=repeat),
+                             "split": "train"})
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("user_id", pa.string()), ("session_id", pa.string()), ("product_id", pa.string()),
+        ("event_type", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("split", pa.string())]))
+
+
+@dataclass(frozen=True)
+class FakeShop:
+    """Both loaders over the in-memory shop: picklable (it holds settings and keys only; every table is built in
+    the replica that asks for it)."""
+
+    config: Config
+    keys: dict[str, str]
+    """Role -> API key."""
+    user_key: bytes
+
+    def specs(self) -> dict[str, VariantSpec]:
+        """The experiment: ``A`` the zero-shot encoder, ``B`` the fine-tuned one, both ranked by retrieval."""
+        return {name: self.resolve(name, name) for name in ("A", "B")}
+
+    # VariantLoader
+
+    def resolve(self, variant: str, alias: str) -> VariantSpec:
+        return VariantSpec(name=variant, alias=alias, run=RUN, ranker_run=RUN, strategy="retrieval",
+                           encoder="zero_shot" if variant == "A" else "fine_tuned")
+
+    def context(self, spec: VariantSpec, *, encoder: bool) -> RankingContext:
+        catalogue_table, events_table = products(), events(Pseudonyms(self.user_key))
+        cutoff = ranker_cutoff(events_table, self.config.ranker.history_fraction)
+        stats = product_stats(catalogue_table, events_table, cutoff, self.config.ranker.ctr_prior_views)
+        log = pd.DataFrame({name: events_table.column(name).to_pylist()
+                            for name in ("user_id", "session_id", "product_id", "event_type")})
+        log["ts_s"] = epoch_seconds(events_table.column("ts"))
+        texts = product_texts(catalogue_table, self.config.encoder)
+        vectors = HashedWords().embed(texts, 64)
+        index = faiss.IndexFlatIP(DIMENSIONS)
+        index.add(vectors)
+        catalogue = Catalogue(
+            stats=stats, vectors=vectors, index=index, index_rows=np.arange(len(vectors)), texts=texts,
+            coengaged=coengaged_before(log, stats.row_of, cutoff),
+            trending=trending_before(log, stats.row_of, cutoff, self.config.retrieval.trending_days),
+            item_item=item_item_before(log, stats.row_of, cutoff, self.config.retrieval),
+            excluded_types=excluded_event_types(self.config.serve),
+            bm25_k1=self.config.retrieval.bm25_k1, bm25_b=self.config.retrieval.bm25_b,
+        )
+        return RankingContext(self.config, catalogue, HashedWords() if encoder else None,
+                              EventLog(log, stats.row_of), cutoff)
+
+    def embedder(self, spec: VariantSpec, device: str) -> HashedWords:
+        return HashedWords()
+
+    def booster(self, spec: VariantSpec) -> None:
+        return None
+
+    # ShopSource
+
+    def keyring(self) -> KeyRing:
+        return KeyRing(tuple((role, role, digest(key)) for role, key in self.keys.items()))
+
+    def pseudonyms(self, runs: Iterable[str]) -> Pseudonyms:
+        return Pseudonyms(self.user_key)
+
+    def products(self, run: str) -> pa.Table:
+        return products().select(PRODUCT_COLUMNS)
+
+    def events(self, run: str) -> pa.Table:
+        return events(Pseudonyms(self.user_key)).select(INGRESS_EVENT_COLUMNS)
+
+    def offline(self, spec: VariantSpec) -> dict[str, Any]:
+        return {"system": None, "ndcg@10": {}, "note": "an in-memory shop: no offline evaluation"}
+
