@@ -53,14 +53,14 @@ from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, wit
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.report_model import ABReport
 from shoprank.privacy import serving_pseudonyms
-from shoprank.ranker.features import epoch_seconds
+from shoprank.recsys.features import epoch_seconds
 from shoprank.serving.api import (
     FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, Restored,
     RestoreRequest, SearchRequest, UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
 )
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.keys import KeyRing, Role, allows, load_keyring
-from shoprank.serving.messages import Answered, Asked
+from shoprank.recsys.messages import Answered, Asked
 from shoprank.serving.metrics import (
     VARIANT_HEADER, Guardrails, RequestMetrics, endpoint_of, metered, record_answer, record_dropped, record_events,
     record_split, record_waiting,
