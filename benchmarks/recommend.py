@@ -59,7 +59,7 @@ which hold products the user already clicked (only purchases are left out by
 default) and a ratings export never repeats a (user, product) pair; the
 ``popularity, seen left out`` row is the fair one. The ranker's gain over EASE comes
 from its item-item source and scores (EASE fitted at the ranker's cut-off, see
-:mod:`shoprank.retrieval.candidates`) combined with what a bag of products misses:
+:mod:`shoprank.recsys.retrieval`) combined with what a bag of products misses:
 what the user already met (``user_product_events``, ``unseen_rank_in_category``),
 their latest visit (``cf_recent``), popularity and conversion.
 """
@@ -87,12 +87,13 @@ import yaml  # noqa: E402
 from shoprank.config import Config, load_config  # noqa: E402
 from shoprank.data.io import read_table  # noqa: E402
 from shoprank.data.latent import CATALOG_FILE, RATING_EVENT_TYPES, RATINGS_FILE, LatentShopSpec, write_latent_shop  # noqa: E402
-from shoprank.evaluation.metrics import mean_metrics, ndcg_at_k  # noqa: E402
-from shoprank.ranker.context import ENGAGEMENTS, EventLog  # noqa: E402
-from shoprank.ranker.dataset import build_requests, judgments  # noqa: E402
-from shoprank.ranker.features import FEATURES, epoch_seconds  # noqa: E402
 from shoprank.evaluation.offline import qrels_of, top_k_of  # noqa: E402
-from shoprank.ranker.train import load_ranker, predict, read_features  # noqa: E402
+from shoprank.ranker.dataset import build_requests, judgments  # noqa: E402
+from shoprank.ranker.train import read_features  # noqa: E402
+from shoprank.recsys.booster import load_ranker, predict  # noqa: E402
+from shoprank.recsys.context import ENGAGEMENTS, EventLog  # noqa: E402
+from shoprank.recsys.features import FEATURES, epoch_seconds  # noqa: E402
+from shoprank.recsys.metrics import mean_metrics, ndcg_at_k  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def load_splits(config: Config, run: Run) -> dict[str, Split]:
         chosen = requests[requests["split"] == split]
         qrels = qrels_of(chosen, judged)
         when = dict(zip(chosen["request_id"], zip(chosen["user_id"], chosen["ts_s"])))
-        histories = [log.history(when[r][0], float(when[r][1]), config.ranker.history_events).product_rows
+        histories = [log.history(when[r][0], float(when[r][1]), config.features.history_events).product_rows
                      for r in qrels]
         out[split] = Split(products, train["user_id"].to_numpy(), train["product_id"].map(row_of).to_numpy(np.int64),
                            histories, qrels)

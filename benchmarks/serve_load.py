@@ -8,7 +8,7 @@ in flight for ``--duration`` seconds per level and records each latency; request
 name variant B (forced), the fine-tuned encoder with the XGBoost ranker, so every
 level measures the same path.
 
-In process, without Serve: :class:`shoprank.serving.pipeline.VariantPipeline` of
+In process, without Serve: :class:`shoprank.recsys.answer.VariantPipeline` of
 variant B, one request at a time (batch size 1), and batched (``--batch`` requests through
 ``answer_many``, as a variant replica answers a batch: queries encoded together, candidates
 scored in one ``predict``). The ratios: Serve's requests/s at c=32 over the in-process batched requests/s
@@ -42,12 +42,12 @@ from ray import serve  # noqa: E402
 
 from shoprank.config import load_config  # noqa: E402
 from shoprank.data.io import read_table  # noqa: E402
-from shoprank.ranker.context import load_context  # noqa: E402
-from shoprank.ranker.train import load_ranker  # noqa: E402
+from shoprank.recsys.context import load_context  # noqa: E402
+from shoprank.recsys.booster import load_ranker  # noqa: E402
 from shoprank.serving.app import AppArgs, deploy  # noqa: E402
 from shoprank.serving.keys import client_keys, create_keys  # noqa: E402
-from shoprank.serving.messages import Asked  # noqa: E402
-from shoprank.serving.pipeline import VariantPipeline  # noqa: E402
+from shoprank.recsys.messages import Asked  # noqa: E402
+from shoprank.recsys.answer import VariantPipeline  # noqa: E402
 from shoprank.serving.variants import register_variants, resolve_variants  # noqa: E402
 from shoprank.store.registry import Registry  # noqa: E402
 from shoprank.store.location import Location  # noqa: E402

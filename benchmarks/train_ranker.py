@@ -33,11 +33,12 @@ import xgboost  # noqa: E402
 
 from shoprank.config import load_config  # noqa: E402
 from shoprank.entrypoint import local_ray_options  # noqa: E402
-from shoprank.ranker.features import FEATURES, Candidates, compute_features  # noqa: E402
 from shoprank.ranker.train import (  # noqa: E402
     grouped_matrix, read_features, train_ranker, validation_ndcg, with_positives, xgboost_params,
 )
-from shoprank.ranker.context import load_context  # noqa: E402
+from shoprank.recsys.context import load_context  # noqa: E402
+from shoprank.recsys.features import FEATURES, compute_features  # noqa: E402
+from shoprank.recsys.types import Candidates  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 from ray.train.xgboost import RayTrainReportCallback  # noqa: E402
 
@@ -65,7 +66,7 @@ def latency(config, run: Run, booster: xgboost.Booster, requests: int, candidate
     for i in range(requests):
         history = context.events.histories[users[i % len(users)]]
         now = float(history.ts_s[-1]) + 60.0
-        history = history.before(now, config.ranker.history_events)
+        history = history.before(now, config.features.history_events)
         rows = rng.choice(len(stats.product_ids), candidates, replace=False)
         cands = Candidates(rows=rows, cosine=rng.random(candidates, dtype=np.float32),
                            bm25=np.zeros(candidates, np.float32), sources=np.ones(candidates, np.int64),

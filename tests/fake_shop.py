@@ -6,7 +6,7 @@ four categories, five shoppers with a few weeks of events, API keys and a pseudo
 hashes words into a 32-dimensional space (deterministic, no model). Both variants rank by retrieval (no ranker to
 train). The app itself is the real one: Ray Serve, HTTP, the event store in SQLite, the routing, keys, validation
 and erasure of :mod:`shoprank.serving.routes`; what it answers is the real retrieval and ranking path
-(:class:`~shoprank.ranker.context.RankingContext` built with the helpers ``load_context`` uses), over this data.
+(:class:`~shoprank.recsys.context.RankingContext` built with the helpers ``load_context`` uses), over this data.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import pyarrow as pa
 from shoprank.config import Config
 from shoprank.encoder.text import product_texts
 from shoprank.privacy import Pseudonyms
-from shoprank.ranker.context import (
+from shoprank.recsys.context import (
     EventLog, RankingContext, coengaged_before, excluded_event_types, item_item_before, ranker_cutoff,
     trending_before,
 )
-from shoprank.ranker.features import epoch_seconds, product_stats
-from shoprank.retrieval.candidates import Catalogue
+from shoprank.recsys.features import epoch_seconds, product_stats
+from shoprank.recsys.retrieval import Catalogue
 from shoprank.serving.keys import KeyRing, digest
 from shoprank.serving.loaders import EVENT_COLUMNS as INGRESS_EVENT_COLUMNS
 from shoprank.serving.loaders import PRODUCT_COLUMNS
@@ -119,8 +119,8 @@ class FakeShop:
 
     def context(self, spec: VariantSpec, *, encoder: bool) -> RankingContext:
         catalogue_table, events_table = products(), events(Pseudonyms(self.user_key))
-        cutoff = ranker_cutoff(events_table, self.config.ranker.history_fraction)
-        stats = product_stats(catalogue_table, events_table, cutoff, self.config.ranker.ctr_prior_views)
+        cutoff = ranker_cutoff(events_table, self.config.features.history_fraction)
+        stats = product_stats(catalogue_table, events_table, cutoff, self.config.features.ctr_prior_views)
         log = pd.DataFrame({name: events_table.column(name).to_pylist()
                             for name in ("user_id", "session_id", "product_id", "event_type")})
         log["ts_s"] = epoch_seconds(events_table.column("ts"))

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.data.io import read_table
-from shoprank.ranker.diversity import DiverseTop, Diversity
+from shoprank.recsys.diversity import DiverseTop, Diversity
 from shoprank.stages import STAGE_NAMES
 from shoprank.store.run import Run
 

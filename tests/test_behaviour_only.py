@@ -17,13 +17,13 @@ from shoprank.config import Config, load_config
 from shoprank.data.latent import (
     MAX_SESSION, RATING_EVENT_TYPES, SESSION_GAP_S, LatentShop, LatentShopSpec, generate,
 )
-from shoprank.ranker.context import (
+from shoprank.recsys.context import (
     EventLog, RankingContext, coengaged_before, excluded_event_types, item_item_before, trending_before,
 )
-from shoprank.ranker.dataset import rank_inputs
-from shoprank.ranker.features import COLUMN, FEATURES, Candidates, History, compute_features, product_stats
-from shoprank.retrieval.candidates import Catalogue, fit_item_item
-from shoprank.serving.pipeline import VariantPipeline
+from shoprank.recsys.answer import VariantPipeline
+from shoprank.recsys.features import COLUMN, FEATURES, compute_features, product_stats
+from shoprank.recsys.retrieval import Catalogue, fit_item_item, rank_inputs
+from shoprank.recsys.types import Candidates, History
 
 SMALL = LatentShopSpec(seed=3, num_products=600, num_users=80, num_interactions=6_000, days=30)
 
@@ -51,7 +51,7 @@ def context_of(shop: LatentShop, config: Config) -> RankingContext:
     """What ``load_context`` builds from a run, here from memory; the cut-off at 60% of the log's time."""
     events = events_of(shop)
     cutoff = float(np.quantile(events["ts_s"], 0.6))
-    stats = product_stats(shop.products, events_table(events), cutoff, config.ranker.ctr_prior_views)
+    stats = product_stats(shop.products, events_table(events), cutoff, config.features.ctr_prior_views)
     vectors = np.random.default_rng(0).normal(size=(len(stats.product_ids), 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = faiss.IndexFlatIP(vectors.shape[1])
@@ -62,7 +62,7 @@ def context_of(shop: LatentShop, config: Config) -> RankingContext:
         coengaged=coengaged_before(events, stats.row_of, cutoff),
         trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
         item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
-        excluded_types=excluded_event_types(config.serve),
+        excluded_types=excluded_event_types(config.policy.exclude),
     )
     return RankingContext(config, catalogue, None, EventLog(events, stats.row_of), cutoff)
 
@@ -113,17 +113,17 @@ def test_a_click_without_a_logged_impression_does_not_push_a_rate_above_one() ->
     assert stats.conversion[0] == 0.0 and np.isnan(stats.conversion[2])
 
 
-@pytest.mark.parametrize("exclude_seen", [[], ["click"]])
-def test_a_recommendation_leaves_out_what_the_user_bought(small: LatentShop, exclude_seen: list[str]) -> None:
-    config = load_config(None, [f"serve.exclude_seen={exclude_seen}"])
+@pytest.mark.parametrize("seen", [[], ["click"]])
+def test_a_recommendation_leaves_out_what_the_user_bought(small: LatentShop, seen: list[str]) -> None:
+    config = load_config(None, [f"policy.exclude.seen={seen}"])
     context = context_of(small, config)
     pipeline = VariantPipeline(context, "retrieval")
     stats = context.catalogue.stats
     left_out = 0
     for user, now in later_requests(context, 30):
-        history = context.events.history(user, now, config.ranker.history_events)
+        history = context.events.history(user, now, config.features.history_events)
         excluded = {r for r, t in zip(history.product_rows, history.event_types)
-                    if t == "purchase" or t in exclude_seen}
+                    if t == "purchase" or t in seen}
         assert excluded
         candidates = set(rank_inputs(context, user, None, None, now).candidates.rows.tolist())
         assert not candidates & excluded
@@ -131,19 +131,19 @@ def test_a_recommendation_leaves_out_what_the_user_bought(small: LatentShop, exc
         assert not served & excluded
         left_out += len(excluded)
     # without the rule the same histories do get some of those products back: the check above can fail
-    config.serve.exclude_purchased = False
-    config.serve.exclude_seen = []
-    context.catalogue.excluded_types = excluded_event_types(config.serve)
+    config.policy.exclude.purchased = False
+    config.policy.exclude.seen = []
+    context.catalogue.excluded_types = excluded_event_types(config.policy.exclude)
     returned = 0
     for user, now in later_requests(context, 30):
-        history = context.events.history(user, now, config.ranker.history_events)
-        excluded = {r for r, t in zip(history.product_rows, history.event_types) if t == "purchase" or t in exclude_seen}
+        history = context.events.history(user, now, config.features.history_events)
+        excluded = {r for r, t in zip(history.product_rows, history.event_types) if t == "purchase" or t in seen}
         returned += len(set(rank_inputs(context, user, None, None, now).candidates.rows.tolist()) & excluded)
     assert left_out > 0 and returned > 0
 
 
 def test_a_shopper_with_nothing_left_to_recommend_gets_an_empty_answer(small: LatentShop) -> None:
-    config = load_config(None, [f"ranker.history_events={2 * SMALL.num_products}"])  # every purchase in view
+    config = load_config(None, [f"features.history_events={2 * SMALL.num_products}"])  # every purchase in view
     context = context_of(small, config)
     user, now = later_requests(context, 1)[0]
     stats = context.catalogue.stats

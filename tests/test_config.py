@@ -32,6 +32,23 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
     assert "seed" in message and "num_products" in message
 
 
+def test_a_moved_key_names_where_it_lives_now(tmp_path: Path) -> None:
+    """An older config file (``serve.exclude_purchased``, ``ranker.history_events``...) is refused with the new key,
+    and nothing of it is applied silently elsewhere."""
+    old = tmp_path / "old.yaml"
+    old.write_text("serve:\n  exclude_purchased: false\n  max_per_brand: 3\nranker:\n  history_events: 50\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(old)
+    message = str(err.value)
+    assert "serve.exclude_purchased: moved; set policy.exclude.purchased instead" in message
+    assert "serve.max_per_brand: moved; set policy.diversity.max_per_brand instead" in message
+    assert "ranker.history_events: moved; set features.history_events instead" in message
+    config = load_config("tiny", ["policy.exclude.purchased=false", "policy.diversity.max_per_brand=3",
+                                  "features.history_events=50"])
+    assert (config.policy.exclude.purchased, config.policy.diversity.max_per_brand,
+            config.features.history_events) == (False, 3, 50)
+
+
 def test_wrong_type_names_key() -> None:
     with pytest.raises(ConfigError, match=r"source\.synthetic\.num_products: .*integer.*'many'"):
         load_config("tiny", ["source.synthetic.num_products=many"])

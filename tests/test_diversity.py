@@ -1,4 +1,4 @@
-"""The diversity rule after ranking (:mod:`shoprank.ranker.diversity`), Ray-free: the same function cuts Serve's
+"""The diversity rule after ranking (:mod:`shoprank.recsys.diversity`), Ray-free: the same function cuts Serve's
 answers (``tests/test_serving.py`` checks them over HTTP) and the offline evaluation's lists."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from shoprank.ranker.diversity import NO_GROUP, BrandsNamed, DiverseTop, Diversity, diversified, group_codes
+from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, DiverseTop, Diversity, diversified, group_codes
 
 
 def test_at_most_the_limit_of_a_brand_in_score_order_and_no_brand_is_no_group() -> None:

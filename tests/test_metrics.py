@@ -1,4 +1,4 @@
-"""Tests of shoprank.evaluation.metrics.
+"""Tests of shoprank.recsys.metrics.
 
 NDCG and AUC are checked against scikit-learn on the same inputs (random,
 seeded cases); the rest against small cases computed by hand, with the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from shoprank.evaluation.metrics import (
+from shoprank.recsys.metrics import (
     auc,
     catalog_coverage,
     hit_rate_at_k,

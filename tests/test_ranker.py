@@ -17,12 +17,14 @@ from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.errors import DataError, ShopRankError
 from shoprank.evaluation.offline import dense_top_k, top_k_of
-from shoprank.ranker.context import load_context
-from shoprank.ranker.dataset import build_requests, rank_inputs
-from shoprank.ranker.features import FEATURES, epoch_seconds, product_stats
-from shoprank.ranker.train import META_FILE, load_ranker, read_features
+from shoprank.ranker.dataset import build_requests
+from shoprank.ranker.train import read_features
 from shoprank.ranker.update import update_ranker
-from shoprank.serving.messages import BASE, OTHER
+from shoprank.recsys.booster import META_FILE, load_ranker
+from shoprank.recsys.context import load_context
+from shoprank.recsys.features import FEATURES, epoch_seconds, product_stats
+from shoprank.recsys.messages import BASE, OTHER
+from shoprank.recsys.retrieval import rank_inputs
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -75,8 +77,8 @@ def test_no_training_row_uses_events_at_or_after_its_time(ranked: tuple[Config, 
     # statistics: the events after the cut-off change nothing
     products, events = read_table(run, "data", "products"), read_table(run, "data", "events")
     before = events.filter(pd.Series(epoch_seconds(events.column("ts")) < context.cutoff_s).to_numpy())
-    full = product_stats(products, events, context.cutoff_s, config.ranker.ctr_prior_views)
-    cut = product_stats(products, before, context.cutoff_s, config.ranker.ctr_prior_views)
+    full = product_stats(products, events, context.cutoff_s, config.features.ctr_prior_views)
+    cut = product_stats(products, before, context.cutoff_s, config.features.ctr_prior_views)
     for name in ("popularity", "ctr", "conversion"):
         np.testing.assert_array_equal(getattr(full, name), getattr(cut, name))
     # per user: features are unchanged when every event at or after the request time is removed
@@ -180,8 +182,8 @@ def test_an_update_naming_an_unknown_product_is_rejected_with_its_row(ranked: tu
 @pytest.mark.parametrize("strategy", ["retrieval", "ranker"])
 def test_a_purchase_leaves_the_very_next_answer(ranked: tuple[Config, Run], strategy: str) -> None:
     """A live purchase reaches the next answer: what was just bought is not recommended again
-    (``serve.exclude_purchased``), and the answer is still full."""
-    from shoprank.serving.pipeline import VariantPipeline
+    (``policy.exclude.purchased``), and the answer is still full."""
+    from shoprank.recsys.answer import VariantPipeline
 
     config, run = ranked
     context = load_context(config, run)
@@ -207,8 +209,8 @@ def test_a_purchase_leaves_the_very_next_answer(ranked: tuple[Config, Run], stra
 
 def test_a_batch_of_requests_gets_what_each_request_gets_alone(ranked: tuple[Config, Run]) -> None:
     """What a Serve variant replica does with concurrent requests (one encoder call, one predict) changes no answer."""
-    from shoprank.serving.messages import Asked
-    from shoprank.serving.pipeline import VariantPipeline
+    from shoprank.recsys.messages import Asked
+    from shoprank.recsys.answer import VariantPipeline
 
     config, run = ranked
     context = load_context(config, run)
@@ -231,7 +233,7 @@ def test_a_purchase_moves_its_category_up_in_the_next_retrieval_answer(ranked: t
     """The retrieval baseline follows the user vector, which weighs a fresh purchase most. (The ranker
     follows what the simulated shop's sessions teach it: a one-off purchase outside a shopper's
     favourites says little about their next visit, so it is not held to this.)"""
-    from shoprank.serving.pipeline import VariantPipeline
+    from shoprank.recsys.answer import VariantPipeline
 
     config, run = ranked
     context = load_context(config, run)

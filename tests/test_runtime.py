@@ -22,9 +22,9 @@ from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tiny import build_tiny_encoder
 from shoprank.encoder.train import FINE_TUNED, ZERO_SHOT, build_eval_data
 from shoprank.errors import ConfigError
-from shoprank.ranker.context import load_context
-from shoprank.ranker.train import load_ranker
-from shoprank.serving.pipeline import VariantPipeline
+from shoprank.recsys.context import load_context
+from shoprank.recsys.booster import load_ranker
+from shoprank.recsys.answer import VariantPipeline
 from shoprank.store.run import Run
 
 
@@ -112,9 +112,9 @@ def test_a_process_serving_onnx_imports_no_pytorch(ranked: tuple[Config, Run]) -
     probe = (
         "import json, sys\n"
         "from shoprank.config import Config\n"
-        "from shoprank.ranker.context import load_context\n"
-        "from shoprank.ranker.train import load_ranker\n"
-        "from shoprank.serving.pipeline import VariantPipeline\n"
+        "from shoprank.recsys.context import load_context\n"
+        "from shoprank.recsys.booster import load_ranker\n"
+        "from shoprank.recsys.answer import VariantPipeline\n"
         "from shoprank.store.run import Run\n"
         f"config = Config.model_validate_json({config.model_dump_json()!r})\n"
         f"run = Run.from_uri({run.uri()!r})\n"

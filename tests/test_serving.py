@@ -30,7 +30,7 @@ from postgres import PostgresServer
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.encoder.runtime import verdicts
-from shoprank.ranker.train import load_ranker, save_ranker
+from shoprank.recsys.booster import load_ranker, save_ranker
 from shoprank.serving.app import APP_NAME
 from shoprank.store.events import SqliteEventStore
 from shoprank.store.registry import Registry
@@ -54,7 +54,7 @@ def test_search_and_recommend_answer_with_variant_request_id_and_scores(app: App
         assert sum(first["contributions"].values()) == pytest.approx(first["score"], rel=1e-4, abs=1e-4)
         scores = [item["score"] for item in payload["items"]]
         assert scores[0] == max(scores)  # then the diversity rule: at most two of a brand (and of a category leaf)
-        assert max(Counter(item["brand"] for item in payload["items"]).values()) <= app.config.serve.max_per_brand
+        assert max(Counter(item["brand"] for item in payload["items"]).values()) <= app.config.policy.diversity.max_per_brand
         if path == "/recommend":
             assert max(Counter(item["category"] for item in payload["items"]).values()) <= 2
     for variant in ("A", "B"):
@@ -84,7 +84,7 @@ def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str
     The session's app runs two replicas of each variant, each with its own user cache fed
     from the event store: on both variants, and on both replicas (the answer's
     ``x-shoprank-replica`` header says which), what was just bought leaves the very next
-    answer (``serve.exclude_purchased``) and the answer stays full. On A, the retrieval baseline,
+    answer (``policy.exclude.purchased``) and the answer stays full. On A, the retrieval baseline,
     whose user vector weighs a fresh purchase most, three purchases in a category it did
     not show bring that category in. The ranker B is not held to the category: it follows
     what the shop's sessions teach it, and a one-off purchase outside a shopper's

@@ -45,10 +45,17 @@ def hashes(config: Config) -> dict[str, str]:
     ("export.max_ndcg_drop=0.01", "export"),
     ("embed.user_half_life_days=3", "embed"),
     ("retrieval.bm25_k1=1.2", "features"),
-    ("ranker.history_events=100", "features"),
-    ("serve.exclude_seen=[click]", "features"),
-    ("serve.exclude_purchased=false", "features"),
+    ("features.history_events=100", "features"),
+    ("features.history_fraction=0.5", "features"),
+    ("features.max_requests=100", "features"),
+    ("features.ctr_prior_views=5", "features"),
+    # an exclusion changes the candidates, so the feature rows; a diversity limit only cuts the evaluated top 10
+    ("policy.exclude.seen=[click]", "features"),
+    ("policy.exclude.purchased=false", "features"),
     ("ranker.eta=0.2", "ranker"),
+    ("ranker.max_depth=5", "ranker"),
+    ("policy.diversity.max_per_brand=3", "evaluate"),
+    ("policy.diversity.max_per_category=null", "evaluate"),
     ("serve.port=8123", None),
     ("serve.encoder_runtime=onnx-int8", None),
     ("ray.num_cpus=1", None),
@@ -60,6 +67,22 @@ def test_a_changed_setting_changes_its_stage_and_every_later_one_only(override: 
     base, changed = hashes(load_config("tiny")), hashes(load_config("tiny", [override]))
     cut = STAGE_NAMES.index(first) if first else len(STAGE_NAMES)
     assert [changed[n] == base[n] for n in STAGE_NAMES] == [True] * cut + [False] * (len(STAGE_NAMES) - cut)
+
+
+SERVING_ONLY = {"run", "ray", "serve", "ui"}
+"""Sections no stage reads: where the run lives, how Ray is reached, and Serve's and the page's own settings."""
+
+
+def test_every_config_section_is_declared_by_a_stage_or_read_by_none() -> None:
+    """A stage's identity covers whole (sub-)sections it declares, so a new setting is part of one with no list
+    to update: each section of the config, and each sub-section of ``policy``, is declared by a stage or is
+    one of the sections that change no stage's output."""
+    declared = {section for stage in STAGES for section in stage.sections}
+    policy = {f"policy.{name}" for name in type(load_config("tiny").policy).model_fields}
+    sections = set(Config.model_fields) - {"policy"} | policy
+    assert sections - SERVING_ONLY == declared
+    assert BY_NAME["features"].sections == ("retrieval", "features", "policy.exclude")
+    assert BY_NAME["evaluate"].sections == ("policy.diversity",)
 
 
 def test_a_new_user_key_reingests(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -381,8 +381,10 @@ class RetrievalConfig(Section):
     )
 
 
-class RankerConfig(Section):
-    """The XGBoost ranker on Ray Train (``XGBoostTrainer``) and its training data."""
+class FeaturesConfig(Section):
+    """What the ranker's feature rows are built from: which requests, and what a user's history and a product's
+    statistics read. Its own section, apart from ``ranker``: the features stage reads it, so a training setting
+    (eta, depth) trains again on the same rows, and one of these builds the rows again."""
 
     history_fraction: float = Field(
         0.75, gt=0.0, lt=1.0,
@@ -390,16 +392,21 @@ class RankerConfig(Section):
         "requests after it are the ranker's training rows (no leakage).",
     )
     max_requests: int = Field(20_000, ge=10, description="Per split, newest kept (bounds feature time).")
-    feature_actors: int | None = Field(
-        None, ge=1, description="Actors (1 CPU each) building feature rows, for the features stage and an "
-        "incremental update: as many as the CPUs free for the stage (the demo's stage took 97 s with 2 actors on "
-        "2 CPUs, 133 s with 1); default: one per CPU of the cluster when the stage starts.",
-    )
     history_events: int = Field(
         500, ge=1, description="A user's most recent events that the ranker's features and the user vector read "
         "(a browse page alone is 20 views, so the encoder's 50-event history sees one or two sessions).",
     )
     ctr_prior_views: float = Field(20.0, ge=0.0, description="Smoothing of CTR and conversion towards the mean.")
+
+
+class RankerConfig(Section):
+    """The XGBoost ranker on Ray Train (``XGBoostTrainer``): how it trains on the feature rows."""
+
+    feature_actors: int | None = Field(
+        None, ge=1, description="Actors (1 CPU each) building feature rows, for the features stage and an "
+        "incremental update: as many as the CPUs free for the stage (the demo's stage took 97 s with 2 actors on "
+        "2 CPUs, 133 s with 1); default: one per CPU of the cluster when the stage starts.",
+    )
     objective: Literal["rank:ndcg", "rank:pairwise"] = "rank:ndcg"
     max_depth: int = Field(6, ge=1, le=16)
     eta: float = Field(0.1, gt=0.0, le=1.0)
@@ -543,7 +550,7 @@ class ServeConfig(Section):
     user_cache_events: int = Field(
         1_000_000, ge=1, description="Live events each variant replica keeps in its user cache, all users together "
         "(about 100 bytes each); past that, the users asked for least recently leave it and are read from the event "
-        "store again on their next request. Per user at most ranker.history_events.",
+        "store again on their next request. Per user at most features.history_events.",
     )
     impression_queue: int = Field(
         50_000, ge=1, description="Impressions an ingress replica holds while the event store writes them in "
@@ -567,23 +574,6 @@ class ServeConfig(Section):
     guardrail_min_requests: int = Field(
         100, ge=1, description="Below this many answers a variant's guardrail figures are shown but breach nothing.",
     )
-    max_per_brand: int | None = Field(
-        2, ge=1, description="At most this many products of one brand in an answer's top k, online and in the "
-        "offline evaluation alike (None: no limit); when the candidates cannot fill k under it, the best skipped "
-        "ones do.",
-    )
-    max_per_category: int | None = Field(
-        2, ge=1, description="At most this many products of one category leaf in a recommendation's top k (a "
-        "search names its category itself); None: no limit.",
-    )
-    exclude_purchased: bool = Field(
-        True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "
-        "as far as the user's history reaches: their last ranker.history_events events.",
-    )
-    exclude_seen: list[Literal["view", "click", "add_to_cart"]] = Field(
-        default_factory=list, description="Recommendations also leave out products of the user's events of these "
-        "types (e.g. [click] where nobody engages with a product twice, as in a ratings export).",
-    )
 
     @field_validator("event_db")
     @classmethod
@@ -600,6 +590,43 @@ class ServeConfig(Section):
                 raise ValueError("holds a password: leave it out and put it in a passfile of mode 0600 "
                                  "(PGPASSFILE, or passfile=... in the URI; libpq's format host:port:db:user:password)")
         return value
+
+
+class ExcludeConfig(Section):
+    """What a recommendation leaves out of every candidate source: the feature rows, the evaluation and Serve
+    alike (:mod:`shoprank.recsys.retrieval`), so a change builds the feature rows again."""
+
+    purchased: bool = Field(
+        True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "
+        "as far as the user's history reaches: their last features.history_events events.",
+    )
+    seen: list[Literal["view", "click", "add_to_cart"]] = Field(
+        default_factory=list, description="Recommendations also leave out products of the user's events of these "
+        "types (e.g. [click] where nobody engages with a product twice, as in a ratings export).",
+    )
+
+
+class DiversityConfig(Section):
+    """The diversity rule that cuts every top k after ranking (:mod:`shoprank.recsys.diversity`), in Serve and in
+    the offline evaluation: a change evaluates again, and keeps the feature rows and the ranker."""
+
+    max_per_brand: int | None = Field(
+        2, ge=1, description="At most this many products of one brand in an answer's top k, online and in the "
+        "offline evaluation alike (None: no limit); when the candidates cannot fill k under it, the best skipped "
+        "ones do.",
+    )
+    max_per_category: int | None = Field(
+        2, ge=1, description="At most this many products of one category leaf in a recommendation's top k (a "
+        "search names its category itself); None: no limit.",
+    )
+
+
+class PolicyConfig(Section):
+    """The rules every answer follows, offline and online. Two sub-sections, because the stages read them
+    apart: the features stage reads ``exclude``, the evaluation ``diversity`` (:mod:`shoprank.stages`)."""
+
+    exclude: ExcludeConfig = Field(default_factory=ExcludeConfig)
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
 
 
 class UiConfig(Section):
@@ -622,20 +649,30 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     ranker: RankerConfig = Field(default_factory=RankerConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: a stage whose inputs hash the same is skipped.
 
+        A name may be dotted (``policy.exclude``): a stage that reads one sub-section hashes only it.
         ``source`` covers its input files' sizes and modification times too (:meth:`SourceConfig.fingerprint`).
         """
-        payload: dict[str, Any] = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        payload: dict[str, Any] = {name: self.section(name).model_dump(mode="json") for name in sections}
         if "source" in sections and self.source.input_paths():
             payload["inputs"] = self.source.fingerprint()
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def section(self, name: str) -> Section:
+        """The section or sub-section named ``name`` (``ranker``, ``policy.exclude``)."""
+        found: Any = self
+        for part in name.split("."):
+            found = getattr(found, part)
+        return found
 
     def config_hash(self) -> str:
         """Hash of every section but where the run lives and how Ray is reached (``run``, ``ray``): the
@@ -661,12 +698,26 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+MOVED_KEYS = {
+    "serve.exclude_purchased": "policy.exclude.purchased",
+    "serve.exclude_seen": "policy.exclude.seen",
+    "serve.max_per_brand": "policy.diversity.max_per_brand",
+    "serve.max_per_category": "policy.diversity.max_per_category",
+    **{f"ranker.{key}": f"features.{key}"
+       for key in ("history_fraction", "max_requests", "history_events", "ctr_prior_views")},
+}
+"""Keys an older config may still name -> where they live now: such a config is refused with the new name,
+not with a bare "unknown key"."""
+
+
 def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and key in MOVED_KEYS:
+            lines.append(f"  {key}: moved; set {MOVED_KEYS[key]} instead")
+        elif err["type"] == "extra_forbidden":
             holder = _model_at(loc)
             allowed = ", ".join(sorted(holder.model_fields)) if holder else "?"
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")

@@ -3,7 +3,7 @@
 A :class:`Stage` names its body (a function of the config, the run and the record
 it fills, living in its own package and imported only when the stage runs), the paths it writes, the config it reads and
 the stages before it. Its identity (:func:`stage_hash`) is derived, never listed by
-hand: the hash of its own config sections (or the part of a section it reads), a
+hand: the hash of its own config sections (or the sub-sections it reads: ``policy.exclude``), a
 version for what its code writes, and the hashes of its upstream stages. So changing
 one section's setting reruns the stage that reads it and every stage after it, and
 nothing before it.
@@ -37,7 +37,7 @@ from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.encoder.runtime import EXPORT
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import key_id, pseudonyms
-from shoprank.ranker.features import FEATURE_SCHEMA_VERSION
+from shoprank.recsys.features import FEATURE_SCHEMA_VERSION
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -54,35 +54,16 @@ class Stage:
     outputs: Callable[[Config], list[str]]
     """Paths relative to the run that the stage writes (removed before it runs, and on failure)."""
     sections: tuple[str, ...] = ()
-    """Config sections the stage reads whole."""
+    """Config sections (or sub-sections: ``policy.exclude``) the stage reads, each whole: a setting it reads
+    belongs to one of them, never to a list of settings kept by hand."""
     settings: Callable[[Config], dict[str, Any]] | None = None
-    """Single settings it reads from sections it does not read whole (``section.key`` -> value)."""
+    """What it reads beyond the config (the users' key id, the store's last erasure) -> its current value."""
     upstream: tuple[str, ...] = ()
     """The stages whose outputs it reads; their identities are part of its own."""
     version: str = ""
     """What its code writes (a feature schema version): bumped, every run rebuilds it."""
     inputs: tuple[str, ...] = ()
     """Paths relative to the run that it reads: a stage run alone (``only``) checks they are there."""
-
-
-RANKER_DATA_FIELDS = ("history_fraction", "max_requests", "ctr_prior_views", "history_events")
-"""The ``ranker`` settings that change the feature rows; the others only change training."""
-SERVE_DATA_FIELDS = ("exclude_purchased", "exclude_seen")
-"""The ``serve`` settings that change the feature rows: what a recommendation's candidates leave out."""
-
-
-def feature_settings(config: Config) -> dict[str, Any]:
-    """What the feature rows read of ``ranker`` and ``serve`` (a sweep over eta or depth keeps the rows)."""
-    return {**{f"ranker.{f}": getattr(config.ranker, f) for f in RANKER_DATA_FIELDS},
-            **{f"serve.{f}": getattr(config.serve, f) for f in SERVE_DATA_FIELDS}}
-
-
-DIVERSITY_FIELDS = ("max_per_brand", "max_per_category")
-"""The ``serve`` settings that cut every evaluated top 10 (the diversity rule Serve applies)."""
-
-
-def evaluation_settings(config: Config) -> dict[str, Any]:
-    return {f"serve.{f}": getattr(config.serve, f) for f in DIVERSITY_FIELDS}
 
 
 def _fixed(paths: list[str]) -> Callable[[Config], list[str]]:
@@ -120,13 +101,13 @@ STAGES: tuple[Stage, ...] = (
           sections=("embed",), upstream=("export",),
           inputs=("encoder/model", "/".join(EXPORT), "data/products", "data/user_histories")),
     Stage("features", _body("shoprank.ranker.stages:build_features"), _fixed(["ranker/features"]),
-          sections=("retrieval",), settings=feature_settings, upstream=("embed",),
+          sections=("retrieval", "features", "policy.exclude"), upstream=("embed",),
           version=f"features-v{FEATURE_SCHEMA_VERSION}",
           inputs=("embeddings", "index", "encoder/model", "data/products", "data/events", "data/query_pairs")),
     Stage("ranker", _body("shoprank.ranker.stages:fit_ranker"), _fixed(["ranker/ray", "ranker/model"]),
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
-          settings=evaluation_settings, upstream=("ranker",),
+          sections=("policy.diversity",), upstream=("ranker",),
           inputs=("ranker/features", "ranker/model", "embeddings/zero_shot_products")),
 )
 """Every stage of a run, in the order they run: the only list of them."""

@@ -38,7 +38,7 @@ from shoprank.config import EncoderConfig
 from shoprank.encoder.model import TextEncoder, encode
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.encoder.users import user_embedding
-from shoprank.evaluation.metrics import mean_metrics
+from shoprank.recsys.metrics import mean_metrics
 
 CATEGORY_HOLDOUT = 0.1
 """Share of products (by a hash of their id) held out of the category loss to score it."""

@@ -38,7 +38,7 @@ from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import fast_tokenizer
 from shoprank.encoder.stages import evaluated_catalogue
 from shoprank.encoder.train import FINE_TUNED, ZERO_SHOT, build_eval_data
-from shoprank.evaluation.metrics import mean_metrics
+from shoprank.recsys.metrics import mean_metrics
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ candidate sources nor the features of a system that has no ranker.
 What is relevant to a request is :func:`shoprank.ranker.dataset.relevance`, the
 function the ranker's labels come from: the two can never disagree on what a good
 answer was. Every system's top 10 is cut the way Serve cuts an answer, under the
-diversity rule (:mod:`shoprank.ranker.diversity`: at most ``serve.max_per_brand`` of a
-brand, and on recommendations ``serve.max_per_category`` of a category leaf), so the
+diversity rule (:mod:`shoprank.recsys.diversity`: at most ``policy.diversity.max_per_brand`` of a
+brand, and on recommendations ``policy.diversity.max_per_category`` of a category leaf), so the
 figures are those of the lists a shopper would see.
 """
 
@@ -29,13 +29,15 @@ import pandas as pd
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.evaluation.metrics import catalog_coverage, mean_metrics
-from shoprank.ranker.context import load_context
-from shoprank.ranker.dataset import build_requests, judgments, relevance, retrieve
-from shoprank.ranker.diversity import DiverseTop, Diversity
-from shoprank.ranker.features import FEATURES
+from shoprank.recsys.metrics import catalog_coverage, mean_metrics
+from shoprank.recsys.context import load_context
+from shoprank.ranker.dataset import build_requests, judgments, relevance
+from shoprank.recsys.diversity import DiverseTop, Diversity
 from shoprank.ranker.stages import embed_queries
-from shoprank.ranker.train import load_ranker, predict, read_features
+from shoprank.ranker.train import read_features
+from shoprank.recsys.booster import load_ranker, predict
+from shoprank.recsys.features import FEATURES
+from shoprank.recsys.retrieval import retrieve
 from shoprank.store.run import Run, StageRecord
 
 K = 10
@@ -63,7 +65,7 @@ def diverse_top(config: Config, run: Run, requests: pd.DataFrame) -> DiverseTop:
 
 def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool,
                 pick: DiverseTop | None = None) -> dict[str, list[str]]:
-    """Each request's ``K`` products of the dense source of :func:`~shoprank.ranker.dataset.retrieve`, by cosine
+    """Each request's ``K`` products of the dense source of :func:`~shoprank.recsys.retrieval.retrieve`, by cosine
     (ties: product id), with the run's fine-tuned encoder or the pretrained one (``zero_shot``), under ``pick``'s
     diversity rule when given.
 
@@ -78,7 +80,7 @@ def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: 
     ranked: dict[str, list[str]] = {}
     for request in requests.itertuples(index=False):
         query = request.query if isinstance(request.query, str) else None
-        history = context.events.history(request.user_id, float(request.ts_s), config.ranker.history_events)
+        history = context.events.history(request.user_id, float(request.ts_s), config.features.history_events)
         candidates = retrieve(context, history, query, query_vectors.get(query), float(request.ts_s), dense_only=True)
         if len(candidates.rows):
             order = sorted(range(len(candidates.rows)), key=lambda i: (-candidates.cosine[i], ids[candidates.rows[i]]))

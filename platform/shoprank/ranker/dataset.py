@@ -2,7 +2,7 @@
 
 A **request** is a session of the simulated (or logged) shop: its user, its start
 time and, for a search, its query. Ranker training requests are the training-split
-sessions after the cut-off (``ranker.history_fraction``); validation and test
+sessions after the cut-off (``features.history_fraction``); validation and test
 requests are those splits' sessions. A search request keeps its session only when
 its query belongs to the same split of the query pool, so no query's judgments are
 both trained on and evaluated. A judged query that no kept session of its split
@@ -15,15 +15,15 @@ session: purchase 3, add to cart 2, click 1, shown but ignored or not shown 0.
 
 Rows are built with Ray Data: ``map_batches`` over requests with
 :class:`RequestFeatures`, a callable class that loads the run's context once per
-actor (without an encoder: the requests' queries come embedded) and calls :func:`rank_inputs`,
-the function whose parts (:func:`retrieve`, then
-:func:`~shoprank.ranker.features.compute_features`) the online retriever and ranker call.
+actor (without an encoder: the requests' queries come embedded) and calls
+:func:`~shoprank.recsys.retrieval.rank_inputs`, the function whose parts
+(:func:`~shoprank.recsys.retrieval.retrieve`, then
+:func:`~shoprank.recsys.features.compute_features`) the online retriever and ranker call.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,43 +33,14 @@ import pyarrow.compute as pc
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.ranker.context import RankingContext, load_context, ranker_cutoff
-from shoprank.ranker.features import FEATURES, Candidates, History, compute_features, epoch_seconds
+from shoprank.recsys.context import load_context, ranker_cutoff
+from shoprank.recsys.features import FEATURES, epoch_seconds
+from shoprank.recsys.retrieval import rank_inputs
 from shoprank.store.run import Run
 
 GRADES = {"click": 1, "add_to_cart": 2, "purchase": 3}
 REQUEST_COLUMNS = ("user_id", "session_id", "product_id", "event_type", "ts", "query", "split")
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class RankInputs:
-    """One request's candidates and their feature matrix."""
-
-    candidates: Candidates
-    features: np.ndarray
-
-
-def retrieve(context: RankingContext, history: History, query: str | None, query_vector: np.ndarray | None,
-             now_s: float, *, dense_only: bool = False) -> Candidates:
-    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s`` (``dense_only``: the
-    encoder's source alone)."""
-    config = context.config
-    n = config.retrieval.candidates_per_source
-    if query is not None:
-        return context.catalogue.search(query, query_vector, n, dense_only=dense_only)
-    vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
-    return context.catalogue.recommend(vector, history, n, dense_only=dense_only)
-
-
-def rank_inputs(
-    context: RankingContext, user_id: str | None, query: str | None, query_vector: np.ndarray | None, now_s: float
-) -> RankInputs:
-    """Candidates and features of one request as of ``now_s``: the offline rows and the online ranker's."""
-    history = context.events.history(user_id, now_s, context.config.ranker.history_events)
-    candidates = retrieve(context, history, query, query_vector, now_s)
-    features = compute_features(candidates, history, now_s, context.catalogue.stats, is_search=query is not None)
-    return RankInputs(candidates, features)
 
 
 def sessions_of(events: pa.Table) -> pd.DataFrame:
@@ -92,7 +63,7 @@ def sessions_of(events: pa.Table) -> pd.DataFrame:
 def build_requests(config: Config, run: Run) -> pd.DataFrame:
     """Every request of the three splits with what the user engaged with (see the module docstring)."""
     events = read_table(run, "data", "events", columns=list(REQUEST_COLUMNS))
-    cutoff = ranker_cutoff(events, config.ranker.history_fraction)
+    cutoff = ranker_cutoff(events, config.features.history_fraction)
     sessions = sessions_of(events)
     pairs = read_table(run, "data", "query_pairs")
     query_split = dict(zip(pairs.column("query").to_pylist(), pairs.column("split").to_pylist()))
@@ -100,7 +71,7 @@ def build_requests(config: Config, run: Run) -> pd.DataFrame:
     keep &= (sessions["kind"] == "recommend") | (sessions["query"].map(query_split) == sessions["split"])
     sessions = pd.concat([sessions[keep], judged_requests(pairs, sessions[keep], cutoff)], ignore_index=True)
     sessions = (sessions.sort_values("ts_s").groupby("split", group_keys=False)
-                .tail(config.ranker.max_requests).sort_values(["split", "request_id"]))
+                .tail(config.features.max_requests).sort_values(["split", "request_id"]))
     return sessions.reset_index(drop=True)
 
 

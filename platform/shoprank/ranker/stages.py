@@ -24,7 +24,8 @@ from shoprank.data.io import PartFilenames, pool_takes_every_cpu
 from shoprank.encoder.runtime import load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.ranker.dataset import RequestFeatures, build_requests
-from shoprank.ranker.train import read_features, save_ranker, train_ranker, with_positives
+from shoprank.ranker.train import read_features, train_ranker, with_positives
+from shoprank.recsys.booster import save_ranker
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def feature_actor_count(config: Config) -> int:
 def embed_queries(config: Config, run: Run, queries: list[str], *, zero_shot: bool) -> np.ndarray:
     """The queries embedded (a row each) by the run's fine-tuned encoder (or the pretrained one, ``zero_shot``),
     here, once: the feature actors then load no encoder (about 7 s of CPU per actor for the imports alone),
-    and the queries are bounded by ``ranker.max_requests`` per split."""
+    and the queries are bounded by ``features.max_requests`` per split."""
     if not queries:
         return np.zeros((0, 0), np.float32)
     return load_embedder(config, run, zero_shot=zero_shot).embed(queries, QUERY_MAX_LENGTH)

@@ -11,16 +11,13 @@ among workers by a hash of the request id, one Ray dataset per worker
 rows by request before building the ``DMatrix`` with ``qid``. Early stopping
 watches validation NDCG@10. ``device`` is ``cuda`` when ``ray.use_gpu`` is set.
 
-The saved model (``ranker/model/``) is ``model.ubj`` plus ``ranker.json`` with the
-feature list and :data:`FEATURE_SCHEMA_VERSION`; loading it with another feature
-schema is an error, not a silent mis-ranking.
+The saved model (``ranker/model/``) is written and read by :mod:`shoprank.recsys.booster`,
+which Serve and the evaluation load without Ray.
 """
 
 from __future__ import annotations
 
-import json
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,14 +33,12 @@ from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
 from shoprank.config import Config
 from shoprank.entrypoint import check_gpu, fit
-from shoprank.errors import ShopRankError
-from shoprank.evaluation.metrics import mean_metrics
-from shoprank.ranker.features import FEATURE_SCHEMA_VERSION, FEATURES
+from shoprank.recsys.booster import predict
+from shoprank.recsys.features import FEATURES
+from shoprank.recsys.metrics import mean_metrics
 from shoprank.store.run import Run
 
-MODEL_FILE = "model.ubj"
 REPORT_EVERY = 25
-META_FILE = "ranker.json"
 
 
 def worker_of(request_ids: pd.Series, workers: int) -> np.ndarray:
@@ -152,37 +147,6 @@ def train_ranker(
         dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own requests
     )
     return fit(trainer, config.ray)
-
-
-def save_ranker(booster: xgboost.Booster, directory: Path, metrics: dict[str, Any]) -> None:
-    """``model.ubj`` and ``ranker.json`` (feature list, schema version, metrics)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    booster.save_model(directory / MODEL_FILE)
-    meta = {"features": FEATURES, "feature_schema_version": FEATURE_SCHEMA_VERSION,
-            "num_trees": booster.num_boosted_rounds(), "metrics": metrics}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def load_ranker(directory: Path) -> xgboost.Booster:
-    """The saved booster; an error when it was trained on another feature schema."""
-    meta_path = Path(directory) / META_FILE
-    if not meta_path.exists():
-        raise ShopRankError(f"{directory}: no ranker here ({META_FILE} missing); train one with jobs/train_ranker.py")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("feature_schema_version") != FEATURE_SCHEMA_VERSION or meta.get("features") != FEATURES:
-        raise ShopRankError(
-            f"{directory}: ranker trained on feature schema v{meta.get('feature_schema_version')} "
-            f"({len(meta.get('features', []))} features), this code computes v{FEATURE_SCHEMA_VERSION} "
-            f"({len(FEATURES)} features); retrain it with jobs/train_ranker.py"
-        )
-    booster = xgboost.Booster()
-    booster.load_model(Path(directory) / MODEL_FILE)
-    return booster
-
-
-def predict(booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
-    """Scores of one request's candidates (higher ranks first)."""
-    return booster.inplace_predict(features)
 
 
 def validation_ndcg(booster: xgboost.Booster, rows: pd.DataFrame, k: int = 10) -> float:

@@ -32,7 +32,8 @@ from shoprank.errors import DataError
 from shoprank.privacy import Pseudonyms, pseudonyms
 from shoprank.ranker.dataset import sessions_of
 from shoprank.ranker.stages import feature_rows
-from shoprank.ranker.train import load_ranker, save_ranker, train_ranker, validation_ndcg, with_positives
+from shoprank.ranker.train import train_ranker, validation_ndcg, with_positives
+from shoprank.recsys.booster import load_ranker, save_ranker
 from shoprank.store.registry import Registry
 from shoprank.stages import run_stage, stage_hash
 from shoprank.store.run import Run, StageRecord

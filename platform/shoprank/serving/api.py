@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoprank.data.schema import EVENT_TYPES, MAX_QUANTITY
-from shoprank.serving.messages import Strategy
+from shoprank.recsys.messages import Strategy
 from shoprank.serving.variants import VariantSpec
 
 MAX_K = 100

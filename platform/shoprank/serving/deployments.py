@@ -38,7 +38,7 @@ from shoprank.config import Config
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
 from shoprank.experiment.report import ab_report
-from shoprank.ranker.features import epoch_seconds
+from shoprank.recsys.features import epoch_seconds
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.loaders import ShopSource
 from shoprank.serving.metrics import metered, record_dropped, record_split, record_waiting

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import xgboost
 
     from shoprank.encoder.runtime import Embedder
-    from shoprank.ranker.context import RankingContext
+    from shoprank.recsys.context import RankingContext
 
 PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price"]
 """What the ingress shows of a product in an answer, and prices the A/B report's revenue with."""
@@ -98,7 +98,7 @@ class RunLoader:
         return resolve_variant(Registry(Location(self.config.run.root).uri()), variant, alias)
 
     def context(self, spec: VariantSpec, *, encoder: bool) -> RankingContext:
-        from shoprank.ranker.context import load_context
+        from shoprank.recsys.context import load_context
 
         return load_context(self.config, Run.from_uri(spec.run), zero_shot=spec.encoder == "zero_shot",
                             encoder=encoder, runtime=spec.runtime)
@@ -112,7 +112,7 @@ class RunLoader:
     def booster(self, spec: VariantSpec) -> xgboost.Booster | None:
         if spec.strategy != "ranker":
             return None
-        from shoprank.ranker.train import load_ranker
+        from shoprank.recsys.booster import load_ranker
 
         return load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
 

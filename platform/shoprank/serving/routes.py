@@ -37,12 +37,12 @@ from shoprank.config import ServeConfig
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.report_model import ABReport
+from shoprank.recsys.messages import Answered, Asked
 from shoprank.serving.api import (
     FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, Restored,
     RestoreRequest, SearchRequest, UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
 )
 from shoprank.serving.keys import Role, allows
-from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events
 from shoprank.store.events import Impression, StoreBusy
 

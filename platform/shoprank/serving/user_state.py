@@ -9,13 +9,13 @@ answered lately, so a request needs no round trip to a shared user-state service
   appended to the users the cache holds. Run before a batch is answered, it makes a
   purchase that ``/events`` acknowledged show in the very next answer, on any replica;
 * **miss**: a user the cache does not hold is read from the store (their last
-  ``ranker.history_events`` events, one indexed query) when first asked for;
+  ``features.history_events`` events, one indexed query) when first asked for;
 * **erasure**: a user erased from the store (``DELETE /users/{id}``) leaves a tombstone
   there; catching up reads the tombstones too and forgets those users, so no replica
   answers from an erased user's events. ``forget_elsewhere`` hears of each erased user
   as well (every tombstone at start, then the new ones): the variant drops them from the
   run's history it personalises from, so they are cold, not only without live events;
-* **bounds**: at most ``ranker.history_events`` events per user (what the features read),
+* **bounds**: at most ``features.history_events`` events per user (what the features read),
   and at most ``serve.user_cache_events`` events in all; past that, the users asked for
   least recently leave the cache (LRU), to be read again on their next request.
 
@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoprank.serving.messages import LiveEvent
+from shoprank.recsys.messages import LiveEvent
 from shoprank.store.events import EventStore
 
 

@@ -6,7 +6,7 @@ Per variant (``Variant_A``, ``Variant_B``):
   its user cache caught up with the event store once (:mod:`shoprank.serving.user_state`),
   the batch's queries encoded in one call, each request's candidates retrieved (its
   run's catalogue, FAISS index, BM25, event log), all of them ranked in one ``predict``
-  (:func:`shoprank.serving.pipeline.answer_many`, the Ray-free path the tests and the
+  (:func:`shoprank.recsys.answer.answer_many`, the Ray-free path the tests and the
   in-process benchmark call too). Its ranker comes through ``user_config``, so moving a
   registry alias and redeploying reloads it in place (``reconfigure``), without
   restarting a replica.
@@ -35,8 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
+from shoprank.recsys.messages import Answered, Asked
 from shoprank.serving.loaders import VariantLoader
-from shoprank.serving.messages import Answered, Asked
 from shoprank.serving.metrics import record_model
 from shoprank.serving.user_state import UserCache
 from shoprank.serving.variants import VariantSpec
@@ -84,7 +84,7 @@ class Variant:
     def __init__(self, config: dict[str, Any], spec: VariantSpec, loader: VariantLoader, event_db: str,
                  query_encoder: DeploymentHandle | None = None) -> None:
         replica_grpc_on_loopback()
-        from shoprank.serving.pipeline import Ranking, Retrieval
+        from shoprank.recsys.answer import Ranking, Retrieval
 
         self.config = Config.model_validate(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -93,7 +93,7 @@ class Variant:
         # with a query encoder of its own, the variant loads no encoder
         self.context = loader.context(spec, encoder=query_encoder is None)
         # an erased shopper leaves the run's history too (every tombstone now, the new ones before each batch)
-        self.users = UserCache(open_event_store(event_db), self.config.ranker.history_events,
+        self.users = UserCache(open_event_store(event_db), self.config.features.history_events,
                                self.config.serve.user_cache_events, forget_elsewhere=self.context.events.forget)
         self.retrieval = Retrieval(self.context)
         self.query_encoder = query_encoder
@@ -113,8 +113,8 @@ class Variant:
 
     def follow_registry(self) -> None:
         """Load the model the alias names now, when it is not the one loaded."""
-        from shoprank.ranker.diversity import Diversity
-        from shoprank.serving.pipeline import Ranking
+        from shoprank.recsys.answer import Ranking
+        from shoprank.recsys.diversity import Diversity
 
         spec = self.loader.resolve(self.settings["variant"], self.settings["alias"])
         if spec.ranker_run == self.model.get("ranker_run") and spec.strategy == self.model.get("strategy"):
@@ -163,7 +163,7 @@ class Variant:
         assert ranking is not None, "reconfigure runs before the first request"
         asked = await asyncio.to_thread(self._with_live_events, asked)
         vectors = await self._vectors(sorted({a.query for a in asked if a.query is not None}))
-        from shoprank.serving.pipeline import answer_many
+        from shoprank.recsys.answer import answer_many
 
         answered = answer_many(self.retrieval, ranking, asked, vectors)
         return [dataclasses.replace(answer, replica=self.replica) for answer in answered]

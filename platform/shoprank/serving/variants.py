@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoprank.config import Config
 from shoprank.encoder.runtime import Runtime, chosen_runtime
-from shoprank.serving.messages import Strategy
+from shoprank.recsys.messages import Strategy
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 

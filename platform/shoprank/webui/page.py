@@ -27,7 +27,7 @@ import gradio as gr
 import pandas as pd
 
 from shoprank.data.synthetic import ShopSimulator
-from shoprank.serving.messages import BASE, OTHER
+from shoprank.recsys.messages import BASE, OTHER
 from shoprank.webui.client import ServeClient, ServeError
 from shoprank.webui.report import report_markdown
 from shoprank.webui.simulate import simulate

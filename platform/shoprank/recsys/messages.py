@@ -1,6 +1,6 @@
 """What crosses between the Serve deployments: a request as a variant receives it, and its answer.
 
-Apart from :mod:`shoprank.serving.pipeline`, which computes them, so that the replicas that only pass them
+Apart from :mod:`shoprank.recsys.answer`, which computes them, so that the replicas that only pass them
 on (the HTTP ingress) unpickle them without importing PyTorch, transformers and the ranker.
 """
 

@@ -10,7 +10,7 @@ vectors: the one implementation that Serve's per-variant deployment
   followed by the events received live since (:meth:`Retrieval.history`), so an
   event shows in the very next answer.
 * :class:`Ranking` turns candidates into the features the offline rows were built
-  with (:func:`shoprank.ranker.features.compute_features`) and orders them: by the
+  with (:func:`shoprank.recsys.features.compute_features`) and orders them: by the
   XGBoost ranker (strategy ``ranker``), or, for the baseline that needs no trained
   ranker (strategy ``retrieval``), by ``cosine + 0.01 * bm25 + w * popularity``.
   Several requests are scored in one ``predict`` call (:meth:`Ranking.rank_many`), and
@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import xgboost
 
-from shoprank.ranker.context import RankingContext
-from shoprank.ranker.dataset import retrieve
-from shoprank.ranker.diversity import BrandsNamed, Diversity, diversified
-from shoprank.ranker.features import COLUMN, FEATURES, Candidates, History, ProductStats, compute_features
-from shoprank.ranker.train import predict
-from shoprank.serving.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
+from shoprank.recsys.booster import predict
+from shoprank.recsys.context import RankingContext
+from shoprank.recsys.diversity import BrandsNamed, Diversity, diversified
+from shoprank.recsys.features import COLUMN, FEATURES, compute_features
+from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
+from shoprank.recsys.retrieval import retrieve
+from shoprank.recsys.types import Candidates, History, ProductStats
+
 
 @dataclass
 class Retrieved:
@@ -56,7 +58,7 @@ class Retrieval:
 
     def history(self, user_id: str | None, live: list[LiveEvent], now_s: float) -> History:
         """The run's events of ``user_id`` before ``now_s``, then the ``live`` ones (all already received)."""
-        limit = self.context.config.ranker.history_events
+        limit = self.context.config.features.history_events
         past = self.context.events.history(user_id, now_s, limit)
         row_of = self.context.catalogue.stats.row_of
         known = [(row_of[p], t, ts) for p, t, ts in live if p in row_of]
@@ -88,7 +90,7 @@ class Ranking:
         self.brands_named = BrandsNamed(stats.brand_names)
 
     def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
-        """Each request's top ``k`` under the diversity rule (:mod:`shoprank.ranker.diversity`); the ranker scores
+        """Each request's top ``k`` under the diversity rule (:mod:`shoprank.recsys.diversity`); the ranker scores
         all requests' candidates in one call, and explains the chosen ones in one more."""
         features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
         stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)

@@ -8,15 +8,18 @@
   (the categories' parent), plus the top N of the item-item model
   (:class:`ItemItem`, EASE) given the products the user engaged with. A user
   without history (cold start) gets the most popular and the trending products.
-  Products the user already bought (``serve.exclude_purchased``), and those of the
-  event types in ``serve.exclude_seen``, within the history the ranker reads (the user's
-  last ``ranker.history_events`` events), are left out of every source: this is the
+  Products the user already bought (``policy.exclude.purchased``), and those of the
+  event types in ``policy.exclude.seen``, within the history the ranker reads (the user's
+  last ``features.history_events`` events), are left out of every source: this is the
   one place that rule lives, so the offline rows, the offline evaluation and Serve
   all follow it.
 
 Every candidate keeps its encoder cosine, BM25 score, item-item scores, the
-sources that proposed it (bits of :data:`shoprank.ranker.features.SOURCES`) and its
+sources that proposed it (bits of :data:`shoprank.recsys.types.SOURCES`) and its
 best position in any source: the ranker's features start from these.
+:func:`retrieve` picks the search's or the recommendation's sources for a request, and
+:func:`rank_inputs` adds the request's features: the offline rows' path, whose two
+parts Serve's :mod:`shoprank.recsys.answer` calls apart (it ranks a batch at once).
 
 Why an item-item model: behaviour alone (a ratings-style log, no text signal the
 encoder was trained for, no impressions) says most about a shopper through what
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import bm25s
 import faiss
@@ -39,8 +43,12 @@ import scipy.sparse as sp
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
-from shoprank.ranker.features import SOURCES, Candidates, History, ProductStats
 from shoprank.encoder.users import user_embedding
+from shoprank.recsys.features import compute_features
+from shoprank.recsys.types import SOURCES, Candidates, History, ProductStats
+
+if TYPE_CHECKING:  # the context holds a catalogue: a runtime import would run in a circle
+    from shoprank.recsys.context import RankingContext
 
 FAVOURITE_CATEGORIES = 3
 RECENT_ITEMS = 10
@@ -263,3 +271,33 @@ def _interleave(lists: list[np.ndarray], n: int) -> np.ndarray:
         if len(out) >= n:
             break
     return np.array(list(out)[:n], dtype=np.int64)
+
+
+def retrieve(context: RankingContext, history: History, query: str | None, query_vector: np.ndarray | None,
+             now_s: float, *, dense_only: bool = False) -> Candidates:
+    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s`` (``dense_only``: the
+    encoder's source alone)."""
+    config = context.config
+    n = config.retrieval.candidates_per_source
+    if query is not None:
+        return context.catalogue.search(query, query_vector, n, dense_only=dense_only)
+    vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
+    return context.catalogue.recommend(vector, history, n, dense_only=dense_only)
+
+
+@dataclass
+class RankInputs:
+    """One request's candidates and their feature matrix."""
+
+    candidates: Candidates
+    features: np.ndarray
+
+
+def rank_inputs(
+    context: RankingContext, user_id: str | None, query: str | None, query_vector: np.ndarray | None, now_s: float
+) -> RankInputs:
+    """Candidates and features of one request as of ``now_s``: the offline rows and the online ranker's."""
+    history = context.events.history(user_id, now_s, context.config.features.history_events)
+    candidates = retrieve(context, history, query, query_vector, now_s)
+    features = compute_features(candidates, history, now_s, context.catalogue.stats, is_search=query is not None)
+    return RankInputs(candidates, features)

@@ -3,8 +3,8 @@
 A ranker scores each product alone, so five shoes of one brand can fill the top five
 of "running shoes for women" when that brand's shoes all look alike to it. After
 ranking, the top ``k`` takes candidates in score order but at most
-``serve.max_per_brand`` of one brand (default 2), and on recommendations at most
-``serve.max_per_category`` of one category leaf (default 2; a search names its category
+``policy.diversity.max_per_brand`` of one brand (default 2), and on recommendations at most
+``policy.diversity.max_per_category`` of one category leaf (default 2; a search names its category
 itself). A brand the search names is exempt ("nike running shoes" wants Nike), and
 a product without a brand belongs to no brand group. When the candidates cannot fill
 ``k`` under the limits, the best of those skipped fill the rest, in score order: a
@@ -57,7 +57,7 @@ class Diversity:
 
     @classmethod
     def of(cls, config: Config) -> Diversity:
-        return cls(config.serve.max_per_brand, config.serve.max_per_category)
+        return cls(config.policy.diversity.max_per_brand, config.policy.diversity.max_per_category)
 
     def limits(self, brand: np.ndarray, category: np.ndarray, is_search: bool,
                named: list[int] = ()) -> list[tuple[np.ndarray, int]]:

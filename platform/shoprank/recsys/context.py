@@ -23,16 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from shoprank.config import Config, RetrievalConfig, ServeConfig
-from shoprank.data.io import read_table
+from shoprank.config import Config, ExcludeConfig, RetrievalConfig
 from shoprank.data.schema import ESCI_LABELS
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, embedding_matrix
 from shoprank.encoder.runtime import Runtime, load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.errors import ShopRankError
-from shoprank.ranker.features import History, ProductStats, epoch_seconds, product_stats
-from shoprank.retrieval.candidates import Catalogue, ItemItem, fit_item_item
+from shoprank.recsys.features import epoch_seconds, product_stats
+from shoprank.recsys.retrieval import Catalogue, ItemItem, fit_item_item
+from shoprank.recsys.types import History, ProductStats
 from shoprank.store.run import Run
+from shoprank.store.tables import read_table
 
 if TYPE_CHECKING:
     from shoprank.encoder.runtime import Embedder
@@ -125,9 +126,9 @@ def judged_relevant_counts(run: Run, row_of: dict[str, int]) -> np.ndarray:
     return np.bincount(rows, minlength=len(row_of)).astype(np.float64)
 
 
-def excluded_event_types(serve: ServeConfig) -> frozenset[str]:
+def excluded_event_types(exclude: ExcludeConfig) -> frozenset[str]:
     """The event types whose products a recommendation leaves out."""
-    return frozenset(serve.exclude_seen) | ({"purchase"} if serve.exclude_purchased else set())
+    return frozenset(exclude.seen) | ({"purchase"} if exclude.purchased else set())
 
 
 def trending_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float, days: float) -> np.ndarray:
@@ -159,8 +160,8 @@ class RankingContext:
 def load_product_stats(config: Config, run: Run) -> ProductStats:
     """The run's product statistics alone (what a ranker needs beside its candidates and the user's history)."""
     events = read_table(run, "data", "events", columns=["user_id", "product_id", "event_type", "ts", "split"])
-    cutoff = ranker_cutoff(events, config.ranker.history_fraction)
-    return product_stats(read_table(run, "data", "products"), events, cutoff, config.ranker.ctr_prior_views)
+    cutoff = ranker_cutoff(events, config.features.history_fraction)
+    return product_stats(read_table(run, "data", "products"), events, cutoff, config.features.ctr_prior_views)
 
 
 def load_context(
@@ -179,8 +180,8 @@ def load_context(
     events_table = read_table(run, "data", "events", columns=EVENT_COLUMNS)
     if new_events is not None:
         events_table = pa.concat_tables([events_table, new_events.select(EVENT_COLUMNS)])
-    cutoff = ranker_cutoff(events_table, config.ranker.history_fraction)
-    stats = product_stats(products, events_table, cutoff, config.ranker.ctr_prior_views)
+    cutoff = ranker_cutoff(events_table, config.features.history_fraction)
+    stats = product_stats(products, events_table, cutoff, config.features.ctr_prior_views)
     events = pd.DataFrame({
         "user_id": events_table.column("user_id").to_numpy(zero_copy_only=False),
         "session_id": events_table.column("session_id").to_numpy(zero_copy_only=False),
@@ -209,7 +210,7 @@ def load_context(
         coengaged=coengaged_before(events, stats.row_of, cutoff),
         trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
         item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
-        excluded_types=excluded_event_types(config.serve),
+        excluded_types=excluded_event_types(config.policy.exclude),
         judged_relevant=judged_relevant_counts(run, stats.row_of),
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
     )

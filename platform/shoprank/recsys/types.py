@@ -1,0 +1,108 @@
+"""The request path's types: a user's history, a request's candidates, the catalogue's product statistics.
+
+Plain data shared by retrieval (:mod:`.retrieval`), the features (:mod:`.features`) and the
+ranking context (:mod:`.context`): one definition, so a candidate means the same offline and online.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SOURCES = ("dense", "lexical", "coengaged", "popular", "collaborative")
+"""Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
+
+
+VISIT_GAP_S = 30 * 60.0
+"""Events further apart than this belong to different visits for ``cf_recent``: fixed, like the readers'
+default ``session_id.gap_minutes``, so the feature means the same whatever a file's sessions were cut by."""
+
+
+@dataclass
+class ProductStats:
+    """Per product (aligned with the catalogue order): static attributes and pre-cut-off statistics."""
+
+    product_ids: list[str]
+    category: np.ndarray
+    department: np.ndarray
+    brand: np.ndarray
+    brand_group: np.ndarray
+    """The brand's code for the diversity rule: :data:`~shoprank.recsys.diversity.NO_GROUP` for a product without
+    one (``brand`` gives those one shared code, a feature value)."""
+    brand_names: list[str]
+    """The brand of each ``brand_group`` code."""
+    log_price: np.ndarray
+    price_in_category: np.ndarray
+    popularity: np.ndarray
+    ctr: np.ndarray
+    conversion: np.ndarray
+    cutoff_s: float
+    """The cut-off (epoch seconds): no event at or after it is counted above."""
+    row_of: dict[str, int] = field(init=False)
+    rank_in_category: np.ndarray = field(init=False)
+    """0-based rank of each product by popularity within its category (ties: catalogue order)."""
+
+    def __post_init__(self) -> None:
+        self.row_of = {p: i for i, p in enumerate(self.product_ids)}
+        order = np.lexsort((np.arange(len(self.popularity)), -self.popularity, self.category))
+        starts = np.searchsorted(self.category[order], self.category[order], side="left")
+        self.rank_in_category = np.empty(len(order), np.int64)
+        self.rank_in_category[order] = np.arange(len(order)) - starts
+
+
+@dataclass
+class History:
+    """A user's events strictly before the request, oldest first (the same object offline and online)."""
+
+    product_rows: np.ndarray
+    event_types: list[str]
+    ts_s: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "History":
+        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.float64))
+
+    def before(self, ts_s: float, limit: int) -> "History":
+        """The last ``limit`` events strictly before ``ts_s``."""
+        keep = np.flatnonzero(self.ts_s < ts_s)[-limit:]
+        return History(self.product_rows[keep], [self.event_types[i] for i in keep], self.ts_s[keep])
+
+    def __len__(self) -> int:
+        return len(self.product_rows)
+
+    def last_visit(self) -> "History":
+        """The events of the user's latest visit: the trailing run of events less than
+        :data:`VISIT_GAP_S` apart (what the shopper was after most recently)."""
+        if not len(self):
+            return self
+        gaps = np.diff(self.ts_s)
+        start = int(np.flatnonzero(np.r_[True, gaps > VISIT_GAP_S])[-1])
+        return History(self.product_rows[start:], self.event_types[start:], self.ts_s[start:])
+
+    def engaged_rows(self) -> np.ndarray:
+        """Product rows of the clicks, carts and purchases (views are what the shop chose to show)."""
+        return self.product_rows[[t != "view" for t in self.event_types]]
+
+    def followed_by(self, later: "History", limit: int) -> "History":
+        """This history, then ``later`` (events received since), in time order: the last ``limit``."""
+        ts = np.concatenate([self.ts_s, later.ts_s])
+        order = np.argsort(ts, kind="stable")[-limit:]
+        types = self.event_types + later.event_types
+        return History(np.concatenate([self.product_rows, later.product_rows])[order], [types[i] for i in order], ts[order])
+
+
+@dataclass
+class Candidates:
+    """Retrieved products of one request, with what retrieval knew about each."""
+
+    rows: np.ndarray
+    cosine: np.ndarray
+    bm25: np.ndarray
+    sources: np.ndarray
+    position: np.ndarray
+    cf_score: np.ndarray | None = None
+    """Item-item model score from all the user's engaged products; None for a search (retrieval computes it for
+    recommendations only), whose cf features are then 0."""
+    cf_recent: np.ndarray | None = None
+    """The same from the engaged products of their latest visit only."""
