@@ -133,7 +133,7 @@ class FakeShop:
             coengaged=coengaged_before(log, stats.row_of, cutoff),
             trending=trending_before(log, stats.row_of, cutoff, self.config.retrieval.trending_days),
             item_item=item_item_before(log, stats.row_of, cutoff, self.config.retrieval),
-            excluded_types=excluded_event_types(self.config.serve),
+            excluded_types=excluded_event_types(self.config.policy.exclude),
             bm25_k1=self.config.retrieval.bm25_k1, bm25_b=self.config.retrieval.bm25_b,
         )
         return RankingContext(self.config, catalogue, HashedWords() if encoder else None,
