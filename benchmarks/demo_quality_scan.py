@@ -30,9 +30,10 @@ import torch
 import yaml
 
 from shoprank.config import EncoderConfig
-from shoprank.encoder.examples import EvalData, Tokenize, eval_data, evaluate, training_tables
+from shoprank.encoder.examples import EvalData, eval_data, evaluate, training_tables
 from shoprank.encoder.model import TextEncoder, load_backbone
 from shoprank.encoder.objectives import Optimisation, build_model
+from shoprank.encoder.tokens import Tokenize
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

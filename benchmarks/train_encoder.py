@@ -183,7 +183,7 @@ def ray_train_benchmark(config: Any, qp: pa.Table, co: pa.Table, num_categories:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from shoprank.encoder.examples import Tokenize
+    from shoprank.encoder.tokens import Tokenize
 
     encoder = config.encoder
     train = encoder.train
@@ -233,7 +233,7 @@ def ray_train_benchmark(config: Any, qp: pa.Table, co: pa.Table, num_categories:
 
 def tokenize_directly(model: str, max_length: int, table: pa.Table) -> dict[str, np.ndarray]:
     """The library's ``Tokenize`` called on the whole table, as Ray Data's numpy batch would look."""
-    from shoprank.encoder.examples import Tokenize
+    from shoprank.encoder.tokens import Tokenize
 
     batch: dict[str, np.ndarray] = {}
     for name in table.column_names:

@@ -39,6 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from shoprank.config import Config, load_config
 from shoprank.errors import ConfigError, ShopRankError
+from shoprank.privacy import pseudonyms
 from shoprank.store.location import Location
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def run_sweep(
     name = f"{config.run.name}-{kind}"
     directory = sweeps.child(name)
     filesystem = directory.filesystem_for_ray
+    pseudonyms(config)  # the users' key exists before the identity is computed: its id is part of every stage's
     identity = sweep_identity(kind, config, space_path, num_samples=num_samples, search=search, seed=seed)
     restoring = tune.Tuner.can_restore(directory.uri(), storage_filesystem=filesystem)
     if restoring:
