@@ -87,7 +87,7 @@ import yaml  # noqa: E402
 from shoprank.config import Config, load_config  # noqa: E402
 from shoprank.data.io import read_table  # noqa: E402
 from shoprank.data.latent import CATALOG_FILE, RATING_EVENT_TYPES, RATINGS_FILE, LatentShopSpec, write_latent_shop  # noqa: E402
-from shoprank.evaluation.offline import qrels_of, top_k_of  # noqa: E402
+from shoprank.evaluation.offline import diverse_top, qrels_of, top_k_of  # noqa: E402
 from shoprank.ranker.dataset import build_requests, judgments  # noqa: E402
 from shoprank.ranker.train import read_features  # noqa: E402
 from shoprank.recsys.booster import load_ranker, predict  # noqa: E402
@@ -277,14 +277,16 @@ BASELINES: dict[str, Callable[[dict[str, Split]], tuple[Runs, dict[str, Any]]]] 
 }
 
 
-def system_runs(run: Run) -> Runs:
-    """The run's test rankings, as its evaluation made them: the saved ranker's order of each request's candidates."""
+def system_runs(config: Config, run: Run) -> Runs:
+    """The run's test rankings, as its evaluation made them: the saved ranker's order of each request's candidates,
+    cut under the diversity rule (``policy.diversity``) as the evaluation and Serve cut them."""
     rows = read_features(run, "test")
     booster = load_ranker(run.local_path("ranker", "model"))
     rows["ranker"] = 0.0
     for _, group in rows.groupby("request_id", sort=False):
         rows.loc[group.index, "ranker"] = predict(booster, group[FEATURES].to_numpy(np.float32))
-    return top_k_of(rows, "ranker")
+    requests = build_requests(config, run)
+    return top_k_of(rows, "ranker", pick=diverse_top(config, run, requests[requests["split"] == "test"]))
 
 
 def paired_difference(split: Split, system: Runs, other: Runs, seed: int = 0) -> tuple[float, float, float]:
@@ -338,7 +340,7 @@ def main() -> int:
     if len(test.qrels) != pipeline_rows[SYSTEM]["requests"]:
         raise SystemExit(f"the run's evaluation scored {pipeline_rows[SYSTEM]['requests']} recommendation requests, "
                          f"this benchmark built {len(test.qrels)}: the run is stale, rerun jobs/pipeline.py")
-    system = system_runs(run)
+    system = system_runs(config, run)
     if abs(ndcg(test, system) - pipeline_rows[SYSTEM]["ndcg@10"]) > 1e-6:
         raise SystemExit(f"the saved ranker's test NDCG@10 is {ndcg(test, system):.4f}, the evaluation's "
                          f"{pipeline_rows[SYSTEM]['ndcg@10']:.4f}: the evaluation is stale, rerun jobs/pipeline.py")

@@ -13,6 +13,7 @@ from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.data.preprocess import OUTPUTS
 from shoprank.errors import DataError
+from shoprank.privacy import KEY_ENV
 from shoprank.store.run import Run
 from shoprank.stages import run_stages
 
@@ -149,8 +150,9 @@ def test_files_source_counts_orphan_events_in_the_manifest(
 
 @pytest.mark.slow  # the other strategy than the default; every run of the default suite shuffles by sort
 def test_hash_and_sort_shuffles_build_the_same_tables(
-    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(KEY_ENV, "5e" * 32)  # one users' key for both run roots: the same pseudonyms in both
     small = ("source.synthetic.num_sessions=250", "source.synthetic.num_products=200")
     by_sort = run_stages(make_tiny_config(tmp_path / "sort", *small), until="preprocess")
     by_hash = run_stages(make_tiny_config(tmp_path / "hash", *small, "preprocess.shuffle_strategy=hash_shuffle"),
