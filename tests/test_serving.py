@@ -491,7 +491,7 @@ def test_a_variant_scales_up_under_load_and_back_down_when_it_ends(ranked: tuple
     stop = threading.Event()
 
     def load() -> None:
-        with httpx.Client(base_url=served.url, timeout=60.0) as client:
+        with httpx.Client(base_url=served.url, timeout=60.0, headers=bearer(served.keys["client"])) as client:
             while not stop.is_set():
                 client.post("/search", json={"query": "sofa for the living room", "k": 10})
 
