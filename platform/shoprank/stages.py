@@ -116,17 +116,26 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 
+def stage_hashes(config: Config) -> dict[str, str]:
+    """The identity of every stage under ``config``: own sections and settings, version, upstream hashes.
+
+    Computed in list order, each stage once: a stage's settings may read outside the config (ingest's, the event
+    store's last tombstone), so a run, a sweep or an update asks once, not once per stage downstream of it."""
+    hashes: dict[str, str] = {}
+    for stage in STAGES:
+        payload = {
+            "sections": config.section_hash(*stage.sections) if stage.sections else "",
+            "settings": stage.settings(config) if stage.settings else {},
+            "version": stage.version,
+            "upstream": {up: hashes[up] for up in stage.upstream},
+        }
+        hashes[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashes
+
+
 def stage_hash(config: Config, name: str) -> str:
-    """The identity of stage ``name`` under ``config``: own sections and settings, version, upstream hashes."""
-    stage = BY_NAME[name]
-    payload = {
-        "sections": config.section_hash(*stage.sections) if stage.sections else "",
-        "settings": stage.settings(config) if stage.settings else {},
-        "version": stage.version,
-        "upstream": {up: stage_hash(config, up) for up in stage.upstream},
-    }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """The identity of stage ``name`` under ``config`` (:func:`stage_hashes`)."""
+    return stage_hashes(config)[name]
 
 
 def selected(until: str | None = None, only: Sequence[str] | None = None) -> list[Stage]:
@@ -150,17 +159,18 @@ def run_stages(config: Config, run: Run | None = None, *, until: str | None = No
     if any(stage.name == "ingest" for stage in stages):
         pseudonyms(config)  # the users' key exists before any stage's identity is computed (shoprank.privacy)
     names = {stage.name for stage in stages}
+    hashes = stage_hashes(config)
     for stage in stages:
         missing = [path for path in stage.inputs if only and not run.exists(*path.split("/"))]
         if missing:
             raise ShopRankError(f"stage {stage.name} reads {', '.join(missing)}, which {run.uri()} does not have: "
                                 f"run the stages before it first (until={stage.name!r})")
         stale = [up for up in stage.upstream if up not in names
-                 and not run.stage_is_current(up, stage_hash(config, up), BY_NAME[up].upstream)]
+                 and not run.stage_is_current(up, hashes[up], BY_NAME[up].upstream)]
         if stale:
             raise ShopRankError(f"stage {stage.name} reads what {', '.join(stale)} wrote, which is not current for this "
                                 f"config in {run.uri()}: run the stages before it too (until={stage.name!r})")
-        run_stage(run, config, stage.name, stage_hash(config, stage.name), stage.outputs(config), stage.body,
+        run_stage(run, config, stage.name, hashes[stage.name], stage.outputs(config), stage.body,
                   upstream=stage.upstream)
     return run
 

@@ -90,13 +90,11 @@ class Location:
         directory there is copied, then deleted.
         """
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        try:
+        if self.is_local or self.fs.get_file_info(source).type != pafs.FileType.Directory:
             self.fs.move(source, target)
-        except (OSError, NotImplementedError):
-            if self.fs.get_file_info(source).type != pafs.FileType.Directory:
-                raise
-            pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
-            self.fs.delete_dir(source)
+            return
+        pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
+        self.fs.delete_dir(source)
 
     def read_text(self, *parts: str) -> str:
         with self.fs.open_input_stream(self.path(*parts)) as stream:
