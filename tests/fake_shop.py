@@ -6,7 +6,8 @@ four categories, five shoppers with a few weeks of events, API keys and a pseudo
 hashes words into a 32-dimensional space (deterministic, no model). Both variants rank by retrieval (no ranker to
 train). The app itself is the real one: Ray Serve, HTTP, the event store in SQLite, the routing, keys, validation
 and erasure of :mod:`shoprank.serving.routes`; what it answers is the real retrieval and ranking path
-(:class:`~shoprank.recsys.context.RankingContext` built with the helpers ``load_context`` uses), over this data.
+(:class:`~shoprank.recsys.context.RankingContext` built by ``assemble_context``, as ``load_context`` builds
+it), over this data.
 """
 
 from __future__ import annotations
@@ -19,18 +20,13 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from shoprank.config import Config
 from shoprank.encoder.text import product_texts
 from shoprank.privacy import Pseudonyms
-from shoprank.recsys.context import (
-    EventLog, RankingContext, coengaged_before, excluded_event_types, item_item_before, ranker_cutoff,
-    trending_before,
-)
-from shoprank.recsys.features import epoch_seconds, product_stats
-from shoprank.recsys.retrieval import Catalogue
+from shoprank.recsys.context import DenseIndex, RankingContext, assemble_context
+from shoprank.recsys.types import ProductStats
 from shoprank.serving.keys import KeyRing, digest
 from shoprank.serving.loaders import EVENT_COLUMNS as INGRESS_EVENT_COLUMNS
 from shoprank.serving.loaders import PRODUCT_COLUMNS
@@ -118,26 +114,16 @@ class FakeShop:
                            encoder="zero_shot" if variant == "A" else "fine_tuned")
 
     def context(self, spec: VariantSpec, *, encoder: bool) -> RankingContext:
-        catalogue_table, events_table = products(), events(Pseudonyms(self.user_key))
-        cutoff = ranker_cutoff(events_table, self.config.features.history_fraction)
-        stats = product_stats(catalogue_table, events_table, cutoff, self.config.features.ctr_prior_views)
-        log = pd.DataFrame({name: events_table.column(name).to_pylist()
-                            for name in ("user_id", "session_id", "product_id", "event_type")})
-        log["ts_s"] = epoch_seconds(events_table.column("ts"))
-        texts = product_texts(catalogue_table, self.config.encoder)
-        vectors = HashedWords().embed(texts, 64)
-        index = faiss.IndexFlatIP(DIMENSIONS)
-        index.add(vectors)
-        catalogue = Catalogue(
-            stats=stats, vectors=vectors, index=index, index_rows=np.arange(len(vectors)), texts=texts,
-            coengaged=coengaged_before(log, stats.row_of, cutoff),
-            trending=trending_before(log, stats.row_of, cutoff, self.config.retrieval.trending_days),
-            item_item=item_item_before(log, stats.row_of, cutoff, self.config.retrieval),
-            excluded_types=excluded_event_types(self.config.policy.exclude),
-            bm25_k1=self.config.retrieval.bm25_k1, bm25_b=self.config.retrieval.bm25_b,
-        )
-        return RankingContext(self.config, catalogue, HashedWords() if encoder else None,
-                              EventLog(log, stats.row_of), cutoff)
+        catalogue_table = products()
+
+        def dense(stats: ProductStats) -> DenseIndex:
+            vectors = HashedWords().embed(product_texts(catalogue_table, self.config.encoder), 64)
+            index = faiss.IndexFlatIP(DIMENSIONS)
+            index.add(vectors)
+            return vectors, index, np.arange(len(vectors))
+
+        return assemble_context(self.config, catalogue_table, events(Pseudonyms(self.user_key)), dense,
+                                HashedWords() if encoder else None)
 
     def embedder(self, spec: VariantSpec, device: str) -> HashedWords:
         return HashedWords()

@@ -13,6 +13,7 @@ actor imports neither PyTorch nor transformers (about 7 s of CPU per actor here)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -180,6 +181,40 @@ def load_context(
     events_table = read_table(run, "data", "events", columns=EVENT_COLUMNS)
     if new_events is not None:
         events_table = pa.concat_tables([events_table, new_events.select(EVENT_COLUMNS)])
+    embedder = load_embedder(config, run, zero_shot=zero_shot, runtime=runtime) if encoder else None
+
+    def dense(stats: ProductStats) -> DenseIndex:
+        if zero_shot:
+            if not run.exists(*ZERO_SHOT_PRODUCTS):
+                raise ShopRankError(f"{run.uri()} has no zero-shot catalogue embeddings "
+                                    f"({'/'.join(ZERO_SHOT_PRODUCTS)}, written by the embed stage since the stage "
+                                    "list of shoprank.stages): run the pipeline on it again")
+            vectors = embedding_matrix(read_table(run, *ZERO_SHOT_PRODUCTS), stats.product_ids)
+            index: faiss.Index = faiss.IndexFlatIP(vectors.shape[1])
+            index.add(vectors)
+            return vectors, index, np.arange(len(vectors))
+        vectors = embedding_matrix(read_table(run, *PRODUCT_EMBEDDINGS), stats.product_ids)
+        ids = read_table(run, "index", "product_ids").sort_by("row").column("product_id").to_pylist()
+        return (vectors, faiss.read_index(str(run.local_path("index", "products.faiss"))),
+                np.array([stats.row_of[p] for p in ids], dtype=np.int64))
+
+    return assemble_context(config, products, events_table, dense, embedder,
+                            judged=lambda row_of: judged_relevant_counts(run, row_of), history_until_s=history_until_s)
+
+
+DenseIndex = tuple[np.ndarray, "faiss.Index", np.ndarray]
+"""A catalogue's vectors (a row per product, in :class:`ProductStats` order), their index, and the catalogue row
+of each index entry."""
+
+
+def assemble_context(
+    config: Config, products: pa.Table, events_table: pa.Table, dense: Callable[[ProductStats], DenseIndex],
+    embedder: Embedder | None, *, judged: Callable[[dict[str, int]], np.ndarray] | None = None,
+    history_until_s: float | None = None,
+) -> RankingContext:
+    """A context from a catalogue and an event log as tables: what :func:`load_context` builds from a run's files
+    and a test from tables of its own. ``dense`` gives the vectors and index for the catalogue's statistics'
+    product order; ``judged`` the judged-relevant counts per catalogue row (none: no judgments)."""
     cutoff = ranker_cutoff(events_table, config.features.history_fraction)
     stats = product_stats(products, events_table, cutoff, config.features.ctr_prior_views)
     events = pd.DataFrame({
@@ -189,29 +224,14 @@ def load_context(
         "event_type": events_table.column("event_type").to_numpy(zero_copy_only=False),
         "ts_s": epoch_seconds(events_table.column("ts")),
     })
-    texts = product_texts(products, config.encoder)
-    embedder = load_embedder(config, run, zero_shot=zero_shot, runtime=runtime) if encoder else None
-    if zero_shot:
-        if not run.exists(*ZERO_SHOT_PRODUCTS):
-            raise ShopRankError(f"{run.uri()} has no zero-shot catalogue embeddings ({'/'.join(ZERO_SHOT_PRODUCTS)}, "
-                                "written by the embed stage since the stage list of shoprank.stages): run the "
-                                "pipeline on it again")
-        vectors = embedding_matrix(read_table(run, *ZERO_SHOT_PRODUCTS), stats.product_ids)
-        index: faiss.Index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        index_rows = np.arange(len(vectors))
-    else:
-        vectors = embedding_matrix(read_table(run, *PRODUCT_EMBEDDINGS), stats.product_ids)
-        index = faiss.read_index(str(run.local_path("index", "products.faiss")))
-        ids = read_table(run, "index", "product_ids").sort_by("row").column("product_id").to_pylist()
-        index_rows = np.array([stats.row_of[p] for p in ids], dtype=np.int64)
+    vectors, index, index_rows = dense(stats)
     catalogue = Catalogue(
-        stats=stats, vectors=vectors, index=index, index_rows=index_rows, texts=texts,
+        stats=stats, vectors=vectors, index=index, index_rows=index_rows, texts=product_texts(products, config.encoder),
         coengaged=coengaged_before(events, stats.row_of, cutoff),
         trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
         item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
         excluded_types=excluded_event_types(config.policy.exclude),
-        judged_relevant=judged_relevant_counts(run, stats.row_of),
+        judged_relevant=judged(stats.row_of) if judged is not None else None,
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
     )
     known = events if history_until_s is None else events[events["ts_s"] < history_until_s]
