@@ -25,6 +25,7 @@ from postgres import PostgresServer
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.entrypoint import free_port, local_ray_options
+from shoprank.privacy import Pseudonyms, pseudonyms
 from shoprank.serving.app import APP_NAME, AppArgs, bind_app, deploy
 from shoprank.serving.keys import client_keys, create_keys
 from shoprank.serving.variants import register_variants
@@ -107,12 +108,14 @@ def bearer(key: str) -> dict[str, str]:
 
 class App:
     """The deployed app: its args, name, URL, event store (``serve.event_db``), its run root's API keys
-    (``keys``: client, admin and the page's logins) and an HTTP client holding the admin key."""
+    (``keys``: client, admin and the page's logins), the pseudonyms it names shoppers by and an HTTP client
+    holding the admin key."""
 
     def __init__(self, config: Config, run: Run | None, args: AppArgs | None, db: str, name: str = APP_NAME,
                  route_prefix: str = "/", keys: dict[str, str] | None = None,
-                 category_of: dict[str, str] | None = None) -> None:
+                 category_of: dict[str, str] | None = None, user_pseudonyms: Pseudonyms | None = None) -> None:
         self.config, self.run, self.args, self.db = config, run, args, db
+        self.pseudonyms = user_pseudonyms or pseudonyms(config)
         self.name, self.route_prefix = name, route_prefix
         self.url = f"http://127.0.0.1:{config.serve.port}{route_prefix.rstrip('/')}"
         if keys is None:
@@ -230,7 +233,8 @@ def fake_app(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Itera
     keys = {role: secrets.token_urlsafe(24) for role in ("client", "admin")}
     shop = FakeShop(config, keys, secrets.token_bytes(32))
     category_of = dict(zip(products().column("product_id").to_pylist(), products().column("category").to_pylist()))
-    served = App(config, None, None, db, "fake", "/fake", keys=keys, category_of=category_of)
+    served = App(config, None, None, db, "fake", "/fake", keys=keys, category_of=category_of,
+                 user_pseudonyms=Pseudonyms(shop.user_key))
     specs = shop.specs()
     serve.run(bind_app(config, specs, shop, shop), name="fake", route_prefix="/fake")
     served.wait_ready()

@@ -26,6 +26,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
+import fake_shop
 from conftest import App
 from raw_ids import ray_logs, raw_ids_in
 from shoprank.config import Config, load_config
@@ -108,8 +109,9 @@ def test_no_raw_user_id_is_stored_exported_listed_or_logged(app: App, tmp_path: 
     assert raw_ids_in(roots, [RAW, *simulated]) == {}
 
 
-def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(app: App) -> None:
-    user, pseudonym = "erase-me-0001", pseudonyms(app.config).of("erase-me-0001")
+def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(fake_app: App) -> None:
+    app = fake_app  # the in-memory shop: erasure is the app's, whatever it serves
+    user, pseudonym = "erase-me-0001", app.pseudonyms.of("erase-me-0001")
     products = list(app.category_of)[:3]
     assert app.post("/events", [{"user_id": user, "product_id": p, "event_type": "purchase"}
                                 for p in products]).status_code == 200
@@ -142,14 +144,15 @@ def test_erasing_a_user_empties_the_store_of_them_and_both_replicas_forget_them(
     assert _logs_holding(user) == []  # the access logs name the route (/users/{user_id}), not the path
 
 
-def test_erasing_a_shopper_of_the_runs_history_makes_them_a_new_shopper_on_every_replica(app: App) -> None:
+def test_erasing_a_shopper_of_the_runs_history_makes_them_a_new_shopper_on_every_replica(fake_app: App) -> None:
     """The demo's ``DELETE /users/{id}`` for a shopper the run knows (no live event of theirs): from the 200 on,
     every answer for them on both variants' two replicas is a never-seen shopper's (same products, same order, the
-    cold-start note), and no ingress replica lists them."""
-    taken = {pseudonyms(app.config).of(f"U{i:06d}") for i in range(12)}  # the simulated shoppers other tests ask for
-    listed = [u["user_id"] for u in app.http.get("/users", params={"limit": 5000}).json()]
-    user = [u for u in listed if u not in taken][-1]  # the least active listed: no other test asks for them
-    run_events = read_table(app.run, "data", "events", columns=["user_id"]).column("user_id").to_pylist().count(user)
+    cold-start note), and no ingress replica lists them. On the in-memory shop, whose replicas build the run's
+    history with the same ``assemble_context`` as a trained run's (``fake_shop.py``)."""
+    app = fake_app
+    user = app.pseudonyms.of(fake_shop.SHOPPERS[-1])  # no other test asks for the last of the shop's shoppers
+    assert user in [u["user_id"] for u in app.http.get("/users", params={"limit": 5000}).json()]
+    run_events = fake_shop.events(app.pseudonyms).column("user_id").to_pylist().count(user)
     assert run_events > 0
 
     def answers(who: str) -> dict[str, set[tuple[tuple[str, ...], str | None]]]:
