@@ -221,11 +221,14 @@ class ProductsFromEvents(Section):
 def _catalogue_kind(value: Any) -> str:
     """Which products entry this is: a file, or ``from_events`` (so an error names only that kind's keys)."""
     has = value.keys() if isinstance(value, dict) else vars(value) if isinstance(value, BaseModel) else ()
-    return "from_events" if "from_events" in has else "file"
+    return "<from_events>" if "from_events" in has else "<file>"
 
+
+CATALOGUE_KINDS: dict[str, type[Section]] = {"<file>": TableFile, "<from_events>": ProductsFromEvents}
+"""The tags of :data:`ProductsSpec`'s kinds, as a validation error's location holds them (left out of messages)."""
 
 ProductsSpec = Annotated[
-    Union[Annotated[TableFile, Tag("file")], Annotated[ProductsFromEvents, Tag("from_events")]],
+    Union[Annotated[TableFile, Tag("<file>")], Annotated[ProductsFromEvents, Tag("<from_events>")]],
     Discriminator(_catalogue_kind),
 ]
 """The catalogue: a file of its own, or derived from the events file."""
@@ -776,6 +779,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that holds the key at ``loc`` (to list its allowed keys)."""
     model: Any = Config
     for part in loc[:-1]:
+        if part in CATALOGUE_KINDS:
+            model = CATALOGUE_KINDS[part]
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         field = model.model_fields.get(str(part))
@@ -805,7 +811,7 @@ def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for err in exc.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "<root>"
+        key = ".".join(str(p) for p in loc if p not in CATALOGUE_KINDS) or "<root>"
         if err["type"] == "extra_forbidden" and key in MOVED_KEYS:
             lines.append(f"  {key}: moved; set {MOVED_KEYS[key]} instead")
         elif err["type"] == "extra_forbidden":

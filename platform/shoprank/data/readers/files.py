@@ -91,6 +91,9 @@ def read_files(
     """
     drops: dict[str, int] = {}
     origins: dict[str, TableOrigin] = {}
+    if isinstance(files.products, TableFile):  # the catalogue first: its errors come before the events'
+        products = read_table(files.products, "products")
+        origins["products"] = _origin(files.products)
     if files.events is not None:
         derive = files.products.from_events if isinstance(files.products, ProductsFromEvents) else None
         also = (derive.title, derive.price) if derive is not None else ()
@@ -106,9 +109,6 @@ def read_files(
             read.raw, read.names, events, read.rows, files.products.from_events, files.events.path)
         drops.update(derive_drops)
         origins["products"] = _origin(files.events, first_rows)
-    else:
-        products = read_table(files.products, "products")
-        origins["products"] = _origin(files.products)
     judgments = (
         read_table(files.judgments, "judgments")
         if files.judgments is not None
