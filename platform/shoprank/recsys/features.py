@@ -109,6 +109,7 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     category = _codes(categories)
     brand_group, brand_names = group_codes(brands)
     log_price = np.log1p(products.column("price").to_numpy())
+    has_category = np.array([bool(c) for c in categories])
     median_in_category = pd.Series(log_price).groupby(category).transform("median").to_numpy()
     return ProductStats(
         product_ids=ids,
@@ -118,11 +119,13 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         brand_group=brand_group,
         brand_names=brand_names,
         log_price=log_price,
-        price_in_category=log_price - median_in_category,
+        price_in_category=np.where(has_category, log_price - median_in_category, np.nan),
         popularity=np.log1p(clicks + carts + purchases),
         ctr=smoothed_rate(clicks, views, prior_views),
         conversion=smoothed_rate(distinct_users(kinds == "purchase"), distinct_users(engaged), prior_views),
         cutoff_s=cutoff_s,
+        has_category=has_category,
+        has_brand=np.array([bool(b) for b in brands]),
     )
 
 
@@ -209,13 +212,35 @@ def compute_features(
             out[:, COLUMN["engaged_brand_share"]] = _share(stats.brand[engaged_rows], stats.brand[rows])
         band = history.product_rows[engaged] if engaged else history.product_rows
         out[:, COLUMN["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[band])
-        out[:, COLUMN["price_position_vs_user"]] = stats.price_in_category[rows] - np.median(stats.price_in_category[band])
+        out[:, COLUMN["price_position_vs_user"]] = stats.price_in_category[rows] - _median_known(
+            stats.price_in_category[band])
         last_seen = np.full(stats.category.max() + 1, -np.inf)
         np.maximum.at(last_seen, seen_categories, history.ts_s)
         days = (now_s - last_seen[stats.category[rows]]) / DAY
         out[:, COLUMN["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
         out[:, COLUMN["user_product_events"]] = np.bincount(history.product_rows, minlength=len(stats.product_ids))[rows]
+    out[np.ix_(~stats.has_category[rows], CATEGORY_COLUMNS)] = np.nan
+    out[np.ix_(~stats.has_brand[rows], BRAND_COLUMNS)] = np.nan
     return out
+
+
+CATEGORY_FEATURES: tuple[str, ...] = (
+    "price_in_category", "price_position_vs_user", "category_affinity", "department_affinity",
+    "engaged_category_share", "category_recency_days", "unseen_rank_in_category",
+)
+"""Features of a product's category: missing (NaN, which XGBoost routes as missing) for a product without one."""
+
+BRAND_FEATURES: tuple[str, ...] = ("brand_affinity", "engaged_brand_share")
+"""Features of a product's brand: missing for a product without one."""
+
+CATEGORY_COLUMNS = [COLUMN[name] for name in CATEGORY_FEATURES]
+BRAND_COLUMNS = [COLUMN[name] for name in BRAND_FEATURES]
+
+
+def _median_known(values: np.ndarray) -> float:
+    """The median of the values that are not missing (NaN when none is: a product without a category)."""
+    known = values[~np.isnan(values)]
+    return float(np.median(known)) if len(known) else np.nan
 
 
 def _unseen_rank(stats: ProductStats, rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
