@@ -38,9 +38,17 @@ run's ranker, :class:`~shoprank.recsys.answer.VariantPipeline`: the request path
 the event log of a server started at the cut-off (every event before 2011-11-09, none after; checked shopper
 by shopper against the cleaned data), and asked for 10 recommendations per test shopper at the cut-off.
 
+**Any slice** (the same protocol): ``--data`` another file of the same columns (the pipeline reads it too:
+``source.files.events.path``), ``--validation-from`` and ``--test-from`` the windows' first days (the pipeline's
+``preprocess.split_dates``, set by the benchmark), ``--until`` the test window's end (its first day out; default:
+the end of the log). ``--until`` shortens the truth only: every row, the system's included, ranks from the
+history before ``--test-from``.
+
     .venv/bin/python benchmarks/online_retail.py                  # the baselines (about 3 minutes on 2 CPUs)
     .venv/bin/python benchmarks/online_retail.py --system         # and the system (runs the pipeline)
     .venv/bin/python benchmarks/online_retail.py --system --config my.yaml --set encoder.train.epochs=1
+    .venv/bin/python benchmarks/online_retail.py --data two-months.csv.gz --validation-from 2011-10-12 \
+        --test-from 2011-10-26 --system --set run.root=/tmp/runs
 
 Prints one table and one JSON line. Needs ``implicit`` (``pip install implicit``, 0.7.x) for the ALS row.
 """
@@ -83,6 +91,30 @@ TIFU_GRID = [{"decay": d, "k": k, "alpha": a}
 EASE_GRID = [{"l2": l2, "exclude_seen": e} for l2 in (30.0, 100.0, 300.0, 1000.0, 3000.0) for e in (False, True)]
 ALS_GRID = [{"factors": f, "regularization": r, "alpha": a, "exclude_seen": e}
             for f in (32, 64, 128) for r in (0.1, 1.0, 10.0) for a in (1.0, 5.0, 20.0) for e in (False, True)]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The data file and the windows' first days: what the baselines' windows and the system's pipeline
+    (``source.files.events.path``, ``preprocess.split_dates``) are both given, so every row sees the same split."""
+
+    data: Path
+    validation_from: date
+    test_from: date
+    until: date | None
+    """The test window's first day out (None: the end of the log)."""
+
+    @property
+    def data_name(self) -> str:
+        """The data file as the pipeline (run from the repository's root) and the JSON line name it: relative to
+        the repository inside it, as the reader config writes it (so a run of the default file keeps its ingest)."""
+        path = self.data.resolve()
+        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+    def pipeline_overrides(self) -> list[str]:
+        """``--set`` values that point the pipeline at this file and split it at these days."""
+        return [f"source.files.events.path={json.dumps(self.data_name)}",
+                f"preprocess.split_dates={{validation: {self.validation_from}, test: {self.test_from}}}"]
 
 
 def read_purchases(path: Path) -> pd.DataFrame:
@@ -318,11 +350,12 @@ def baseline_names(text: str) -> list[str]:
     return names
 
 
-def system_ranked(config_arg: str, overrides: list[str], purchases: pd.DataFrame, test: Task,
+def system_ranked(config_arg: str, overrides: list[str], part: Slice, purchases: pd.DataFrame, test: Task,
                   pipeline: bool) -> tuple[Ranked, dict[str, Any]]:
-    """The system's lists for the test shoppers: the pipeline run on ``config_arg`` (``pipeline``: run it first),
-    loaded as a Serve variant replica loads it, with the event log of a server started at the cut-off, asked
-    through the variant's request path (:class:`~shoprank.recsys.answer.VariantPipeline`) in process."""
+    """The system's lists for the test shoppers: the pipeline run on ``config_arg`` with ``part``'s file and split
+    days (``overrides`` after them; ``pipeline``: run it first), loaded as a Serve variant replica loads it, with
+    the event log of a server started at the cut-off, asked through the variant's request path
+    (:class:`~shoprank.recsys.answer.VariantPipeline`) in process."""
     from shoprank.config import load_config
     from shoprank.privacy import serving_pseudonyms
     from shoprank.recsys.answer import VariantPipeline
@@ -331,13 +364,15 @@ def system_ranked(config_arg: str, overrides: list[str], purchases: pd.DataFrame
     from shoprank.recsys.messages import Asked
     from shoprank.store.run import Run
 
+    overrides = [*part.pipeline_overrides(), *overrides]
     if pipeline:
         run_pipeline(config_arg, overrides)
     config = load_config(config_arg, overrides)
     split_dates = config.preprocess.split_dates
-    if split_dates is None or split_dates.test != TEST_FROM:
-        raise SystemExit(f"{config_arg}: preprocess.split_dates.test must be {TEST_FROM} (the test window's start), "
-                         f"so the pipeline learns from events before it only; it is {split_dates}")
+    if split_dates is None or (split_dates.validation, split_dates.test) != (part.validation_from, part.test_from):
+        raise SystemExit(f"{config_arg}: preprocess.split_dates must be {{validation: {part.validation_from}, test: "
+                         f"{part.test_from}}} (the windows' first days), so the pipeline validates and learns as the "
+                         f"baselines do; --set made it {split_dates}")
     run = Run.for_config(config)
     cutoff_s = test.cutoff.tz_localize("UTC").timestamp()
     context = load_context(config, run, history_until_s=cutoff_s, encoder=False)
@@ -375,9 +410,23 @@ def history_check(histories: dict[str, Any], product_ids: list[str], users: list
             int((~purchases[purchases["ts"] >= test.cutoff]["product"].isin(catalogue)).sum())}
 
 
+def day(text: str) -> date:
+    """A window's day on the command line (YYYY-MM-DD), checked."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="the Online Retail CSV (gzip)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the Online Retail CSV (gzip), or a slice of it")
+    parser.add_argument("--validation-from", type=day, default=VALIDATION_FROM,
+                        help=f"the validation window's first day (default {VALIDATION_FROM})")
+    parser.add_argument("--test-from", type=day, default=TEST_FROM,
+                        help=f"the test window's first day, the validation window's first day out "
+                        f"(default {TEST_FROM})")
+    parser.add_argument("--until", type=day, help="the test window's first day out (default: the end of the log)")
     parser.add_argument("--baselines", type=baseline_names, default=list(BASELINES),
                         help=f"comma-separated, among {','.join(BASELINES)} (default: all; one that fills from "
                         "another brings it along)")
@@ -387,11 +436,19 @@ def main() -> int:
     parser.add_argument("--no-pipeline", action="store_true", help="use the config's run as it is")
     parser.add_argument("--json", help="also write the JSON line to this file")
     args = parser.parse_args()
+    part = Slice(args.data, args.validation_from, args.test_from, args.until)
+    if not part.validation_from < part.test_from < (part.until or date.max):
+        parser.error(f"the days must follow each other: --validation-from {part.validation_from} < --test-from "
+                     f"{part.test_from} < --until {part.until}")
     if not args.data.exists():
         raise SystemExit(f"{args.data}: no such file (the Online Retail copy, benchmarks/data/online-retail/)")
     purchases = read_purchases(args.data)
-    validation = window(purchases, "validation", VALIDATION_FROM, TEST_FROM)
-    test = window(purchases, "test", TEST_FROM, None)
+    validation = window(purchases, "validation", part.validation_from, part.test_from)
+    test = window(purchases, "test", part.test_from, part.until)
+    for task in (validation, test):
+        if not task.shoppers:
+            raise SystemExit(f"{args.data}: no shopper bought in the {task.name} window and before it: choose "
+                             "other days (--validation-from, --test-from, --until)")
     rows: dict[str, dict[str, np.ndarray]] = {}
     chosen: dict[str, Any] = {}
     for name, ranked, detail in run_baselines(validation, test, args.baselines):
@@ -399,9 +456,9 @@ def main() -> int:
         print(f"{name}: {rows[name]['ndcg@10'].mean():.4f}, chose {detail['params']} ({detail['seconds']} s)",
               flush=True)
     if args.system:
-        ranked, chosen[SYSTEM] = system_ranked(args.config, args.set, purchases, test, not args.no_pipeline)
+        ranked, chosen[SYSTEM] = system_ranked(args.config, args.set, part, purchases, test, not args.no_pipeline)
         rows[SYSTEM] = per_shopper(test, ranked)
-    figures = report(purchases, validation, test, rows)
+    figures = report(part, purchases, validation, test, rows)
     figures["chosen"] = chosen
     line = json.dumps(figures, sort_keys=True, default=str)
     if args.json:
@@ -419,12 +476,14 @@ def counts(purchases: pd.DataFrame, validation: Task, test: Task) -> dict[str, i
             "test_history_lines": len(test.history), "test_history_products": len(test.products)}
 
 
-def report(purchases: pd.DataFrame, validation: Task, test: Task, rows: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def report(part: Slice, purchases: pd.DataFrame, validation: Task, test: Task,
+           rows: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """Print the table (each row's means with 95% intervals; the system's paired NDCG@10 difference from each
     baseline); return the figures for the JSON line."""
-    figures: dict[str, Any] = {"data": str(DATA.relative_to(REPO)), "counts": counts(purchases, validation, test),
+    figures: dict[str, Any] = {"data": part.data_name, "counts": counts(purchases, validation, test),
                                "rows": {}, "system_minus": {}}
-    print(f"\nOnline Retail, test window {TEST_FROM} to the end: {len(test.shoppers):,} shoppers "
+    print(f"\nOnline Retail, test window {part.test_from} to {part.until or 'the end'}: "
+          f"{len(test.shoppers):,} shoppers "
           f"({sum(len(t) for t in test.truth):,} products bought), 95% bootstrap intervals over shoppers")
     width = max(len(n) for n in rows) + 2
     print(f"{'row':<{width}}" + "".join(f"{m:>24}" for m in METRICS) + "   system - row (NDCG@10)")

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from shoprank.config import Config
-from shoprank.encoder.export import catalogue_vectors, export_onnx, judge, quantize_int8
+from shoprank.encoder.export import SERVING_BATCH, catalogue_vectors, export_onnx, judge, quantize_int8
 from shoprank.encoder.runtime import (
-    EXPORT, RUNTIMES, OnnxEmbedder, TorchEmbedder, chosen_runtime, load_embedder, onnx_file, verdicts,
+    EXPORT, RUNTIMES, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, chosen_runtime, load_embedder, onnx_file,
+    verdicts,
 )
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tiny import build_tiny_encoder
@@ -81,6 +82,38 @@ def test_a_wrong_export_is_not_offered_and_int8_needs_a_validation_figure(tiny_t
     assert verdict["ndcg@10"] == {runtime: None for runtime in RUNTIMES}
     assert verdict["chosen"] in ("torch", "onnx") and verdict["offered"] == list(RUNTIMES)
     assert any("cannot be measured" in note for note in verdict["notes"])
+
+
+@dataclasses.dataclass
+class Counted:
+    """A runtime's real embedder that counts the texts it embeds in serving batches: the timing's calls."""
+
+    inner: Embedder
+    timed_texts: int = 0
+    runtime: Runtime = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.runtime = self.inner.runtime
+
+    def embed(self, texts: list[str], max_length: int, batch_size: int = 128) -> np.ndarray:
+        if batch_size == SERVING_BATCH:
+            self.timed_texts += len(texts)
+        return self.inner.embed(texts, max_length, batch_size)
+
+
+def test_a_shop_without_queries_times_as_many_product_texts_as_asked(tiny_trained: tuple[Config, Run]) -> None:
+    """Online Retail has no queries: the export timed all 256 sampled product texts where ``timed`` asked for 48,
+    most of the stage; the stand-ins are cut to ``timed`` (a warm-up batch, then three rounds)."""
+    config, run = tiny_trained
+    data = dataclasses.replace(build_eval_data(run, config.encoder), queries={}, qrels={})
+    assert len(data.product_texts) > 32, "the catalogue must have more texts than are timed, or the test shows nothing"
+    reference = load_embedder(config, run, zero_shot=False)
+    assert isinstance(reference, TorchEmbedder)
+    products = catalogue_vectors(run, FINE_TUNED, data, reference, config.encoder.max_length)
+    counted = {runtime: Counted(load_embedder(config, run, zero_shot=False, runtime=runtime)) for runtime in RUNTIMES}
+    verdict = judge(FINE_TUNED, counted, data, products, config.export, 10, config.encoder.max_length, timed=32)
+    assert {runtime: e.timed_texts for runtime, e in counted.items()} == {r: SERVING_BATCH + 3 * 32 for r in RUNTIMES}
+    assert all(figure > 0 for figure in verdict["queries_per_s"].values())
 
 
 def test_a_runtime_that_cannot_serve_is_refused_with_the_reason(tiny_trained: tuple[Config, Run],

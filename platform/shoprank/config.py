@@ -450,8 +450,8 @@ class ExportConfig(Section):
     )
     opset: int = Field(17, ge=14, le=21, description="ONNX opset of the export.")
     timed_queries: int = Field(
-        512, ge=16, le=100_000, description="Queries (the validation queries, repeated) each runtime embeds, in "
-        "three interleaved rounds, to measure its queries/s.",
+        512, ge=16, le=100_000, description="Queries (the validation queries, repeated; product texts where there "
+        "are none) each runtime embeds, in three interleaved rounds, to measure its queries/s.",
     )
 
 
