@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
@@ -14,6 +15,8 @@ from shoprank.data.io import read_table
 from shoprank.data.preprocess import OUTPUTS
 from shoprank.errors import DataError
 from shoprank.privacy import KEY_ENV
+from shoprank.recsys.features import BRAND_FEATURES, CATEGORY_FEATURES, COLUMN, compute_features, product_stats
+from shoprank.recsys.types import Candidates, History
 from shoprank.store.run import Run
 from shoprank.stages import run_stages
 
@@ -166,3 +169,34 @@ def test_hash_and_sort_shuffles_build_the_same_tables(
         a = read_table(by_sort, "data", table).sort_by([(k, "ascending") for k in key])
         b = read_table(by_hash, "data", table).sort_by([(k, "ascending") for k in key])
         assert a.num_rows > 0 and a.equals(b), table
+
+
+def test_a_catalogue_without_category_brand_or_description_is_a_catalogue(
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+) -> None:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("product_id,title,price\nA,Cast Iron Pan,30\nB,Steel Pan,20\nC,Tea Towel,4\n")
+    rows = ["event_id,user_id,session_id,product_id,event_type,ts"]
+    rows += [f"e{i},u{i % 4},s{i // 3},{'ABC'[i % 3]},purchase,2026-01-{1 + i // 2:02d}T10:00:00Z" for i in range(40)]
+    events = tmp_path / "events.csv"
+    events.write_text("\n".join(rows) + "\n")
+    config = make_tiny_config(tmp_path / "runs", "source.kind=files", f"source.files.products.path={catalog}",
+                              f"source.files.events.path={events}")
+    run = run_stages(config, until="preprocess")
+
+    products = read_table(run, "data", "products")
+    for name in ("category", "brand", "description", "leaf", "category_label"):
+        assert products.column(name).null_count == 3, name  # missing, never a made-up "Unknown" or ""
+    assert read_table(run, "data", "categories").num_rows == 0
+    notes = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["preprocess"]["notes"]
+    assert any(note.startswith("no product has a category: the encoder's category head") for note in notes)
+    assert any(note.startswith("no product has a brand") for note in notes)
+
+    stats = product_stats(products, read_table(run, "data", "events"), cutoff_s=2e9, prior_views=10.0)
+    history = History(np.array([0, 1, 0]), ["purchase"] * 3, np.array([1.7e9, 1.7e9 + 60, 1.7e9 + 120]))
+    candidates = Candidates(rows=np.array([0, 1, 2]), cosine=np.zeros(3), bm25=np.zeros(3),
+                            sources=np.zeros(3, np.int64), position=np.arange(3))
+    features = compute_features(candidates, history, 1.8e9, stats, is_search=False)
+    for name in CATEGORY_FEATURES + BRAND_FEATURES:
+        assert np.isnan(features[:, COLUMN[name]]).all(), name  # no category or brand: missing, not a share of one
+    assert not np.isnan(features[:, COLUMN["log_price"]]).any()

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shoprank.config import EsciConfig, FilesConfig, SourceConfig, TableFile
+from shoprank.config import EsciConfig, FilesConfig, SourceConfig, TableFile, load_config
 from shoprank.data.readers import (
     EsciReader,
     FilesReader,
@@ -25,7 +25,7 @@ from shoprank.data.readers import (
     validate_source,
 )
 from shoprank.data.schema import EVENT_SCHEMA, JUDGMENT_SCHEMA, PRODUCT_SCHEMA
-from shoprank.errors import DataError
+from shoprank.errors import ConfigError, DataError
 from shoprank.privacy import Pseudonyms
 
 UTC = timezone.utc
@@ -46,8 +46,8 @@ PRODUCT_ROWS: list[dict[str, Any]] = [
 EXPECTED_PRODUCTS = [
     {"product_id": "P-001", "title": "Red Mug", "description": "A mug.", "category": "Kitchen",
      "brand": "Acme", "price": 12.5, "attributes": [("color", "red")]},
-    {"product_id": "P-002", "title": "Blue Pen", "description": "", "category": "Office",
-     "brand": "", "price": 1.0, "attributes": []},
+    {"product_id": "P-002", "title": "Blue Pen", "description": None, "category": "Office",
+     "brand": None, "price": 1.0, "attributes": []},
     {"product_id": "P-003", "title": "Lamp", "description": "Bright\nlamp", "category": "Home",
      "brand": "Lumo", "price": 30.0, "attributes": [("watts", "40")]},
 ]
@@ -172,8 +172,8 @@ def test_products_without_optional_columns_get_defaults(tmp_path: Path) -> None:
     table = read_table(TableFile(path=str(path)), "products")
     assert table.schema == PRODUCT_SCHEMA
     assert table.to_pylist() == [
-        {"product_id": "a", "title": "A", "description": "", "category": "c",
-         "brand": "", "price": 2.0, "attributes": []}
+        {"product_id": "a", "title": "A", "description": None, "category": "c",
+         "brand": None, "price": 2.0, "attributes": []}
     ]
 
 
@@ -259,12 +259,12 @@ def test_esci_single_locale(tmp_path: Path) -> None:
     ]
     assert _without_price(source.products.to_pylist()) == [
         {"product_id": "B001", "title": "Mug", "description": "Big mug\nDishwasher safe",
-         "category": "Unknown", "brand": "Acme",
+         "category": None, "brand": "Acme",
          "attributes": [("color", "red"), ("locale", "us")]},
         {"product_id": "B002", "title": "Pen", "description": "Blue ink",
-         "category": "Unknown", "brand": "", "attributes": [("locale", "us")]},
-        {"product_id": "B003", "title": "Lamp", "description": "",
-         "category": "Unknown", "brand": "Lumo",
+         "category": None, "brand": None, "attributes": [("locale", "us")]},
+        {"product_id": "B003", "title": "Lamp", "description": None,
+         "category": None, "brand": "Lumo",
          "attributes": [("color", "white"), ("locale", "us")]},
     ]
     assert source.drops["judgments_unknown_product"] == 1  # B999
@@ -275,7 +275,7 @@ def test_esci_locale_filter_and_all(tmp_path: Path) -> None:
     es = _esci(tmp_path, "es")
     assert es.products.column("product_id").to_pylist() == ["B001", "B004"]
     assert es.products.column("title").to_pylist() == ["Taza", "Lápiz"]
-    assert es.products.column("description").to_pylist() == ["Taza grande", ""]
+    assert es.products.column("description").to_pylist() == ["Taza grande", None]
     assert es.judgments.to_pylist() == [
         {"query_id": "3", "query": "taza", "product_id": "B001", "label": 3},
         {"query_id": "3", "query": "taza", "product_id": "B004", "label": 2},
@@ -554,3 +554,116 @@ def test_timestamps_many_forms_in_jsonl(tmp_path: Path) -> None:
     assert table.column("ts").to_pylist() == [
         base, base + timedelta(milliseconds=500), base + timedelta(milliseconds=250), base
     ]
+
+
+# A transactions export (one row per product line of an invoice, as UCI Online Retail): a
+# cancellation, a guest order, a non-product code, a zero quantity, two spellings of one code and
+# an empty description.
+TRANSACTIONS = """InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country
+536365,85123A,WHITE HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom
+536366,85123A,WHITE HEART,2,2010-12-02 09:00:00,2.95,17850.0,United Kingdom
+536367,85123A,WHITE HEART HOLDER,1,2010-12-03 10:00:00,3.25,13047.0,France
+C536368,85123A,WHITE HEART,-1,2010-12-03 10:30:00,2.95,13047.0,France
+536369,22423,,1,2010-12-03 11:00:00,12.75,13047.0,France
+536370,22423,REGENCY CAKESTAND,1,2010-12-04 11:00:00,12.75,13047.0,France
+536371,22423,CAKESTAND 3 TIER,1,2010-12-05 11:00:00,10.95,17850.0,United Kingdom
+536372,85123A,WHITE HEART,1,2010-12-05 12:00:00,2.55,,United Kingdom
+536373,POST,POSTAGE,1,2010-12-05 13:00:00,18.00,17850.0,United Kingdom
+536374,22423,REGENCY CAKESTAND,0,2010-12-06 13:00:00,12.75,17850.0,United Kingdom
+"""
+
+TRANSACTIONS_CONFIG = """
+source:
+  kind: files
+  files:
+    products:
+      from_events: {title: Description, price: UnitPrice}
+    events:
+      path: %s
+      columns: {product_id: StockCode, user_id: CustomerID, ts: InvoiceDate, quantity: Quantity, session_id: InvoiceNo}
+      event_type: {value: purchase}
+      event_id: hash
+      keep:
+        - {column: InvoiceNo, not_matches: "^C", drop_as: cancellation}
+        - {column: CustomerID, present: true, drop_as: guest_order}
+        - {column: StockCode, matches: "^[0-9]{5}", drop_as: not_a_product}
+        - {column: Quantity, above: 0, drop_as: quantity_not_positive}
+        - {column: UnitPrice, above: 0, drop_as: price_not_positive}
+"""
+
+
+def _transactions_config(tmp_path: Path, text: str = TRANSACTIONS, config: str = TRANSACTIONS_CONFIG) -> FilesConfig:
+    path = tmp_path / "transactions.csv"
+    path.write_text(text)
+    (tmp_path / "config.yaml").write_text(config % path)
+    files = load_config(tmp_path / "config.yaml").source.files
+    assert files is not None
+    return files
+
+
+def test_transactions_export_filters_rows_and_derives_its_catalogue(tmp_path: Path) -> None:
+    source = read_files(_transactions_config(tmp_path))
+
+    assert source.drops == {
+        "events_unknown_product": 0, "judgments_unknown_product": 0,
+        "events_cancellation": 1, "events_guest_order": 1, "events_not_a_product": 1,
+        "events_quantity_not_positive": 1, "events_price_not_positive": 0,
+        "products_without_title": 0, "products_without_price": 0,
+    }
+    # the most frequent spelling; a tie goes to the latest; the empty description is no spelling;
+    # the price is the median of the kept rows' prices; nothing else is known, so nothing else is set
+    assert source.products.to_pylist() == [
+        {"product_id": "85123A", "title": "WHITE HEART", "description": None, "category": None, "brand": None,
+         "price": 2.95, "attributes": []},
+        {"product_id": "22423", "title": "CAKESTAND 3 TIER", "description": None, "category": None, "brand": None,
+         "price": 12.75, "attributes": []},
+    ]
+    events = source.events
+    assert events.column("session_id").to_pylist() == ["536365", "536366", "536367", "536369", "536370", "536371"]
+    assert set(events.column("event_type").to_pylist()) == {"purchase"}
+    assert events.column("user_id").to_pylist()[:3] == ["17850.0", "17850.0", "13047.0"]
+    assert events.column("quantity").to_pylist() == [6, 2, 1, 1, 1, 1]
+    assert events.column("ts")[0].as_py() == datetime(2010, 12, 1, 8, 26, tzinfo=timezone.utc)
+    assert len(set(events.column("event_id").to_pylist())) == 6
+
+
+def test_transactions_export_errors_point_at_the_file_row_past_dropped_rows(tmp_path: Path) -> None:
+    lines = TRANSACTIONS.splitlines()
+    lines[5] = "536369,22423,,1,yesterday,12.75,13047.0,France"  # data row 5, after the dropped cancellation
+    with pytest.raises(DataError, match=r"row 5.*'yesterday'|'yesterday'.*row 5") as caught:
+        read_files(_transactions_config(tmp_path, "\n".join(lines) + "\n"))
+    assert "InvoiceDate" in str(caught.value)
+
+
+def test_transactions_export_without_any_title_drops_and_counts_the_product(tmp_path: Path) -> None:
+    text = TRANSACTIONS + "536375,21730,,1,2010-12-07 09:00:00,4.25,17850.0,United Kingdom\n"
+    source = read_files(_transactions_config(tmp_path, text))
+    assert source.drops["products_without_title"] == 1
+    assert source.drops["events_unknown_product"] == 1  # its event names no product of the catalogue
+    assert "21730" not in source.products.column("product_id").to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ('{column: StockCode, matches: "^[0-9", drop_as: code}', r"keep.*matches.*not a regular expression"),
+        ("{column: StockCode, drop_as: code}", r"keep.*no test"),
+        ("{column: StockCode, matches: x, drop_as: Bad Reason}", r"keep.*drop_as"),
+        ("{column: StockCode, present: false, drop_as: code}", r"keep.*present"),
+    ],
+)
+def test_bad_keep_filter_is_a_config_error_naming_the_key(tmp_path: Path, rule: str, message: str) -> None:
+    config = TRANSACTIONS_CONFIG.replace('- {column: InvoiceNo, not_matches: "^C", drop_as: cancellation}', "- " + rule)
+    with pytest.raises(ConfigError, match=message):
+        _transactions_config(tmp_path, config=config)
+
+
+def test_keep_filter_on_a_missing_column_names_it(tmp_path: Path) -> None:
+    config = TRANSACTIONS_CONFIG.replace("column: InvoiceNo", "column: Invoice")
+    with pytest.raises(DataError, match=r"missing column 'Invoice' named by the keep filter 'cancellation'"):
+        read_files(_transactions_config(tmp_path, config=config))
+
+
+def test_catalogue_from_events_needs_events(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="from_events"):
+        load_config(overrides=["source.kind=files", "source.files={products: {from_events: {title: t, price: p}}}"])

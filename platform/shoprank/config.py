@@ -12,10 +12,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from shoprank.errors import ConfigError
 from shoprank.store.location import Location
@@ -149,6 +149,91 @@ class SessionRule(Section):
     )
 
 
+class RowFilter(Section):
+    """A test every row of an events file must pass to be read; a row that fails is dropped and counted.
+
+    A transactions export holds rows that are not shoppers' purchases (cancellations,
+    guest orders, postage and fees, corrections with a negative quantity); a filter
+    keeps the rest without editing the file. Each given test must hold for the row to
+    be kept; a row is counted once, under the ``drop_as`` of the first filter (in list
+    order) it fails, as ``events_<drop_as>`` in the ingest stage's drops.
+    """
+
+    column: str = Field(min_length=1, description="The file's column the tests read (its own name, as in the header).")
+    drop_as: str = Field(pattern=r"^[a-z][a-z0-9_]*$",
+                         description="Why a failing row is dropped: its count is `events_<drop_as>` in the drops.")
+    present: bool | None = Field(None, description="true: keep rows whose value is not blank.")
+    matches: str | None = Field(None, description="Keep rows whose value (as text) matches this regular expression "
+                                                  "(anywhere: anchor it with ^ to test the start).")
+    not_matches: str | None = Field(None, description="Keep rows whose value does not match this regular expression.")
+    above: float | None = Field(None, description="Keep rows whose value is a number greater than this (a blank "
+                                                  "fails; text that is not a number is an error).")
+    at_most: float | None = Field(None, description="Keep rows whose value is a number not greater than this.")
+
+    @field_validator("present")
+    @classmethod
+    def _present_true(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("`present: false` would keep only blank values; leave it out or set true")
+        return value
+
+    @field_validator("matches", "not_matches")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {value!r} ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _has_test(self) -> "RowFilter":
+        if all(getattr(self, name) is None for name in ("present", "matches", "not_matches", "above", "at_most")):
+            raise ValueError(f"the filter on {self.column!r} has no test: set present, matches, not_matches, "
+                             "above or at_most")
+        return self
+
+
+class CatalogueFromEvents(Section):
+    """A catalogue derived from the events file, for an export with no catalogue of its own.
+
+    One product per distinct ``product_id`` of the events that pass the filters. Its
+    ``title`` is the most frequent non-blank value of the ``title`` column among its
+    rows (a code can carry several spellings; ties go to the spelling seen latest),
+    its ``price`` the median of the ``price`` column's non-blank values (robust to a
+    few rows at a discount or a wholesale price). Description, category, brand and
+    attributes are missing (null). A product without any title or price is dropped and
+    counted (``products_without_title`` / ``products_without_price``), and so are its
+    events, as events naming an unknown product.
+    """
+
+    title: str = Field(min_length=1, description="The events file's column holding each row's product title.")
+    price: str = Field(min_length=1, description="The events file's column holding each row's unit price.")
+
+
+class ProductsFromEvents(Section):
+    """``products: {from_events: {title: ..., price: ...}}``: no catalogue file."""
+
+    from_events: CatalogueFromEvents
+
+
+def _catalogue_kind(value: Any) -> str:
+    """Which products entry this is: a file, or ``from_events`` (so an error names only that kind's keys)."""
+    has = value.keys() if isinstance(value, dict) else vars(value) if isinstance(value, BaseModel) else ()
+    return "<from_events>" if "from_events" in has else "<file>"
+
+
+CATALOGUE_KINDS: dict[str, type[Section]] = {"<file>": TableFile, "<from_events>": ProductsFromEvents}
+"""The tags of :data:`ProductsSpec`'s kinds, as a validation error's location holds them (left out of messages)."""
+
+ProductsSpec = Annotated[
+    Union[Annotated[TableFile, Tag("<file>")], Annotated[ProductsFromEvents, Tag("<from_events>")]],
+    Discriminator(_catalogue_kind),
+]
+"""The catalogue: a file of its own, or derived from the events file."""
+
+
 class EventsFile(TableFile):
     """The events table, which may lack the fields a ratings-style export does not have.
 
@@ -166,6 +251,8 @@ class EventsFile(TableFile):
     session_id: SessionRule | None = Field(
         None, description="Derive sessions per user by a gap of inactivity; the id is 'user@first event time'."
     )
+    keep: list[RowFilter] = Field(
+        default_factory=list, description="Row filters: rows failing one are dropped and counted by its `drop_as`.")
 
     @model_validator(mode="after")
     def _derived_or_mapped(self) -> "EventsFile":
@@ -184,9 +271,15 @@ class FilesConfig(Section):
     judgments; without judgments, search learns and is measured from searches in the events.
     """
 
-    products: TableFile
+    products: ProductsSpec
     events: EventsFile | None = None
     judgments: TableFile | None = None
+
+    @model_validator(mode="after")
+    def _catalogue_source(self) -> "FilesConfig":
+        if isinstance(self.products, ProductsFromEvents) and self.events is None:
+            raise ValueError("products.from_events derives the catalogue from the events file, but events is not set")
+        return self
 
     @field_validator("events", mode="before")
     @classmethod
@@ -219,7 +312,8 @@ class SourceConfig(Section):
         if self.kind == "esci":
             return [self.esci.examples_path, self.esci.products_path]
         if self.kind == "files" and self.files is not None:
-            return [spec.path for spec in (self.files.products, self.files.events, self.files.judgments) if spec]
+            specs = (self.files.products, self.files.events, self.files.judgments)
+            return [spec.path for spec in specs if isinstance(spec, TableFile)]
         return []
 
     def fingerprint(self) -> list[tuple[str, int | None, int | None]]:
@@ -708,6 +802,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that holds the key at ``loc`` (to list its allowed keys)."""
     model: Any = Config
     for part in loc[:-1]:
+        if part in CATALOGUE_KINDS:
+            model = CATALOGUE_KINDS[part]
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         field = model.model_fields.get(str(part))
@@ -737,7 +834,7 @@ def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for err in exc.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "<root>"
+        key = ".".join(str(p) for p in loc if p not in CATALOGUE_KINDS) or "<root>"
         if err["type"] == "extra_forbidden" and key in MOVED_KEYS:
             lines.append(f"  {key}: moved; set {MOVED_KEYS[key]} instead")
         elif err["type"] == "extra_forbidden":

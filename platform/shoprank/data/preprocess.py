@@ -99,23 +99,29 @@ class _Steps:
 
 
 def _products_batch(batch: pa.Table, labels: dict[str, int], description_chars: int) -> pa.Table:
+    """Normalised text; a missing description, brand or category stays null, and so do its leaf and label."""
     category = batch.column("category")
     return (
         batch.set_column(batch.schema.get_field_index("title"), "title", normalize_text(batch.column("title")))
         .set_column(
             batch.schema.get_field_index("description"),
             "description",
-            normalize_text(batch.column("description"), max_chars=description_chars),
+            _normalized_or_null(batch.column("description"), max_chars=description_chars),
         )
-        .set_column(batch.schema.get_field_index("brand"), "brand", normalize_text(batch.column("brand")))
-        .append_column("leaf", normalize_text(_leaf_of(category)))
-        .append_column("category_label", pa.array([labels[c] for c in category.to_pylist()], pa.int32()))
+        .set_column(batch.schema.get_field_index("brand"), "brand", _normalized_or_null(batch.column("brand")))
+        .append_column("leaf", _normalized_or_null(_leaf_of(category)))
+        .append_column("category_label", pa.array([labels.get(c) for c in category.to_pylist()], pa.int32()))
     )
 
 
+def _normalized_or_null(values: pa.ChunkedArray | pa.Array, max_chars: int | None = None) -> pa.Array:
+    """:func:`normalize_text`, keeping a missing value missing (not an empty string a stage could take for one)."""
+    return pc.if_else(pc.is_null(values), pa.scalar(None, pa.string()), normalize_text(values, max_chars=max_chars))
+
+
 def _leaf_of(category: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """The last element of a category path (``Home > Cookware > Woks`` -> ``Woks``)."""
-    return pa.array([c.rsplit(">", 1)[-1] for c in category.to_pylist()], pa.string())
+    """The last element of a category path (``Home > Cookware > Woks`` -> ``Woks``); null without a category."""
+    return pa.array([c.rsplit(">", 1)[-1] if c is not None else None for c in category.to_pylist()], pa.string())
 
 
 def _add_time_split(batch: pa.Table, validation_from: pa.Scalar, test_from: pa.Scalar) -> pa.Table:
@@ -140,6 +146,27 @@ PAIR_SCHEMA = pa.schema(
 )
 """One co-engaged pair of one session, before counting."""
 COENGAGEMENT_SCHEMA = PAIR_SCHEMA.append(pa.field("sessions", pa.int64()))
+MISSING_FIELD_EFFECTS: dict[str, str] = {
+    "category": "the encoder's category head, the category features and the category sources are off for {them}, "
+                "and the diversity cap by category does not apply to {them}",
+    "brand": "the brand features are missing for {them}, and the diversity cap by brand does not apply to {them}",
+    "description": "the encoder reads the other fields of {them} (title, and category and brand where known)",
+}
+"""What each optional catalogue field's absence takes away, for the stage's note."""
+
+
+def missing_field_notes(products: pa.Table) -> list[str]:
+    """A note per optional field some product lacks: what the run could not use (never an invented value)."""
+    notes = []
+    for name, effect in MISSING_FIELD_EFFECTS.items():
+        missing = products.column(name).null_count
+        if missing and missing == products.num_rows:
+            notes.append(f"no product has a {name}: " + effect.format(them="every product"))
+        elif missing:
+            notes.append(f"{missing} of {products.num_rows} products have no {name}: " + effect.format(them="them"))
+    return notes
+
+
 PRODUCTS_SCHEMA = PRODUCT_SCHEMA.append(pa.field("leaf", pa.string())).append(pa.field("category_label", pa.int32()))
 SPLIT_EVENTS_SCHEMA = EVENT_SCHEMA.append(pa.field("split", pa.string()))
 QUERY_PAIRS_SCHEMA = pa.schema(
@@ -329,7 +356,9 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
         return read_dataset(run, *RECORDS, name)
 
     def products() -> None:
-        categories = read_table(run, *RECORDS, "products", columns=["category"]).column("category")
+        known = read_table(run, *RECORDS, "products", columns=["category", "brand", "description"])
+        record.notes.extend(missing_field_notes(known))
+        categories = known.column("category").drop_null()
         counts = pc.value_counts(categories)
         vocab = sorted(counts.field("values").to_pylist())
         labels = {c: i for i, c in enumerate(vocab)}

@@ -23,9 +23,11 @@ PRODUCT_SCHEMA = pa.schema(
     [
         pa.field("product_id", pa.string(), nullable=False),
         pa.field("title", pa.string(), nullable=False),
-        pa.field("description", pa.string(), nullable=False),
-        pa.field("category", pa.string(), nullable=False),
-        pa.field("brand", pa.string(), nullable=False),
+        # Optional: many real catalogues lack them (a transactions export has an id, a title and a price). A
+        # missing one is null, never a made-up value, and every stage treats null as "not known".
+        pa.field("description", pa.string(), nullable=True),
+        pa.field("category", pa.string(), nullable=True),
+        pa.field("brand", pa.string(), nullable=True),
         pa.field("price", pa.float64(), nullable=False),
         pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
     ]

@@ -59,7 +59,8 @@ class EvalData:
 
     product_ids: list[str]
     product_texts: list[str]
-    category_labels: list[int]
+    category_labels: list[int | None]
+    """Each product's category label; None for a product without a category (left out of the category loss)."""
     holdout: list[bool]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
@@ -176,7 +177,8 @@ def training_tables(
             picks = [pool[int(i)] for i in rng.integers(0, len(pool), train.hard_negatives)]
             rows["query"].append(query)
             rows["positive"].append(text_of[product])
-            rows["category"].append(-1 if held[product] else label_of[product])
+            label = label_of[product]
+            rows["category"].append(-1 if held[product] or label is None else label)
             rows["negatives"].append([text_of[p] for p in picks])
     order = rng.permutation(len(rows["query"]))
     qp = pa.table({k: [v[i] for i in order] for k, v in rows.items()})
@@ -220,14 +222,14 @@ def evaluate(
         found = mean_metrics(top_k(vectors, products, data.product_ids, users, k), data.user_qrels, k=k)
         metrics.update({f"{NEXT_ITEMS}/{name}": value for name, value in found.items()})
         metrics.setdefault(f"ndcg@{k}", found[f"ndcg@{k}"])
-    if head is not None:
-        held = np.flatnonzero(np.array(data.holdout))
+    labelled = np.array([label is not None for label in data.category_labels], dtype=bool)
+    if head is not None and (held := np.flatnonzero(np.array(data.holdout, dtype=bool) & labelled)).size:
         with torch.no_grad():
             logits = head(torch.from_numpy(products[held]).to(device)).float().cpu().numpy()
         predicted = logits.argmax(axis=1)
-        truth = np.array(data.category_labels)[held]
-        metrics["category_accuracy"] = float((predicted == truth).mean()) if len(held) else 0.0
-        metrics["category_macro_f1"] = float(f1_score(truth, predicted, average="macro")) if len(held) else 0.0
+        truth = np.array(data.category_labels)[held].astype(np.int64)
+        metrics["category_accuracy"] = float((predicted == truth).mean())
+        metrics["category_macro_f1"] = float(f1_score(truth, predicted, average="macro"))
     return metrics
 
 

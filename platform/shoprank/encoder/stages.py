@@ -66,6 +66,8 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
         {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
     )
     record.metrics["epochs"] = final.get("history", [])
+    if "validation/category_accuracy" not in final:
+        record.notes.append("no category accuracy: no product held out of the category loss has a category")
     k = config.encoder.train.eval_k
     if f"validation/ndcg@{k}" not in final:
         record.notes.append("no validation figure: the validation split has no judged query and no shopper with a "

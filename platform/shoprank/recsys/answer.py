@@ -29,7 +29,7 @@ import xgboost
 
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
-from shoprank.recsys.diversity import BrandsNamed, Diversity, diversified
+from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity, diversified
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 from shoprank.recsys.retrieval import retrieve
@@ -112,7 +112,9 @@ class Ranking:
 
     def _limits(self, request: Retrieved) -> list[tuple[np.ndarray, int]]:
         rows = request.candidates.rows
-        return self.diversity.limits(self.stats.brand_group[rows], self.stats.category[rows], request.is_search,
+        # a product without a category is in no category group (as one without a brand is in no brand group)
+        category = np.where(self.stats.has_category[rows], self.stats.category[rows], NO_GROUP)
+        return self.diversity.limits(self.stats.brand_group[rows], category, request.is_search,
                                      self.brands_named(request.query))
 
     def _parts(self, features: np.ndarray) -> np.ndarray:

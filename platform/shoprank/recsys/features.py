@@ -70,7 +70,7 @@ from shoprank.encoder.users import EVENT_WEIGHTS
 from shoprank.recsys.diversity import group_codes
 from shoprank.recsys.types import SOURCES, Candidates, History, ProductStats
 
-FEATURE_SCHEMA_VERSION = 5
+FEATURE_SCHEMA_VERSION = 6
 """Bumped whenever a feature is added, removed, reordered or changes meaning."""
 
 FEATURES = [
@@ -124,6 +124,7 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     category = _codes(categories)
     brand_group, brand_names = group_codes(brands)
     log_price = np.log1p(products.column("price").to_numpy())
+    has_category = np.array([bool(c) for c in categories])
     median_in_category = pd.Series(log_price).groupby(category).transform("median").to_numpy()
     return ProductStats(
         product_ids=ids,
@@ -133,13 +134,15 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         brand_group=brand_group,
         brand_names=brand_names,
         log_price=log_price,
-        price_in_category=log_price - median_in_category,
+        price_in_category=np.where(has_category, log_price - median_in_category, np.nan),
         popularity=np.log1p(clicks + carts + purchases),
         popularity_shoppers=np.log1p(distinct_users(engaged)),
         repeat_rate=repeat_rate(rows[kinds == "purchase"], users[kinds == "purchase"], ts_s[kinds == "purchase"], n),
         ctr=smoothed_rate(clicks, views, prior_views),
         conversion=smoothed_rate(distinct_users(kinds == "purchase"), distinct_users(engaged), prior_views),
         cutoff_s=cutoff_s,
+        has_category=has_category,
+        has_brand=np.array([bool(b) for b in brands]),
     )
 
 
@@ -245,13 +248,16 @@ def compute_features(
             out[:, COLUMN["engaged_brand_share"]] = _share(stats.brand[engaged_rows], stats.brand[rows])
         band = history.product_rows[engaged] if engaged else history.product_rows
         out[:, COLUMN["price_vs_user"]] = stats.log_price[rows] - np.median(stats.log_price[band])
-        out[:, COLUMN["price_position_vs_user"]] = stats.price_in_category[rows] - np.median(stats.price_in_category[band])
+        out[:, COLUMN["price_position_vs_user"]] = stats.price_in_category[rows] - _median_known(
+            stats.price_in_category[band])
         last_seen = np.full(stats.category.max() + 1, -np.inf)
         np.maximum.at(last_seen, seen_categories, history.ts_s)
         days = (now_s - last_seen[stats.category[rows]]) / DAY
         out[:, COLUMN["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
         out[:, COLUMN["user_product_events"]] = np.bincount(history.product_rows, minlength=len(stats.product_ids))[rows]
     _own_history(out, rows, history, now_s, len(stats.product_ids))
+    out[np.ix_(~stats.has_category[rows], CATEGORY_COLUMNS)] = np.nan
+    out[np.ix_(~stats.has_brand[rows], BRAND_COLUMNS)] = np.nan
     return out
 
 
@@ -280,6 +286,25 @@ def _own_history(out: np.ndarray, rows: np.ndarray, history: History, now_s: flo
     with np.errstate(invalid="ignore", divide="ignore"):
         due = out[:, COLUMN["days_since_purchase"]] / out[:, COLUMN["repurchase_interval_days"]]
     out[:, COLUMN["purchase_due_ratio"]] = np.where(np.isfinite(due), due, np.nan)
+
+
+CATEGORY_FEATURES: tuple[str, ...] = (
+    "price_in_category", "price_position_vs_user", "category_affinity", "department_affinity",
+    "engaged_category_share", "category_recency_days", "unseen_rank_in_category",
+)
+"""Features of a product's category: missing (NaN, which XGBoost routes as missing) for a product without one."""
+
+BRAND_FEATURES: tuple[str, ...] = ("brand_affinity", "engaged_brand_share")
+"""Features of a product's brand: missing for a product without one."""
+
+CATEGORY_COLUMNS = [COLUMN[name] for name in CATEGORY_FEATURES]
+BRAND_COLUMNS = [COLUMN[name] for name in BRAND_FEATURES]
+
+
+def _median_known(values: np.ndarray) -> float:
+    """The median of the values that are not missing (NaN when none is: a product without a category)."""
+    known = values[~np.isnan(values)]
+    return float(np.median(known)) if len(known) else np.nan
 
 
 def _unseen_rank(stats: ProductStats, rows: np.ndarray, seen: np.ndarray) -> np.ndarray:

@@ -277,10 +277,16 @@ class Catalogue:
             recent = list(dict.fromkeys(history.product_rows[::-1].tolist()))[:RECENT_ITEMS]
             neighbours = [_without(self.coengaged.get(r, np.zeros(0, np.int64)), excluded) for r in recent]
             lists["coengaged"] = _interleave(neighbours, n)
-            favourites = np.bincount(self.stats.category[history.product_rows]).argsort()[::-1][:FAVOURITE_CATEGORIES]
-            department = int(np.bincount(self.stats.department[history.product_rows]).argmax())
-            popular = [_without(self.popular_in[int(c)], excluded, n) for c in favourites]
-            popular.append(_without(self.popular_in_department[department], excluded, n))
+            # A shopper's favourite categories among the products that have one; without any, the shop's
+            # bestsellers (products without a category are no category of their own)
+            categorised = history.product_rows[self.stats.has_category[history.product_rows]]
+            if len(categorised):
+                favourites = np.bincount(self.stats.category[categorised]).argsort()[::-1][:FAVOURITE_CATEGORIES]
+                department = int(np.bincount(self.stats.department[categorised]).argmax())
+                popular = [_without(self.popular_in[int(c)], excluded, n) for c in favourites]
+                popular.append(_without(self.popular_in_department[department], excluded, n))
+            else:
+                popular = [_without(self.popular, excluded, n)]
             lists["popular"] = _interleave(popular, n * len(popular))
         else:
             lists["popular"] = _interleave([self.popular[:n], self.trending(now_s)[:n]], n)

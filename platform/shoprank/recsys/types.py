@@ -38,6 +38,7 @@ class ProductStats:
     """The brand of each ``brand_group`` code."""
     log_price: np.ndarray
     price_in_category: np.ndarray
+    """Missing (NaN) for a product without a category: there is no category to compare with."""
     popularity: np.ndarray
     """log(1 + engagements)."""
     popularity_shoppers: np.ndarray
@@ -48,6 +49,11 @@ class ProductStats:
     conversion: np.ndarray
     cutoff_s: float
     """The cut-off (epoch seconds): no event at or after it is counted above."""
+    has_category: np.ndarray
+    """Whether each product has a category (``category`` gives those without one a shared code, which no
+    category feature or source may treat as a category of its own)."""
+    has_brand: np.ndarray
+    """Whether each product has a brand (the same, for ``brand``)."""
     row_of: dict[str, int] = field(init=False)
     rank_in_category: np.ndarray = field(init=False)
     """0-based rank of each product by popularity within its category (ties: catalogue order)."""

@@ -113,8 +113,8 @@ class Item(BaseModel):
     rank: int
     product_id: str
     title: str
-    category: str
-    brand: str
+    category: str | None = Field(description="Null when the catalogue has none for the product.")
+    brand: str | None = Field(description="Null when the catalogue has none for the product.")
     price: float
     score: float = Field(description="The score that ordered the list.")
     contributions: dict[str, float] = Field(

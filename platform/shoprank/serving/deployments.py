@@ -178,7 +178,7 @@ def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent:
     out = []
     for user, rows in sorted(events.groupby("user_id"), key=lambda kv: -len(kv[1])):
         tail = rows.tail(recent)
-        categories = [products[p]["category"] for p in tail["product_id"] if p in products]
+        categories = [products[p]["category"] for p in tail["product_id"] if p in products and products[p]["category"]]
         favourite = max(set(categories), key=categories.count) if categories else "-"
         engaged = rows[rows["event_type"] != "view"].tail(1)
         last = (f"; last: {engaged['event_type'].iat[0]} {products[engaged['product_id'].iat[0]]['title']}"

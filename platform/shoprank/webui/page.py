@@ -47,10 +47,11 @@ def card(item: dict[str, Any], variant: str) -> str:
     """One product card's HTML (escaped)."""
     reasons = [(name, value) for name, value in item["contributions"].items() if name not in (OTHER, BASE)]
     why = ", ".join(f"{name} {value:+.2f}" for name, value in reasons[:TOP_FEATURES])
+    known = "".join(f"{html.escape(item[name])} · " for name in ("category", "brand") if item.get(name))  # null: unknown
     return (
         f'<div class="card card-{variant}" data-product="{html.escape(item["product_id"])}">'
         f'<div class="title">#{item["rank"]} {html.escape(item["title"])}</div>'
-        f'<div class="meta">{html.escape(item["category"])} · {html.escape(item["brand"])} · '
+        f'<div class="meta">{known}'
         f'${item["price"]:.2f} · score {item["score"]:.3f}</div>'
         f'<div class="why">why: {html.escape(why)}</div></div>'
     )

@@ -57,12 +57,13 @@ def derived_fields(spec: TableFile) -> list[str]:
 
 
 def derive_events(raw: pa.Table, names: list[str], spec: EventsFile, derived: list[str],
-                  users: Pseudonyms | None) -> pa.Table:
+                  users: Pseudonyms | None, rows: np.ndarray | None = None) -> pa.Table:
     """Events whose ``derived`` fields are computed (see the module docstring), the rest read.
 
     The event type comes first, from the raw file; ids and sessions need the converted
     user (its pseudonym, with ``users``), product and time, so they are computed on the
-    record table and replace placeholders that never leave this function.
+    record table and replace placeholders that never leave this function. ``rows``: the file rows of
+    ``raw``'s rows when filters dropped some, so errors point into the file.
     """
     for name in derived:
         if name in names:
@@ -70,8 +71,9 @@ def derive_events(raw: pa.Table, names: list[str], spec: EventsFile, derived: li
     n = raw.num_rows
     fixed: dict[str, AnyArray] = {name: pa.nulls(n, pa.string()) for name in derived}
     if spec.event_type is not None:
-        fixed["event_type"] = _derived_event_types(raw, names, spec.event_type, spec.path)
-    table = pseudonymous(record_table(raw, names, "events", spec.columns, file=spec.path, fixed=fixed), users)
+        fixed["event_type"] = _derived_event_types(raw, names, spec.event_type, spec.path, rows)
+    table = pseudonymous(
+        record_table(raw, names, "events", spec.columns, file=spec.path, rows=rows, fixed=fixed), users)
     if spec.session_id is not None:
         sessions = _derived_sessions(table.column("user_id"), table.column("ts"), spec.session_id.gap_minutes)
         table = _replace(table, "session_id", sessions)
@@ -85,12 +87,13 @@ def _replace(table: pa.Table, name: str, values: AnyArray) -> pa.Table:
     return table.set_column(index, table.schema.field(name), values)
 
 
-def _derived_event_types(raw: pa.Table, names: list[str], rule: EventTypeRule, file: str) -> AnyArray:
+def _derived_event_types(raw: pa.Table, names: list[str], rule: EventTypeRule, file: str,
+                         rows: np.ndarray | None) -> AnyArray:
     """One type for every row, or ``rule.column``'s values (as text) through ``rule.map``."""
     if rule.value is not None:
         return pa.repeat(pa.scalar(rule.value, pa.string()), raw.num_rows)
     assert rule.column is not None and rule.map is not None  # checked by the config
-    where = Where(file, rule.column)
+    where = Where(file, rule.column, rows)
     index = column_index(raw, rule.column, where)
     if index is None:
         raise where.error(

@@ -47,10 +47,6 @@ ESCI_PRODUCT_COLUMNS: tuple[str, ...] = (
     "product_locale",
 )
 
-ESCI_CATEGORY = "Unknown"
-"""ESCI has no category; every ESCI product gets this one so the schema stays non-null."""
-
-
 def read_esci(esci: EsciConfig, orphan_events: OrphanPolicy = "drop") -> SourceTables:
     """Read the Amazon Shopping Queries (ESCI) parquet files as products and judgments.
 
@@ -61,7 +57,7 @@ def read_esci(esci: EsciConfig, orphan_events: OrphanPolicy = "drop") -> SourceT
     * products: ``title = product_title``; ``description`` is
       ``product_description`` and ``product_bullet_point`` joined by a newline (either
       alone when the other is missing; HTML is left for preprocessing to strip);
-      ``brand = product_brand`` or ``""``; ``category = "Unknown"`` and
+      ``brand = product_brand`` (null when blank); ``category`` null and
       ``price = NaN`` because ESCI has neither; ``attributes`` hold ``color`` (when
       set) and ``locale``.
     * events: none; ESCI has no behaviour, so the table is empty. ``orphan_events``
@@ -182,7 +178,7 @@ def _products(
     )
     n = len(pr_ids)
     fixed = {
-        "category": pa.array([ESCI_CATEGORY] * n, pa.string()),
+        "category": pa.nulls(n, pa.string()),
         "price": pa.array(np.full(n, np.nan), pa.float64()),
         "attributes": _esci_attributes(text_of("product_color"), pr_locales),
     }

@@ -12,11 +12,12 @@ change without re-reading inputs. A blank text value (empty after stripping, or 
 CSV cell) counts as missing: a required field that is blank is an error, an optional one
 is null.
 
-Fields that may be absent from a products file (:data:`DEFAULTS`, because many real
-catalogs lack them and a missing one does not stop any model from working):
+Optional product fields (``description``, ``category``, ``brand``: nullable in the schema,
+because many real catalogs lack them and a missing one does not stop any model from
+working) are null when the file has no column for them or the cell is blank; never a
+made-up value, so no stage mistakes "not known" for a category or brand of its own.
+A field with a default (:data:`DEFAULTS`) gets it instead:
 
-* ``description`` -> ``""`` (the encoder then sees only title, brand and category);
-* ``brand`` -> ``""``;
 * ``attributes`` -> empty map. When present it is a column of JSON object strings
   (``{"color": "red"}``), or a map or struct column (Parquet, JSON Lines). Keys
   and values become strings (non-string values are written as JSON); null values
@@ -40,7 +41,7 @@ from shoprank.errors import DataError
 AnyArray = Union[pa.Array, pa.ChunkedArray]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "products": {"description": "", "brand": "", "attributes": []},
+    "products": {"attributes": []},
     "events": {},
     "judgments": {},
 }
@@ -88,7 +89,7 @@ def convert_field(arr: AnyArray, f: pa.Field, kind: str, where: Where) -> AnyArr
     if name == "attributes":
         return _attributes(arr, where)
     if name == "price":
-        return _price(arr, where)
+        return prices(arr, where)
     if name == "ts":
         return _timestamp(arr, where, name)
     if name == "label":
@@ -197,7 +198,7 @@ def _cast_or_raise(
     return result
 
 
-def _numbers(arr: AnyArray, where: Where, name: str, what: str) -> AnyArray:
+def numbers(arr: AnyArray, where: Where, name: str, what: str) -> AnyArray:
     """A numeric column as float64/int64, text parsed; nulls (and NaN) stay missing."""
     arr = _decode(arr)
     t = arr.type
@@ -213,10 +214,12 @@ def _numbers(arr: AnyArray, where: Where, name: str, what: str) -> AnyArray:
     raise where.error(f"{name} must be {what}, but the column holds {t}")
 
 
-def _price(arr: AnyArray, where: Where) -> AnyArray:
-    """Prices are required, finite and not negative: a missing price is not zero."""
-    values = pc.cast(_numbers(arr, where, "price", "a number"), pa.float64())
-    require_present(values, where, "price")
+def prices(arr: AnyArray, where: Where, *, required: bool = True) -> AnyArray:
+    """Prices are finite and not negative, and a record's is required: a missing price is not zero
+    (``required=False``: blanks stay null, for a catalogue derived from events that skips them)."""
+    values = pc.cast(numbers(arr, where, "price", "a number"), pa.float64())
+    if required:
+        require_present(values, where, "price")
     bad = first_true(pc.or_(pc.invert(pc.is_finite(values)), pc.less(values, 0.0)))
     if bad >= 0:
         raise where.error(f"price must be a finite number >= 0, got {values[bad].as_py()!r}", bad)
@@ -238,7 +241,7 @@ def _integer(
     original = _decode(arr)
     if pa.types.is_boolean(original.type):
         raise where.error(f"{name} must be {what}, but the column holds booleans")
-    values = _numbers(original, where, name, what)
+    values = numbers(original, where, name, what)
     if pa.types.is_floating(values.type):
         values = pc.if_else(pc.is_nan(values), pa.scalar(None, values.type), values)
     if required:
