@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -96,13 +95,13 @@ from shoprank.recsys.features import FEATURES, epoch_seconds  # noqa: E402
 from shoprank.recsys.metrics import mean_metrics, ndcg_at_k  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 
+from baselines import K, bootstrap_mean, ease_weights, fit_als, run_pipeline, top_k, user_matrix  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-K = 10
 SYSTEM = "fine-tuned retrieval + ranker"
 EASE_L2 = (10.0, 30.0, 100.0, 300.0, 1000.0)
 ALS_GRID = [{"factors": f, "regularization": r, "alpha": a}
             for f in (32, 64, 128, 256) for r in (0.1, 1.0, 10.0) for a in (0.03, 0.1, 0.3, 1.0, 5.0)]
-ALS_ITERATIONS = 15
 
 PIPELINE_SETTINGS: dict[str, Any] = {
     # the demo preset's encoder settings (configs/demo.yaml) with one epoch on 1,500 pairs of each kind (co-engaged
@@ -176,29 +175,12 @@ def load_splits(config: Config, run: Run) -> dict[str, Split]:
     return out
 
 
-def user_matrix(users: np.ndarray, rows: np.ndarray, n: int) -> sp.csr_matrix:
-    """Binary users x products matrix of the training engagements."""
-    codes = np.unique(users, return_inverse=True)[1]
-    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (codes, rows)), shape=(codes.max() + 1, n))
-    matrix.data[:] = 1.0
-    return matrix
-
-
 def history_matrix(split: Split) -> sp.csr_matrix:
     """Binary requests x products matrix of each request's history."""
     n = len(split.product_ids)
     indptr = np.cumsum([0] + [len(np.unique(h)) for h in split.histories])
     indices = np.concatenate([np.unique(h) for h in split.histories]) if split.histories else np.zeros(0, np.int64)
     return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(split.histories), n))
-
-
-def top_k(scores: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-    """Each row's ``K`` best products, the ones in its history left out."""
-    scores = np.array(scores, dtype=np.float64)
-    scores[history.nonzero()] = -np.inf
-    top = np.argpartition(-scores, K, axis=1)[:, :K]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1)
 
 
 Runs = dict[str, list[str]]
@@ -220,15 +202,6 @@ def popularity(splits: dict[str, Split]) -> tuple[Runs, dict[str, Any]]:
     return runs_of(test, top_k(np.tile(counts, (history.shape[0], 1)), history)), {}
 
 
-def ease_weights(matrix: sp.csr_matrix, l2: float) -> np.ndarray:
-    gram = (matrix.T @ matrix).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += l2
-    precision = np.linalg.inv(gram)
-    weights = precision / -np.diag(precision)[None, :]
-    np.fill_diagonal(weights, 0.0)
-    return weights
-
-
 def ease(splits: dict[str, Split]) -> tuple[Runs, dict[str, Any]]:
     """Dense EASE; the L2 with the best validation NDCG@10."""
     test, validation = splits["test"], splits["validation"]
@@ -246,18 +219,15 @@ def ease(splits: dict[str, Split]) -> tuple[Runs, dict[str, Any]]:
 
 def als(splits: dict[str, Split]) -> tuple[Runs, dict[str, Any]]:
     """implicit's ALS; the grid point with the best validation NDCG@10."""
-    from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
     test, validation = splits["test"], splits["validation"]
     matrix = user_matrix(test.train_users, test.train_rows, len(test.product_ids))
 
-    def fit(params: dict[str, Any]) -> AlternatingLeastSquares:
-        model = AlternatingLeastSquares(**params, iterations=ALS_ITERATIONS, random_state=0)
-        model.fit(matrix, show_progress=False)
-        return model
+    def fit(params: dict[str, Any]) -> Any:
+        return fit_als(matrix, params)
 
-    def run(split: Split, model: AlternatingLeastSquares) -> Runs:
+    def run(split: Split, model: Any) -> Runs:
         history = history_matrix(split)
         ranked, _ = model.recommend(np.arange(history.shape[0]), history, N=K, recalculate_user=True,
                                     filter_already_liked_items=True)
@@ -293,17 +263,7 @@ def paired_difference(split: Split, system: Runs, other: Runs, seed: int = 0) ->
     """Mean per-request NDCG@10 of ``system`` minus ``other`` and its 95% bootstrap interval (2,000 resamples)."""
     delta = np.array([ndcg_at_k(system.get(r, []), rel, K) - ndcg_at_k(other.get(r, []), rel, K)
                       for r, rel in split.qrels.items()])
-    draws = np.random.default_rng(seed).integers(0, len(delta), (2_000, len(delta)))
-    low, high = np.quantile(delta[draws].mean(axis=1), [0.025, 0.975])
-    return float(delta.mean()), float(low), float(high)
-
-
-def run_pipeline(config_arg: str, overrides: list[str]) -> None:
-    """``jobs/pipeline.py`` on the config: its stages skip what is current, so a finished run costs seconds."""
-    command = [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", config_arg]
-    command += [arg for override in overrides for arg in ("--set", override)]
-    print("running " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    return bootstrap_mean(delta, seed)
 
 
 def main() -> int:

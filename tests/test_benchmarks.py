@@ -108,3 +108,19 @@ def test_encoder_runtime(tiny_trained: tuple[Config, Run]) -> None:
     figures = run_benchmark("encoder_runtime.py", "--config", "tiny", *sets, "--queries", "32",
                             "--batch1-queries", "8", "--threads", "1")
     assert figures["fine_tuned"]["chosen"] in ("torch", "onnx", "onnx-int8")
+
+
+@pytest.mark.slow
+def test_online_retail_baselines() -> None:
+    """The protocol on the repository's copy of Online Retail: its counts (the 1,395 test shoppers of the figures
+    measured outside the project), and the repeat baseline far above popularity, as on every measure of this shop."""
+    figures = run_benchmark("online_retail.py", "--baselines", "popularity,own")
+    assert figures["counts"]["test_shoppers"] == 1395
+    assert figures["counts"]["validation_shoppers"] == 1105
+    assert figures["counts"]["purchase_lines"] == 396_337
+    rows = figures["rows"]
+    popular, own = rows["popularity"]["ndcg@10"], rows["own most-bought (filled: recent popularity)"]["ndcg@10"]
+    assert own["ci95"][0] > popular["ci95"][1], (own, popular)
+    assert 0.07 < popular["mean"] < 0.10 and 0.28 < own["mean"] < 0.35
+    assert {row["shoppers"] for row in rows.values()} == {1395}
+    assert "recent popularity" in rows  # own most-bought's fill is tuned, so it comes along

@@ -13,12 +13,12 @@ import pytest
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.data.preprocess import OUTPUTS
-from shoprank.errors import DataError
+from shoprank.errors import ConfigError, DataError
 from shoprank.privacy import KEY_ENV
 from shoprank.recsys.features import BRAND_FEATURES, CATEGORY_FEATURES, COLUMN, compute_features, product_stats
 from shoprank.recsys.types import Candidates, History
 from shoprank.store.run import Run
-from shoprank.stages import run_stages
+from shoprank.stages import run_stages, stage_hash
 
 
 def test_every_output_is_written_and_counted(tiny_run: tuple[Config, Run]) -> None:
@@ -200,3 +200,31 @@ def test_a_catalogue_without_category_brand_or_description_is_a_catalogue(
     for name in CATEGORY_FEATURES + BRAND_FEATURES:
         assert np.isnan(features[:, COLUMN[name]]).all(), name  # no category or brand: missing, not a share of one
     assert not np.isnan(features[:, COLUMN["log_price"]]).any()
+
+
+def test_split_dates_split_events_by_day_and_are_part_of_the_identity(
+    ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
+) -> None:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku,title,category,price\nA,Cast Iron Pan,Home > Pans,30\nB,Steel Pan,Home > Pans,20\n")
+    rows = ["event_id,user_id,session_id,product_id,event_type,ts"]
+    rows += [f"e{day},u{day % 3},s{day},{'AB'[day % 2]},click,2026-01-{day:02d}T10:00:00Z" for day in range(1, 21)]
+    rows.append("edge,u0,s99,A,click,2026-01-16T00:00:00Z")  # the test split's first instant
+    events = tmp_path / "events.csv"
+    events.write_text("\n".join(rows) + "\n")
+    source = ("source.kind=files", f"source.files.products.path={catalog}", "source.files.products.columns={product_id: sku}",
+              f"source.files.events.path={events}")
+    dated = make_tiny_config(tmp_path / "runs", *source, "preprocess.split_dates={validation: 2026-01-11, test: 2026-01-16}")
+    run = run_stages(dated, until="preprocess")
+    table = read_table(run, "data", "events", columns=["ts", "split"]).to_pandas()
+    expected = table["ts"].map(lambda ts: "train" if ts.day < 11 else "validation" if ts.day < 16 else "test")
+    assert (table["split"] == expected).all()
+    assert run.manifest()["stages"]["preprocess"]["metrics"]["events_split"] == {"train": 10, "validation": 5, "test": 6}
+    assert stage_hash(dated, "preprocess") != stage_hash(make_tiny_config(tmp_path / "runs", *source), "preprocess")
+
+    with pytest.raises(ConfigError, match="split_dates.test .* must be later"):
+        make_tiny_config(tmp_path / "runs", "preprocess.split_dates={validation: 2026-01-11, test: 2026-01-11}")
+    before_every_event = make_tiny_config(tmp_path / "runs", *source,
+                                          "preprocess.split_dates={validation: 2025-12-01, test: 2026-01-16}")
+    with pytest.raises(ConfigError, match="split_dates.validation is 2025-12-01.*no event would train"):
+        run_stages(before_every_event, until="preprocess")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -331,11 +332,29 @@ class SourceConfig(Section):
         return out
 
 
+class SplitDates(Section):
+    """Calendar cut-offs of the events' time split: an event from a date on (00:00 UTC) belongs to that split."""
+
+    validation: date = Field(description="First day of the validation split (YYYY-MM-DD); earlier events train.")
+    test: date = Field(description="First day of the test split (YYYY-MM-DD), after the validation one.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SplitDates":
+        if self.test <= self.validation:
+            raise ValueError(f"split_dates.test ({self.test}) must be later than split_dates.validation "
+                             f"({self.validation}): the validation split would be empty")
+        return self
+
+
 class PreprocessConfig(Section):
     """Training-data construction: splits, histories, pairs."""
 
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    split_dates: SplitDates | None = Field(
+        None, description="Split the events at these dates instead of the fractions' time quantiles: a benchmark's "
+        "fixed test window (benchmarks/online_retail.py), or a shop that evaluates on its last month.",
+    )
     history_length: int = Field(50, ge=1, description="Most recent events kept per user.")
     max_session_pairs: int = Field(
         20, ge=1, description="Products per session considered for co-engagement pairs."

@@ -12,8 +12,8 @@ table                     rows
 ``product_labels``        ``product_id``, ``category``, ``category_label`` (classification)
 ``events``                every event with ``split``: ``train`` before the validation
                           cut-off, ``validation`` before the test cut-off, ``test`` after
-                          (cut-offs are quantiles of ``ts``, so no training event is later
-                          than any validation event)
+                          (cut-offs are quantiles of ``ts``, or ``split_dates``' days, so no
+                          training event is later than any validation event)
 ``user_histories``        per user, the last ``history_length`` *training* events, oldest
                           first: ``product_ids``, ``event_types``, ``ts``
 ``coengagement``          product pairs from *training* sessions: ``viewed_together`` (both
@@ -46,6 +46,7 @@ from shoprank.data.ingest import RECORDS
 from shoprank.data.io import count_rows, read_dataset, read_table, write_dataset, write_table
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_STRENGTH, PRODUCT_SCHEMA
 from shoprank.data.text import normalize_text
+from shoprank.errors import ConfigError
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,9 @@ def _split_pairs(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
 
 
 def _event_cutoffs(events: ray.data.Dataset, config: PreprocessConfig) -> tuple[pa.Scalar, pa.Scalar] | None:
-    """Validation and test cut-offs: the (1 - val - test) and (1 - test) quantiles of ``ts``; None without events."""
+    """Validation and test cut-offs: ``split_dates`` (00:00 UTC of each) where set, else the (1 - val - test) and
+    (1 - test) quantiles of ``ts``; None without events. A date before every event is an error (nothing would
+    train); one after every event leaves its split empty, which the stage's split sizes show."""
     ts = np.concatenate(
         [np.zeros(0, np.int64)]
         + [b["ts"].astype("datetime64[us]").astype(np.int64)
@@ -327,10 +330,18 @@ def _event_cutoffs(events: ray.data.Dataset, config: PreprocessConfig) -> tuple[
     )
     if len(ts) == 0:
         return None
-    q_val, q_test = np.quantile(
-        ts, [1.0 - config.validation_fraction - config.test_fraction, 1.0 - config.test_fraction],
-        method="higher",
-    )
+    if config.split_dates is not None:
+        q_val, q_test = (np.datetime64(day, "us").astype(np.int64)
+                         for day in (config.split_dates.validation, config.split_dates.test))
+        if not (ts < q_val).any():
+            raise ConfigError(f"preprocess.split_dates.validation is {config.split_dates.validation}, but the first "
+                              f"event is of {np.datetime64(int(ts.min()), 'us')}: no event would train; choose a "
+                              "later date")
+    else:
+        q_val, q_test = np.quantile(
+            ts, [1.0 - config.validation_fraction - config.test_fraction, 1.0 - config.test_fraction],
+            method="higher",
+        )
     return pa.scalar(int(q_val), pa.timestamp("us", tz="UTC")), pa.scalar(int(q_test), pa.timestamp("us", tz="UTC"))
 
 
