@@ -21,7 +21,7 @@ from shoprank.ranker.dataset import build_requests
 from shoprank.ranker.train import read_features
 from shoprank.ranker.update import update_ranker
 from shoprank.recsys.booster import META_FILE, load_ranker
-from shoprank.recsys.context import ExclusionDecision, load_context
+from shoprank.recsys.context import ExclusionDecision, load_context, ranker_cutoff
 from shoprank.recsys.features import FEATURES, epoch_seconds, product_stats
 from shoprank.recsys.messages import BASE, OTHER
 from shoprank.recsys.retrieval import rank_inputs
@@ -282,3 +282,32 @@ def test_a_purchase_moves_its_category_up_in_the_next_retrieval_answer(ranked: t
     in_category = [r.product_id for r in after if stats.category[stats.row_of[r.product_id]] == category]
     assert in_category, "no product of the bought category after buying 3 of it"
     assert not set(in_category) & set(bought), "a bought product came back"
+
+
+def test_windowed_requests_make_every_shopper_with_held_out_engagements_a_test_request(
+        tiny_run: tuple[Config, Run]) -> None:
+    """Issue 36, item 4: with ``features.requests=windows`` a recommendation request is a shopper's window of
+    ``features.request_window_days`` from its split's start, so every shopper who engaged in the test split is a
+    test request, asked at the window's start (history: every earlier event), its truth what they engaged with in
+    it. The tiny shop's sessions are visits: ``auto`` keeps its session requests."""
+    config, run = tiny_run
+    windows = config.model_copy(update={"features": config.features.model_copy(update={"requests": "windows"})})
+    events = read_table(run, "data", "events").to_pandas()
+    events["ts_s"] = epoch_seconds(read_table(run, "data", "events").column("ts"))
+    engaged = events[events["event_type"].isin(["click", "add_to_cart", "purchase"])]
+    requests = build_requests(windows, run)
+    recommend = requests[requests["kind"] == "recommend"]
+    test = recommend[recommend["split"] == "test"]
+    assert set(test["user_id"]) == set(engaged.loc[engaged["split"] == "test", "user_id"])
+    test_start = events.loc[events["split"] == "test", "ts_s"].min()
+    width = windows.features.request_window_days * 86_400
+    assert np.allclose((test["ts_s"] - test_start) % width, 0.0)
+    for request in test.head(20).itertuples(index=False):  # the truth is the window's engagements, nothing else
+        window = engaged[(engaged["user_id"] == request.user_id) & (engaged["ts_s"] >= request.ts_s)
+                         & (engaged["ts_s"] < request.ts_s + width)]
+        assert set(request.engaged_ids) == set(window["product_id"])
+    cutoff = ranker_cutoff(read_table(run, "data", "events"), config.features.history_fraction)
+    assert (recommend.loc[recommend["split"] == "train", "ts_s"] >= cutoff).all()
+    assert requests["request_id"].is_unique
+    sessions = build_requests(config, run)  # auto: the tiny shop's sessions are visits
+    assert set(sessions.loc[sessions["kind"] == "recommend", "request_id"]) <= set(events["session_id"])

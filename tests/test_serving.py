@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import xgboost
@@ -30,6 +31,7 @@ from postgres import PostgresServer
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.encoder.runtime import verdicts
+from shoprank.evaluation.offline import served_top_k
 from shoprank.recsys.booster import load_ranker, save_ranker
 from shoprank.serving.app import APP_NAME
 from shoprank.store.events import SqliteEventStore
@@ -123,6 +125,43 @@ def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str
     category = next(c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if c not in shown)
     buy([p for p, c in app.category_of.items() if c == category][:3], "category")
     assert any(item["category"] == category for item in recommend()), "A: the bought category is absent"
+
+
+def test_the_evaluation_ranks_exactly_what_recommend_answers(app: App) -> None:
+    """Issue 36, item 3: the offline evaluation's ranked lists are ``/recommend``'s, order included.
+
+    The evaluation ranks through :func:`~shoprank.evaluation.offline.served_top_k`, the function a variant replica
+    calls (``answer_many``), with the request's user and time. Its test requests (a test session, its history every
+    event before it) cannot be posed to Serve, which answers from every event it holds; so the two are compared
+    where they hold the same events: at Serve's clock (after the run's last event), for shoppers of the run who sent
+    no live event, the evaluation asked for the moment each answer was made (its impression's ``shown_at``).
+    """
+    config, run = app.config, app.run
+    store = SqliteEventStore(app.db)
+    try:
+        events = read_table(run, "data", "events", columns=["user_id"]).column("user_id").to_pylist()
+        counts = Counter(events)
+        # the shoppers with most history, none of whose events another test posted to the store
+        shoppers = [u for u, _ in counts.most_common() if not store.recent_of(u, 1)][:6]
+        answers = {}
+        for user in shoppers:
+            answer = app.post("/recommend", {"user_id": user, "k": 10, "variant": "B"}).json()
+            answers[answer["request_id"]] = (user, [item["product_id"] for item in answer["items"]])
+        deadline = time.time() + 15.0  # each ingress replica writes its impressions every serve.impression_flush_s
+        while True:
+            shown_at = {i.request_id: i.ts for i in store.impressions() if i.request_id in answers}
+            if len(shown_at) == len(answers) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        store.close()
+    assert len(shown_at) == len(answers) == 6, "every answer's impressions reach the store"
+    requests = pd.DataFrame({"request_id": list(answers), "user_id": [u for u, _ in answers.values()],
+                             "query": None, "ts_s": [shown_at[r].timestamp() for r in answers]})
+    evaluated = served_top_k(config, run, requests, k=10)
+    served = {request_id: products for request_id, (_, products) in answers.items()}
+    assert all(len(products) == 10 for products in served.values())
+    assert evaluated == served
 
 
 BAD_REQUESTS = [

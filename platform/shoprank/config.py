@@ -525,6 +525,16 @@ class FeaturesConfig(Section):
         "(a browse page alone is 20 views, so the encoder's 50-event history sees one or two sessions).",
     )
     ctr_prior_views: float = Field(20.0, ge=0.0, description="Smoothing of CTR and conversion towards the mean.")
+    requests: Literal["auto", "sessions", "windows"] = Field(
+        "auto", description="What a recommendation request is: 'sessions' (one per browsing session, at its start: "
+        "what the shopper engaged with in that visit), 'windows' (one per shopper per features.request_window_days "
+        "from each split's start, at the window's start: what they engaged with in the window), or 'auto': windows "
+        "where the log's sessions are not visits (the median shopper has one session, a ratings export's months "
+        "cut as one; or the median session has one event), sessions otherwise. Search requests are sessions always.",
+    )
+    request_window_days: float = Field(
+        7.0, gt=0.0, description="The width of a windowed recommendation request (features.requests).",
+    )
 
 
 class RankerConfig(Section):

@@ -110,7 +110,7 @@ STAGES: tuple[Stage, ...] = (
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
           sections=("policy.diversity",), upstream=("ranker",),
-          inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings/zero_shot_products")),
+          inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings", "index", "data/events")),
 )
 """Every stage of a run, in the order they run: the only list of them."""
 

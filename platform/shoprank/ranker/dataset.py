@@ -9,6 +9,17 @@ both trained on and evaluated. A judged query that no kept session of its split
 searched is a request of its own, with no user (ESCI: judged queries, no behaviour),
 so judgments train and measure the ranker whether or not anyone searched them.
 
+A recommendation request is a session only where sessions are visits. A ratings export
+cut into sessions by a gap keeps a shopper's months of events in one session (its
+request, at the session's start, has no history: every source but popularity is empty,
+and the ranker learns popularity alone, then meets full histories online), and a log
+of one-event sessions has a request per event. There (``features.requests``: ``auto``,
+:func:`sessions_are_visits`; or ``windows`` by choice) recommendation requests are
+windows instead (:func:`windows_of`): a request per shopper per
+``features.request_window_days`` of each split, at the window's start, its truth what
+the shopper engaged with in the window, so every shopper with held-out engagements is
+a test request, with every earlier event as history.
+
 **Labels** (per candidate): for a search, the query's judgment (ESCI 0..3, 0 when
 unjudged; a query nobody judged is labelled like a recommendation); for a recommendation, the user's engagement with the product in that
 session: purchase 3, add to cart 2, click 1, shown but ignored or not shown 0.
@@ -41,6 +52,7 @@ from shoprank.store.run import Run
 GRADES = {"click": 1, "add_to_cart": 2, "purchase": 3}
 REQUEST_COLUMNS = ("user_id", "session_id", "product_id", "event_type", "ts", "query", "split")
 SPLITS = ("train", "validation", "test")
+DAY_S = 86_400.0
 
 
 def sessions_of(events: pa.Table) -> pd.DataFrame:
@@ -60,11 +72,61 @@ def sessions_of(events: pa.Table) -> pd.DataFrame:
     return sessions.reset_index().rename(columns={"session_id": "request_id"})
 
 
+def sessions_are_visits(events: pa.Table) -> bool:
+    """Whether the browsing sessions of ``events`` are visits a request can start: not when the median shopper has
+    one session (months of a ratings export cut as one) or the median session has one event (a session per event),
+    where a request at a session's start has no history to answer from, or nothing to be right about."""
+    browsing = events.filter(pc.is_null(events.column("query"))).select(["user_id", "session_id"]).to_pandas()
+    if browsing.empty:
+        return True
+    per_user = browsing.groupby("user_id")["session_id"].nunique()
+    per_session = browsing.groupby("session_id").size()
+    return bool(per_user.median() > 1 and per_session.median() > 1)
+
+
+def windows_of(events: pa.Table, starts: dict[str, float], window_days: float) -> pd.DataFrame:
+    """One recommendation request per shopper and window of ``window_days`` that the shopper engaged in, the windows
+    tiling each split from its start in ``starts`` (split -> seconds): the request is at the window's start, its
+    truth what the shopper engaged with in the window, so every shopper with engagements in a split is a request of
+    it, whatever the log's sessions look like."""
+    frame = events.select(["user_id", "product_id", "event_type", "split"]).to_pandas()
+    frame["ts_s"] = epoch_seconds(events.column("ts"))
+    frame["grade"] = frame["event_type"].map(GRADES).fillna(0).astype(np.int8)
+    frame["start_s"] = frame["split"].map(starts)
+    frame = frame[(frame["grade"] > 0) & (frame["ts_s"] >= frame["start_s"])]
+    width = window_days * DAY_S
+    frame["request_ts_s"] = frame["start_s"] + (frame["ts_s"] - frame["start_s"]) // width * width
+    keys = ["split", "user_id", "request_ts_s"]
+    engaged = frame.groupby([*keys, "product_id"])["grade"].max().reset_index()
+    windows = engaged.groupby(keys).agg(engaged_ids=("product_id", list), engaged_grades=("grade", list)).reset_index()
+    return pd.DataFrame({
+        "request_id": ["window:" + hashlib.blake2b(f"{s}:{u}:{t!r}".encode(), digest_size=8).hexdigest()
+                       for s, u, t in zip(windows["split"], windows["user_id"], windows["request_ts_s"])],
+        "user_id": windows["user_id"], "ts_s": windows["request_ts_s"], "query": None, "split": windows["split"],
+        "engaged_ids": windows["engaged_ids"], "engaged_grades": windows["engaged_grades"], "kind": "recommend",
+    })
+
+
+def split_starts(events: pa.Table, cutoff: float) -> dict[str, float]:
+    """Where each split's windowed requests start: the ranker's cut-off for training (earlier events feed the
+    statistics), the first event of validation and of test (the time split's boundaries)."""
+    ts = epoch_seconds(events.column("ts"))
+    split = np.asarray(events.column("split").to_numpy(zero_copy_only=False))
+    starts = {s: float(ts[split == s].min()) for s in ("validation", "test") if (split == s).any()}
+    return {"train": cutoff, **starts}
+
+
 def build_requests(config: Config, run: Run) -> pd.DataFrame:
     """Every request of the three splits with what the user engaged with (see the module docstring)."""
     events = read_table(run, "data", "events", columns=list(REQUEST_COLUMNS))
     cutoff = ranker_cutoff(events, config.features.history_fraction)
     sessions = sessions_of(events)
+    windows = config.features.requests == "windows" or (
+        config.features.requests == "auto" and not sessions_are_visits(events))
+    if windows:
+        sessions = pd.concat([sessions[sessions["kind"] == "search"],
+                              windows_of(events, split_starts(events, cutoff), config.features.request_window_days)],
+                             ignore_index=True)
     pairs = read_table(run, "data", "query_pairs")
     query_split = dict(zip(pairs.column("query").to_pylist(), pairs.column("split").to_pylist()))
     keep = (sessions["split"] != "train") | (sessions["ts_s"] >= cutoff)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xgboost
 
+from shoprank.config import Config
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity, diversified
@@ -88,6 +89,15 @@ class Ranking:
         self.explained_features = explained_features
         self.diversity = diversity
         self.brands_named = BrandsNamed(stats.brand_names)
+
+    @classmethod
+    def served(cls, config: Config, stats: ProductStats, strategy: Strategy,
+               booster: xgboost.Booster | None) -> "Ranking":
+        """The ranking a variant replica serves ``strategy`` with under ``config``: the one constructor Serve's
+        replicas and the offline evaluation share, so the evaluation orders and cuts its lists the way Serve
+        does (the same booster, diversity rule and ties)."""
+        return cls(stats, strategy, booster, config.serve.baseline_popularity_weight,
+                   config.serve.explained_features, Diversity.of(config))
 
     def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
         """Each request's top ``k`` under the diversity rule (:mod:`shoprank.recsys.diversity`); the ranker scores

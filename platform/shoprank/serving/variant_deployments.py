@@ -114,7 +114,6 @@ class Variant:
     def follow_registry(self) -> None:
         """Load the model the alias names now, when it is not the one loaded."""
         from shoprank.recsys.answer import Ranking
-        from shoprank.recsys.diversity import Diversity
 
         spec = self.loader.resolve(self.settings["variant"], self.settings["alias"])
         if spec.ranker_run == self.model.get("ranker_run") and spec.strategy == self.model.get("strategy"):
@@ -124,9 +123,7 @@ class Variant:
                         spec.alias, spec.ranker_run, spec.run)
             return
         booster = self.loader.booster(spec)
-        self.ranking = Ranking(self.context.catalogue.stats, spec.strategy, booster,
-                               self.config.serve.baseline_popularity_weight, self.config.serve.explained_features,
-                               Diversity.of(self.config))
+        self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster)
         replaced, self.model = self.model, {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
                                             "trees": booster.num_boosted_rounds() if booster is not None else 0}
         record_model(self.settings["variant"], replaced, self.model)
