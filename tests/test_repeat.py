@@ -70,7 +70,8 @@ def epoch(day: float) -> float:
 REGULAR = [("u", "P1", "purchase", 0, "train"), ("u", "P1", "purchase", 10, "train"),
            ("u", "P1", "purchase", 30, "train"), ("u", "P1", "click", 35, "train"),
            ("u", "P2", "purchase", 20, "train"), ("u", "P1", "purchase", 50, "train"),
-           ("v", "P3", "purchase", 1, "train"), ("v", "P3", "purchase", 2, "train"), ("w", "P3", "purchase", 3, "train"),
+           ("v", "P3", "purchase", 1, "train"), ("v", "P3", "purchase", 2, "train"),
+           ("w", "P3", "purchase", 3, "train"),
            ("w", "P4", "click", 38, "train")]
 
 
