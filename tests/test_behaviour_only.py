@@ -18,13 +18,16 @@ from shoprank.data.latent import (
     MAX_SESSION, RATING_EVENT_TYPES, SESSION_GAP_S, LatentShop, LatentShopSpec, generate,
 )
 from shoprank.recsys.context import (
-    EventLog, RankingContext, coengaged_before, excluded_event_types, item_item_before, trending_before,
+    EventLog, RankingContext, coengaged_before, excluded_event_types, item_item_before, recent_popularity,
 )
 from shoprank.recsys.answer import VariantPipeline
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features, product_stats
 from shoprank.recsys.retrieval import Catalogue, fit_item_item, rank_inputs
 from shoprank.recsys.types import Candidates, History
 
+MISSING_WHEN_NEVER = {"days_since_purchase", "days_since_engaged", "repurchase_interval_days", "purchase_due_ratio",
+                      "repeat_rate"}
+"""Features that are missing, by design, for a product the user never bought (or bought once) or nobody bought."""
 SMALL = LatentShopSpec(seed=3, num_products=600, num_users=80, num_interactions=6_000, days=30)
 
 
@@ -60,9 +63,10 @@ def context_of(shop: LatentShop, config: Config) -> RankingContext:
         stats=stats, vectors=vectors, index=index, index_rows=np.arange(len(vectors)),
         texts=shop.products.column("title").to_pylist(),
         coengaged=coengaged_before(events, stats.row_of, cutoff),
-        trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
+        recent=recent_popularity(events, stats.row_of, config.retrieval.trending_days),
         item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
-        excluded_types=excluded_event_types(config.policy.exclude),
+        # no validation split here: purchase exclusion's auto has no evidence and excludes, as a run would decide
+        excluded_types=excluded_event_types(config.policy.exclude, purchased=True),
     )
     return RankingContext(config, catalogue, None, EventLog(events, stats.row_of), cutoff)
 
@@ -92,7 +96,7 @@ def test_features_of_a_log_without_views_have_no_rate_over_a_zero_count(small: L
         assert not np.isinf(inputs.features).any()
         assert np.isnan(inputs.features[:, COLUMN["ctr"]]).all()
         missing = {FEATURES[c] for c in np.flatnonzero(np.isnan(inputs.features).any(axis=0))}
-        assert missing <= {"ctr", "conversion"}, missing
+        assert missing <= {"ctr", "conversion", *MISSING_WHEN_NEVER}, missing
         for item in pipeline.recommend(user, 10, now):  # the served path: what the answer says about each item
             assert "ctr" not in item.contributions and all(np.isfinite(v) for v in item.contributions.values())
             assert np.isfinite(item.score)
@@ -133,7 +137,7 @@ def test_a_recommendation_leaves_out_what_the_user_bought(small: LatentShop, see
     # without the rule the same histories do get some of those products back: the check above can fail
     config.policy.exclude.purchased = False
     config.policy.exclude.seen = []
-    context.catalogue.excluded_types = excluded_event_types(config.policy.exclude)
+    context.catalogue.excluded_types = excluded_event_types(config.policy.exclude, purchased=False)
     returned = 0
     for user, now in later_requests(context, 30):
         history = context.events.history(user, now, config.features.history_events)
@@ -184,7 +188,8 @@ def test_the_item_item_model_is_ease_and_keeps_its_strongest_weights() -> None:
 
 def test_coengaged_products_are_counted_by_shared_sessions_before_the_cutoff() -> None:
     """Engagements only, a session counted once per product, unknown products and later events left out; most
-    shared sessions first, ties in catalogue order."""
+    shared first, a session weighing 1 / log2(1 + its products) (B's pair with D, from a basket of two, outweighs
+    its pair with C, from a basket of three), ties in catalogue order."""
     events = pd.DataFrame([
         ("s1", "A", "click", 1.0), ("s1", "B", "purchase", 2.0), ("s1", "C", "click", 3.0), ("s1", "A", "click", 4.0),
         ("s2", "A", "add_to_cart", 5.0), ("s2", "B", "click", 6.0), ("s2", "E", "view", 7.0),
@@ -193,7 +198,7 @@ def test_coengaged_products_are_counted_by_shared_sessions_before_the_cutoff() -
     ], columns=["session_id", "product_id", "event_type", "ts_s"])
     row_of = {"A": 0, "B": 1, "C": 2, "D": 3, "E": 4}
     found = {a: rows.tolist() for a, rows in coengaged_before(events, row_of, cutoff_s=50.0).items()}
-    assert found == {0: [1, 2], 1: [0, 2, 3], 2: [0, 1], 3: [1]}
+    assert found == {0: [1, 2], 1: [0, 3, 2], 2: [0, 1], 3: [1]}
     assert coengaged_before(events, row_of, cutoff_s=0.5) == {}
 
 

@@ -21,10 +21,11 @@ from shoprank.ranker.dataset import build_requests
 from shoprank.ranker.train import read_features
 from shoprank.ranker.update import update_ranker
 from shoprank.recsys.booster import META_FILE, load_ranker
-from shoprank.recsys.context import load_context, ranker_cutoff
+from shoprank.recsys.context import ExclusionDecision, load_context, ranker_cutoff
 from shoprank.recsys.features import FEATURES, epoch_seconds, product_stats
 from shoprank.recsys.messages import BASE, OTHER
 from shoprank.recsys.retrieval import rank_inputs
+from shoprank.recsys.types import SOURCES
 from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
@@ -179,14 +180,44 @@ def test_an_update_naming_an_unknown_product_is_rejected_with_its_row(ranked: tu
     assert "P-NOT-IN-CATALOGUE" in str(error.value) and "product_id" in str(error.value)
 
 
+def with_purchases_excluded(config: Config) -> Config:
+    exclude = config.policy.exclude.model_copy(update={"purchased": True})
+    return config.model_copy(update={"policy": config.policy.model_copy(update={"exclude": exclude})})
+
+
+def test_the_runs_purchase_exclusion_is_recorded_and_every_reader_follows_it(ranked: tuple[Config, Run]) -> None:
+    """``policy.exclude.purchased: auto``: the features stage's decision is in the run, its manifest and its
+    evaluation; a context loaded from the run (the evaluation's, Serve's) applies it; the simulated shop's
+    shoppers buy again, so bought products stay candidates, first among them the repeat source's."""
+    config, run = ranked
+    assert config.policy.exclude.purchased == "auto"
+    decision = ExclusionDecision.load(run)
+    assert decision.shares["validation"]["purchases"] > 0 and not decision.exclude_purchased
+    assert run.manifest()["stages"]["features"]["metrics"]["exclude_purchased"] is False
+    policy = run.read_json("evaluation", "offline.json")["policy"]
+    assert policy["exclude_purchased"] is False and policy["repeat_share"] == decision.shares
+    assert "Recommendations keep bought products" in run.read_text("evaluation", "offline.md")
+    context = load_context(config, run)
+    assert "purchase" not in context.catalogue.excluded_types
+    user, history = max(context.events.histories.items(),
+                        key=lambda item: item[1].event_types.count("purchase"))
+    now = float(history.ts_s[-1]) + 3600.0
+    bought = set(history.product_rows[[t == "purchase" for t in history.event_types]].tolist())
+    candidates = rank_inputs(context, user, None, None, now).candidates
+    repeat = candidates.rows[(candidates.sources >> SOURCES.index("repeat")) & 1 == 1]
+    assert len(repeat) and set(repeat.tolist()) <= bought
+    assert "purchase" in load_context(with_purchases_excluded(config), run).catalogue.excluded_types
+
+
 @pytest.mark.parametrize("strategy", ["retrieval", "ranker"])
 def test_a_purchase_leaves_the_very_next_answer(ranked: tuple[Config, Run], strategy: str) -> None:
     """A live purchase reaches the next answer: what was just bought is not recommended again
-    (``policy.exclude.purchased``), and the answer is still full."""
+    (``policy.exclude.purchased: true``; the tiny run's ``auto`` keeps bought products), and the answer is still
+    full."""
     from shoprank.recsys.answer import VariantPipeline
 
     config, run = ranked
-    context = load_context(config, run)
+    context = load_context(with_purchases_excluded(config), run)
     booster = load_ranker(Path(run.path("ranker", "model"))) if strategy == "ranker" else None
     pipeline = VariantPipeline(context, strategy, booster)
     user, history = max(context.events.histories.items(), key=lambda item: len(item[1]))

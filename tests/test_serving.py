@@ -85,8 +85,11 @@ def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str
 
     The session's app runs two replicas of each variant, each with its own user cache fed
     from the event store: on both variants, and on both replicas (the answer's
-    ``x-shoprank-replica`` header says which), what was just bought leaves the very next
-    answer (``policy.exclude.purchased``) and the answer stays full. On A, the retrieval baseline,
+    ``x-shoprank-replica`` header says which), the very next answer is scored from the new
+    history (its scores are not the ones before the purchase: the user vector, the shopper's
+    own-purchase features moved) and stays full. The tiny run's shoppers buy again, so its
+    ``policy.exclude.purchased: auto`` keeps bought products (``test_ranker.py`` checks the
+    recorded decision, and that a forced exclusion drops a live purchase from the next answer). On A, the retrieval baseline,
     whose user vector weighs a fresh purchase most, three purchases in a category it did
     not show bring that category in. The ranker B is not held to the category: it follows
     what the shop's sessions teach it, and a one-off purchase outside a shopper's
@@ -97,6 +100,9 @@ def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str
 
     def recommend() -> list[dict]:
         return app.post("/recommend", {"user_id": user, "k": 20, "variant": variant}).json()["items"]
+
+    def scored(items: list[dict]) -> list[tuple[str, float]]:
+        return [(item["product_id"], round(item["score"], 5)) for item in items]
 
     def buy(products: list[str], tag: str) -> None:
         events = [{"user_id": user, "product_id": p, "event_type": "purchase", "event_id": f"rt-{variant}-{tag}-{p}"}
@@ -110,8 +116,8 @@ def test_a_purchase_shows_in_the_very_next_recommendation(app: App, variant: str
     for _ in range(40):  # Serve picks the replica: ask until both have answered
         answer = app.post("/recommend", {"user_id": user, "k": 20, "variant": variant})
         after = answer.json()["items"]
-        assert len(after) == 20 and not {item["product_id"] for item in after} & set(bought), \
-            f"{variant}: a product bought just now came back from replica {answer.headers['x-shoprank-replica']}"
+        assert len(after) == 20 and scored(after) != scored(before), \
+            f"{variant}: replica {answer.headers['x-shoprank-replica']} answered as if nothing was bought"
         replicas.add(answer.headers["x-shoprank-replica"])
         if len(replicas) == 2:
             break

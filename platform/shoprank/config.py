@@ -479,7 +479,22 @@ class RetrievalConfig(Section):
     candidates_per_source: int = Field(50, ge=1, le=1000, description="N for each candidate source.")
     bm25_k1: float = Field(1.5, gt=0.0)
     bm25_b: float = Field(0.75, ge=0.0, le=1.0)
-    trending_days: float = Field(7.0, gt=0.0, description="Window of the 'trending' popularity for cold starts.")
+    trending_days: float = Field(
+        7.0, gt=0.0, description="Window of the 'trending' popularity (cold starts' source, and the recent "
+        "popularity features), ending at the request's time on the data's clock: never past the log's last event.",
+    )
+    popularity_by: Literal["shoppers", "events"] = Field(
+        "shoppers", description="What orders the popular and trending sources: distinct shoppers who engaged "
+        "with a product (one heavy buyer does not make a bestseller), or engagements. The ranker sees both.",
+    )
+    repeat_event_types: list[Literal["click", "add_to_cart", "purchase"]] = Field(
+        default_factory=lambda: ["purchase"], description="The repeat source proposes the shopper's own products "
+        "of these events (e.g. add click where shoppers come back to what they looked at).",
+    )
+    repeat_half_life_days: float = Field(
+        60.0, gt=0.0, description="The repeat source scores a product by its events' counts, each weighted "
+        "0.5 ** (age in days / this) (recency-decayed, in the spirit of TIFU-KNN).",
+    )
     item_item_l2: float = Field(
         100.0, gt=0.0, description="L2 regularisation of the item-item model (EASE): higher trusts rare pairs less.",
     )
@@ -719,9 +734,17 @@ class ExcludeConfig(Section):
     """What a recommendation leaves out of every candidate source: the feature rows, the evaluation and Serve
     alike (:mod:`shoprank.recsys.retrieval`), so a change builds the feature rows again."""
 
-    purchased: bool = Field(
-        True, description="Recommendations leave out what the user already bought (offline rows and Serve alike), "
-        "as far as the user's history reaches: their last features.history_events events.",
+    purchased: bool | Literal["auto"] = Field(
+        "auto", description="Recommendations leave out what the user already bought (offline rows and Serve alike), "
+        "as far as the user's history reaches: their last features.history_events events. auto: the features "
+        "stage measures the share of the validation split's purchases that repeat one of the shopper's earlier "
+        "purchases, and excludes only when it is below auto_min_repeat_share (repeats would not help there); the "
+        "decision is recorded in the run (ranker/exclusion.json, the manifest, evaluation/offline.json) and "
+        "every reader of the run follows it.",
+    )
+    auto_min_repeat_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="purchased: auto keeps bought products recommendable when at least this "
+        "share of the validation purchases are repeats (a gift shop's regulars: about half; a ratings export: none).",
     )
     seen: list[Literal["view", "click", "add_to_cart"]] = Field(
         default_factory=list, description="Recommendations also leave out products of the user's events of these "

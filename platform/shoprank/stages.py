@@ -38,6 +38,7 @@ from shoprank.encoder.runtime import EXPORT
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import key_id, pseudonyms
 from shoprank.recsys.features import FEATURE_SCHEMA_VERSION
+from shoprank.recsys.types import EXCLUSION
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ STAGES: tuple[Stage, ...] = (
           _fixed(["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]),
           sections=("embed",), upstream=("export",),
           inputs=("encoder/model", "/".join(EXPORT), "data/products", "data/user_histories")),
-    Stage("features", _body("shoprank.ranker.stages:build_features"), _fixed(["ranker/features"]),
+    Stage("features", _body("shoprank.ranker.stages:build_features"),
+          _fixed(["ranker/features", "/".join(EXCLUSION)]),
           sections=("retrieval", "features", "policy.exclude"), upstream=("embed",),
           version=f"features-v{FEATURE_SCHEMA_VERSION}",
           inputs=("embeddings", "index", "encoder/model", "data/products", "data/events", "data/query_pairs")),
@@ -108,7 +110,7 @@ STAGES: tuple[Stage, ...] = (
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
           sections=("policy.diversity",), upstream=("ranker",),
-          inputs=("ranker/features", "ranker/model", "embeddings", "index", "data/events")),
+          inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings", "index", "data/events")),
 )
 """Every stage of a run, in the order they run: the only list of them."""
 

@@ -33,7 +33,7 @@ import pandas as pd
 from shoprank.config import Config
 from shoprank.data.io import read_table
 from shoprank.recsys.metrics import catalog_coverage, mean_metrics
-from shoprank.recsys.context import load_context
+from shoprank.recsys.context import ExclusionDecision, load_context
 from shoprank.ranker.dataset import GRADES, build_requests, judgments, relevance
 from shoprank.recsys.diversity import DiverseTop, Diversity
 from shoprank.ranker.stages import embed_queries
@@ -175,14 +175,16 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
         else:
             missing[kind] = NO_FIGURES[kind]
             record.notes.append(f"{kind}: no figures, {NO_FIGURES[kind]}")
+    exclusion = ExclusionDecision.load(run)
     with run.local_output("evaluation") as directory:
-        write_evaluation(directory, table, missing, coverage)
+        write_evaluation(directory, table, missing, coverage, exclusion)
     for kind, rows in table.items():
         record.metrics[f"{kind}/ranker_ndcg_gain_over_retrieval"] = round(
             rows["fine-tuned retrieval + ranker"]["ndcg@10"] - rows["retrieval (fine-tuned encoder)"]["ndcg@10"], 4
         )
     record.metrics["table"] = table
     record.metrics["recommend/shoppers"] = coverage
+    record.metrics["exclude_purchased"] = exclusion.exclude_purchased
 
 
 SYSTEMS = {
@@ -202,16 +204,20 @@ NO_FIGURES = {
 
 
 def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]], missing: dict[str, str],
-                     coverage: dict[str, int]) -> None:
+                     coverage: dict[str, int], exclusion: ExclusionDecision) -> None:
     """``offline.json``, ``offline.md`` (one table, what its systems are, the shoppers the recommendation figures
-    cover, and why a task has no figures) and ``offline.png`` (NDCG@10 bars)."""
+    cover, why a task has no figures, and the repeat purchases with the exclusion they decided) and
+    ``offline.png`` (NDCG@10 bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "offline.json").write_text(json.dumps({**table, "no_figures": missing, "recommend_shoppers": coverage}, indent=2))
+    policy = {"exclude_purchased": exclusion.exclude_purchased, "setting": exclusion.setting,
+              "reason": exclusion.reason, "repeat_share": exclusion.shares}
+    (directory / "offline.json").write_text(json.dumps(
+        {**table, "no_figures": missing, "recommend_shoppers": coverage, "policy": policy}, indent=2))
     columns = ["ndcg@10", "recall@10", "mrr", "coverage", "requests"]
     lines = ["| task | system | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for kind, rows in table.items():
@@ -223,6 +229,10 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
     lines += [f"- {kind}: no figures, {reason}" for kind, reason in missing.items()]
     lines += ["", f"Recommendation figures cover {coverage['covered']} of the {coverage['held_out']} shoppers with "
               "held-out engagements (a click, cart or purchase in the test split)."]
+    shares = "; ".join(f"{split} {s['repeat_share']:.1%} of {s['purchases']}" for split, s in exclusion.shares.items())
+    lines += ["", f"Repeat purchases (products the shopper had bought before): {shares}. Recommendations "
+              f"{'leave out' if exclusion.exclude_purchased else 'keep'} bought products "
+              f"(policy.exclude.purchased {exclusion.setting}: {exclusion.reason})."]
     (directory / "offline.md").write_text("\n".join(lines) + "\n")
     figure, axes = plt.subplots(1, max(1, len(table)), figsize=(6 * max(1, len(table)), 4), squeeze=False)
     for axis, (kind, rows) in zip(axes[0], table.items()):

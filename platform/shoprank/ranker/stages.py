@@ -26,6 +26,7 @@ from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.ranker.dataset import RequestFeatures, build_requests
 from shoprank.ranker.train import read_features, train_ranker, with_positives
 from shoprank.recsys.booster import save_ranker
+from shoprank.recsys.context import decide_exclusion
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,13 @@ def embed_queries(config: Config, run: Run, queries: list[str], *, zero_shot: bo
 
 
 def build_features(config: Config, run: Run, record: StageRecord) -> None:
+    # before any row: the feature actors' contexts read the decision (ranker/exclusion.json)
+    exclusion = decide_exclusion(config, run)
+    exclusion.save(run)
+    record.metrics["exclude_purchased"] = exclusion.exclude_purchased
+    record.metrics["repeat_share"] = exclusion.shares
+    record.notes.append(f"policy.exclude.purchased {exclusion.setting}: "
+                        f"{'excluded' if exclusion.exclude_purchased else 'kept'}, {exclusion.reason}")
     requests = build_requests(config, run)
     for split, count in requests["split"].value_counts().items():
         record.rows[f"requests_{split}"] = int(count)

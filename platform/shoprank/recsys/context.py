@@ -14,7 +14,7 @@ actor imports neither PyTorch nor transformers (about 7 s of CPU per actor here)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import faiss
@@ -31,8 +31,8 @@ from shoprank.encoder.runtime import Runtime, load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.errors import ShopRankError
 from shoprank.recsys.features import epoch_seconds, product_stats
-from shoprank.recsys.retrieval import Catalogue, ItemItem, fit_item_item
-from shoprank.recsys.types import History, ProductStats
+from shoprank.recsys.retrieval import Catalogue, ItemItem, RecentPopularity, fit_item_item
+from shoprank.recsys.types import EXCLUSION, History, ProductStats
 from shoprank.store.run import Run
 from shoprank.store.tables import read_table
 
@@ -87,8 +87,10 @@ class EventLog:
 
 
 def coengaged_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float) -> dict[int, np.ndarray]:
-    """Products engaged in the same session before the cut-off, most shared sessions first (ties: catalogue
-    order); a product's count with another is the number of sessions that engaged with both."""
+    """Products engaged in the same session (an order, where the reader cut sessions by order) before the
+    cut-off, most shared first (ties: catalogue order). A session adds ``1 / log2(1 + its products)`` to each pair
+    of its products: a basket of two counts about 0.6, one of a hundred (a wholesaler's order) 0.15 per pair, so
+    huge baskets, whose pairs say little each, do not drown the small ones."""
     engaged = events[(events["ts_s"] < cutoff_s) & events["event_type"].isin(ENGAGEMENTS)
                      & events["product_id"].isin(row_of.keys())]
     if engaged.empty:
@@ -97,7 +99,8 @@ def coengaged_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: flo
     rows = engaged["product_id"].map(row_of).to_numpy(np.int64)
     by_session = sp.csr_matrix((np.ones(len(rows), np.float32), (sessions, rows)), shape=(sessions.max() + 1, len(row_of)))
     by_session.data[:] = 1.0  # a session counts once per product
-    shared = (by_session.T @ by_session).tocsr()
+    weight = sp.diags((1.0 / np.log2(1.0 + np.diff(by_session.indptr))).astype(np.float32))
+    shared = (by_session.T @ weight @ by_session).tocsr()
     shared.setdiag(0)
     shared.eliminate_zeros()
     out = {}
@@ -127,17 +130,93 @@ def judged_relevant_counts(run: Run, row_of: dict[str, int]) -> np.ndarray:
     return np.bincount(rows, minlength=len(row_of)).astype(np.float64)
 
 
-def excluded_event_types(exclude: ExcludeConfig) -> frozenset[str]:
-    """The event types whose products a recommendation leaves out."""
-    return frozenset(exclude.seen) | ({"purchase"} if exclude.purchased else set())
+def excluded_event_types(exclude: ExcludeConfig, purchased: bool) -> frozenset[str]:
+    """The event types whose products a recommendation leaves out; ``purchased``: the run's decision
+    (:class:`ExclusionDecision`) for ``exclude.purchased``."""
+    return frozenset(exclude.seen) | ({"purchase"} if purchased else set())
 
 
-def trending_before(events: pd.DataFrame, row_of: dict[str, int], cutoff_s: float, days: float) -> np.ndarray:
-    """Catalogue rows by engagements in the ``days`` before the cut-off, most first."""
-    recent = events[(events["ts_s"] < cutoff_s) & (events["ts_s"] >= cutoff_s - days * 86_400)
-                    & events["event_type"].isin(ENGAGEMENTS)]
-    counts = np.bincount(recent["product_id"].map(row_of).dropna().astype(np.int64), minlength=len(row_of))
-    return np.argsort(-counts, kind="stable")[: int((counts > 0).sum())]
+def recent_popularity(events: pd.DataFrame, row_of: dict[str, int], days: float) -> RecentPopularity:
+    """The engagements of ``events`` as windows of ``days`` before any time (the trending source and features)."""
+    engaged = events[events["event_type"].isin(ENGAGEMENTS) & events["product_id"].isin(row_of.keys())]
+    return RecentPopularity(engaged["ts_s"].to_numpy(np.float64), engaged["product_id"].map(row_of).to_numpy(np.int64),
+                            engaged["user_id"].to_numpy(), len(row_of), days)
+
+
+def repeat_shares(events: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per split (validation, test), the share of its sessions' purchased products that repeat a purchase the
+    shopper made before the session began, and how many purchases that is (what ``exclude.purchased: auto``
+    decides on, and what the evaluation reports). A product bought twice in one session counts once."""
+    bought = events[events["event_type"] == "purchase"]
+    first = bought.groupby(["user_id", "product_id"])["ts_s"].min().rename("first_s")
+    started = events.groupby("session_id")["ts_s"].min().rename("start_s")
+    out = {}
+    for split in ("validation", "test"):
+        mine = bought[bought["split"] == split].drop_duplicates(["session_id", "user_id", "product_id"])
+        mine = mine.join(first, on=["user_id", "product_id"]).join(started, on="session_id")
+        out[split] = {"purchases": int(len(mine)),
+                      "repeat_share": round(float((mine["first_s"] < mine["start_s"]).mean()), 4) if len(mine) else 0.0}
+    return out
+
+
+@dataclass
+class ExclusionDecision:
+    """Whether recommendations leave out what the shopper bought, and why (``policy.exclude.purchased``)."""
+
+    exclude_purchased: bool
+    setting: bool | str
+    reason: str
+    shares: dict[str, dict[str, float]]
+    """:func:`repeat_shares` of the run's events."""
+
+    @classmethod
+    def decide(cls, exclude: ExcludeConfig, events: pd.DataFrame) -> "ExclusionDecision":
+        """``auto``: exclude unless at least ``exclude.auto_min_repeat_share`` of the validation purchases were
+        repeats; without validation purchases there is no evidence, and bought products are left out as before."""
+        shares = repeat_shares(events)
+        validation = shares["validation"]
+        if exclude.purchased != "auto":
+            return cls(bool(exclude.purchased), exclude.purchased, "set in policy.exclude.purchased", shares)
+        if not validation["purchases"]:
+            return cls(True, "auto", "no purchase in the validation split to measure repeats on", shares)
+        repeats = validation["repeat_share"] >= exclude.auto_min_repeat_share
+        return cls(not repeats, "auto", f"{validation['repeat_share']:.1%} of the validation purchases were repeats "
+                   f"({'at least' if repeats else 'below'} auto_min_repeat_share "
+                   f"{exclude.auto_min_repeat_share:.1%})", shares)
+
+    def save(self, run: Run) -> None:
+        run.write_json(asdict(self), *EXCLUSION)
+
+    @classmethod
+    def load(cls, run: Run) -> "ExclusionDecision":
+        if not run.exists(*EXCLUSION):
+            raise ShopRankError(f"{run.uri()}: no {'/'.join(EXCLUSION)} (policy.exclude.purchased: auto is decided by "
+                                "the features stage): run the pipeline on it again")
+        return cls(**run.read_json(*EXCLUSION))
+
+
+def events_frame(events_table: pa.Table) -> pd.DataFrame:
+    """An event log table as the frame the context's parts read (times as epoch seconds; a log without splits
+    is all training)."""
+    columns = ("user_id", "session_id", "product_id", "event_type")
+    frame = pd.DataFrame({c: events_table.column(c).to_numpy(zero_copy_only=False) for c in columns})
+    frame["ts_s"] = epoch_seconds(events_table.column("ts"))
+    frame["split"] = (events_table.column("split").to_numpy(zero_copy_only=False)
+                      if "split" in events_table.column_names else "train")
+    return frame
+
+
+def decide_exclusion(config: Config, run: Run) -> ExclusionDecision:
+    """The features stage's :class:`ExclusionDecision` from the run's events."""
+    return ExclusionDecision.decide(config.policy.exclude, events_frame(read_table(run, "data", "events",
+                                                                                   columns=EVENT_COLUMNS)))
+
+
+def purchased_excluded(config: Config, run: Run) -> bool:
+    """Whether ``run``'s recommendations leave out bought products: the config's setting, or under ``auto`` the
+    decision the run's features stage recorded."""
+    setting = config.policy.exclude.purchased
+    return ExclusionDecision.load(run).exclude_purchased if setting == "auto" else setting
 
 
 @dataclass
@@ -199,7 +278,8 @@ def load_context(
                 np.array([stats.row_of[p] for p in ids], dtype=np.int64))
 
     return assemble_context(config, products, events_table, dense, embedder,
-                            judged=lambda row_of: judged_relevant_counts(run, row_of), history_until_s=history_until_s)
+                            judged=lambda row_of: judged_relevant_counts(run, row_of), history_until_s=history_until_s,
+                            exclude_purchased=purchased_excluded(config, run))
 
 
 DenseIndex = tuple[np.ndarray, "faiss.Index", np.ndarray]
@@ -210,29 +290,29 @@ of each index entry."""
 def assemble_context(
     config: Config, products: pa.Table, events_table: pa.Table, dense: Callable[[ProductStats], DenseIndex],
     embedder: Embedder | None, *, judged: Callable[[dict[str, int]], np.ndarray] | None = None,
-    history_until_s: float | None = None,
+    history_until_s: float | None = None, exclude_purchased: bool | None = None,
 ) -> RankingContext:
     """A context from a catalogue and an event log as tables: what :func:`load_context` builds from a run's files
     and a test from tables of its own. ``dense`` gives the vectors and index for the catalogue's statistics'
-    product order; ``judged`` the judged-relevant counts per catalogue row (none: no judgments)."""
+    product order; ``judged`` the judged-relevant counts per catalogue row (none: no judgments);
+    ``exclude_purchased`` the run's recorded decision (None: decided here from ``events_table``, as the features
+    stage decides, :class:`ExclusionDecision`)."""
     cutoff = ranker_cutoff(events_table, config.features.history_fraction)
     stats = product_stats(products, events_table, cutoff, config.features.ctr_prior_views)
-    events = pd.DataFrame({
-        "user_id": events_table.column("user_id").to_numpy(zero_copy_only=False),
-        "session_id": events_table.column("session_id").to_numpy(zero_copy_only=False),
-        "product_id": events_table.column("product_id").to_numpy(zero_copy_only=False),
-        "event_type": events_table.column("event_type").to_numpy(zero_copy_only=False),
-        "ts_s": epoch_seconds(events_table.column("ts")),
-    })
+    events = events_frame(events_table)
+    if exclude_purchased is None:
+        exclude_purchased = ExclusionDecision.decide(config.policy.exclude, events).exclude_purchased
+    known = events if history_until_s is None else events[events["ts_s"] < history_until_s]
     vectors, index, index_rows = dense(stats)
     catalogue = Catalogue(
         stats=stats, vectors=vectors, index=index, index_rows=index_rows, texts=product_texts(products, config.encoder),
         coengaged=coengaged_before(events, stats.row_of, cutoff),
-        trending=trending_before(events, stats.row_of, cutoff, config.retrieval.trending_days),
+        recent=recent_popularity(events, stats.row_of, config.retrieval.trending_days),
         item_item=item_item_before(events, stats.row_of, cutoff, config.retrieval),
-        excluded_types=excluded_event_types(config.policy.exclude),
+        excluded_types=excluded_event_types(config.policy.exclude, exclude_purchased),
         judged_relevant=judged(stats.row_of) if judged is not None else None,
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
+        popularity_by=config.retrieval.popularity_by, repeat_types=tuple(config.retrieval.repeat_event_types),
+        repeat_half_life_days=config.retrieval.repeat_half_life_days,
     )
-    known = events if history_until_s is None else events[events["ts_s"] < history_until_s]
     return RankingContext(config, catalogue, embedder, EventLog(known, stats.row_of), cutoff)

@@ -19,11 +19,16 @@ features only from that user's events strictly before the request time.
 | ``from_coengaged`` | 1 when it was co-engaged with one of the user's recent products |
 | ``from_popular`` | 1 when it came from the popular items of the user's categories (or trending) |
 | ``from_collaborative`` | 1 when the item-item model (EASE) proposed it from the user's engaged products |
+| ``from_repeat`` | 1 when the repeat source proposed it (the user's own purchases) |
 | ``retrieval_position`` | best 1-based rank of the candidate in any source |
 | ``cf_score`` | item-item model score: the sum of the candidate's weights from every product the user engaged with (0 without) |
 | ``cf_recent`` | the same from the engaged products of the user's latest visit only (:meth:`History.last_visit`: what they were after just now) |
 | ``cf_relative`` | ``cf_score`` over the largest absolute ``cf_score`` among the request's candidates (0 when all are 0) |
 | ``popularity`` | log(1 + engagements) of the product before the cut-off |
+| ``popularity_shoppers`` | log(1 + distinct shoppers who engaged with it) before the cut-off |
+| ``recent_events`` | log(1 + engagements) in the ``retrieval.trending_days`` before the request, on the data's clock (:class:`~shoprank.recsys.retrieval.RecentPopularity`) |
+| ``recent_shoppers`` | log(1 + distinct shoppers) in that window |
+| ``repeat_rate`` | share of the product's buyers before the cut-off who bought it again on another occasion; missing without buyers |
 | ``ctr`` | clicks / views, smoothed towards the log's mean with ``ctr_prior_views`` views; missing (NaN) for a product without views |
 | ``conversion`` | share of the users who engaged with the product (click, cart or purchase) who bought it, smoothed the same way; missing without engaged users |
 | ``log_price`` | log(1 + price) |
@@ -38,6 +43,13 @@ features only from that user's events strictly before the request time.
 | ``category_recency_days`` | days since the user's last event in the product's category (365 when never) |
 | ``unseen_rank_in_category`` | 0-based popularity rank of the product in its category among the products the user has not met yet: the best new thing of a category, once its bestsellers are already theirs |
 | ``user_product_events`` | the user's earlier events on this very product (a re-visit, or something already bought) |
+| ``user_purchases`` | the user's earlier purchases of this product |
+| ``user_engagements`` | their earlier clicks, carts and purchases of it |
+| ``days_since_purchase`` | days since their last purchase of it; missing when never |
+| ``days_since_engaged`` | days since their last engagement with it; missing when never |
+| ``repurchase_interval_days`` | their typical re-purchase interval of it: (last - first purchase) / (occasions - 1), occasions being distinct purchase times; missing when bought on one occasion or never |
+| ``purchase_due_ratio`` | ``days_since_purchase`` / ``repurchase_interval_days``: about 1 when a regular purchase is due; missing with either |
+| ``repeat_score`` | the repeat source's recency-decayed count of the user's purchases of it (0 for a search) |
 | ``history_length`` | number of events in the user's history |
 | ``is_search`` | 1 for a search request, 0 for a recommendation |
 
@@ -58,16 +70,18 @@ from shoprank.encoder.users import EVENT_WEIGHTS
 from shoprank.recsys.diversity import group_codes
 from shoprank.recsys.types import SOURCES, Candidates, History, ProductStats
 
-FEATURE_SCHEMA_VERSION = 4
+FEATURE_SCHEMA_VERSION = 6
 """Bumped whenever a feature is added, removed, reordered or changes meaning."""
 
 FEATURES = [
     "cosine", "bm25", "from_dense", "from_lexical", "from_coengaged", "from_popular", "from_collaborative",
-    "retrieval_position", "cf_score", "cf_recent", "cf_relative",
-    "popularity", "ctr", "conversion", "log_price", "price_vs_user",
+    "from_repeat", "retrieval_position", "cf_score", "cf_recent", "cf_relative",
+    "popularity", "popularity_shoppers", "recent_events", "recent_shoppers", "repeat_rate",
+    "ctr", "conversion", "log_price", "price_vs_user",
     "price_in_category", "price_position_vs_user", "category_affinity", "department_affinity", "brand_affinity",
     "engaged_category_share", "engaged_brand_share", "category_recency_days", "unseen_rank_in_category",
-    "user_product_events", "history_length", "is_search",
+    "user_product_events", "user_purchases", "user_engagements", "days_since_purchase", "days_since_engaged",
+    "repurchase_interval_days", "purchase_due_ratio", "repeat_score", "history_length", "is_search",
 ]
 
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
@@ -86,13 +100,14 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
     """
     ids = products.column("product_id").to_pylist()
     row_of = {p: i for i, p in enumerate(ids)}
-    before = epoch_seconds(events.column("ts")) < cutoff_s
+    ts_s = epoch_seconds(events.column("ts"))
+    before = ts_s < cutoff_s
     kinds = np.asarray(events.column("event_type").to_numpy(zero_copy_only=False))[before]
     rows = np.array([row_of.get(p, -1) for p in np.asarray(events.column("product_id").to_numpy(zero_copy_only=False))[before]],
                     dtype=np.int64)
     users = np.asarray(events.column("user_id").to_numpy(zero_copy_only=False))[before]
     known = rows >= 0
-    rows, kinds, users = rows[known], kinds[known], users[known]
+    rows, kinds, users, ts_s = rows[known], kinds[known], users[known], ts_s[before][known]
     n = len(ids)
 
     def count(kind: str) -> np.ndarray:
@@ -121,12 +136,26 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         log_price=log_price,
         price_in_category=np.where(has_category, log_price - median_in_category, np.nan),
         popularity=np.log1p(clicks + carts + purchases),
+        popularity_shoppers=np.log1p(distinct_users(engaged)),
+        repeat_rate=repeat_rate(rows[kinds == "purchase"], users[kinds == "purchase"], ts_s[kinds == "purchase"], n),
         ctr=smoothed_rate(clicks, views, prior_views),
         conversion=smoothed_rate(distinct_users(kinds == "purchase"), distinct_users(engaged), prior_views),
         cutoff_s=cutoff_s,
         has_category=has_category,
         has_brand=np.array([bool(b) for b in brands]),
     )
+
+
+def repeat_rate(rows: np.ndarray, users: np.ndarray, ts_s: np.ndarray, n: int) -> np.ndarray:
+    """Per product (``n`` rows), the share of its buyers who bought it on more than one occasion (distinct
+    purchase times: one order's repeated lines are one occasion); NaN for a product nobody bought."""
+    occasions = pd.DataFrame({"row": rows, "user": users, "ts": ts_s}).drop_duplicates()
+    per_buyer = occasions.groupby(["row", "user"]).size().reset_index(name="times")
+    buyers = np.bincount(per_buyer["row"].to_numpy(np.int64), minlength=n).astype(np.float64)
+    again = np.bincount(per_buyer["row"].to_numpy(np.int64), (per_buyer["times"] > 1).to_numpy(np.float64),
+                        minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(buyers > 0, again / buyers, np.nan)
 
 
 def smoothed_rate(hits: np.ndarray, trials: np.ndarray, prior_trials: float) -> np.ndarray:
@@ -184,7 +213,14 @@ def compute_features(
         scale = np.abs(candidates.cf_score).max()
         if scale > 0:
             out[:, COLUMN["cf_relative"]] = candidates.cf_score / scale
+    if candidates.repeat_score is not None:
+        out[:, COLUMN["repeat_score"]] = candidates.repeat_score
+    if candidates.recent_events is not None:
+        out[:, COLUMN["recent_events"]] = np.log1p(candidates.recent_events)
+        out[:, COLUMN["recent_shoppers"]] = np.log1p(candidates.recent_shoppers)
     out[:, COLUMN["popularity"]] = stats.popularity[rows]
+    out[:, COLUMN["popularity_shoppers"]] = stats.popularity_shoppers[rows]
+    out[:, COLUMN["repeat_rate"]] = stats.repeat_rate[rows]
     out[:, COLUMN["ctr"]] = stats.ctr[rows]
     out[:, COLUMN["conversion"]] = stats.conversion[rows]
     out[:, COLUMN["log_price"]] = stats.log_price[rows]
@@ -219,9 +255,37 @@ def compute_features(
         days = (now_s - last_seen[stats.category[rows]]) / DAY
         out[:, COLUMN["category_recency_days"]] = np.where(np.isfinite(days), np.minimum(days, NEVER_DAYS), NEVER_DAYS)
         out[:, COLUMN["user_product_events"]] = np.bincount(history.product_rows, minlength=len(stats.product_ids))[rows]
+    _own_history(out, rows, history, now_s, len(stats.product_ids))
     out[np.ix_(~stats.has_category[rows], CATEGORY_COLUMNS)] = np.nan
     out[np.ix_(~stats.has_brand[rows], BRAND_COLUMNS)] = np.nan
     return out
+
+
+def _own_history(out: np.ndarray, rows: np.ndarray, history: History, now_s: float, size: int) -> None:
+    """The user's own purchases and engagements of each candidate: counts, recency, re-purchase rhythm.
+    Missing (NaN), not a made-up number, where the user never did it or bought it on one occasion only."""
+    kinds = np.array(history.event_types, dtype=object)
+    for name, mask in (("purchase", kinds == "purchase"), ("engaged", kinds != "view")):
+        own, ts = history.product_rows[mask], history.ts_s[mask]
+        latest = np.full(size, -np.inf)
+        np.maximum.at(latest, own, ts)
+        out[:, COLUMN["user_purchases" if name == "purchase" else "user_engagements"]] = np.bincount(
+            own, minlength=size)[rows]
+        days = (now_s - latest[rows]) / DAY
+        out[:, COLUMN[f"days_since_{name}"]] = np.where(np.isfinite(days), days, np.nan)
+    bought = kinds == "purchase"
+    interval = np.full(size, np.nan)
+    if bought.any():
+        # occasions: distinct (product, time) pairs, sorted by product then time (one order's lines are one)
+        occasions = np.unique(np.stack([history.product_rows[bought].astype(np.float64), history.ts_s[bought]]), axis=1)
+        products, first, count = np.unique(occasions[0].astype(np.int64), return_index=True, return_counts=True)
+        last = occasions[1][first + count - 1]
+        again = count > 1
+        interval[products[again]] = (last - occasions[1][first])[again] / (count[again] - 1) / DAY
+    out[:, COLUMN["repurchase_interval_days"]] = interval[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        due = out[:, COLUMN["days_since_purchase"]] / out[:, COLUMN["repurchase_interval_days"]]
+    out[:, COLUMN["purchase_due_ratio"]] = np.where(np.isfinite(due), due, np.nan)
 
 
 CATEGORY_FEATURES: tuple[str, ...] = (

@@ -6,8 +6,18 @@
   co-engaged with the user's recent products, plus the N most popular products of
   each of the user's three favourite categories and of their favourite department
   (the categories' parent), plus the top N of the item-item model
-  (:class:`ItemItem`, EASE) given the products the user engaged with. A user
-  without history (cold start) gets the most popular and the trending products.
+  (:class:`ItemItem`, EASE) given the products the user engaged with, plus the
+  **repeat** source: the user's own purchased products (``retrieval.repeat_event_types``),
+  by a recency-decayed count (each event weighs ``0.5 ** (age / repeat_half_life_days)``,
+  in the spirit of TIFU-KNN's personal frequency), for shops whose regulars buy the same
+  products again. A user without history (cold start) gets the most popular and the
+  trending products.
+* **Popularity on the data's clock**: "popular" counts the engagements before the
+  statistics' cut-off; "trending" (:class:`RecentPopularity`) those of the
+  ``retrieval.trending_days`` before the request, its window ending at the request's
+  time but never after the log's last event, so a server whose clock runs far past the
+  data (a wall clock) sees the log's last days, not an empty window. Both are ordered by
+  distinct shoppers (``retrieval.popularity_by``) or by engagements.
   Products the user already bought (``policy.exclude.purchased``), and those of the
   event types in ``policy.exclude.seen``, within the history the ranker reads (the user's
   last ``features.history_events`` events), are left out of every source: this is the
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import bm25s
@@ -52,6 +63,10 @@ if TYPE_CHECKING:  # the context holds a catalogue: a runtime import would run i
 
 FAVOURITE_CATEGORIES = 3
 RECENT_ITEMS = 10
+DAY_S = 86_400.0
+HOUR_S = 3_600.0
+RECENT_WINDOWS_CACHED = 1024
+"""Windows of :class:`RecentPopularity` kept per process (two float32 vectors of the catalogue's size each)."""
 
 
 @dataclass
@@ -117,6 +132,46 @@ def fit_item_item(users: np.ndarray, rows: np.ndarray, n: int, l2: float, max_it
     ))
 
 
+class RecentPopularity:
+    """Each product's engagements and distinct shoppers in the ``days`` before a time, on the data's clock.
+
+    The window ends at the start of the hour of ``min(now_s, last event + 1 hour)``: never after the request
+    (no event at or after it counts, so an offline request sees only its past), and never past the log, so a
+    clock far ahead of the data (Serve's wall clock) gives the log's last days instead of nothing. Whole hours,
+    so the requests of one hour share one cached window.
+    """
+
+    def __init__(self, ts_s: np.ndarray, rows: np.ndarray, users: np.ndarray, size: int, days: float) -> None:
+        order = np.argsort(ts_s, kind="stable")
+        self.ts_s = ts_s[order]
+        self.rows = rows[order]
+        self.users = np.unique(users, return_inverse=True)[1][order].astype(np.int64) if len(users) else rows[:0]
+        self.size = size
+        self.span_s = days * DAY_S
+        self.last_s = float(self.ts_s[-1]) if len(self.ts_s) else -np.inf
+        self._window = lru_cache(maxsize=RECENT_WINDOWS_CACHED)(self._counts)
+
+    @classmethod
+    def empty(cls, size: int, days: float) -> "RecentPopularity":
+        none = np.zeros(0, np.int64)
+        return cls(none.astype(np.float64), none, none, size, days)
+
+    def window_end(self, now_s: float) -> float:
+        """Where the window before ``now_s`` ends (see the class docstring)."""
+        return float(np.floor(min(now_s, self.last_s + HOUR_S) / HOUR_S) * HOUR_S)
+
+    def at(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """(engagements, distinct shoppers) per catalogue row in the window before ``now_s``."""
+        return self._window(self.window_end(now_s))
+
+    def _counts(self, end_s: float) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = np.searchsorted(self.ts_s, [end_s - self.span_s, end_s], side="left")
+        rows, users = self.rows[start:stop], self.users[start:stop]
+        events = np.bincount(rows, minlength=self.size).astype(np.float32)
+        shoppers = np.bincount(np.unique(users * self.size + rows) % self.size, minlength=self.size)
+        return events, shoppers.astype(np.float32)
+
+
 @dataclass
 class Catalogue:
     """Everything retrieval needs about the products, aligned with the catalogue order."""
@@ -129,8 +184,9 @@ class Catalogue:
     texts: list[str]
     coengaged: dict[int, np.ndarray]
     """Catalogue row -> co-engaged catalogue rows, most frequent first."""
-    trending: np.ndarray
-    """Catalogue rows by engagements in the last days before the cut-off, most first."""
+    recent: RecentPopularity
+    """Engagements and shoppers per product in the last days before a request: the trending source and the
+    recent popularity features."""
     item_item: ItemItem
     excluded_types: Collection[str]
     """A recommendation leaves out the products of the user's events of these types."""
@@ -141,12 +197,18 @@ class Catalogue:
     rows of the catalogue."""
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
+    popularity_by: str = "shoppers"
+    """``retrieval.popularity_by``: distinct shoppers or engagements order the popular and trending sources."""
+    repeat_types: Collection[str] = ("purchase",)
+    """``retrieval.repeat_event_types``: the events whose products the repeat source proposes."""
+    repeat_half_life_days: float = 60.0
 
     def __post_init__(self) -> None:
         self.bm25 = bm25s.BM25(k1=self.bm25_k1, b=self.bm25_b)
         self.bm25.index(bm25s.tokenize(self.texts, stopwords="en", show_progress=False), show_progress=False)
         judged = np.zeros(len(self.stats.popularity)) if self.judged_relevant is None else self.judged_relevant
-        by_popularity = np.lexsort((-judged, -self.stats.popularity))
+        keys = (-judged, -self.stats.popularity, -self.stats.popularity_shoppers)  # the last key sorts first
+        by_popularity = np.lexsort(keys if self.popularity_by == "shoppers" else keys[:2])
         self.popular = by_popularity
         self.popular_in = {
             int(c): by_popularity[self.stats.category[by_popularity] == c] for c in np.unique(self.stats.category)
@@ -176,7 +238,8 @@ class Catalogue:
         ages = (now_s - history.ts_s) / 86_400.0
         return user_embedding(self.vectors[history.product_rows], history.event_types, ages, half_life_days)
 
-    def search(self, query: str, query_vector: np.ndarray, n: int, *, dense_only: bool = False) -> Candidates:
+    def search(self, query: str, query_vector: np.ndarray, n: int, now_s: float, *,
+               dense_only: bool = False) -> Candidates:
         """A search's candidates; ``dense_only``: the encoder's alone (the offline evaluation's retrieval rows)."""
         lists = {"dense": self.nearest(query_vector, n)}
         if dense_only:
@@ -184,9 +247,23 @@ class Catalogue:
         bm25 = self.bm25_scores(query)
         lexical = np.argsort(-bm25, kind="stable")[:n]
         lists["lexical"] = lexical[bm25[lexical] > 0]
-        return self._merge(lists, query_vector, bm25)
+        return self._merge(lists, query_vector, bm25, recent=self.recent.at(now_s))
 
-    def recommend(self, user_vector: np.ndarray | None, history: History, n: int, *,
+    def trending(self, now_s: float) -> np.ndarray:
+        """Catalogue rows engaged in the window before ``now_s`` (:class:`RecentPopularity`), most first by
+        ``popularity_by`` (ties: engagements, then catalogue order)."""
+        events, shoppers = self.recent.at(now_s)
+        order = np.lexsort((-events, -shoppers)) if self.popularity_by == "shoppers" else np.argsort(-events,
+                                                                                                    kind="stable")
+        return order[: int((events > 0).sum())]
+
+    def repeat_scores(self, history: History, now_s: float) -> np.ndarray:
+        """Each product's recency-decayed count of the user's events of ``repeat_types`` (catalogue order)."""
+        mine = np.array([t in self.repeat_types for t in history.event_types], dtype=bool)
+        decay = 0.5 ** ((now_s - history.ts_s[mine]) / DAY_S / self.repeat_half_life_days)
+        return np.bincount(history.product_rows[mine], decay, minlength=len(self.stats.product_ids)).astype(np.float32)
+
+    def recommend(self, user_vector: np.ndarray | None, history: History, n: int, now_s: float, *,
                   dense_only: bool = False) -> Candidates:
         """A recommendation's candidates; ``dense_only``: the encoder's alone (the offline evaluation's)."""
         lists: dict[str, np.ndarray] = {}
@@ -195,6 +272,7 @@ class Catalogue:
             lists["dense"] = self.nearest(user_vector, n, excluded)
         if dense_only:
             return self._merge(lists, user_vector, None)
+        repeat_score = self.repeat_scores(history, now_s)
         if len(history):
             recent = list(dict.fromkeys(history.product_rows[::-1].tolist()))[:RECENT_ITEMS]
             neighbours = [_without(self.coengaged.get(r, np.zeros(0, np.int64)), excluded) for r in recent]
@@ -211,14 +289,16 @@ class Catalogue:
                 popular = [_without(self.popular, excluded, n)]
             lists["popular"] = _interleave(popular, n * len(popular))
         else:
-            lists["popular"] = _interleave([self.popular[:n], self.trending[:n]], n)
+            lists["popular"] = _interleave([self.popular[:n], self.trending(now_s)[:n]], n)
         cf_score = self.item_item.scores(history.engaged_rows())
         cf_recent = self.item_item.scores(history.last_visit().engaged_rows())
         positive = np.flatnonzero(cf_score > 0)
         # new products only: what the user already saw comes back through the other sources if at all
         ranked = positive[np.argsort(-cf_score[positive], kind="stable")]
         lists["collaborative"] = _without(ranked, history.product_rows, n)
-        return self._merge(lists, user_vector, None, cf_score, cf_recent)
+        mine = np.flatnonzero(repeat_score > 0)
+        lists["repeat"] = _without(mine[np.argsort(-repeat_score[mine], kind="stable")], excluded, n)
+        return self._merge(lists, user_vector, None, cf_score, cf_recent, repeat_score, self.recent.at(now_s))
 
     def excluded_rows(self, history: History) -> np.ndarray:
         """Catalogue rows a recommendation for this history leaves out (see the module docstring)."""
@@ -228,7 +308,9 @@ class Catalogue:
         return np.unique(history.product_rows[mask])
 
     def _merge(self, lists: dict[str, np.ndarray], vector: np.ndarray | None, bm25: np.ndarray | None,
-               cf_score: np.ndarray | None = None, cf_recent: np.ndarray | None = None) -> Candidates:
+               cf_score: np.ndarray | None = None, cf_recent: np.ndarray | None = None,
+               repeat_score: np.ndarray | None = None,
+               recent: tuple[np.ndarray, np.ndarray] | None = None) -> Candidates:
         position: dict[int, int] = {}
         sources: dict[int, int] = {}
         for name, rows in lists.items():
@@ -246,6 +328,9 @@ class Catalogue:
             position=np.array([position[r] for r in rows], dtype=np.float32),
             cf_score=cf_score[rows] if cf_score is not None else None,
             cf_recent=cf_recent[rows] if cf_recent is not None else None,
+            repeat_score=repeat_score[rows] if repeat_score is not None else None,
+            recent_events=recent[0][rows] if recent is not None else None,
+            recent_shoppers=recent[1][rows] if recent is not None else None,
         )
 
 
@@ -286,9 +371,9 @@ def retrieve(context: RankingContext, history: History, query: str | None, query
     config = context.config
     n = config.retrieval.candidates_per_source
     if query is not None:
-        return context.catalogue.search(query, query_vector, n, dense_only=dense_only)
+        return context.catalogue.search(query, query_vector, n, now_s, dense_only=dense_only)
     vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
-    return context.catalogue.recommend(vector, history, n, dense_only=dense_only)
+    return context.catalogue.recommend(vector, history, n, now_s, dense_only=dense_only)
 
 
 @dataclass

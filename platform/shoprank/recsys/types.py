@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SOURCES = ("dense", "lexical", "coengaged", "popular", "collaborative")
+SOURCES = ("dense", "lexical", "coengaged", "popular", "collaborative", "repeat")
 """Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
 
+EXCLUSION = ("ranker", "exclusion.json")
+"""Where the features stage records whether recommendations leave out what a shopper bought
+(:class:`shoprank.recsys.context.ExclusionDecision`): every later reader of the run (the evaluation, Serve)
+follows it."""
 
 VISIT_GAP_S = 30 * 60.0
 """Events further apart than this belong to different visits for ``cf_recent``: fixed, like the readers'
@@ -36,6 +40,11 @@ class ProductStats:
     price_in_category: np.ndarray
     """Missing (NaN) for a product without a category: there is no category to compare with."""
     popularity: np.ndarray
+    """log(1 + engagements)."""
+    popularity_shoppers: np.ndarray
+    """log(1 + distinct shoppers who engaged)."""
+    repeat_rate: np.ndarray
+    """Share of the product's buyers who bought it again (on another occasion); NaN without buyers."""
     ctr: np.ndarray
     conversion: np.ndarray
     cutoff_s: float
@@ -112,3 +121,10 @@ class Candidates:
     recommendations only), whose cf features are then 0."""
     cf_recent: np.ndarray | None = None
     """The same from the engaged products of their latest visit only."""
+    repeat_score: np.ndarray | None = None
+    """The repeat source's score (the user's recency-decayed count of their purchases of it); None for a search."""
+    recent_events: np.ndarray | None = None
+    """Engagements with each candidate in the ``retrieval.trending_days`` before the request (data clock); None:
+    not computed (features 0)."""
+    recent_shoppers: np.ndarray | None = None
+    """Distinct shoppers behind those engagements."""
