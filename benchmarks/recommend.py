@@ -21,8 +21,8 @@ engaged there, purchase 3 > click 1):
 Each baseline is fitted on the training split's engagements and reads each request's
 history as the system does: every event of the user before the request. The system's
 figures are the run's ``evaluation/offline.json`` (recommendation, fine-tuned
-retrieval + ranker; its per-request rankings are rebuilt from the run's saved ranker
-and test rows, and must give the evaluation's NDCG@10). Prints one table with
+retrieval + ranker; its per-request rankings are asked again of Serve's answer path, as
+the evaluation asks them, and must give the evaluation's NDCG@10). Prints one table with
 NDCG@10, Recall@10, MRR, the system's NDCG@10 over each row's and, for each baseline,
 the system's mean per-request NDCG@10 difference with a 95% bootstrap interval; then
 one JSON line.
@@ -86,12 +86,10 @@ import yaml  # noqa: E402
 from shoprank.config import Config, load_config  # noqa: E402
 from shoprank.data.io import read_table  # noqa: E402
 from shoprank.data.latent import CATALOG_FILE, RATING_EVENT_TYPES, RATINGS_FILE, LatentShopSpec, write_latent_shop  # noqa: E402
-from shoprank.evaluation.offline import diverse_top, qrels_of, top_k_of  # noqa: E402
+from shoprank.evaluation.offline import qrels_of, served_top_k  # noqa: E402
 from shoprank.ranker.dataset import build_requests, judgments  # noqa: E402
-from shoprank.ranker.train import read_features  # noqa: E402
-from shoprank.recsys.booster import load_ranker, predict  # noqa: E402
 from shoprank.recsys.context import ENGAGEMENTS, EventLog  # noqa: E402
-from shoprank.recsys.features import FEATURES, epoch_seconds  # noqa: E402
+from shoprank.recsys.features import epoch_seconds  # noqa: E402
 from shoprank.recsys.metrics import mean_metrics, ndcg_at_k  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 
@@ -248,15 +246,10 @@ BASELINES: dict[str, Callable[[dict[str, Split]], tuple[Runs, dict[str, Any]]]] 
 
 
 def system_runs(config: Config, run: Run) -> Runs:
-    """The run's test rankings, as its evaluation made them: the saved ranker's order of each request's candidates,
-    cut under the diversity rule (``policy.diversity``) as the evaluation and Serve cut them."""
-    rows = read_features(run, "test")
-    booster = load_ranker(run.local_path("ranker", "model"))
-    rows["ranker"] = 0.0
-    for _, group in rows.groupby("request_id", sort=False):
-        rows.loc[group.index, "ranker"] = predict(booster, group[FEATURES].to_numpy(np.float32))
+    """The run's test rankings, as its evaluation made them: Serve's answer for each test request
+    (:func:`~shoprank.evaluation.offline.served_top_k`: the run's ranker, exclusions and diversity rule)."""
     requests = build_requests(config, run)
-    return top_k_of(rows, "ranker", pick=diverse_top(config, run, requests[requests["split"] == "test"]))
+    return served_top_k(config, run, requests[requests["split"] == "test"])
 
 
 def paired_difference(split: Split, system: Runs, other: Runs, seed: int = 0) -> tuple[float, float, float]:
