@@ -90,7 +90,7 @@ class Location:
         directory there is copied, then deleted.
         """
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        if self.is_local or self.fs.get_file_info(source).type != pafs.FileType.Directory:
+        if _on_local_disk(self.fs) or self.fs.get_file_info(source).type != pafs.FileType.Directory:
             self.fs.move(source, target)
             return
         pafs.copy_files(source, target, source_filesystem=self.fs, destination_filesystem=self.fs)
@@ -235,3 +235,11 @@ def local_state_dir(root: str) -> Path:
     if location.is_local:
         return Path(location.path())
     return cache_root() / "state" / hashlib.sha256(location.uri().encode()).hexdigest()[:20]
+
+
+def _on_local_disk(fs: pafs.FileSystem) -> bool:
+    """Whether ``fs`` is a local disk, also seen through sub-tree views (``SubTreeFileSystem``), which rename
+    directories as the disk does; copying there would need every sub-directory made first."""
+    while isinstance(fs, pafs.SubTreeFileSystem):
+        fs = fs.base_fs
+    return isinstance(fs, pafs.LocalFileSystem)
