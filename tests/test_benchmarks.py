@@ -139,8 +139,10 @@ def test_online_retail_system_beats_popularity_and_repeat_purchase_on_two_months
     data = tmp_path / "two-months.csv.gz"
     raw[(raw["InvoiceDate"] >= "2011-09-10") & (raw["InvoiceDate"] < "2011-11-09")].to_csv(data, index=False)
     runs = tmp_path / "runs"
+    # the encoder small (it does not carry this data); requests of two weeks, the slice's horizon, where the
+    # example's month would leave the ranker one truncated window to learn from
     sets = [f"run.root={runs}", "encoder.train.epochs=1", "encoder.train.max_coengagement_pairs=400",
-            "export.timed_queries=16", "ranker.num_boost_round=40"]
+            "export.timed_queries=16", "features.request_window_days=14"]
     figures = run_benchmark("online_retail.py", "--data", str(data), "--validation-from", "2011-10-12",
                             "--test-from", "2011-10-26", "--baselines", "popularity,own", "--system",
                             *(word for value in sets for word in ("--set", value)))
