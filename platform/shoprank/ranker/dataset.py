@@ -174,6 +174,12 @@ def judgments(run: Run) -> dict[str, dict[str, int]]:
     return out
 
 
+FEATURE_ROW_SCHEMA = pa.schema([("request_id", pa.string()), ("split", pa.string()), ("kind", pa.string()),
+                                ("product_id", pa.string()), ("label", pa.int8()),
+                                *((name, pa.float32()) for name in FEATURES)])
+"""The features stage's rows: a candidate of a request, its label and its features."""
+
+
 class RequestFeatures:
     """Ray Data callable class: the run's context is loaded once per actor, then requests become rows.
 
@@ -191,7 +197,7 @@ class RequestFeatures:
         self.judgments = judgments(run)
         self.query_vectors = dict(zip(queries, query_vectors))
 
-    def __call__(self, requests: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, requests: pd.DataFrame) -> pa.Table:
         vectors = self.query_vectors
         ids = self.context.catalogue.stats.product_ids
         # Columns grow as lists and become one frame per batch: a frame per request with its columns inserted
@@ -208,7 +214,9 @@ class RequestFeatures:
             keys["product_id"].extend(products)
             keys["label"].extend(truth.get(p, 0) for p in products)
             features.append(inputs.features)
-        if not features:
-            return pd.DataFrame(columns=["request_id", *FEATURES])
-        rows = pd.DataFrame({**keys, "label": np.array(keys["label"], dtype=np.int8)})
-        return pd.concat([rows, pd.DataFrame(np.concatenate(features), columns=FEATURES)], axis=1)
+        matrix = np.concatenate(features) if features else np.zeros((0, len(FEATURES)), np.float32)
+        columns = {name: pa.array(values, FEATURE_ROW_SCHEMA.field(name).type) for name, values in keys.items()}
+        columns |= {name: pa.array(matrix[:, i], pa.float32()) for i, name in enumerate(FEATURES)}
+        # typed here, not inferred from the batch: a batch whose feature is missing on every row (no candidate
+        # ever bought) would otherwise be written as a column of type null, which no reader can merge
+        return pa.table(columns, schema=FEATURE_ROW_SCHEMA)
