@@ -121,29 +121,29 @@ def test_a_failed_stage_leaves_nothing_behind(
     assert not (run_dir / "manifest.json").exists()
 
 
+def files_source(folder: Path, catalogue_csv: str, event_rows: list[str],
+                 event_columns: str = "event_id,user_id,session_id,product_id,event_type,ts") -> tuple[str, ...]:
+    """Config overrides for a files source of ``catalogue_csv`` and ``event_rows`` (in ``event_columns``),
+    written under ``folder``: hand-made shops for what the generator never makes (a column left out, an orphan
+    event, an event on a split's first instant)."""
+    catalogue, events = folder / "catalog.csv", folder / "events.csv"
+    catalogue.write_text(catalogue_csv + "\n")
+    events.write_text("\n".join([event_columns, *event_rows]) + "\n")
+    return "source.kind=files", f"source.files.products.path={catalogue}", f"source.files.events.path={events}"
+
+
 def test_files_source_counts_orphan_events_in_the_manifest(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text(
-        "sku,title,category,brand,price\n"
-        "A,Cast Iron Pan,Home > Cookware > Pans,Ferro,30\n"
-        "B,Steel Pan,Home > Cookware > Pans,Ferro,20\n"
-    )
-    rows = ["event_id,user_id,session_id,product_id,event_type,ts,query"]
+    catalogue = ("sku,title,category,brand,price\nA,Cast Iron Pan,Home > Cookware > Pans,Ferro,30\n"
+                 "B,Steel Pan,Home > Cookware > Pans,Ferro,20")
+    rows = []
     for i in range(40):
         product = "ZZ" if i % 10 == 0 else "AB"[i % 2]
         kind = "click" if i % 3 == 0 else "view"
         rows.append(f"e{i},u{i % 4},s{i // 4},{product},{kind},2026-01-{1 + i // 2:02d}T10:00:00Z,pan")
-    events = tmp_path / "events.csv"
-    events.write_text("\n".join(rows) + "\n")
-    config = make_tiny_config(
-        tmp_path / "runs",
-        "source.kind=files",
-        f"source.files.products.path={catalog}",
-        "source.files.products.columns={product_id: sku}",
-        f"source.files.events.path={events}",
-    )
+    source = files_source(tmp_path, catalogue, rows, "event_id,user_id,session_id,product_id,event_type,ts,query")
+    config = make_tiny_config(tmp_path / "runs", *source, "source.files.products.columns={product_id: sku}")
     run = run_stages(config, until="preprocess")
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["stages"]["ingest"]["drops"]["events_unknown_product"] == 4
@@ -174,14 +174,9 @@ def test_hash_and_sort_shuffles_build_the_same_tables(
 def test_a_catalogue_without_category_brand_or_description_is_a_catalogue(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("product_id,title,price\nA,Cast Iron Pan,30\nB,Steel Pan,20\nC,Tea Towel,4\n")
-    rows = ["event_id,user_id,session_id,product_id,event_type,ts"]
-    rows += [f"e{i},u{i % 4},s{i // 3},{'ABC'[i % 3]},purchase,2026-01-{1 + i // 2:02d}T10:00:00Z" for i in range(40)]
-    events = tmp_path / "events.csv"
-    events.write_text("\n".join(rows) + "\n")
-    config = make_tiny_config(tmp_path / "runs", "source.kind=files", f"source.files.products.path={catalog}",
-                              f"source.files.events.path={events}")
+    events = [f"e{i},u{i % 4},s{i // 3},{'ABC'[i % 3]},purchase,2026-01-{1 + i // 2:02d}T10:00:00Z" for i in range(40)]
+    source = files_source(tmp_path, "product_id,title,price\nA,Cast Iron Pan,30\nB,Steel Pan,20\nC,Tea Towel,4", events)
+    config = make_tiny_config(tmp_path / "runs", *source)
     run = run_stages(config, until="preprocess")
 
     products = read_table(run, "data", "products")
@@ -205,15 +200,10 @@ def test_a_catalogue_without_category_brand_or_description_is_a_catalogue(
 def test_split_dates_split_events_by_day_and_are_part_of_the_identity(
     ray_local: None, tmp_path: Path, make_tiny_config: Callable[..., Config]
 ) -> None:
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("sku,title,category,price\nA,Cast Iron Pan,Home > Pans,30\nB,Steel Pan,Home > Pans,20\n")
-    rows = ["event_id,user_id,session_id,product_id,event_type,ts"]
-    rows += [f"e{day},u{day % 3},s{day},{'AB'[day % 2]},click,2026-01-{day:02d}T10:00:00Z" for day in range(1, 21)]
-    rows.append("edge,u0,s99,A,click,2026-01-16T00:00:00Z")  # the test split's first instant
-    events = tmp_path / "events.csv"
-    events.write_text("\n".join(rows) + "\n")
-    source = ("source.kind=files", f"source.files.products.path={catalog}", "source.files.products.columns={product_id: sku}",
-              f"source.files.events.path={events}")
+    events = [f"e{day},u{day % 3},s{day},{'AB'[day % 2]},click,2026-01-{day:02d}T10:00:00Z" for day in range(1, 21)]
+    events.append("edge,u0,s99,A,click,2026-01-16T00:00:00Z")  # the test split's first instant
+    source = (*files_source(tmp_path, "sku,title,category,price\nA,Cast Iron Pan,Home > Pans,30\nB,Steel Pan,Home > Pans,20",
+                            events), "source.files.products.columns={product_id: sku}")
     dated = make_tiny_config(tmp_path / "runs", *source, "preprocess.split_dates={validation: 2026-01-11, test: 2026-01-16}")
     run = run_stages(dated, until="preprocess")
     table = read_table(run, "data", "events", columns=["ts", "split"]).to_pandas()
