@@ -57,10 +57,11 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
         else:
             how = f"not CUPED-adjusted: {entry['cuped'].get('missing') or 'no pre-period'}"
         sequence = {**live, "difference": estimate["difference"]} if live else None
+        any_look = _num(live["p_value"] if live else None, ".3g")
         lines += ["", f"**Decision metric: {_metric_label(metric)}** (per user, {estimate['method']}; {how}): "
                       f"A {_num(estimate['control'], '.4g')}, B {_num(estimate['treatment'], '.4g')}; "
                       f"B - A {_effect(estimate)} (95% CI), p = {_num(estimate['p_value'], '.3g')}; "
-                      f"always valid {_effect(sequence)}, p (any look) = {_num(live['p_value'] if live else None, '.3g')}."
+                      f"always valid {_effect(sequence)}, p (any look) = {any_look}."
                       f" Planned size {section['planned_users_per_arm']} users per arm"
                       f"{', reached' if section.get('past_planned_size') else ''}."]
     elif metric:

@@ -37,7 +37,7 @@ from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
-from shoprank.experiment.report import PrePeriod, ab_report, run_pre_period
+from shoprank.experiment.report import DECISION_METRIC, PrePeriod, ab_report, run_pre_period
 from shoprank.recsys.features import epoch_seconds
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.loaders import ShopSource
@@ -142,7 +142,7 @@ class EventStoreWriter:
             self.store = metered(open_event_writer(self.location))
 
     async def report(self, split: dict[str, float], prices: dict[str, float], pre_period: PrePeriod | None = None,
-                     decision_metric: str = "conversion_per_user") -> dict[str, Any]:
+                     decision_metric: str = DECISION_METRIC) -> dict[str, Any]:
         async with self._using() as store:
             report = await asyncio.to_thread(ab_report, store, split, prices=prices, pre_period=pre_period,
                                              decision_metric=decision_metric)

@@ -195,10 +195,10 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
             simulation = gr.Markdown()
             figures = gr.Markdown("Loading the A/B report...", elem_id="ab-figures")
             with gr.Row():
-                ctr_plot = gr.LinePlot(x="time", y="ctr", color="variant", title="CTR over time (cumulative)",
+                ctr_plot = gr.LinePlot(x="time", y="ctr", color="variant", title="CTR per impression over time (cumulative, descriptive)",
                                        height=260)
                 conversion_plot = gr.LinePlot(x="time", y="conversion", color="variant",
-                                              title="Conversion over time (cumulative)", height=260)
+                                              title="Conversion per impression over time (cumulative, descriptive)", height=260)
             timer = gr.Timer(3.0)
 
         def load_users() -> tuple[gr.Dropdown, str]:
