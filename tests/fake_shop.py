@@ -143,7 +143,8 @@ class FakeShop:
         return products().select(PRODUCT_COLUMNS)
 
     def events(self, run: str) -> pa.Table:
-        return events(Pseudonyms(self.user_key)).select(INGRESS_EVENT_COLUMNS)
+        table = events(Pseudonyms(self.user_key))
+        return table.append_column("quantity", pa.nulls(table.num_rows, pa.int32())).select(INGRESS_EVENT_COLUMNS)
 
     def offline(self, spec: VariantSpec) -> dict[str, Any]:
         return {"system": None, "ndcg@10": {}, "note": "an in-memory shop: no offline evaluation"}

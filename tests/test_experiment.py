@@ -13,7 +13,7 @@ from scipy.stats.contingency import relative_risk
 
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
-from shoprank.experiment.readout import readout_png, user_level_markdown
+from shoprank.experiment.readout import headline_markdown, readout_png
 from shoprank.experiment.report import ab_report
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
 from shoprank.store.events import Impression, SqliteEventStore
@@ -174,7 +174,7 @@ def test_guardrails_judge_only_enough_recent_answers() -> None:
 
 def test_the_readout_draws_whole_reports_and_empty_ones(tmp_path: Path) -> None:
     """A report with traffic in both arms, and one of an empty store: each becomes one whole PNG (nothing half
-    written beside it), and the Markdown readout carries the guardrails under the verdict."""
+    written beside it), and the Markdown readout's headline carries the guardrails under the verdict."""
     store = SqliteEventStore(tmp_path / "events.db")
     t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
     impressions, events = [], []
@@ -198,5 +198,6 @@ def test_the_readout_draws_whole_reports_and_empty_ones(tmp_path: Path) -> None:
         readout_png(drawn, tmp_path / "out" / f"{name}.png")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["empty.png", "full.png"]
     assert all((tmp_path / "out" / f).read_bytes().startswith(b"\x89PNG") for f in ("empty.png", "full.png"))
-    markdown = user_level_markdown(report["user_level"], report["guardrails"])
-    assert "| p99 latency | 50 ms | 1500 ms |" in markdown and "p99 latency 1500 ms over 1000 ms" in markdown
+    markdown = headline_markdown(report)
+    assert markdown.startswith("**Verdict:") and "B 150 answers, 0 5xx, p99 1500 ms" in markdown
+    assert "BREACHED: p99 latency 1500 ms over 1000 ms" in markdown and "A 150 answers, 0 5xx, p99 50 ms" in markdown

@@ -17,6 +17,7 @@ from shoprank.data.io import read_table
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.entrypoint import free_port
 from shoprank.webui.page import CSS, build_page, logins
+from shoprank.webui.report import PER_IMPRESSION_TITLE
 from shoprank.webui.simulate import simulate
 
 CHROMIUM = "/usr/bin/chromium"
@@ -114,6 +115,43 @@ def test_side_by_side_buy_in_b_changes_the_ab_counts(app: App, tab: Page) -> Non
     expect(figures).to_contain_text(re.compile(r"Offline, test split .* B: .*search [01]\.\d{4}"))
     expect(figures).to_contain_text("Unit: the user.")  # the user-level readout (experiment.readout)
     tab.screenshot(path=str(OUTPUT / "ab_tab.png"), full_page=False)
+
+
+def test_the_ab_tab_opens_with_the_verdict_and_puts_per_impression_figures_below(app: App, tab: Page,
+                                                                                 tmp_path: Path) -> None:
+    """After simulated shoppers: the tab's figures start with the verdict, visible without scrolling, then the
+    decision metric, the guardrails and the sample ratio; the per-impression section comes after them in the DOM,
+    under its line saying it is descriptive (with the A/A rate)."""
+    traffic = simulate(app.url, app.keys["client"], ShopSimulator(app.config.source.synthetic), 16, concurrency=4,
+                       seed=11)
+    assert not traffic.errors
+    report = app.report_once(lambda report: all(report["variants"][v]["users"] >= 2 for v in ("A", "B")))
+    # the simulated shoppers are the run's: their pre-period comes from its event log, joined by pseudonym
+    section = report["user_level"]
+    assert section["users_with_history"] > 0 and section["pre_period"].startswith("the run's event log")
+    tab.get_by_role("tab", name="A/B test").click()
+    figures = tab.locator("#ab-figures")
+    # the page's timer has read a report with these shoppers in it
+    expect(figures).to_contain_text(re.compile(rf"Sample ratio: users A ([1-9]\d*), B ([1-9]\d*)"), timeout=30_000)
+    expect(figures).to_contain_text(re.compile(r"Decision metric: conversion per user \(per user, welch"))
+    verdict = figures.locator("strong", has_text=re.compile(r"^Verdict: "))
+    descriptive = figures.locator("strong", has_text=PER_IMPRESSION_TITLE)
+    expect(verdict).to_be_visible()
+    text = figures.inner_text().strip()
+    assert text.startswith("Verdict: ")
+    markers = ("Verdict: ", "Decision metric: ", "Guardrails:", "Sample ratio:", "Unit: the user.",
+               PER_IMPRESSION_TITLE, "B vs A per impression")
+    order = [text.find(marker) for marker in markers]
+    assert -1 not in order and order == sorted(order), (dict(zip(markers, order)), text[:3000])
+    assert "in A/A calibration" in text and "9.5% (CTR)" in text
+    follows = verdict.evaluate("(first, later) => !!(first.compareDocumentPosition(later) & "
+                               "Node.DOCUMENT_POSITION_FOLLOWING)", descriptive.element_handle())
+    assert follows
+    box, viewport = verdict.bounding_box(), tab.viewport_size
+    assert box is not None and viewport is not None and 0 <= box["y"] and box["y"] + box["height"] <= viewport["height"]
+    shot = tmp_path / "ab_tab_verdict_first.png"
+    tab.screenshot(path=str(shot), full_page=False)
+    assert shot.read_bytes().startswith(b"\x89PNG")
 
 
 def test_simulated_shoppers_fill_the_report(app: App) -> None:

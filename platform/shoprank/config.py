@@ -582,6 +582,17 @@ class ServeConfig(Section):
         default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Share of users per variant (normalised)."
     )
     experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
+    decision_metric: Literal["conversion_per_user", "revenue_per_user", "ctr", "conversion_per_session",
+                             "clicks_per_session", "revenue_per_session"] = Field(
+        "conversion_per_user", description="The user-level metric the A/B verdict reads (the others are shown, and "
+        "latency and errors are guardrails): conversion per user by default, what a visitor does; revenue per user "
+        "is noisier, one large basket moves it (docs/experiments.md, 'The decision metric').",
+    )
+    cuped_pre_period_days: float = Field(
+        90.0, gt=0.0, description="CUPED's pre-period: each shopper's events over the served run's last this many "
+        "days (and the live store's from then to the experiment's start) predict their outcome; longer holds more "
+        "visits per shopper, and a shopper's taste drifts over months.",
+    )
     event_db: str = Field(
         "events.sqlite",
         description="The event store: an SQLite file (relative: under run.root), or a PostgreSQL server as "

@@ -21,9 +21,10 @@ pages per user, each page's products and, per product and arm, the ground
 truth's probabilities of being examined, clicked, carted and bought, from
 :meth:`ShopModel.response_probabilities`); an experiment then draws visits from
 the bank and their clicks and purchases from those probabilities, all at once.
-Each user's **pre-experiment history** (the CUPED covariate) is drawn the same
-way on the shop's own pages, visits in proportion to the user's activity, as the
-simulated history is.
+Each user's **pre-experiment history** is drawn the same way on the shop's own
+pages, visits in proportion to the user's activity, as the simulated history is;
+the CUPED covariate is the report's (:func:`~shoprank.experiment.userstats.pre_period_covariate`:
+the share of the user's earlier visits that bought).
 
 The **tests** are the report's own functions on the simulated users: the
 per-impression two-proportion z-test (:func:`stats.compare`), the user-level
@@ -44,8 +45,11 @@ from shoprank.data.synthetic import ShopModel
 from shoprank.experiment.plan import users_per_arm
 from shoprank.experiment.sequential import always_valid, mixing_sd
 from shoprank.experiment.stats import compare, wilson
-from shoprank.experiment.userstats import compare_means, cuped, delta_ratio, welch
+from shoprank.experiment.userstats import UserTotals, compare_means, cuped, delta_ratio, pre_period_covariate, welch
 
+PER_IMPRESSION_AA_FALSE_POSITIVES = {"ctr": 0.095, "conversion": 0.135}
+"""The per-impression z-tests' A/A false-positive rates at alpha 0.05, as :func:`calibrate` measured them at its
+defaults on the demo shop (docs/experiments.md's table): what the readout quotes above its per-impression figures."""
 SHOP, RERANKED = 0, 1
 """Arms of the page bank: the shop's own order, and the same products by the shopper's hidden utility."""
 ARM_NAMES = {SHOP: "the shop's own pages", RERANKED: "the same products re-ordered by the shopper's hidden utility"}
@@ -197,7 +201,14 @@ def judge(experiment: Experiment, look_every: int, alpha: float = 0.05) -> Verdi
     end = _per_user(visits, pool)
     seen = end["visits"] > 0
     a, b = seen & ~treated, seen & treated
-    before_bought = (_per_user(experiment.before, pool)["purchases"] > 0).astype(float)
+    history = experiment.before
+    converted_before = np.bincount(history.user, weights=(history.purchases > 0).astype(float), minlength=pool)
+    visits_before = np.bincount(history.user, minlength=pool).astype(float)
+    nothing = np.zeros(int(seen.sum()))
+    before = pre_period_covariate("conversion_per_user", UserTotals(  # the report's covariate, over the shoppers seen
+        nothing, nothing, nothing, nothing, nothing, visits_before[seen], converted_before[seen]))
+    covariate = np.zeros(pool)
+    covariate[seen] = before
     rejected: dict[str, bool] = {}
     ctr = compare(int(end["clicks"][a].sum()), int(end["impressions"][a].sum()),
                   int(end["clicks"][b].sum()), int(end["impressions"][b].sum()))
@@ -208,7 +219,7 @@ def judge(experiment: Experiment, look_every: int, alpha: float = 0.05) -> Verdi
     bought = (end["purchases"] > 0).astype(float)
     delta = delta_ratio("ctr", end["clicks"][a], end["impressions"][a], end["clicks"][b], end["impressions"][b])
     plain = welch("conversion_per_user", bought[a], bought[b])
-    adjusted = cuped("conversion_per_user", bought[a], before_bought[a], bought[b], before_bought[b])
+    adjusted = cuped("conversion_per_user", bought[a], covariate[a], bought[b], covariate[b])
     revenue = welch("revenue_per_user", end["revenue"][a], end["revenue"][b])
     for key, effect in (("user_delta_ctr", delta), ("user_welch_conversion", plain),
                         ("user_cuped_conversion", adjusted), ("user_welch_revenue", revenue)):

@@ -1,11 +1,12 @@
 """The user-level readout as Markdown: what a data scientist signs (the report's ``user_level`` section).
 
-Per variant the money and the funnel of users; per metric B against A with the
-fixed-horizon interval and p-value, the CUPED-adjusted interval and its variance
-reduction, and the always-valid interval and p-value; then the verdict and the
-rule that produced it, and the app's guardrails when the report has them. :func:`readout_png` draws the same
-readout as one picture (``shoprank experiment readout`` writes both files). A figure the report could not compute is a dash followed
-by its reason.
+:func:`headline_markdown` comes first: the verdict and the rule that produced it, the decision metric's effect
+with its interval (the estimate the verdict read), the app's guardrails and the sample-ratio check.
+:func:`user_level_markdown` follows with the details: per variant the money and the funnel of users; per metric
+B against A with the fixed-horizon interval and p-value, the CUPED-adjusted interval and its variance reduction,
+and the always-valid interval and p-value. :func:`readout_png` draws the same readout as one picture
+(``shoprank experiment readout`` writes both files). A figure the report could not compute is a dash followed by
+its reason.
 """
 
 from __future__ import annotations
@@ -31,12 +32,62 @@ def _effect(effect: Mapping[str, Any] | None, low: str = "low", high: str = "hig
             f"{_num(effect.get(high), spec)}]")
 
 
-def user_level_markdown(section: Mapping[str, Any], guardrails: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """The ``user_level`` section of :func:`shoprank.experiment.report.ab_report` as Markdown, with the report's
-    ``guardrails`` (the app's, :mod:`shoprank.experiment.guardrails`) when given."""
+def _metric_label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def headline_markdown(report: Mapping[str, Any]) -> str:
+    """What a reader decides on, first: the verdict, the decision metric's user-level effect with its interval and
+    p-values (from the estimate the verdict read: CUPED-adjusted where CUPED applies, so the two never disagree),
+    the guardrails and the sample-ratio check."""
+    section = report.get("user_level") or {}
+    verdict = section.get("verdict")
+    lines = [f"**Verdict: {verdict['decision']}** ({verdict['rule']})." if verdict
+             else "**Verdict: none yet** (both variants need users)."]
+    metric = section.get("decision_metric")
+    entry = (section.get("metrics") or {}).get(metric) if metric else None
+    estimate = entry[entry["estimate"]] if entry and "missing" not in entry else None
+    if estimate is not None and estimate["difference"] is None:
+        lines += ["", f"**Decision metric: {_metric_label(metric)}**: no figures yet ({estimate['missing']})."]
+    elif estimate is not None:
+        live = entry.get("always_valid")
+        if entry["estimate"] == "cuped":
+            how = (f"CUPED-adjusted: {_num(estimate.get('variance_reduction'), '.1%')} of its variance removed, "
+                   f"{section['users_with_history']} shoppers with a pre-period")
+        else:
+            how = f"not CUPED-adjusted: {entry['cuped'].get('missing') or 'no pre-period'}"
+        sequence = {**live, "difference": estimate["difference"]} if live else None
+        any_look = _num(live["p_value"] if live else None, ".3g")
+        lines += ["", f"**Decision metric: {_metric_label(metric)}** (per user, {estimate['method']}; {how}): "
+                      f"A {_num(estimate['control'], '.4g')}, B {_num(estimate['treatment'], '.4g')}; "
+                      f"B - A {_effect(estimate)} (95% CI), p = {_num(estimate['p_value'], '.3g')}; "
+                      f"always valid {_effect(sequence)}, p (any look) = {any_look}."
+                      f" Planned size {section['planned_users_per_arm']} users per arm"
+                      f"{', reached' if section.get('past_planned_size') else ''}."]
+    elif metric:
+        lines += ["", f"**Decision metric: {_metric_label(metric)}**: no figures yet"
+                      + (f" ({entry['missing']})." if entry else ".")]
+    guardrails = report.get("guardrails") or {}
+    lines += ["", "**Guardrails:** " + ("; ".join(
+        f"{name} {g['requests']} answers, {g['errors']} 5xx, p99 {g['p99_ms']:.0f} ms, "
+        + (f"BREACHED: {'; '.join(g['breached'])}" if g["breached"] else "none breached")
+        for name, g in guardrails.items()) if guardrails else "no answers in the reporting replica's window yet, "
+        "nothing to judge") + "."]
+    ratio = report.get("sample_ratio")
+    if ratio:
+        users = ", ".join(f"{name} {count}" for name, count in ratio["observed"].items())
+        state = "**mismatch**: check the assignment" if ratio["mismatch"] else "as configured"
+        lines += ["", f"**Sample ratio:** users {users}; p = {_num(ratio['p_value'], '.3f')} ({state})."]
+    return "\n".join(lines)
+
+
+def user_level_markdown(section: Mapping[str, Any]) -> str:
+    """The ``user_level`` section of :func:`shoprank.experiment.report.ab_report` in full, as Markdown: per variant
+    the money and the funnel of users, per metric the fixed-horizon, CUPED and always-valid figures (what
+    :func:`headline_markdown` puts first comes from here)."""
     lines = [f"**Unit: the user.** Experiment start {section.get('experiment_start') or '–'}; "
-             f"{section.get('users_with_history', 0)} users with pre-experiment history (CUPED); "
-             f"revenue: {section.get('revenue')}.", "",
+             f"{section.get('users_with_history', 0)} users with a pre-period (CUPED's covariate: "
+             f"{section.get('pre_period') or '–'}); revenue: {section.get('revenue')}.", "",
              "| variant | users | sessions | shown | clicked | carted | bought | revenue | per user | AOV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in section.get("variants", {}).items():
@@ -48,14 +99,15 @@ def user_level_markdown(section: Mapping[str, Any], guardrails: Mapping[str, Map
     if not metrics:
         return "\n".join(lines)
     lines += ["", "| metric | A | B | B - A [95% CI] | p | CUPED: B - A [95% CI] | variance cut | "
-                  "always valid: B - A [CS] | p (any look) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "always valid (CUPED where it applies): B - A [CS] | p (any look) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, entry in metrics.items():
         if "missing" in entry:
             notes.append(f"{name}: {entry['missing']}")
             continue
         fixed, adjusted, live = entry["fixed_horizon"], entry["cuped"], entry["always_valid"]
-        sequence = {**live, "difference": fixed["difference"]} if live else None
+        sequence = {**live, "difference": entry[entry["estimate"]]["difference"]} if live else None
         lines.append(
             f"| {name} ({fixed['method']}) | {_num(fixed['control'], '.4g')} | {_num(fixed['treatment'], '.4g')} | "
             f"{_effect(fixed)} | {_num(fixed['p_value'], '.3g')} | {_effect(adjusted)} | "
@@ -63,16 +115,6 @@ def user_level_markdown(section: Mapping[str, Any], guardrails: Mapping[str, Map
             f"{_num(live['p_value'] if live else None, '.3g')} |")
         if fixed.get("missing"):
             notes.append(f"{name}: {fixed['missing']}")
-    verdict = section["verdict"]
-    lines += ["", f"**Verdict: {verdict['decision']}** ({verdict['rule']}; planned size "
-                  f"{section['planned_users_per_arm']} users per arm"
-                  f"{', reached' if section.get('past_planned_size') else ''})."]
-    if guardrails:
-        lines += ["", "| guardrail | " + " | ".join(guardrails) + " |", "|---|" + "---|" * len(guardrails),
-                  "| answers (5xx) | " + " | ".join(f"{g['requests']} ({g['errors']})" for g in guardrails.values())
-                  + " |",
-                  "| p99 latency | " + " | ".join(f"{g['p99_ms']:.0f} ms" for g in guardrails.values()) + " |",
-                  "| breached | " + " | ".join("; ".join(g["breached"]) or "none" for g in guardrails.values()) + " |"]
     if notes:
         lines += ["", "Not computed: " + "; ".join(notes) + "."]
     return "\n".join(lines)
@@ -105,14 +147,14 @@ def readout_png(report: Mapping[str, Any], path: Path) -> None:
         funnel_axis.legend()
     rows, left_out = [], []
     for name, entry in (section.get("metrics") or {}).items():
-        fixed = entry.get("fixed_horizon") or {}
-        control = fixed.get("control")
-        if fixed.get("difference") is None or not control:
+        estimate = entry.get(entry.get("estimate", "fixed_horizon")) or {}
+        control = estimate.get("control")
+        if estimate.get("difference") is None or not control:
             left_out.append(name)
             continue
         live = entry.get("always_valid") or {}
-        rows.append((name, fixed["difference"] / control, fixed.get("low"), fixed.get("high"), live.get("low"),
-                     live.get("high"), control))
+        rows.append((name, estimate["difference"] / control, estimate.get("low"), estimate.get("high"),
+                     live.get("low"), live.get("high"), control))
     for y, (name, relative, low, high, live_low, live_high, control) in enumerate(rows):
         if live_low is not None and live_high is not None:
             effect_axis.plot([live_low / control, live_high / control], [y, y], color="#9bd", linewidth=2)
@@ -123,7 +165,8 @@ def readout_png(report: Mapping[str, Any], path: Path) -> None:
     effect_axis.set_yticks(range(len(rows)), [row[0] for row in rows])
     effect_axis.invert_yaxis()
     effect_axis.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    effect_axis.set_xlabel("B - A, relative to A: 95% interval (thick), always-valid (thin)")
+    effect_axis.set_xlabel("B - A, relative to A (CUPED-adjusted where it applies): 95% interval (thick), "
+                           "always-valid (thin)")
     effect_axis.set_title("B against A per user" + (f" (no figures: {', '.join(left_out)})" if left_out else ""))
     if not rows:
         effect_axis.text(0.5, 0.5, "no figures yet: both variants need users", ha="center", transform=effect_axis.transAxes)

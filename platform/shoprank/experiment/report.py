@@ -21,12 +21,19 @@ users, sessions, revenue (a purchase's product price, times its ``quantity`` whe
 the events carry one, else 1), revenue per user, average order value and the
 funnel of users shown, clicked, carted, bought; per metric B against A with the
 fixed-horizon interval and p-value (delta method for ratio metrics, Welch for
-per-user ones), the CUPED-adjusted result with its variance reduction (covariate:
-each user's value of the metric in the store's events before the experiment's
-``start``, the first assigned impression unless given), and the always-valid
-mSPRT readout (:mod:`shoprank.experiment.sequential`) tuned for
-``planned_users_per_arm``; and a one-line verdict with the rule that produced it.
+per-user ones), the CUPED-adjusted result with its variance reduction, and the
+always-valid mSPRT readout (:mod:`shoprank.experiment.sequential`) tuned for
+``planned_users_per_arm``, on the CUPED-adjusted estimate where CUPED applies
+(``estimate`` names which); and a one-line verdict on ``decision_metric`` read from
+that same estimate and test, so the headline and the verdict never disagree.
 Revenue figures need ``prices`` (product id -> price); without them they say so.
+
+The CUPED covariate is each shopper's **pre-period**: their events in the served
+run's event log over its last ``serve.cuped_pre_period_days`` (:func:`run_pre_period`,
+computed once by the ingress; the log is pseudonymised with the key the app uses, so
+its user ids are the store's), plus the live store's events from the log's end to
+the experiment's ``start`` (the first assigned impression unless given), joined by
+pseudonym. The two do not overlap, so no event counts twice.
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shoprank.experiment.sequential import ALPHA, PLANNED_USERS_PER_ARM, always_valid, mixing_sd
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
@@ -48,14 +57,38 @@ TIMELINE_POINTS = 30
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")
 SESSION_GAP_S = 1800.0
 """A user's impressions more than 30 minutes apart start a new session (the web analytics convention)."""
-PRIMARY_METRIC = "conversion_per_user"
-"""The metric the verdict reads."""
+DECISION_METRIC = "conversion_per_user"
+"""The metric the verdict reads unless ``serve.decision_metric`` names another (docs/experiments.md argues it)."""
+
+
+@dataclass(frozen=True)
+class PrePeriod:
+    """Shoppers' totals in the served run's event log over its last days: the CUPED covariate's history."""
+
+    totals: dict[str, np.ndarray]
+    """Pseudonym -> totals in :class:`UserTotals`' field order."""
+    since: dt.datetime | None
+    until: dt.datetime | None
+    """The log's last event: the live store's events after it complete the pre-period."""
+
+
+def run_pre_period(events: pa.Table, prices: Mapping[str, float] | None, days: float) -> PrePeriod:
+    """Each shopper's totals over the last ``days`` of a run's event log (user_id, session_id, product_id,
+    event_type, ts, optionally quantity)."""
+    if not events.num_rows:
+        return PrePeriod({}, None, None)
+    until = pc.max(events.column("ts")).as_py()
+    since = until - dt.timedelta(days=days)
+    recent = events.filter(pc.greater_equal(events.column("ts"), pa.scalar(since, events.schema.field("ts").type)))
+    return PrePeriod(_history(recent, prices), since, until)
 
 
 def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A", treatment: str = "B", *,
               prices: Mapping[str, float] | None = None, start: dt.datetime | None = None,
-              planned_users_per_arm: int = PLANNED_USERS_PER_ARM) -> dict[str, Any]:
-    """The report's figures as JSON-ready dicts (see the module docstring)."""
+              planned_users_per_arm: int = PLANNED_USERS_PER_ARM, pre_period: PrePeriod | None = None,
+              decision_metric: str = DECISION_METRIC) -> dict[str, Any]:
+    """The report's figures as JSON-ready dicts (see the module docstring); ``pre_period``: the run's history
+    (:func:`run_pre_period`), without which the covariate is the live store's events before the start alone."""
     shown: dict[tuple[str, str], str] = {}
     """(request, product) of each assigned impression -> its variant."""
     shown_to: dict[tuple[str, str], str] = {}
@@ -132,13 +165,33 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
     report["timeline"] = timeline(shown_at, engaged_at, list(split))
     if start is None and shown_at:
         start = dt.datetime.fromtimestamp(min(t for t, _ in shown_at), dt.timezone.utc)
-    before = events.slice(0, 0) if start is None else _events_before(events, start)
+    history, described = _pre_period_history(events, start, pre_period, prices)
     report["user_level"] = user_level(
         {v: _user_totals(v, requests_of, impressions_of, user_engaged, prices) for v in split},
-        _history(before, prices),
-        control, treatment, start=start, prices_known=prices is not None,
-        planned_users_per_arm=planned_users_per_arm, sample_ratio_broken=report["sample_ratio"]["mismatch"])
+        history, control, treatment, start=start, prices_known=prices is not None,
+        planned_users_per_arm=planned_users_per_arm, sample_ratio_broken=report["sample_ratio"]["mismatch"],
+        decision_metric=decision_metric, pre_period=described)
     return report
+
+
+def _pre_period_history(events: pa.Table, start: dt.datetime | None, pre_period: PrePeriod | None,
+                        prices: Mapping[str, float] | None) -> tuple[dict[str, np.ndarray], str]:
+    """Each user's pre-period totals (the run's log, then the live store's events up to ``start``) and what the
+    pre-period was, in words."""
+    if start is None:
+        return {}, "none: the experiment has not started"
+    live = _events_before(events, start)
+    if pre_period is None or pre_period.until is None:
+        return _history(live, prices), "the live store's events before the experiment's start"
+    if pre_period.until >= start:  # the run's log reaches into the experiment: it is no pre-period
+        return _history(live, prices), ("the live store's events before the experiment's start (the run's event "
+                                         "log reaches past the start, so it is left out)")
+    live = live.filter(pc.greater(live.column("ts"), pa.scalar(pre_period.until, live.schema.field("ts").type)))
+    history = {user: totals.copy() for user, totals in pre_period.totals.items()}
+    for user, totals in _history(live, prices).items():
+        history[user] = history[user] + totals if user in history else totals
+    return history, (f"the run's event log from {pre_period.since.isoformat()} to its end "
+                     f"{pre_period.until.isoformat()} and the live store's events from then to the experiment's start")
 
 
 def _quantities(events: pa.Table) -> list[float]:
@@ -150,8 +203,6 @@ def _quantities(events: pa.Table) -> list[float]:
 
 def _events_before(events: pa.Table, start: dt.datetime) -> pa.Table:
     """The events strictly before ``start``: the users' pre-experiment history."""
-    import pyarrow.compute as pc
-
     return events.filter(pc.less(events.column("ts"), pa.scalar(start, events.schema.field("ts").type)))
 
 
@@ -217,7 +268,8 @@ def _history(events: pa.Table, prices: Mapping[str, float] | None) -> dict[str, 
 
 def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mapping[str, np.ndarray], control: str,
                treatment: str, *, start: dt.datetime | None, prices_known: bool, planned_users_per_arm: int,
-               sample_ratio_broken: bool) -> dict[str, Any]:
+               sample_ratio_broken: bool, decision_metric: str = DECISION_METRIC,
+               pre_period: str = "the live store's events before the experiment's start") -> dict[str, Any]:
     """The ``user_level`` section: per-variant money and funnel, per-metric effects, the verdict."""
     variants = {}
     for name, (users, totals) in arms.items():
@@ -236,6 +288,7 @@ def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mappin
         "unit": "user", "experiment_start": start.isoformat() if start else None, "variants": variants,
         "session_gap_s": SESSION_GAP_S, "planned_users_per_arm": planned_users_per_arm, "alpha": ALPHA,
         "users_with_history": sum(1 for name in arms for u in arms[name][0] if u in history),
+        "pre_period": pre_period, "decision_metric": decision_metric,
         "revenue": "price x quantity (quantity 1 unless the event names one)" if prices_known
         else "unknown: no product prices were given to the report",
     }
@@ -254,38 +307,49 @@ def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mappin
             continue
         plain, adjusted = metric_effects(metric, arms[control][1], arms[treatment][1], before(control),
                                          before(treatment))
-        entry: dict[str, Any] = {"fixed_horizon": plain.as_dict(), "cuped": adjusted.as_dict(), "always_valid": None}
-        if plain.standard_error is not None and plain.difference is not None:
-            tau = mixing_sd(plain.standard_error, plain.users_control, plain.users_treatment, planned_users_per_arm)
-            entry["always_valid"] = always_valid(plain.difference, plain.standard_error, tau).as_dict()
+        # CUPED applies where it could adjust (a pre-period with variation): then the sequential test, the headline
+        # and the verdict all read the adjusted estimate, one set of numbers
+        estimate = adjusted if adjusted.standard_error is not None and adjusted.missing is None else plain
+        entry: dict[str, Any] = {"fixed_horizon": plain.as_dict(), "cuped": adjusted.as_dict(), "always_valid": None,
+                                 "estimate": "cuped" if estimate is adjusted else "fixed_horizon"}
+        if estimate.standard_error is not None and estimate.difference is not None:
+            tau = mixing_sd(estimate.standard_error, estimate.users_control, estimate.users_treatment,
+                            planned_users_per_arm)
+            entry["always_valid"] = always_valid(estimate.difference, estimate.standard_error, tau).as_dict()
         metrics[metric] = entry
     section["metrics"] = metrics
     section["past_planned_size"] = min(len(arms[control][0]), len(arms[treatment][0])) >= planned_users_per_arm
-    section["verdict"] = verdict(metrics[PRIMARY_METRIC], sample_ratio_broken, section["past_planned_size"])
+    section["verdict"] = verdict(decision_metric, metrics.get(decision_metric), sample_ratio_broken,
+                                 section["past_planned_size"])
     return section
 
 
-def verdict(primary: Mapping[str, Any], sample_ratio_broken: bool, past_planned_size: bool) -> dict[str, str]:
-    """Ship B, keep A or keep running, on the primary metric, with the rule that decided."""
+def verdict(metric: str, entry: Mapping[str, Any] | None, sample_ratio_broken: bool,
+            past_planned_size: bool) -> dict[str, str]:
+    """Ship B, keep A or keep running, on the decision metric's ``entry`` (the estimate it names: CUPED-adjusted
+    where CUPED applies), with the rule that decided."""
     if sample_ratio_broken:
         return {"decision": "fix the assignment", "rule": "sample-ratio mismatch (p < 0.001): no figure can be trusted"}
-    live = primary.get("always_valid")
+    if entry is None or "missing" in entry:
+        return {"decision": "keep running", "rule": f"the decision metric {metric} has no figures: "
+                                                    + (entry["missing"] if entry else "not a user-level metric")}
+    estimate = entry[entry["estimate"]]
+    name = f"{metric}{' (CUPED-adjusted)' if entry['estimate'] == 'cuped' else ''}"
+    live = entry.get("always_valid")
     if live and live["reject"]:
-        better = primary["fixed_horizon"]["difference"] > 0
+        better = estimate["difference"] > 0
         return {"decision": "ship B" if better else "keep A",
-                "rule": f"always-valid test on {PRIMARY_METRIC}: B {'above' if better else 'below'} A at alpha "
+                "rule": f"always-valid test on {name}: B {'above' if better else 'below'} A at alpha "
                         f"{ALPHA}, valid at any look up to the planned size"}
     if past_planned_size:
-        fixed = primary["fixed_horizon"]
-        if fixed["p_value"] is not None and fixed["p_value"] < ALPHA:
-            better = fixed["difference"] > 0
+        if estimate["p_value"] is not None and estimate["p_value"] < ALPHA:
+            better = estimate["difference"] > 0
             return {"decision": "ship B" if better else "keep A",
-                    "rule": f"planned size reached: fixed-horizon test on {PRIMARY_METRIC}, "
-                            f"p = {fixed['p_value']:.3g}"}
-        return {"decision": "keep A", "rule": f"planned size reached with no difference in {PRIMARY_METRIC} "
+                    "rule": f"planned size reached: fixed-horizon test on {name}, p = {estimate['p_value']:.3g}"}
+        return {"decision": "keep A", "rule": f"planned size reached with no difference in {name} "
                                               f"at alpha {ALPHA}: B is not shown to be better"}
     return {"decision": "keep running",
-            "rule": f"the always-valid test on {PRIMARY_METRIC} has not decided and the planned size is not reached"}
+            "rule": f"the always-valid test on {name} has not decided and the planned size is not reached"}
 
 
 def timeline(shown_at: list[tuple[float, str]], engaged_at: list[tuple[float, str, str]],

@@ -98,11 +98,13 @@ class UserVariant(Closed):
 
 class MetricResult(Closed):
     """One metric, B against A: fixed-horizon, CUPED-adjusted, and the always-valid readout (null without a
-    standard error)."""
+    standard error) of the estimate ``estimate`` names."""
 
     fixed_horizon: Effect
     cuped: Effect
     always_valid: AlwaysValid | None
+    estimate: Literal["fixed_horizon", "cuped"] = Field(
+        description="The estimate the always-valid test and the verdict read: cuped where CUPED could adjust.")
 
 
 class MetricMissing(Closed):
@@ -124,7 +126,9 @@ class UserLevel(Closed):
     session_gap_s: float
     planned_users_per_arm: int
     alpha: float
-    users_with_history: int
+    users_with_history: int = Field(description="The experiment's users with a pre-period (CUPED's covariate).")
+    pre_period: str = Field(description="What the pre-period was: the run's event log and the live store's events.")
+    decision_metric: str = Field(description="The metric the verdict reads (serve.decision_metric).")
     revenue: str
     metrics: dict[str, MetricResult | MetricMissing] | None = None
     past_planned_size: bool | None = None

@@ -19,11 +19,12 @@ too narrow and p-values too small. Here every figure is computed from one value
   exactly like a mean (with a normal, not t, reference: the delta method is
   asymptotic);
 * **CUPED** (Deng, Xu, Kohavi & Walker, 2013) subtracts ``theta (x - mean(x))``
-  from each user's value, ``x`` being the same metric in the user's
-  pre-experiment history and ``theta = cov(x, y) / var(x)`` pooled over both arms.
-  ``x`` was fixed before assignment, so the difference stays unbiased, while the
-  variance shrinks by ``corr(x, y)^2``: the report states that reduction. Ratio
-  metrics are adjusted on their linearised values (Deng et al., 2018).
+  from each user's value, ``x`` being the metric in the user's pre-experiment
+  history and ``theta = cov(x, y) / var(x)`` pooled over both arms. ``x`` was fixed
+  before assignment, so the difference stays unbiased, while the variance shrinks
+  by ``corr(x, y)^2``: the report states that reduction. Ratio metrics are adjusted
+  on their linearised values (Deng et al., 2018); a per-user metric by the same
+  quantity per pre-period session (:func:`pre_period_covariate`).
 
 A figure that cannot be computed (an empty arm, one user, no variation, a zero
 denominator) is ``None`` with the reason in :attr:`Effect.missing`, never a
@@ -250,9 +251,33 @@ def _per_user_values(metric: str, totals: UserTotals) -> np.ndarray:
     return totals.revenue[buyers] / totals.purchases[buyers]
 
 
+PER_SESSION_COVARIATES = {"conversion_per_user": "converted_sessions", "revenue_per_user": "revenue"}
+"""Per-user metric -> the :class:`UserTotals` field that, per pre-period session, is its CUPED covariate."""
+
+
+def pre_period_covariate(metric: str, before: UserTotals) -> np.ndarray:
+    """A per-user metric's CUPED covariate: the same quantity per pre-period session (the share of the user's
+    sessions that bought; their revenue per session).
+
+    Why per session: a pre-period's total ("bought at all in the last 90 days") mostly says how often the shopper
+    came, while the experiment's outcome is what they did on its few visits. On the demo shop's ground truth
+    (:mod:`shoprank.experiment.calibrate`'s page bank, 2,000 shoppers, about 14 earlier visits each) "bought before"
+    explains 0.7% of a visit's conversion, the share of sessions that bought 7%. Users without a pre-period sit at
+    the mean of those with one: they move neither theta nor their own value.
+    """
+    sessions = before.sessions
+    known = sessions > 0
+    rate = np.divide(getattr(before, PER_SESSION_COVARIATES[metric]), sessions, out=np.zeros(len(sessions)),
+                     where=known)
+    if known.any():
+        rate[~known] = rate[known].mean()
+    return rate
+
+
 def metric_effects(metric: str, control: UserTotals, treatment: UserTotals, control_before: UserTotals,
                    treatment_before: UserTotals, confidence: float = CONFIDENCE) -> tuple[Effect, Effect]:
-    """The fixed-horizon effect of ``metric`` and its CUPED-adjusted one (covariate: the same metric before)."""
+    """The fixed-horizon effect of ``metric`` and its CUPED-adjusted one (covariate: the same ratio before, or for
+    a per-user metric :func:`pre_period_covariate`)."""
     if metric in RATIO_METRICS:
         num, den = RATIO_METRICS[metric]
         plain = delta_ratio(metric, getattr(control, num), getattr(control, den), getattr(treatment, num),
@@ -265,7 +290,9 @@ def metric_effects(metric: str, control: UserTotals, treatment: UserTotals, cont
     if metric == "average_order_value":  # buyers only: their history is no covariate of a selected group
         return plain, replace(plain, method="welch+cuped",
                               missing="CUPED needs every user; this metric has buyers only")
-    adjusted = cuped(metric, _per_user_values(metric, control), _per_user_values(metric, control_before),
-                     _per_user_values(metric, treatment), _per_user_values(metric, treatment_before),
-                     confidence=confidence)
+    both = UserTotals(*(np.concatenate([getattr(control_before, name), getattr(treatment_before, name)])
+                        for name in UserTotals.__dataclass_fields__))
+    covariate = pre_period_covariate(metric, both)  # one pooled fill for users without history, as theta is pooled
+    adjusted = cuped(metric, _per_user_values(metric, control), covariate[: len(control.sessions)],
+                     _per_user_values(metric, treatment), covariate[len(control.sessions):], confidence=confidence)
     return plain, adjusted

@@ -37,7 +37,7 @@ from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
-from shoprank.experiment.report import ab_report
+from shoprank.experiment.report import DECISION_METRIC, PrePeriod, ab_report, run_pre_period
 from shoprank.recsys.features import epoch_seconds
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.loaders import ShopSource
@@ -141,9 +141,11 @@ class EventStoreWriter:
         finally:
             self.store = metered(open_event_writer(self.location))
 
-    async def report(self, split: dict[str, float], prices: dict[str, float]) -> dict[str, Any]:
+    async def report(self, split: dict[str, float], prices: dict[str, float], pre_period: PrePeriod | None = None,
+                     decision_metric: str = DECISION_METRIC) -> dict[str, Any]:
         async with self._using() as store:
-            report = await asyncio.to_thread(ab_report, store, split, prices=prices)
+            report = await asyncio.to_thread(ab_report, store, split, prices=prices, pre_period=pre_period,
+                                             decision_metric=decision_metric)
             report["impressions_dropped"] = await asyncio.to_thread(store.dropped_impressions)
         return report
 
@@ -223,6 +225,8 @@ class Ingress:
         """Product -> price: the A/B report's revenue."""
         self.clock_offset_s = 0.0
         self.users: list[dict[str, str]] = []
+        self.pre_period: PrePeriod | None = None
+        """The shoppers' history in the served runs' event log: CUPED's covariate in the A/B report."""
         self.run_events_of: Counter[str] = Counter()
         """User -> their events in the served runs' history: what an erasure masks on the variants."""
         self.erasure_cursor = 0
@@ -244,6 +248,7 @@ class Ingress:
         self.offline = {name: self.source.offline(spec) for name, spec in self.specs.items()}
         last_event_s = 0.0
         events_of_run = {}
+        last_event_of_run: dict[str, float] = {}
         self.run_events_of = Counter()
         for run_uri in sorted({spec.run for spec in self.specs.values()}):
             for row in self.source.products(run_uri).to_pylist():
@@ -251,13 +256,18 @@ class Ingress:
                 self.prices[row["product_id"]] = row["price"]
             events = self.source.events(run_uri)
             ts = epoch_seconds(events.column("ts"))
-            last_event_s = max(last_event_s, float(ts.max()) if len(ts) else 0.0)
+            last_event_of_run[run_uri] = float(ts.max()) if len(ts) else 0.0
+            last_event_s = max(last_event_s, last_event_of_run[run_uri])
             events_of_run[run_uri] = events
             if events.num_rows == 0:
                 self.without_behaviour.add(run_uri)
             for counted in pc.value_counts(events.column("user_id")).to_pylist():
                 self.run_events_of[counted["values"]] += counted["counts"]
         self.users = user_summaries(events_of_run[self.specs[sorted(self.specs)[-1]].run], self.products)
+        # the log that reaches furthest: the variants' runs usually share one, and an update's log holds its parent's
+        # events, so two logs would count a shopper's history twice
+        latest = max(events_of_run, key=last_event_of_run.__getitem__)
+        self.pre_period = run_pre_period(events_of_run[latest], self.prices, self.config.serve.cuped_pre_period_days)
         self.erasure_cursor = 0  # the lists are the run's again: every erasure so far leaves them at the next read
         if self.config.serve.clock == "data" and last_event_s:
             # from the deploy's moment, not this replica's start: every ingress replica (a restarted one too) keeps
@@ -294,6 +304,8 @@ class Ingress:
         for self.erasure_cursor, user in await self.store.erasures.remote(self.erasure_cursor):
             erased.add(user)
             self.run_events_of.pop(user, None)
+            if self.pre_period is not None:  # a shopper erased is a new shopper: no history predicts them
+                self.pre_period.totals.pop(user, None)
         if erased:
             self.users = [u for u in self.users if u["user_id"] not in erased]
 

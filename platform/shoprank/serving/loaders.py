@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price"]
 """What the ingress shows of a product in an answer, and prices the A/B report's revenue with."""
-EVENT_COLUMNS = ["user_id", "product_id", "event_type", "ts"]
-"""What the ingress reads of a run's events: the serving clock, the users' summaries, what an erasure masks."""
+EVENT_COLUMNS = ["user_id", "session_id", "product_id", "event_type", "ts", "quantity"]
+"""What the ingress reads of a run's events: the serving clock, the users' summaries, what an erasure masks, the
+shoppers' pre-period for CUPED (sessions and revenue, :func:`shoprank.experiment.report.run_pre_period`)."""
 
 
 class VariantLoader(Protocol):

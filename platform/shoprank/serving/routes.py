@@ -300,8 +300,10 @@ experiment_routes = APIRouter()
                 dependencies=[needs("admin")], responses=refusals(401, 403))
 async def ab_report(ingress: Replica) -> dict[str, Any]:
     await ingress.impressions.flush()  # this replica's answers so far are in the report
+    await ingress.forget_erased()  # an erased shopper's history in the run is no covariate
     settings = ingress.config.serve
-    report = await ingress.store.report.remote(settings.split, ingress.prices)
+    report = await ingress.store.report.remote(settings.split, ingress.prices, ingress.pre_period,
+                                               settings.decision_metric)
     report["experiment"] = settings.experiment
     report["offline"] = ingress.offline
     report["guardrails"] = ingress.guardrails.figures(GuardrailLimits(

@@ -8,10 +8,12 @@ It talks to the Serve app over HTTP only (:class:`~shoprank.webui.client.ServeCl
   brand, price, score and the features that placed it; its buttons send a click, an
   add-to-cart or a purchase to ``/events`` and both columns refresh, so the effect
   of the event on the next answer is visible at once.
-* **A/B test**: ``/ab/report`` refreshed every few seconds: per variant users,
-  impressions, CTR and conversion with 95% intervals, lift of B over A with its
-  p-value, the sample-ratio check, CTR and conversion over time; and a control that
-  sends simulated shoppers through the API (:mod:`shoprank.webui.simulate`).
+* **A/B test**: ``/ab/report`` refreshed every few seconds, the verdict first
+  (:func:`shoprank.webui.report.report_markdown`): the verdict, the decision metric's
+  user-level effect and interval, the guardrails and the sample-ratio check; then the
+  user-level details; last the per-impression figures, marked descriptive; CTR and
+  conversion over time; and a control that sends simulated shoppers through the API
+  (:mod:`shoprank.webui.simulate`).
 
 Serve down, slow or empty answers show as a message on the page; the page keeps
 working and recovers when Serve is back.
@@ -193,10 +195,10 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
             simulation = gr.Markdown()
             figures = gr.Markdown("Loading the A/B report...", elem_id="ab-figures")
             with gr.Row():
-                ctr_plot = gr.LinePlot(x="time", y="ctr", color="variant", title="CTR over time (cumulative)",
+                ctr_plot = gr.LinePlot(x="time", y="ctr", color="variant", title="CTR per impression over time (cumulative, descriptive)",
                                        height=260)
                 conversion_plot = gr.LinePlot(x="time", y="conversion", color="variant",
-                                              title="Conversion over time (cumulative)", height=260)
+                                              title="Conversion per impression over time (cumulative, descriptive)", height=260)
             timer = gr.Timer(3.0)
 
         def load_users() -> tuple[gr.Dropdown, str]:

@@ -1,4 +1,5 @@
-"""The A/B report as Markdown: what the web page shows and ``shoprank simulate`` prints.
+"""The A/B report as Markdown: what the web page shows, ``shoprank simulate`` prints and ``shoprank experiment
+readout`` writes, the verdict first.
 
 Its own module so that the page and the traffic simulator, which the page drives,
 both use it without importing each other.
@@ -8,7 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from shoprank.experiment.readout import user_level_markdown
+from shoprank.experiment.calibrate import PER_IMPRESSION_AA_FALSE_POSITIVES
+from shoprank.experiment.readout import headline_markdown, user_level_markdown
+
+PER_IMPRESSION_TITLE = "Per-impression figures: descriptive, not for decisions"
+"""The line the per-impression figures sit under (the browser test finds the section by it)."""
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -21,21 +26,10 @@ def _interval(figure: dict[str, Any], spec: str = ".4f") -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The A/B figures as Markdown tables."""
-    lines = ["| variant | users | impressions | clicks | add to cart | purchases | CTR [95% CI] | conversion [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, row in report["variants"].items():
-        lines.append(f"| {name} | {row['users']} | {row['impressions']} | {row['clicks']} | {row['add_to_carts']} | "
-                     f"{row['purchases']} | {_interval(row['ctr'])} | {_interval(row['conversion'])} |")
-    for metric, lift in report.get("lift", {}).items():
-        lines.append("")
-        lines.append(f"**B vs A, {metric}:** lift {_num(lift['lift'], '+.1%')} "
-                     f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
-                     f"p = {_num(lift['p_value'], '.3g')}")
-    ratio = report.get("sample_ratio")
-    if ratio:
-        verdict = "**mismatch**: check the assignment" if ratio.get("mismatch") else "as configured"
-        lines += ["", f"**Sample ratio:** p = {_num(ratio.get('p_value'), '.3f')} ({verdict})"]
+    """The A/B readout as Markdown, what a reader decides on first: the verdict, the decision metric's user-level
+    effect, the guardrails and the sample ratio (:func:`headline_markdown`); then the offline figures and the
+    user-level details; last, under a line that says so, the per-impression figures, descriptive only."""
+    lines = [headline_markdown(report)]
     offline = report.get("offline") or {}
     if offline:
         lines += ["", "**Offline, test split (NDCG@10 of the system each variant serves):** " + "; ".join(
@@ -43,7 +37,22 @@ def report_markdown(report: dict[str, Any]) -> str:
                            or f"– ({figures['note']})")
             for name, figures in offline.items())]
     if report.get("user_level"):
-        lines += ["", user_level_markdown(report["user_level"], report.get("guardrails"))]
+        lines += ["", user_level_markdown(report["user_level"])]
+    rates = PER_IMPRESSION_AA_FALSE_POSITIVES
+    lines += ["", "---", "", f"**{PER_IMPRESSION_TITLE}.** Each impression counted as independent, which a shopper's "
+              f"impressions are not: in A/A calibration (`shoprank experiment calibrate`) these z-tests declared a "
+              f"difference in {rates['ctr']:.1%} (CTR) and {rates['conversion']:.1%} (conversion) of experiments at "
+              f"alpha 0.05. The verdict above reads the user-level test.", "",
+              "| variant | users | impressions | clicks | add to cart | purchases | CTR [95% CI] | conversion [95% CI] |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, row in report["variants"].items():
+        lines.append(f"| {name} | {row['users']} | {row['impressions']} | {row['clicks']} | {row['add_to_carts']} | "
+                     f"{row['purchases']} | {_interval(row['ctr'])} | {_interval(row['conversion'])} |")
+    for metric, lift in report.get("lift", {}).items():
+        lines.append("")
+        lines.append(f"B vs A per impression, {metric}: lift {_num(lift['lift'], '+.1%')} "
+                     f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
+                     f"p = {_num(lift['p_value'], '.3g')} (descriptive)")
     forced = report.get("side_by_side") or {}
     if forced:
         lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(
