@@ -13,6 +13,7 @@ import pytest
 from statsmodels.stats.power import NormalIndPower
 
 from conftest import App, tiny_config
+from shoprank.config import Config
 from shoprank.cli import main
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.errors import ShopRankError
@@ -70,12 +71,16 @@ def test_the_predicted_effect_weighs_each_tasks_ndcg_change_by_its_traffic_and_t
     judged_only = predicted_effect({"search": ISSUE_37_DEMO["search"]})  # no recommendation figures
     assert judged_only.shares == {"search": 1.0} and judged_only.relative_effect == pytest.approx(PASS_THROUGH * search)
     assert "search +37.1% (50% of traffic)" in effect.explain()
+    zero_for_a = {**ISSUE_37_DEMO, "search": {CONTROL_SYSTEM: {"ndcg@10": 0.0}, TREATMENT_SYSTEM: {"ndcg@10": 0.1}}}
+    recommend_only = predicted_effect(zero_for_a)  # no relative change from 0: the other task decides, and says so
+    assert recommend_only.shares == {"recommend": 1.0} and "search left out" in recommend_only.explain()
 
 
 @pytest.mark.parametrize("table,message", [
-    ({}, "no figures for the tasks"),
+    ({}, "no figures to predict from"),
     ({"search": {CONTROL_SYSTEM: {"ndcg@10": 0.2}}}, f"no {TREATMENT_SYSTEM} row"),
-    ({"search": {CONTROL_SYSTEM: {"ndcg@10": 0.0}, TREATMENT_SYSTEM: {"ndcg@10": 0.1}}}, "A's offline search"),
+    ({"search": {CONTROL_SYSTEM: {"ndcg@10": 0.0}, TREATMENT_SYSTEM: {"ndcg@10": 0.1}}},
+     "search: A's offline NDCG@10 is 0, no relative change"),
     ({"search": {CONTROL_SYSTEM: {"ndcg@10": 0.2}, TREATMENT_SYSTEM: {"ndcg@10": 0.2}}}, "predicts no difference"),
 ])
 def test_an_evaluation_that_predicts_nothing_says_why(table: dict[str, Any], message: str) -> None:
@@ -161,3 +166,37 @@ def test_visits_dated_past_serve_simulated_days_are_refused_naming_the_setting(a
     far = app.post("/recommend", {"user_id": "U000001", "k": 3, "ts": "2999-01-01T00:00:00Z"})
     assert far.status_code == 422 and far.json()["detail"][0]["loc"] == ["body", "ts"], far.text
     assert "serve.simulated_days" in far.text
+
+
+def test_the_trained_tiny_run_plans_from_its_own_evaluation(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    table = evaluation_table(run)
+    result, effect, size = planned_simulation(config)
+    assert effect == predicted_effect(table) and set(effect.ndcg_change) <= {"search", "recommend"}
+    assert size == simulation_size(result, config.source.synthetic.num_users)
+    assert size.visits + 1 <= config.serve.simulated_days  # the preset lets the app take every planned visit
+
+
+def test_shoprank_simulate_sends_returning_shoppers_and_says_what_it_sent(app: App,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    settings = ["--config", "tiny", "--set", f"run.root={app.config.run.root}", "--serve-url", app.url]
+    status, out = shoprank(["simulate", *settings, "--users", "3", "--visits", "2", "--seed", "8"], capsys)
+    assert status == 0 and "3 shoppers, 6 visits" in out and "failed" not in out, out
+    status, out = shoprank(["simulate", *settings, "--set", "serve.simulated_days=2", "--users", "3", "--visits", "2"],
+                           capsys)
+    assert status == 2 and "need serve.simulated_days of at least 3" in out, out
+    status, out = shoprank(["simulate", *settings, "--users", "100000"], capsys)
+    assert status == 2 and "the simulated shop has 120 shoppers" in out and "Traceback" not in out, out
+
+
+def test_the_pages_simulate_control_defaults_to_the_planned_size() -> None:
+    import gradio as gr
+
+    from shoprank.webui.page import build_page
+
+    size = simulation_size(plan(0.54, binary_sigma(0.54), relative_effect=0.066), 2_000)
+    page = build_page("http://127.0.0.1:9", {"client": "c", "admin": "a"}, planned=size)
+    numbers = {block.label: block.value for block in page.blocks.values() if isinstance(block, gr.Number)}
+    assert numbers == {"Simulated shoppers": 2_000, "Visits each (a day apart)": 4}
+    notes = [block.value for block in page.blocks.values() if isinstance(block, gr.Markdown)]
+    assert any("needs 6,140 shoppers and the shop has 2,000" in (note or "") for note in notes)

@@ -95,13 +95,16 @@ class PredictedEffect:
     shares: dict[str, float]
     """Task -> its share of traffic (over the tasks with figures)."""
     pass_through: float
+    left_out: dict[str, str]
+    """Task -> why its figures predict nothing (A scores 0 there: no relative change)."""
 
     def explain(self) -> str:
         tasks = ", ".join(f"{task} {change:+.1%} ({self.shares[task]:.0%} of traffic)"
                           for task, change in self.ndcg_change.items())
+        left_out = "".join(f"; {task} left out: {why}" for task, why in self.left_out.items())
         return (f"predicted effect {self.relative_effect:+.2%}: B's NDCG@10 over A's offline, {tasks}, "
                 f"times {self.pass_through:g} (the share of an offline change that reached the decision metric "
-                "online, docs/experiments.md)")
+                f"online, docs/experiments.md){left_out}")
 
 
 @dataclass(frozen=True)
@@ -205,13 +208,14 @@ def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], sea
                      pass_through: float = PASS_THROUGH) -> PredictedEffect:
     """The relative effect on the decision metric that the offline ``table`` predicts for B over A (module
     docstring): each task's relative NDCG@10 change, weighted by its share of traffic (``search_share`` of searches;
-    a task without figures leaves the others' shares to add to 1), times ``pass_through``."""
+    a task without figures, or where A scores 0, leaves the others' shares to add to 1), times ``pass_through``."""
     if not 0 <= search_share <= 1:
         raise ShopRankError(f"--search-share is a share of traffic between 0 and 1, got {search_share}")
     if not 0 < pass_through <= 1:
         raise ShopRankError(f"--pass-through is a share between 0 (excluded) and 1, got {pass_through}")
     weights = {"search": search_share, "recommend": 1 - search_share}
     changes: dict[str, float] = {}
+    left_out: dict[str, str] = {}
     for task, weight in weights.items():
         rows = table.get(task)
         if not rows or weight == 0:
@@ -221,18 +225,21 @@ def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], sea
             raise ShopRankError(f"the offline evaluation's {task} figures have no {' and no '.join(missing)} row")
         control = rows[CONTROL_SYSTEM]["ndcg@10"]
         if control <= 0:
-            raise ShopRankError(f"A's offline {task} NDCG@10 is {control}: no relative change to predict from")
+            left_out[task] = f"A's offline NDCG@10 is {control:g}, no relative change to predict from"
+            continue
         changes[task] = rows[TREATMENT_SYSTEM]["ndcg@10"] / control - 1
     if not changes:
-        raise ShopRankError("the offline evaluation has no figures for the tasks the traffic asks for "
-                            f"(search share {search_share:g}; tasks with figures: {', '.join(table) or 'none'})")
+        why = "".join(f"; {task}: {reason}" for task, reason in left_out.items())
+        raise ShopRankError("the offline evaluation has no figures to predict from for the tasks the traffic asks "
+                            f"for (search share {search_share:g}; tasks with figures: {', '.join(table) or 'none'}"
+                            f"{why})")
     total = sum(weights[task] for task in changes)
     shares = {task: weights[task] / total for task in changes}
     relative = pass_through * sum(shares[task] * change for task, change in changes.items())
     if relative == 0:
         raise ShopRankError("the offline evaluation predicts no difference between B and A: give the effect to plan "
                             "for with --mde")
-    return PredictedEffect(relative, changes, shares, pass_through)
+    return PredictedEffect(relative, changes, shares, pass_through, left_out)
 
 
 def simulation_size(result: Plan, shop_users: int, arms: int = 2, max_visits: int = MAX_VISITS) -> SimulationSize:
