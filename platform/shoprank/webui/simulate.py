@@ -11,15 +11,15 @@ variants; the simulator never reads the report.
 
 **Returning shoppers.** A shopper may come back: with ``visits`` above 1, each comes
 once a simulated day, at a random time of it, their page views a minute apart. The
-simulated clock starts an hour after the app's (``/healthz``) and each request and event carries
-its simulated time (``ts``), which the app stamps its impressions with: the report's
-sessionisation (a gap over 30 minutes) sees each visit as a session, where visits sent
-within the same minutes of wall time would all have been one. The app accepts times up
-to ``serve.simulated_days`` ahead of its clock (the simulated presets set it; a live
-shop's 0 refuses them): ``visits`` days need one more. A second simulation starts again
-from the app's clock, so its visits may share days (and, rarely, sessions) with the
-first one's. Visits go in rounds, a day at a time, so a shopper's second
-visit is answered with their first one's events in their history.
+simulated clock starts an hour after the app's (``/healthz``), and each request and
+event carries its simulated time (``ts``), which the app stamps its impressions with:
+the report's sessionisation (a gap over 30 minutes) sees each visit as a session, where
+visits sent within the same minutes of wall time would all have been one. Visits go in
+rounds, a day at a time, so a shopper's second visit is answered with their first one's
+events in their history. The app accepts times up to ``serve.simulated_days`` ahead of
+its clock (the simulated presets set it; a live shop's 0 refuses them): ``visits`` days
+need one more. A second simulation starts again from the app's clock, so its visits may
+share days (and, rarely, sessions) with the first one's.
 """
 
 from __future__ import annotations
