@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -17,6 +18,9 @@ from shoprank.config import Config, load_config
 from shoprank.entrypoint import user_errors
 from shoprank.errors import ShopRankError
 from shoprank.serving.keys import client_keys, client_keys_path, create_keys
+
+if TYPE_CHECKING:
+    from shoprank.experiment.plan import SimulationSize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", default="demo")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sim.add_argument("--serve-url", default=None)
-    sim.add_argument("--users", type=int, default=200, help="simulated shoppers (each 1-3 page views)")
+    sim.add_argument("--users", type=int, default=None,
+                     help="distinct simulated shoppers (default: the plan's, `shoprank experiment plan`, capped by the "
+                          "simulated shop's shoppers)")
+    sim.add_argument("--visits", type=int, default=None,
+                     help="visits of each shopper, a simulated day apart, each 1-3 page views (default: the plan's; "
+                          "1 with --users)")
     sim.add_argument("--concurrency", type=int, default=8)
     sim.add_argument("--seed", type=int, default=0)
 
@@ -66,13 +75,24 @@ def _parser() -> argparse.ArgumentParser:
     exp = commands.add_parser("experiment", help="plan an A/B experiment, or calibrate its tests by simulation")
     actions = exp.add_subparsers(dest="action", required=True)
     pl = actions.add_parser("plan", help="users per arm for a minimum detectable effect, or the effect a size detects")
-    pl.add_argument("--baseline", type=float, required=True,
-                    help="the control's value of the metric (a rate such as conversion per user, or a mean)")
+    pl.add_argument("--metric", default="conversion_per_user",
+                    help="the decision metric (docs/experiments.md), one of the readout's user-level metrics")
+    pl.add_argument("--baseline", type=float, default=None,
+                    help="the control's value of the metric (default for conversion per user: the demo's)")
     pl.add_argument("--std", type=float, default=None,
-                    help="per-user standard deviation (default for a rate: sqrt(baseline (1 - baseline)))")
-    size = pl.add_mutually_exclusive_group(required=True)
+                    help="per-user standard deviation (default for conversion per user: sqrt(baseline (1 - baseline)))")
+    size = pl.add_mutually_exclusive_group()
     size.add_argument("--mde", type=float, help="relative effect to detect (0.05: 5%% of the baseline)")
     size.add_argument("--users", type=int, help="users per arm you can get: print the effect they detect")
+    pl.add_argument("--config", default="demo",
+                    help="without --mde or --users: the preset whose run's offline evaluation predicts the effect")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--search-share", type=float, default=None,
+                    help="share of page views that are searches (the rest recommendations), to weigh the tasks "
+                         "(default: shoprank simulate's)")
+    pl.add_argument("--pass-through", type=float, default=None,
+                    help="share of the offline relative NDCG@10 change expected on the metric online (default: the "
+                         "demo's measured one)")
     pl.add_argument("--alpha", type=float, default=0.05)
     pl.add_argument("--power", type=float, default=0.8)
     cal = actions.add_parser("calibrate", help="A/A false-positive rates and A/B power of each test, by simulation "
@@ -176,23 +196,52 @@ def detached_ui(config: Config, preset: str, overrides: list[str], *, start: boo
     raise ShopRankError(f"the web page did not answer at {url} within 180 s; see {log}")
 
 
-def run_simulation(config: Config, url: str, users: int, concurrency: int, seed: int) -> str:
-    """Simulated shoppers with a progress bar, then the A/B report's summary."""
+def run_simulation(config: Config, url: str, users: int | None, visits: int | None, concurrency: int,
+                   seed: int) -> str:
+    """Simulated shoppers with a progress bar, then the A/B report's summary. Without ``users``, the plan's shoppers
+    and visits (:func:`~shoprank.experiment.plan.planned_simulation`), which the output explains; ``visits``
+    defaults to 1 with ``users``."""
     from tqdm import tqdm
 
+    from shoprank.experiment.plan import planned_simulation
     from shoprank.webui.client import ServeClient
     from shoprank.webui.page import shop_simulator
     from shoprank.webui.report import report_markdown
     from shoprank.webui.simulate import simulate
 
+    planned = ""
+    if users is None:
+        try:
+            result, effect, size = planned_simulation(config)
+        except ShopRankError as exc:
+            raise ShopRankError(f"no planned size to simulate ({exc}); give --users") from None
+        users, visits = size.shoppers, visits or size.visits
+        planned = (f"plan: {result.users_per_arm:,} shoppers per arm for conversion per user ({effect.explain()})\n"
+                   f"{size.explain()}\n")
+    visits = visits or 1
+    if visits > 1 and visits + 1 > config.serve.simulated_days:
+        raise ShopRankError(f"{visits} visits a day apart need serve.simulated_days of at least {visits + 1} (it is "
+                            f"{config.serve.simulated_days:g}): the app refuses visits dated further ahead")
     keys = client_keys(config)
     ServeClient(url, keys["admin"]).health()  # a clear error now rather than one per shopper
-    with tqdm(total=users, desc="simulated shoppers", unit="shopper") as bar:
-        traffic = simulate(url, keys["client"], shop_simulator(config), users, concurrency=concurrency, seed=seed,
-                           progress=lambda done, total: bar.update(done - bar.n))
+    with tqdm(total=users * visits, desc="simulated visits", unit="visit") as bar:
+        traffic = simulate(url, keys["client"], shop_simulator(config), users, visits=visits, concurrency=concurrency,
+                           seed=seed, progress=lambda done, total: bar.update(done - bar.n))
     failed = f"; {len(traffic.errors)} failed, e.g. {traffic.errors[0]}" if traffic.errors else ""
-    return (f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events{failed}\n"
-            + report_markdown(ServeClient(url, keys["admin"]).report()))
+    return (f"{planned}{traffic.shoppers} shoppers, {traffic.visits} visits, {traffic.requests} requests, "
+            f"{traffic.events} events{failed}\n" + report_markdown(ServeClient(url, keys["admin"]).report()))
+
+
+def planned_size(config: Config) -> "SimulationSize | None":
+    """The simulation the experiment's plan asks of ``config``'s simulated shop, or None (said on stdout) when its
+    run cannot be planned for: the page then offers its own default."""
+    from shoprank.experiment.plan import planned_simulation
+
+    try:
+        return planned_simulation(config)[2]
+    except ShopRankError as exc:
+        print(f"The simulate control has no planned size: {exc}", flush=True)
+        return None
 
 
 def event_store_copy(config: Config, action: str, file: str, replace: bool, app: str | None = None) -> str:
@@ -241,6 +290,54 @@ def write_readout(config: Config, url: str, out: Path) -> str:
     return f"A/B readout: {markdown} and {out / 'ab_readout.png'}\nVerdict: {decision}"
 
 
+def plan_command(args: argparse.Namespace) -> str:
+    """``shoprank experiment plan``: users per arm for the effect given (``--mde``) or predicted by the config's
+    run's offline evaluation, or the effect ``--users`` detect; with the predicted effect, the simulation it asks
+    of the config's simulated shop."""
+    from shoprank.experiment.plan import (DEMO_CONVERSION_PER_USER, PASS_THROUGH, SEARCH_SHARE, binary_sigma,
+                                          evaluation_table, plan, predicted_effect, simulation_size)
+    from shoprank.experiment.userstats import PER_USER_METRICS, RATIO_METRICS
+    from shoprank.store.run import Run
+
+    metrics = (*PER_USER_METRICS, *RATIO_METRICS)
+    if args.metric not in metrics:
+        raise ShopRankError(f"--metric {args.metric!r} is none of the readout's user-level metrics: "
+                            f"{', '.join(metrics)}")
+    if args.metric != "conversion_per_user" and (args.baseline is None or args.std is None):
+        raise ShopRankError(f"--metric {args.metric} needs --baseline and --std (the control's mean and per-user "
+                            "standard deviation, from a readout): only conversion per user, a yes/no per user, has "
+                            "a default")
+    baseline = DEMO_CONVERSION_PER_USER if args.baseline is None else args.baseline
+    lines = [f"decision metric: {args.metric}"]
+    config = None
+    mde = args.mde
+    if mde is None and args.users is None:
+        config = load_config(args.config, args.set)
+        effect = predicted_effect(evaluation_table(Run.for_config(config)),
+                                  SEARCH_SHARE if args.search_share is None else args.search_share,
+                                  PASS_THROUGH if args.pass_through is None else args.pass_through)
+        lines.append(effect.explain())
+        mde = effect.relative_effect
+    try:
+        sigma = args.std if args.std is not None else binary_sigma(baseline)
+        result = plan(baseline, sigma, relative_effect=mde, users=args.users, alpha=args.alpha,
+                      target_power=args.power)
+    except ValueError as exc:  # a baseline, power or size the maths cannot take: said as the option's problem
+        raise ShopRankError(f"cannot plan: {exc}") from None
+    relative = "" if result.relative_effect is None else f" ({result.relative_effect:.2%} of the baseline)"
+    whose = "" if args.baseline is not None else " (the demo's)"
+    lines += [f"baseline {result.baseline:g}{whose}, per-user standard deviation {result.sigma:.4g}, "
+              f"alpha {result.alpha:g} (two-sided), power {result.power:g}",
+              f"users per arm: {result.users_per_arm:,} (both arms: {2 * result.users_per_arm:,})",
+              f"minimum detectable effect: {result.minimum_detectable_effect:.4g}{relative}",
+              f"watched live (always-valid test tuned for this size): the interval is "
+              f"{result.sequential_width_factor:.2f} times the fixed-horizon one; the same power needs about "
+              f"{result.sequential_users_per_arm:,} users per arm"]
+    if config is not None and config.source.kind == "synthetic":
+        lines.append(simulation_size(result, config.source.synthetic.num_users).explain())
+    return "\n".join(lines)
+
+
 def experiment_command(args: argparse.Namespace) -> str:
     """``shoprank experiment plan|calibrate`` (numbers only, no cluster) and ``readout`` (the running app's)."""
     if args.action == "readout":
@@ -250,18 +347,7 @@ def experiment_command(args: argparse.Namespace) -> str:
         out = Path(args.out) if args.out else Path(config.run.root) / "readout"
         return write_readout(config, args.serve_url or serve_url(config), out)
     if args.action == "plan":
-        from shoprank.experiment.plan import binary_sigma, plan
-
-        sigma = args.std if args.std is not None else binary_sigma(args.baseline)
-        result = plan(args.baseline, sigma, relative_effect=args.mde, users=args.users, alpha=args.alpha,
-                      target_power=args.power)
-        relative = "" if result.relative_effect is None else f" ({result.relative_effect:.2%} of the baseline)"
-        return (f"baseline {result.baseline:g}, per-user standard deviation {result.sigma:.4g}, "
-                f"alpha {result.alpha:g} (two-sided), power {result.power:g}\n"
-                f"users per arm: {result.users_per_arm:,} (both arms: {2 * result.users_per_arm:,})\n"
-                f"minimum detectable effect: {result.minimum_detectable_effect:.4g}{relative}\n"
-                f"watched live (always-valid test tuned for this size): the interval is "
-                f"{result.sequential_width_factor:.2f} times the fixed-horizon one")
+        return plan_command(args)
     from shoprank.data.synthetic import ShopModel
     from shoprank.experiment.calibrate import calibrate
 
@@ -298,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Web page: http://{config.ui.host}:{config.ui.port}  (Serve app: {url})", flush=True)
             from shoprank.webui.page import launch, shop_simulator  # Gradio: 4 s of imports `cluster` need not pay
 
-            launch(url, client_keys(config), config.ui.host, config.ui.port, lambda: shop_simulator(config))
+            launch(url, client_keys(config), config.ui.host, config.ui.port, lambda: shop_simulator(config),
+                   planned_size(config))
         elif args.command == "simulate":
             config = load_config(args.config, args.set)
-            print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.concurrency, args.seed))
+            print(run_simulation(config, args.serve_url or serve_url(config), args.users, args.visits, args.concurrency,
+                                 args.seed))
         elif args.command == "events":
             print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace, args.app))
         elif args.command == "experiment":

@@ -662,6 +662,11 @@ class ServeConfig(Section):
         300.0, ge=0.0, description="How far after the app's clock an event's ts may be (clients' clocks drift); "
         "later ones are refused: a far-future event would outweigh every other in the user's history.",
     )
+    simulated_days: float = Field(
+        0.0, ge=0.0, le=366.0, description="How many days ahead of the app's clock a client may date its answers "
+        "and events (their ts): a simulated shop's shoppers come back over days within minutes of wall time "
+        "(shoprank simulate); 0, a live shop: serve.clock_skew_s ahead at most.",
+    )
     retention_days: float = Field(
         400.0, gt=0.0, description="Events and impressions older than this (by the app's clock) are purged from "
         "the event store, and an event dated before it is refused (422).",

@@ -15,17 +15,52 @@ the standard deviation of their linearised per-user values
 
 The always-valid test (:mod:`sequential`) pays for watching continuously with a
 wider interval: :func:`sequential_width_factor` says how much wider than the
-fixed-horizon interval at the size it is tuned for.
+fixed-horizon interval at the size it is tuned for, so the same power needs about
+its square times the users.
+
+**The effect to plan for** may come from the offline evaluation of the run
+(:func:`predicted_effect`): the relative NDCG@10 change of B (fine-tuned retrieval +
+ranker) over A (the zero-shot encoder), averaged over the tasks by their share of
+traffic, times :data:`PASS_THROUGH`, the share of an offline change that reached the
+decision metric online when it was last measured (docs/experiments.md argues it).
+
+**A simulated shop may be smaller than the plan** (:func:`simulation_size`): its
+shoppers come back over days instead, which the report counts as sessions, never as
+more users; the size says so and what power the shop's shoppers give.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from scipy import optimize, stats
 
+from shoprank.errors import ShopRankError
 from shoprank.experiment.sequential import optimal_mixing_ratio
+
+if TYPE_CHECKING:
+    from shoprank.config import Config
+    from shoprank.store.run import Run
+
+CONTROL_SYSTEM = "retrieval (zero-shot encoder)"
+"""Variant A's row of the offline evaluation (``serve.variants``' baseline: the zero-shot encoder's retrieval)."""
+TREATMENT_SYSTEM = "fine-tuned retrieval + ranker"
+"""Variant B's row: the trained run's full answer path."""
+PASS_THROUGH = 0.5
+"""The share of the offline relative NDCG@10 change that reached conversion per user online, measured on the demo
+(issue 37's readout): offline +12.4% (search +37.1%, recommendation -12.4%, half the traffic each), online +6.6%
+(0.53 of it). One measurement: a shop replaces it with its own once it has run an experiment."""
+DEMO_CONVERSION_PER_USER = 0.54
+"""Variant A's conversion per user in the demo's 2,000-shopper simulation (issue 37's readout): the baseline of a
+conversion plan when none is given."""
+SEARCH_SHARE = 0.5
+"""The share of page views that are searches in ``shoprank simulate`` (the rest ask for recommendations)."""
+MAX_VISITS = 7
+"""A simulated shopper comes back on at most this many days (a week): the configs' ``serve.simulated_days`` covers
+it."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +77,63 @@ class Plan:
     relative_effect: float | None
     """``minimum_detectable_effect / baseline`` (None for a baseline of 0)."""
     sequential_width_factor: float
+
+    @property
+    def sequential_users_per_arm(self) -> int:
+        """About the users per arm the always-valid test needs for the same power: its interval is
+        ``sequential_width_factor`` times wider, and a width shrinks as the square root of the users."""
+        return math.ceil(self.users_per_arm * self.sequential_width_factor ** 2)
+
+
+@dataclass(frozen=True)
+class PredictedEffect:
+    """The relative effect on the decision metric that the offline evaluation predicts, and how it was reached."""
+
+    relative_effect: float
+    ndcg_change: dict[str, float]
+    """Task -> B's relative NDCG@10 change over A."""
+    shares: dict[str, float]
+    """Task -> its share of traffic (over the tasks with figures)."""
+    pass_through: float
+    left_out: dict[str, str]
+    """Task -> why its figures predict nothing (A scores 0 there: no relative change)."""
+
+    def explain(self) -> str:
+        tasks = ", ".join(f"{task} {change:+.1%} ({self.shares[task]:.0%} of traffic)"
+                          for task, change in self.ndcg_change.items())
+        left_out = "".join(f"; {task} left out: {why}" for task, why in self.left_out.items())
+        return (f"predicted effect {self.relative_effect:+.2%}: B's NDCG@10 over A's offline, {tasks}, "
+                f"times {self.pass_through:g} (the share of an offline change that reached the decision metric "
+                f"online, docs/experiments.md){left_out}")
+
+
+@dataclass(frozen=True)
+class SimulationSize:
+    """How many simulated shoppers, each visiting how many days, a plan asks of a simulated shop."""
+
+    needed: int
+    """Shoppers the plan needs, every arm together."""
+    shop_users: int
+    shoppers: int
+    visits: int
+    """Visits per shopper, a simulated day apart."""
+    power_reached: float
+    """The plan's power for its effect at the shoppers simulated."""
+
+    @property
+    def reaches_plan(self) -> bool:
+        return self.shoppers >= self.needed
+
+    def explain(self) -> str:
+        if self.reaches_plan:
+            return (f"simulation: {self.shoppers:,} shoppers, {self.visits} visit(s) each (the plan's "
+                    f"{self.needed:,}; the simulated shop has {self.shop_users:,})")
+        return (f"simulation: all {self.shoppers:,} shoppers of the simulated shop, each on {self.visits} days "
+                f"({self.shoppers * self.visits:,} visits). It stops short of the plan: the plan needs "
+                f"{self.needed:,} shoppers and the shop has {self.shop_users:,}; the user-level test counts "
+                f"shoppers, not visits, so the extra visits make each shopper's figure steadier but add no user, "
+                f"and its power for the planned effect is {self.power_reached:.0%}, not the plan's. A simulated shop "
+                f"of {self.needed:,} shoppers (source.synthetic.num_users) would reach it.")
 
 
 def power(delta: float, sigma: float, users: float, alpha: float = 0.05, ratio: float = 1.0) -> float:
@@ -101,3 +193,73 @@ def plan(baseline: float, sigma: float, *, relative_effect: float | None = None,
         delta = minimum_detectable_effect(sigma, n, alpha, target_power)
     return Plan(baseline, sigma, alpha, target_power, n, abs(delta), abs(delta) / baseline if baseline else None,
                 sequential_width_factor(alpha))
+
+
+def evaluation_table(run: "Run") -> dict[str, dict[str, dict[str, float]]]:
+    """The run's offline figures (task -> system -> metric), or a clear error when it has none."""
+    table = run.manifest().get("stages", {}).get("evaluate", {}).get("metrics", {}).get("table")
+    if not table:
+        raise ShopRankError(f"the run {run.uri()} has no offline evaluation (its evaluate stage has not run): run the "
+                            "pipeline to its evaluate stage, or give the effect to plan for with --mde")
+    return table
+
+
+def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], search_share: float = SEARCH_SHARE,
+                     pass_through: float = PASS_THROUGH) -> PredictedEffect:
+    """The relative effect on the decision metric that the offline ``table`` predicts for B over A (module
+    docstring): each task's relative NDCG@10 change, weighted by its share of traffic (``search_share`` of searches;
+    a task without figures, or where A scores 0, leaves the others' shares to add to 1), times ``pass_through``."""
+    if not 0 <= search_share <= 1:
+        raise ShopRankError(f"--search-share is a share of traffic between 0 and 1, got {search_share}")
+    if not 0 < pass_through <= 1:
+        raise ShopRankError(f"--pass-through is a share between 0 (excluded) and 1, got {pass_through}")
+    weights = {"search": search_share, "recommend": 1 - search_share}
+    changes: dict[str, float] = {}
+    left_out: dict[str, str] = {}
+    for task, weight in weights.items():
+        rows = table.get(task)
+        if not rows or weight == 0:
+            continue
+        missing = [system for system in (CONTROL_SYSTEM, TREATMENT_SYSTEM) if system not in rows]
+        if missing:
+            raise ShopRankError(f"the offline evaluation's {task} figures have no {' and no '.join(missing)} row")
+        control = rows[CONTROL_SYSTEM]["ndcg@10"]
+        if control <= 0:
+            left_out[task] = f"A's offline NDCG@10 is {control:g}, no relative change to predict from"
+            continue
+        changes[task] = rows[TREATMENT_SYSTEM]["ndcg@10"] / control - 1
+    if not changes:
+        why = "".join(f"; {task}: {reason}" for task, reason in left_out.items())
+        raise ShopRankError("the offline evaluation has no figures to predict from for the tasks the traffic asks "
+                            f"for (search share {search_share:g}; tasks with figures: {', '.join(table) or 'none'}"
+                            f"{why})")
+    total = sum(weights[task] for task in changes)
+    shares = {task: weights[task] / total for task in changes}
+    relative = pass_through * sum(shares[task] * change for task, change in changes.items())
+    if relative == 0:
+        raise ShopRankError("the offline evaluation predicts no difference between B and A: give the effect to plan "
+                            "for with --mde")
+    return PredictedEffect(relative, changes, shares, pass_through, left_out)
+
+
+def simulation_size(result: Plan, shop_users: int, arms: int = 2, max_visits: int = MAX_VISITS) -> SimulationSize:
+    """The simulation ``result`` asks of a shop of ``shop_users``: its planned shoppers (users per arm x ``arms``)
+    when the shop has them, else every shopper, coming back on as many days as the plan has shoppers per shopper
+    (at most ``max_visits``)."""
+    needed = result.users_per_arm * arms
+    shoppers = min(needed, shop_users)
+    reached = power(result.minimum_detectable_effect, result.sigma, shoppers / arms, result.alpha)
+    visits = min(max_visits, math.ceil(needed / shoppers))
+    return SimulationSize(needed, shop_users, shoppers, visits, reached)
+
+
+def planned_simulation(config: "Config") -> tuple[Plan, PredictedEffect, SimulationSize]:
+    """The plan of the experiment on ``config``'s simulated shop (the effect its run's offline evaluation predicts
+    on conversion per user, at the demo's baseline) and the simulation it asks for: what ``shoprank simulate`` and
+    the page's simulate control send unless told otherwise."""
+    from shoprank.store.run import Run
+
+    effect = predicted_effect(evaluation_table(Run.for_config(config)))
+    result = plan(DEMO_CONVERSION_PER_USER, binary_sigma(DEMO_CONVERSION_PER_USER),
+                  relative_effect=effect.relative_effect)
+    return result, effect, simulation_size(result, config.source.synthetic.num_users)

@@ -73,6 +73,9 @@ class SearchRequest(Strict):
     k: int = Field(10, ge=1, le=MAX_K)
     variant: str | None = Field(None, max_length=64,
                                 description="Force a variant (side-by-side views); left out of the A/B report.")
+    ts: dt.datetime | None = Field(None, description="When the shopper viewed the page (a client replaying or "
+                                   "simulating visits); the app's clock when omitted. As an event's ts: at most "
+                                   "serve.clock_skew_s (serve.simulated_days) ahead of it.")
 
     @field_validator("query")
     @classmethod
@@ -87,6 +90,9 @@ class RecommendRequest(Strict):
                                 description="Omitted or unknown: a cold-start answer (popular and trending).")
     k: int = Field(10, ge=1, le=MAX_K)
     variant: str | None = Field(None, max_length=64)
+    ts: dt.datetime | None = Field(None, description="When the shopper viewed the page (a client replaying or "
+                                   "simulating visits); the app's clock when omitted. As an event's ts: at most "
+                                   "serve.clock_skew_s (serve.simulated_days) ahead of it.")
 
 
 class EventIn(Strict):

@@ -179,15 +179,15 @@ def _note(ingress: "Ingress", kind: str, run_uri: str, history_events: int) -> s
 
 
 async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str | None, k: int, forced: str | None,
-                  response: Response) -> Answer:
+                  ts: dt.datetime | None, response: Response) -> Answer:
     ingress.start_background()
     request_id = uuid.uuid4().hex
     user_id = ingress.pseudonyms.of(user_id) if user_id else None
     variant = _variant(ingress, forced, user_id, request_id)
-    now = ingress.now_s()
-    answered: Answered = await ingress.handles[variant].answer.remote(Asked(user_id, [], query, k, now))
+    shown_at = _dated(ingress.config.serve, ingress.now_s(), ts, ["ts"], "nothing was answered")
+    answered: Answered = await ingress.handles[variant].answer.remote(
+        Asked(user_id, [], query, k, shown_at.timestamp()))
     ranked = answered.items
-    shown_at = dt.datetime.fromtimestamp(now, dt.timezone.utc)
     ingress.impressions.put([
         Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
         for i, r in enumerate(ranked)
@@ -209,13 +209,13 @@ async def search(body: SearchRequest, response: Response, ingress: Replica) -> A
     limit = ingress.config.serve.max_query_chars
     if len(body.query) > limit:
         raise rejected(["query"], f"query is {len(body.query)} characters; at most {limit} (serve.max_query_chars)")
-    return await _answer(ingress, "search", body.user_id, body.query, body.k, body.variant, response)
+    return await _answer(ingress, "search", body.user_id, body.query, body.k, body.variant, body.ts, response)
 
 
 @answer_routes.post("/recommend", response_model=Answer, dependencies=[needs("client")],
                     responses=refusals(401, 403, 422))
 async def recommend(body: RecommendRequest, response: Response, ingress: Replica) -> Answer:
-    return await _answer(ingress, "recommend", body.user_id, None, body.k, body.variant, response)
+    return await _answer(ingress, "recommend", body.user_id, None, body.k, body.variant, body.ts, response)
 
 
 # ---------------------------------------------------------------------------------------------------- events
@@ -229,7 +229,6 @@ async def events(body: EventBatch, ingress: Replica) -> EventsAccepted:
     ingress.start_background()
     settings = ingress.config.serve
     now = ingress.now_s()
-    oldest = now - settings.retention_days * 86_400
     rows = []
     for i, event in enumerate(body):
         user = ingress.pseudonyms.of(event.user_id)
@@ -238,17 +237,7 @@ async def events(body: EventBatch, ingress: Replica) -> EventsAccepted:
                                               "was stored")
         if event.variant is not None and event.variant not in ingress.specs:
             raise rejected([i, "variant"], f"unknown variant {event.variant!r}; nothing of this request was stored")
-        ts = event.ts or dt.datetime.fromtimestamp(now, dt.timezone.utc)
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=dt.timezone.utc)
-        if ts.timestamp() > now + settings.clock_skew_s:
-            served = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds")
-            raise rejected([i, "ts"], f"{ts.isoformat()} is later than the app's clock ({served}, serve.clock="
-                                      f"{settings.clock}) by more than serve.clock_skew_s "
-                                      f"({settings.clock_skew_s:g} s); nothing of this request was stored")
-        if ts.timestamp() < oldest:
-            raise rejected([i, "ts"], f"{ts.isoformat()} is older than serve.retention_days "
-                                      f"({settings.retention_days:g}); nothing of this request was stored")
+        ts = _dated(settings, now, event.ts, [i, "ts"], "nothing of this request was stored")
         if event.request_id is not None and event.event_type != "view" and settings.unattributed == "reject":
             why = await _unattributed(ingress, user, event.request_id, event.product_id)
             if why is not None:
@@ -264,6 +253,28 @@ async def events(body: EventBatch, ingress: Replica) -> EventsAccepted:
                else rejected([], outcome))
     record_events(rows, ingress.prices)
     return EventsAccepted(stored=outcome, event_ids=[r["event_id"] for r in rows])
+
+
+def _dated(settings: ServeConfig, now: float, ts: dt.datetime | None, loc: list[str | int],
+           consequence: str) -> dt.datetime:
+    """``ts`` as the app accepts it (UTC; the app's clock ``now`` when None), or a 422 naming ``loc`` and saying
+    ``consequence``: an answer or an event dated further ahead of the app's clock than ``serve.clock_skew_s`` (or
+    ``serve.simulated_days``, a simulated shop's returning shoppers) would outweigh every other in its shopper's
+    history, and one older than ``serve.retention_days`` would be purged at once."""
+    if ts is None:
+        return dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.timezone.utc)
+    ahead_s = max(settings.clock_skew_s, settings.simulated_days * 86_400)
+    if ts.timestamp() > now + ahead_s:
+        served = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds")
+        raise rejected(loc, f"{ts.isoformat()} is later than the app's clock ({served}, serve.clock={settings.clock}) "
+                            f"by more than serve.clock_skew_s ({settings.clock_skew_s:g} s) and serve.simulated_days "
+                            f"({settings.simulated_days:g}); {consequence}")
+    if ts.timestamp() < now - settings.retention_days * 86_400:
+        raise rejected(loc, f"{ts.isoformat()} is older than serve.retention_days ({settings.retention_days:g}); "
+                            f"{consequence}")
+    return ts
 
 
 async def _unattributed(ingress: "Ingress", user: str, request_id: str, product_id: str) -> str | None:

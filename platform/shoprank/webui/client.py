@@ -44,11 +44,14 @@ class ServeClient:
             raise ServeError(f"{path}: {answer.status_code} {_reason(answer)}")
         return answer.json()
 
-    def search(self, query: str, user_id: str | None, k: int, variant: str | None = None) -> dict[str, Any]:
-        return self._call("POST", "/search", {"query": query, "user_id": user_id, "k": k, "variant": variant})
+    def search(self, query: str, user_id: str | None, k: int, variant: str | None = None,
+               ts: str | None = None) -> dict[str, Any]:
+        """``ts`` (ISO 8601): when the page was viewed, for a simulated visit; the app's clock when None."""
+        return self._call("POST", "/search", {"query": query, "user_id": user_id, "k": k, "variant": variant, "ts": ts})
 
-    def recommend(self, user_id: str | None, k: int, variant: str | None = None) -> dict[str, Any]:
-        return self._call("POST", "/recommend", {"user_id": user_id, "k": k, "variant": variant})
+    def recommend(self, user_id: str | None, k: int, variant: str | None = None,
+                  ts: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/recommend", {"user_id": user_id, "k": k, "variant": variant, "ts": ts})
 
     def events(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         return self._call("POST", "/events", events)

@@ -29,6 +29,8 @@ import gradio as gr
 import pandas as pd
 
 from shoprank.data.synthetic import ShopSimulator
+from shoprank.errors import ShopRankError
+from shoprank.experiment.plan import MAX_VISITS, SimulationSize
 from shoprank.recsys.messages import BASE, OTHER
 from shoprank.webui.client import ServeClient, ServeError
 from shoprank.webui.report import report_markdown
@@ -66,9 +68,10 @@ def timeline_frame(report: dict[str, Any]) -> pd.DataFrame:
 
 
 def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = None,
-               timeout_s: float = 30.0) -> gr.Blocks:
+               timeout_s: float = 30.0, planned: SimulationSize | None = None) -> gr.Blocks:
     """The page for the Serve app at ``serve_url``; ``keys``: the API keys (:func:`shoprank.serving.keys.client_keys`);
-    ``simulator_factory()`` builds the shop for simulations.
+    ``simulator_factory()`` builds the shop for simulations, ``planned`` (the experiment's plan,
+    :func:`~shoprank.experiment.plan.planned_simulation`) sizes them unless the admin says otherwise.
 
     Shoppers' calls (search, recommend, events) go with the client key, the report, the users and the variants
     with the admin key; only the page's ``admin`` login may send simulated shoppers into the live test.
@@ -129,16 +132,20 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
         frame = timeline_frame(report)
         return report_markdown(report), frame, frame
 
-    def run_simulation(users: float, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
+    def run_simulation(users: float, visits: float, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
         if request.username != "admin":
             return "⚠️ Sending simulated shoppers into the live test needs the page's admin login."
         if simulator_factory is None:
             return "⚠️ Simulation needs the simulated shop (start the page with `shoprank ui`)."
         progress(0.0, desc="building the simulated shop")
         simulator = simulator_factory()
-        traffic = simulate(serve_url, keys["client"], simulator, int(users),
-                           progress=lambda done, total: progress(done / total, desc=f"{done}/{total} shoppers"))
-        note = f"{traffic.shoppers} shoppers, {traffic.requests} requests, {traffic.events} events sent."
+        try:
+            traffic = simulate(serve_url, keys["client"], simulator, int(users), visits=int(visits),
+                               progress=lambda done, total: progress(done / total, desc=f"{done}/{total} visits"))
+        except ShopRankError as exc:
+            return f"⚠️ {exc}"
+        note = (f"{traffic.shoppers} shoppers, {traffic.visits} visits, {traffic.requests} requests, "
+                f"{traffic.events} events sent.")
         if traffic.errors:
             note += f" ⚠️ {len(traffic.errors)} shoppers failed: {traffic.errors[0]}"
         try:
@@ -190,9 +197,12 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
 
         with gr.Tab("A/B test", id="ab"):
             with gr.Row():
-                shoppers = gr.Number(value=200, precision=0, minimum=1, maximum=100_000, label="Simulated shoppers")
+                shoppers = gr.Number(value=planned.shoppers if planned else 200, precision=0, minimum=1,
+                                     maximum=100_000, label="Simulated shoppers")
+                visits = gr.Number(value=planned.visits if planned else 1, precision=0, minimum=1, maximum=MAX_VISITS,
+                                   label="Visits each (a day apart)")
                 simulate_button = gr.Button("Send simulated shoppers", elem_id="simulate")
-            simulation = gr.Markdown()
+            simulation = gr.Markdown(planned.explain() if planned else "")
             figures = gr.Markdown("Loading the A/B report...", elem_id="ab-figures")
             with gr.Row():
                 ctr_plot = gr.LinePlot(x="time", y="ctr", color="variant", title="CTR per impression over time (cumulative, descriptive)",
@@ -211,7 +221,7 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
         query.submit(ask, inputs=[query, user, k, anonymous, last], outputs=[last, status])
         timer.tick(refresh_report, outputs=[figures, ctr_plot, conversion_plot])
         page.load(refresh_report, outputs=[figures, ctr_plot, conversion_plot])
-        simulate_button.click(run_simulation, inputs=[shoppers], outputs=[simulation])
+        simulate_button.click(run_simulation, inputs=[shoppers, visits], outputs=[simulation])
     return page
 
 
@@ -220,9 +230,10 @@ def logins(keys: dict[str, Any]) -> list[tuple[str, str]]:
     return sorted(keys["page_logins"].items())
 
 
-def launch(serve_url: str, keys: dict[str, Any], host: str, port: int, simulator_factory: Any = None) -> None:
-    build_page(serve_url, keys, simulator_factory).launch(server_name=host, server_port=port, css=CSS,
-                                                          show_error=False, auth=logins(keys))
+def launch(serve_url: str, keys: dict[str, Any], host: str, port: int, simulator_factory: Any = None,
+           planned: SimulationSize | None = None) -> None:
+    build_page(serve_url, keys, simulator_factory, planned=planned).launch(
+        server_name=host, server_port=port, css=CSS, show_error=False, auth=logins(keys))
 
 
 def shop_simulator(config: Any) -> ShopSimulator:
