@@ -45,9 +45,10 @@ NO_GROUP = -1
 """A group code that no limit or similarity applies to (a product without a brand)."""
 Task = Literal["search", "recommend"]
 TASKS: tuple[Task, ...] = ("search", "recommend")
-STRENGTHS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
+STRENGTHS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """The strengths the evaluate stage tries on the validation split (in score standard deviations per unit of
-similarity); 1.5 already lets a product of a shown brand in only when it scores 1.5 deviations above the rest."""
+similarity): at 3 a product of a brand already shown comes next only when it scores 3 deviations above the best
+of a new brand, about what hard caps do."""
 DIVERSITY = ("evaluation", "diversity.json")
 """Where the run records the chosen strength per task (:class:`DiversityDecision`)."""
 
