@@ -79,7 +79,7 @@ def compare(now: dict[str, dict[str, float]], before: dict[str, dict[str, float]
         for name, value in figures.items():
             last = before.get(task, {}).get(name)
             rows.append({"task": task, "figure": name, "now": round(value, 4), "recorded": last,
-                         "difference": round(value - last, 4) if last is not None else None})
+                         "difference": round(value - last, 4) + 0.0 if last is not None else None})  # no -0.0
     return rows
 
 
