@@ -2,7 +2,8 @@
 
 ``benchmarks/recommend.py`` (the generated latent-factor shop) and
 ``benchmarks/online_retail.py`` (UCI Online Retail) both score EASE and ``implicit``'s
-ALS, bootstrap their figures and run the pipeline (:func:`run_pipeline`) for the system's row;
+ALS and run the pipeline (:func:`run_pipeline`) for the system's row (their bootstrap is
+:func:`shoprank.recsys.metrics.bootstrap_mean`, the evaluation's own);
 one implementation here, so the two benchmarks'
 baselines are the same models fitted the same way. Like :mod:`common`, imported as a
 script sibling (``import baselines``), by drivers only.
@@ -22,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 K = 10
 """The cut of every list scored (NDCG@10, Recall@10, HitRate@10)."""
 ALS_ITERATIONS = 15
-BOOTSTRAP_RESAMPLES = 2_000
 
 
 def user_matrix(users: np.ndarray, rows: np.ndarray, n: int) -> sp.csr_matrix:
@@ -62,15 +62,6 @@ def fit_als(matrix: sp.csr_matrix, params: dict[str, Any]) -> Any:
     model = AlternatingLeastSquares(**params, iterations=ALS_ITERATIONS, random_state=0)
     model.fit(matrix, show_progress=False)
     return model
-
-
-def bootstrap_mean(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """The mean of per-shopper (or per-request) ``values`` and its 95% bootstrap interval: the units resampled with
-    replacement :data:`BOOTSTRAP_RESAMPLES` times. Paired differences are the same call on the differences."""
-    values = np.asarray(values, dtype=np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))
-    low, high = np.quantile(values[draws].mean(axis=1), [0.025, 0.975])
-    return float(values.mean()), float(low), float(high)
 
 
 def run_pipeline(config_arg: str, overrides: list[str]) -> None:

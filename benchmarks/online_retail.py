@@ -73,9 +73,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from shoprank.recsys.metrics import hit_rate_at_k, ndcg_at_k, recall_at_k  # noqa: E402
+from shoprank.recsys.metrics import bootstrap_mean, hit_rate_at_k, ndcg_at_k, recall_at_k  # noqa: E402
 
-from baselines import K, REPO, bootstrap_mean, ease_weights, fit_als, run_pipeline, top_k, user_matrix  # noqa: E402
+from baselines import K, REPO, ease_weights, fit_als, run_pipeline, top_k, user_matrix  # noqa: E402
 
 DATA = REPO / "benchmarks" / "data" / "online-retail" / "online_retail.csv.gz"
 READER_CONFIG = "configs/examples/online-retail.yaml"

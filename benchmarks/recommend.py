@@ -90,10 +90,10 @@ from shoprank.evaluation.offline import qrels_of, served_top_k  # noqa: E402
 from shoprank.ranker.dataset import build_requests, judgments  # noqa: E402
 from shoprank.recsys.context import ENGAGEMENTS, EventLog  # noqa: E402
 from shoprank.recsys.features import epoch_seconds  # noqa: E402
-from shoprank.recsys.metrics import mean_metrics, ndcg_at_k  # noqa: E402
+from shoprank.recsys.metrics import bootstrap_mean, mean_metrics, ndcg_at_k  # noqa: E402
 from shoprank.store.run import Run  # noqa: E402
 
-from baselines import K, bootstrap_mean, ease_weights, fit_als, run_pipeline, top_k, user_matrix  # noqa: E402
+from baselines import K, ease_weights, fit_als, run_pipeline, top_k, user_matrix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "fine-tuned retrieval + ranker"

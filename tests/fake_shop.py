@@ -26,6 +26,7 @@ from shoprank.config import Config
 from shoprank.encoder.text import product_texts
 from shoprank.privacy import Pseudonyms
 from shoprank.recsys.context import DenseIndex, RankingContext, assemble_context
+from shoprank.recsys.diversity import Diversity
 from shoprank.recsys.types import ProductStats
 from shoprank.serving.keys import KeyRing, digest
 from shoprank.serving.loaders import EVENT_COLUMNS as INGRESS_EVENT_COLUMNS
@@ -130,6 +131,9 @@ class FakeShop:
 
     def booster(self, spec: VariantSpec) -> None:
         return None
+
+    def diversity(self, spec: VariantSpec) -> Diversity:
+        return Diversity.of(self.config)  # no run, no evaluation: the config's fixed strength (auto: none)
 
     # ShopSource
 

@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.data.io import read_table
-from shoprank.recsys.diversity import DiverseTop, Diversity
 from shoprank.stages import STAGE_NAMES
 from shoprank.store.run import Run
 
@@ -456,7 +455,7 @@ def check_every_stage(run: Run, tasks: set[str]) -> None:
 def check_answers(url: str, run: Run, key: str) -> None:
     """``/search`` and ``/recommend`` of both variants answer from this run (called with ``key``): its products, for
     a known and an unknown shopper; a recommendation that is not personal says so, and without behaviour keeps the
-    popular order (under the diversity rule)."""
+    popular order."""
     catalogue = set(read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
     title = read_table(run, "data", "products", columns=["title"]).column("title")[0].as_py()
     users = read_table(run, "data", "events", columns=["user_id"]).column("user_id").to_pylist()
@@ -476,15 +475,15 @@ def check_answers(url: str, run: Run, key: str) -> None:
 
 
 def _most_judged_relevant(run: Run, k: int) -> list[str]:
-    """The ``k`` products most often judged exact or substitute by training queries (ties: catalogue order), cut
-    as a recommendation under the default diversity rule."""
-    products = read_table(run, "data", "products", columns=["product_id", "brand", "category"])
-    catalogue = products.column("product_id").to_pylist()
+    """The ``k`` products most often judged exact or substitute by training queries (ties: catalogue order): without
+    behaviour no validation recommendation has a relevant product, so the run's recommendation diversity strength
+    is 0 (:func:`shoprank.evaluation.offline.choose_diversity`) and the popular order is kept."""
+    catalogue = read_table(run, "data", "products", columns=["product_id"]).column("product_id").to_pylist()
     pairs = read_table(run, "data", "query_pairs").to_pandas()
     relevant = pairs[(pairs["source"] == "judgment") & (pairs["split"] == "train") & (pairs["label"] >= 2)]
     counts = relevant["product_id"].value_counts()
     ordered = sorted(catalogue, key=lambda p: (-counts.get(p, 0), catalogue.index(p)))
-    return DiverseTop(Diversity(), products, {}).top("cold", ordered, k)
+    return ordered[:k]
 
 
 def _answer(http: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,26 @@ def test_demo_quality_scan(tiny_trained: tuple[Config, Run]) -> None:
 
 
 @pytest.mark.slow
+def test_demo_quality(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    """The quality check reads a run's evaluation and puts each figure beside the README's last record."""
+    _, run = ranked
+    readme = tmp_path / "README.md"
+    readme.write_text("## The demo\n\n| task | popularity | fine-tuned retrieval + ranker (variant B) | B - A |\n"
+                      "| --- | --- | --- | --- |\n| search | 0.5 | 0.25 | +0.010 [-0.02, +0.04] |\n\n## Speed\n")
+    figures = run_benchmark("demo_quality.py", "--run", run.path(), "--readme", str(readme))
+    rows = {(row["task"], row["figure"]): row for row in figures["figures"]}
+    evaluation = run.read_json("evaluation", "offline.json")
+    popularity = rows[("search", "popularity")]
+    assert popularity["now"] == round(evaluation["search"]["popularity"]["ndcg@10"], 4)
+    assert popularity["recorded"] == 0.5 and popularity["difference"] == round(popularity["now"] - 0.5, 4)
+    assert rows[("search", "B - A")]["recorded"] == 0.01
+    assert rows[("recommend", "B brands@10")]["recorded"] is None  # measured, never recorded: shown, no difference
+    recorded = subprocess.run([sys.executable, "-c", "import demo_quality; print(demo_quality.recorded())"],
+                              cwd=BENCHMARKS, capture_output=True, text=True, check=True).stdout
+    assert "'search'" in recorded and "'recommend'" in recorded  # the repository's own table parses
+
+
+@pytest.mark.slow
 def test_encoder_runtime(tiny_trained: tuple[Config, Run]) -> None:
     config, _ = tiny_trained
     sets = [word for value in run_overrides(config) for word in ("--set", value)]

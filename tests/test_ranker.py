@@ -27,6 +27,9 @@ from shoprank.recsys.messages import BASE, OTHER
 from shoprank.recsys.retrieval import rank_inputs
 from shoprank.recsys.types import SOURCES
 from shoprank.store.registry import Registry
+from shoprank.recsys.diversity import STRENGTHS, Diversity, DiversityDecision
+from shoprank.serving.loaders import RunLoader
+from shoprank.serving.variants import VariantSpec
 from shoprank.store.run import Run
 
 
@@ -43,9 +46,36 @@ def test_ranker_trains_with_two_workers_and_writes_the_evaluation(ranked: tuple[
     for kind in ("search", "recommend"):
         assert set(table[kind]) == systems
         for metrics in table[kind].values():
-            assert {"ndcg@10", "recall@10", "mrr", "coverage"} <= set(metrics)
-    assert "| search | fine-tuned retrieval + ranker |" in (evaluation / "offline.md").read_text()
+            assert {"ndcg@10", "recall@10", "mrr", "coverage", "brands@10", "categories@10"} <= set(metrics)
+            assert 1 <= metrics["brands@10"] <= 10 and 1 <= metrics["categories@10"] <= 10
+        difference = table["b_minus_a"][kind]  # B - A, per request, with its bootstrap interval
+        assert difference["low"] <= difference["ndcg@10"] <= difference["high"]
+        assert stages["evaluate"]["metrics"]["table"][kind]["popularity"]["brands@10"] == table[kind]["popularity"][
+            "brands@10"]
+    text = (evaluation / "offline.md").read_text()
+    assert "| search | fine-tuned retrieval + ranker |" in text and "brands@10 | categories@10" in text
+    assert "B - A, recommend: NDCG@10 " in text and "Diversity re-ranking" in text
     assert (evaluation / "offline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_diversity_strength_is_the_strongest_within_tolerance_on_validation(ranked: tuple[Config, Run]) -> None:
+    """``policy.diversity.strength: auto``: per task, every strength tried on the validation split through Serve's
+    ranking, the strongest whose NDCG@10 keeps within the tolerance of the undiversified list is recorded, and the
+    run's readers (the evaluation, Serve's loader) apply it."""
+    config, run = ranked
+    decision = DiversityDecision.load(run)
+    assert config.policy.diversity.strength == "auto" and decision.tolerance == config.policy.diversity.ndcg_tolerance
+    for kind in ("search", "recommend"):
+        trials = decision.trials[kind]
+        assert [t["strength"] for t in trials] == list(STRENGTHS)
+        floor = (1 - decision.tolerance) * trials[0]["ndcg@10"]
+        assert decision.strength[kind] == max(t["strength"] for t in trials if t["ndcg@10"] >= floor)
+        assert trials[-1]["brands@10"] >= trials[0]["brands@10"]  # the strongest spreads brands at least as much
+    assert run.manifest()["stages"]["evaluate"]["metrics"]["diversity_strength"] == decision.strength
+    assert Diversity.of(config, run).strength == decision.strength
+    spec = VariantSpec(name="B", alias="B", run=run.uri(), ranker_run=run.uri(), strategy="ranker",
+                       encoder="fine_tuned")
+    assert RunLoader(config).diversity(spec) == Diversity.of(config, run)  # what Serve's replicas are given
 
 
 def test_the_evaluations_dense_lists_are_the_dense_rows_of_the_features(ranked: tuple[Config, Run]) -> None:

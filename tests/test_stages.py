@@ -49,13 +49,15 @@ def hashes(config: Config) -> dict[str, str]:
     ("features.history_fraction=0.5", "features"),
     ("features.max_requests=100", "features"),
     ("features.ctr_prior_views=5", "features"),
-    # an exclusion changes the candidates, so the feature rows; a diversity limit only cuts the evaluated top 10
+    # an exclusion changes the candidates, so the feature rows; diversity only re-ranks the evaluated top 10 (and
+    # chooses its strength on validation there)
     ("policy.exclude.seen=[click]", "features"),
     ("policy.exclude.purchased=false", "features"),
     ("ranker.eta=0.2", "ranker"),
     ("ranker.max_depth=5", "ranker"),
     ("policy.diversity.max_per_brand=3", "evaluate"),
-    ("policy.diversity.max_per_category=null", "evaluate"),
+    ("policy.diversity.strength=0.5", "evaluate"),
+    ("policy.diversity.ndcg_tolerance=0.05", "evaluate"),
     ("serve.port=8123", None),
     ("serve.encoder_runtime=onnx-int8", None),
     ("ray.num_cpus=1", None),

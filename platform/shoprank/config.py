@@ -769,18 +769,38 @@ class ExcludeConfig(Section):
 
 
 class DiversityConfig(Section):
-    """The diversity rule that cuts every top k after ranking (:mod:`shoprank.recsys.diversity`), in Serve and in
-    the offline evaluation: a change evaluates again, and keeps the feature rows and the ranker."""
+    """The diversity re-ranking of every top k after ranking (:mod:`shoprank.recsys.diversity`: maximal marginal
+    relevance over the scores, with brand and category similarity), in Serve and in the offline evaluation: a change
+    evaluates again, and keeps the feature rows and the ranker."""
 
+    strength: Literal["auto"] | float = Field(
+        "auto", description="How much a brand (and on recommendations a category leaf) already shown costs a "
+        "candidate, in standard deviations of the request's scores (0: the ranker's order). auto: the evaluate "
+        "stage chooses it per task on the validation split, the strongest that keeps NDCG@10 within ndcg_tolerance "
+        "of the undiversified list, and records it in the run (evaluation/diversity.json), which Serve reads.",
+    )
+    ndcg_tolerance: float = Field(
+        0.02, ge=0.0, lt=1.0, description="strength: auto keeps the validation NDCG@10 at least (1 - this) times "
+        "the undiversified list's, per task: 2% is below the demo's run-to-run spread of B (about 6%), so the "
+        "shopper gets the diversity for a loss no evaluation could tell from noise.",
+    )
     max_per_brand: int | None = Field(
-        2, ge=1, description="At most this many products of one brand in an answer's top k, online and in the "
-        "offline evaluation alike (None: no limit); when the candidates cannot fill k under it, the best skipped "
-        "ones do.",
+        None, ge=1, description="Optional hard cap: at most this many products of one brand in an answer's top k "
+        "after the re-ranking (None, the default: no cap); when the candidates cannot fill k under it, the best "
+        "skipped ones do. The demo measured the caps at 2 costing B most of its recommendation gain "
+        "(benchmarks/README.md).",
     )
     max_per_category: int | None = Field(
-        2, ge=1, description="At most this many products of one category leaf in a recommendation's top k (a "
-        "search names its category itself); None: no limit.",
+        None, ge=1, description="Optional hard cap: at most this many products of one category leaf in a "
+        "recommendation's top k (a search names its category itself); None, the default: no cap.",
     )
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_is_not_negative(cls, value: str | float) -> str | float:
+        if value != "auto" and value < 0:
+            raise ValueError("a strength is 0 (the ranker's order) or more, or auto")
+        return value
 
 
 class PolicyConfig(Section):

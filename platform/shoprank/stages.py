@@ -108,8 +108,10 @@ STAGES: tuple[Stage, ...] = (
           inputs=("embeddings", "index", "encoder/model", "data/products", "data/events", "data/query_pairs")),
     Stage("ranker", _body("shoprank.ranker.stages:fit_ranker"), _fixed(["ranker/ray", "ranker/model"]),
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
+    # v2: the diversity re-ranking's strength chosen on validation and recorded (evaluation/diversity.json), which
+    # Serve reads: a run evaluated before has none, and evaluates again
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
-          sections=("policy.diversity",), upstream=("ranker",),
+          sections=("policy.diversity",), upstream=("ranker",), version="evaluate-v2",
           inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings", "index", "data/events")),
 )
 """Every stage of a run, in the order they run: the only list of them."""

@@ -16,15 +16,19 @@ The ranker's row is Serve's answer itself (:func:`served_top_k`): each test requ
 (``policy.diversity``) cannot differ between the figure and what ``/recommend`` shows.
 What is relevant to a request is :func:`shoprank.ranker.dataset.relevance`, the
 function the ranker's labels come from: the two can never disagree on what a good
-answer was. Every system's top 10 is cut the way Serve cuts an answer, under the
-diversity rule (:mod:`shoprank.recsys.diversity`: at most ``policy.diversity.max_per_brand`` of a
-brand, and on recommendations ``policy.diversity.max_per_category`` of a category leaf), so the
-figures are those of the lists a shopper would see.
+answer was. Every system's top 10 is cut the way Serve cuts an answer, after the
+diversity re-ranking (:mod:`shoprank.recsys.diversity`), so the figures are those of the lists a
+shopper would see. Its strength (``policy.diversity.strength: auto``) is chosen here first, per task,
+on the validation split (:func:`choose_diversity`) and recorded in the run for Serve. Beside NDCG@10,
+each system's row gives the distinct brands and category leaves of its top 10 (mean per request),
+and each task the ranker's (B's) per-request NDCG@10 difference to the zero-shot retrieval (A's) with
+its 95% bootstrap interval.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +36,13 @@ import pandas as pd
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.recsys.metrics import catalog_coverage, mean_metrics
+from shoprank.recsys.metrics import bootstrap_mean, catalog_coverage, mean_metrics, ndcg_at_k
 from shoprank.recsys.context import ExclusionDecision, load_context
 from shoprank.ranker.dataset import GRADES, build_requests, judgments, relevance
-from shoprank.recsys.diversity import DiverseTop, Diversity
+from shoprank.recsys.diversity import STRENGTHS, TASKS, DiverseTop, Diversity, DiversityDecision
 from shoprank.ranker.stages import embed_queries
 from shoprank.ranker.train import read_features
-from shoprank.recsys.answer import Ranking, Retrieval, answer_many
+from shoprank.recsys.answer import Ranking, Retrieval, Retrieved, answer_many
 from shoprank.recsys.booster import load_ranker
 from shoprank.recsys.messages import Asked
 from shoprank.recsys.retrieval import retrieve
@@ -51,22 +55,23 @@ ANSWERED_TOGETHER = 256
 
 def top_k_of(frame: pd.DataFrame, score: str, mask: pd.Series | None = None,
              pick: DiverseTop | None = None) -> dict[str, list[str]]:
-    """Each request's ``K`` products by ``score`` among the rows in ``mask`` (ties: product id), under ``pick``'s
-    diversity rule when given."""
+    """Each request's ``K`` products by ``score`` among the rows in ``mask`` (ties: product id), after ``pick``'s
+    diversity re-ranking when given."""
     rows = frame if mask is None else frame[mask]
     rows = rows.sort_values(["request_id", score, "product_id"], ascending=[True, False, True])
-    return {r: _cut(r, g["product_id"].tolist(), pick) for r, g in rows.groupby("request_id", sort=False)}
+    return {r: _cut(r, g["product_id"].tolist(), g[score].to_numpy(), pick)
+            for r, g in rows.groupby("request_id", sort=False)}
 
 
-def _cut(request_id: str, ordered: list[str], pick: DiverseTop | None) -> list[str]:
-    return pick.top(request_id, ordered, K) if pick is not None else ordered[:K]
+def _cut(request_id: str, ordered: list[str], scores: Sequence[float], pick: DiverseTop | None) -> list[str]:
+    return pick.top(request_id, ordered, scores, K) if pick is not None else ordered[:K]
 
 
-def diverse_top(config: Config, run: Run, requests: pd.DataFrame) -> DiverseTop:
-    """The diversity rule of ``config`` over ``run``'s catalogue, for ``requests``."""
+def diverse_top(diversity: Diversity, run: Run, requests: pd.DataFrame) -> DiverseTop:
+    """``diversity`` over ``run``'s catalogue, for ``requests``."""
     products = read_table(run, "data", "products", columns=["product_id", "brand", "category"])
     searches = requests[requests["kind"] == "search"]
-    return DiverseTop(Diversity.of(config), products, dict(zip(searches["request_id"], searches["query"])))
+    return DiverseTop(diversity, products, dict(zip(searches["request_id"], searches["query"])))
 
 
 def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: bool,
@@ -90,26 +95,23 @@ def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: 
         candidates = retrieve(context, history, query, query_vectors.get(query), float(request.ts_s), dense_only=True)
         if len(candidates.rows):
             order = sorted(range(len(candidates.rows)), key=lambda i: (-candidates.cosine[i], ids[candidates.rows[i]]))
-            ranked[request.request_id] = _cut(request.request_id, [ids[candidates.rows[i]] for i in order], pick)
+            ranked[request.request_id] = _cut(request.request_id, [ids[candidates.rows[i]] for i in order],
+                                              candidates.cosine[order], pick)
     return ranked
 
 
-def served_top_k(config: Config, run: Run, requests: pd.DataFrame, k: int = K) -> dict[str, list[str]]:
+def served_top_k(config: Config, run: Run, requests: pd.DataFrame, k: int = K,
+                 diversity: Diversity | None = None) -> dict[str, list[str]]:
     """Each request's top ``k`` as Serve's ranker variant answers it: :func:`~shoprank.recsys.answer.answer_many`,
     the function a variant replica calls, over the run's context and ranker, for the request's user at its time.
 
     The history is the run's events of the user strictly before the request (``ts_s``), with no live event: what a
     replica holds of a shopper who sent none since the run's data. Retrieval, exclusions, features, booster, ties
-    and the diversity cut are Serve's own code, not a copy: asked for a time after the run's last event (Serve's
-    clock), this gives ``/recommend``'s list, which a test checks over HTTP.
+    and the diversity re-ranking are Serve's own code, not a copy: asked for a time after the run's last event
+    (Serve's clock), this gives ``/recommend``'s list, which a test checks over HTTP. ``diversity``: the
+    re-ranking's strength (default: the run's, :meth:`Diversity.of`, as Serve reads it).
     """
-    context = load_context(config, run, encoder=False)
-    ranking = Ranking.served(config, context.catalogue.stats, "ranker", load_ranker(run.local_path("ranker", "model")))
-    queries = requests["query"].dropna().unique().tolist()
-    vectors = dict(zip(queries, embed_queries(config, run, queries, zero_shot=False)))
-    asked = [Asked(r.user_id if isinstance(r.user_id, str) else None, [], r.query if isinstance(r.query, str) else None,
-                   k, float(r.ts_s)) for r in requests.itertuples(index=False)]
-    retrieval = Retrieval(context)
+    retrieval, ranking, asked, vectors = _answering(config, run, requests, k, diversity)
     ranked: dict[str, list[str]] = {}
     for start in range(0, len(asked), ANSWERED_TOGETHER):
         batch = asked[start:start + ANSWERED_TOGETHER]
@@ -117,6 +119,82 @@ def served_top_k(config: Config, run: Run, requests: pd.DataFrame, k: int = K) -
         for request_id, answered in zip(ids, answer_many(retrieval, ranking, batch, vectors)):
             ranked[request_id] = [item.product_id for item in answered.items]
     return ranked
+
+
+def served_top_k_under(config: Config, run: Run, requests: pd.DataFrame,
+                       trials: list[Diversity]) -> list[dict[str, list[str]]]:
+    """:func:`served_top_k` under each of ``trials``, the candidates retrieved and scored once
+    (:meth:`~shoprank.recsys.answer.Ranking.tops_under`)."""
+    retrieval, ranking, asked, vectors = _answering(config, run, requests, K, trials[0])
+    ranked: list[dict[str, list[str]]] = [{} for _ in trials]
+    for start in range(0, len(asked), ANSWERED_TOGETHER):
+        retrieved: list[Retrieved] = [
+            retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
+                               a.now_s) for a in asked[start:start + ANSWERED_TOGETHER]]
+        ids = requests["request_id"].iloc[start:start + ANSWERED_TOGETHER]
+        for found, tops in zip(ranked, ranking.tops_under(retrieved, K, trials)):
+            found.update(zip(ids, tops))
+    return ranked
+
+
+def _answering(config: Config, run: Run, requests: pd.DataFrame, k: int,
+               diversity: Diversity | None) -> tuple[Retrieval, Ranking, list[Asked], dict[str, Any]]:
+    """What Serve's ranker variant answers ``requests`` with: retrieval and ranking over the run, each request as
+    Serve is asked it, and the queries' vectors."""
+    context = load_context(config, run, encoder=False)
+    ranking = Ranking.served(config, context.catalogue.stats, "ranker", load_ranker(run.local_path("ranker", "model")),
+                             diversity if diversity is not None else Diversity.of(config, run))
+    queries = requests["query"].dropna().unique().tolist()
+    vectors = dict(zip(queries, embed_queries(config, run, queries, zero_shot=False)))
+    asked = [Asked(r.user_id if isinstance(r.user_id, str) else None, [], r.query if isinstance(r.query, str) else None,
+                   k, float(r.ts_s)) for r in requests.itertuples(index=False)]
+    return Retrieval(context), ranking, asked, vectors
+
+
+def choose_diversity(config: Config, run: Run, requests: pd.DataFrame, judged: dict[str, dict[str, int]]
+                     ) -> DiversityDecision:
+    """The re-ranking's strength per task (``policy.diversity.strength: auto``): each of :data:`STRENGTHS` on the
+    validation split's requests through Serve's ranking, and per task the strongest whose NDCG@10 is at least
+    ``1 - ndcg_tolerance`` times strength 0's (the undiversified list). A fixed strength is recorded as set."""
+    setting = config.policy.diversity
+    tolerance = setting.ndcg_tolerance
+    if setting.strength != "auto":
+        return DiversityDecision(dict.fromkeys(TASKS, float(setting.strength)), tolerance, {},
+                                 dict.fromkeys(TASKS, "set in policy.diversity.strength"))
+    validation = requests[requests["split"] == "validation"]
+    qrels = qrels_of(validation, judged)
+    base = Diversity.of(config)
+    trials = [base.at(strength) for strength in STRENGTHS]
+    pick = diverse_top(base, run, validation)
+    tops = served_top_k_under(config, run, validation, trials) if len(validation) else [{} for _ in trials]
+    kinds = dict(zip(validation["request_id"], validation["kind"]))
+    strength: dict[str, float] = {}
+    scored: dict[str, list[dict[str, float]]] = {}
+    reason: dict[str, str] = {}
+    for kind in TASKS:
+        kind_qrels = {r: rel for r, rel in qrels.items() if kinds.get(r) == kind}
+        if not kind_qrels:
+            strength[kind], reason[kind] = 0.0, "no validation request with a relevant product: none"
+            continue
+        scored[kind] = [{"strength": s, **_diversity_figures(top, kind_qrels, pick)} for s, top in zip(STRENGTHS, tops)]
+        floor = (1 - tolerance) * scored[kind][0]["ndcg@10"]
+        kept = [row for row in scored[kind] if row["ndcg@10"] >= floor]
+        strength[kind] = max(row["strength"] for row in kept)
+        chosen = next(row for row in kept if row["strength"] == strength[kind])
+        reason[kind] = (f"validation NDCG@10 {chosen['ndcg@10']:.4f} against {scored[kind][0]['ndcg@10']:.4f} "
+                        f"undiversified (tolerance {tolerance:.1%}); brands in the top 10 "
+                        f"{chosen['brands@10']:.2f} against {scored[kind][0]['brands@10']:.2f}")
+    return DiversityDecision(strength, tolerance, scored, reason)
+
+
+def _diversity_figures(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]],
+                       pick: DiverseTop) -> dict[str, float]:
+    """Mean NDCG@10 of ``ranked`` over ``qrels``' requests and the mean distinct brands and categories of its lists."""
+    lists = [ranked.get(r, []) for r in qrels]
+    distinct = [pick.distinct(shown) for shown in lists] or [(0, 0)]
+    return {"ndcg@10": mean_metrics(dict(zip(qrels, lists)), qrels, k=K)["ndcg@10"],
+            "brands@10": sum(b for b, _ in distinct) / len(distinct),
+            "categories@10": sum(c for _, c in distinct) / len(distinct)}
 
 
 def qrels_of(requests: pd.DataFrame, judged: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -139,23 +217,40 @@ def shoppers_covered(run: Run, requests: pd.DataFrame, qrels: dict[str, dict[str
     return {"covered": int(recommended["user_id"].nunique()), "held_out": int(held_out["user_id"].nunique())}
 
 
-def _score(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], catalogue_size: int) -> dict[str, float]:
+def _score(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], catalogue_size: int,
+           pick: DiverseTop) -> dict[str, float]:
     runs = {r: ranked.get(r, []) for r in qrels}
     metrics = mean_metrics(runs, qrels, k=K)
+    figures = _diversity_figures(runs, qrels, pick)
+    metrics["brands@10"], metrics["categories@10"] = figures["brands@10"], figures["categories@10"]
     metrics["coverage"] = catalog_coverage(runs.values(), catalogue_size, k=K)
     metrics["requests"] = len(runs)
     return metrics
 
 
+def paired_difference(system: dict[str, list[str]], other: dict[str, list[str]],
+                      qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Mean per-request NDCG@10 of ``system`` minus ``other`` over ``qrels``' requests, with its 95% bootstrap
+    interval."""
+    delta = [ndcg_at_k(system.get(r, []), rel, K) - ndcg_at_k(other.get(r, []), rel, K) for r, rel in qrels.items()]
+    mean, low, high = bootstrap_mean(delta)
+    return {"ndcg@10": mean, "low": low, "high": high}
+
+
 def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
-    """The evaluation table of the four systems on the test split (see the module docstring)."""
-    requests = build_requests(config, run)
-    requests = requests[requests["split"] == "test"]
+    """The evaluation table of the four systems on the test split, after choosing the diversity re-ranking's
+    strength on the validation split (see the module docstring)."""
+    every_split = build_requests(config, run)
+    judged = judgments(run)
+    decision = choose_diversity(config, run, every_split, judged)
+    decision.save(run)
+    diversity = Diversity.of(config, run)  # the decision read back as Serve reads it
+    requests = every_split[every_split["split"] == "test"]
     tuned = read_features(run, "test")
-    pick = diverse_top(config, run, requests)
+    pick = diverse_top(diversity, run, requests)
     zero_shot = dense_top_k(config, run, requests, zero_shot=True, pick=pick)
-    served = served_top_k(config, run, requests)
-    qrels = qrels_of(requests, judgments(run))
+    served = served_top_k(config, run, requests, diversity=diversity)
+    qrels = qrels_of(requests, judged)
     catalogue_size = int(run.manifest()["stages"]["embed"]["rows"]["products"])
     kinds = dict(zip(requests["request_id"], requests["kind"]))
     systems = {
@@ -166,23 +261,28 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
         "fine-tuned retrieval + ranker": lambda kind: served,
     }
     table: dict[str, dict[str, dict[str, float]]] = {}
+    differences: dict[str, dict[str, float]] = {}
     coverage = shoppers_covered(run, requests, qrels)
     missing: dict[str, str] = {}
-    for kind in ("search", "recommend"):
+    for kind in TASKS:
         kind_qrels = {r: rel for r, rel in qrels.items() if kinds.get(r) == kind}
         if kind_qrels:
-            table[kind] = {name: _score(system(kind), kind_qrels, catalogue_size) for name, system in systems.items()}
+            table[kind] = {name: _score(system(kind), kind_qrels, catalogue_size, pick)
+                           for name, system in systems.items()}
+            differences[kind] = paired_difference(served, zero_shot, kind_qrels)
         else:
             missing[kind] = NO_FIGURES[kind]
             record.notes.append(f"{kind}: no figures, {NO_FIGURES[kind]}")
     exclusion = ExclusionDecision.load(run)
     with run.local_output("evaluation") as directory:
-        write_evaluation(directory, table, missing, coverage, exclusion)
+        write_evaluation(directory, table, differences, missing, coverage, exclusion, decision)
     for kind, rows in table.items():
         record.metrics[f"{kind}/ranker_ndcg_gain_over_retrieval"] = round(
             rows["fine-tuned retrieval + ranker"]["ndcg@10"] - rows["retrieval (fine-tuned encoder)"]["ndcg@10"], 4
         )
     record.metrics["table"] = table
+    record.metrics["b_minus_a"] = differences
+    record.metrics["diversity_strength"] = decision.strength
     record.metrics["recommend/shoppers"] = coverage
     record.metrics["exclude_purchased"] = exclusion.exclude_purchased
 
@@ -203,11 +303,12 @@ NO_FIGURES = {
 }
 
 
-def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]], missing: dict[str, str],
-                     coverage: dict[str, int], exclusion: ExclusionDecision) -> None:
-    """``offline.json``, ``offline.md`` (one table, what its systems are, the shoppers the recommendation figures
-    cover, why a task has no figures, and the repeat purchases with the exclusion they decided) and
-    ``offline.png`` (NDCG@10 bars)."""
+def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]],
+                     differences: dict[str, dict[str, float]], missing: dict[str, str], coverage: dict[str, int],
+                     exclusion: ExclusionDecision, diversity: DiversityDecision) -> None:
+    """``offline.json``, ``offline.md`` (one table, B - A with its interval, what the systems are, the shoppers the
+    recommendation figures cover, why a task has no figures, the repeat purchases with the exclusion they decided,
+    and the diversity strength with the validation figures it was chosen on) and ``offline.png`` (NDCG@10 bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,14 +318,20 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
     policy = {"exclude_purchased": exclusion.exclude_purchased, "setting": exclusion.setting,
               "reason": exclusion.reason, "repeat_share": exclusion.shares}
     (directory / "offline.json").write_text(json.dumps(
-        {**table, "no_figures": missing, "recommend_shoppers": coverage, "policy": policy}, indent=2))
-    columns = ["ndcg@10", "recall@10", "mrr", "coverage", "requests"]
+        {**table, "b_minus_a": differences, "no_figures": missing, "recommend_shoppers": coverage, "policy": policy,
+         "diversity": diversity.as_dict()}, indent=2))
+    columns = ["ndcg@10", "brands@10", "categories@10", "recall@10", "mrr", "coverage", "requests"]
     lines = ["| task | system | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for kind, rows in table.items():
         for name, metrics in rows.items():
-            cells = [f"{metrics[c]:.4f}" if c != "requests" else str(metrics[c]) for c in columns]
+            cells = [str(metrics[c]) if c == "requests" else f"{metrics[c]:.2f}" if c in ("brands@10", "categories@10")
+                     else f"{metrics[c]:.4f}" for c in columns]
             lines.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Systems (test split, NDCG@10 over requests with a relevant product):"]
+    lines += [""] + [f"B - A, {kind}: NDCG@10 {d['ndcg@10']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (ranker minus "
+                     "zero-shot retrieval, per-request differences, 95% bootstrap interval)"
+                     for kind, d in differences.items()]
+    lines += ["", "Systems (test split, NDCG@10 over requests with a relevant product; brands@10 and categories@10: "
+              "distinct brands and category leaves in the top 10, mean per request):"]
     lines += [f"- {name}: {meaning}" for name, meaning in SYSTEMS.items()]
     lines += [f"- {kind}: no figures, {reason}" for kind, reason in missing.items()]
     lines += ["", f"Recommendation figures cover {coverage['covered']} of the {coverage['held_out']} shoppers with "
@@ -233,6 +340,9 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
     lines += ["", f"Repeat purchases (products the shopper had bought before): {shares}. Recommendations "
               f"{'leave out' if exclusion.exclude_purchased else 'keep'} bought products "
               f"(policy.exclude.purchased {exclusion.setting}: {exclusion.reason})."]
+    lines += ["", "Diversity re-ranking (maximal marginal relevance; every system's list): " + "; ".join(
+        f"{kind} strength {strength:g} ({diversity.reason[kind]})" for kind, strength in diversity.strength.items())
+        + "."]
     (directory / "offline.md").write_text("\n".join(lines) + "\n")
     figure, axes = plt.subplots(1, max(1, len(table)), figsize=(6 * max(1, len(table)), 4), squeeze=False)
     for axis, (kind, rows) in zip(axes[0], table.items()):

@@ -30,7 +30,7 @@ import xgboost
 from shoprank.config import Config
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
-from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity, diversified
+from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 from shoprank.recsys.retrieval import retrieve
@@ -91,26 +91,20 @@ class Ranking:
         self.brands_named = BrandsNamed(stats.brand_names)
 
     @classmethod
-    def served(cls, config: Config, stats: ProductStats, strategy: Strategy,
-               booster: xgboost.Booster | None) -> "Ranking":
+    def served(cls, config: Config, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
+               diversity: Diversity) -> "Ranking":
         """The ranking a variant replica serves ``strategy`` with under ``config``: the one constructor Serve's
         replicas and the offline evaluation share, so the evaluation orders and cuts its lists the way Serve
-        does (the same booster, diversity rule and ties)."""
+        does (the same booster, diversity re-ranking and ties); ``diversity``: :meth:`Diversity.of` the run."""
         return cls(stats, strategy, booster, config.serve.baseline_popularity_weight,
-                   config.serve.explained_features, Diversity.of(config))
+                   config.serve.explained_features, diversity)
 
     def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
-        """Each request's top ``k`` under the diversity rule (:mod:`shoprank.recsys.diversity`); the ranker scores
-        all requests' candidates in one call, and explains the chosen ones in one more."""
-        features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
-        stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
-        # the baseline's parts are its score's terms, for every candidate; the ranker explains only the chosen ones
-        every_part = self._parts(stacked) if self.strategy == "retrieval" else None
-        scores = every_part.sum(axis=1) if every_part is not None else (
-            predict(self.booster, stacked) if len(stacked) else np.zeros(0, np.float32))
-        bounds = np.cumsum([0] + [len(f) for f in features])
-        chosen = [a + diversified(np.lexsort((-f[:, COLUMN["popularity"]], -scores[a:b])), k, self._limits(r))
-                  for r, f, a, b, k in zip(requests, features, bounds[:-1], bounds[1:], ks)]
+        """Each request's top ``k`` after the diversity re-ranking (:mod:`shoprank.recsys.diversity`); the ranker
+        scores all requests' candidates in one call, and explains the chosen ones in one more."""
+        stacked, scores, every_part, bounds, orders = self._scored(requests)
+        chosen = [a + self._top(self.diversity, r, order, scores[a:b], k)
+                  for r, order, a, b, k in zip(requests, orders, bounds[:-1], bounds[1:], ks)]
         rows = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
         parts = every_part[rows] if every_part is not None else self._parts(stacked[rows])
         candidate_rows = np.concatenate([r.candidates.rows for r in requests]) if requests else np.zeros(0, np.int64)
@@ -120,12 +114,37 @@ class Ranking:
         ends = np.cumsum([len(c) for c in chosen])
         return [ranked[end - len(c):end] for c, end in zip(chosen, ends)]
 
-    def _limits(self, request: Retrieved) -> list[tuple[np.ndarray, int]]:
+    def tops_under(self, requests: list[Retrieved], k: int, trials: list[Diversity]) -> list[list[list[str]]]:
+        """Each request's top ``k`` product ids under each of ``trials`` (one list of answers per trial), the
+        candidates scored once: the evaluate stage's choice of a strength on the validation split."""
+        _, scores, _, bounds, orders = self._scored(requests)
+        ids = self.stats.product_ids
+        return [[[ids[r.candidates.rows[i]] for i in self._top(trial, r, order, scores[a:b], k)]
+                 for r, order, a, b in zip(requests, orders, bounds[:-1], bounds[1:])] for trial in trials]
+
+    def _scored(self, requests: list[Retrieved]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray,
+                                                          list[np.ndarray]]:
+        """The stacked features of every request's candidates, their scores, the baseline's parts of each score
+        (None for the ranker, which explains only the chosen ones), each request's bounds in the stack, and each
+        request's candidate positions best first (ties: the more popular)."""
+        features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
+        stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
+        every_part = self._parts(stacked) if self.strategy == "retrieval" else None
+        scores = every_part.sum(axis=1) if every_part is not None else (
+            predict(self.booster, stacked) if len(stacked) else np.zeros(0, np.float32))
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        orders = [np.lexsort((-f[:, COLUMN["popularity"]], -scores[a:b]))
+                  for f, a, b in zip(features, bounds[:-1], bounds[1:])]
+        return stacked, scores, every_part, bounds, orders
+
+    def _top(self, diversity: Diversity, request: Retrieved, order: np.ndarray, scores: np.ndarray,
+             k: int) -> np.ndarray:
+        """``request``'s top ``k`` candidate positions under ``diversity``."""
         rows = request.candidates.rows
         # a product without a category is in no category group (as one without a brand is in no brand group)
         category = np.where(self.stats.has_category[rows], self.stats.category[rows], NO_GROUP)
-        return self.diversity.limits(self.stats.brand_group[rows], category, request.is_search,
-                                     self.brands_named(request.query))
+        return diversity.top(order, scores, k, self.stats.brand_group[rows], category, request.is_search,
+                             self.brands_named(request.query))
 
     def _parts(self, features: np.ndarray) -> np.ndarray:
         """Each row's score split into one part per feature and a last one, the base: the ranker's SHAP values
@@ -173,12 +192,14 @@ class VariantPipeline:
     strategy: Strategy
     booster: xgboost.Booster | None = None
     popularity_weight: float = 0.02
+    diversity: Diversity = field(default_factory=Diversity)
+    """The re-ranking of the answers: :meth:`Diversity.of` the run to answer as its Serve app does (default: none)."""
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
         self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight,
-                               self.context.config.serve.explained_features, Diversity.of(self.context.config))
+                               self.context.config.serve.explained_features, self.diversity)
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         return self.answer_many([self._asked(user_id, query, k, now_s)])[0].items

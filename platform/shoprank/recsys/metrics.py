@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "auc",
+    "bootstrap_mean",
     "catalog_coverage",
     "hit_rate_at_k",
     "mean_metrics",
@@ -306,3 +307,15 @@ def mean_metrics(
         "mrr": float(means[2]),
         f"hit_rate@{k}": float(means[3]),
     }
+
+
+BOOTSTRAP_RESAMPLES = 2_000
+
+
+def bootstrap_mean(values: Sequence[float] | np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of per-shopper (or per-request) ``values`` and its 95% bootstrap interval: the units resampled with
+    replacement :data:`BOOTSTRAP_RESAMPLES` times. Paired differences are the same call on the differences."""
+    values = np.asarray(values, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))
+    low, high = np.quantile(values[draws].mean(axis=1), [0.025, 0.975])
+    return float(values.mean()), float(low), float(high)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from shoprank.encoder.runtime import Embedder
     from shoprank.recsys.context import RankingContext
+    from shoprank.recsys.diversity import Diversity
 
 PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price"]
 """What the ingress shows of a product in an answer, and prices the A/B report's revenue with."""
@@ -62,6 +63,11 @@ class VariantLoader(Protocol):
 
     def booster(self, spec: VariantSpec) -> xgboost.Booster | None:
         """``spec``'s ranker, or None when its strategy needs none (``retrieval``)."""
+        ...
+
+    def diversity(self, spec: VariantSpec) -> Diversity:
+        """The diversity re-ranking ``spec``'s answers get: the strength its run's evaluation chose (or the config's
+        fixed one), so live answers are cut as the offline figures were."""
         ...
 
 
@@ -116,6 +122,11 @@ class RunLoader:
         from shoprank.recsys.booster import load_ranker
 
         return load_ranker(Run.from_uri(spec.ranker_run).local_path("ranker", "model"))
+
+    def diversity(self, spec: VariantSpec) -> Diversity:
+        from shoprank.recsys.diversity import Diversity
+
+        return Diversity.of(self.config, Run.from_uri(spec.run))
 
     def keyring(self) -> KeyRing:
         return load_keyring(self.config)

@@ -123,7 +123,8 @@ class Variant:
                         spec.alias, spec.ranker_run, spec.run)
             return
         booster = self.loader.booster(spec)
-        self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster)
+        self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster,
+                                      self.loader.diversity(spec))
         replaced, self.model = self.model, {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
                                             "trees": booster.num_boosted_rounds() if booster is not None else 0}
         record_model(self.settings["variant"], replaced, self.model)
