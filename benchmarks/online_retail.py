@@ -376,8 +376,7 @@ def system_ranked(config_arg: str, overrides: list[str], part: Slice, purchases:
     run = Run.for_config(config)
     cutoff_s = test.cutoff.tz_localize("UTC").timestamp()
     context = load_context(config, run, history_until_s=cutoff_s, encoder=False)
-    variant = VariantPipeline(context, "ranker", load_ranker(run.local_path("ranker", "model")),
-                              config.serve.baseline_popularity_weight)
+    variant = VariantPipeline(context, "ranker", load_ranker(run.local_path("ranker", "model")))
     users = [serving_pseudonyms(config, [run.uri()]).of(s) for s in test.shoppers]
     checked = history_check(context.events.histories, context.catalogue.stats.product_ids, users, purchases, test,
                             cutoff_s)

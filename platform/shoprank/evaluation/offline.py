@@ -100,6 +100,60 @@ def dense_top_k(config: Config, run: Run, requests: pd.DataFrame, *, zero_shot: 
     return ranked
 
 
+class ServedAnswers:
+    """Serve's ranker variant over a run, as a variant replica holds it: the run's context and booster, loaded
+    once and asked for every split the evaluate stage needs (the validation split under each trial strength, then
+    the test split)."""
+
+    def __init__(self, config: Config, run: Run) -> None:
+        self.config, self.run = config, run
+        self.context = load_context(config, run, encoder=False)
+        self.retrieval = Retrieval(self.context)
+        self.booster = load_ranker(run.local_path("ranker", "model"))
+
+    def ranking(self, diversity: Diversity | None = None) -> Ranking:
+        """Serve's ranking under ``diversity`` (default: the run's, :meth:`Diversity.of`, as Serve reads it)."""
+        return Ranking.served(self.config, self.context.catalogue.stats, "ranker", self.booster,
+                              diversity if diversity is not None else Diversity.of(self.config, self.run))
+
+    def asked(self, requests: pd.DataFrame, k: int) -> tuple[list[Asked], dict[str, Any]]:
+        """Each request as Serve is asked it (its user at its time, no live event), and the queries' vectors."""
+        queries = requests["query"].dropna().unique().tolist()
+        vectors = dict(zip(queries, embed_queries(self.config, self.run, queries, zero_shot=False)))
+        asked = [Asked(r.user_id if isinstance(r.user_id, str) else None, [],
+                       r.query if isinstance(r.query, str) else None, k, float(r.ts_s))
+                 for r in requests.itertuples(index=False)]
+        return asked, vectors
+
+    def top_k(self, requests: pd.DataFrame, k: int = K, diversity: Diversity | None = None) -> dict[str, list[str]]:
+        """Each request's top ``k``: :func:`served_top_k`."""
+        ranking = self.ranking(diversity)
+        asked, vectors = self.asked(requests, k)
+        ranked: dict[str, list[str]] = {}
+        for start in range(0, len(asked), ANSWERED_TOGETHER):
+            batch = asked[start:start + ANSWERED_TOGETHER]
+            ids = requests["request_id"].iloc[start:start + ANSWERED_TOGETHER]
+            for request_id, answered in zip(ids, answer_many(self.retrieval, ranking, batch, vectors)):
+                ranked[request_id] = [item.product_id for item in answered.items]
+        return ranked
+
+    def tops_under(self, requests: pd.DataFrame, trials: list[Diversity]) -> list[dict[str, list[str]]]:
+        """:meth:`top_k` under each of ``trials``, the candidates retrieved and scored once
+        (:meth:`~shoprank.recsys.answer.Ranking.tops_under`)."""
+        ranking = self.ranking(trials[0])
+        asked, vectors = self.asked(requests, K)
+        ranked: list[dict[str, list[str]]] = [{} for _ in trials]
+        for start in range(0, len(asked), ANSWERED_TOGETHER):
+            retrieved: list[Retrieved] = [
+                self.retrieval.retrieve(a.user_id, a.live, a.query,
+                                        vectors.get(a.query) if a.query is not None else None, a.now_s)
+                for a in asked[start:start + ANSWERED_TOGETHER]]
+            ids = requests["request_id"].iloc[start:start + ANSWERED_TOGETHER]
+            for found, tops in zip(ranked, ranking.tops_under(retrieved, K, trials)):
+                found.update(zip(ids, tops))
+        return ranked
+
+
 def served_top_k(config: Config, run: Run, requests: pd.DataFrame, k: int = K,
                  diversity: Diversity | None = None) -> dict[str, list[str]]:
     """Each request's top ``k`` as Serve's ranker variant answers it: :func:`~shoprank.recsys.answer.answer_many`,
@@ -111,48 +165,11 @@ def served_top_k(config: Config, run: Run, requests: pd.DataFrame, k: int = K,
     (Serve's clock), this gives ``/recommend``'s list, which a test checks over HTTP. ``diversity``: the
     re-ranking's strength (default: the run's, :meth:`Diversity.of`, as Serve reads it).
     """
-    retrieval, ranking, asked, vectors = _answering(config, run, requests, k, diversity)
-    ranked: dict[str, list[str]] = {}
-    for start in range(0, len(asked), ANSWERED_TOGETHER):
-        batch = asked[start:start + ANSWERED_TOGETHER]
-        ids = requests["request_id"].iloc[start:start + ANSWERED_TOGETHER]
-        for request_id, answered in zip(ids, answer_many(retrieval, ranking, batch, vectors)):
-            ranked[request_id] = [item.product_id for item in answered.items]
-    return ranked
+    return ServedAnswers(config, run).top_k(requests, k, diversity)
 
 
-def served_top_k_under(config: Config, run: Run, requests: pd.DataFrame,
-                       trials: list[Diversity]) -> list[dict[str, list[str]]]:
-    """:func:`served_top_k` under each of ``trials``, the candidates retrieved and scored once
-    (:meth:`~shoprank.recsys.answer.Ranking.tops_under`)."""
-    retrieval, ranking, asked, vectors = _answering(config, run, requests, K, trials[0])
-    ranked: list[dict[str, list[str]]] = [{} for _ in trials]
-    for start in range(0, len(asked), ANSWERED_TOGETHER):
-        retrieved: list[Retrieved] = [
-            retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
-                               a.now_s) for a in asked[start:start + ANSWERED_TOGETHER]]
-        ids = requests["request_id"].iloc[start:start + ANSWERED_TOGETHER]
-        for found, tops in zip(ranked, ranking.tops_under(retrieved, K, trials)):
-            found.update(zip(ids, tops))
-    return ranked
-
-
-def _answering(config: Config, run: Run, requests: pd.DataFrame, k: int,
-               diversity: Diversity | None) -> tuple[Retrieval, Ranking, list[Asked], dict[str, Any]]:
-    """What Serve's ranker variant answers ``requests`` with: retrieval and ranking over the run, each request as
-    Serve is asked it, and the queries' vectors."""
-    context = load_context(config, run, encoder=False)
-    ranking = Ranking.served(config, context.catalogue.stats, "ranker", load_ranker(run.local_path("ranker", "model")),
-                             diversity if diversity is not None else Diversity.of(config, run))
-    queries = requests["query"].dropna().unique().tolist()
-    vectors = dict(zip(queries, embed_queries(config, run, queries, zero_shot=False)))
-    asked = [Asked(r.user_id if isinstance(r.user_id, str) else None, [], r.query if isinstance(r.query, str) else None,
-                   k, float(r.ts_s)) for r in requests.itertuples(index=False)]
-    return Retrieval(context), ranking, asked, vectors
-
-
-def choose_diversity(config: Config, run: Run, requests: pd.DataFrame, judged: dict[str, dict[str, int]]
-                     ) -> DiversityDecision:
+def choose_diversity(config: Config, answers: ServedAnswers, requests: pd.DataFrame,
+                     judged: dict[str, dict[str, int]]) -> DiversityDecision:
     """The re-ranking's strength per task (``policy.diversity.strength: auto``): each of :data:`STRENGTHS` on the
     validation split's requests through Serve's ranking, and per task the strongest whose NDCG@10 is at least
     ``1 - ndcg_tolerance`` times strength 0's (the undiversified list). A fixed strength is recorded as set."""
@@ -165,8 +182,8 @@ def choose_diversity(config: Config, run: Run, requests: pd.DataFrame, judged: d
     qrels = qrels_of(validation, judged)
     base = Diversity.of(config)
     trials = [base.at(strength) for strength in STRENGTHS]
-    pick = diverse_top(base, run, validation)
-    tops = served_top_k_under(config, run, validation, trials) if len(validation) else [{} for _ in trials]
+    pick = diverse_top(base, answers.run, validation)
+    tops = answers.tops_under(validation, trials) if len(validation) else [{} for _ in trials]
     kinds = dict(zip(validation["request_id"], validation["kind"]))
     strength: dict[str, float] = {}
     scored: dict[str, list[dict[str, float]]] = {}
@@ -242,14 +259,15 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     strength on the validation split (see the module docstring)."""
     every_split = build_requests(config, run)
     judged = judgments(run)
-    decision = choose_diversity(config, run, every_split, judged)
+    answers = ServedAnswers(config, run)  # one context and booster for the validation trials and the test lists
+    decision = choose_diversity(config, answers, every_split, judged)
     decision.save(run)
     diversity = Diversity.of(config, run)  # the decision read back as Serve reads it
     requests = every_split[every_split["split"] == "test"]
     tuned = read_features(run, "test")
     pick = diverse_top(diversity, run, requests)
     zero_shot = dense_top_k(config, run, requests, zero_shot=True, pick=pick)
-    served = served_top_k(config, run, requests, diversity=diversity)
+    served = answers.top_k(requests, diversity=diversity)
     qrels = qrels_of(requests, judged)
     catalogue_size = int(run.manifest()["stages"]["embed"]["rows"]["products"])
     kinds = dict(zip(requests["request_id"], requests["kind"]))

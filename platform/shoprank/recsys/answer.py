@@ -191,15 +191,15 @@ class VariantPipeline:
     context: RankingContext
     strategy: Strategy
     booster: xgboost.Booster | None = None
-    popularity_weight: float = 0.02
     diversity: Diversity = field(default_factory=Diversity)
     """The re-ranking of the answers: :meth:`Diversity.of` the run to answer as its Serve app does (default: none)."""
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
-        self.ranking = Ranking(self.context.catalogue.stats, self.strategy, self.booster, self.popularity_weight,
-                               self.context.config.serve.explained_features, self.diversity)
+        # Serve's own constructor: the popularity weight and explanations of the context's config, as a replica's
+        self.ranking = Ranking.served(self.context.config, self.context.catalogue.stats, self.strategy, self.booster,
+                                      self.diversity)
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         return self.answer_many([self._asked(user_id, query, k, now_s)])[0].items
