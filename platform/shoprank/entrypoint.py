@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -204,9 +205,23 @@ def fit(trainer: DataParallelTrainer, settings: RayConfig) -> Result:
             os.environ[TRAIN_POLL_VARIABLE] = poll_before
 
 
+LISTEN_PORTS = range(20_000, 32_768)
+"""Where :func:`free_port` looks: above Ray's worker ports (``min_worker_port``..``max_worker_port``, 10002-19999 by
+default) and below Linux's ephemeral range (32768-60999), from which every outgoing connection and every
+``bind(0)`` of Ray's processes takes its port. A port from that range can be taken by such a process between the
+probe and the listener's bind (a Serve proxy then fails with "Failed to bind to address")."""
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now."""
-    with socket.socket() as probe:
+    """A TCP port free on this machine now, chosen at random among :data:`LISTEN_PORTS` (see there)."""
+    for port in random.sample(LISTEN_PORTS, 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # a machine that holds 200 of them: the kernel's choice
         probe.bind(("", 0))
         return probe.getsockname()[1]
 
