@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from statsmodels.stats.power import NormalIndPower
 
@@ -19,7 +20,8 @@ from shoprank.data.synthetic import ShopSimulator
 from shoprank.errors import ShopRankError
 from shoprank.experiment.plan import (CONTROL_SYSTEM, DEMO_CONVERSION_PER_USER, PASS_THROUGH, TREATMENT_SYSTEM,
                                       binary_sigma, evaluation_table, plan, planned_simulation, power,
-                                      predicted_effect, sequential_width_factor, simulation_size)
+                                      predicted_effect, readout_planned_size, sequential_width_factor,
+                                      shoppers_for, simulation_size)
 from shoprank.store.run import MANIFEST, Run
 from shoprank.webui.simulate import simulate
 
@@ -94,19 +96,55 @@ def test_a_run_without_an_evaluation_is_a_clear_error(tmp_path: Path) -> None:
     assert evaluation_table(evaluated_run(tmp_path, ISSUE_37_DEMO)) == ISSUE_37_DEMO
 
 
+@pytest.mark.parametrize("per_arm,arms", [(345, 2), (3_070, 2), (40, 3)])
+def test_the_simulation_sends_enough_shoppers_that_every_arm_reaches_the_planned_size(per_arm: int,
+                                                                                      arms: int) -> None:
+    """The assignment hashes each shopper alone, so an arm's count is binomial: exactly the planned total leaves an
+    arm short about half the time (the demo's 690 split 349/341 for 345 per arm), :func:`shoppers_for` about 1 in
+    100 times."""
+    rng = np.random.default_rng(37)
+
+    def short_share(total: int) -> float:
+        counts = rng.multinomial(total, [1 / arms] * arms, size=20_000)
+        return float((counts.min(axis=1) < per_arm).mean())
+
+    total = shoppers_for(per_arm, arms)
+    assert short_share(per_arm * arms) > 0.4
+    assert short_share(total) < 0.015 and short_share(total - 10) > short_share(total)
+    assert total < per_arm * arms * 1.2 + 40  # a margin, not a second experiment
+
+
 def test_a_shop_smaller_than_the_plan_sends_every_shopper_over_days_and_says_it_stops_short() -> None:
     result = plan(0.54, binary_sigma(0.54), relative_effect=0.066)
     short = simulation_size(result, 2_000)
-    assert (short.needed, short.shoppers, short.visits) == (6_140, 2_000, 4)
+    assert (short.needed, short.shoppers, short.visits) == (shoppers_for(3_070), 2_000, 4) == (6_346, 2_000, 4)
     assert short.power_reached == pytest.approx(power(result.minimum_detectable_effect, result.sigma, 1_000))
     assert 0.3 < short.power_reached < 0.4 and not short.reaches_plan
-    assert "needs 6,140 shoppers and the shop has 2,000" in short.explain()
+    assert "needs 6,346 shoppers and the shop has 2,000" in short.explain()
     assert "power for the planned effect is 36%" in short.explain()
     enough = simulation_size(result, 50_000)
-    assert (enough.shoppers, enough.visits, enough.reaches_plan) == (6_140, 1, True)
-    assert enough.power_reached == pytest.approx(0.8, abs=0.001)
+    assert (enough.shoppers, enough.visits, enough.reaches_plan) == (6_346, 1, True)
+    assert enough.power_reached > 0.8
     tiny_shop = simulation_size(result, 120)
     assert tiny_shop.visits == 7  # a week at most, however small the shop
+
+
+def test_the_readouts_planned_size_is_the_plan_for_the_served_variants_figures() -> None:
+    """Unset, ``serve.planned_users_per_arm`` is the plan ``shoprank experiment plan`` prints for the served
+    variants' offline NDCG@10 (so the demo's readout stops where its default simulation does); set, it is the shop's
+    own; where no plan can be made, the default 1,000 and why."""
+    serve = tiny_config("/tmp/unused").serve
+    offline = {name: {"ndcg@10": {task: rows[system]["ndcg@10"] for task, rows in ISSUE_37_DEMO.items()}}
+               for name, system in (("A", CONTROL_SYSTEM), ("B", TREATMENT_SYSTEM))}
+    planned = readout_planned_size(serve, offline)
+    expected = plan(0.54, binary_sigma(0.54), relative_effect=predicted_effect(ISSUE_37_DEMO).relative_effect)
+    assert planned.users_per_arm == expected.users_per_arm and "+6.2% predicted" in planned.source
+    own = readout_planned_size(serve.model_copy(update={"planned_users_per_arm": 500}), offline)
+    assert (own.users_per_arm, own.source) == (500, "serve.planned_users_per_arm")
+    revenue = readout_planned_size(serve.model_copy(update={"decision_metric": "revenue_per_user"}), offline)
+    assert revenue.users_per_arm == 1_000 and "--metric revenue_per_user --baseline" in revenue.source
+    unevaluated = readout_planned_size(serve, {"A": {"ndcg@10": {}}, "B": {"ndcg@10": {}}})
+    assert unevaluated.users_per_arm == 1_000 and "no figures to predict from" in unevaluated.source
 
 
 def test_the_plan_command_reads_the_runs_predicted_effect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,6 +180,16 @@ def test_the_plan_command_still_sizes_a_given_effect(capsys: pytest.CaptureFixtu
     status, out = shoprank(["experiment", "plan", "--metric", "revenue_per_user", "--baseline", "12.5", "--std", "30",
                             "--users", "1000"], capsys)
     assert status == 0 and "minimum detectable effect: 3.759 (30.07% of the baseline)" in out, out
+
+
+def test_the_apps_readout_stops_at_the_size_shoprank_simulate_sends_by_default(app: App) -> None:
+    """One plan for the simulation and the readout: the app's planned size is ``planned_simulation``'s users per arm,
+    and the simulation it sends by default reaches it in each arm."""
+    result, _, size = planned_simulation(app.config)
+    section = app.http.get("/ab/report").json()["user_level"]
+    assert section["planned_users_per_arm"] == result.users_per_arm
+    assert section["planned_size_from"].startswith("shoprank experiment plan: ")
+    assert size.needed == shoppers_for(result.users_per_arm) > 2 * result.users_per_arm
 
 
 def test_returning_shoppers_come_back_on_later_days_each_visit_a_session_of_the_report(app: App) -> None:
@@ -200,4 +248,4 @@ def test_the_pages_simulate_control_defaults_to_the_planned_size() -> None:
     numbers = {block.label: block.value for block in page.blocks.values() if isinstance(block, gr.Number)}
     assert numbers == {"Simulated shoppers": 2_000, "Visits each (a day apart)": 4}
     notes = [block.value for block in page.blocks.values() if isinstance(block, gr.Markdown)]
-    assert any("needs 6,140 shoppers and the shop has 2,000" in (note or "") for note in notes)
+    assert any("needs 6,346 shoppers and the shop has 2,000" in (note or "") for note in notes)

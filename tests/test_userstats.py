@@ -21,7 +21,7 @@ from shoprank.experiment.plan import minimum_detectable_effect, plan, power, use
 from shoprank.experiment.readout import headline_markdown, user_level_markdown
 from shoprank.experiment.report import ab_report, run_pre_period
 from shoprank.experiment.report_model import ABReport
-from shoprank.experiment.sequential import always_valid, horizon_log_threshold, mixing_sd
+from shoprank.experiment.sequential import PlannedSize, always_valid, horizon_log_threshold, mixing_sd
 from shoprank.experiment.userstats import (
     UserTotals, compare_means, cuped, cuped_ratio, delta_ratio, linearize, metric_effects, welch,
 )
@@ -333,7 +333,7 @@ def test_report_user_level_section(tmp_path: Path) -> None:
                            for k in ("click", "add_to_cart", "purchase")]
     store.log_impressions(impressions)
     store.append(events)
-    report = ab_report(store, {"A": 0.5, "B": 0.5}, prices=prices, planned_users_per_arm=30)
+    report = ab_report(store, {"A": 0.5, "B": 0.5}, prices=prices, planned=PlannedSize(30, "a test"))
     assert {"variants", "lift", "sample_ratio", "side_by_side", "timeline"} <= set(report)
     documented(report)
     section = report["user_level"]

@@ -546,6 +546,13 @@ class RankerConfig(Section):
         "2 CPUs, 133 s with 1); default: one per CPU of the cluster when the stage starts.",
     )
     objective: Literal["rank:ndcg", "rank:pairwise"] = "rank:ndcg"
+    pair_method: Literal["topk", "mean"] = Field(
+        "topk", description="XGBoost's lambdarank_pair_method: 'topk' pairs each of a request's top "
+        "pairs_per_sample candidates with every other (the loss sees the head of the list), 'mean' pairs every "
+        "candidate with pairs_per_sample others drawn at random (the loss sees the whole candidate list, which "
+        "suits a list of ~150 candidates with one or two relevant: benchmarks/README.md, 'Ranking').",
+    )
+    pairs_per_sample: int = Field(10, ge=1, description="XGBoost's lambdarank_num_pair_per_sample (pair_method).")
     max_depth: int = Field(6, ge=1, le=16)
     eta: float = Field(0.1, gt=0.0, le=1.0)
     subsample: float = Field(0.8, gt=0.0, le=1.0)
@@ -587,6 +594,13 @@ class ServeConfig(Section):
         "conversion_per_user", description="The user-level metric the A/B verdict reads (the others are shown, and "
         "latency and errors are guardrails): conversion per user by default, what a visitor does; revenue per user "
         "is noisier, one large basket moves it (docs/experiments.md, 'The decision metric').",
+    )
+    planned_users_per_arm: int | None = Field(
+        None, ge=2, description="Users per arm the A/B readout's always-valid test is tuned for and where the "
+        "experiment stops (past it the fixed-horizon test decides): what `shoprank experiment plan` prints for your "
+        "baseline and effect. Unset: the plan for the effect the served variants' offline NDCG@10 predicts on "
+        "conversion per user at the demo's baseline (the size `shoprank simulate` sends by default); 1,000 where "
+        "no plan can be made (another decision_metric).",
     )
     cuped_pre_period_days: float = Field(
         90.0, gt=0.0, description="CUPED's pre-period: each shopper's events over the served run's last this many "
@@ -780,9 +794,9 @@ class DiversityConfig(Section):
         "of the undiversified list, and records it in the run (evaluation/diversity.json), which Serve reads.",
     )
     ndcg_tolerance: float = Field(
-        0.02, ge=0.0, lt=1.0, description="strength: auto keeps the validation NDCG@10 at least (1 - this) times "
-        "the undiversified list's, per task: 2% is below the demo's run-to-run spread of B (about 6%), so the "
-        "shopper gets the diversity for a loss no evaluation could tell from noise.",
+        0.01, ge=0.0, lt=1.0, description="strength: auto keeps the validation NDCG@10 at least (1 - this) times "
+        "the undiversified list's, per task: the test split pays about what validation does (docs/serving.md), and "
+        "1% still buys a search top 10 half a brand more on the demo.",
     )
     max_per_brand: int | None = Field(
         None, ge=1, description="Optional hard cap: at most this many products of one brand in an answer's top k "

@@ -34,15 +34,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scipy import optimize, stats
 
 from shoprank.errors import ShopRankError
-from shoprank.experiment.sequential import optimal_mixing_ratio
+from shoprank.experiment.sequential import PLANNED_USERS_PER_ARM, UNPLANNED, PlannedSize, optimal_mixing_ratio
 
 if TYPE_CHECKING:
-    from shoprank.config import Config
+    from shoprank.config import Config, ServeConfig
     from shoprank.store.run import Run
 
 CONTROL_SYSTEM = "retrieval (zero-shot encoder)"
@@ -112,7 +112,8 @@ class SimulationSize:
     """How many simulated shoppers, each visiting how many days, a plan asks of a simulated shop."""
 
     needed: int
-    """Shoppers the plan needs, every arm together."""
+    """Shoppers the plan needs, every arm together, with the margin that makes each arm reach its planned size
+    (:func:`shoppers_for`)."""
     shop_users: int
     shoppers: int
     visits: int
@@ -242,15 +243,61 @@ def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], sea
     return PredictedEffect(relative, changes, shares, pass_through, left_out)
 
 
+ARMS_REACHED = 0.99
+"""How sure :func:`shoppers_for` makes that every arm reaches its planned size."""
+
+
+def shoppers_for(users_per_arm: int, arms: int = 2, sure: float = ARMS_REACHED) -> int:
+    """The shoppers to send so that every one of ``arms`` equal arms gets ``users_per_arm`` or more with
+    probability about ``sure``: the assignment hashes each shopper on its own, so an arm's count is binomial
+    (690 shoppers for 345 per arm split 349/341 in the demo), and a simulation of exactly the planned total leaves
+    an arm short of the planned size about half the time."""
+    z = stats.norm.ppf(1 - (1 - sure) / arms)  # a union bound over the arms
+    share = 1 / arms
+    total = users_per_arm * arms
+    while total * share - z * math.sqrt(total * share * (1 - share)) < users_per_arm:
+        total += 1
+    return total
+
+
 def simulation_size(result: Plan, shop_users: int, arms: int = 2, max_visits: int = MAX_VISITS) -> SimulationSize:
-    """The simulation ``result`` asks of a shop of ``shop_users``: its planned shoppers (users per arm x ``arms``)
-    when the shop has them, else every shopper, coming back on as many days as the plan has shoppers per shopper
-    (at most ``max_visits``)."""
-    needed = result.users_per_arm * arms
+    """The simulation ``result`` asks of a shop of ``shop_users``: its planned shoppers (:func:`shoppers_for`: users
+    per arm x ``arms`` and the margin that makes every arm reach it) when the shop has them, else every shopper,
+    coming back on as many days as the plan has shoppers per shopper (at most ``max_visits``)."""
+    needed = shoppers_for(result.users_per_arm, arms)
     shoppers = min(needed, shop_users)
     reached = power(result.minimum_detectable_effect, result.sigma, shoppers / arms, result.alpha)
     visits = min(max_visits, math.ceil(needed / shoppers))
     return SimulationSize(needed, shop_users, shoppers, visits, reached)
+
+
+def readout_planned_size(serve: "ServeConfig", offline: Mapping[str, Mapping[str, Any]], control: str = "A",
+                         treatment: str = "B") -> PlannedSize:
+    """``serve.planned_users_per_arm``, or else the plan ``shoprank experiment plan`` prints for the served
+    variants: the effect their offline NDCG@10 (``offline``: variant -> :func:`offline_figures
+    <shoprank.serving.variants.offline_figures>`) predicts on conversion per user, at the demo's baseline; so the
+    demo's readout stops where its default simulation does. Where no plan can be made (another decision metric,
+    no offline figures), :data:`~shoprank.experiment.sequential.PLANNED_USERS_PER_ARM`, saying why."""
+    if serve.planned_users_per_arm is not None:
+        return PlannedSize(serve.planned_users_per_arm, "serve.planned_users_per_arm")
+    fallback = f"{UNPLANNED.source}: set serve.planned_users_per_arm to your plan's users per arm"
+    if serve.decision_metric != "conversion_per_user":
+        return PlannedSize(PLANNED_USERS_PER_ARM, f"{fallback} (shoprank experiment plan --metric "
+                                                  f"{serve.decision_metric} --baseline ... --std ...)")
+    figures = {name: (offline.get(name) or {}).get("ndcg@10") or {} for name in (control, treatment)}
+    table = {task: {CONTROL_SYSTEM: {"ndcg@10": figures[control][task]},
+                    TREATMENT_SYSTEM: {"ndcg@10": figures[treatment][task]}}
+             for task in figures[control] if task in figures[treatment]}
+    try:
+        effect = predicted_effect(table)
+        result = plan(DEMO_CONVERSION_PER_USER, binary_sigma(DEMO_CONVERSION_PER_USER),
+                      relative_effect=effect.relative_effect)
+    except (ShopRankError, ValueError) as exc:
+        return PlannedSize(PLANNED_USERS_PER_ARM, f"{fallback} (no plan from the variants' offline figures: {exc})")
+    return PlannedSize(result.users_per_arm, f"shoprank experiment plan: {effect.relative_effect:+.1%} predicted "
+                                             f"by {treatment}'s offline NDCG@10 over {control}'s, at the demo's "
+                                             f"conversion per user {DEMO_CONVERSION_PER_USER:g}; set "
+                                             "serve.planned_users_per_arm to your own plan")
 
 
 def planned_simulation(config: "Config") -> tuple[Plan, PredictedEffect, SimulationSize]:

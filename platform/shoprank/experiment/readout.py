@@ -62,8 +62,9 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
                       f"A {_num(estimate['control'], '.4g')}, B {_num(estimate['treatment'], '.4g')}; "
                       f"B - A {_effect(estimate)} (95% CI), p = {_num(estimate['p_value'], '.3g')}; "
                       f"always valid {_effect(sequence)}, p (any look) = {any_look}."
-                      f" Planned size {section['planned_users_per_arm']} users per arm"
-                      f"{', reached' if section.get('past_planned_size') else ''}."]
+                      f" Planned size {section['planned_users_per_arm']:,} users per arm"
+                      f"{', reached' if section.get('past_planned_size') else ''}"
+                      f" (from {section['planned_size_from']})."]
     elif metric:
         lines += ["", f"**Decision metric: {_metric_label(metric)}**: no figures yet"
                       + (f" ({entry['missing']})." if entry else ".")]

@@ -23,7 +23,7 @@ funnel of users shown, clicked, carted, bought; per metric B against A with the
 fixed-horizon interval and p-value (delta method for ratio metrics, Welch for
 per-user ones), the CUPED-adjusted result with its variance reduction, and the
 always-valid mSPRT readout (:mod:`shoprank.experiment.sequential`) tuned for
-``planned_users_per_arm``, on the CUPED-adjusted estimate where CUPED applies
+``planned`` users per arm, on the CUPED-adjusted estimate where CUPED applies
 (``estimate`` names which); and a one-line verdict on ``decision_metric`` read from
 that same estimate and test, so the headline and the verdict never disagree.
 Revenue figures need ``prices`` (product id -> price); without them they say so.
@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shoprank.experiment.sequential import ALPHA, PLANNED_USERS_PER_ARM, always_valid, mixing_sd
+from shoprank.experiment.sequential import ALPHA, UNPLANNED, PlannedSize, always_valid, mixing_sd
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
 from shoprank.experiment.userstats import PER_USER_METRICS, RATIO_METRICS, REVENUE_METRICS, UserTotals, metric_effects
 from shoprank.store.events import EventStore
@@ -85,7 +85,7 @@ def run_pre_period(events: pa.Table, prices: Mapping[str, float] | None, days: f
 
 def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A", treatment: str = "B", *,
               prices: Mapping[str, float] | None = None, start: dt.datetime | None = None,
-              planned_users_per_arm: int = PLANNED_USERS_PER_ARM, pre_period: PrePeriod | None = None,
+              planned: PlannedSize = UNPLANNED, pre_period: PrePeriod | None = None,
               decision_metric: str = DECISION_METRIC) -> dict[str, Any]:
     """The report's figures as JSON-ready dicts (see the module docstring); ``pre_period``: the run's history
     (:func:`run_pre_period`), without which the covariate is the live store's events before the start alone."""
@@ -169,7 +169,7 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
     report["user_level"] = user_level(
         {v: _user_totals(v, requests_of, impressions_of, user_engaged, prices) for v in split},
         history, control, treatment, start=start, prices_known=prices is not None,
-        planned_users_per_arm=planned_users_per_arm, sample_ratio_broken=report["sample_ratio"]["mismatch"],
+        planned=planned, sample_ratio_broken=report["sample_ratio"]["mismatch"],
         decision_metric=decision_metric, pre_period=described)
     return report
 
@@ -267,7 +267,7 @@ def _history(events: pa.Table, prices: Mapping[str, float] | None) -> dict[str, 
 
 
 def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mapping[str, np.ndarray], control: str,
-               treatment: str, *, start: dt.datetime | None, prices_known: bool, planned_users_per_arm: int,
+               treatment: str, *, start: dt.datetime | None, prices_known: bool, planned: PlannedSize,
                sample_ratio_broken: bool, decision_metric: str = DECISION_METRIC,
                pre_period: str = "the live store's events before the experiment's start") -> dict[str, Any]:
     """The ``user_level`` section: per-variant money and funnel, per-metric effects, the verdict."""
@@ -286,7 +286,8 @@ def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mappin
         }
     section: dict[str, Any] = {
         "unit": "user", "experiment_start": start.isoformat() if start else None, "variants": variants,
-        "session_gap_s": SESSION_GAP_S, "planned_users_per_arm": planned_users_per_arm, "alpha": ALPHA,
+        "session_gap_s": SESSION_GAP_S, "planned_users_per_arm": planned.users_per_arm,
+        "planned_size_from": planned.source, "alpha": ALPHA,
         "users_with_history": sum(1 for name in arms for u in arms[name][0] if u in history),
         "pre_period": pre_period, "decision_metric": decision_metric,
         "revenue": "price x quantity (quantity 1 unless the event names one)" if prices_known
@@ -314,11 +315,11 @@ def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mappin
                                  "estimate": "cuped" if estimate is adjusted else "fixed_horizon"}
         if estimate.standard_error is not None and estimate.difference is not None:
             tau = mixing_sd(estimate.standard_error, estimate.users_control, estimate.users_treatment,
-                            planned_users_per_arm)
+                            planned.users_per_arm)
             entry["always_valid"] = always_valid(estimate.difference, estimate.standard_error, tau).as_dict()
         metrics[metric] = entry
     section["metrics"] = metrics
-    section["past_planned_size"] = min(len(arms[control][0]), len(arms[treatment][0])) >= planned_users_per_arm
+    section["past_planned_size"] = min(len(arms[control][0]), len(arms[treatment][0])) >= planned.users_per_arm
     section["verdict"] = verdict(decision_metric, metrics.get(decision_metric), sample_ratio_broken,
                                  section["past_planned_size"])
     return section

@@ -125,6 +125,8 @@ class UserLevel(Closed):
     variants: dict[str, UserVariant]
     session_gap_s: float
     planned_users_per_arm: int
+    planned_size_from: str = Field(description="Where the planned size came from: serve.planned_users_per_arm, the "
+                                   "plan for the served variants' offline figures, or the default.")
     alpha: float
     users_with_history: int = Field(description="The experiment's users with a pre-period (CUPED's covariate).")
     pre_period: str = Field(description="What the pre-period was: the run's event log and the live store's events.")

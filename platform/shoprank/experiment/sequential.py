@@ -59,7 +59,19 @@ within the resolution any page refresh achieves)."""
 NULL_PATHS = 20_000
 NULL_SEED = 18
 PLANNED_USERS_PER_ARM = 1_000
-"""The report's default tuning size: the 2,000-shopper demo simulation, split in two."""
+"""The report's tuning size where no plan says otherwise (:func:`shoprank.experiment.plan.readout_planned_size`)."""
+
+
+@dataclass(frozen=True)
+class PlannedSize:
+    """The users per arm the always-valid test is tuned for and the experiment stops at, and where the number came
+    from (the readout shows both)."""
+
+    users_per_arm: int
+    source: str
+
+
+UNPLANNED = PlannedSize(PLANNED_USERS_PER_ARM, f"the default {PLANNED_USERS_PER_ARM:,}")
 
 
 @lru_cache(maxsize=16)

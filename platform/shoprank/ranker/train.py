@@ -61,7 +61,7 @@ def xgboost_params(config: Config) -> dict[str, Any]:
         "device": "cuda" if config.ray.use_gpu else "cpu", "max_depth": ranker.max_depth, "eta": ranker.eta,
         "subsample": ranker.subsample, "colsample_bytree": ranker.colsample_bytree,
         "min_child_weight": ranker.min_child_weight, "seed": ranker.seed, "nthread": ranker.cpus_per_worker,
-        "lambdarank_pair_method": "topk", "lambdarank_num_pair_per_sample": 10,
+        "lambdarank_pair_method": ranker.pair_method, "lambdarank_num_pair_per_sample": ranker.pairs_per_sample,
     }
 
 

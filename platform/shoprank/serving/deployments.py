@@ -37,7 +37,9 @@ from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
+from shoprank.experiment.plan import readout_planned_size
 from shoprank.experiment.report import DECISION_METRIC, PrePeriod, ab_report, run_pre_period
+from shoprank.experiment.sequential import UNPLANNED, PlannedSize
 from shoprank.recsys.features import epoch_seconds
 from shoprank.serving.impressions import ImpressionQueue
 from shoprank.serving.loaders import ShopSource
@@ -142,10 +144,10 @@ class EventStoreWriter:
             self.store = metered(open_event_writer(self.location))
 
     async def report(self, split: dict[str, float], prices: dict[str, float], pre_period: PrePeriod | None = None,
-                     decision_metric: str = DECISION_METRIC) -> dict[str, Any]:
+                     decision_metric: str = DECISION_METRIC, planned: PlannedSize = UNPLANNED) -> dict[str, Any]:
         async with self._using() as store:
             report = await asyncio.to_thread(ab_report, store, split, prices=prices, pre_period=pre_period,
-                                             decision_metric=decision_metric)
+                                             decision_metric=decision_metric, planned=planned)
             report["impressions_dropped"] = await asyncio.to_thread(store.dropped_impressions)
         return report
 
@@ -225,6 +227,8 @@ class Ingress:
         """Product -> price: the A/B report's revenue."""
         self.clock_offset_s = 0.0
         self.users: list[dict[str, str]] = []
+        self.planned = UNPLANNED
+        """The A/B readout's planned size (:func:`~shoprank.experiment.plan.readout_planned_size`)."""
         self.pre_period: PrePeriod | None = None
         """The shoppers' history in the served runs' event log: CUPED's covariate in the A/B report."""
         self.run_events_of: Counter[str] = Counter()
@@ -246,6 +250,7 @@ class Ingress:
         self.specs = {name: VariantSpec.model_validate(spec) for name, spec in settings["variants"].items()}
         self.pseudonyms = self.source.pseudonyms([spec.run for spec in self.specs.values()])
         self.offline = {name: self.source.offline(spec) for name, spec in self.specs.items()}
+        self.planned = readout_planned_size(self.config.serve, self.offline)
         last_event_s = 0.0
         events_of_run = {}
         last_event_of_run: dict[str, float] = {}

@@ -314,7 +314,7 @@ async def ab_report(ingress: Replica) -> dict[str, Any]:
     await ingress.forget_erased()  # an erased shopper's history in the run is no covariate
     settings = ingress.config.serve
     report = await ingress.store.report.remote(settings.split, ingress.prices, ingress.pre_period,
-                                               settings.decision_metric)
+                                               settings.decision_metric, ingress.planned)
     report["experiment"] = settings.experiment
     report["offline"] = ingress.offline
     report["guardrails"] = ingress.guardrails.figures(GuardrailLimits(
