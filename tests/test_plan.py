@@ -66,8 +66,8 @@ def test_the_predicted_effect_weighs_each_tasks_ndcg_change_by_its_traffic_and_t
     search, recommend = 0.2951 / 0.2152 - 1, 0.0247 / 0.0282 - 1
     assert effect.ndcg_change == pytest.approx({"search": search, "recommend": recommend})
     assert effect.relative_effect == pytest.approx(PASS_THROUGH * (search + recommend) / 2)
-    # the pass-through is the demo's measurement: offline +12.4%, online +6.6% conversion per user
-    assert 0.055 < effect.relative_effect < 0.07
+    # the pass-through is the lower of the demo's two measurements (offline +12.4%, online +6.6%; +73.0%, +13.1%)
+    assert effect.relative_effect < 0.066 and PASS_THROUGH * 0.730 == pytest.approx(0.131, abs=0.001)
     only_search = predicted_effect(ISSUE_37_DEMO, search_share=1.0, pass_through=1.0)
     assert only_search.relative_effect == pytest.approx(search) and only_search.shares == {"search": 1.0}
     judged_only = predicted_effect({"search": ISSUE_37_DEMO["search"]})  # no recommendation figures
@@ -138,7 +138,7 @@ def test_the_readouts_planned_size_is_the_plan_for_the_served_variants_figures()
                for name, system in (("A", CONTROL_SYSTEM), ("B", TREATMENT_SYSTEM))}
     planned = readout_planned_size(serve, offline)
     expected = plan(0.54, binary_sigma(0.54), relative_effect=predicted_effect(ISSUE_37_DEMO).relative_effect)
-    assert planned.users_per_arm == expected.users_per_arm and "+6.2% predicted" in planned.source
+    assert planned.users_per_arm == expected.users_per_arm and "+2.2% predicted" in planned.source
     own = readout_planned_size(serve.model_copy(update={"planned_users_per_arm": 500}), offline)
     assert (own.users_per_arm, own.source) == (500, "serve.planned_users_per_arm")
     revenue = readout_planned_size(serve.model_copy(update={"decision_metric": "revenue_per_user"}), offline)
@@ -152,7 +152,7 @@ def test_the_plan_command_reads_the_runs_predicted_effect(tmp_path: Path, capsys
     status, out = shoprank(["experiment", "plan", "--config", "tiny", "--set", f"run.root={tmp_path}"], capsys)
     assert status == 0, out
     expected = plan(0.54, binary_sigma(0.54), relative_effect=predicted_effect(ISSUE_37_DEMO).relative_effect)
-    assert "decision metric: conversion_per_user" in out and "predicted effect +6.18%" in out
+    assert "decision metric: conversion_per_user" in out and "predicted effect +2.22%" in out
     assert f"users per arm: {expected.users_per_arm:,}" in out
     assert f"about {expected.sequential_users_per_arm:,} users per arm" in out
     assert "It stops short of the plan" in out and "the shop has 120" in out  # the tiny shop's 120 shoppers
