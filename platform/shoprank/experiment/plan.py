@@ -211,9 +211,28 @@ def evaluation_table(run: "Run") -> dict[str, dict[str, dict[str, float]]]:
 
 def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], search_share: float = SEARCH_SHARE,
                      pass_through: float = PASS_THROUGH) -> PredictedEffect:
-    """The relative effect on the decision metric that the offline ``table`` predicts for B over A (module
-    docstring): each task's relative NDCG@10 change, weighted by its share of traffic (``search_share`` of searches;
-    a task without figures, or where A scores 0, leaves the others' shares to add to 1), times ``pass_through``."""
+    """:func:`predicted_effect_of` A's and B's rows (:data:`CONTROL_SYSTEM`, :data:`TREATMENT_SYSTEM`) of the
+    offline ``table`` (task -> system -> metric); a task the traffic asks for with figures but without both rows
+    is an error."""
+    weights = {"search": search_share, "recommend": 1 - search_share}
+    ndcg: dict[str, dict[str, float]] = {CONTROL_SYSTEM: {}, TREATMENT_SYSTEM: {}}
+    for task, rows in table.items():
+        if not rows or not weights.get(task):
+            continue
+        missing = [system for system in ndcg if system not in rows]
+        if missing:
+            raise ShopRankError(f"the offline evaluation's {task} figures have no {' and no '.join(missing)} row")
+        for system in ndcg:
+            ndcg[system][task] = rows[system]["ndcg@10"]
+    return predicted_effect_of(ndcg[CONTROL_SYSTEM], ndcg[TREATMENT_SYSTEM], search_share, pass_through)
+
+
+def predicted_effect_of(control: Mapping[str, float], treatment: Mapping[str, float],
+                        search_share: float = SEARCH_SHARE, pass_through: float = PASS_THROUGH) -> PredictedEffect:
+    """The relative effect on the decision metric that A's and B's offline NDCG@10 (task -> figure; a task in only
+    one of them has no figures) predict for B over A (module docstring): each task's relative NDCG@10 change,
+    weighted by its share of traffic (``search_share`` of searches; a task without figures, or where A scores 0,
+    leaves the others' shares to add to 1), times ``pass_through``."""
     if not 0 <= search_share <= 1:
         raise ShopRankError(f"--search-share is a share of traffic between 0 and 1, got {search_share}")
     if not 0 < pass_through <= 1:
@@ -222,21 +241,17 @@ def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], sea
     changes: dict[str, float] = {}
     left_out: dict[str, str] = {}
     for task, weight in weights.items():
-        rows = table.get(task)
-        if not rows or weight == 0:
+        if task not in control or task not in treatment or weight == 0:
             continue
-        missing = [system for system in (CONTROL_SYSTEM, TREATMENT_SYSTEM) if system not in rows]
-        if missing:
-            raise ShopRankError(f"the offline evaluation's {task} figures have no {' and no '.join(missing)} row")
-        control = rows[CONTROL_SYSTEM]["ndcg@10"]
-        if control <= 0:
-            left_out[task] = f"A's offline NDCG@10 is {control:g}, no relative change to predict from"
+        if control[task] <= 0:
+            left_out[task] = f"A's offline NDCG@10 is {control[task]:g}, no relative change to predict from"
             continue
-        changes[task] = rows[TREATMENT_SYSTEM]["ndcg@10"] / control - 1
+        changes[task] = treatment[task] / control[task] - 1
     if not changes:
         why = "".join(f"; {task}: {reason}" for task, reason in left_out.items())
+        with_figures = [task for task in control if task in treatment]
         raise ShopRankError("the offline evaluation has no figures to predict from for the tasks the traffic asks "
-                            f"for (search share {search_share:g}; tasks with figures: {', '.join(table) or 'none'}"
+                            f"for (search share {search_share:g}; tasks with figures: {', '.join(with_figures) or 'none'}"
                             f"{why})")
     total = sum(weights[task] for task in changes)
     shares = {task: weights[task] / total for task in changes}
@@ -245,6 +260,13 @@ def predicted_effect(table: Mapping[str, Mapping[str, Mapping[str, float]]], sea
         raise ShopRankError("the offline evaluation predicts no difference between B and A: give the effect to plan "
                             "for with --mde")
     return PredictedEffect(relative, changes, shares, pass_through, left_out)
+
+
+def conversion_plan(effect: PredictedEffect) -> Plan:
+    """The plan for ``effect`` on conversion per user at the demo's baseline (:data:`DEMO_CONVERSION_PER_USER`):
+    what ``shoprank experiment plan`` prints by default, ``shoprank simulate`` sends and the readout stops at."""
+    return plan(DEMO_CONVERSION_PER_USER, binary_sigma(DEMO_CONVERSION_PER_USER),
+                relative_effect=effect.relative_effect)
 
 
 ARMS_REACHED = 0.99
@@ -289,13 +311,9 @@ def readout_planned_size(serve: "ServeConfig", offline: Mapping[str, Mapping[str
         return PlannedSize(PLANNED_USERS_PER_ARM, f"{fallback} (shoprank experiment plan --metric "
                                                   f"{serve.decision_metric} --baseline ... --std ...)")
     figures = {name: (offline.get(name) or {}).get("ndcg@10") or {} for name in (control, treatment)}
-    table = {task: {CONTROL_SYSTEM: {"ndcg@10": figures[control][task]},
-                    TREATMENT_SYSTEM: {"ndcg@10": figures[treatment][task]}}
-             for task in figures[control] if task in figures[treatment]}
     try:
-        effect = predicted_effect(table)
-        result = plan(DEMO_CONVERSION_PER_USER, binary_sigma(DEMO_CONVERSION_PER_USER),
-                      relative_effect=effect.relative_effect)
+        effect = predicted_effect_of(figures[control], figures[treatment])
+        result = conversion_plan(effect)
     except (ShopRankError, ValueError) as exc:
         return PlannedSize(PLANNED_USERS_PER_ARM, f"{fallback} (no plan from the variants' offline figures: {exc})")
     return PlannedSize(result.users_per_arm, f"shoprank experiment plan: {effect.relative_effect:+.1%} predicted "
@@ -311,6 +329,5 @@ def planned_simulation(config: "Config") -> tuple[Plan, PredictedEffect, Simulat
     from shoprank.store.run import Run
 
     effect = predicted_effect(evaluation_table(Run.for_config(config)))
-    result = plan(DEMO_CONVERSION_PER_USER, binary_sigma(DEMO_CONVERSION_PER_USER),
-                  relative_effect=effect.relative_effect)
+    result = conversion_plan(effect)
     return result, effect, simulation_size(result, config.source.synthetic.num_users)
