@@ -665,6 +665,14 @@ class ServeConfig(Section):
     registry_poll_s: float = Field(
         2.0, gt=0.0, description="How often each variant replica checks the registry for a moved alias (hot reload).",
     )
+    catalogue_poll_s: float = Field(
+        0.25, gt=0.0, le=60.0, description="How often each replica reads the catalogue change log while idle (a "
+        "request reads it anyway before it is answered).",
+    )
+    catalogue_compact_rows: int = Field(
+        2000, ge=1, description="Live catalogue changes a variant replica holds beside its run's indices before it "
+        "rebuilds them in the background (answers stay right without it, only slower).",
+    )
     clock: Literal["data", "wall"] = Field(
         "data", description="'data': the served run's clock continues from its last event (a simulated shop's "
         "past stays recent); 'wall': the machine's clock (a live shop).",

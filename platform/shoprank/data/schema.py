@@ -16,6 +16,17 @@ EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EVENT_STRENGTH: dict[str, int] = {name: rank for rank, name in enumerate(EVENT_TYPES)}
 """view 0, click 1, add_to_cart 2, purchase 3: the engagement grade of an event."""
 
+ENGAGEMENT_TYPES: frozenset[str] = frozenset(EVENT_TYPES[1:])
+"""The behaviour events that say a shopper wanted a product (a view only says it was looked at)."""
+
+NEGATIVE_EVENT_TYPES: tuple[str, ...] = ("not_interested", "not_interested_brand", "not_interested_category")
+"""A shopper hiding a product, or every product of its brand or its category ("not interested"): kept apart from
+the funnel, since they are no grade of interest; the product names what is hidden, its brand and category are the
+catalogue's."""
+
+ALL_EVENT_TYPES: tuple[str, ...] = EVENT_TYPES + NEGATIVE_EVENT_TYPES
+"""Every event type a client may send and a store or an export may hold."""
+
 ESCI_LABELS: dict[str, int] = {"E": 3, "S": 2, "C": 1, "I": 0}
 """ESCI judgments as graded relevance: Exact 3, Substitute 2, Complement 1, Irrelevant 0."""
 

@@ -32,6 +32,11 @@ class Ranked:
     product_id: str
     score: float
     contributions: dict[str, float]
+    shown: dict | None = None
+    """The product as the answering replica's live catalogue holds it (title, category, brand, price): a change
+    put a moment ago shows in the answer that ranked with it; None: the run's row."""
+    explored: bool = False
+    """Placed by the exploration policy (a slot for a product with little exposure), not by its score."""
 
 
 @dataclass
@@ -44,6 +49,10 @@ class Asked:
     query: str | None
     k: int
     now_s: float
+    hidden: tuple[tuple[str, str], ...] = ()
+    """(event_type, product_id) of each "not interested" the user sent live (the variant replica fills them in)."""
+    request_id: str = ""
+    """The answer's id: seeds the exploration draw, so one request is answered the same way twice."""
 
 
 @dataclass

@@ -239,15 +239,17 @@ class Catalogue:
         return user_embedding(self.vectors[history.product_rows], history.event_types, ages, half_life_days)
 
     def search(self, query: str, query_vector: np.ndarray, n: int, now_s: float, *,
-               dense_only: bool = False) -> Candidates:
-        """A search's candidates; ``dense_only``: the encoder's alone (the offline evaluation's retrieval rows)."""
-        lists = {"dense": self.nearest(query_vector, n)}
+               dense_only: bool = False, blocked: np.ndarray | None = None) -> Candidates:
+        """A search's candidates; ``dense_only``: the encoder's alone (the offline evaluation's retrieval rows);
+        ``blocked``: catalogue rows no source may propose (what the shopper hid)."""
+        lists = {"dense": self.nearest(query_vector, n, blocked)}
         if dense_only:
-            return self._merge(lists, query_vector, None)
+            return self._merge(lists, query_vector, None, blocked=blocked)
         bm25 = self.bm25_scores(query)
-        lexical = np.argsort(-bm25, kind="stable")[:n]
-        lists["lexical"] = lexical[bm25[lexical] > 0]
-        return self._merge(lists, query_vector, bm25, recent=self.recent.at(now_s))
+        ranked_by_bm25 = bm25 if blocked is None or not len(blocked) else _zeroed(bm25, blocked)
+        lexical = np.argsort(-ranked_by_bm25, kind="stable")[:n]
+        lists["lexical"] = lexical[ranked_by_bm25[lexical] > 0]
+        return self._merge(lists, query_vector, bm25, recent=self.recent.at(now_s), blocked=blocked)
 
     def trending(self, now_s: float) -> np.ndarray:
         """Catalogue rows engaged in the window before ``now_s`` (:class:`RecentPopularity`), most first by
@@ -264,14 +266,17 @@ class Catalogue:
         return np.bincount(history.product_rows[mine], decay, minlength=len(self.stats.product_ids)).astype(np.float32)
 
     def recommend(self, user_vector: np.ndarray | None, history: History, n: int, now_s: float, *,
-                  dense_only: bool = False) -> Candidates:
-        """A recommendation's candidates; ``dense_only``: the encoder's alone (the offline evaluation's)."""
+                  dense_only: bool = False, blocked: np.ndarray | None = None) -> Candidates:
+        """A recommendation's candidates; ``dense_only``: the encoder's alone (the offline evaluation's);
+        ``blocked``: catalogue rows no source may propose (what the shopper hid)."""
         lists: dict[str, np.ndarray] = {}
         excluded = self.excluded_rows(history)
+        if blocked is not None and len(blocked):
+            excluded = np.union1d(excluded, blocked)
         if user_vector is not None:
             lists["dense"] = self.nearest(user_vector, n, excluded)
         if dense_only:
-            return self._merge(lists, user_vector, None)
+            return self._merge(lists, user_vector, None, blocked=blocked)
         repeat_score = self.repeat_scores(history, now_s)
         if len(history):
             recent = list(dict.fromkeys(history.product_rows[::-1].tolist()))[:RECENT_ITEMS]
@@ -289,16 +294,18 @@ class Catalogue:
                 popular = [_without(self.popular, excluded, n)]
             lists["popular"] = _interleave(popular, n * len(popular))
         else:
-            lists["popular"] = _interleave([self.popular[:n], self.trending(now_s)[:n]], n)
+            lists["popular"] = _interleave([_without(self.popular, excluded, n),
+                                            _without(self.trending(now_s), excluded, n)], n)
         cf_score = self.item_item.scores(history.engaged_rows())
         cf_recent = self.item_item.scores(history.last_visit().engaged_rows())
         positive = np.flatnonzero(cf_score > 0)
         # new products only: what the user already saw comes back through the other sources if at all
         ranked = positive[np.argsort(-cf_score[positive], kind="stable")]
-        lists["collaborative"] = _without(ranked, history.product_rows, n)
+        lists["collaborative"] = _without(ranked, np.union1d(history.product_rows, excluded), n)
         mine = np.flatnonzero(repeat_score > 0)
         lists["repeat"] = _without(mine[np.argsort(-repeat_score[mine], kind="stable")], excluded, n)
-        return self._merge(lists, user_vector, None, cf_score, cf_recent, repeat_score, self.recent.at(now_s))
+        return self._merge(lists, user_vector, None, cf_score, cf_recent, repeat_score, self.recent.at(now_s),
+                           blocked=blocked)
 
     def excluded_rows(self, history: History) -> np.ndarray:
         """Catalogue rows a recommendation for this history leaves out (see the module docstring)."""
@@ -310,12 +317,18 @@ class Catalogue:
     def _merge(self, lists: dict[str, np.ndarray], vector: np.ndarray | None, bm25: np.ndarray | None,
                cf_score: np.ndarray | None = None, cf_recent: np.ndarray | None = None,
                repeat_score: np.ndarray | None = None,
-               recent: tuple[np.ndarray, np.ndarray] | None = None) -> Candidates:
+               recent: tuple[np.ndarray, np.ndarray] | None = None,
+               blocked: np.ndarray | None = None) -> Candidates:
+        """Every source's list as one set of candidates; the one place all sources pass, so a ``blocked`` row
+        leaves here whichever source proposed it."""
         position: dict[int, int] = {}
         sources: dict[int, int] = {}
+        left_out = set() if blocked is None else set(blocked.tolist())
         for name, rows in lists.items():
             bit = 1 << SOURCES.index(name)
             for rank, row in enumerate(rows.tolist(), start=1):
+                if row in left_out:
+                    continue
                 position[row] = min(position.get(row, rank), rank)
                 sources[row] = sources.get(row, 0) | bit
         rows = np.array(list(position), dtype=np.int64)
@@ -352,6 +365,13 @@ def _without(rows: np.ndarray, excluded: np.ndarray | None, limit: int | None = 
     return np.array(kept, dtype=rows.dtype)
 
 
+def _zeroed(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A copy of ``scores`` with ``rows`` set to 0."""
+    out = scores.copy()
+    out[rows] = 0.0
+    return out
+
+
 def _interleave(lists: list[np.ndarray], n: int) -> np.ndarray:
     """Round-robin over ranked lists, without repeats, at most ``n``."""
     out: dict[int, None] = {}
@@ -365,15 +385,15 @@ def _interleave(lists: list[np.ndarray], n: int) -> np.ndarray:
 
 
 def retrieve(context: RankingContext, history: History, query: str | None, query_vector: np.ndarray | None,
-             now_s: float, *, dense_only: bool = False) -> Candidates:
+             now_s: float, *, dense_only: bool = False, blocked: np.ndarray | None = None) -> Candidates:
     """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s`` (``dense_only``: the
-    encoder's source alone)."""
+    encoder's source alone; ``blocked``: catalogue rows no source may propose)."""
     config = context.config
     n = config.retrieval.candidates_per_source
     if query is not None:
-        return context.catalogue.search(query, query_vector, n, now_s, dense_only=dense_only)
+        return context.catalogue.search(query, query_vector, n, now_s, dense_only=dense_only, blocked=blocked)
     vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
-    return context.catalogue.recommend(vector, history, n, now_s, dense_only=dense_only)
+    return context.catalogue.recommend(vector, history, n, now_s, dense_only=dense_only, blocked=blocked)
 
 
 @dataclass

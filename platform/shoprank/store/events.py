@@ -84,6 +84,18 @@ class StoredEvent(NamedTuple):
     ts_s: float
 
 
+class CatalogueChange(NamedTuple):
+    """One entry of the catalogue change log: a product put (its record row, ``docs/data.md``) or deleted."""
+
+    seq: int
+    op: str
+    """'put' or 'delete'."""
+    product_id: str
+    product: dict | None
+    """The product's record row (the fields of ``PRODUCT_SCHEMA``) for a put; None for a delete."""
+    ts_s: float
+
+
 class EventStore(ABC):
     """What serving needs from durable storage."""
 
