@@ -45,6 +45,7 @@ from shoprank.config import Config, PreprocessConfig
 from shoprank.data.ingest import RECORDS
 from shoprank.data.io import count_rows, read_dataset, read_table, write_dataset, write_table
 from shoprank.data.schema import EVENT_SCHEMA, EVENT_STRENGTH, PRODUCT_SCHEMA
+from shoprank.data.catalogue import normalised_products
 from shoprank.data.text import normalize_text
 from shoprank.errors import ConfigError
 from shoprank.store.run import Run, StageRecord
@@ -97,32 +98,6 @@ class _Steps:
         elapsed = time.perf_counter() - started
         self.record.timings[f"{name}_s"] = round(elapsed, 3)
         log.info("[preprocess %d/%d] %s done in %.1fs", self.done, self.total, name, elapsed)
-
-
-def _products_batch(batch: pa.Table, labels: dict[str, int], description_chars: int) -> pa.Table:
-    """Normalised text; a missing description, brand or category stays null, and so do its leaf and label."""
-    category = batch.column("category")
-    return (
-        batch.set_column(batch.schema.get_field_index("title"), "title", normalize_text(batch.column("title")))
-        .set_column(
-            batch.schema.get_field_index("description"),
-            "description",
-            _normalized_or_null(batch.column("description"), max_chars=description_chars),
-        )
-        .set_column(batch.schema.get_field_index("brand"), "brand", _normalized_or_null(batch.column("brand")))
-        .append_column("leaf", _normalized_or_null(_leaf_of(category)))
-        .append_column("category_label", pa.array([labels.get(c) for c in category.to_pylist()], pa.int32()))
-    )
-
-
-def _normalized_or_null(values: pa.ChunkedArray | pa.Array, max_chars: int | None = None) -> pa.Array:
-    """:func:`normalize_text`, keeping a missing value missing (not an empty string a stage could take for one)."""
-    return pc.if_else(pc.is_null(values), pa.scalar(None, pa.string()), normalize_text(values, max_chars=max_chars))
-
-
-def _leaf_of(category: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """The last element of a category path (``Home > Cookware > Woks`` -> ``Woks``); null without a category."""
-    return pa.array([c.rsplit(">", 1)[-1] if c is not None else None for c in category.to_pylist()], pa.string())
 
 
 def _add_time_split(batch: pa.Table, validation_from: pa.Scalar, test_from: pa.Scalar) -> pa.Table:
@@ -381,7 +356,7 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
             "data", "categories",
         )
         clean = records("products").map_batches(
-            _products_batch, fn_kwargs={"labels": labels, "description_chars": pre.description_chars},
+            normalised_products, fn_kwargs={"labels": labels, "description_chars": pre.description_chars},
             batch_format="pyarrow",
         ).materialize()
         _write(clean, "products", PRODUCTS_SCHEMA)
