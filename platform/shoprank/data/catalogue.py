@@ -6,10 +6,26 @@ the very function the preprocess stage maps over the catalogue.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shoprank.data.text import normalize_text
+
+if TYPE_CHECKING:
+    from shoprank.store.run import Run
+
+CATALOGUE_SEQ = "catalogue_seq"
+"""The ingest stage's manifest metric: the last catalogue change (its sequence number in the event store's change
+log) folded into the run's products. Whatever serves the run follows the log from there."""
+
+
+def recorded_catalogue_seq(run: Run) -> int:
+    """The last catalogue change ``run``'s ingest folded in (0: none, or a run ingested before the log existed, whose
+    catalogue holds no change at all): where a replica serving it starts to follow the log."""
+    ingest = run.manifest().get("stages", {}).get("ingest", {})
+    return int(ingest.get("metrics", {}).get(CATALOGUE_SEQ, 0))
 
 
 def normalised_products(batch: pa.Table, labels: dict[str, int], description_chars: int) -> pa.Table:
