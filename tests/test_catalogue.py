@@ -134,3 +134,110 @@ def test_catalogue_sync_validates_the_whole_file_first(tmp_path: Path, capsys: p
         assert "the Serve app is writing to it" in capsys.readouterr().err
     finally:
         writer.close()
+
+
+def live_product(product_id: str, **changes: Any) -> dict[str, Any]:
+    return {"product_id": product_id, "title": "Qwuxle skillet", "description": "Cast iron.",
+            "category": "Kitchen > Cookware", "brand": "Acme", "price": 42.0, "attributes": {"size": "26 cm"},
+            **changes}
+
+
+def logged_changes(app: App) -> int:
+    store = open_event_store(app.db)
+    try:
+        return len(store.catalogue_changes(0))
+    finally:
+        store.close()
+
+
+def test_products_put_and_deleted_through_the_api(fake_app: App) -> None:
+    """A put is stored once per Idempotency-Key and known to every ingress replica's /events at once; a delete is
+    idempotent, an id never listed is a 404, and events naming a deleted product are still accepted (a late click on
+    a withdrawn listing is real behaviour)."""
+    before = logged_changes(fake_app)
+    batch = [live_product("API-LIVE-1"), live_product("API-LIVE-2", brand=None, attributes={})]
+    put = fake_app.http.put("/products", json=batch, headers={"Idempotency-Key": "api-test-batch-1"})
+    assert put.status_code == 200, put.text
+    assert put.json()["stored"] == 2 and put.json()["seq"] >= before + 2
+    again = fake_app.http.put("/products", json=batch, headers={"Idempotency-Key": "api-test-batch-1"})
+    assert again.status_code == 200 and again.json()["stored"] == 0
+    assert logged_changes(fake_app) == before + 2
+    for _ in range(4):  # either ingress replica: the one that did not store it reads the log on the miss
+        event = fake_app.post("/events", [{"user_id": "U000001", "product_id": "API-LIVE-1", "event_type": "view"}])
+        assert event.status_code == 200, event.text
+    deleted = fake_app.http.delete("/products/API-LIVE-1")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True, deleted.text
+    retried = fake_app.http.delete("/products/API-LIVE-1")
+    assert retried.status_code == 200 and retried.json()["deleted"] is False
+    assert fake_app.post("/events", [{"user_id": "U000001", "product_id": "API-LIVE-1",
+                                      "event_type": "click"}]).status_code == 200
+    missing = fake_app.http.delete("/products/NEVER-LISTED-1")
+    assert missing.status_code == 404 and missing.json()["detail"][0]["loc"] == ["path", "product_id"]
+    assert logged_changes(fake_app) == before + 3
+    fake_app.http.delete("/products/API-LIVE-2")
+
+
+MANY = [{"product_id": f"BULK-{i:05d}", "title": "t", "price": 1} for i in range(10_000)]
+"""10,000 small products: under serve.max_body_bytes, past MAX_PRODUCTS_PER_REQUEST."""
+HUGE = [live_product(f"HUGE-{i:04d}", description="x" * 2500) for i in range(1000)]
+"""1000 products of 2.5 KB: past serve.max_body_bytes."""
+
+
+@pytest.mark.parametrize(("body", "status", "loc", "message"), [
+    ([{"title": "Pan", "price": 3}], 422, ["body", 0, "product_id"], "Field required"),
+    ([live_product("BAD-1"), live_product("BAD-2", price="cheap")], 422, ["body", 1, "price"], "valid number"),
+    ([live_product("BAD-1", price=-1)], 422, ["body", 0, "price"], "greater than or equal to 0"),
+    ([live_product("BAD-1", title="   ")], 422, ["body", 0, "title"], "title is required"),
+    ([live_product("BAD-1"), live_product("BAD-1")], 422, ["body", 1, "product_id"], "given twice in this request"),
+    ([live_product("BAD-1", title="Pan\x07")], 422, ["body", 0, "title"], "control character"),
+    ([live_product("BAD-1", attributes={"size": "26\x00"})], 422, ["body", 0, "attributes"], "control character"),
+    ([live_product("BAD-1", colour="red")], 422, ["body", 0, "colour"], "Extra inputs"),
+    (MANY, 422, ["body"], f"at most {MAX_PRODUCTS_PER_REQUEST} items"),
+    (HUGE, 413, ["body"], "send fewer items per request"),
+], ids=["no-id", "price-text", "price-negative", "blank-title", "duplicate-id", "control-character",
+        "attribute-nul", "unknown-field", "10000-products", "too-large"])
+def test_bad_product_batches_are_refused_naming_the_problem(fake_app: App, body: list[dict], status: int,
+                                                            loc: list, message: str) -> None:
+    before = logged_changes(fake_app)
+    answer = fake_app.http.put("/products", json=body)
+    assert answer.status_code == status, answer.text
+    problem = answer.json()["detail"][0]
+    assert problem["loc"] == loc and message in problem["msg"], problem
+    assert logged_changes(fake_app) == before, "a refused batch changes nothing"
+    assert fake_app.post("/events", [{"user_id": "U000001", "product_id": "BAD-1",
+                                      "event_type": "view"}]).status_code == 422
+
+
+def test_the_next_ingest_folds_the_catalogue_log(tiny_run: tuple[Config, Run], make_tiny_config: Callable[..., Config],
+                                                 tmp_path: Path) -> None:
+    """A pipeline run after catalogue changes ingests again (the log's last change is part of the stage's identity):
+    the put product is in its catalogue as preprocess normalises it, the changed price is the new one, the deleted
+    product is gone with the events naming it (counted), and the change folded up to is recorded."""
+    session_config, session = tiny_run
+    shutil.copytree(Path(session.path()).parent / "secrets", tmp_path / "secrets")
+    config = make_tiny_config(tmp_path)
+    unchanged = stage_hash(config, "ingest")
+    base = read_table(session, "data", "records", "products")
+    events = read_table(session, "data", "records", "events", columns=["product_id"]).column("product_id").to_pylist()
+    withdrawn = max(set(events), key=events.count)
+    changed = next(p for p in base.column("product_id").to_pylist() if p != withdrawn)
+    row = next(r for r in base.to_pylist() if r["product_id"] == changed)
+    store = open_event_store(event_db_location(config))
+    try:
+        store.change_catalogue([{**row, "attributes": dict(row["attributes"]), "price": 1234.5},
+                                live_product("LIVE-NEW", title="  Qwuxle   SKILLET ")], [withdrawn],
+                               dt.datetime.now(dt.timezone.utc), "fold-test")
+    finally:
+        store.close()
+    assert stage_hash(config, "ingest") != unchanged
+    run = run_stages(config, until="preprocess")
+    products = {p["product_id"]: p for p in read_table(run, "data", "products").to_pylist()}
+    assert withdrawn not in products and products[changed]["price"] == 1234.5
+    assert products["LIVE-NEW"]["title"] == "qwuxle skillet" and products["LIVE-NEW"]["leaf"] == "cookware"
+    assert len(products) == base.num_rows  # one added, one deleted
+    after = read_table(run, "data", "records", "events", columns=["product_id"]).column("product_id").to_pylist()
+    assert withdrawn not in after and len(after) == len(events) - events.count(withdrawn)
+    stage = run.manifest()["stages"]["ingest"]
+    assert stage["drops"]["events_of_withdrawn_products"] == events.count(withdrawn) > 0
+    assert stage["drops"]["products_deleted_by_the_catalogue_log"] == 1
+    assert stage["metrics"][CATALOGUE_SEQ] == 3 == recorded_catalogue_seq(run)

@@ -18,6 +18,8 @@ outside its loader.
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from typing import Any
 
 import pytest
@@ -33,6 +35,7 @@ from conftest import App, bearer
 from shoprank.config import load_config
 from shoprank.experiment.guardrails import GuardrailWindow
 from shoprank.serving.routes import http_api
+from shoprank.store.events import open_event_store
 
 SCHEMA = http_api(load_config("tiny").serve, GuardrailWindow(1)).openapi()
 """The app's schema as FastAPI defines it (an app built outside Serve: the routes are the same)."""
@@ -40,11 +43,16 @@ OPERATIONS = sorted((method.upper(), path) for path, methods in SCHEMA["paths"].
 CASES_PER_OPERATION = 25
 
 
-@pytest.fixture(scope="module")
 def live_schema(app: App) -> Any:
     """The schema as the deployed app serves it (``serve.docs`` is on in the tiny preset), read with schemathesis's
     default configuration rather than one a stray ``schemathesis.toml`` might set."""
     return schemathesis.openapi.from_url(f"{app.url}/openapi.json", config=SchemathesisConfig(), timeout=30)
+
+
+def fuzzed_app(request: pytest.FixtureRequest, method: str, path: str) -> App:
+    """The app an operation is fuzzed on: the in-memory shop's for a catalogue change (:data:`CATALOGUE_CHANGES`),
+    else the session's trained app."""
+    return request.getfixturevalue("fake_app" if (method, path) in CATALOGUE_CHANGES else "app")
 
 
 def role_of(definition: dict[str, Any]) -> str:
@@ -55,11 +63,19 @@ def role_of(definition: dict[str, Any]) -> str:
     return roles.pop() if roles else "client"  # /healthz needs no key and ignores one
 
 
+CATALOGUE_CHANGES = {("PUT", "/products"), ("DELETE", "/products/{product_id}")}
+"""Operations that change the catalogue: fuzzed on the in-memory shop's app (``fake_app``), never on the session's
+trained app, whose answers other tests compare with the offline evaluation; and never with known product ids, which
+would overwrite or delete the shop's products."""
+
+
 def with_known_values(case: Case, app: App, data: st.DataObject) -> None:
     """A valid request's ``product_id`` and ``variant`` fields replaced by ones the deployed app knows, half of the
     time: the schema cannot name the catalogue or the variants, so without this nearly every generated event batch
     and forced answer stops at the ingress's 422 and what lies beyond goes unfuzzed."""
     if case.meta is None or case.meta.generation.mode is not GenerationMode.POSITIVE or not data.draw(st.booleans()):
+        return
+    if (case.method.upper(), case.path) in CATALOGUE_CHANGES:
         return
     for fields in case.body if isinstance(case.body, list) else [case.body]:
         if not isinstance(fields, dict):
@@ -71,8 +87,9 @@ def with_known_values(case: Case, app: App, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS)
-def test_every_answer_is_one_the_schema_documents(live_schema: Any, app: App, method: str, path: str) -> None:
-    operation = live_schema[path][method]
+def test_every_answer_is_one_the_schema_documents(request: pytest.FixtureRequest, method: str, path: str) -> None:
+    app = fuzzed_app(request, method, path)
+    operation = live_schema(app)[path][method]
     definition = operation.definition.raw
     cases = operation.as_strategy(GenerationMode.POSITIVE)
     if definition.get("parameters") or definition.get("requestBody"):
@@ -89,7 +106,25 @@ def test_every_answer_is_one_the_schema_documents(live_schema: Any, app: App, me
         # serve.max_query_chars), and such a request gets the documented 422 naming the field.
         case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance])
 
-    answered_as_documented()
+    try:
+        answered_as_documented()
+    finally:
+        if (method, path) in CATALOGUE_CHANGES:
+            withdraw_fuzzed_products(app)
+
+
+def withdraw_fuzzed_products(app: App) -> None:
+    """Delete every product the fuzzing put into ``app``'s catalogue (the shop's own are never overwritten: see
+    :func:`with_known_values`), through its event store's change log, which its replicas follow: a deleted product
+    leaves every answer, so the in-memory shop answers as before for the tests after this one."""
+    store = open_event_store(app.db)
+    try:
+        state = store.catalogue_state(store.last_catalogue_change()[0])
+        fuzzed = sorted(product for product, row in state.items() if row is not None and product not in app.category_of)
+        if fuzzed:
+            store.change_catalogue([], fuzzed, dt.datetime.now(dt.timezone.utc), f"contract-{uuid.uuid4().hex}")
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("body", [b"\xdb\x89]\xff", b"[" * 100_000], ids=["not-utf-8", "nested-too-deep"])

@@ -566,6 +566,9 @@ def _calls(app: App) -> list[tuple[str, str, Any, str]]:
             ("POST", "/events", [{"user_id": "U1", "product_id": product, "event_type": "view"}], "client"),
             ("GET", "/ab/report", None, "admin"), ("GET", "/variants", None, "admin"), ("GET", "/users", None, "admin"),
             ("DELETE", "/users/nobody-to-erase", None, "admin"),
+            # the product is put first, then deleted: the shop's own products stay listed
+            ("PUT", "/products", [{"product_id": "endpoint-check", "title": "Endpoint check", "price": 1.0}], "admin"),
+            ("DELETE", "/products/endpoint-check", None, "admin"),
             ("POST", "/admin/events/restore", {"backup": "/nowhere/backup.sqlite"}, "admin")]
 
 
@@ -573,7 +576,8 @@ def test_each_endpoint_refuses_without_a_key_and_with_the_wrong_role(fake_app: A
     calls = _calls(fake_app)
     schema = fake_app.http.get("/openapi.json").json()
     documented = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}
-    checked = {(method, path.replace("nobody-to-erase", "{user_id}")) for method, path, _, _ in calls}
+    checked = {(method, path.replace("nobody-to-erase", "{user_id}").replace("endpoint-check", "{product_id}"))
+               for method, path, _, _ in calls}
     assert documented == checked | {("GET", "/healthz")}, "an endpoint this test does not check"
     with httpx.Client(base_url=fake_app.url, timeout=60.0) as anonymous:
         assert anonymous.get("/healthz").status_code == 200

@@ -26,6 +26,9 @@ from shoprank.serving.variants import VariantSpec
 
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1000
+MAX_PRODUCTS_PER_REQUEST = 1000
+"""The most products one ``PUT /products`` may carry: a batch is one transaction, and every variant replica embeds
+its new text before the batch shows in answers (``shoprank catalogue sync`` sends a file in chunks of this size)."""
 Identifier = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
 TEXT = r"^[^\x00-\x1f\x7f-\x9f]*$"
 """What :func:`check_text` accepts, as a JSON-schema pattern: no control character (Unicode category Cc)."""
@@ -113,6 +116,47 @@ class EventIn(Strict):
 EventBatch = Annotated[list[EventIn], Body(min_length=1, max_length=MAX_EVENTS_PER_REQUEST,
                                             description="Stored all or nothing.")]
 """The body of ``POST /events``: 1 to ``MAX_EVENTS_PER_REQUEST`` events."""
+
+
+class ProductIn(Strict):
+    """A product put into the catalogue: its record row (docs/data.md, "Records"), validated as ingest validates a
+    catalogue file (text stripped, blank = missing; a title and a finite price >= 0 required)."""
+
+    product_id: str = Identifier
+    title: str = Field(min_length=1, max_length=2000)
+    description: str | None = Field(None, max_length=100_000, description="Cut to preprocess.description_chars "
+                                    "when shown and embedded, as the pipeline cuts it.")
+    category: str | None = Field(None, max_length=1000, description="A path, `Home > Cookware > Woks`; null when "
+                                 "unknown (a replica with a categoriser fills it for its own answers).")
+    brand: str | None = Field(None, max_length=1000)
+    price: float = Field(ge=0, allow_inf_nan=False)
+    attributes: dict[str, str] = Field(default_factory=dict, description="Free-form attributes, text to text.")
+
+    @field_validator("attributes")
+    @classmethod
+    def attributes_are_text(cls, value: dict[str, str]) -> dict[str, str]:
+        for pair in value.items():
+            for text in pair:
+                check_text(text)
+        return value
+
+
+ProductBatch = Annotated[list[ProductIn], Body(min_length=1, max_length=MAX_PRODUCTS_PER_REQUEST,
+                                                description="Stored all or nothing; each product id at most once.")]
+"""The body of ``PUT /products``: 1 to ``MAX_PRODUCTS_PER_REQUEST`` products."""
+
+
+class CatalogueChanged(BaseModel):
+    stored: int = Field(description="Changes this request added to the catalogue change log: 0 when its "
+                                    "`Idempotency-Key` was stored already (a retry changes the log once).")
+    seq: int = Field(description="The change log's position once the request is stored: every replica whose "
+                                 "cursor reached it answers with the change.")
+
+
+class ProductDeleted(BaseModel):
+    product_id: str
+    deleted: bool = Field(description="False when the product was deleted already (a retry): nothing changed.")
+    seq: int = Field(description="The change log's position once the request is stored.")
 
 
 class Item(BaseModel):
@@ -214,7 +258,7 @@ class Problem(BaseModel):
     msg: str = Field(description="Why, in words; never the input itself.")
     type: str = Field(description="What kind of problem, for programs: pydantic's error type (`missing`, "
                                   "`string_too_long`, ...) or the app's (`value_error`, `unauthorized`, `forbidden`, "
-                                  "`conflict`, `too_large`).")
+                                  "`conflict`, `not_found`, `too_large`).")
 
 
 class Refusal(BaseModel):
@@ -232,6 +276,7 @@ class Failure(BaseModel):
 REFUSALS: dict[int, str] = {
     401: "No API key, or an unknown one (`WWW-Authenticate: Bearer`).",
     403: "The key's role may not call this endpoint.",
+    404: "What the path names does not exist (a product id the catalogue never listed).",
     409: "An `event_id` of the batch is already stored; nothing of the batch was stored.",
     413: "The body is larger than `serve.max_body_bytes`; refused before it is parsed.",
     422: "The request is invalid: each field at fault and why.",
@@ -314,4 +359,4 @@ class BodyLimit:
 
     def _refusal(self) -> dict[str, list[dict[str, Any]]]:
         return {"detail": [problem(["body"], f"request body larger than {self.max_bytes} bytes "
-                                             "(serve.max_body_bytes); send fewer events per request", "too_large")]}
+                                             "(serve.max_body_bytes); send fewer items per request", "too_large")]}

@@ -35,6 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
+from shoprank.data.catalogue import normalised_products
+from shoprank.data.schema import PRODUCT_SCHEMA
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
 from shoprank.experiment.plan import readout_planned_size
@@ -42,7 +44,7 @@ from shoprank.experiment.report import DECISION_METRIC, PrePeriod, ab_report, ru
 from shoprank.experiment.sequential import UNPLANNED, PlannedSize
 from shoprank.recsys.features import epoch_seconds
 from shoprank.serving.impressions import ImpressionQueue
-from shoprank.serving.loaders import ShopSource
+from shoprank.serving.loaders import PRODUCT_COLUMNS, ShopSource
 from shoprank.serving.metrics import metered, record_dropped, record_split, record_waiting
 from shoprank.serving.routes import http_api
 from shoprank.serving.variants import VariantSpec
@@ -52,6 +54,9 @@ from shoprank.store.events import (
 )
 
 log = logging.getLogger(__name__)
+
+CATALOGUE_PAGE = 10_000
+"""Catalogue changes an ingress replica reads from the change log at once (a replica started late pages through)."""
 
 
 @serve.deployment
@@ -242,8 +247,16 @@ class Ingress:
         self.offline: dict[str, dict[str, Any]] = {}
         """Each variant's offline figures (its run's evaluation), shown beside the online ones."""
         self.products: dict[str, dict[str, Any]] = {}
+        """Product -> what an answer shows of it (:data:`~shoprank.serving.loaders.PRODUCT_COLUMNS`): every product
+        the served runs or the catalogue change log ever listed, deleted ones too (an event may still name them)."""
         self.prices: dict[str, float] = {}
         """Product -> price: the A/B report's revenue."""
+        self.withdrawn: set[str] = set()
+        """Products the change log deleted (and did not put again since)."""
+        self.catalogue_cursor = 0
+        """The last catalogue change applied to ``products``, ``prices`` and ``withdrawn``."""
+        self.catalogue_lock = asyncio.Lock()
+        """One read of the change log at a time: the poll and a request's read never apply a change twice."""
         self.clock_offset_s = 0.0
         self.users: list[dict[str, str]] = []
         self.planned = UNPLANNED
@@ -293,6 +306,10 @@ class Ingress:
         latest = max(events_of_run, key=last_event_of_run.__getitem__)
         self.pre_period = run_pre_period(events_of_run[latest], self.prices, self.config.serve.cuped_pre_period_days)
         self.erasure_cursor = 0  # the lists are the run's again: every erasure so far leaves them at the next read
+        # the catalogue is the runs' again: follow the change log from the earliest change a run has not folded in
+        # (applying one a run has folded in already changes nothing)
+        self.withdrawn = set()
+        self.catalogue_cursor = min(self.source.catalogue_seq(spec) for spec in self.specs.values())
         if self.config.serve.clock == "data" and last_event_s:
             # from the deploy's moment, not this replica's start: every ingress replica (a restarted one too) keeps
             # the same clock, so impressions and erasures stamped by different replicas compare in time order
@@ -302,11 +319,47 @@ class Ingress:
         return time.time() - self.clock_offset_s
 
     def start_background(self) -> None:
-        """The impressions' flusher and the retention purge, started on the replica's event loop by its first
-        request."""
+        """The impressions' flusher, the retention purge and the catalogue's follower, started on the replica's event
+        loop by its first request."""
         if not self.background:
             self.background = [asyncio.create_task(self.impressions.run(self.config.serve.impression_flush_s)),
-                               asyncio.create_task(self._purge_every(self.config.serve.purge_interval_s))]
+                               asyncio.create_task(self._purge_every(self.config.serve.purge_interval_s)),
+                               asyncio.create_task(self._follow_catalogue_every(self.config.serve.catalogue_poll_s))]
+
+    async def follow_catalogue(self) -> int:
+        """Apply the catalogue changes stored since the last read to what this replica shows and checks (``products``,
+        ``prices``, ``withdrawn``); the log's position after them. A put shows as the pipeline would show it (its
+        text normalised by the preprocess stage's own function); a delete keeps the product's row, since events may
+        still name it, and marks it withdrawn."""
+        async with self.catalogue_lock:
+            while True:
+                changes = await self.store.catalogue_changes.remote(self.catalogue_cursor, CATALOGUE_PAGE)
+                puts = [change.product for change in changes if change.op == "put"]
+                shown = ({row["product_id"]: row for row in normalised_products(
+                    pa.Table.from_pylist([{**p, "attributes": list(p["attributes"].items())} for p in puts],
+                                         schema=PRODUCT_SCHEMA),
+                    {}, self.config.preprocess.description_chars).select(PRODUCT_COLUMNS).to_pylist()}
+                         if puts else {})
+                for change in changes:
+                    if change.op == "put":
+                        self.products[change.product_id] = shown[change.product_id]
+                        self.prices[change.product_id] = change.product["price"]
+                        self.withdrawn.discard(change.product_id)
+                    else:
+                        self.withdrawn.add(change.product_id)
+                    self.catalogue_cursor = change.seq
+                if len(changes) < CATALOGUE_PAGE:
+                    return self.catalogue_cursor
+
+    async def _follow_catalogue_every(self, interval_s: float) -> None:
+        """Follow the catalogue change log every ``interval_s`` (``serve.catalogue_poll_s``), so a product put through
+        another ingress replica is known here within that long."""
+        while True:
+            try:
+                await self.follow_catalogue()
+            except Exception as exc:  # the store restoring or restarting: the next poll reads on from the cursor
+                log.warning("reading the catalogue change log failed (%s); retrying in %.2f s", exc, interval_s)
+            await asyncio.sleep(interval_s)
 
     async def _purge_every(self, interval_s: float) -> None:
         """Delete what is older than ``serve.retention_days`` now, then every ``interval_s``."""

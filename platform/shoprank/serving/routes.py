@@ -4,6 +4,7 @@
 * ``event_routes``: ``/events`` (validated, pseudonymised, written by the event store's writer);
 * ``experiment_routes``: ``/ab/report`` and ``/variants``;
 * ``user_routes``: ``/users`` (the pickers' list) and ``DELETE /users/{user_id}`` (erasure);
+* ``catalogue_routes``: ``PUT /products`` and ``DELETE /products/{product_id}`` (the catalogue change log);
 * ``admin_routes``: ``/admin/events/restore`` and ``/healthz``.
 
 :func:`http_api` builds the app and its middleware from ``serve`` settings; the ingress replica
@@ -24,7 +25,7 @@ import sqlite3
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -34,13 +35,16 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoprank.config import ServeConfig
+from shoprank.data.catalogue import product_rows, validated_products
+from shoprank.errors import DataError
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.report_model import ABReport
 from shoprank.recsys.messages import Answered, Asked
 from shoprank.serving.api import (
-    FAILURES, Answer, BodyLimit, Erased, EventBatch, EventsAccepted, Health, RecommendRequest, Restored,
-    RestoreRequest, SearchRequest, UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
+    FAILURES, Answer, BodyLimit, CatalogueChanged, Erased, EventBatch, EventsAccepted, Health, ProductBatch,
+    ProductDeleted, RecommendRequest, Restored, RestoreRequest, SearchRequest, UserSummary, Variants, check_text,
+    invalid, problem, refusals, rejected,
 )
 from shoprank.serving.keys import Role, allows
 from shoprank.serving.metrics import VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events
@@ -230,8 +234,15 @@ async def events(body: EventBatch, ingress: Replica) -> EventsAccepted:
     settings = ingress.config.serve
     now = ingress.now_s()
     rows = []
+    followed = False
     for i, event in enumerate(body):
         user = ingress.pseudonyms.of(event.user_id)
+        if event.product_id not in ingress.products and not followed:
+            # put a moment ago, maybe through another ingress replica: this one reads the change log once
+            await ingress.follow_catalogue()
+            followed = True
+        # a product deleted since stays known (ingress.products keeps it): a late click on a withdrawn listing, or
+        # a purchase of one, is still what the shopper did, and the A/B report and the next run's data count it
         if event.product_id not in ingress.products:
             raise rejected([i, "product_id"], f"unknown product {event.product_id!r}; nothing of this request "
                                               "was stored")
@@ -372,6 +383,89 @@ async def erase_user(ingress: Replica, user_id: str = Path(min_length=1, max_len
     return Erased(user=user, **erased, run_events=run_events, excluded_from_next_ingest=True)
 
 
+# ---------------------------------------------------------------------------------------------------- catalogue
+
+catalogue_routes = APIRouter()
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
+    description="The batch's id in the change log: a request sent again under the same key (a retry after a lost "
+                "answer) changes nothing. A new id when omitted.")]
+
+
+def _where(exc: DataError) -> str:
+    """A :class:`DataError`'s reason, without the file, column and row it names (a refusal's ``loc`` says where)."""
+    message = str(exc)
+    prefix = ", ".join(part for part in (f"file {exc.file}" if exc.file is not None else None,
+                                         f"column {exc.column!r}" if exc.column is not None else None,
+                                         f"row {exc.row}" if exc.row is not None else None) if part)
+    return message[len(prefix) + 2:] if prefix and message.startswith(prefix + ": ") else message
+
+
+async def _change_catalogue(ingress: "Ingress", puts: list[dict[str, Any]], deletes: list[str],
+                            batch_id: str | None) -> tuple[int, int]:
+    """Append a batch to the change log (one transaction) and follow the log at once, so this replica's ``/events``
+    knows a product put here from the very next request: (changes stored, the log's position after them)."""
+    at = dt.datetime.fromtimestamp(ingress.now_s(), dt.timezone.utc)
+    try:
+        stored = await ingress.store.change_catalogue.remote(puts, deletes, at, batch_id or uuid.uuid4().hex)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, DataError):  # validated before: the store's last line, refused as a 422 still
+            raise rejected([exc.cause.row - 1 if exc.cause.row else 0, exc.cause.column or "product_id"],
+                           f"{_where(exc.cause)}; nothing of this request was stored") from None
+        raise
+    return stored, await ingress.follow_catalogue()
+
+
+@catalogue_routes.put("/products", response_model=CatalogueChanged, dependencies=[needs("admin")],
+                      responses=refusals(401, 403, 413, 422))
+async def put_products(body: ProductBatch, ingress: Replica, idempotency_key: IdempotencyKey = None
+                       ) -> CatalogueChanged:
+    """Add products to the catalogue, or change them (a product id already listed is replaced whole): every variant
+    replica answers with them once it reads the change log (within about a second), and the next pipeline run
+    ingests them. Validated as ingest validates a catalogue file; stored all or nothing."""
+    ingress.start_background()
+    first: dict[str, int] = {}
+    for i, product in enumerate(body):
+        if product.product_id in first:
+            raise rejected([i, "product_id"], f"product {product.product_id!r} is given twice in this request "
+                                              f"(first at {first[product.product_id]}); nothing was stored")
+        first[product.product_id] = i
+    try:
+        table = validated_products([product.model_dump() for product in body], "request")
+    except DataError as exc:
+        raise rejected([exc.row - 1 if exc.row else 0, exc.column or "product_id"],
+                       f"{_where(exc)}; nothing of this request was stored") from None
+    stored, seq = await _change_catalogue(ingress, product_rows(table), [], idempotency_key)
+    log.info("catalogue: %d products put (%d changes stored), log at %d", len(body), stored, seq)
+    return CatalogueChanged(stored=stored, seq=seq)
+
+
+# ``:path``: a product id may hold a slash (any printable character but a space), sent percent-encoded
+@catalogue_routes.delete("/products/{product_id:path}", response_model=ProductDeleted, dependencies=[needs("admin")],
+                         responses=refusals(401, 403, 404, 422))
+async def delete_product(ingress: Replica, product_id: str = Path(min_length=1, max_length=128),
+                         idempotency_key: IdempotencyKey = None) -> ProductDeleted:
+    """Withdraw a product (a recall, a listing sold out for good): no variant replica proposes it again once it reads
+    the change log, from any candidate source, and the next pipeline run leaves it out. Deleting a product deleted
+    already changes nothing (a retry); one the catalogue never listed is a 404."""
+    ingress.start_background()
+    try:
+        check_text(product_id)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=[problem(["path", "product_id"], str(exc))]) from None
+    seq = await ingress.follow_catalogue()  # put or deleted a moment ago through another ingress replica
+    if product_id not in ingress.products:
+        raise HTTPException(status_code=404, detail=[problem(
+            ["path", "product_id"], f"no product {product_id!r} was ever listed: not in the served runs' catalogue, "
+                                    "nor put since", "not_found")])
+    if product_id in ingress.withdrawn:
+        return ProductDeleted(product_id=product_id, deleted=False, seq=seq)
+    _, seq = await _change_catalogue(ingress, [], [product_id], idempotency_key)
+    log.info("catalogue: product deleted, log at %d", seq)
+    return ProductDeleted(product_id=product_id, deleted=True, seq=seq)
+
+
 # ---------------------------------------------------------------------------------------------------- admin
 
 admin_routes = APIRouter()
@@ -411,6 +505,6 @@ def http_api(settings: ServeConfig, guardrails: GuardrailWindow) -> FastAPI:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, refused)
     app.add_exception_handler(Exception, unexpected)
-    for router in (answer_routes, event_routes, experiment_routes, user_routes, admin_routes):
+    for router in (answer_routes, event_routes, experiment_routes, user_routes, catalogue_routes, admin_routes):
         app.include_router(router)
     return app
