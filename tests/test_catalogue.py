@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import App
-from shoprank.cli import main
+from shoprank.cli import main, sync_through_app
 from shoprank.config import Config, load_config
 from shoprank.data.catalogue import CATALOGUE_SEQ, read_changes, recorded_catalogue_seq
 from shoprank.data.io import read_table
@@ -27,6 +27,7 @@ from shoprank.serving.api import MAX_PRODUCTS_PER_REQUEST
 from shoprank.stages import run_stages, stage_hash
 from shoprank.store.events import SqliteEventStore, event_db_location, open_event_store
 from shoprank.store.run import Run
+from shoprank.webui.client import ServeClient
 
 FIELDS = ["product_id", "title", "description", "category", "brand", "price", "attributes", "deleted"]
 
@@ -241,3 +242,21 @@ def test_the_next_ingest_folds_the_catalogue_log(tiny_run: tuple[Config, Run], m
     assert stage["drops"]["events_of_withdrawn_products"] == events.count(withdrawn) > 0
     assert stage["drops"]["products_deleted_by_the_catalogue_log"] == 1
     assert stage["metrics"][CATALOGUE_SEQ] == 3 == recorded_catalogue_seq(run)
+
+
+def test_catalogue_sync_through_the_app_sends_batches_that_fit_a_request(fake_app: App, tmp_path: Path) -> None:
+    """``--app``: batches of at most MAX_PRODUCTS_PER_REQUEST products and under serve.max_body_bytes; the same file
+    again stores nothing again (each batch's id is its content's digest)."""
+    rows = [live_product(f"SYNC-{i:04d}", description="y" * 900) for i in range(2400)]  # about 2.4 MB: 3 batches
+    before = logged_changes(fake_app)
+    client = ServeClient(fake_app.url, fake_app.keys["admin"])
+    try:
+        deleted, seq = sync_through_app(client, fake_app.config.serve.max_body_bytes, rows, [])
+        assert deleted == 0 and seq >= before + 2400 and logged_changes(fake_app) == before + 2400
+        assert sync_through_app(client, fake_app.config.serve.max_body_bytes, rows[:1000], ["SYNC-0000"])[0] == 1
+        assert logged_changes(fake_app) == before + 2401, "the batches stored before are not stored again"
+    finally:
+        store = open_event_store(fake_app.db)  # the shop answers as before for the tests after this one
+        store.change_catalogue([], [r["product_id"] for r in rows[1:]], dt.datetime.now(dt.timezone.utc), "sync-test")
+        store.close()
+        client.close()

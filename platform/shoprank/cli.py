@@ -21,6 +21,7 @@ from shoprank.serving.keys import client_keys, client_keys_path, create_keys
 
 if TYPE_CHECKING:
     from shoprank.experiment.plan import SimulationSize
+    from shoprank.webui.client import ServeClient
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -300,8 +301,14 @@ def catalogue_sync(config: Config, file: str, file_format: str, app: str | None)
     puts, deletes = read_changes(file, file_format)
     rows = product_rows(puts)
     if app is not None:
-        put, deleted, seq = _sync_through_app(config, app, rows, deletes)
-        return f"{file}: {put} products put, {deleted} deleted through the app at {app}; change log at {seq}"
+        from shoprank.webui.client import ServeClient
+
+        client = ServeClient(app, client_keys(config)["admin"], timeout_s=600.0)
+        try:
+            deleted, seq = sync_through_app(client, config.serve.max_body_bytes, rows, deletes)
+        finally:
+            client.close()
+        return f"{file}: {len(rows)} products put, {deleted} deleted through the app at {app}; change log at {seq}"
     location = event_db_location(config)
     try:
         store = (open_event_writer(location) if is_server_database(location)
@@ -320,19 +327,19 @@ def catalogue_sync(config: Config, file: str, file_format: str, app: str | None)
     return f"{file}: {len(rows)} products put, {len(deletes)} deleted in {location}{again}; change log at {seq}"
 
 
-def _sync_through_app(config: Config, url: str, rows: list[dict], deletes: list[str]) -> tuple[int, int, int]:
+def sync_through_app(client: ServeClient, max_body_bytes: int, rows: list[dict],
+                     deletes: list[str]) -> tuple[int, int]:
     """Send the puts in batches that fit a request (at most ``MAX_PRODUCTS_PER_REQUEST`` products, and under
-    ``serve.max_body_bytes``), then each delete, with a progress bar; (put, deleted, the log's position). Each
-    batch is stored whole; after a failure, running the file again stores only what is missing."""
+    ``max_body_bytes``, ``serve.max_body_bytes``), then each delete, with a progress bar; (deleted, the log's
+    position). Each batch is stored whole; after a failure, sending the same changes again stores only what is
+    missing."""
     import json
 
     from tqdm import tqdm
 
     from shoprank.serving.api import MAX_PRODUCTS_PER_REQUEST
-    from shoprank.webui.client import ServeClient
 
-    client = ServeClient(url, client_keys(config)["admin"], timeout_s=600.0)
-    budget = config.serve.max_body_bytes * 0.9
+    budget = max_body_bytes * 0.9  # the JSON array's brackets and commas, and a margin
     batches: list[list[dict]] = [[]]
     size = 0
     for row in rows:
@@ -343,18 +350,15 @@ def _sync_through_app(config: Config, url: str, rows: list[dict], deletes: list[
         batches[-1].append(row)
         size += row_size
     seq = deleted = 0
-    try:
-        with tqdm(total=len(rows) + len(deletes), desc="catalogue changes", unit="product") as bar:
-            for batch in (b for b in batches if b):
-                seq = client.put_products(batch, _batch_id("put", batch, []))["seq"]
-                bar.update(len(batch))
-            for product_id in deletes:
-                answer = client.delete_product(product_id, _batch_id("delete", [], [product_id]))
-                seq, deleted = answer["seq"], deleted + answer["deleted"]
-                bar.update(1)
-    finally:
-        client.close()
-    return len(rows), deleted, seq
+    with tqdm(total=len(rows) + len(deletes), desc="catalogue changes", unit="product") as bar:
+        for batch in (b for b in batches if b):
+            seq = client.put_products(batch, _batch_id("put", batch, []))["seq"]
+            bar.update(len(batch))
+        for product_id in deletes:
+            answer = client.delete_product(product_id, _batch_id("delete", [], [product_id]))
+            seq, deleted = answer["seq"], deleted + answer["deleted"]
+            bar.update(1)
+    return deleted, seq
 
 
 def _batch_id(kind: str, rows: list[dict], deletes: list[str]) -> str:

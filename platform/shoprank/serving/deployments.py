@@ -215,6 +215,18 @@ def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent:
     return out
 
 
+def shown_products(puts: list[dict[str, Any]], description_chars: int) -> dict[str, dict[str, Any]]:
+    """Product -> what an answer shows of it (:data:`~shoprank.serving.loaders.PRODUCT_COLUMNS`), for record rows
+    put through the catalogue change log: normalised as the preprocess stage normalises the run's products (no
+    category label: the ingress shows none)."""
+    if not puts:
+        return {}
+    records = pa.Table.from_pylist([{**p, "attributes": list(p["attributes"].items())} for p in puts],
+                                   schema=PRODUCT_SCHEMA)
+    rows = normalised_products(records, {}, description_chars).select(PRODUCT_COLUMNS).to_pylist()
+    return {row["product_id"]: row for row in rows}
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -334,12 +346,8 @@ class Ingress:
         async with self.catalogue_lock:
             while True:
                 changes = await self.store.catalogue_changes.remote(self.catalogue_cursor, CATALOGUE_PAGE)
-                puts = [change.product for change in changes if change.op == "put"]
-                shown = ({row["product_id"]: row for row in normalised_products(
-                    pa.Table.from_pylist([{**p, "attributes": list(p["attributes"].items())} for p in puts],
-                                         schema=PRODUCT_SCHEMA),
-                    {}, self.config.preprocess.description_chars).select(PRODUCT_COLUMNS).to_pylist()}
-                         if puts else {})
+                shown = shown_products([change.product for change in changes if change.op == "put"],
+                                       self.config.preprocess.description_chars)
                 for change in changes:
                     if change.op == "put":
                         self.products[change.product_id] = shown[change.product_id]
