@@ -459,3 +459,41 @@ def test_a_restore_keeps_the_catalogue_changes_made_after_the_backup(tmp_path: P
     assert restored.change_catalogue([product(4)], [], T0, "batch-3") == 1
     assert restored.last_catalogue_change()[0] == 7
     restored.close()
+
+
+def test_hides_outlive_the_window_and_retention_and_go_with_an_erasure(location: str, store: EventStore,
+                                                                        tmp_path: Path) -> None:
+    """Issue 38: a "not interested" is kept apart from a shopper's window of behaviour. ``hidden_of`` reads every
+    hide however many events came after it; ``recent_of`` (the window a replica reads) holds none; a replica's cache
+    keeps the hide as later events push the window on; the retention purge keeps hides (a standing preference)
+    while erasure deletes them; an update's export carries them to the event reader."""
+    hide, hide_brand = (event(0, event_type="not_interested", product_id="P7"),
+                        event(1, event_type="not_interested_brand", product_id="P8"))
+    store.append([hide, hide_brand, *(event(i) for i in range(2, 8))])
+    assert store.hidden_of("U1") == [("not_interested", "P7"), ("not_interested_brand", "P8")]
+    assert store.hidden_of("U2") == []
+    assert [e.event_type for e in store.recent_of("U1", 10)] == ["click"] * 6  # the hides take no place of the window
+    cache = UserCache(open_event_store(location), per_user=4, max_events=100)
+    assert cache.hidden_of("U1") == (("not_interested", "P7"), ("not_interested_brand", "P8"))
+    assert [kind for _, kind, _ in cache.events_of("U1")] == ["click"] * 4 and cache.hidden_of(None) == ()
+    store.append([event(i) for i in range(8, 20)] + [event(20, event_type="not_interested_category", product_id="P1"),
+                                                      event(21, event_type="not_interested", product_id="P7")])
+    assert cache.catch_up() == 14
+    assert [kind for _, kind, _ in cache.events_of("U1")] == ["click"] * 4  # 12 more clicks: the window moved on
+    assert cache.hidden_of("U1") == (("not_interested", "P7"), ("not_interested_brand", "P8"),
+                                     ("not_interested_category", "P1"))  # P7 hidden twice: once
+    assert cache.summary()["events"] == 4 + 3
+    cache.store.close()
+
+    assert store.export_parquet(tmp_path / "export.parquet") == 22
+    exported = read_records(TableFile(path=str(tmp_path / "export.parquet")), "events")
+    assert exported.column("event_type").to_pylist().count("not_interested") == 2
+
+    assert store.purge(T0 + dt.timedelta(days=365)) == {"events": 18, "impressions": 0}
+    assert store.hidden_of("U1") == [("not_interested", "P7"), ("not_interested_brand", "P8"),
+                                     ("not_interested_category", "P1"), ("not_interested", "P7")]
+    assert store.recent_of("U1", 10) == []
+    assert store.erase("U1") == {"events": 4, "impressions": 0}
+    assert store.hidden_of("U1") == [] and store.events().num_rows == 0
+    with pytest.raises(DataError, match="row 1.*event_type must be one of view, .*not_interested_category"):
+        store.append([event(30, event_type="dislike")])

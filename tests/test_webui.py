@@ -94,7 +94,8 @@ def _ab_figures(tab: Page) -> str:
     return figures.inner_text()
 
 
-def test_side_by_side_buy_in_b_changes_the_ab_counts(app: App, tab: Page) -> None:
+def test_side_by_side_buy_in_b_changes_the_ab_counts_and_a_hidden_card_leaves_both_columns(app: App,
+                                                                                           tab: Page) -> None:
     OUTPUT.mkdir(parents=True, exist_ok=True)
     query = read_table(app.run, "data", "query_pairs", columns=["query"]).column("query")[0].as_py()
     before = _ab_figures(tab)
@@ -115,6 +116,14 @@ def test_side_by_side_buy_in_b_changes_the_ab_counts(app: App, tab: Page) -> Non
     expect(figures).to_contain_text(re.compile(r"Offline, test split .* B: .*search [01]\.\d{4}"))
     expect(figures).to_contain_text("Unit: the user.")  # the user-level readout (experiment.readout)
     tab.screenshot(path=str(OUTPUT / "ab_tab.png"), full_page=False)
+
+    # issue 38: "Not interested" on a card of A takes the product out of both columns at once
+    tab.get_by_role("tab", name="Compare").click()
+    hidden = tab.locator(".card-A").first.get_attribute("data-product")
+    tab.locator(".not_interested-A").first.click()
+    expect(tab.locator("#status")).to_contain_text("not interested", timeout=60_000)
+    expect(tab.locator(".card-A").first).to_be_visible(timeout=60_000)
+    expect(tab.locator(f'.card[data-product="{hidden}"]')).to_have_count(0, timeout=30_000)
 
 
 def test_the_ab_tab_opens_with_the_verdict_and_puts_per_impression_figures_below(app: App, tab: Page,

@@ -14,14 +14,15 @@ table                     rows
                           cut-off, ``validation`` before the test cut-off, ``test`` after
                           (cut-offs are quantiles of ``ts``, or ``split_dates``' days, so no
                           training event is later than any validation event)
-``user_histories``        per user, the last ``history_length`` *training* events, oldest
-                          first: ``product_ids``, ``event_types``, ``ts``
+``user_histories``        per user, the last ``history_length`` *training* behaviour events
+                          (no "not interested": a hide is no behaviour), oldest first:
+                          ``product_ids``, ``event_types``, ``ts``
 ``coengagement``          product pairs from *training* sessions: ``viewed_together`` (both
                           clicked, i.e. both product pages opened) and ``bought_together``
                           (both added to cart or bought), with their session counts
 ``query_pairs``           (query, product, label 0..3): judgments, plus behaviour from
                           *training* search events (best engagement: purchase 3, cart 2,
-                          click 1, shown but ignored 0); ``split`` by a hash of the normalised
+                          click 1, shown but ignored or hidden 0); ``split`` by a hash of the normalised
                           query, so one query text is never in two splits
 ========================  ====================================================================
 """
@@ -40,11 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.context import DataContext, ShuffleStrategy
+from ray.data.expressions import col
 
 from shoprank.config import Config, PreprocessConfig
 from shoprank.data.ingest import RECORDS
 from shoprank.data.io import count_rows, read_dataset, read_table, write_dataset, write_table
-from shoprank.data.schema import EVENT_SCHEMA, EVENT_STRENGTH, PRODUCT_SCHEMA
+from shoprank.data.schema import ENGAGEMENT_TYPES, EVENT_SCHEMA, EVENT_STRENGTH, NEGATIVE_EVENT_TYPES, PRODUCT_SCHEMA
 from shoprank.data.catalogue import normalised_products
 from shoprank.data.text import normalize_text
 from shoprank.errors import ConfigError
@@ -162,8 +164,11 @@ def _histories(block: pa.Table, length: int) -> pa.Table:
     """Each user's last ``length`` events, oldest first, for every user of a key-partitioned block.
 
     Vectorised over all users of the block: one sort and one ``take``, instead of a
-    Python call per user (the per-group form costs ~0.5 ms a user).
+    Python call per user (the per-group form costs ~0.5 ms a user). Behaviour only: a
+    "not interested" is left out, so it neither weighs in a user's embedding nor takes
+    the place of an event in the window.
     """
+    block = block.filter(pc.invert(pc.is_in(block.column("event_type"), pa.array(NEGATIVE_EVENT_TYPES))))
     if block.num_rows == 0:
         return HISTORY_SCHEMA.empty_table()
     block = block.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("event_id", "ascending")])
@@ -252,12 +257,20 @@ def _grouped(ds: ray.data.Dataset, key: str, pre: PreprocessConfig) -> ray.data.
     return ds.sort(key)
 
 
+SEARCH_STRENGTH: dict[str, int] = {**EVENT_STRENGTH, **dict.fromkeys(NEGATIVE_EVENT_TYPES, 0)}
+"""The grade a search event gives its (query, product) pair: the funnel's (:data:`EVENT_STRENGTH`), and 0 for a
+"not interested" (of the product, its brand or its category): a showing the shopper turned down, a label-0 pair as
+an ignored view is, and counted as a showing (a shopper hides only what was shown)."""
+SHOWN_TYPES = pa.array(["view", *NEGATIVE_EVENT_TYPES])
+"""The event types that count a showing of a searched product (``impressions`` of a behaviour pair)."""
+
+
 def _search_strength(batch: pa.Table) -> pa.Table:
     """Per (normalised query, product) of a batch's search events: best engagement grade, times shown."""
     query = normalize_text(batch.column("query"))
     keep = pc.and_(pc.is_valid(batch.column("query")), pc.not_equal(query, ""))
-    strength = pa.array([EVENT_STRENGTH[t] for t in batch.column("event_type").to_pylist()], pa.int8())
-    shown = pc.cast(pc.equal(batch.column("event_type"), "view"), pa.int32())
+    strength = pa.array([SEARCH_STRENGTH[t] for t in batch.column("event_type").to_pylist()], pa.int8())
+    shown = pc.cast(pc.is_in(batch.column("event_type"), SHOWN_TYPES), pa.int32())
     rows = pa.table(
         {"query": query, "product_id": batch.column("product_id"), "strength": strength, "shown": shown}
     ).filter(keep)
@@ -392,7 +405,7 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
         )
 
     def coengagement() -> None:
-        engaged = train_events().filter(expr="event_type != 'view'")
+        engaged = train_events().filter(expr=col("event_type").is_in(sorted(ENGAGEMENT_TYPES)))
         pairs = _grouped(engaged, "session_id", pre).map_batches(
             _session_pairs, fn_kwargs={"max_products": pre.max_session_pairs}, batch_size=None,
             batch_format="pyarrow",

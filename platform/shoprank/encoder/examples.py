@@ -35,6 +35,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from shoprank.config import EncoderConfig
+from shoprank.data.schema import ENGAGEMENT_TYPES
 from shoprank.encoder.model import TextEncoder, encode
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.encoder.users import user_embedding
@@ -80,7 +81,8 @@ def _next_engagements(
     events: pa.Table, histories: pa.Table, row_of: dict[str, int], split: str
 ) -> tuple[dict[str, tuple[list[int], list[str], list[float]]], dict[str, dict[str, int]]]:
     """Shoppers with a training history and an engagement in ``split``: histories and what came next."""
-    engaged = events.filter(pc.and_(pc.equal(events.column("split"), split), pc.not_equal(events.column("event_type"), "view")))
+    engaged = events.filter(pc.and_(pc.equal(events.column("split"), split),
+                                    pc.is_in(events.column("event_type"), pa.array(sorted(ENGAGEMENT_TYPES)))))
     qrels: dict[str, dict[str, int]] = {}
     for user, product, kind in zip(engaged.column("user_id").to_pylist(), engaged.column("product_id").to_pylist(),
                                    engaged.column("event_type").to_pylist()):
@@ -137,7 +139,7 @@ def sequence_pairs(histories: pa.Table) -> pa.Table:
     """(product_a, product_b, sessions) of consecutive engagements in each user's history, counted over users."""
     counts: dict[tuple[str, str], int] = {}
     for products, kinds in zip(histories.column("product_ids").to_pylist(), histories.column("event_types").to_pylist()):
-        engaged = [p for p, kind in zip(products, kinds) if kind != "view"]
+        engaged = [p for p, kind in zip(products, kinds) if kind in ENGAGEMENT_TYPES]
         for a, b in zip(engaged, engaged[1:]):
             if a != b:
                 key = (min(a, b), max(a, b))

@@ -24,7 +24,9 @@ def user_embedding(
     ages_days: Sequence[float],
     half_life_days: float,
 ) -> np.ndarray | None:
-    """The user's embedding from aligned history rows; None when there is no history."""
+    """The user's embedding from aligned history rows; None when there is no history. ``event_types`` are
+    behaviour (:data:`EVENT_WEIGHTS`' keys): a "not interested" says what not to show, not what the shopper is
+    like, and every history is built without them (the run's ``user_histories``, ``EventLog``, the user cache)."""
     if len(event_types) == 0:
         return None
     weights = np.array([EVENT_WEIGHTS[t] for t in event_types]) * 0.5 ** (np.asarray(ages_days) / half_life_days)

@@ -9,7 +9,10 @@ changes nothing, and no rate can exceed 1.
 
 Per variant: users, sessions, impressions, clicks, add-to-carts, purchases; CTR
 (clicks / impressions) and conversion (purchases / impressions) with Wilson
-intervals; clicks per session; the funnel. Then B against A on CTR and conversion
+intervals; clicks per session; the funnel; and ``hides``, the impressions the shopper
+said "not interested" to (the product, its brand or its category: one per impression),
+with their rate (``hide_rate``), a guardrail: a ranker that shows what shoppers do not
+want gets more of them. A hide is no engagement, so CTR and conversion leave it out. Then B against A on CTR and conversion
 (lift, interval, p-value) and the sample-ratio check of users against the split.
 ``timeline``: per variant, cumulative CTR and conversion at up to ``TIMELINE_POINTS``
 moments between the first and the last impression (what the page plots).
@@ -50,11 +53,14 @@ import pyarrow.compute as pc
 
 from shoprank.experiment.sequential import ALPHA, UNPLANNED, PlannedSize, always_valid, mixing_sd
 from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
+from shoprank.data.schema import NEGATIVE_EVENT_TYPES
 from shoprank.experiment.userstats import PER_USER_METRICS, RATIO_METRICS, REVENUE_METRICS, UserTotals, metric_effects
 from shoprank.store.events import EventStore
 
 TIMELINE_POINTS = 30
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")
+HIDE = "hide"
+"""The kind every "not interested" type counts as: an impression is hidden or not, whichever of them was sent."""
 SESSION_GAP_S = 1800.0
 """A user's impressions more than 30 minutes apart start a new session (the web analytics convention)."""
 DECISION_METRIC = "conversion_per_user"
@@ -101,7 +107,8 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
     shown_at: list[tuple[float, str]] = []
     engaged_at: list[tuple[float, str, str]] = []
     counted: dict[str, dict[str, Any]] = {
-        v: {"users": set(), "sessions": set(), "view": 0, "click": 0, "add_to_cart": 0, "purchase": 0} for v in split
+        v: {"users": set(), "sessions": set(), "view": 0, "click": 0, "add_to_cart": 0, "purchase": 0, HIDE: 0}
+        for v in split
     }
     side_by_side: dict[str, dict[str, int]] = {}
     forced: dict[tuple[str, str], str] = {}
@@ -129,7 +136,14 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
         _quantities(events),
     ):
         impression = (request, product)
-        if kind == "view" or (*impression, kind) in engaged or not (impression in forced or impression in shown):
+        if kind == "view" or not (impression in forced or impression in shown):
+            continue
+        if kind in NEGATIVE_EVENT_TYPES:
+            if impression in shown and (*impression, HIDE) not in engaged:  # the side-by-side view counts no hide
+                engaged.add((*impression, HIDE))
+                counted[shown[impression]][HIDE] += 1
+            continue
+        if (*impression, kind) in engaged:
             continue
         engaged.add((*impression, kind))
         if impression in forced:
@@ -149,6 +163,7 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
             "conversion": as_dict(wilson(row["purchase"], row["view"])),
             "clicks_per_engaged_session": per_session(row["click"], len(row["sessions"])),
             "funnel": funnel({k: row[k] for k in ("view", "click", "add_to_cart", "purchase")}),
+            "hides": row[HIDE], "hide_rate": as_dict(wilson(row[HIDE], row["view"])),
         }
     report: dict[str, Any] = {"variants": variants}
     if control in counted and treatment in counted:
@@ -254,6 +269,8 @@ def _history(events: pa.Table, prices: Mapping[str, float] | None) -> dict[str, 
         *(events.column(name).to_pylist() for name in ("user_id", "session_id", "product_id", "event_type")),
         _quantities(events),
     ):
+        if kind not in kinds:  # a "not interested": no figure of UserTotals
+            continue
         row = history.setdefault(user, np.zeros(len(fields)))
         row[fields.index(kinds[kind])] += 1
         sessions[user].add(session)

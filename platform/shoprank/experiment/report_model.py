@@ -43,6 +43,9 @@ class VariantCounts(Closed):
     conversion: Rate
     clicks_per_engaged_session: float
     funnel: list[FunnelStep]
+    hides: int = Field(description='Impressions the shopper said "not interested" to (the product, its brand or its '
+                                   "category), once each: no engagement, a guardrail.")
+    hide_rate: Rate = Field(description="hides / impressions.")
 
 
 class Comparison(Closed):

@@ -8,7 +8,9 @@ vectors: the one implementation that Serve's per-variant deployment
 * :class:`Retrieval` holds a run's :class:`RankingContext` (catalogue, index, BM25,
   the run's event log). A user's history is the run's events before the request
   followed by the events received live since (:meth:`Retrieval.history`), so an
-  event shows in the very next answer.
+  event shows in the very next answer. What the user hid ("not interested": the run's
+  hides and the live ones, :meth:`Retrieval.blocked`) no source may propose, in a
+  search or a recommendation alike.
 * :class:`Ranking` turns candidates into the features the offline rows were built
   with (:func:`shoprank.recsys.features.compute_features`) and orders them: by the
   XGBoost ranker (strategy ``ranker``), or, for the baseline that needs no trained
@@ -22,12 +24,14 @@ vectors: the one implementation that Serve's per-variant deployment
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import xgboost
 
 from shoprank.config import Config
+from shoprank.data.schema import NEGATIVE_EVENT_TYPES
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
@@ -45,6 +49,8 @@ class Retrieved:
     history: History
     now_s: float
     query: str | None
+    blocked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """The catalogue rows the user hid (:meth:`Retrieval.blocked`): nothing placed after retrieval may show them."""
 
     @property
     def is_search(self) -> bool:
@@ -68,10 +74,34 @@ class Retrieval:
         rows, types, ts = zip(*known)
         return past.followed_by(History(np.array(rows, np.int64), list(types), np.array(ts, np.float64)), limit)
 
+    def blocked(self, user_id: str | None, hidden: Iterable[tuple[str, str]], now_s: float) -> np.ndarray:
+        """The catalogue rows ``user_id`` hid, sorted: their hides in the run's events before ``now_s``, then
+        ``hidden`` ((event_type, product_id) received live). ``not_interested`` hides the product;
+        ``not_interested_brand`` every product of its brand group and ``not_interested_category`` every product of
+        its category, each as the catalogue holds it now (the product alone when it has no brand, or no category).
+        A hide of a product the catalogue does not hold hides nothing."""
+        stats = self.context.catalogue.stats
+        row_of = stats.row_of
+        hides = self.context.events.hidden(user_id, now_s)
+        hides += [(kind, row_of[product]) for kind, product in hidden if product in row_of]
+        if not hides:
+            return np.zeros(0, np.int64)
+        parts = [np.array([row for _, row in hides], np.int64)]
+        for kind, row in hides:
+            if kind == "not_interested_brand" and stats.has_brand[row]:
+                parts.append(np.flatnonzero(stats.brand_group == stats.brand_group[row]))
+            elif kind == "not_interested_category" and stats.has_category[row]:
+                parts.append(np.flatnonzero(stats.category == stats.category[row]))
+        return np.unique(np.concatenate(parts)).astype(np.int64)
+
     def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None, query_vector: np.ndarray | None,
-                 now_s: float) -> Retrieved:
+                 now_s: float, hidden: Iterable[tuple[str, str]] = ()) -> Retrieved:
+        """The request's candidates; ``hidden``: the user's hides received live (``Asked.hidden``), which with the
+        run's own no source proposes."""
         history = self.history(user_id, live, now_s)
-        return Retrieved(retrieve(self.context, history, query, query_vector, now_s), history, now_s, query)
+        blocked = self.blocked(user_id, hidden, now_s)
+        return Retrieved(retrieve(self.context, history, query, query_vector, now_s, blocked=blocked), history, now_s,
+                         query, blocked)
 
 
 class Ranking:
@@ -179,7 +209,7 @@ def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
     """Each request retrieved, then all of them ranked in one :meth:`Ranking.rank_many` call; ``vectors`` holds each
     query's embedding (encoded together beforehand)."""
     retrieved = [retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
-                                    a.now_s) for a in asked]
+                                    a.now_s, a.hidden) for a in asked]
     ranked = ranking.rank_many(retrieved, [a.k for a in asked])
     return [Answered(items, len(r.history)) for items, r in zip(ranked, retrieved)]
 
@@ -194,6 +224,8 @@ class VariantPipeline:
     diversity: Diversity = field(default_factory=Diversity)
     """The re-ranking of the answers: :meth:`Diversity.of` the run to answer as its Serve app does (default: none)."""
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
+    hidden: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    """User -> (event_type, product_id) of each "not interested" observed (as a replica's user cache holds them)."""
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
@@ -214,8 +246,15 @@ class VariantPipeline:
         return answer_many(self.retrieval, self.ranking, asked, vectors)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:
-        """Record a live event: the next answer for ``user_id`` sees it."""
-        self.live[user_id].append((product_id, event_type, ts_s))
+        """Record a live event: the next answer for ``user_id`` sees it (a "not interested" as a hide, apart from
+        the behaviour, as a replica keeps it)."""
+        if event_type in NEGATIVE_EVENT_TYPES:
+            self.hidden[user_id].append((event_type, product_id))
+        else:
+            self.live[user_id].append((product_id, event_type, ts_s))
 
     def _asked(self, user_id: str | None, query: str | None, k: int, now_s: float) -> Asked:
-        return Asked(user_id, list(self.live.get(user_id, ())) if user_id else [], query, k, now_s)
+        if not user_id:
+            return Asked(user_id, [], query, k, now_s)
+        return Asked(user_id, list(self.live.get(user_id, ())), query, k, now_s,
+                     hidden=tuple(self.hidden.get(user_id, ())))

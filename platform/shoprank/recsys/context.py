@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from shoprank.config import Config, ExcludeConfig, RetrievalConfig
-from shoprank.data.schema import ESCI_LABELS
+from shoprank.data.schema import ESCI_LABELS, NEGATIVE_EVENT_TYPES
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, embedding_matrix
 from shoprank.encoder.runtime import Runtime, load_embedder
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
@@ -55,10 +55,21 @@ def ranker_cutoff(events: pa.Table, history_fraction: float) -> float:
 
 
 class EventLog:
-    """Each user's events in time order; histories are cut at a time, so none sees its future."""
+    """Each user's events in time order; histories are cut at a time, so none sees its future.
+
+    A "not interested" (``NEGATIVE_EVENT_TYPES``) is no behaviour: it never enters a history (whose window of the
+    last ``features.history_events`` would also let it fall out); each user's hides are kept apart, in
+    :attr:`hides`, and cut at the same time (:meth:`hidden`)."""
 
     def __init__(self, events: pd.DataFrame, row_of: dict[str, int]) -> None:
-        frame = events[events["product_id"].isin(row_of.keys())].sort_values(["user_id", "ts_s"], kind="stable")
+        known = events[events["product_id"].isin(row_of.keys())]
+        negative = known["event_type"].isin(NEGATIVE_EVENT_TYPES)
+        self.hides: dict[str, list[tuple[str, int, float]]] = {}
+        """User -> (event_type, catalogue row, ts_s) of each hide, in time order."""
+        hides = known[negative].sort_values(["user_id", "ts_s"], kind="stable")
+        for user, kind, product, ts in zip(hides["user_id"], hides["event_type"], hides["product_id"], hides["ts_s"]):
+            self.hides.setdefault(user, []).append((kind, row_of[product], float(ts)))
+        frame = known[~negative].sort_values(["user_id", "ts_s"], kind="stable")
         self.histories: dict[str, History] = {}
         rows = frame["product_id"].map(row_of).to_numpy(np.int64)
         types = frame["event_type"].to_numpy()
@@ -74,12 +85,22 @@ class EventLog:
         known = self.histories.get(user_id) if user_id else None
         return known.before(before_s, limit) if known is not None else History.empty()
 
+    def hidden(self, user_id: str | None, before_s: float) -> list[tuple[str, int]]:
+        """(event_type, catalogue row) of the user's hides strictly before ``before_s`` (none for unknown users)."""
+        return [(kind, row) for kind, row, ts in self.hides.get(user_id, ()) if ts < before_s] if user_id else []
+
     def forget(self, user_id: str) -> None:
-        """Drop ``user_id``'s history (an erased shopper): from now on they are unknown, as a new shopper is."""
+        """Drop ``user_id``'s history and hides (an erased shopper): from now on they are unknown, as a new shopper
+        is."""
         self.histories.pop(user_id, None)
+        self.hides.pop(user_id, None)
 
     def append(self, user_id: str, row: int, event_type: str, ts_s: float) -> None:
-        """Record a live event (events arrive in time order per user)."""
+        """Record a live event (events arrive in time order per user): a hide to the user's hides, behaviour to
+        their history."""
+        if event_type in NEGATIVE_EVENT_TYPES:
+            self.hides.setdefault(user_id, []).append((event_type, row, ts_s))
+            return
         old = self.histories.get(user_id, History.empty())
         self.histories[user_id] = History(
             np.append(old.product_rows, row), [*old.event_types, event_type], np.append(old.ts_s, ts_s)

@@ -8,7 +8,9 @@ same inputs, which a test checks.
 
 Product statistics (:class:`ProductStats`) come only from events before the
 ranker's cut-off (``features.history_fraction`` of the training period); a user's
-features only from that user's events strictly before the request time.
+features only from that user's events strictly before the request time. A "not
+interested" is none of them: it is no engagement and no view in the statistics, and
+histories hold behaviour only (the hides are exclusions, :class:`~shoprank.recsys.context.EventLog`).
 
 | feature | meaning |
 | --- | --- |
@@ -66,6 +68,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shoprank.data.schema import ENGAGEMENT_TYPES
 from shoprank.encoder.users import EVENT_WEIGHTS
 from shoprank.recsys.diversity import group_codes
 from shoprank.recsys.types import SOURCES, Candidates, History, ProductStats
@@ -87,6 +90,8 @@ FEATURES = [
 COLUMN = {name: i for i, name in enumerate(FEATURES)}
 """Feature name -> column of the matrix :func:`compute_features` returns."""
 
+ENGAGEMENT = np.array(sorted(ENGAGEMENT_TYPES), dtype=object)
+"""``ENGAGEMENT_TYPES`` as an array, for ``np.isin`` over event types."""
 NEVER_DAYS = 365.0
 DAY = 86_400.0
 
@@ -118,7 +123,7 @@ def product_stats(products: pa.Table, events: pa.Table, cutoff_s: float, prior_v
         return np.bincount(pairs["row"].to_numpy(np.int64), minlength=n).astype(np.float64)
 
     views, clicks, carts, purchases = count("view"), count("click"), count("add_to_cart"), count("purchase")
-    engaged = kinds != "view"
+    engaged = np.isin(kinds, ENGAGEMENT)  # a "not interested" is no engagement (nor a view: no CTR trial)
     categories = products.column("category").to_pylist()
     brands = products.column("brand").to_pylist()
     category = _codes(categories)
@@ -241,7 +246,7 @@ def compute_features(
                                         minlength=stats.department.max() + 1) / total
         out[:, COLUMN["department_affinity"]] = department_weight[stats.department[rows]]
         out[:, COLUMN["brand_affinity"]] = brand_weight[stats.brand[rows]]
-        engaged = [i for i, t in enumerate(history.event_types) if t != "view"]
+        engaged = [i for i, t in enumerate(history.event_types) if t in ENGAGEMENT_TYPES]
         if engaged:
             engaged_rows = history.product_rows[engaged]
             out[:, COLUMN["engaged_category_share"]] = _share(stats.category[engaged_rows], stats.category[rows])
@@ -265,7 +270,7 @@ def _own_history(out: np.ndarray, rows: np.ndarray, history: History, now_s: flo
     """The user's own purchases and engagements of each candidate: counts, recency, re-purchase rhythm.
     Missing (NaN), not a made-up number, where the user never did it or bought it on one occasion only."""
     kinds = np.array(history.event_types, dtype=object)
-    for name, mask in (("purchase", kinds == "purchase"), ("engaged", kinds != "view")):
+    for name, mask in (("purchase", kinds == "purchase"), ("engaged", np.isin(kinds, ENGAGEMENT))):
         own, ts = history.product_rows[mask], history.ts_s[mask]
         latest = np.full(size, -np.inf)
         np.maximum.at(latest, own, ts)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shoprank.data.schema import ENGAGEMENT_TYPES
+
 SOURCES = ("dense", "lexical", "coengaged", "popular", "collaborative", "repeat")
 """Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
 
@@ -97,7 +99,7 @@ class History:
 
     def engaged_rows(self) -> np.ndarray:
         """Product rows of the clicks, carts and purchases (views are what the shop chose to show)."""
-        return self.product_rows[[t != "view" for t in self.event_types]]
+        return self.product_rows[[t in ENGAGEMENT_TYPES for t in self.event_types]]
 
     def followed_by(self, later: "History", limit: int) -> "History":
         """This history, then ``later`` (events received since), in time order: the last ``limit``."""

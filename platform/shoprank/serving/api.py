@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shoprank.data.schema import EVENT_TYPES, MAX_QUANTITY
+from shoprank.data.schema import ALL_EVENT_TYPES, MAX_QUANTITY
 from shoprank.recsys.messages import Strategy
 from shoprank.serving.variants import VariantSpec
 
@@ -101,7 +101,11 @@ class RecommendRequest(Strict):
 class EventIn(Strict):
     user_id: str = Identifier
     product_id: str = Identifier
-    event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
+    event_type: Literal[ALL_EVENT_TYPES] = Field(  # type: ignore[valid-type]
+        description="Behaviour (view, click, add_to_cart, purchase), or the shopper hiding the product "
+                    "(not_interested), every product of its brand (not_interested_brand) or of its category "
+                    "(not_interested_category): left out of that shopper's answers in every variant from the next "
+                    "one on, for good (docs/serving.md, Not interested).")
     event_id: str | None = Field(None, min_length=1, max_length=128, description="Generated when omitted.")
     session_id: str | None = Field(None, min_length=1, max_length=128)
     ts: dt.datetime | None = Field(None, description="The server's clock when omitted.")

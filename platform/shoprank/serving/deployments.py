@@ -35,8 +35,12 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
+<<<<<<< HEAD
 from shoprank.data.catalogue import normalised_products
 from shoprank.data.schema import PRODUCT_SCHEMA
+=======
+from shoprank.data.schema import ENGAGEMENT_TYPES
+>>>>>>> i38c
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
 from shoprank.experiment.plan import readout_planned_size
@@ -208,7 +212,7 @@ def user_summaries(table: pa.Table, products: dict[str, dict[str, Any]], recent:
         tail = rows.tail(recent)
         categories = [products[p]["category"] for p in tail["product_id"] if p in products and products[p]["category"]]
         favourite = max(set(categories), key=categories.count) if categories else "-"
-        engaged = rows[rows["event_type"] != "view"].tail(1)
+        engaged = rows[rows["event_type"].isin(ENGAGEMENT_TYPES)].tail(1)
         last = (f"; last: {engaged['event_type'].iat[0]} {products[engaged['product_id'].iat[0]]['title']}"
                 if len(engaged) and engaged["product_id"].iat[0] in products else "")
         out.append({"user_id": user, "summary": f"{len(rows)} events; mostly {favourite}{last}"})

@@ -47,7 +47,8 @@ series after two intervals without one, so a gauge set once (a model loaded at s
 20 s later. Every label has a
 bounded set of values: ``endpoint`` is a route's template (``other`` for any path the app does
 not serve), ``variant`` a configured variant (``none`` where no variant answered or the event
-named none), ``event_type`` one of the four kinds; never a user id, a query or a raw path.
+named none), ``event_type`` one of the seven kinds (``ALL_EVENT_TYPES``: the funnel's four and the three "not
+interested"); never a user id, a query or a raw path.
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ answered lately, so a request needs no round trip to a shared user-state service
   run's history it personalises from, so they are cold, not only without live events;
 * **bounds**: at most ``features.history_events`` events per user (what the features read),
   and at most ``serve.user_cache_events`` events in all; past that, the users asked for
-  least recently leave the cache (LRU), to be read again on their next request.
+  least recently leave the cache (LRU), to be read again on their next request;
+* **hides** ("not interested", ``NEGATIVE_EVENT_TYPES``) are kept apart from that window:
+  every one the user ever sent (read on a miss by ``EventStore.hidden_of``, appended by
+  catching up), so a hidden product stays hidden however many events follow; they are
+  no behaviour, so the window (:meth:`UserCache.events_of`) never holds one.
 
 Ray-free: the variant deployment holds one, and the tests drive it directly too.
 """
@@ -28,16 +32,26 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shoprank.data.schema import NEGATIVE_EVENT_TYPES
 from shoprank.recsys.messages import LiveEvent
 from shoprank.store.events import EventStore
+
+Hide = tuple[str, str]
+"""(event_type, product_id) of one "not interested" (the shape of ``Asked.hidden``)."""
 
 
 @dataclass
 class _Cached:
     events: deque[LiveEvent]
+    hidden: dict[Hide, None]
+    """Every hide of the user, in the order sent, each once (a dict as an ordered set)."""
     loaded_through: int
-    """The store's sequence number up to which ``events`` is complete: later changes are appended, earlier ones
-    were in the read that loaded the user."""
+    """The store's sequence number up to which ``events`` and ``hidden`` are complete: later changes are appended,
+    earlier ones were in the reads that loaded the user."""
+
+    def __len__(self) -> int:
+        """What the user holds of the cache's bound: their events and their hides."""
+        return len(self.events) + len(self.hidden)
 
 
 @dataclass
@@ -67,7 +81,10 @@ class UserCache:
             for change in changes:
                 cached = self.users.get(change.user_id)
                 if cached is not None and change.seq > cached.loaded_through:
-                    self._append(cached, (change.product_id, change.event_type, change.ts_s))
+                    if change.event_type in NEGATIVE_EVENT_TYPES:
+                        self._hide(cached, (change.event_type, change.product_id))
+                    else:
+                        self._append(cached, (change.product_id, change.event_type, change.ts_s))
                     cached.loaded_through = change.seq
             read += len(changes)
             if changes:
@@ -80,24 +97,39 @@ class UserCache:
         for self.erasure_cursor, erased in self.store.erasures(self.erasure_cursor):
             gone = self.users.pop(erased, None)
             if gone is not None:
-                self.held -= len(gone.events)
+                self.held -= len(gone)
             self.forget_elsewhere(erased)
 
     def events_of(self, user_id: str | None) -> list[LiveEvent]:
-        """``user_id``'s live events, oldest first (read from the store on a miss); none for an anonymous request."""
+        """``user_id``'s live behaviour events, oldest first (read from the store on a miss); none for an anonymous
+        request."""
+        cached = self._user(user_id)
+        return list(cached.events) if cached is not None else []
+
+    def hidden_of(self, user_id: str | None) -> tuple[Hide, ...]:
+        """Every "not interested" ``user_id`` sent, in the order sent (read from the store on a miss); none for an
+        anonymous request."""
+        cached = self._user(user_id)
+        return tuple(cached.hidden) if cached is not None else ()
+
+    def _user(self, user_id: str | None) -> _Cached | None:
+        """``user_id``'s entry, read from the store on a miss: their window of behaviour, then every hide. The next
+        catch-up appends what was stored after the behaviour read; a hide the second read already holds is not
+        added twice (hides are a set). None for an anonymous request."""
         if not user_id:
-            return []
+            return None
         cached = self.users.get(user_id)
-        if cached is None:
-            stored = self.store.recent_of(user_id, self.per_user)
-            cached = _Cached(deque(((e.product_id, e.event_type, e.ts_s) for e in stored), maxlen=self.per_user),
-                             max([e.seq for e in stored], default=self.cursor))
-            self.users[user_id] = cached
-            self.held += len(cached.events)
-            self._evict()
-        else:
+        if cached is not None:
             self.users.move_to_end(user_id)
-        return list(cached.events)
+            return cached
+        stored = self.store.recent_of(user_id, self.per_user)
+        hidden = self.store.hidden_of(user_id)
+        cached = _Cached(deque(((e.product_id, e.event_type, e.ts_s) for e in stored), maxlen=self.per_user),
+                         dict.fromkeys(hidden), max([e.seq for e in stored], default=self.cursor))
+        self.users[user_id] = cached
+        self.held += len(cached)
+        self._evict()
+        return cached
 
     def summary(self) -> dict[str, int]:
         return {"users": len(self.users), "events": self.held, "cursor": self.cursor}
@@ -108,7 +140,13 @@ class UserCache:
         cached.events.append(event)
         self._evict()
 
+    def _hide(self, cached: _Cached, hide: Hide) -> None:
+        if hide not in cached.hidden:
+            cached.hidden[hide] = None
+            self.held += 1
+            self._evict()
+
     def _evict(self) -> None:
         while self.held > self.max_events and len(self.users) > 1:
             _, gone = self.users.popitem(last=False)
-            self.held -= len(gone.events)
+            self.held -= len(gone)

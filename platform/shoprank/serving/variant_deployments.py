@@ -145,7 +145,8 @@ class Variant:
         """``asked`` with each user's live events: what the store acknowledged up to now is in the cache, and a
         user erased up to now is out of it and out of the run's history."""
         self.users.catch_up()
-        return [dataclasses.replace(a, live=self.users.events_of(a.user_id)) for a in asked]
+        return [dataclasses.replace(a, live=self.users.events_of(a.user_id), hidden=self.users.hidden_of(a.user_id))
+                for a in asked]
 
     async def _vectors(self, queries: list[str]) -> dict[str, np.ndarray]:
         if not queries:

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.config import Config
-from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES, PRODUCT_SCHEMA
+from shoprank.data.schema import ALL_EVENT_TYPES, EVENT_SCHEMA, NEGATIVE_EVENT_TYPES, PRODUCT_SCHEMA
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.store.location import Location
 
@@ -127,7 +127,8 @@ class EventStore(ABC):
 
     @abstractmethod
     def recent_of(self, user_id: str, limit: int) -> list[StoredEvent]:
-        """``user_id``'s last ``limit`` events, in the order stored."""
+        """``user_id``'s last ``limit`` behaviour events (no "not interested": :meth:`hidden_of` reads those), in the
+        order stored."""
 
     @abstractmethod
     def events(self, since: dt.datetime | None = None) -> pa.Table:
@@ -236,11 +237,20 @@ class EventStore(ABC):
                            "(SELECT max(seq) FROM catalogue_changes WHERE seq <= {0} GROUP BY product_id)", (through,))
         return {product_id: json.loads(product) if product is not None else None for product_id, product in rows}
 
+    def hidden_of(self, user_id: str) -> list[tuple[str, str]]:
+        """(event_type, product_id) of every "not interested" ``user_id`` sent, in the order stored, however old and
+        however many events came after: a shopper never sees again what they hid, while the behaviour a replica
+        reads (:meth:`recent_of`) is only the last ``features.history_events``. One query on ``events_by_user``."""
+        return [(kind, product) for kind, product in self._fetch(_SELECT_HIDDEN, (user_id, *NEGATIVE_EVENT_TYPES))]
+
     def purge(self, before: dt.datetime) -> dict[str, int]:
-        """Delete the events and impressions dated before ``before`` (``serve.retention_days``); how many went. The
+        """Delete the events and impressions dated before ``before`` (``serve.retention_days``); how many went.
+
+        "Not interested" events stay: they are a standing preference the shopper stated, not behaviour logged about
+        them, and purging one would show the hidden product again (docs/security.md). Erasure deletes them. The
         catalogue change log is never purged: it is the catalogue's history, which replicas replay and the next
         pipeline run folds in (a recall must not come back because its deletion grew old)."""
-        events, impressions, _ = self._write([("DELETE FROM events WHERE ts < {0}", (_micros(before),)),
+        events, impressions, _ = self._write([(_PURGE_EVENTS, (_micros(before), *NEGATIVE_EVENT_TYPES)),
                                               ("DELETE FROM impressions WHERE ts < {0}", (_micros(before),)),
                                               ("DELETE FROM impression_batches WHERE ts < {0}", (_micros(before),))])
         return {"events": events, "impressions": impressions}
@@ -271,8 +281,8 @@ def event_row(event: dict, row: int) -> tuple:
                if event.get(name) in (None, "")]
     if missing:
         raise DataError(f"missing {missing[0]!r}", column=missing[0], row=row)
-    if event["event_type"] not in EVENT_TYPES:
-        raise DataError(f"event_type must be one of {', '.join(EVENT_TYPES)}, got {event['event_type']!r}",
+    if event["event_type"] not in ALL_EVENT_TYPES:
+        raise DataError(f"event_type must be one of {', '.join(ALL_EVENT_TYPES)}, got {event['event_type']!r}",
                         column="event_type", row=row)
     ts = event["ts"]
     if not isinstance(ts, dt.datetime):
@@ -403,8 +413,13 @@ def _batch_claim(impressions: Sequence[Impression], batch_id: str, placeholder: 
 
 
 _SELECT_CHANGES = "SELECT seq, user_id, product_id, event_type, ts FROM events WHERE seq > {0} ORDER BY seq LIMIT {0}"
+_NEGATIVE_MARKS = ", ".join(["{0}"] * len(NEGATIVE_EVENT_TYPES))
+"""One parameter mark per "not interested" type: the statements below take the types as arguments."""
 _SELECT_RECENT = ("SELECT seq, user_id, product_id, event_type, ts FROM events WHERE user_id = {0} "
-                  "ORDER BY seq DESC LIMIT {0}")
+                  f"AND event_type NOT IN ({_NEGATIVE_MARKS}) ORDER BY seq DESC LIMIT {{0}}")
+_SELECT_HIDDEN = ("SELECT event_type, product_id FROM events WHERE user_id = {0} "
+                  f"AND event_type IN ({_NEGATIVE_MARKS}) ORDER BY seq")
+_PURGE_EVENTS = f"DELETE FROM events WHERE ts < {{0}} AND event_type NOT IN ({_NEGATIVE_MARKS})"
 _DUPLICATE = "event_id already stored; nothing of this batch was stored"
 IDENTITY_FIELDS = ("user_id", "product_id", "event_type", "query", "position", "request_id", "variant", "quantity")
 """What makes two events with one id the same event (``ts`` and ``session_id`` may be the server's defaults, which
@@ -593,7 +608,8 @@ class SqliteEventStore(EventStore):
 
     def recent_of(self, user_id: str, limit: int) -> list[StoredEvent]:
         with self._lock:
-            return _stored(self._db.execute(_SELECT_RECENT.format("?"), (user_id, limit)).fetchall()[::-1])
+            return _stored(self._db.execute(_SELECT_RECENT.format("?"),
+                                            (user_id, *NEGATIVE_EVENT_TYPES, limit)).fetchall()[::-1])
 
     def events(self, since: dt.datetime | None = None) -> pa.Table:
         where, arguments = (" WHERE ts >= ?", (_micros(since),)) if since is not None else ("", ())
@@ -774,7 +790,8 @@ class PostgresEventStore(EventStore):
 
     def recent_of(self, user_id: str, limit: int) -> list[StoredEvent]:
         with self._pool.connection() as db:
-            return _stored(db.execute(_SELECT_RECENT.format("%s"), (user_id, limit)).fetchall()[::-1])
+            return _stored(db.execute(_SELECT_RECENT.format("%s"),
+                                      (user_id, *NEGATIVE_EVENT_TYPES, limit)).fetchall()[::-1])
 
     def events(self, since: dt.datetime | None = None) -> pa.Table:
         where, arguments = (" WHERE ts >= %s", (_micros(since),)) if since is not None else ("", ())

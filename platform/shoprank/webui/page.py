@@ -7,7 +7,9 @@ It talks to the Serve app over HTTP only (:class:`~shoprank.webui.client.ServeCl
   the A/B report leaves these answers out). Each card shows rank, title, category,
   brand, price, score and the features that placed it; its buttons send a click, an
   add-to-cart or a purchase to ``/events`` and both columns refresh, so the effect
-  of the event on the next answer is visible at once.
+  of the event on the next answer is visible at once. "Not interested" and "Hide
+  brand" send the shopper's hide of the product or of its brand: the card is gone
+  from both columns at once, and stays gone for that shopper in every answer.
 * **A/B test**: ``/ab/report`` refreshed every few seconds, the verdict first
   (:func:`shoprank.webui.report.report_markdown`): the verdict, the decision metric's
   user-level effect and interval, the guardrails and the sample-ratio check; then the
@@ -37,7 +39,9 @@ from shoprank.webui.report import report_markdown
 from shoprank.webui.simulate import simulate
 
 NEW_USER = "new user"
-ACTIONS = (("click", "Click"), ("add_to_cart", "Add to cart"), ("purchase", "Buy"))
+ACTIONS = (("click", "Click"), ("add_to_cart", "Add to cart"), ("purchase", "Buy"),
+           ("not_interested", "Not interested"), ("not_interested_brand", "Hide brand"))
+"""A card's buttons: the event each sends (``/events``) and its label."""
 TOP_FEATURES = 3
 CSS = """
 .card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 10px; }
@@ -189,6 +193,8 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
                                     gr.HTML(card(item, variant))
                                     with gr.Row(elem_classes=["actions"]):
                                         for kind, label in ACTIONS:
+                                            if kind == "not_interested_brand" and not item.get("brand"):
+                                                continue  # a product without a brand has none to hide
                                             button = gr.Button(label, size="sm", elem_classes=[f"{kind}-{variant}"])
                                             button.click(
                                                 lambda state, kv, v=variant, i=item, e=kind: act(state, v, i, e, kv),

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES, MAX_QUANTITY, PRODUCT_SCHEMA
+from shoprank.data.schema import ALL_EVENT_TYPES, EVENT_SCHEMA, MAX_QUANTITY, PRODUCT_SCHEMA
 from shoprank.errors import DataError
 
 AnyArray = Union[pa.Array, pa.ChunkedArray]
@@ -103,12 +103,12 @@ def convert_field(arr: AnyArray, f: pa.Field, kind: str, where: Where) -> AnyArr
         require_present(text, where, name)
     elif default is not None:
         text = pc.fill_null(text, default)
-    if name == "event_type":
-        allowed = pa.array(EVENT_TYPES, pa.string())
+    if name == "event_type":  # the funnel, and the "not interested" an event store's export carries
+        allowed = pa.array(ALL_EVENT_TYPES, pa.string())
         bad = first_true(pc.invert(pc.is_in(text, value_set=allowed)))
         if bad >= 0:
             raise where.error(
-                f"event_type must be one of {', '.join(EVENT_TYPES)}; got {text[bad].as_py()!r}",
+                f"event_type must be one of {', '.join(ALL_EVENT_TYPES)}; got {text[bad].as_py()!r}",
                 bad,
             )
     return text
