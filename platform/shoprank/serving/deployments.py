@@ -35,12 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
-<<<<<<< HEAD
 from shoprank.data.catalogue import normalised_products
-from shoprank.data.schema import PRODUCT_SCHEMA
-=======
-from shoprank.data.schema import ENGAGEMENT_TYPES
->>>>>>> i38c
+from shoprank.data.schema import ENGAGEMENT_TYPES, PRODUCT_SCHEMA
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
 from shoprank.experiment.plan import readout_planned_size
