@@ -135,6 +135,9 @@ class FakeShop:
     def diversity(self, spec: VariantSpec) -> Diversity:
         return Diversity.of(self.config)  # no run, no evaluation: the config's fixed strength (auto: none)
 
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        return 0  # no run ingested any change: replicas and the ingress follow the whole log
+
     # ShopSource
 
     def keyring(self) -> KeyRing:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow as pa
 
 from shoprank.config import Config
+from shoprank.data.catalogue import recorded_catalogue_seq
 from shoprank.data.io import read_table
 from shoprank.privacy import Pseudonyms, serving_pseudonyms
 from shoprank.serving.keys import KeyRing, load_keyring
@@ -70,6 +71,10 @@ class VariantLoader(Protocol):
         fixed one), so live answers are cut as the offline figures were."""
         ...
 
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        """The last catalogue change ``spec``'s run folded in: its replicas follow the change log from there."""
+        ...
+
 
 class ShopSource(Protocol):
     """What the ingress reads of the shop: called in the ingress replica, at its start and when it is reconfigured."""
@@ -92,6 +97,10 @@ class ShopSource(Protocol):
 
     def offline(self, spec: VariantSpec) -> dict[str, Any]:
         """``spec``'s offline figures (its run's evaluation), shown beside the online ones."""
+        ...
+
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        """The last catalogue change ``spec``'s run folded in: the ingress follows the change log from there."""
         ...
 
 
@@ -127,6 +136,9 @@ class RunLoader:
         from shoprank.recsys.diversity import Diversity
 
         return Diversity.of(self.config, Run.from_uri(spec.run))
+
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        return recorded_catalogue_seq(Run.from_uri(spec.run))
 
     def keyring(self) -> KeyRing:
         return load_keyring(self.config)
