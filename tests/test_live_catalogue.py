@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ray
 from ray import serve
 
 from conftest import App
@@ -63,6 +64,9 @@ def test_a_product_put_is_found_by_its_title_on_every_replica_within_2s(fake_app
                     assert top["title"] == "quarnish trail lantern" and top["price"] == 27.5  # the replica's row
                     found.setdefault(f"{variant} {answer.headers['x-shoprank-replica']}", time.monotonic() - stored)
         assert len(found) == 4 and max(found.values()) < 2.0, found
+        for variant in VARIANTS:  # /variants says where the answering replica's catalogue stands
+            catalogue = fake_app.http.get("/variants").json()["variants"][variant]["model"]["catalogue"]
+            assert catalogue["products"] == 37 and catalogue["cursor"] >= 1, catalogue
     finally:
         change(fake_app, deletes=["LIVE-1"])
 
@@ -109,3 +113,36 @@ def test_a_deleted_product_never_appears_again(fake_app: App) -> None:
         change(fake_app, puts=[original])
     assert fake_app.post("/recommend", {"k": 10, "variant": "A"}).json()["items"][0]["product_id"] == first
 
+
+
+def test_a_replica_started_later_replays_the_log(fake_app: App) -> None:
+    """A replica of B killed after a put and a delete: the one Serve starts in its place has both."""
+    product = {"product_id": "LIVE-2", "title": "Vellichor camp stove", "description": None,
+               "category": "Outdoors > Stoves", "brand": None, "price": 64.0, "attributes": {}}
+    withdrawn = record("P00030")
+    try:
+        change(fake_app, puts=[product], deletes=["P00030"])
+        before = {replica._actor_id for replica in _replicas("Variant_B", fake_app.name)}
+        ray.kill(_replicas("Variant_B", fake_app.name)[0], no_restart=True)
+        deadline = time.time() + 120.0
+        while len({r._actor_id for r in _replicas("Variant_B", fake_app.name)} - before) < 1 or \
+                serve.status().applications[fake_app.name].deployments["Variant_B"].replica_states.get("RUNNING") != 2:
+            assert time.time() < deadline, "no new replica of Variant_B"
+            time.sleep(0.5)
+
+        def found(answer: dict) -> None:
+            assert answer["items"][0]["product_id"] == "LIVE-2", answer["items"][:3]
+
+        def gone(answer: dict) -> None:
+            assert "P00030" not in [i["product_id"] for i in answer["items"]], answer["items"]
+
+        on_every_replica(fake_app, "/search", {"query": "vellichor camp stove", "k": 5}, found)
+        on_every_replica(fake_app, "/search", {"query": withdrawn["title"], "k": 36}, gone)
+    finally:
+        change(fake_app, puts=[withdrawn], deletes=["LIVE-2"])
+
+
+def _replicas(deployment: str, app_name: str) -> list[ray.actor.ActorHandle]:
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
