@@ -208,9 +208,9 @@ def test_the_delta_bm25_scores_a_document_as_bm25s_scores_it_in_the_main_index(c
     it in its own index, for words it has once, twice, or not at all."""
     texts = product_texts(normalised_products(products(), {}, config.preprocess.description_chars), config.encoder)
     corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
-    delta = DeltaLexical(corpus, 1.5, 0.75)
     main = bm25s.BM25(k1=1.5, b=0.75)
     main.index(corpus, show_progress=False)
+    delta = DeltaLexical(main, corpus)
     for row, text in enumerate(texts):
         delta.put(1000 + row, text)
     for query in ("acme red skillet", "black black cleaver", "lantern by cinder", "tent", "zephyrine"):
