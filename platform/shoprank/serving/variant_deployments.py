@@ -3,13 +3,18 @@
 Per variant (``Variant_A``, ``Variant_B``):
 
 * :class:`Variant` answers whole requests in one replica, batched with ``@serve.batch``:
-  its user cache caught up with the event store once (:mod:`shoprank.serving.user_state`),
+  its catalogue caught up with the catalogue change log (:mod:`shoprank.serving.catalogue_state`:
+  products put live are found, changed ones answered as changed, deleted ones never), then
+  its user cache with the event store (:mod:`shoprank.serving.user_state`), once per batch,
   the batch's queries encoded in one call, each request's candidates retrieved (its
   run's catalogue, FAISS index, BM25, event log), all of them ranked in one ``predict``
   (:func:`shoprank.recsys.answer.answer_many`, the Ray-free path the tests and the
   in-process benchmark call too). Its ranker comes through ``user_config``, so moving a
   registry alias and redeploying reloads it in place (``reconfigure``), without
   restarting a replica.
+  Between batches a thread follows the change log every ``serve.catalogue_poll_s``; one lock
+  per replica keeps a change being applied, a ranker being swapped in and a batch being
+  answered apart (new products are embedded outside it, by the variant's own encoder).
   What it loads comes from the :class:`~shoprank.serving.loaders.VariantLoader` bound to it
   (the runs under ``run.root`` in production, an in-memory shop in the tests).
 * :class:`QueryEncoder` (``QueryEncoder_A``...), with ``ray.use_gpu`` (or
