@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -120,10 +121,10 @@ class Variant:
                                            compact_rows=self.config.serve.catalogue_compact_rows)
         self.variant = spec.name
         # the change log since the run's mark, before this replica reports ready: one started later has every change
-        # (in a thread of its own: the constructor runs on Serve's event loop, where a handle's result cannot wait)
-        replay = threading.Thread(target=self._follow_catalogue, name="catalogue-replay")
-        replay.start()
-        replay.join()
+        # (in a thread of its own: the constructor runs on Serve's event loop, where a handle's result cannot wait;
+        # a failure fails the start, and Serve starts the replica again)
+        with ThreadPoolExecutor(1, thread_name_prefix="catalogue-replay") as replay:
+            replay.submit(self._follow_catalogue).result()
         for name, target in (("catalogue-follower", self._poll_catalogue), ("catalogue-metrics", self._report)):
             threading.Thread(target=target, daemon=True, name=name).start()
         self.ranking: Ranking | None = None
