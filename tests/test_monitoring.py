@@ -27,6 +27,7 @@ from conftest import REPO, App, bearer
 from shoprank.entrypoint import free_port
 from shoprank.serving.app import APP_NAME
 from shoprank.serving.metrics import HeldGauges, endpoint_of
+from shoprank.store.tables import read_table
 
 MONITORING = REPO / "monitoring"
 CONFIG, RULES, RULES_TEST = (MONITORING / name for name in
@@ -252,6 +253,8 @@ def test_prometheus_scrapes_the_apps_metrics_of_each_variant(app: App, tmp_path:
             "revenue": f"sum by (variant) (ray_shoprank_revenue_total{{{application}}})",
             "trees": f"max by (variant) (ray_shoprank_model_trees{{{application}}})",
             "split": f"max by (variant) (ray_shoprank_split{{{application}}})",
+            "catalogue": f"max by (variant) (ray_shoprank_catalogue_products{{{application}}})",
+            "catalogue lag": f"max by (variant) (ray_shoprank_catalogue_lag_seconds{{{application}}})",
         }
         deadline, seen = time.monotonic() + 60.0, {}
         while time.monotonic() < deadline:
@@ -269,6 +272,8 @@ def test_prometheus_scrapes_the_apps_metrics_of_each_variant(app: App, tmp_path:
         assert seen["trees"]["B"] > 0  # B serves the XGBoost ranker, A the retrieval baseline: no trees
         assert seen["trees"]["A"] == 0
         assert seen["split"] == app.config.serve.split
+        listed = read_table(app.run, "data", "products").num_rows  # each variant's replicas list the run's products
+        assert seen["catalogue"] == {"A": listed, "B": listed} and max(seen["catalogue lag"].values()) < 5.0
         refused = prometheus.query(f'ray_shoprank_requests_total{{{application}, endpoint="/search", '
                                    'variant="none", status="4xx"}')
         writes = prometheus.query(f"sum by (operation) (ray_shoprank_event_store_write_seconds_count{{{application}}})")
