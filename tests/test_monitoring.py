@@ -27,6 +27,7 @@ from conftest import REPO, App, bearer
 from shoprank.entrypoint import free_port
 from shoprank.serving.app import APP_NAME
 from shoprank.serving.metrics import HeldGauges, endpoint_of
+from shoprank.store.tables import read_table
 
 MONITORING = REPO / "monitoring"
 CONFIG, RULES, RULES_TEST = (MONITORING / name for name in
@@ -54,8 +55,8 @@ def alert_names() -> list[str]:
 def test_promtool_accepts_the_config_and_the_rules() -> None:
     for checked in (promtool("check", "config", CONFIG), promtool("check", "rules", RULES)):
         assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 19 rules found" in promtool("check", "rules", RULES).stdout  # 12 recorded, 7 alerts
-    assert len(alert_names()) == 7
+    assert "SUCCESS: 20 rules found" in promtool("check", "rules", RULES).stdout  # 12 recorded, 8 alerts
+    assert len(alert_names()) == 8
 
 
 def test_each_alert_fires_and_stays_quiet_in_the_rules_unit_tests() -> None:
@@ -87,7 +88,7 @@ def defined_metrics() -> set[str]:
 
 def test_rules_dashboard_and_docs_name_only_metrics_the_app_defines() -> None:
     defined = defined_metrics()
-    assert len(defined) == 13
+    assert len(defined) == 16
     table = set(re.findall(r"``(ray_shoprank_\w+)``", METRICS_SOURCE.read_text()))
     assert table == defined, "the metrics module's docstring table and its definitions differ"
     histograms = {name for name in defined if not name.endswith("_total")}
@@ -252,6 +253,8 @@ def test_prometheus_scrapes_the_apps_metrics_of_each_variant(app: App, tmp_path:
             "revenue": f"sum by (variant) (ray_shoprank_revenue_total{{{application}}})",
             "trees": f"max by (variant) (ray_shoprank_model_trees{{{application}}})",
             "split": f"max by (variant) (ray_shoprank_split{{{application}}})",
+            "catalogue": f"max by (variant) (ray_shoprank_catalogue_products{{{application}}})",
+            "catalogue lag": f"max by (variant) (ray_shoprank_catalogue_lag_seconds{{{application}}})",
         }
         deadline, seen = time.monotonic() + 60.0, {}
         while time.monotonic() < deadline:
@@ -269,6 +272,8 @@ def test_prometheus_scrapes_the_apps_metrics_of_each_variant(app: App, tmp_path:
         assert seen["trees"]["B"] > 0  # B serves the XGBoost ranker, A the retrieval baseline: no trees
         assert seen["trees"]["A"] == 0
         assert seen["split"] == app.config.serve.split
+        listed = read_table(app.run, "data", "products").num_rows  # each variant's replicas list the run's products
+        assert seen["catalogue"] == {"A": listed, "B": listed} and max(seen["catalogue lag"].values()) < 5.0
         refused = prometheus.query(f'ray_shoprank_requests_total{{{application}, endpoint="/search", '
                                    'variant="none", status="4xx"}')
         writes = prometheus.query(f"sum by (operation) (ray_shoprank_event_store_write_seconds_count{{{application}}})")

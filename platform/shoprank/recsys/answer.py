@@ -24,7 +24,7 @@ vectors: the one implementation that Serve's per-variant deployment
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,9 +36,11 @@ from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
+from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 from shoprank.recsys.retrieval import retrieve
 from shoprank.recsys.types import Candidates, History, ProductStats
+from shoprank.store.events import CatalogueChange
 
 
 @dataclass
@@ -94,6 +96,16 @@ class Retrieval:
                 parts.append(np.flatnonzero(stats.category == stats.category[row]))
         return np.unique(np.concatenate(parts)).astype(np.int64)
 
+    def shown(self, items: list[Ranked]) -> list[Ranked]:
+        """``items`` with what the catalogue they were ranked with shows of each (a change put a moment ago
+        included)."""
+        listing = self.context.catalogue.listing
+        if listing is not None:
+            row_of = self.context.catalogue.stats.row_of
+            for item in items:
+                item.shown = listing.shown(row_of[item.product_id])
+        return items
+
     def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None, query_vector: np.ndarray | None,
                  now_s: float, hidden: Iterable[tuple[str, str]] = ()) -> Retrieved:
         """The request's candidates; ``hidden``: the user's hides received live (``Asked.hidden``), which with the
@@ -118,7 +130,16 @@ class Ranking:
         self.popularity_weight = popularity_weight
         self.explained_features = explained_features
         self.diversity = diversity
-        self.brands_named = BrandsNamed(stats.brand_names)
+        self._brands_named = BrandsNamed(stats.brand_names)
+        self._brands_known = len(stats.brand_names)
+
+    @property
+    def brands_named(self) -> BrandsNamed:
+        """Which brands a query names, over the brands the catalogue knows now (a live catalogue's list grows)."""
+        if self._brands_known != len(self.stats.brand_names):
+            self._brands_named = BrandsNamed(self.stats.brand_names)
+            self._brands_known = len(self.stats.brand_names)
+        return self._brands_named
 
     @classmethod
     def served(cls, config: Config, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
@@ -211,7 +232,7 @@ def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
     retrieved = [retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
                                     a.now_s, a.hidden) for a in asked]
     ranked = ranking.rank_many(retrieved, [a.k for a in asked])
-    return [Answered(items, len(r.history)) for items, r in zip(ranked, retrieved)]
+    return [Answered(retrieval.shown(items), len(r.history)) for items, r in zip(ranked, retrieved)]
 
 
 @dataclass
@@ -226,6 +247,8 @@ class VariantPipeline:
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
     hidden: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     """User -> (event_type, product_id) of each "not interested" observed (as a replica's user cache holds them)."""
+    catalogue_log: LiveCatalogue | None = field(default=None, init=False)
+    """The catalogue change log applied so far (:meth:`apply_catalogue`; None: none yet)."""
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
@@ -244,6 +267,13 @@ class VariantPipeline:
         queries = sorted({a.query for a in asked if a.query is not None})
         vectors = dict(zip(queries, self.context.encode_queries(queries))) if queries else {}
         return answer_many(self.retrieval, self.ranking, asked, vectors)
+
+    def apply_catalogue(self, changes: Sequence[CatalogueChange]) -> dict[str, int]:
+        """Apply catalogue change log entries (:class:`~shoprank.recsys.live.LiveCatalogue`), new texts embedded
+        by this context's own encoder as a Serve replica embeds them; how many puts and deletes changed it."""
+        if self.catalogue_log is None:
+            self.catalogue_log = LiveCatalogue(self.context, self.context.embed_products)
+        return self.catalogue_log.apply(changes)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:
         """Record a live event: the next answer for ``user_id`` sees it (a "not interested" as a hide, apart from
