@@ -31,6 +31,7 @@ from shoprank.config import Config
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
+from shoprank.recsys.explore import Exploration
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 from shoprank.recsys.retrieval import retrieve
@@ -175,13 +176,39 @@ class Ranking:
 
 
 def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
-                vectors: dict[str, np.ndarray]) -> list[Answered]:
+                vectors: dict[str, np.ndarray], exploration: Exploration | None = None) -> list[Answered]:
     """Each request retrieved, then all of them ranked in one :meth:`Ranking.rank_many` call; ``vectors`` holds each
-    query's embedding (encoded together beforehand)."""
+    query's embedding (encoded together beforehand). With an ``exploration`` (a Serve replica's), its slots then
+    go to live-added products (:mod:`shoprank.recsys.explore`); without one (the offline evaluation) the ranked
+    lists are the answers."""
     retrieved = [retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
                                     a.now_s) for a in asked]
     ranked = ranking.rank_many(retrieved, [a.k for a in asked])
+    if exploration is not None:
+        ranked = [_explored(exploration, retrieval, a, r, items, vectors)
+                  for a, r, items in zip(asked, retrieved, ranked)]
     return [Answered(items, len(r.history)) for items, r in zip(ranked, retrieved)]
+
+
+def _explored(exploration: Exploration, retrieval: Retrieval, asked: Asked, retrieved: Retrieved, items: list[Ranked],
+              vectors: dict[str, np.ndarray]) -> list[Ranked]:
+    """``items`` with ``exploration``'s slots filled for this request: near its query or its shopper's vector, never
+    a product the shopper hid or the policy leaves out of their recommendations; the draw seeded by the request's id
+    (a request without one: by who asked what, when)."""
+    catalogue = retrieval.context.catalogue
+    if retrieved.is_search:
+        vector = vectors.get(asked.query)
+        left_out = np.zeros(0, np.int64)
+    else:
+        half_life = retrieval.context.config.embed.user_half_life_days
+        vector = catalogue.user_vector(retrieved.history, asked.now_s, half_life)
+        left_out = catalogue.excluded_rows(retrieved.history)
+    row_of = catalogue.stats.row_of
+    hidden = np.array([row_of[p] for _, p in asked.hidden if p in row_of], np.int64)
+    seed = asked.request_id or f"{asked.user_id}|{asked.query}|{asked.now_s}"
+    return exploration.apply(items, asked.k, is_search=retrieved.is_search, candidates=retrieved.candidates,
+                             history=retrieved.history, vector=vector, blocked=np.union1d(left_out, hidden),
+                             seed=seed)
 
 
 @dataclass
@@ -194,6 +221,8 @@ class VariantPipeline:
     diversity: Diversity = field(default_factory=Diversity)
     """The re-ranking of the answers: :meth:`Diversity.of` the run to answer as its Serve app does (default: none)."""
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
+    exploration: Exploration | None = None
+    """Exploration slots for live-added products, as a Serve replica fills them (default: none, the offline path)."""
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
@@ -211,7 +240,7 @@ class VariantPipeline:
         """Several requests at once: their queries encoded in one call, their candidates ranked in one."""
         queries = sorted({a.query for a in asked if a.query is not None})
         vectors = dict(zip(queries, self.context.encode_queries(queries))) if queries else {}
-        return answer_many(self.retrieval, self.ranking, asked, vectors)
+        return answer_many(self.retrieval, self.ranking, asked, vectors, self.exploration)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:
         """Record a live event: the next answer for ``user_id`` sees it."""

@@ -1,0 +1,166 @@
+"""Exploration slots for products added while serving (issue 38, item 3): the policy on the request path.
+
+Ray-free: the in-memory fake shop's catalogue with six products added after its run (no events, as a live put
+leaves them: ``added_at_s`` set), its context built by ``assemble_context`` (what ``load_context`` builds from a
+run), answered by :class:`VariantPipeline` through ``answer_many``, the path a Serve replica calls.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fake_shop import DIMENSIONS, START, HashedWords, events, products
+from shoprank.config import Config, ExploreConfig, load_config
+from shoprank.encoder.text import product_texts
+from shoprank.errors import ConfigError
+from shoprank.privacy import Pseudonyms
+from shoprank.recsys.answer import VariantPipeline
+from shoprank.recsys.context import DenseIndex, RankingContext, assemble_context
+from shoprank.recsys.explore import Exploration, ExposureCounts
+from shoprank.recsys.messages import Asked, Ranked
+from shoprank.recsys.types import ProductStats
+
+KEY = b"k" * 32
+NEW = [f"N{i}" for i in range(6)]
+"""Products put live after the run: lanterns, headlamps and tents no shopper has seen."""
+SHOPPER = Pseudonyms(KEY).of("U000004")
+"""A shopper whose history is in "Outdoors > Lights" (the fake shop's fourth category)."""
+NOW_S = START.timestamp() + 40 * 86_400.0
+ADDED_S = START.timestamp() + 35 * 86_400.0
+
+
+def new_products() -> pa.Table:
+    base = products()
+    rows = [{"product_id": pid, "title": f"Zephyr {noun} {i}", "description": f"A new {noun} by Zephyr.",
+             "category": category, "brand": "Zephyr", "price": 20.0 + i, "attributes": [("colour", "black")]}
+            for i, (pid, (noun, category)) in enumerate(zip(NEW, [("lantern", "Outdoors > Lights"),
+                                                                ("headlamp", "Outdoors > Lights"),
+                                                                ("lantern", "Outdoors > Lights"),
+                                                                ("dome tent", "Outdoors > Tents"),
+                                                                ("skillet", "Kitchen > Cookware"),
+                                                                ("wok", "Kitchen > Cookware")]))]
+    return pa.concat_tables([base, pa.Table.from_pylist(rows, schema=base.schema)])
+
+
+def live_context(config: Config) -> RankingContext:
+    """The fake shop's run plus :data:`NEW`, as a replica holds it after their put: alive, added at ``ADDED_S``."""
+    table = new_products()
+
+    def dense(stats: ProductStats) -> DenseIndex:
+        vectors = HashedWords().embed(product_texts(table, config.encoder), 64)
+        index = faiss.IndexFlatIP(DIMENSIONS)
+        index.add(vectors)
+        return vectors, index, np.arange(len(vectors))
+
+    context = assemble_context(config, table, events(Pseudonyms(KEY)), dense, HashedWords())
+    catalogue = context.catalogue
+    catalogue.alive = np.ones(len(catalogue.stats.product_ids), bool)
+    catalogue.added_at_s = np.full(len(catalogue.stats.product_ids), np.nan)
+    catalogue.added_at_s[[catalogue.stats.row_of[p] for p in NEW]] = ADDED_S
+    return context
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    return load_config(None, ["policy.exclude.purchased=false"])
+
+
+@pytest.fixture
+def context(config: Config) -> RankingContext:
+    return live_context(config)
+
+
+def pipeline(context: RankingContext, explore: ExploreConfig | None,
+             counts: ExposureCounts | None = None) -> VariantPipeline:
+    exploration = Exploration(explore, context, counts or ExposureCounts()) if explore is not None else None
+    return VariantPipeline(context, "retrieval", exploration=exploration)
+
+
+def answer(variant: VariantPipeline, request_id: str, user: str | None = SHOPPER, query: str | None = None,
+           hidden: tuple[tuple[str, str], ...] = (), k: int = 10) -> list[Ranked]:
+    return variant.answer_many([Asked(user, [], query, k, NOW_S, hidden=hidden, request_id=request_id)])[0].items
+
+
+def test_recommendation_slots_are_bounded_and_at_their_positions(context: RankingContext) -> None:
+    plain = pipeline(context, None)
+    explored = pipeline(context, ExploreConfig())
+    for user in (SHOPPER, None):
+        for request in range(20):
+            before = [item.product_id for item in answer(plain, f"r{request}", user)]
+            items = answer(explored, f"r{request}", user)
+            flags = [item.explored for item in items]
+            assert len(items) == 10
+            assert [i + 1 for i, flag in enumerate(flags) if flag] == [3, 8], (user, flags)
+            assert all(items[i].product_id in NEW for i in (2, 7))
+            # the ranked list keeps its order around the slots, shifted down and cut at k
+            assert [item.product_id for item in items if not item.explored] == [p for p in before if p not in NEW][:8]
+
+
+def test_search_has_no_slot_by_default_and_its_configured_ones_otherwise(context: RankingContext) -> None:
+    plain = pipeline(context, None)
+    by_default = pipeline(context, ExploreConfig())
+    for request, query in enumerate(("lantern", "black skillet", "dome tent")):
+        assert answer(by_default, f"s{request}", query=query) == answer(plain, f"s{request}", query=query)
+    one_slot = pipeline(context, ExploreConfig(search_slots=1, recommend_slots=0))
+    items = answer(one_slot, "s", query="headlamp")
+    assert [i for i, item in enumerate(items) if item.explored] == [2]
+    assert not any(item.explored for item in answer(one_slot, "r"))  # and none on recommendations
+
+
+def test_a_blocked_deleted_or_capped_product_is_never_explored(context: RankingContext) -> None:
+    catalogue = context.catalogue
+    catalogue.alive[catalogue.stats.row_of["N1"]] = False  # deleted
+    counts = ExposureCounts()
+    counts.add({"N2": 200}, {"N2": 30})  # shown max_impressions times: its cap
+    variant = pipeline(context, ExploreConfig(), counts)
+    seen: set[str] = set()
+    for request in range(60):
+        items = answer(variant, f"b{request}", hidden=(("not_interested", "N0"),))
+        seen |= {item.product_id for item in items if item.explored}
+    assert seen and not seen & {"N0", "N1", "N2"}, seen
+    assert seen <= {"N3", "N4", "N5"}
+
+
+def test_a_product_with_clicks_is_drawn_more_often_than_one_without(context: RankingContext) -> None:
+    for pid in NEW[2:]:
+        context.catalogue.alive[context.catalogue.stats.row_of[pid]] = False  # two candidates left: N0 and N1
+    counts = ExposureCounts()
+    counts.add({"N0": 60, "N1": 60}, {"N0": 15, "N1": 0})
+    variant = pipeline(context, ExploreConfig(recommend_slots=1, positions=[3]), counts)
+    drawn = [next(item.product_id for item in answer(variant, f"c{request}") if item.explored)
+             for request in range(200)]
+    assert drawn.count("N0") > 0.9 * len(drawn), drawn.count("N0")
+    assert drawn.count("N1") > 0, "the one without clicks still draws a slot now and then"
+
+
+def test_nothing_is_explored_when_nothing_is_eligible(context: RankingContext, config: Config) -> None:
+    run_only = live_context(config)
+    run_only.catalogue.added_at_s[:] = np.nan  # every product from the run: none live-added
+    plain, explored = pipeline(run_only, None), pipeline(run_only, ExploreConfig())
+    for request in range(10):
+        for user, query in ((SHOPPER, None), (None, None), (SHOPPER, "lantern")):
+            assert answer(explored, f"e{request}", user, query) == answer(plain, f"e{request}", user, query)
+    counts = ExposureCounts()
+    counts.add(dict.fromkeys(NEW, 200), {})  # every new product past its cap
+    capped = pipeline(context, ExploreConfig(), counts)
+    assert not any(item.explored for item in answer(capped, "e"))
+
+
+def test_the_same_request_id_draws_the_same(context: RankingContext) -> None:
+    variant = pipeline(context, ExploreConfig())
+
+    def slots(request_id: str) -> list[str]:
+        return [item.product_id for item in answer(variant, request_id) if item.explored]
+
+    assert all(slots("same") == slots("same") for _ in range(5))
+    assert len({tuple(slots(f"other{i}")) for i in range(30)}) > 1, "different requests draw differently"
+
+
+def test_positions_must_hold_the_slots() -> None:
+    with pytest.raises(ConfigError, match="positions"):
+        load_config(None, ["serve.explore.positions=[3]"])  # two recommendation slots by default
+    with pytest.raises(ConfigError, match="increasing"):
+        load_config(None, ["serve.explore.positions=[8, 3]"])
