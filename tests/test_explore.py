@@ -7,6 +7,9 @@ run), answered by :class:`VariantPipeline` through ``answer_many``, the path a S
 
 from __future__ import annotations
 
+import datetime as dt
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pyarrow as pa
@@ -19,9 +22,10 @@ from shoprank.errors import ConfigError
 from shoprank.privacy import Pseudonyms
 from shoprank.recsys.answer import VariantPipeline
 from shoprank.recsys.context import DenseIndex, RankingContext, assemble_context
-from shoprank.recsys.explore import Exploration, ExposureCounts
+from shoprank.recsys.explore import Exploration, ExposureCounts, ExposureFollower
 from shoprank.recsys.messages import Asked, Ranked
 from shoprank.recsys.types import ProductStats
+from shoprank.store.events import Impression, open_event_store
 
 KEY = b"k" * 32
 NEW = [f"N{i}" for i in range(6)]
@@ -164,3 +168,32 @@ def test_positions_must_hold_the_slots() -> None:
         load_config(None, ["serve.explore.positions=[3]"])  # two recommendation slots by default
     with pytest.raises(ConfigError, match="increasing"):
         load_config(None, ["serve.explore.positions=[8, 3]"])
+
+
+def test_the_follower_counts_each_stored_impression_and_click_once(tmp_path: Path) -> None:
+    store = open_event_store(str(tmp_path / "events.sqlite"))
+    at = dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)
+
+    def shown(request: str, *products: str) -> None:
+        store.log_impressions([Impression(request, "u1", "B", p, i, at) for i, p in enumerate(products, start=1)])
+
+    def clicked(event_id: str, product: str, kind: str = "click") -> None:
+        store.append([{"event_id": event_id, "user_id": "u1", "session_id": "s", "product_id": product,
+                       "event_type": kind, "ts": at}])
+
+    shown("r1", "N0", "N1", "P00001")
+    clicked("e1", "N0")
+    clicked("e2", "N0", "add_to_cart")  # a cart is not a click
+    counts = ExposureCounts()
+    follower = ExposureFollower(store, counts)
+    follower.catch_up()  # a replica started now: everything stored so far
+    assert [c.tolist() for c in counts.of(["N0", "N1", "N9"])] == [[1, 1, 0], [1, 0, 0]]
+    follower.catch_up()  # nothing new: nothing counted again
+    shown("r2", "N0")
+    shown("r3", "N0", "N1")
+    clicked("e3", "N1")
+    follower.catch_up()
+    assert [c.tolist() for c in counts.of(["N0", "N1"])] == [[3, 2], [1, 1]]
+    late = ExposureCounts()
+    ExposureFollower(store, late).catch_up()  # a replica started later agrees
+    assert [c.tolist() for c in late.of(["N0", "N1"])] == [[3, 2], [1, 1]]

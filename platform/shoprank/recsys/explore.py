@@ -30,8 +30,11 @@ offline evaluation passes none and ranks exactly as before.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +43,11 @@ from shoprank.recsys.context import RankingContext
 from shoprank.recsys.messages import Ranked
 from shoprank.recsys.retrieval import FAVOURITE_CATEGORIES
 from shoprank.recsys.types import Candidates, History
+
+if TYPE_CHECKING:
+    from shoprank.store.events import EventStore
+
+log = logging.getLogger(__name__)
 
 EXPLORATION = "exploration (a draw of its click rate)"
 """The one contribution of an explored item: its score is its Thompson draw, not the ranker's."""
@@ -69,6 +77,37 @@ class ExposureCounts:
             shown = np.array([self._impressions.get(p, 0) for p in product_ids], np.float64)
             clicked = np.array([self._clicks.get(p, 0) for p in product_ids], np.float64)
         return shown, np.minimum(clicked, shown)
+
+
+class ExposureFollower:
+    """A replica's :class:`ExposureCounts` kept up to date from the event store: every impression and click stored
+    since the last read (:meth:`EventStore.exposure`), on a daemon thread while the replica serves. The first read
+    counts everything the store holds, so a replica started later knows what the others showed."""
+
+    def __init__(self, store: EventStore, counts: ExposureCounts) -> None:
+        self.store = store
+        self.counts = counts
+        self.after_impression = self.after_event = 0
+
+    def catch_up(self) -> None:
+        impressions, clicks, self.after_impression, self.after_event = self.store.exposure(self.after_impression,
+                                                                                          self.after_event)
+        self.counts.add(impressions, clicks)
+
+    def start(self, interval_s: float) -> threading.Thread:
+        """Catch up now, then every ``interval_s`` on a daemon thread (a failed read is logged and retried)."""
+        self.catch_up()
+        thread = threading.Thread(target=self._follow, args=(interval_s,), daemon=True, name="exposure-follower")
+        thread.start()
+        return thread
+
+    def _follow(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                self.catch_up()
+            except Exception:  # the store away for a moment: the counts wait, exploration goes on with them
+                log.exception("reading impressions and clicks failed; exploration keeps the counts it has")
 
 
 def pooled_ctr(context: RankingContext) -> float | None:
