@@ -43,7 +43,9 @@ from shoprank.serving.api import (
     RestoreRequest, SearchRequest, UserSummary, Variants, check_text, invalid, problem, refusals, rejected,
 )
 from shoprank.serving.keys import Role, allows
-from shoprank.serving.metrics import VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events
+from shoprank.serving.metrics import (
+    VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events, record_explored,
+)
 from shoprank.store.events import Impression, StoreBusy
 
 if TYPE_CHECKING:
@@ -186,7 +188,7 @@ async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str
     variant = _variant(ingress, forced, user_id, request_id)
     shown_at = _dated(ingress.config.serve, ingress.now_s(), ts, ["ts"], "nothing was answered")
     answered: Answered = await ingress.handles[variant].answer.remote(
-        Asked(user_id, [], query, k, shown_at.timestamp()))
+        Asked(user_id, [], query, k, shown_at.timestamp(), request_id=request_id))
     ranked = answered.items
     ingress.impressions.put([
         Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
@@ -198,8 +200,9 @@ async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str
     response.headers["x-shoprank-replica"] = answered.replica
     response.headers[VARIANT_HEADER] = variant
     record_answer(variant, forced is not None, len(ranked))
-    items = [{"rank": i + 1, **ingress.products[r.product_id], "score": r.score, "contributions": r.contributions}
-             for i, r in enumerate(ranked)]
+    record_explored(variant, sum(r.explored for r in ranked))
+    items = [{"rank": i + 1, **ingress.products[r.product_id], "score": r.score, "contributions": r.contributions,
+              "explored": r.explored} for i, r in enumerate(ranked)]
     return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
                   note=_note(ingress, kind, ingress.specs[variant].run, answered.history_events))
 

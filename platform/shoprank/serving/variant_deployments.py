@@ -96,6 +96,12 @@ class Variant:
         self.users = UserCache(open_event_store(event_db), self.config.features.history_events,
                                self.config.serve.user_cache_events, forget_elsewhere=self.context.events.forget)
         self.retrieval = Retrieval(self.context)
+        # exploration slots for live-added products, their impressions and clicks read beside the catalogue's log
+        from shoprank.recsys.explore import Exploration, ExposureCounts, ExposureFollower
+
+        exposure = ExposureCounts()
+        self.exploration = Exploration(self.config.serve.explore, self.context, exposure)
+        ExposureFollower(open_event_store(event_db), exposure).start(self.config.serve.catalogue_poll_s)
         self.query_encoder = query_encoder
         self.ranking: Ranking | None = None
         self.model: dict[str, Any] = {}
@@ -163,5 +169,5 @@ class Variant:
         vectors = await self._vectors(sorted({a.query for a in asked if a.query is not None}))
         from shoprank.recsys.answer import answer_many
 
-        answered = answer_many(self.retrieval, ranking, asked, vectors)
+        answered = answer_many(self.retrieval, ranking, asked, vectors, self.exploration)
         return [dataclasses.replace(answer, replica=self.replica) for answer in answered]
