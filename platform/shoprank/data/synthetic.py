@@ -835,6 +835,11 @@ class ShopSimulator:
         pick = np.asarray(ranked_product_ids, dtype=object)
         return Outcome(list(pick[clicked]), list(pick[carted]), list(pick[bought]))
 
+    def click_probabilities(self, user: str, product_ids: list[str]) -> np.ndarray:
+        """P(click | examined) of each product for ``user`` browsing (no query): how much a recommendation of it is
+        worth to them, the gain of a measurement's NDCG."""
+        return self.model.response_probabilities(self._user(user), self._products(product_ids))[1]
+
     def expected_utility(self, user: str, product_ids: list[str]) -> np.ndarray:
         """The user's hidden utility of each product (for diagnosing a model, not for training)."""
         return self.model.utility(self._user(user), self._products(product_ids))
