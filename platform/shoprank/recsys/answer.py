@@ -22,6 +22,7 @@ vectors: the one implementation that Serve's per-variant deployment
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +32,14 @@ from shoprank.config import Config
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
+from shoprank.errors import ShopRankError
 from shoprank.recsys.explore import Exploration
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
+from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 from shoprank.recsys.retrieval import retrieve
 from shoprank.recsys.types import Candidates, History, ProductStats
+from shoprank.store.events import CatalogueChange
 
 
 @dataclass
@@ -69,6 +73,16 @@ class Retrieval:
         rows, types, ts = zip(*known)
         return past.followed_by(History(np.array(rows, np.int64), list(types), np.array(ts, np.float64)), limit)
 
+    def shown(self, items: list[Ranked]) -> list[Ranked]:
+        """``items`` with what the catalogue they were ranked with shows of each (a change put a moment ago
+        included)."""
+        listing = self.context.catalogue.listing
+        if listing is not None:
+            row_of = self.context.catalogue.stats.row_of
+            for item in items:
+                item.shown = listing.shown(row_of[item.product_id])
+        return items
+
     def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None, query_vector: np.ndarray | None,
                  now_s: float) -> Retrieved:
         history = self.history(user_id, live, now_s)
@@ -89,7 +103,16 @@ class Ranking:
         self.popularity_weight = popularity_weight
         self.explained_features = explained_features
         self.diversity = diversity
-        self.brands_named = BrandsNamed(stats.brand_names)
+        self._brands_named = BrandsNamed(stats.brand_names)
+        self._brands_known = len(stats.brand_names)
+
+    @property
+    def brands_named(self) -> BrandsNamed:
+        """Which brands a query names, over the brands the catalogue knows now (a live catalogue's list grows)."""
+        if self._brands_known != len(self.stats.brand_names):
+            self._brands_named = BrandsNamed(self.stats.brand_names)
+            self._brands_known = len(self.stats.brand_names)
+        return self._brands_named
 
     @classmethod
     def served(cls, config: Config, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
@@ -187,7 +210,7 @@ def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
     if exploration is not None:
         ranked = [_explored(exploration, retrieval, a, r, items, vectors)
                   for a, r, items in zip(asked, retrieved, ranked)]
-    return [Answered(items, len(r.history)) for items, r in zip(ranked, retrieved)]
+    return [Answered(retrieval.shown(items), len(r.history)) for items, r in zip(ranked, retrieved)]
 
 
 def _explored(exploration: Exploration, retrieval: Retrieval, asked: Asked, retrieved: Retrieved, items: list[Ranked],
@@ -223,6 +246,8 @@ class VariantPipeline:
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
     exploration: Exploration | None = None
     """Exploration slots for live-added products, as a Serve replica fills them (default: none, the offline path)."""
+    catalogue_log: LiveCatalogue | None = field(default=None, init=False)
+    """The catalogue change log applied so far (:meth:`apply_catalogue`; None: none yet)."""
 
     def __post_init__(self) -> None:
         self.retrieval = Retrieval(self.context)
@@ -241,6 +266,17 @@ class VariantPipeline:
         queries = sorted({a.query for a in asked if a.query is not None})
         vectors = dict(zip(queries, self.context.encode_queries(queries))) if queries else {}
         return answer_many(self.retrieval, self.ranking, asked, vectors, self.exploration)
+
+    def apply_catalogue(self, changes: Sequence[CatalogueChange]) -> dict[str, int]:
+        """Apply catalogue change log entries (:class:`~shoprank.recsys.live.LiveCatalogue`), new texts embedded
+        by this context's own encoder as a Serve replica embeds them; how many puts and deletes changed it."""
+        if self.catalogue_log is None:
+            embedder, max_length = self.context.embedder, self.context.config.encoder.max_length
+            if embedder is None:
+                raise ShopRankError("this ranking context was loaded without its encoder (encoder=False): it cannot "
+                                    "embed the products the catalogue change log puts")
+            self.catalogue_log = LiveCatalogue(self.context, lambda texts: embedder.embed(texts, max_length))
+        return self.catalogue_log.apply(changes)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:
         """Record a live event: the next answer for ``user_id`` sees it."""

@@ -32,7 +32,7 @@ from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.errors import ShopRankError
 from shoprank.recsys.features import epoch_seconds, product_stats
 from shoprank.recsys.retrieval import Catalogue, ItemItem, RecentPopularity, fit_item_item
-from shoprank.recsys.types import EXCLUSION, History, ProductStats
+from shoprank.recsys.types import EXCLUSION, History, Listing, ProductStats
 from shoprank.store.run import Run
 from shoprank.store.tables import read_table
 
@@ -313,6 +313,6 @@ def assemble_context(
         judged_relevant=judged(stats.row_of) if judged is not None else None,
         bm25_k1=config.retrieval.bm25_k1, bm25_b=config.retrieval.bm25_b,
         popularity_by=config.retrieval.popularity_by, repeat_types=tuple(config.retrieval.repeat_event_types),
-        repeat_half_life_days=config.retrieval.repeat_half_life_days,
+        repeat_half_life_days=config.retrieval.repeat_half_life_days, listing=Listing.of(products),
     )
     return RankingContext(config, catalogue, embedder, EventLog(known, stats.row_of), cutoff)

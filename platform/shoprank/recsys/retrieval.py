@@ -42,8 +42,9 @@ history is a sparse row sum, so a new event counts in the very next answer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -54,9 +55,11 @@ import scipy.sparse as sp
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
+from shoprank.config import EmbedConfig
+from shoprank.encoder.index import build_index
 from shoprank.encoder.users import user_embedding
 from shoprank.recsys.features import compute_features
-from shoprank.recsys.types import SOURCES, Candidates, History, ProductStats
+from shoprank.recsys.types import SOURCES, Candidates, History, Listing, ProductStats
 
 if TYPE_CHECKING:  # the context holds a catalogue: a runtime import would run in a circle
     from shoprank.recsys.context import RankingContext
@@ -156,6 +159,11 @@ class RecentPopularity:
         none = np.zeros(0, np.int64)
         return cls(none.astype(np.float64), none, none, size, days)
 
+    def resize(self, size: int) -> None:
+        """Count over ``size`` catalogue rows (products put live have no engagement yet)."""
+        self.size = size
+        self._window.cache_clear()
+
     def window_end(self, now_s: float) -> float:
         """Where the window before ``now_s`` ends (see the class docstring)."""
         return float(np.floor(min(now_s, self.last_s + HOUR_S) / HOUR_S) * HOUR_S)
@@ -170,6 +178,80 @@ class RecentPopularity:
         events = np.bincount(rows, minlength=self.size).astype(np.float32)
         shoppers = np.bincount(np.unique(users * self.size + rows) % self.size, minlength=self.size)
         return events, shoppers.astype(np.float32)
+
+
+class DeltaLexical:
+    """BM25 over the products put live (their new text), scored with the main index's corpus statistics.
+
+    Not a second ``bm25s`` index: its document frequencies and mean length over a handful of documents would make
+    its scores incomparable with the main index's. Each delta document is scored as ``bm25s`` scores a document
+    of the main corpus (its default, Lucene's: ``idf = log(1 + (N - df + 0.5) / (df + 0.5))``, ``tfc = tf /
+    (k1 * (1 - b + b * l_d / l_avg) + tf)``) with the main corpus's ``N``, ``df`` and ``l_avg``, so a live product
+    and a run product compete on one scale. A word the main corpus never saw (a new product's brand-new name)
+    has ``df`` 0: it is found here alone, as ``bm25s`` ignores query words outside its vocabulary.
+    """
+
+    def __init__(self, corpus: bm25s.tokenization.Tokenized, k1: float, b: float) -> None:
+        lengths = np.array([len(ids) for ids in corpus.ids], dtype=np.int64)
+        self.documents = len(lengths)
+        self.mean_length = float(lengths.mean()) if len(lengths) else 0.0
+        word_of = {i: word for word, i in corpus.vocab.items()}
+        frequencies = np.zeros(max(word_of, default=-1) + 1, np.int64)
+        if lengths.sum():
+            flat = np.concatenate([np.asarray(ids, np.int64) for ids in corpus.ids])
+            pairs = np.unique(np.repeat(np.arange(len(lengths)), lengths) * len(frequencies) + flat)
+            frequencies = np.bincount(pairs % len(frequencies), minlength=len(frequencies))
+        self.frequency = {word_of[i]: int(f) for i, f in enumerate(frequencies) if f}
+        self.k1, self.b = k1, b
+        self.terms: dict[int, tuple[dict[str, int], int]] = {}
+        """Catalogue row -> (term frequency of each word, length) of its live text."""
+
+    def put(self, row: int, text: str) -> None:
+        words = bm25s.tokenize([text], stopwords="en", show_progress=False, return_ids=False)[0]
+        counts: dict[str, int] = {}
+        for word in words:
+            counts[word] = counts.get(word, 0) + 1
+        self.terms[row] = (counts, len(words))
+
+    def remove(self, row: int) -> None:
+        self.terms.pop(row, None)
+
+    def scores(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(catalogue rows, BM25 score of ``words``) of every delta document."""
+        rows = np.fromiter(self.terms, np.int64, len(self.terms))
+        scores = np.zeros(len(rows), np.float32)
+        idf = {word: np.float32(math.log(1 + (self.documents - self.frequency.get(word, 0) + 0.5)
+                                         / (self.frequency.get(word, 0) + 0.5))) for word in set(words)}
+        for i, (counts, length) in enumerate(self.terms.values()):
+            norm = self.k1 * ((1 - self.b) + self.b * length / self.mean_length) if self.mean_length else self.k1
+            for word in words:  # a repeated query word counts each time, as in bm25s
+                tf = counts.get(word, 0)
+                if tf:
+                    scores[i] += np.float32(float(idf[word]) * tf / (norm + tf))
+        return rows, scores
+
+
+@dataclass
+class MainIndices:
+    """The main FAISS and BM25 indices over some catalogue rows (:meth:`Catalogue.compacted`)."""
+
+    rows: np.ndarray
+    """The catalogue row of each index entry and BM25 document."""
+    index: faiss.Index
+    bm25: bm25s.BM25
+    lexical: DeltaLexical
+    """An empty delta BM25 over these documents' statistics."""
+
+
+def main_indices(rows: np.ndarray, vectors: np.ndarray, texts: list[str], index_config: EmbedConfig, k1: float,
+                 b: float) -> MainIndices:
+    """Main indices over ``rows`` (their ``vectors`` and ``texts``): FAISS as the embed stage builds it, BM25 as a
+    catalogue's is."""
+    corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
+    lexical = DeltaLexical(corpus, k1, b)
+    bm25 = bm25s.BM25(k1=k1, b=b)
+    bm25.index(corpus, show_progress=False)
+    return MainIndices(rows, build_index(vectors, index_config), bm25, lexical)
 
 
 @dataclass
@@ -202,13 +284,44 @@ class Catalogue:
     repeat_types: Collection[str] = ("purchase",)
     """``retrieval.repeat_event_types``: the events whose products the repeat source proposes."""
     repeat_half_life_days: float = 60.0
+    listing: Listing | None = None
+    """What answers show of each product (None: the ingress shows its own copy of the run's rows)."""
+    alive: np.ndarray = field(init=False)
+    """Per row: listed (False: deleted through the catalogue change log; no source proposes it, its statistics
+    stay readable for the histories that name it)."""
+    added_at_s: np.ndarray = field(init=False)
+    """Per row: when the change log put it (the change's time); NaN for the run's products."""
+    stale_in_main: np.ndarray = field(init=False)
+    """Per row: its vector and text are not (or no more) those of the main FAISS and BM25 indices: the delta
+    indices hold them."""
+    delta_index: faiss.IndexIDMap2 = field(init=False)
+    """The vectors of the rows put live (ids: catalogue rows), searched beside the main index."""
+    delta_lexical: DeltaLexical = field(init=False)
 
     def __post_init__(self) -> None:
         self.bm25 = bm25s.BM25(k1=self.bm25_k1, b=self.bm25_b)
-        self.bm25.index(bm25s.tokenize(self.texts, stopwords="en", show_progress=False), show_progress=False)
+        corpus = bm25s.tokenize(self.texts, stopwords="en", show_progress=False)
+        self.delta_lexical = DeltaLexical(corpus, self.bm25_k1, self.bm25_b)
+        self.bm25.index(corpus, show_progress=False)
+        self.lexical_rows = np.arange(len(self.texts))
+        """The catalogue row of each document of the main BM25 index."""
+        self._touched: set[int] | None = None
+        """Rows changed since the snapshot a compaction builds from (None: no compaction under way)."""
+        n = len(self.stats.product_ids)
+        self.alive = np.ones(n, bool)
+        self.added_at_s = np.full(n, np.nan)
+        self.stale_in_main = np.zeros(n, bool)
+        self.withdrawn = np.zeros(0, np.int64)
+        """The rows not :attr:`alive`, for the sources' exclusions."""
+        self.delta_index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.vectors.shape[1]))
+        self.order_by_popularity()
+
+    def order_by_popularity(self) -> None:
+        """The popular sources' orders (listed products only): at load, and after live changes."""
         judged = np.zeros(len(self.stats.popularity)) if self.judged_relevant is None else self.judged_relevant
         keys = (-judged, -self.stats.popularity, -self.stats.popularity_shoppers)  # the last key sorts first
         by_popularity = np.lexsort(keys if self.popularity_by == "shoppers" else keys[:2])
+        by_popularity = by_popularity[self.alive[by_popularity]]
         self.popular = by_popularity
         self.popular_in = {
             int(c): by_popularity[self.stats.category[by_popularity] == c] for c in np.unique(self.stats.category)
@@ -217,18 +330,112 @@ class Catalogue:
             int(d): by_popularity[self.stats.department[by_popularity] == d] for d in np.unique(self.stats.department)
         }
 
+    def extend(self, added_at_s: np.ndarray) -> None:
+        """Room for products put live at ``added_at_s`` (their statistics' rows already appended). Every
+        catalogue-length structure grows: an unseen product has no co-engagement, item-item weight, recent
+        engagement or judgment, and no vector in the main index (:meth:`put` gives it one in the delta index)."""
+        start, count = len(self.alive), len(added_at_s)
+        self.alive = np.concatenate([self.alive, np.ones(count, bool)])
+        self.added_at_s = np.concatenate([self.added_at_s, added_at_s])
+        self.stale_in_main = np.concatenate([self.stale_in_main, np.ones(count, bool)])
+        self.vectors = np.concatenate([self.vectors, np.zeros((count, self.vectors.shape[1]), self.vectors.dtype)])
+        self.texts.extend([""] * count)
+        size = start + count
+        self.item_item.weights.resize((size, size))
+        self.recent.resize(size)
+        if self.judged_relevant is not None:
+            self.judged_relevant = np.concatenate([self.judged_relevant, np.zeros(count)])
+
+    def put(self, row: int, text: str, vector: np.ndarray | None) -> None:
+        """List row ``row`` with ``text`` and ``vector`` (None: its text is unchanged, and so is its vector)."""
+        if self._touched is not None:
+            self._touched.add(row)
+        self.alive[row] = True
+        if vector is not None:
+            self.vectors[row] = vector
+            self.stale_in_main[row] = True
+        if self.stale_in_main[row]:
+            self.delta_index.remove_ids(np.array([row], np.int64))
+            self.delta_index.add_with_ids(self.vectors[row:row + 1].astype(np.float32), np.array([row], np.int64))
+            self.texts[row] = text
+            self.delta_lexical.put(row, text)
+
+    def withdraw(self, row: int) -> None:
+        """Unlist row ``row``: no source proposes it again."""
+        if self._touched is not None:
+            self._touched.add(row)
+        self.alive[row] = False
+        self.delta_index.remove_ids(np.array([row], np.int64))
+        self.delta_lexical.remove(row)
+
+    def outdated(self) -> int:
+        """Rows the main indices hold wrongly or not at all: changed or put live, or withdrawn but still indexed.
+        Past ``serve.catalogue_compact_rows`` of them, :meth:`compacted` indices replace the main ones."""
+        return int(self.stale_in_main.sum()) + int((~self.alive[self.index_rows]).sum())
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(listed rows, their vectors, their texts) for :func:`main_indices`, built apart (the caller holds the
+        readers' lock here only); changes from now on are remembered for :meth:`compacted`."""
+        rows = np.flatnonzero(self.alive)
+        self._touched = set()
+        return rows, self.vectors[rows].copy(), [self.texts[r] for r in rows]
+
+    def compacted(self, built: MainIndices) -> None:
+        """Swap ``built`` in as the main indices (the caller holds the readers' lock): the rows changed since its
+        snapshot stay in the delta indices, every other listed row is the main indices' again."""
+        touched = np.array(sorted(self._touched or ()), np.int64)
+        self._touched = None
+        self.index, self.index_rows, self.bm25, self.lexical_rows = built.index, built.rows, built.bm25, built.rows
+        self.delta_lexical = built.lexical
+        self.stale_in_main[:] = False
+        self.stale_in_main[touched] = True
+        self.delta_index.reset()
+        for row in touched[self.alive[touched]]:
+            self.put(int(row), self.texts[row], None)
+
+    def forget_snapshot(self) -> None:
+        """A compaction that failed: stop remembering changes for it."""
+        self._touched = None
+
+    def settle(self) -> None:
+        """After a batch of :meth:`put` and :meth:`withdraw`: the exclusions and the popular orders."""
+        self.withdrawn = np.flatnonzero(~self.alive)
+        self.order_by_popularity()
+
     def bm25_scores(self, query: str) -> np.ndarray:
-        """BM25 score of ``query`` against every product (catalogue order)."""
+        """BM25 score of ``query`` against every product (catalogue order): the main index's, then the delta's
+        (:class:`DeltaLexical`) for the rows put live; 0 for a withdrawn product."""
         tokens = bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)[0]
+        scores = np.zeros(len(self.texts), np.float32)
         if not tokens:
-            return np.zeros(len(self.texts), np.float32)
-        return self.bm25.get_scores(tokens).astype(np.float32)
+            return scores
+        scores[self.lexical_rows] = self.bm25.get_scores(tokens)
+        if self.delta_lexical.terms or len(self.withdrawn):
+            scores[self.stale_in_main] = 0.0
+            rows, delta = self.delta_lexical.scores(tokens)
+            scores[rows] = delta
+            scores[self.withdrawn] = 0.0
+        return scores
 
     def nearest(self, vector: np.ndarray, n: int, excluded: np.ndarray | None = None) -> np.ndarray:
-        """Catalogue rows of the ``n`` products nearest to ``vector`` in the index, ``excluded`` rows left out."""
+        """Catalogue rows of the ``n`` listed products nearest to ``vector``, ``excluded`` rows left out: the main
+        index asked for as many more as it holds outdated or withdrawn rows, merged by inner product with the
+        delta index of the rows put live. Works for any FAISS index (HNSW has no ``remove_ids``)."""
         extra = 0 if excluded is None else len(excluded)
-        _, found = self.index.search(vector.reshape(1, -1).astype(np.float32), n + extra)
-        rows = self.index_rows[found[0][found[0] >= 0]]
+        query = vector.reshape(1, -1).astype(np.float32)
+        masked = self.outdated() if self.delta_index.ntotal or len(self.withdrawn) else 0
+        similarity, found = self.index.search(query, n + extra + masked)
+        kept = found[0] >= 0
+        rows, similarity = self.index_rows[found[0][kept]], similarity[0][kept]
+        if masked:
+            current = self.alive[rows] & ~self.stale_in_main[rows]
+            rows, similarity = rows[current], similarity[current]
+        if self.delta_index.ntotal:
+            delta_similarity, delta_rows = self.delta_index.search(query, min(n + extra, self.delta_index.ntotal))
+            kept = delta_rows[0] >= 0
+            rows = np.concatenate([rows, delta_rows[0][kept]])
+            order = np.argsort(-np.concatenate([similarity, delta_similarity[0][kept]]), kind="stable")
+            rows = rows[order]
         return _without(rows, excluded, n)
 
     def user_vector(self, history: History, now_s: float, half_life_days: float) -> np.ndarray | None:
@@ -245,19 +452,20 @@ class Catalogue:
         lists = {"dense": self.nearest(query_vector, n, blocked)}
         if dense_only:
             return self._merge(lists, query_vector, None, blocked=blocked)
-        bm25 = self.bm25_scores(query)
+        bm25 = self.bm25_scores(query)  # 0 for the withdrawn products
         ranked_by_bm25 = bm25 if blocked is None or not len(blocked) else _zeroed(bm25, blocked)
         lexical = np.argsort(-ranked_by_bm25, kind="stable")[:n]
         lists["lexical"] = lexical[ranked_by_bm25[lexical] > 0]
         return self._merge(lists, query_vector, bm25, recent=self.recent.at(now_s), blocked=blocked)
 
     def trending(self, now_s: float) -> np.ndarray:
-        """Catalogue rows engaged in the window before ``now_s`` (:class:`RecentPopularity`), most first by
+        """Listed catalogue rows engaged in the window before ``now_s`` (:class:`RecentPopularity`), most first by
         ``popularity_by`` (ties: engagements, then catalogue order)."""
         events, shoppers = self.recent.at(now_s)
         order = np.lexsort((-events, -shoppers)) if self.popularity_by == "shoppers" else np.argsort(-events,
                                                                                                     kind="stable")
-        return order[: int((events > 0).sum())]
+        engaged = order[: int((events > 0).sum())]
+        return engaged[self.alive[engaged]]
 
     def repeat_scores(self, history: History, now_s: float) -> np.ndarray:
         """Each product's recency-decayed count of the user's events of ``repeat_types`` (catalogue order)."""
@@ -273,6 +481,8 @@ class Catalogue:
         excluded = self.excluded_rows(history)
         if blocked is not None and len(blocked):
             excluded = np.union1d(excluded, blocked)
+        if len(self.withdrawn):  # left out early too, so that every source's list stays full
+            excluded = np.union1d(excluded, self.withdrawn)
         if user_vector is not None:
             lists["dense"] = self.nearest(user_vector, n, excluded)
         if dense_only:
@@ -319,11 +529,12 @@ class Catalogue:
                repeat_score: np.ndarray | None = None,
                recent: tuple[np.ndarray, np.ndarray] | None = None,
                blocked: np.ndarray | None = None) -> Candidates:
-        """Every source's list as one set of candidates; the one place all sources pass, so a ``blocked`` row
-        leaves here whichever source proposed it."""
+        """Every source's list as one set of candidates; the one place all sources pass, so a ``blocked`` or
+        withdrawn row leaves here whichever source proposed it."""
         position: dict[int, int] = {}
         sources: dict[int, int] = {}
-        left_out = set() if blocked is None else set(blocked.tolist())
+        left_out = set(self.withdrawn.tolist()) if blocked is None else set(blocked.tolist()) | set(
+            self.withdrawn.tolist())
         for name, rows in lists.items():
             bit = 1 << SOURCES.index(name)
             for rank, row in enumerate(rows.tolist(), start=1):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
 SOURCES = ("dense", "lexical", "coengaged", "popular", "collaborative", "repeat")
 """Candidate sources, as bits of :attr:`Candidates.sources` (bit i = ``SOURCES[i]``)."""
@@ -60,10 +62,81 @@ class ProductStats:
 
     def __post_init__(self) -> None:
         self.row_of = {p: i for i, p in enumerate(self.product_ids)}
-        order = np.lexsort((np.arange(len(self.popularity)), -self.popularity, self.category))
+        self.rank_within_categories()
+
+    def rank_within_categories(self, alive: np.ndarray | None = None) -> None:
+        """Set :attr:`rank_in_category`; ``alive`` (a live catalogue's listed products, None: all) puts withdrawn
+        products after every listed one of their category, so a listed product's rank is the one a catalogue built
+        without the withdrawn ones gives it."""
+        withdrawn = np.zeros(len(self.popularity), bool) if alive is None else ~alive
+        order = np.lexsort((np.arange(len(self.popularity)), -self.popularity, withdrawn, self.category))
         starts = np.searchsorted(self.category[order], self.category[order], side="left")
         self.rank_in_category = np.empty(len(order), np.int64)
         self.rank_in_category[order] = np.arange(len(order)) - starts
+
+    def price_within_categories(self, alive: np.ndarray) -> None:
+        """Set :attr:`price_in_category` against the median log price of each category's listed (``alive``)
+        products, as :func:`~shoprank.recsys.features.product_stats` sets it over a catalogue of those products."""
+        median = pd.Series(self.log_price[alive]).groupby(self.category[alive]).median()
+        of_row = median.reindex(self.category).to_numpy(np.float64)
+        self.price_in_category = np.where(self.has_category, self.log_price - of_row, np.nan)
+
+    def append_unseen(self, product_ids: list[str]) -> np.ndarray:
+        """Rows for products no event of the run names (put live), with the statistics
+        :func:`~shoprank.recsys.features.product_stats` gives such a product: no engagement (``log1p(0)``), and
+        every rate missing, never a ratio over zero. Their attributes are set by :meth:`describe`; returns the
+        new rows."""
+        start, count = len(self.product_ids), len(product_ids)
+        self.product_ids.extend(product_ids)
+        self.row_of.update({p: start + i for i, p in enumerate(product_ids)})
+        zeros, missing = np.zeros(count), np.full(count, np.nan)
+        for name in ("popularity", "popularity_shoppers", "log_price", "price_in_category"):
+            setattr(self, name, np.concatenate([getattr(self, name), zeros]))
+        for name in ("repeat_rate", "ctr", "conversion"):
+            setattr(self, name, np.concatenate([getattr(self, name), missing]))
+        for name in ("category", "department", "brand", "brand_group"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(count, np.int64)]))
+        for name in ("has_category", "has_brand"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(count, bool)]))
+        self.rank_in_category = np.concatenate([self.rank_in_category, np.zeros(count, np.int64)])
+        return np.arange(start, start + count)
+
+    def describe(self, row: int, *, category: int, department: int, brand: int, brand_group: int, price: float,
+                 has_category: bool, has_brand: bool) -> None:
+        """Set row ``row``'s attributes (codes as :func:`~shoprank.recsys.features.product_stats` gives them);
+        call :meth:`price_within_categories` and :meth:`rank_within_categories` after the last one."""
+        self.category[row], self.department[row], self.brand[row] = category, department, brand
+        self.brand_group[row] = brand_group
+        self.log_price[row] = np.log1p(price)
+        self.has_category[row], self.has_brand[row] = has_category, has_brand
+
+
+@dataclass
+class Listing:
+    """What an answer shows of each product (catalogue order): a live catalogue's change shows in the answer
+    ranked with it, without waiting for anything else to learn of it."""
+
+    title: list[str]
+    category: list[str | None]
+    brand: list[str | None]
+    price: list[float]
+
+    @classmethod
+    def of(cls, products: pa.Table) -> "Listing":
+        return cls(*(products.column(name).to_pylist() for name in ("title", "category", "brand", "price")))
+
+    def shown(self, row: int) -> dict:
+        """Row ``row`` as :attr:`shoprank.recsys.messages.Ranked.shown` carries it."""
+        return {"title": self.title[row], "category": self.category[row], "brand": self.brand[row],
+                "price": self.price[row]}
+
+    def put(self, row: int, title: str, category: str | None, brand: str | None, price: float) -> None:
+        """Set row ``row`` (the next row past the end: append it)."""
+        if row == len(self.title):
+            self.title.append(title), self.category.append(category), self.brand.append(brand)
+            self.price.append(price)
+        else:
+            self.title[row], self.category[row], self.brand[row], self.price[row] = title, category, brand, price
 
 
 @dataclass

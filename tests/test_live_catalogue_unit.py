@@ -1,0 +1,226 @@
+"""The live catalogue without Ray: a variant's catalogue changed in place by the catalogue change log
+(:mod:`shoprank.recsys.live`) answers as a catalogue built with the changes, a deleted product leaves every candidate
+source, the delta BM25 scores as ``bm25s`` does, and the replica's follower (:mod:`shoprank.serving.catalogue_state`)
+catches up with a store and reports its lag.
+
+The shop is ``fake_shop.py``'s (36 products, five shoppers, a hashed-words encoder): the real retrieval, features and
+ranking path over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import bm25s
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import tiny_config
+from fake_shop import DIMENSIONS, START, HashedWords, events, products
+from shoprank.config import Config
+from shoprank.data.catalogue import normalised_products
+from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
+from shoprank.privacy import Pseudonyms
+from shoprank.recsys.answer import VariantPipeline
+from shoprank.recsys.context import RankingContext, assemble_context
+from shoprank.recsys.features import COLUMN
+from shoprank.recsys.retrieval import DeltaLexical, rank_inputs
+from shoprank.recsys.types import SOURCES, ProductStats
+from shoprank.serving.catalogue_state import CatalogueFollower
+from shoprank.store.events import CatalogueChange
+
+USER_KEY = b"k" * 32
+NOW_S = (START + dt.timedelta(days=30)).timestamp()
+NEW = [
+    # an existing category and brand
+    {"product_id": "N1", "title": "Acme <b>Zephyrine</b> skillet", "description": "A light skillet.",
+     "category": "Kitchen > Cookware", "brand": "Acme", "price": 31.0, "attributes": {"colour": "red"}},
+    # a category, department and brand nobody had: new codes, and a brand a query can name
+    {"product_id": "N2", "title": "Dewfall garden hose", "description": "Thirty metres of hose.",
+     "category": "Garden > Hoses", "brand": "Dewfall", "price": 24.5, "attributes": {}},
+    # neither category nor brand
+    {"product_id": "N3", "title": "Quillon lantern", "description": None, "category": None, "brand": None,
+     "price": 12.0, "attributes": None},
+]
+CHANGED = {
+    "P00004": {"price": 99.0},  # a price: the same text, no re-embedding
+    "P00010": {"title": "Borealis red chef knife, forged"},  # a title: a new text and vector
+}
+QUERIES = ["acme skillet", "zephyrine", "dewfall garden hose", "quillon lantern", "red chef knife forged", "tent"]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    return tiny_config(tmp_path_factory.mktemp("live"))
+
+
+def record_rows() -> list[dict]:
+    """The fake shop's catalogue as record rows (attributes as dicts, as the change log holds them)."""
+    return [{**row, "attributes": dict(row["attributes"])} for row in products().to_pylist()]
+
+
+def context_of(config: Config, rows: Sequence[dict]) -> RankingContext:
+    """A context assembled from scratch over ``rows`` (record rows), normalised as the preprocess stage does."""
+    table = normalised_products(pa.Table.from_pylist([{**r, "attributes": list((r["attributes"] or {}).items())}
+                                                      for r in rows], schema=products().schema),
+                                {}, config.preprocess.description_chars)
+
+    def dense(stats: ProductStats) -> tuple[np.ndarray, faiss.Index, np.ndarray]:
+        vectors = HashedWords().embed(product_texts(table, config.encoder), config.encoder.max_length)
+        index = faiss.IndexFlatIP(DIMENSIONS)
+        index.add(vectors)
+        return vectors, index, np.arange(len(vectors))
+
+    return assemble_context(config, table, events(Pseudonyms(USER_KEY)), dense, HashedWords())
+
+
+def puts(rows: Sequence[dict], first_seq: int = 1) -> list[CatalogueChange]:
+    return [CatalogueChange(first_seq + i, "put", r["product_id"], r, NOW_S - 60) for i, r in enumerate(rows)]
+
+
+def changed_rows() -> list[dict]:
+    """The base catalogue with :data:`CHANGED` applied, then :data:`NEW`: what a rebuilt catalogue holds."""
+    return [{**r, **CHANGED.get(r["product_id"], {})} for r in record_rows()] + NEW
+
+
+def requests(context: RankingContext) -> list[tuple[str | None, str | None]]:
+    """(user, query): every shopper's recommendation, an anonymous one, and searches of old and new products."""
+    users = sorted(context.events.histories)
+    return [(u, None) for u in users] + [(None, None)] + [(u, q) for q in QUERIES for u in (None, users[0])]
+
+
+def answered(context: RankingContext, user: str | None, query: str | None) -> dict[str, np.ndarray]:
+    """Product id -> feature row of the request's candidates."""
+    vector = HashedWords().embed([query], QUERY_MAX_LENGTH)[0] if query is not None else None
+    inputs = rank_inputs(context, user, query, vector, NOW_S)
+    ids = context.catalogue.stats.product_ids
+    return {ids[row]: features for row, features in zip(inputs.candidates.rows, inputs.features)}
+
+
+def test_a_live_put_answers_as_a_catalogue_built_with_it(config: Config) -> None:
+    rebuilt = context_of(config, changed_rows())
+    live = VariantPipeline(context_of(config, record_rows()), "retrieval")
+    changes = puts([{**r, **CHANGED[r["product_id"]]} for r in record_rows() if r["product_id"] in CHANGED] + NEW)
+    assert live.apply_catalogue(changes) == {"put": 5, "delete": 0}
+    assert live.catalogue_log is not None and live.catalogue_log.cursor == 5
+    catalogue = live.context.catalogue
+    assert catalogue.stats.product_ids == rebuilt.catalogue.stats.product_ids  # new rows appended, changed in place
+    np.testing.assert_array_equal(np.isnan(catalogue.added_at_s), [True] * 36 + [False] * 3)
+    # only the products whose text changed were embedded, with the encoder the catalogue was built with
+    assert catalogue.stale_in_main.sum() == 4 and catalogue.delta_index.ntotal == 4
+    np.testing.assert_allclose(catalogue.vectors, rebuilt.catalogue.vectors, atol=1e-6)
+    for name in ("popularity", "popularity_shoppers", "repeat_rate", "ctr", "conversion", "log_price",
+                 "price_in_category", "rank_in_category", "has_category", "has_brand"):
+        np.testing.assert_array_equal(getattr(catalogue.stats, name), getattr(rebuilt.catalogue.stats, name), name)
+    # cold start: no counts, and every rate missing, never a ratio over zero
+    assert np.isnan(catalogue.stats.ctr[36:]).all() and (catalogue.stats.popularity[36:] == 0).all()
+    pipeline = VariantPipeline(rebuilt, "retrieval")
+    bm25 = COLUMN["bm25"]
+
+    def same_answers(compacted: bool) -> None:
+        for user, query in requests(rebuilt):
+            built, changed = answered(rebuilt, user, query), answered(live.context, user, query)
+            assert built.keys() == changed.keys(), (user, query)
+            for product, features in built.items():
+                if compacted:
+                    np.testing.assert_array_equal(features, changed[product], err_msg=f"{user} {query} {product}")
+                    continue
+                # before compaction, a live text's BM25 is scored with the run corpus's statistics (DeltaLexical),
+                # not a rebuilt corpus's: the one feature that differs, and only where a query word is in it
+                np.testing.assert_array_equal(np.delete(features, bm25), np.delete(changed[product], bm25),
+                                              err_msg=f"{user} {query} {product}")
+                assert (features[bm25] > 0) == (changed[product][bm25] > 0)
+            if query is None or compacted:  # a search orders by BM25 too: the same once compacted
+                got = live.search(query, user, 10, NOW_S) if query else live.recommend(user, 10, NOW_S)
+                want = pipeline.search(query, user, 10, NOW_S) if query else pipeline.recommend(user, 10, NOW_S)
+                assert [r.product_id for r in got] == [r.product_id for r in want], (user, query)
+                assert [r.shown for r in got] == [r.shown for r in want]
+
+    same_answers(compacted=False)
+    assert catalogue.outdated() == 4
+    live.catalogue_log.compact(threading.Lock())
+    assert catalogue.outdated() == 0 and catalogue.delta_index.ntotal == 0 and not catalogue.delta_lexical.terms
+    same_answers(compacted=True)
+    found = live.search("zephyrine", None, 3, NOW_S)
+    assert found[0].product_id == "N1" and found[0].shown == {"title": "acme zephyrine skillet",
+                                                              "category": "Kitchen > Cookware", "brand": "acme",
+                                                              "price": 31.0}
+    assert live.search("acme skillet", None, 50, NOW_S)[0].shown is not None
+    assert "dewfall" in live.ranking.brands_named.code  # a brand put live is one a query can name
+
+
+def test_a_deleted_row_leaves_every_source(config: Config) -> None:
+    """The shop's most popular product and a product co-engaged with a shopper's recent ones, deleted: no source
+    proposes either to anyone, searched by its own title or recommended; put back unchanged, answers are as before."""
+    live = VariantPipeline(context_of(config, record_rows()), "retrieval")
+    catalogue = live.context.catalogue
+    users = [None, *sorted(live.context.events.histories)]
+
+    def sources(user: str | None, query: str | None) -> dict[int, set[str]]:
+        vector = HashedWords().embed([query], QUERY_MAX_LENGTH)[0] if query is not None else None
+        candidates = rank_inputs(live.context, user, query, vector, NOW_S).candidates
+        return {int(row): {name for i, name in enumerate(SOURCES) if bits >> i & 1}
+                for row, bits in zip(candidates.rows, candidates.sources)}
+
+    popular = int(catalogue.popular[0])
+    coengaged = next(row for user in users[1:] for row, names in sources(user, None).items()
+                     if "coengaged" in names and row != popular)
+    deleted = {popular, coengaged}
+    titles = [catalogue.listing.title[row] for row in deleted]
+    requests = [(user, query) for user in users for query in (None, *titles)]
+    before = [names for user, query in requests for row, names in sources(user, query).items() if row in deleted]
+    assert {"dense", "lexical", "popular", "coengaged"} <= set().union(*before)  # the test can fail: they were
+
+    def answers() -> list[list[str]]:
+        return [[r.product_id for r in (live.search(q, u, 10, NOW_S) if q else live.recommend(u, 10, NOW_S))]
+                for u, q in requests]
+
+    shown = answers()
+    ids = [catalogue.stats.product_ids[row] for row in deleted]
+    assert any(set(ids) & set(answer) for answer in shown)
+    assert live.apply_catalogue([CatalogueChange(i + 1, "delete", p, None, NOW_S) for i, p in enumerate(ids)]) == {
+        "put": 0, "delete": 2}
+    for row in deleted:
+        assert not catalogue.alive[row] and row not in catalogue.popular and row not in catalogue.trending(NOW_S)
+        assert all(row not in rows for rows in catalogue.popular_in.values())
+        assert row not in catalogue.nearest(catalogue.vectors[row], 36)
+        assert catalogue.bm25_scores(catalogue.listing.title[row])[row] == 0
+    for user, query in requests:
+        assert not deleted & sources(user, query).keys(), (user, query)
+        got = live.search(query, user, 36, NOW_S) if query else live.recommend(user, 36, NOW_S)
+        assert not set(ids) & {r.product_id for r in got}, (user, query)
+    # a delete again changes nothing; the rows put back (texts unchanged: no re-embedding) answer as before
+    assert live.apply_catalogue([CatalogueChange(3, "delete", ids[0], None, NOW_S)]) == {"put": 0, "delete": 0}
+    assert live.apply_catalogue(puts([r for r in record_rows() if r["product_id"] in ids], 4)) == {
+        "put": 2, "delete": 0}
+    assert catalogue.delta_index.ntotal == 0 and catalogue.alive.all()  # their vectors are the main index's still
+    assert answers() == shown
+
+
+def test_the_delta_bm25_scores_a_document_as_bm25s_scores_it_in_the_main_index(config: Config) -> None:
+    """Every document of a catalogue, put into a delta over that catalogue's statistics, scores what ``bm25s`` gives
+    it in its own index, for words it has once, twice, or not at all."""
+    texts = product_texts(normalised_products(products(), {}, config.preprocess.description_chars), config.encoder)
+    corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
+    delta = DeltaLexical(corpus, 1.5, 0.75)
+    main = bm25s.BM25(k1=1.5, b=0.75)
+    main.index(corpus, show_progress=False)
+    for row, text in enumerate(texts):
+        delta.put(1000 + row, text)
+    for query in ("acme red skillet", "black black cleaver", "lantern by cinder", "tent", "zephyrine"):
+        words = bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)[0]
+        expected = main.get_scores(words)
+        rows, scores = delta.scores(words)
+        np.testing.assert_array_equal(rows, 1000 + np.arange(len(texts)))
+        np.testing.assert_allclose(scores, expected, rtol=1e-6)
+        assert (expected > 0).any() or query == "zephyrine"
+    # a word the corpus never had: bm25s ignores it, the delta finds the document that has it
+    delta.put(2000, "zephyrine skillet")
+    rows, scores = delta.scores(["zephyrine"])
+    assert rows[scores > 0].tolist() == [2000]
