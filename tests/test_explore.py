@@ -1,8 +1,8 @@
 """Exploration slots for products added while serving (issue 38, item 3): the policy on the request path.
 
-Ray-free: the in-memory fake shop's catalogue with six products added after its run (no events, as a live put
-leaves them: ``added_at_s`` set), its context built by ``assemble_context`` (what ``load_context`` builds from a
-run), answered by :class:`VariantPipeline` through ``answer_many``, the path a Serve replica calls.
+Ray-free: the in-memory fake shop's run (its context built by ``assemble_context``, what ``load_context`` builds
+from a run) with six products put after it through the catalogue change log's path (:class:`LiveCatalogue`),
+answered by :class:`VariantPipeline` through ``answer_many``, the path a Serve replica calls.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from fake_shop import DIMENSIONS, START, HashedWords, events, products
@@ -23,9 +22,10 @@ from shoprank.privacy import Pseudonyms
 from shoprank.recsys.answer import VariantPipeline
 from shoprank.recsys.context import DenseIndex, RankingContext, assemble_context
 from shoprank.recsys.explore import Exploration, ExposureCounts, ExposureFollower
+from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import Asked, Ranked
 from shoprank.recsys.types import ProductStats
-from shoprank.store.events import Impression, open_event_store
+from shoprank.store.events import CatalogueChange, Impression, open_event_store
 
 KEY = b"k" * 32
 NEW = [f"N{i}" for i in range(6)]
@@ -36,22 +36,18 @@ NOW_S = START.timestamp() + 40 * 86_400.0
 ADDED_S = START.timestamp() + 35 * 86_400.0
 
 
-def new_products() -> pa.Table:
-    base = products()
-    rows = [{"product_id": pid, "title": f"Zephyr {noun} {i}", "description": f"A new {noun} by Zephyr.",
-             "category": category, "brand": "Zephyr", "price": 20.0 + i, "attributes": [("colour", "black")]}
-            for i, (pid, (noun, category)) in enumerate(zip(NEW, [("lantern", "Outdoors > Lights"),
-                                                                ("headlamp", "Outdoors > Lights"),
-                                                                ("lantern", "Outdoors > Lights"),
-                                                                ("dome tent", "Outdoors > Tents"),
-                                                                ("skillet", "Kitchen > Cookware"),
-                                                                ("wok", "Kitchen > Cookware")]))]
-    return pa.concat_tables([base, pa.Table.from_pylist(rows, schema=base.schema)])
+def new_products() -> list[dict]:
+    """The record rows of :data:`NEW`, as ``PUT /products`` stores them in the catalogue change log."""
+    kinds = [("lantern", "Outdoors > Lights"), ("headlamp", "Outdoors > Lights"), ("lantern", "Outdoors > Lights"),
+             ("dome tent", "Outdoors > Tents"), ("skillet", "Kitchen > Cookware"), ("wok", "Kitchen > Cookware")]
+    return [{"product_id": pid, "title": f"Zephyr {noun} {i}", "description": f"A new {noun} by Zephyr.",
+             "category": category, "brand": "Zephyr", "price": 20.0 + i, "attributes": {"colour": "black"}}
+            for i, (pid, (noun, category)) in enumerate(zip(NEW, kinds))]
 
 
-def live_context(config: Config) -> RankingContext:
-    """The fake shop's run plus :data:`NEW`, as a replica holds it after their put: alive, added at ``ADDED_S``."""
-    table = new_products()
+def run_context(config: Config) -> RankingContext:
+    """The fake shop's run as a replica loads it."""
+    table = products()
 
     def dense(stats: ProductStats) -> DenseIndex:
         vectors = HashedWords().embed(product_texts(table, config.encoder), 64)
@@ -59,11 +55,19 @@ def live_context(config: Config) -> RankingContext:
         index.add(vectors)
         return vectors, index, np.arange(len(vectors))
 
-    context = assemble_context(config, table, events(Pseudonyms(KEY)), dense, HashedWords())
-    catalogue = context.catalogue
-    catalogue.alive = np.ones(len(catalogue.stats.product_ids), bool)
-    catalogue.added_at_s = np.full(len(catalogue.stats.product_ids), np.nan)
-    catalogue.added_at_s[[catalogue.stats.row_of[p] for p in NEW]] = ADDED_S
+    return assemble_context(config, table, events(Pseudonyms(KEY)), dense, HashedWords())
+
+
+def put(context: RankingContext, *changes: CatalogueChange) -> None:
+    """Apply catalogue changes as a replica's follower does (its own encoder embeds the new texts)."""
+    LiveCatalogue(context, lambda texts: HashedWords().embed(texts, 64)).apply(list(changes))
+
+
+def live_context(config: Config) -> RankingContext:
+    """The fake shop's run after :data:`NEW` were put at ``ADDED_S``."""
+    context = run_context(config)
+    put(context, *(CatalogueChange(seq, "put", p["product_id"], p, ADDED_S)
+                   for seq, p in enumerate(new_products(), start=1)))
     return context
 
 
@@ -115,8 +119,7 @@ def test_search_has_no_slot_by_default_and_its_configured_ones_otherwise(context
 
 
 def test_a_blocked_deleted_or_capped_product_is_never_explored(context: RankingContext) -> None:
-    catalogue = context.catalogue
-    catalogue.alive[catalogue.stats.row_of["N1"]] = False  # deleted
+    put(context, CatalogueChange(7, "delete", "N1", None, NOW_S))
     counts = ExposureCounts()
     counts.add({"N2": 200}, {"N2": 30})  # shown max_impressions times: its cap
     variant = pipeline(context, ExploreConfig(), counts)
@@ -129,8 +132,8 @@ def test_a_blocked_deleted_or_capped_product_is_never_explored(context: RankingC
 
 
 def test_a_product_with_clicks_is_drawn_more_often_than_one_without(context: RankingContext) -> None:
-    for pid in NEW[2:]:
-        context.catalogue.alive[context.catalogue.stats.row_of[pid]] = False  # two candidates left: N0 and N1
+    put(context, *(CatalogueChange(7 + i, "delete", pid, None, NOW_S) for i, pid in enumerate(NEW[2:])))
+    # two candidates left: N0 and N1
     counts = ExposureCounts()
     counts.add({"N0": 60, "N1": 60}, {"N0": 15, "N1": 0})
     variant = pipeline(context, ExploreConfig(recommend_slots=1, positions=[3]), counts)
@@ -141,8 +144,7 @@ def test_a_product_with_clicks_is_drawn_more_often_than_one_without(context: Ran
 
 
 def test_nothing_is_explored_when_nothing_is_eligible(context: RankingContext, config: Config) -> None:
-    run_only = live_context(config)
-    run_only.catalogue.added_at_s[:] = np.nan  # every product from the run: none live-added
+    run_only = run_context(config)  # no product put live
     plain, explored = pipeline(run_only, None), pipeline(run_only, ExploreConfig())
     for request in range(10):
         for user, query in ((SHOPPER, None), (None, None), (SHOPPER, "lantern")):
