@@ -135,6 +135,12 @@ class FakeShop:
     def diversity(self, spec: VariantSpec) -> Diversity:
         return Diversity.of(self.config)  # no run, no evaluation: the config's fixed strength (auto: none)
 
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        return 0  # no run ingested any change: replicas and the ingress follow the whole log
+
+    def categoriser(self, spec: VariantSpec) -> None:
+        return None  # no fine-tuned encoder, no category head: a product put without a category keeps none
+
     # ShopSource
 
     def keyring(self) -> KeyRing:

@@ -390,3 +390,72 @@ def test_a_killed_writer_never_blocks_a_restore(tmp_path: Path) -> None:
     """)
     assert subprocess.run([sys.executable, "-c", writer], timeout=120).returncode == -9
     assert restore_sqlite(tmp_path / "backup.db", database) == 0
+
+
+def product(i: int, **changes: object) -> dict:
+    """A catalogue put: a product's record row as ingest validates it."""
+    return {"product_id": f"N{i}", "title": f"Lantern {i}", "description": None, "category": "Outdoors > Lights",
+            "brand": "Acme", "price": 10.0 + i, "attributes": {"colour": "red"}, **changes}
+
+
+def test_a_catalogue_batch_is_stored_whole_once_and_in_order(store: EventStore) -> None:
+    assert store.last_catalogue_change() == (0, 0.0) and store.catalogue_changes(0) == []
+    assert store.change_catalogue([product(1), product(2)], ["P7"], T0, "batch-1") == 3
+    assert store.change_catalogue([product(1), product(2)], ["P7"], T0, "batch-1") == 0  # a retry: stored once
+    changes = store.catalogue_changes(0)
+    assert [(c.seq, c.op, c.product_id) for c in changes] == [(1, "put", "N1"), (2, "put", "N2"), (3, "delete", "P7")]
+    assert changes[0].product == product(1) and changes[2].product is None and changes[0].ts_s == T0.timestamp()
+    later = T0 + dt.timedelta(minutes=5)
+    assert store.change_catalogue([product(1, price=9.5, title="Lantern \u00e9t\u00e9")], ["N2"], later, "batch-2") == 2
+    assert store.last_catalogue_change() == (5, later.timestamp())
+    assert [c.seq for c in store.catalogue_changes(3)] == [4, 5]
+    assert [c.seq for c in store.catalogue_changes(0, limit=2)] == [1, 2]
+    assert store.catalogue_state(3) == {"N1": product(1), "N2": product(2), "P7": None}
+    assert store.catalogue_state(5) == {"N1": product(1, price=9.5, title="Lantern \u00e9t\u00e9"), "N2": None,
+                                        "P7": None}
+    assert store.purge(later + dt.timedelta(days=400)) == {"events": 0, "impressions": 0}
+    assert len(store.catalogue_changes(0)) == 5, "retention never purges the catalogue's history"
+
+
+@pytest.mark.parametrize(("puts", "deletes", "error"), [
+    ([product(1), product(2, title="")], [], "column 'title', row 2: missing 'title'"),
+    ([product(1, product_id=None)], [], "column 'product_id', row 1: missing"),
+    ([product(1), product(2, price="cheap")], [], "column 'price', row 2: price must be a finite number"),
+    ([product(1, price=float("nan"))], [], "column 'price', row 1"),
+    ([product(1, price=-1.0)], [], "column 'price', row 1"),
+    ([product(1, brand=3)], [], "column 'brand', row 1: brand must be text or null"),
+    ([product(1, attributes={"size": 4})], [], "column 'attributes', row 1"),
+    ([product(1, description="sofa\x00")], [], "column 'description', row 1: description holds a NUL"),
+    ([product(1, colour="red")], [], "column 'colour', row 1: 'colour' is not a product field"),
+    ([product(1), product(1)], [], "column 'product_id', row 2: product_id 'N1' is changed twice"),
+    ([product(1)], ["N1"], "column 'product_id', row 2: product_id 'N1' is changed twice"),
+    ([product(1)], [""], "column 'product_id', row 2: a deleted product_id must be"),
+], ids=["blank-title", "no-id", "price-text", "price-nan", "price-negative", "brand-number", "attribute-number",
+        "nul", "unknown-field", "put-twice", "put-and-delete", "blank-delete"])
+def test_a_bad_catalogue_batch_changes_nothing(store: EventStore, puts: list[dict], deletes: list[str],
+                                               error: str) -> None:
+    """The store's last line: a row no stage could read is refused, naming its field and row, and nothing of the
+    batch is stored (nor its id claimed: the corrected batch under the same id is stored)."""
+    with pytest.raises(DataError, match=f"^{error}".replace("(", r"\(")):
+        store.change_catalogue(puts, deletes, T0, "batch-1")
+    assert store.catalogue_changes(0) == [] and store.last_catalogue_change() == (0, 0.0)
+    assert store.change_catalogue([product(1)], [], T0, "batch-1") == 1
+
+
+def test_a_restore_keeps_the_catalogue_changes_made_after_the_backup(tmp_path: Path) -> None:
+    """Numbering goes on past the replaced store's (a replica's cursor never passes a change), and the changes made
+    after the backup are appended again: a restore never lists a recalled product again."""
+    store = SqliteEventStore(tmp_path / "events.sqlite", writer=True)
+    store.change_catalogue([product(1), product(2)], [], T0, "batch-1")
+    store.backup(tmp_path / "before.sqlite")
+    store.change_catalogue([product(3)], ["N1"], T0 + dt.timedelta(minutes=1), "batch-2")
+    store.close()
+    restore_sqlite(tmp_path / "before.sqlite", tmp_path / "events.sqlite", replace=True)
+    restored = SqliteEventStore(tmp_path / "events.sqlite", writer=True)
+    assert [(c.seq, c.op, c.product_id) for c in restored.catalogue_changes(2)] == [(5, "put", "N3"),
+                                                                                    (6, "delete", "N1")]
+    assert restored.catalogue_state(10) == {"N1": None, "N2": product(2), "N3": product(3)}
+    assert restored.change_catalogue([product(3)], ["N1"], T0, "batch-2") == 0, "the batch id is still stored"
+    assert restored.change_catalogue([product(4)], [], T0, "batch-3") == 1
+    assert restored.last_catalogue_change()[0] == 7
+    restored.close()

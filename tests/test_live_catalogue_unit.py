@@ -208,9 +208,9 @@ def test_the_delta_bm25_scores_a_document_as_bm25s_scores_it_in_the_main_index(c
     it in its own index, for words it has once, twice, or not at all."""
     texts = product_texts(normalised_products(products(), {}, config.preprocess.description_chars), config.encoder)
     corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
-    delta = DeltaLexical(corpus, 1.5, 0.75)
     main = bm25s.BM25(k1=1.5, b=0.75)
     main.index(corpus, show_progress=False)
+    delta = DeltaLexical(main, corpus)
     for row, text in enumerate(texts):
         delta.put(1000 + row, text)
     for query in ("acme red skillet", "black black cleaver", "lantern by cinder", "tent", "zephyrine"):
@@ -224,3 +224,80 @@ def test_the_delta_bm25_scores_a_document_as_bm25s_scores_it_in_the_main_index(c
     delta.put(2000, "zephyrine skillet")
     rows, scores = delta.scores(["zephyrine"])
     assert rows[scores > 0].tolist() == [2000]
+
+
+class LogStore:
+    """The catalogue change log as the event store keeps it (``catalogue_changes``, ``last_catalogue_change``), in
+    memory: what a replica's follower reads."""
+
+    def __init__(self) -> None:
+        self.log: list[CatalogueChange] = []
+
+    def put(self, product: dict, ts_s: float = NOW_S) -> None:
+        self.log.append(CatalogueChange(len(self.log) + 1, "put", product["product_id"], product, ts_s))
+
+    def delete(self, product_id: str, ts_s: float = NOW_S) -> None:
+        self.log.append(CatalogueChange(len(self.log) + 1, "delete", product_id, None, ts_s))
+
+    def catalogue_changes(self, after: int, limit: int = 10_000) -> list[CatalogueChange]:
+        return [c for c in self.log if c.seq > after][:limit]
+
+    def last_catalogue_change(self) -> tuple[int, float]:
+        return (self.log[-1].seq, self.log[-1].ts_s) if self.log else (0, 0.0)
+
+
+def test_the_follower_replays_from_the_runs_mark_and_reports_its_lag(config: Config) -> None:
+    """Changes up to the run's mark are the run's own; the ones after it are applied, embedded outside the replica's
+    lock; while one waits to be applied the lag grows, and it is 0 once caught up."""
+    from shoprank.recsys.live import LiveCatalogue
+
+    store = LogStore()
+    store.put(NEW[0])  # seq 1: folded into the run by its ingest (the mark), so not applied again
+    store.put(NEW[1])
+    store.delete("P00000")
+    context = context_of(config, record_rows())
+    embedding, release = threading.Event(), threading.Event()
+    lock = threading.Lock()
+
+    def embed(texts: list[str]) -> np.ndarray:
+        embedding.set()
+        assert not lock.locked(), "embedding holds the replica's lock"
+        release.wait(10)
+        return HashedWords().embed(texts, config.encoder.max_length)
+
+    now = [100.0]
+    follower = CatalogueFollower(store, LiveCatalogue(context, embed), lock, start_seq=1, clock=lambda: now[0])
+    assert follower.lag_s() == 0.0 and follower.cursor == 1
+    worker = threading.Thread(target=follower.catch_up)
+    worker.start()
+    assert embedding.wait(10)
+    now[0] += 2.5
+    assert follower.lag_s() == 2.5  # a pending change, being embedded: the lag shows it
+    assert follower.describe() == {"products": 36, "cursor": 1, "lag_s": 2.5}
+    release.set()
+    worker.join(10)
+    assert follower.lag_s() == 0.0 and follower.cursor == 3
+    assert follower.applied == {"put": 1, "delete": 1}
+    stats = context.catalogue.stats
+    assert "N1" not in stats.row_of and "N2" in stats.row_of and not context.catalogue.alive[stats.row_of["P00000"]]
+    assert follower.describe() == {"products": 36, "cursor": 3, "lag_s": 0.0}
+    assert follower.catch_up() == {"put": 0, "delete": 0}  # nothing new: nothing read but the log's end
+    # a put and a delete of one product in one read: the last one counts
+    store.put(NEW[2])
+    store.delete("N3")
+    assert follower.catch_up() == {"put": 0, "delete": 0} and "N3" not in stats.row_of and follower.cursor == 5
+
+
+def test_the_category_head_fills_a_live_products_missing_category(config: Config) -> None:
+    """A product put without a category gets the head's most likely one; one with a category keeps its own."""
+    from shoprank.recsys.live import CategoryHead, LiveCatalogue
+
+    context = context_of(config, record_rows())
+    lantern = HashedWords().embed(["quillon lantern"], config.encoder.max_length)[0]
+    head = CategoryHead(np.stack([-lantern, lantern]), np.zeros(2, np.float32), ["Kitchen > Knives", "Outdoors > Lights"])
+    live = LiveCatalogue(context, lambda texts: HashedWords().embed(texts, config.encoder.max_length), head)
+    live.apply(puts([NEW[2], NEW[1]]))
+    stats, listing = context.catalogue.stats, context.catalogue.listing
+    assert listing.category[stats.row_of["N3"]] == "Outdoors > Lights" and stats.has_category[stats.row_of["N3"]]
+    assert listing.category[stats.row_of["N2"]] == "Garden > Hoses"
+    assert stats.category[stats.row_of["N3"]] == stats.category[stats.row_of["P00027"]]  # P00027: a light

@@ -15,11 +15,12 @@ import pytest
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
-from shoprank.errors import DataError, ShopRankError
+from shoprank.errors import ShopRankError
+from shoprank.privacy import Pseudonyms
 from shoprank.evaluation.offline import dense_top_k, top_k_of
 from shoprank.ranker.dataset import build_requests
 from shoprank.ranker.train import read_features
-from shoprank.ranker.update import update_ranker
+from shoprank.ranker.update import read_new_events, update_ranker
 from shoprank.recsys.booster import META_FILE, load_ranker
 from shoprank.recsys.context import ExclusionDecision, load_context, ranker_cutoff
 from shoprank.recsys.features import FEATURES, epoch_seconds, product_stats
@@ -197,17 +198,17 @@ def test_an_update_warm_starts_from_the_old_model_into_a_new_run(ranked: tuple[C
     assert outcome["promoted"] and registry.get("latest")["run"] == updated.uri()  # tolerance 1.0: never worse
 
 
-def test_an_update_naming_an_unknown_product_is_rejected_with_its_row(ranked: tuple[Config, Run], tmp_path: Path) -> None:
-    config, run = ranked
-    path = _new_events(run, tmp_path / "bad.parquet")
-    table = pq.read_table(path)
-    products = table.column("product_id").to_pylist()
-    products[2] = "P-NOT-IN-CATALOGUE"
-    pq.write_table(table.set_column(table.schema.get_field_index("product_id"), "product_id",
-                                    pa.array(products)), path)
-    with pytest.raises(DataError, match="row 3") as error:
-        update_ranker(config, run, str(path))
-    assert "P-NOT-IN-CATALOGUE" in str(error.value) and "product_id" in str(error.value)
+def test_an_update_leaves_events_of_products_put_live_to_the_next_pipeline_run(tmp_path: Path) -> None:
+    """Events naming a product put after the base run (``PUT /products``) have no features in the base run: they are
+    left out and counted, not an error; the next pipeline run folds the catalogue change log in and learns them."""
+    ts = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    path = tmp_path / "new.parquet"
+    pq.write_table(pa.table({
+        "event_id": ["E1", "E2", "E3"], "user_id": ["U1", "U1", "U2"], "session_id": ["S1", "S1", "S2"],
+        "product_id": ["P1", "P-PUT-LIVE", "P2"], "event_type": ["view", "click", "purchase"], "ts": [ts] * 3}), path)
+    events, left_out = read_new_events(str(path), {"P1", "P2"}, Pseudonyms(b"k" * 32))
+    assert events.column("event_id").to_pylist() == ["E1", "E3"] and left_out == 1
+    assert set(events.column("split").to_pylist()) == {"new"}
 
 
 def with_purchases_excluded(config: Config) -> Config:

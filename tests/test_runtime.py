@@ -160,3 +160,32 @@ def test_a_process_serving_onnx_imports_no_pytorch(ranked: tuple[Config, Run]) -
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"items": 3, "torch": False, "models": False}
+
+
+def test_the_category_head_is_exported_in_numpy_and_serves_only_the_fine_tuned_variant(
+    tiny_trained: tuple[Config, Run],
+) -> None:
+    """``head.npz`` is ``head.pt`` in numpy with its labels' categories, so a replica in ONNX Runtime fills in a live
+    product's category without PyTorch; the pretrained encoder has no head, and a run exported before it none."""
+    import torch
+
+    from shoprank.encoder.text import CATEGORY_HEAD
+    from shoprank.recsys.live import CategoryHead
+    from shoprank.serving.loaders import RunLoader
+    from shoprank.serving.variants import VariantSpec
+    from shoprank.store.tables import read_table
+
+    config, run = tiny_trained
+    saved = torch.load(run.local_path("encoder", "model", "head.pt"))
+    head = CategoryHead.load(run.local_path(*CATEGORY_HEAD))
+    np.testing.assert_array_equal(head.weight, saved["weight"].numpy())
+    np.testing.assert_array_equal(head.bias, saved["bias"].numpy())
+    categories = read_table(run, "data", "categories")
+    assert head.categories == categories.sort_by("category_label").column("category").to_pylist()
+    spec = VariantSpec(name="B", alias="B", run=run.uri(), ranker_run=run.uri(), strategy="retrieval",
+                       encoder="fine_tuned")
+    loader = RunLoader(config)
+    assert isinstance(loader.categoriser(spec), CategoryHead)
+    assert loader.categoriser(spec.model_copy(update={"encoder": "zero_shot"})) is None
+    vectors = load_embedder(config, run, zero_shot=False).embed(["a product"], config.encoder.max_length)
+    assert head(vectors)[0] in head.categories

@@ -72,6 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--app", metavar="URL", help="restore through the running Serve app at URL (admin key), which "
                     "pauses its writer meanwhile; the backup is a path on the app's host")
 
+    cat = commands.add_parser("catalogue", help="change the live catalogue from a file of products (the catalogue "
+                                                "change log in serve.event_db)")
+    cat.add_argument("action", choices=["sync"])
+    cat.add_argument("file", help="CSV, Parquet or JSON Lines: one product a row in the catalogue's schema; a true "
+                                  "'deleted' column marks a row that deletes its product")
+    cat.add_argument("--format", default="auto", choices=["auto", "csv", "parquet", "jsonl"],
+                     help="the file's format (default: from its extension)")
+    cat.add_argument("--config", default="demo")
+    cat.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cat.add_argument("--app", metavar="URL", help="send the changes through the running Serve app at URL (admin key), "
+                     "in batches of at most 1000; without it they are written to the configured event store "
+                     "(serve.event_db) in one transaction, which an SQLite store allows only while no app writes it")
+
     exp = commands.add_parser("experiment", help="plan an A/B experiment, or calibrate its tests by simulation")
     actions = exp.add_subparsers(dest="action", required=True)
     pl = actions.add_parser("plan", help="users per arm for a minimum detectable effect, or the effect a size detects")
@@ -273,6 +286,87 @@ def event_store_copy(config: Config, action: str, file: str, replace: bool, app:
     return f"{location} restored from {file}: {count} events"
 
 
+def catalogue_sync(config: Config, file: str, file_format: str, app: str | None) -> str:
+    """``shoprank catalogue sync``: the file's products put and its deleted rows deleted in the catalogue change log.
+    The whole file is validated first (:func:`~shoprank.data.catalogue.read_changes`), so a bad row stores nothing.
+    Each batch's id is its content's digest: running the same file again stores nothing again."""
+    import datetime as dt
+
+    from shoprank.data.catalogue import product_rows, read_changes
+    from shoprank.store.events import (
+        SqliteEventStore, StoreBusy, event_db_location, is_server_database, open_event_writer,
+    )
+
+    puts, deletes = read_changes(file, file_format)
+    rows = product_rows(puts)
+    if app is not None:
+        put, deleted, seq = _sync_through_app(config, app, rows, deletes)
+        return f"{file}: {put} products put, {deleted} deleted through the app at {app}; change log at {seq}"
+    location = event_db_location(config)
+    try:
+        store = (open_event_writer(location) if is_server_database(location)
+                 else SqliteEventStore(location, writer=True, lock_wait_s=0.0))
+    except StoreBusy:
+        raise ShopRankError(f"{location} (serve.event_db) is in use: the Serve app is writing to it. Send the changes "
+                            f"through the app instead: shoprank catalogue sync {file} --app URL; nothing was "
+                            "stored") from None
+    try:
+        stored = store.change_catalogue(rows, deletes, dt.datetime.now(dt.timezone.utc),
+                                        _batch_id("file", rows, deletes))
+        seq, _ = store.last_catalogue_change()
+    finally:
+        store.close()
+    again = "" if stored or not (rows or deletes) else " (stored before: nothing changed)"
+    return f"{file}: {len(rows)} products put, {len(deletes)} deleted in {location}{again}; change log at {seq}"
+
+
+def _sync_through_app(config: Config, url: str, rows: list[dict], deletes: list[str]) -> tuple[int, int, int]:
+    """Send the puts in batches that fit a request (at most ``MAX_PRODUCTS_PER_REQUEST`` products, and under
+    ``serve.max_body_bytes``), then each delete, with a progress bar; (put, deleted, the log's position). Each
+    batch is stored whole; after a failure, running the file again stores only what is missing."""
+    import json
+
+    from tqdm import tqdm
+
+    from shoprank.serving.api import MAX_PRODUCTS_PER_REQUEST
+    from shoprank.webui.client import ServeClient
+
+    client = ServeClient(url, client_keys(config)["admin"], timeout_s=600.0)
+    budget = config.serve.max_body_bytes * 0.9
+    batches: list[list[dict]] = [[]]
+    size = 0
+    for row in rows:
+        row_size = len(json.dumps(row, ensure_ascii=False).encode()) + 1
+        if batches[-1] and (len(batches[-1]) == MAX_PRODUCTS_PER_REQUEST or size + row_size > budget):
+            batches.append([])
+            size = 0
+        batches[-1].append(row)
+        size += row_size
+    seq = deleted = 0
+    try:
+        with tqdm(total=len(rows) + len(deletes), desc="catalogue changes", unit="product") as bar:
+            for batch in (b for b in batches if b):
+                seq = client.put_products(batch, _batch_id("put", batch, []))["seq"]
+                bar.update(len(batch))
+            for product_id in deletes:
+                answer = client.delete_product(product_id, _batch_id("delete", [], [product_id]))
+                seq, deleted = answer["seq"], deleted + answer["deleted"]
+                bar.update(1)
+    finally:
+        client.close()
+    return len(rows), deleted, seq
+
+
+def _batch_id(kind: str, rows: list[dict], deletes: list[str]) -> str:
+    """A batch's id in the change log: the digest of what it changes, so the same changes sent again (the same file
+    synced twice, or a batch resent after a lost answer) are stored once."""
+    import hashlib
+    import json
+
+    content = json.dumps([kind, rows, deletes], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"sync-{hashlib.sha256(content.encode()).hexdigest()[:40]}"
+
+
 def write_readout(config: Config, url: str, out: Path) -> str:
     """``shoprank experiment readout``: the app's ``/ab/report`` (admin key) as ``ab_readout.md`` and
     ``ab_readout.png`` in ``out``; where they are and the verdict."""
@@ -392,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                                  args.seed))
         elif args.command == "events":
             print(event_store_copy(load_config(args.config, args.set), args.action, args.file, args.replace, args.app))
+        elif args.command == "catalogue":
+            print(catalogue_sync(load_config(args.config, args.set), args.file, args.format, args.app))
         elif args.command == "experiment":
             print(experiment_command(args))
         elif args.command == "keys":

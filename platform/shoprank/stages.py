@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoprank.config import Config
-from shoprank.data.ingest import erasure_mark, ingest_outputs
+from shoprank.data.ingest import catalogue_identity, erasure_mark, ingest_outputs
 from shoprank.data.preprocess import preprocess_outputs
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.encoder.runtime import EXPORT
@@ -87,7 +87,8 @@ STAGES: tuple[Stage, ...] = (
     # v2: derived session and event ids from pseudonyms and the key id recorded (the app checks it), so a run
     # ingested before ingests again
     Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",),
-          settings=lambda config: {"user_key": key_id(config), "erasures": erasure_mark(config)},
+          settings=lambda config: {"user_key": key_id(config), "erasures": erasure_mark(config),
+                                   **catalogue_identity(config)},
           version="ingest-v2"),
     Stage("preprocess", _body("shoprank.data.preprocess:preprocess"), lambda config: preprocess_outputs(),
           sections=("preprocess",), upstream=("ingest",), inputs=("data/records",)),

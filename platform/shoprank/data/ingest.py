@@ -10,6 +10,12 @@ pseudonym) are left out of every table ingest writes, so nothing after it (featu
 encoder, ranker, evaluation) sees them again. The last tombstone's number is part of
 the stage's identity (:func:`erasure_mark`): a new erasure makes the next pipeline run
 ingest again, and every later stage rebuild without the shopper.
+
+The catalogue change log (``PUT /products``, ``DELETE /products/{id}``, ``shoprank catalogue
+sync``) is folded into the source's products the same way (:func:`fold_catalogue_log`): its
+last change is part of the stage's identity (:func:`catalogue_mark`), so retraining learns the
+products put since the last run and forgets the deleted ones; the change folded up to is
+recorded (``catalogue_seq``), where the replicas serving the run start to follow the log.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +35,9 @@ from ray.data import SaveMode
 
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
+from shoprank.data.catalogue import CATALOGUE_SEQ
 from shoprank.data.io import PartFilenames, column_names, count_rows, read_table, write_table
+from shoprank.data.schema import PRODUCT_SCHEMA, conform
 from shoprank.errors import ConfigError
 from shoprank.privacy import INGEST_KEY_ID, Pseudonyms, pseudonyms
 from shoprank.store.events import EventStore, event_db_location, is_server_database, open_event_store
@@ -130,6 +139,67 @@ def erasure_mark(config: Config) -> int:
         return store.last_erasure() if store is not None else 0
 
 
+def catalogue_mark(config: Config) -> int:
+    """The event store's last catalogue change (0: none, or no store): part of the ingest stage's identity, so that
+    the next pipeline run after a catalogue change ingests again with it."""
+    with _existing_event_store(config) as store:
+        return store.last_catalogue_change()[0] if store is not None else 0
+
+
+def catalogue_identity(config: Config) -> dict[str, int]:
+    """The ingest stage's identity setting for the catalogue log: its last change, or nothing while it has none, so
+    that runs ingested before the log existed stay valid until a first change."""
+    mark = catalogue_mark(config)
+    return {"catalogue": mark} if mark else {}
+
+
+class Folded(NamedTuple):
+    """What folding the catalogue change log into a run's records did."""
+
+    put: int
+    """Products the log put (each replaced the source's row of its id, or was added)."""
+    drops: dict[str, int]
+    """Rows dropped per table for a deleted product: ``products_deleted_by_the_catalogue_log``,
+    ``events_of_withdrawn_products``, ``judgments_of_withdrawn_products``."""
+
+
+def fold_catalogue_log(config: Config, run: Run, mark: int) -> Folded:
+    """Apply the catalogue change log up to change ``mark`` to the products ingest wrote: a product put replaces the
+    source's row of that id (in its place) or is appended (in the log's order); a deleted one leaves, and so do the
+    events and judgments naming it (a recalled product must not come back through training rows)."""
+    with _existing_event_store(config) as store:
+        state = store.catalogue_state(mark) if store is not None and mark else {}
+    if not state:
+        return Folded(0, {})
+    put = {product_id: row for product_id, row in state.items() if row is not None}
+    deleted = pa.array(sorted(product_id for product_id, row in state.items() if row is None), pa.string())
+    products = read_table(run, *RECORDS, "products")
+    changed = pa.Table.from_pylist([{**row, "attributes": list(row["attributes"].items())} for row in put.values()],
+                                   schema=PRODUCT_SCHEMA)
+    ids = products.column("product_id").to_pylist()
+    listed = set(ids)
+    put_at = {product_id: len(ids) + j for j, product_id in enumerate(put)}
+    order = [put_at.get(product_id, i) for i, product_id in enumerate(ids)]
+    order += [row for product_id, row in put_at.items() if product_id not in listed]
+    merged = pa.concat_tables([conform(products, "products"), changed]).take(pa.array(order, pa.int64()))
+    folded = merged.filter(pc.invert(pc.is_in(merged.column("product_id"), value_set=deleted)))
+    drops = {"products_deleted_by_the_catalogue_log": merged.num_rows - folded.num_rows}
+    _replace(run, folded, "products")
+    for name in ("events", "judgments"):
+        table = read_table(run, *RECORDS, name)
+        kept = table.filter(pc.invert(pc.is_in(table.column("product_id"), value_set=deleted)))
+        drops[f"{name}_of_withdrawn_products"] = table.num_rows - kept.num_rows
+        if kept.num_rows < table.num_rows:
+            _replace(run, kept, name)
+    return Folded(len(put), drops)
+
+
+def _replace(run: Run, table: pa.Table, name: str) -> None:
+    """Write ``table`` as the run's records of ``name`` (Ray Data may have written them in parts: all are replaced)."""
+    run.remove(*RECORDS, name)
+    write_table(run, table, *RECORDS, name)
+
+
 def leave_out_erased(config: Config, run: Run, users: Pseudonyms) -> dict[str, int]:
     """Drop the erased shoppers' rows from every table ingest wrote that names users (by pseudonym, or by a
     simulated shopper's own id); rows dropped per table, as ``<table>_of_erased_shoppers`` (none: no tombstone)."""
@@ -170,6 +240,14 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
         for reason, count in tables.drops.items():
             if count:
                 log.warning("ingest dropped %d rows: %s", count, reason)
+    mark = catalogue_mark(config)
+    record.metrics[CATALOGUE_SEQ] = mark
+    folded = fold_catalogue_log(config, run, mark)
+    record.metrics["products_put_from_the_catalogue_log"] = folded.put
+    record.drops.update(folded.drops)
+    if folded.drops:
+        log.info("ingest folded the catalogue change log up to change %d in: %d products put, %s", mark, folded.put,
+                 folded.drops)
     erased = leave_out_erased(config, run, users)
     record.drops.update(erased)
     if any(erased.values()):

@@ -5,7 +5,8 @@ Outputs, under the run:
 
 * ``encoder/ray/`` Ray Train's run (checkpoints every epoch);
 * ``encoder/model/`` the final encoder: ``adapter/`` (peft), ``merged/`` (a plain
-  model for serving), ``head.pt`` (category head), ``encoder.json``, and
+  model for serving), ``head.pt`` (category head) and ``head.npz`` (the same in numpy, with its categories),
+  ``encoder.json``, and
   ``catalogue/`` the catalogue as the training's last evaluation embedded it, with the
   exported weights and with the pretrained model (absent when nothing was trained);
 * ``embeddings/products``, ``embeddings/users`` Parquet (id, embedding);
@@ -36,7 +37,7 @@ from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, build
 from shoprank.encoder.model import load_backbone, save_encoder
 from shoprank.encoder.objectives import build_model
 from shoprank.encoder.runtime import Embedder, Runtime, load_embedder, verdicts
-from shoprank.encoder.text import product_texts
+from shoprank.encoder.text import CATEGORY_HEAD, product_texts
 from shoprank.encoder.train import (
     CATALOGUE, FINE_TUNED, ZERO_SHOT, NothingToLearn, load_checkpoint_state, train_encoder,
 )
@@ -86,12 +87,16 @@ def export_checkpoint(config: EncoderConfig, run: Run, state: dict, catalogue: P
     """Rebuild the trained model from a checkpoint's state and save it for serving, with the checkpoint's
     ``catalogue`` folder (the embeddings of its evaluation) when it has one."""
     backbone, tokenizer = load_backbone(config.model)
-    num_categories = read_table(run, "data", "categories").num_rows
-    model = build_model(backbone, config, num_categories, total_steps=2)
+    categories = read_table(run, "data", "categories").sort_by("category_label").column("category").to_pylist()
+    model = build_model(backbone, config, len(categories), total_steps=2)
     model.load_state_dict(state["model"], strict=False)
     with run.local_output("encoder", "model") as target:
         save_encoder(model.encoder, tokenizer, target, config)
         torch.save(model.head.state_dict(), target / "head.pt")
+        # the same head in numpy, with its labels' categories: a serving replica in ONNX Runtime fills in a live
+        # product's missing category without PyTorch (shoprank.recsys.live.CategoryHead)
+        np.savez(target / CATEGORY_HEAD[-1], weight=model.head.weight.detach().float().cpu().numpy(),
+                 bias=model.head.bias.detach().float().cpu().numpy(), categories=np.array(categories, dtype=str))
         if catalogue is not None and catalogue.is_dir():
             shutil.copytree(catalogue, target / CATALOGUE)
 

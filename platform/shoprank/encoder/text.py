@@ -30,6 +30,11 @@ def resolve_model(name: str) -> str:
         raise ConfigError(f"encoder.model: unknown packaged model {name!r}; packaged models: {PACKAGED}")
     return name
 
+CATEGORY_HEAD = ("encoder", "model", "head.npz")
+"""The fine-tuned encoder's category head in numpy (``weight``, ``bias``, ``categories``: the category of each
+label), written by the encoder stage's export beside ``head.pt``: a serving replica (and the module that loads what
+it serves, which the ingress imports too) reads it without PyTorch or FAISS."""
+
 QUERY_MAX_LENGTH = 32
 """Queries are short; padding them to the product length would waste most of a batch."""
 

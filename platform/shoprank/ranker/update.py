@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.train.xgboost import RayTrainReportCallback
 
 from shoprank.config import Config, TableFile
@@ -43,16 +44,15 @@ log = logging.getLogger(__name__)
 VALIDATION_SHARE = 0.25
 
 
-def read_new_events(path: str, known_products: set[str], users: Pseudonyms) -> pa.Table:
+def read_new_events(path: str, known_products: set[str], users: Pseudonyms) -> tuple[pa.Table, int]:
     """The new events, validated, users pseudonymous as in the base run (an export of the event store already
-    is); an event naming an unknown product is an error naming its row."""
+    is), and how many were left out for naming a product outside the base run's catalogue: one put live since
+    (``PUT /products``), which the base model has no features for; the next pipeline run folds the catalogue change
+    log in and learns from them."""
     events = users.table(read_records(TableFile(path=path), "events"))
-    products = events.column("product_id").to_pylist()
-    for row, product in enumerate(products, start=1):
-        if product not in known_products:
-            raise DataError(f"product {product!r} is not in the base run's catalogue", file=path,
-                            column="product_id", row=row)
-    return events.append_column("split", pa.array(["new"] * events.num_rows, pa.string()))
+    known = pc.is_in(events.column("product_id"), value_set=pa.array(sorted(known_products), pa.string()))
+    kept = events.filter(known)
+    return kept.append_column("split", pa.array(["new"] * kept.num_rows, pa.string())), events.num_rows - kept.num_rows
 
 
 def update_run_name(base: Run, events: pa.Table) -> str:
@@ -74,7 +74,10 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
     base_model = base.local_path("ranker", "model")
     old = load_ranker(base_model)
     known = set(read_table(base, "data", "products", columns=["product_id"]).column("product_id").to_pylist())
-    events = read_new_events(events_path, known, pseudonyms(config))
+    events, of_new_products = read_new_events(events_path, known, pseudonyms(config))
+    if of_new_products:
+        log.info("update: %d events name products put after the base run and are left to the next pipeline run",
+                 of_new_products)
     requests = sessions_of(events).sort_values("ts_s").reset_index(drop=True)
     cut = int(len(requests) * (1 - VALIDATION_SHARE))
     requests["split"] = np.where(np.arange(len(requests)) < cut, "train", "validation")
@@ -92,6 +95,7 @@ def update_ranker(config: Config, base: Run, events_path: str, alias: str = "lat
         metrics = {"validation/ndcg@10": validation_ndcg(booster, validation), "base/validation/ndcg@10": validation_ndcg(old, validation),
                    "num_trees": booster.num_boosted_rounds(), "base_num_trees": old.num_boosted_rounds(),
                    "base_run": base.uri(), "new_events": events.num_rows}
+        record.drops["events_of_products_outside_the_base_run"] = of_new_products
         with run.local_output("ranker", "model") as directory:
             save_ranker(booster, directory, metrics)
         metrics["promoted"] = bool(

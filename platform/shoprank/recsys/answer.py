@@ -32,7 +32,6 @@ from shoprank.config import Config
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
-from shoprank.errors import ShopRankError
 from shoprank.recsys.explore import Exploration
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.live import LiveCatalogue
@@ -271,11 +270,7 @@ class VariantPipeline:
         """Apply catalogue change log entries (:class:`~shoprank.recsys.live.LiveCatalogue`), new texts embedded
         by this context's own encoder as a Serve replica embeds them; how many puts and deletes changed it."""
         if self.catalogue_log is None:
-            embedder, max_length = self.context.embedder, self.context.config.encoder.max_length
-            if embedder is None:
-                raise ShopRankError("this ranking context was loaded without its encoder (encoder=False): it cannot "
-                                    "embed the products the catalogue change log puts")
-            self.catalogue_log = LiveCatalogue(self.context, lambda texts: embedder.embed(texts, max_length))
+            self.catalogue_log = LiveCatalogue(self.context, self.context.embed_products)
         return self.catalogue_log.apply(changes)
 
     def observe(self, user_id: str, product_id: str, event_type: str, ts_s: float) -> None:

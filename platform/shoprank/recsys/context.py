@@ -236,6 +236,13 @@ class RankingContext:
             raise ShopRankError("this ranking context was loaded without its encoder (encoder=False)")
         return self.embedder.embed(queries, QUERY_MAX_LENGTH)
 
+    def embed_products(self, texts: list[str]) -> np.ndarray:
+        """Product texts (products put live) at the products' length, as the embed stage embeds the catalogue."""
+        if self.embedder is None:
+            raise ShopRankError("this ranking context was loaded without its encoder (encoder=False): it cannot "
+                                "embed the products the catalogue change log puts")
+        return self.embedder.embed(texts, self.config.encoder.max_length)
+
 
 def load_product_stats(config: Config, run: Run) -> ProductStats:
     """The run's product statistics alone (what a ranker needs beside its candidates and the user's history)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,27 @@ Embed = Callable[[list[str]], np.ndarray]
 """Product texts -> their vectors (rows), with the variant's own encoder at ``encoder.max_length``."""
 Categorise = Callable[[np.ndarray], list["str | None"]]
 """Product vectors -> a category path for each (None: no guess), the fine-tuned encoder's category head."""
+
+
+@dataclass(frozen=True)
+class CategoryHead:
+    """The fine-tuned encoder's category head (``logits = weight @ v + bias``, trained on the catalogue's
+    categories beside the retrieval loss) as a :data:`Categorise`: a live product's most likely category."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    categories: list[str]
+
+    @classmethod
+    def load(cls, path: Path) -> "CategoryHead":
+        with np.load(path) as saved:
+            return cls(saved["weight"], saved["bias"], saved["categories"].tolist())
+
+    def __call__(self, vectors: np.ndarray) -> list[str | None]:
+        if not self.categories:
+            return [None] * len(vectors)
+        labels = np.argmax(vectors.astype(np.float32) @ self.weight.T + self.bias, axis=1)
+        return [self.categories[i] for i in labels]
 
 
 @dataclass

@@ -191,20 +191,21 @@ class DeltaLexical:
     has ``df`` 0: it is found here alone, as ``bm25s`` ignores query words outside its vocabulary.
     """
 
-    def __init__(self, corpus: bm25s.tokenization.Tokenized, k1: float, b: float) -> None:
-        lengths = np.array([len(ids) for ids in corpus.ids], dtype=np.int64)
-        self.documents = len(lengths)
-        self.mean_length = float(lengths.mean()) if len(lengths) else 0.0
-        word_of = {i: word for word, i in corpus.vocab.items()}
-        frequencies = np.zeros(max(word_of, default=-1) + 1, np.int64)
-        if lengths.sum():
-            flat = np.concatenate([np.asarray(ids, np.int64) for ids in corpus.ids])
-            pairs = np.unique(np.repeat(np.arange(len(lengths)), lengths) * len(frequencies) + flat)
-            frequencies = np.bincount(pairs % len(frequencies), minlength=len(frequencies))
-        self.frequency = {word_of[i]: int(f) for i, f in enumerate(frequencies) if f}
-        self.k1, self.b = k1, b
+    def __init__(self, main: bm25s.BM25, corpus: bm25s.tokenization.Tokenized) -> None:
+        """Over ``main``, the index of ``corpus``: its document frequencies are its score matrix's entries per word
+        (a column per word, an entry per document that has it), so nothing is counted again."""
+        self.vocabulary: dict[str, int] = main.vocab_dict
+        self.frequency = np.diff(main.scores["indptr"])
+        """Documents of the main corpus that have each word (by ``vocabulary`` id)."""
+        self.documents = int(main.scores["num_docs"])
+        self.mean_length = float(np.mean([len(ids) for ids in corpus.ids])) if len(corpus.ids) else 0.0
+        self.k1, self.b = main.k1, main.b
         self.terms: dict[int, tuple[dict[str, int], int]] = {}
         """Catalogue row -> (term frequency of each word, length) of its live text."""
+
+    def document_frequency(self, word: str) -> int:
+        i = self.vocabulary.get(word)
+        return int(self.frequency[i]) if i is not None and i < len(self.frequency) else 0
 
     def put(self, row: int, text: str) -> None:
         words = bm25s.tokenize([text], stopwords="en", show_progress=False, return_ids=False)[0]
@@ -220,8 +221,8 @@ class DeltaLexical:
         """(catalogue rows, BM25 score of ``words``) of every delta document."""
         rows = np.fromiter(self.terms, np.int64, len(self.terms))
         scores = np.zeros(len(rows), np.float32)
-        idf = {word: np.float32(math.log(1 + (self.documents - self.frequency.get(word, 0) + 0.5)
-                                         / (self.frequency.get(word, 0) + 0.5))) for word in set(words)}
+        frequency = {word: self.document_frequency(word) for word in set(words)}
+        idf = {word: np.float32(math.log(1 + (self.documents - df + 0.5) / (df + 0.5))) for word, df in frequency.items()}
         for i, (counts, length) in enumerate(self.terms.values()):
             norm = self.k1 * ((1 - self.b) + self.b * length / self.mean_length) if self.mean_length else self.k1
             for word in words:  # a repeated query word counts each time, as in bm25s
@@ -248,10 +249,9 @@ def main_indices(rows: np.ndarray, vectors: np.ndarray, texts: list[str], index_
     """Main indices over ``rows`` (their ``vectors`` and ``texts``): FAISS as the embed stage builds it, BM25 as a
     catalogue's is."""
     corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
-    lexical = DeltaLexical(corpus, k1, b)
     bm25 = bm25s.BM25(k1=k1, b=b)
     bm25.index(corpus, show_progress=False)
-    return MainIndices(rows, build_index(vectors, index_config), bm25, lexical)
+    return MainIndices(rows, build_index(vectors, index_config), bm25, DeltaLexical(bm25, corpus))
 
 
 @dataclass
@@ -301,8 +301,8 @@ class Catalogue:
     def __post_init__(self) -> None:
         self.bm25 = bm25s.BM25(k1=self.bm25_k1, b=self.bm25_b)
         corpus = bm25s.tokenize(self.texts, stopwords="en", show_progress=False)
-        self.delta_lexical = DeltaLexical(corpus, self.bm25_k1, self.bm25_b)
         self.bm25.index(corpus, show_progress=False)
+        self.delta_lexical = DeltaLexical(self.bm25, corpus)
         self.lexical_rows = np.arange(len(self.texts))
         """The catalogue row of each document of the main BM25 index."""
         self._touched: set[int] | None = None
@@ -533,8 +533,9 @@ class Catalogue:
         withdrawn row leaves here whichever source proposed it."""
         position: dict[int, int] = {}
         sources: dict[int, int] = {}
-        left_out = set(self.withdrawn.tolist()) if blocked is None else set(blocked.tolist()) | set(
-            self.withdrawn.tolist())
+        left_out = set(self.withdrawn.tolist())
+        if blocked is not None:
+            left_out.update(blocked.tolist())
         for name, rows in lists.items():
             bit = 1 << SOURCES.index(name)
             for rank, row in enumerate(rows.tolist(), start=1):

@@ -176,12 +176,21 @@ class UserSummary(BaseModel):
     summary: str = Field(description="'N events; mostly <category>; last: <event> <title>'.")
 
 
+class FollowedCatalogue(BaseModel):
+    """Where the answering replica's catalogue stands against the catalogue change log."""
+
+    products: int = Field(description="Products its catalogue lists: the run's, plus puts, less deletes.")
+    cursor: int = Field(description="The last change it applied (sequence number of the change log).")
+    lag_s: float = Field(description="How long a change it knows of has waited to be applied; 0: caught up.")
+
+
 class LoadedRanker(BaseModel):
     """What a variant's replica has loaded now (it follows its registry alias)."""
 
     strategy: Strategy
     ranker_run: str
     trees: int = Field(description="The XGBoost ranker's boosted rounds; 0 for the retrieval baseline.")
+    catalogue: FollowedCatalogue
 
 
 class ServedVariant(VariantSpec):

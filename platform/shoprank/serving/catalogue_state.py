@@ -21,6 +21,7 @@ Ray-free: the variant deployment holds one, and the tests drive it with a store 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from shoprank.recsys.live import LiveCatalogue
     from shoprank.store.events import CatalogueChange
+
+log = logging.getLogger(__name__)
 
 PAGE = 10_000
 """Changes read per query (as the user caches read events)."""
@@ -47,11 +50,15 @@ class CatalogueFollower:
     only while the catalogue changes (see the module docstring)."""
 
     def __init__(self, store: CatalogueLog, live: LiveCatalogue, lock: threading.Lock, start_seq: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 compact_rows: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.live = live
         self.lock = lock
+        self.compact_rows = compact_rows
+        """``serve.catalogue_compact_rows``: past this many rows outside the main indices, rebuild them in the
+        background (None: never)."""
         self.clock = clock
+        self.compaction: threading.Thread | None = None
         self.live.cursor = max(self.live.cursor, start_seq)
         self.pending_since: float | None = None
         """When a catch-up first saw a change not yet applied (None: caught up)."""
@@ -87,7 +94,21 @@ class CatalogueFollower:
                     break
             if self.live.cursor >= last_seq:
                 self.pending_since = None
+        if (self.compact_rows is not None and self.live.catalogue.outdated() >= self.compact_rows
+                and (self.compaction is None or not self.compaction.is_alive())):
+            self.compaction = threading.Thread(target=self._compact, daemon=True, name="catalogue-compaction")
+            self.compaction.start()
         return applied
+
+    def _compact(self) -> None:
+        started = time.monotonic()
+        try:
+            self.live.compact(self.lock)
+        except Exception:  # answers stay right without it, only slower: the next catch-up tries again
+            log.exception("catalogue compaction failed")
+            return
+        log.info("catalogue compacted: %d products in the main indices (%.1f s)", self.live.products,
+                 time.monotonic() - started)
 
     def lag_s(self) -> float:
         """How long a change this replica knows of has waited to be applied (0: caught up)."""

@@ -47,7 +47,8 @@ from shoprank.serving.metrics import metered, record_dropped, record_split, reco
 from shoprank.serving.routes import http_api
 from shoprank.serving.variants import VariantSpec
 from shoprank.store.events import (
-    EventStore, Impression, StoreBusy, checked_backup, is_server_database, open_event_writer, redacted, restore_sqlite,
+    CatalogueChange, EventStore, Impression, StoreBusy, checked_backup, is_server_database, open_event_writer, redacted,
+    restore_sqlite,
 )
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,24 @@ class EventStoreWriter:
 
     async def erasures(self, after: int) -> list[tuple[int, str]]:
         return await asyncio.to_thread(self.store.erasures, after)
+
+    async def change_catalogue(self, puts: list[dict], deletes: list[str], at: dt.datetime, batch_id: str) -> int:
+        """Append a batch of catalogue changes (:meth:`EventStore.change_catalogue`): all or nothing, once per
+        ``batch_id``."""
+        async with self._using() as store:
+            return await asyncio.to_thread(store.change_catalogue, puts, deletes, at, batch_id)
+
+    async def catalogue_changes(self, after: int, limit: int = 10_000) -> list[CatalogueChange]:
+        async with self._using() as store:
+            return await asyncio.to_thread(store.catalogue_changes, after, limit)
+
+    async def last_catalogue_change(self) -> tuple[int, float]:
+        async with self._using() as store:
+            return await asyncio.to_thread(store.last_catalogue_change)
+
+    async def catalogue_state(self, through: int) -> dict[str, dict | None]:
+        async with self._using() as store:
+            return await asyncio.to_thread(store.catalogue_state, through)
 
     async def purge(self, before: dt.datetime) -> dict[str, int]:
         async with self._using() as store:

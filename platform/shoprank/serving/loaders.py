@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow as pa
 
 from shoprank.config import Config
+from shoprank.data.catalogue import recorded_catalogue_seq
 from shoprank.data.io import read_table
+from shoprank.encoder.text import CATEGORY_HEAD
 from shoprank.privacy import Pseudonyms, serving_pseudonyms
 from shoprank.serving.keys import KeyRing, load_keyring
 from shoprank.serving.variants import VariantSpec, offline_figures, resolve_variant
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from shoprank.encoder.runtime import Embedder
     from shoprank.recsys.context import RankingContext
     from shoprank.recsys.diversity import Diversity
+    from shoprank.recsys.live import Categorise
 
 PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price"]
 """What the ingress shows of a product in an answer, and prices the A/B report's revenue with."""
@@ -70,6 +73,16 @@ class VariantLoader(Protocol):
         fixed one), so live answers are cut as the offline figures were."""
         ...
 
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        """The last catalogue change ``spec``'s run folded in: its replicas follow the change log from there."""
+        ...
+
+    def categoriser(self, spec: VariantSpec) -> Categorise | None:
+        """What fills in the category of a product put live without one: the fine-tuned encoder's category head
+        where ``spec`` serves it and its run has one (``head.npz``); None otherwise (the category stays null, which
+        every stage handles)."""
+        ...
+
 
 class ShopSource(Protocol):
     """What the ingress reads of the shop: called in the ingress replica, at its start and when it is reconfigured."""
@@ -92,6 +105,10 @@ class ShopSource(Protocol):
 
     def offline(self, spec: VariantSpec) -> dict[str, Any]:
         """``spec``'s offline figures (its run's evaluation), shown beside the online ones."""
+        ...
+
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        """The last catalogue change ``spec``'s run folded in: the ingress follows the change log from there."""
         ...
 
 
@@ -127,6 +144,17 @@ class RunLoader:
         from shoprank.recsys.diversity import Diversity
 
         return Diversity.of(self.config, Run.from_uri(spec.run))
+
+    def catalogue_seq(self, spec: VariantSpec) -> int:
+        return recorded_catalogue_seq(Run.from_uri(spec.run))
+
+    def categoriser(self, spec: VariantSpec) -> Categorise | None:
+        run = Run.from_uri(spec.run)
+        if spec.encoder != "fine_tuned" or not run.exists(*CATEGORY_HEAD):
+            return None  # the pretrained encoder has no head; a run exported before head.npz has none to read
+        from shoprank.recsys.live import CategoryHead
+
+        return CategoryHead.load(run.local_path(*CATEGORY_HEAD))
 
     def keyring(self) -> KeyRing:
         return load_keyring(self.config)

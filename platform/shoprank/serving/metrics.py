@@ -44,6 +44,14 @@ metric (as Prometheus names it)                type       labels                
                                                                                           serves (a replaced one's series
                                                                                           ends)
 ``ray_shoprank_model_trees``                   gauge      variant                         trees of that model (0: no ranker)
+``ray_shoprank_catalogue_products``            gauge      variant (Serve's ``replica``)   products a variant replica's
+                                                                                          catalogue lists (the run's, plus
+                                                                                          puts, less deletes)
+``ray_shoprank_catalogue_lag_seconds``         gauge      variant (Serve's ``replica``)   how long a catalogue change the
+                                                                                          replica knows of has waited to be
+                                                                                          applied (0: caught up)
+``ray_shoprank_catalogue_changes_total``       counter    variant, op                     catalogue puts and deletes a
+                                                                                          variant replica applied
 ============================================  =========  ==============================  =================================
 
 Histograms come as ``_bucket`` (with ``le``), ``_sum`` and ``_count``. A gauge's value is set again
@@ -52,7 +60,8 @@ series after two intervals without one, so a gauge set once (a model loaded at s
 20 s later. Every label has a
 bounded set of values: ``endpoint`` is a route's template (``other`` for any path the app does
 not serve), ``variant`` a configured variant (``none`` where no variant answered or the event
-named none), ``event_type`` one of the four kinds; never a user id, a query or a raw path.
+named none), ``event_type`` one of the four kinds, ``op`` ``put`` or ``delete``; never a user id, a query or a raw
+path.
 """
 
 from __future__ import annotations
@@ -102,6 +111,9 @@ class _Metrics:
     batch_rows: Histogram
     model_loaded: Gauge
     model_trees: Gauge
+    catalogue_products: Gauge
+    catalogue_lag: Gauge
+    catalogue_changes: Counter
 
 
 @functools.cache
@@ -135,6 +147,12 @@ def _metrics() -> _Metrics:
                            ("variant", "ranker_run", "strategy")),
         model_trees=Gauge("shoprank_model_trees", "Trees of the ranker a variant replica serves (0: no ranker).",
                           ("variant",)),
+        catalogue_products=Gauge("shoprank_catalogue_products", "Products a variant replica's catalogue lists.",
+                                 ("variant",)),
+        catalogue_lag=Gauge("shoprank_catalogue_lag_seconds", "How long a catalogue change a variant replica knows "
+                            "of has waited to be applied (s; 0: caught up).", ("variant",)),
+        catalogue_changes=Counter("shoprank_catalogue_changes", "Catalogue puts and deletes a variant replica "
+                                  "applied.", ("variant", "op")),
     )
 
 
@@ -289,6 +307,20 @@ def record_model(variant: str, replaced: dict[str, Any], loaded: dict[str, Any])
     held.hold(metrics.model_loaded, 1, {"variant": variant, "ranker_run": loaded["ranker_run"],
                                         "strategy": loaded["strategy"]})
     held.hold(metrics.model_trees, loaded["trees"], {"variant": variant})
+
+
+def record_catalogue(variant: str, products: int, lag_s: float) -> None:
+    """A variant replica's catalogue size and change-log lag (:mod:`shoprank.serving.catalogue_state`)."""
+    metrics, held = _metrics(), _held()
+    held.hold(metrics.catalogue_products, products, {"variant": variant})
+    held.hold(metrics.catalogue_lag, lag_s, {"variant": variant})
+
+
+def record_catalogue_changes(variant: str, applied: dict[str, int]) -> None:
+    """Catalogue puts and deletes (``applied``: op -> count) a variant replica applied."""
+    for op, count in applied.items():
+        if count:
+            _metrics().catalogue_changes.inc(count, tags={"variant": variant, "op": op})
 
 
 class MeteredEventStore:

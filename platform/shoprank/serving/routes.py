@@ -201,8 +201,9 @@ async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str
     response.headers[VARIANT_HEADER] = variant
     record_answer(variant, forced is not None, len(ranked))
     record_explored(variant, sum(r.explored for r in ranked))
-    items = [{"rank": i + 1, **ingress.products[r.product_id], "score": r.score, "contributions": r.contributions,
-              "explored": r.explored} for i, r in enumerate(ranked)]
+    # the product as the replica that ranked it lists it (a change put a moment ago included)
+    items = [{"rank": i + 1, **({"product_id": r.product_id, **r.shown} if r.shown else ingress.products[r.product_id]),
+              "score": r.score, "contributions": r.contributions, "explored": r.explored} for i, r in enumerate(ranked)]
     return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
                   note=_note(ingress, kind, ingress.specs[variant].run, answered.history_events))
 

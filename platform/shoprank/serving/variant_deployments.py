@@ -3,13 +3,18 @@
 Per variant (``Variant_A``, ``Variant_B``):
 
 * :class:`Variant` answers whole requests in one replica, batched with ``@serve.batch``:
-  its user cache caught up with the event store once (:mod:`shoprank.serving.user_state`),
+  its catalogue caught up with the catalogue change log (:mod:`shoprank.serving.catalogue_state`:
+  products put live are found, changed ones answered as changed, deleted ones never), then
+  its user cache with the event store (:mod:`shoprank.serving.user_state`), once per batch,
   the batch's queries encoded in one call, each request's candidates retrieved (its
   run's catalogue, FAISS index, BM25, event log), all of them ranked in one ``predict``
   (:func:`shoprank.recsys.answer.answer_many`, the Ray-free path the tests and the
   in-process benchmark call too). Its ranker comes through ``user_config``, so moving a
   registry alias and redeploying reloads it in place (``reconfigure``), without
   restarting a replica.
+  Between batches a thread follows the change log every ``serve.catalogue_poll_s``; one lock
+  per replica keeps a change being applied, a ranker being swapped in and a batch being
+  answered apart (new products are embedded outside it, by the variant's own encoder).
   What it loads comes from the :class:`~shoprank.serving.loaders.VariantLoader` bound to it
   (the runs under ``run.root`` in production, an in-memory shop in the tests).
 * :class:`QueryEncoder` (``QueryEncoder_A``...), with ``ray.use_gpu`` (or
@@ -27,7 +32,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -36,11 +42,15 @@ from ray.serve.handle import DeploymentHandle
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
 from shoprank.recsys.messages import Answered, Asked
+from shoprank.serving.catalogue_state import CatalogueFollower
 from shoprank.serving.loaders import VariantLoader
-from shoprank.serving.metrics import record_model
+from shoprank.serving.metrics import GAUGE_REFRESH_S, record_catalogue, record_catalogue_changes, record_model
 from shoprank.serving.user_state import UserCache
 from shoprank.serving.variants import VariantSpec
 from shoprank.store.events import open_event_store
+
+if TYPE_CHECKING:
+    from shoprank.recsys.answer import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,11 @@ class QueryEncoder:
 
         return list(self.embedder.embed(queries, QUERY_MAX_LENGTH))
 
+    def embed_products(self, texts: list[str]) -> np.ndarray:
+        """Product texts put through the catalogue change log, at the products' length (``encoder.max_length``, as
+        the embed stage embeds the catalogue): the variant's replicas embed new products with this encoder."""
+        return self.embedder.embed(texts, self.config.encoder.max_length)
+
 
 @serve.deployment
 class Variant:
@@ -85,6 +100,7 @@ class Variant:
                  query_encoder: DeploymentHandle | None = None) -> None:
         replica_grpc_on_loopback()
         from shoprank.recsys.answer import Ranking, Retrieval
+        from shoprank.recsys.live import LiveCatalogue
 
         self.config = Config.model_validate(config)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -92,8 +108,9 @@ class Variant:
         self.loader = loader
         # with a query encoder of its own, the variant loads no encoder
         self.context = loader.context(spec, encoder=query_encoder is None)
+        store = open_event_store(event_db)
         # an erased shopper leaves the run's history too (every tombstone now, the new ones before each batch)
-        self.users = UserCache(open_event_store(event_db), self.config.features.history_events,
+        self.users = UserCache(store, self.config.features.history_events,
                                self.config.serve.user_cache_events, forget_elsewhere=self.context.events.forget)
         self.retrieval = Retrieval(self.context)
         # exploration slots for live-added products, their impressions and clicks read beside the catalogue's log
@@ -103,6 +120,19 @@ class Variant:
         self.exploration = Exploration(self.config.serve.explore, self.context, exposure)
         ExposureFollower(open_event_store(event_db), exposure).start(self.config.serve.catalogue_poll_s)
         self.query_encoder = query_encoder
+        self.lock = threading.Lock()
+        """Held while the catalogue changes, the ranking is replaced, or a batch is answered."""
+        live = LiveCatalogue(self.context, self._embed_products, loader.categoriser(spec))
+        self.catalogue = CatalogueFollower(store, live, self.lock, loader.catalogue_seq(spec),
+                                           compact_rows=self.config.serve.catalogue_compact_rows)
+        self.variant = spec.name
+        # the change log since the run's mark, before this replica reports ready: one started later has every change
+        # (in a thread of its own: the constructor runs on Serve's event loop, where a handle's result cannot wait;
+        # a failure fails the start, and Serve starts the replica again)
+        with ThreadPoolExecutor(1, thread_name_prefix="catalogue-replay") as replay:
+            replay.submit(self._follow_catalogue).result()
+        for name, target in (("catalogue-follower", self._poll_catalogue), ("catalogue-metrics", self._report)):
+            threading.Thread(target=target, daemon=True, name=name).start()
         self.ranking: Ranking | None = None
         self.model: dict[str, Any] = {}
         self.settings: dict[str, Any] = {}
@@ -129,8 +159,9 @@ class Variant:
                         spec.alias, spec.ranker_run, spec.run)
             return
         booster = self.loader.booster(spec)
-        self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster,
-                                      self.loader.diversity(spec))
+        diversity = self.loader.diversity(spec)
+        with self.lock:  # the catalogue's statistics do not change while the ranking is made from them
+            self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster, diversity)
         replaced, self.model = self.model, {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
                                             "trees": booster.num_boosted_rounds() if booster is not None else 0}
         record_model(self.settings["variant"], replaced, self.model)
@@ -145,13 +176,46 @@ class Variant:
                 log.exception("registry check failed; keeping %s", self.model)
 
     def describe(self) -> dict[str, Any]:
-        return self.model
+        return {**self.model, "catalogue": self.catalogue.describe()}
+
+    def _embed_products(self, texts: list[str]) -> np.ndarray:
+        """New product texts embedded by this variant's own encoder runtime (a thread's call, never the loop's)."""
+        if self.query_encoder is None:
+            return self.context.embed_products(texts)
+        return self.query_encoder.embed_products.remote(texts).result()
+
+    def _follow_catalogue(self) -> None:
+        """Apply the catalogue changes stored since the last call, and count them."""
+        record_catalogue_changes(self.variant, self.catalogue.catch_up())
+
+    def _poll_catalogue(self) -> None:
+        """Follow the change log while no request comes: an idle replica is current within a second."""
+        while True:
+            time.sleep(self.config.serve.catalogue_poll_s)
+            try:
+                self._follow_catalogue()
+            except Exception:  # the store unreachable a moment, a change that cannot be embedded: the lag shows it
+                log.exception("catalogue change log: catching up failed at change %d", self.catalogue.cursor)
+
+    def _report(self) -> None:
+        """The catalogue's size and lag, while a long catch-up (a large sync being embedded) is under way too."""
+        while True:
+            record_catalogue(self.variant, self.catalogue.live.products, self.catalogue.lag_s())
+            time.sleep(GAUGE_REFRESH_S)
 
     def _with_live_events(self, asked: list[Asked]) -> list[Asked]:
-        """``asked`` with each user's live events: what the store acknowledged up to now is in the cache, and a
-        user erased up to now is out of it and out of the run's history."""
+        """``asked`` with each user's live events: the catalogue changes and events the store acknowledged up to now
+        applied (the catalogue first, so an event naming a product put a moment ago maps to its row), and a user
+        erased up to now out of the cache and out of the run's history."""
+        self._follow_catalogue()
         self.users.catch_up()
         return [dataclasses.replace(a, live=self.users.events_of(a.user_id)) for a in asked]
+
+    def _answered(self, ranking: "Ranking", asked: list[Asked], vectors: dict[str, np.ndarray]) -> list[Answered]:
+        from shoprank.recsys.answer import answer_many
+
+        with self.lock:
+            return answer_many(self.retrieval, ranking, asked, vectors, self.exploration)
 
     async def _vectors(self, queries: list[str]) -> dict[str, np.ndarray]:
         if not queries:
@@ -167,7 +231,6 @@ class Variant:
         assert ranking is not None, "reconfigure runs before the first request"
         asked = await asyncio.to_thread(self._with_live_events, asked)
         vectors = await self._vectors(sorted({a.query for a in asked if a.query is not None}))
-        from shoprank.recsys.answer import answer_many
-
-        answered = answer_many(self.retrieval, ranking, asked, vectors, self.exploration)
+        # in a thread: the catalogue's lock may be held a moment by a change being applied
+        answered = await asyncio.to_thread(self._answered, ranking, asked, vectors)
         return [dataclasses.replace(answer, replica=self.replica) for answer in answered]

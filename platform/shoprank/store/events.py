@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -38,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shoprank.config import Config
-from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES
+from shoprank.data.schema import EVENT_SCHEMA, EVENT_TYPES, PRODUCT_SCHEMA
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.store.location import Location
 
@@ -143,6 +145,12 @@ class EventStore(ABC):
     def _write(self, statements: Sequence[tuple[str, tuple]]) -> list[int]:
         """Run ``statements`` (``{0}``: the parameter mark) in one transaction; the rows each changed."""
 
+    @abstractmethod
+    def _write_claimed(self, claim: tuple[str, tuple], statements: Sequence[tuple[str, tuple]]) -> bool:
+        """Run ``claim`` (an insert that changes no row when its batch is stored already), then, only if it changed
+        one, ``statements``, all in one transaction; whether they ran. Catalogue batches commit one at a time, so
+        their sequence numbers become visible in order and a follower's cursor never passes a change."""
+
     def fresh(self, rows: Sequence[tuple]) -> list[tuple]:
         """``rows`` (:func:`event_row`) less the events already stored or repeated in the batch with the same
         content: a client's retry of a batch whose answer it lost is accepted again and stored once. One id for
@@ -207,8 +215,46 @@ class EventStore(ABC):
         return ({p: int(n) for p, n in impressions}, {p: int(n) for p, n in clicks},
                 max(last_impression, after_impression), max(last_event, after_event))
 
+    def change_catalogue(self, puts: Sequence[dict], deletes: Sequence[str], at: dt.datetime, batch_id: str) -> int:
+        """Append a batch of catalogue changes to the change log in one transaction: the ``puts`` (record rows of
+        products, ``PRODUCT_SCHEMA``'s fields, already validated as ingest validates them) then the ``deletes``
+        (product ids), dated ``at`` (the app's clock). Returns the changes stored: 0 when ``batch_id`` is stored
+        already, so a client that lost the answer and sends the batch again changes the log once.
+
+        Each row passes :func:`catalogue_row` first (puts are rows 1.., deletes follow them): a bad one is a
+        :class:`DataError` naming its field and row, and nothing of the batch is stored. An id named twice in one
+        batch is refused too: the batch would mean different things in different orders."""
+        rows = catalogue_rows(puts, deletes)
+        ts = _micros(at)
+        claim = (_CLAIM_CATALOGUE_BATCH, (batch_id, ts, len(rows)))
+        inserts = [(_INSERT_CATALOGUE_CHANGE, (batch_id, op, product_id, product, ts))
+                   for op, product_id, product in rows]
+        return len(rows) if self._write_claimed(claim, inserts) else 0
+
+    def catalogue_changes(self, after: int, limit: int = 10_000) -> list[CatalogueChange]:
+        """The catalogue changes after sequence number ``after``, in order, at most ``limit``: what a replica reads to
+        follow the catalogue (its cursor is the last one it applied)."""
+        return [_catalogue_change(row) for row in self._fetch(
+            "SELECT seq, op, product_id, product, ts FROM catalogue_changes WHERE seq > {0} ORDER BY seq LIMIT {0}",
+            (after, limit))]
+
+    def last_catalogue_change(self) -> tuple[int, float]:
+        """(sequence number, epoch seconds) of the last catalogue change, (0, 0.0) when there is none: the mark a
+        pipeline run folds the log up to, and what a replica's lag is measured against."""
+        rows = self._fetch("SELECT seq, ts FROM catalogue_changes ORDER BY seq DESC LIMIT 1")
+        return (int(rows[0][0]), rows[0][1] / 1e6) if rows else (0, 0.0)
+
+    def catalogue_state(self, through: int) -> dict[str, dict | None]:
+        """Each product the log changed up to sequence number ``through``, as its last change left it: its record row,
+        or None when that change deleted it (what the next pipeline run folds into its catalogue)."""
+        rows = self._fetch("SELECT product_id, product FROM catalogue_changes WHERE seq IN "
+                           "(SELECT max(seq) FROM catalogue_changes WHERE seq <= {0} GROUP BY product_id)", (through,))
+        return {product_id: json.loads(product) if product is not None else None for product_id, product in rows}
+
     def purge(self, before: dt.datetime) -> dict[str, int]:
-        """Delete the events and impressions dated before ``before`` (``serve.retention_days``); how many went."""
+        """Delete the events and impressions dated before ``before`` (``serve.retention_days``); how many went. The
+        catalogue change log is never purged: it is the catalogue's history, which replicas replay and the next
+        pipeline run folds in (a recall must not come back because its deletion grew old)."""
         events, impressions, _ = self._write([("DELETE FROM events WHERE ts < {0}", (_micros(before),)),
                                               ("DELETE FROM impressions WHERE ts < {0}", (_micros(before),)),
                                               ("DELETE FROM impression_batches WHERE ts < {0}", (_micros(before),))])
@@ -250,6 +296,73 @@ def event_row(event: dict, row: int) -> tuple:
         if isinstance(event.get(name), str) and "\x00" in event[name]:
             raise DataError(f"{name} holds a NUL character", column=name, row=row)
     return tuple(_micros(ts) if name == "ts" else event.get(name) for name in EVENT_FIELDS)
+
+
+PRODUCT_FIELDS = [f.name for f in PRODUCT_SCHEMA]
+_REQUIRED_PRODUCT_TEXT = ("product_id", "title")
+_OPTIONAL_PRODUCT_TEXT = ("description", "category", "brand")
+
+
+def catalogue_row(product: dict, row: int) -> str:
+    """The stored JSON of one product put (its record row, ``PRODUCT_SCHEMA``'s fields in order), or a
+    :class:`DataError` naming its field and row.
+
+    The callers validated it as ingest does (:func:`shoprank.data.catalogue.validated_products`); this is the
+    store's last line, so what either backend stores is a row every stage can read: the required fields present,
+    text as text, a finite price >= 0, attributes a map of text, and no NUL character (PostgreSQL text cannot hold
+    one: refused here for both)."""
+    if not isinstance(product, dict):
+        raise DataError(f"a product put must be an object of its fields, got {type(product).__name__}", row=row)
+    unknown = sorted(set(product) - set(PRODUCT_FIELDS))
+    if unknown:
+        raise DataError(f"{unknown[0]!r} is not a product field; fields are: {', '.join(PRODUCT_FIELDS)}",
+                        column=unknown[0], row=row)
+    for name in _REQUIRED_PRODUCT_TEXT:
+        if not isinstance(product.get(name), str) or not product[name]:
+            raise DataError(f"missing {name!r}", column=name, row=row)
+    for name in _OPTIONAL_PRODUCT_TEXT:
+        if product.get(name) is not None and not isinstance(product[name], str):
+            raise DataError(f"{name} must be text or null, got {type(product[name]).__name__}", column=name, row=row)
+    price = product.get("price")
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+        raise DataError(f"price must be a finite number >= 0, got {price!r}", column="price", row=row)
+    attributes = product.get("attributes") or {}
+    if not isinstance(attributes, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in attributes.items()):
+        raise DataError("attributes must map text to text", column="attributes", row=row)
+    texts = [(name, product.get(name)) for name in (*_REQUIRED_PRODUCT_TEXT, *_OPTIONAL_PRODUCT_TEXT)]
+    texts += [("attributes", text) for pair in attributes.items() for text in pair]
+    for name, text in texts:
+        if isinstance(text, str) and "\x00" in text:
+            raise DataError(f"{name} holds a NUL character", column=name, row=row)
+    stored = {name: product.get(name) for name in PRODUCT_FIELDS}
+    stored["price"], stored["attributes"] = float(price), dict(attributes)
+    return json.dumps(stored, ensure_ascii=False)
+
+
+def catalogue_rows(puts: Sequence[dict], deletes: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """(op, product id, product JSON or None) of a batch of changes, puts first, each checked
+    (:func:`catalogue_row`; a deleted id as a product id), or a :class:`DataError` naming the first bad row (puts
+    are rows 1.., deletes follow them) and nothing changed."""
+    rows: list[tuple[str, str, str | None]] = []
+    first_row: dict[str, int] = {}
+    for row, (op, change) in enumerate([*(("put", p) for p in puts), *(("delete", d) for d in deletes)], start=1):
+        stored = catalogue_row(change, row) if op == "put" else None
+        product_id = change["product_id"] if op == "put" else change
+        if op == "delete" and (not isinstance(product_id, str) or not product_id or "\x00" in product_id):
+            raise DataError(f"a deleted product_id must be non-empty text without a NUL, got {product_id!r}",
+                            column="product_id", row=row)
+        if product_id in first_row:
+            raise DataError(f"product_id {product_id!r} is changed twice in this batch (first at row "
+                            f"{first_row[product_id]}); nothing of this batch was stored", column="product_id", row=row)
+        first_row[product_id] = row
+        rows.append((op, product_id, stored))
+    return rows
+
+
+def _catalogue_change(row: tuple) -> CatalogueChange:
+    seq, op, product_id, product, ts = row
+    return CatalogueChange(int(seq), op, product_id, json.loads(product) if product is not None else None, ts / 1e6)
 
 
 def _impression_row(impression: Impression) -> tuple:
@@ -312,6 +425,12 @@ IDENTITY_FIELDS = ("user_id", "product_id", "event_type", "query", "position", "
 """What makes two events with one id the same event (``ts`` and ``session_id`` may be the server's defaults, which
 a retry gets anew)."""
 _SELECT_IDENTITY = f"SELECT event_id, {', '.join(IDENTITY_FIELDS)} FROM events"
+_CLAIM_CATALOGUE_BATCH = ("INSERT INTO catalogue_batches (batch_id, ts, changes) VALUES ({0}, {0}, {0}) "
+                          "ON CONFLICT (batch_id) DO NOTHING")
+"""Record a catalogue batch's id in the transaction that appends its changes: no row changed means it is stored
+already (a client's retry), and nothing is appended again."""
+_INSERT_CATALOGUE_CHANGE = ("INSERT INTO catalogue_changes (batch_id, op, product_id, product, ts) "
+                            "VALUES ({0}, {0}, {0}, {0}, {0})")
 _EXTRA_TABLES = """
     CREATE INDEX IF NOT EXISTS impressions_by_user ON impressions (user_id);
     CREATE INDEX IF NOT EXISTS impressions_by_request ON impressions (request_id);
@@ -321,9 +440,18 @@ _EXTRA_TABLES = """
     CREATE TABLE IF NOT EXISTS impression_batches (
         batch_id TEXT PRIMARY KEY, ts BIGINT NOT NULL, impressions INTEGER NOT NULL);
     CREATE INDEX IF NOT EXISTS impression_batches_by_ts ON impression_batches (ts);
+    CREATE TABLE IF NOT EXISTS catalogue_changes (
+        seq {seq}, batch_id TEXT NOT NULL, op TEXT NOT NULL, product_id TEXT NOT NULL, product TEXT,
+        ts BIGINT NOT NULL);
+    CREATE INDEX IF NOT EXISTS catalogue_changes_by_product ON catalogue_changes (product_id, seq);
+    CREATE TABLE IF NOT EXISTS catalogue_batches (batch_id TEXT PRIMARY KEY, ts BIGINT NOT NULL, changes INTEGER NOT NULL);
 """
-"""Indexes, the erasures' tombstones and the impression batches already stored, in both backends (``{seq}``: the
-backend's auto-numbered key); ``IF NOT EXISTS`` adds what a store made by an earlier version lacks."""
+"""Indexes, the erasures' tombstones, the impression batches already stored and the catalogue change log (each
+change: 'put' with the product's record row as JSON text, or 'delete'; and the batch ids stored), in both backends
+(``{seq}``: the backend's auto-numbered key); ``IF NOT EXISTS`` adds what a store made by an earlier version lacks."""
+
+
+_SQLITE_SEQ = "INTEGER PRIMARY KEY AUTOINCREMENT"
 
 
 def _identity(row: tuple) -> tuple:
@@ -384,7 +512,7 @@ class SqliteEventStore(EventStore):
                 forced INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS impression_drops (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL, dropped INTEGER NOT NULL);
-            """ + _EXTRA_TABLES.format(seq="INTEGER PRIMARY KEY AUTOINCREMENT")
+            """ + _EXTRA_TABLES.format(seq=_SQLITE_SEQ)
         )
         if "quantity" not in {row[1] for row in self._db.execute("PRAGMA table_info(events)")}:
             self._db.execute("ALTER TABLE events ADD COLUMN quantity INTEGER")  # a store made before the field
@@ -422,6 +550,21 @@ class SqliteEventStore(EventStore):
                 raise
             self._db.execute("COMMIT")
         return counts
+
+    def _write_claimed(self, claim: tuple[str, tuple], statements: Sequence[tuple[str, tuple]]) -> bool:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # one writer at a time: sequence numbers commit in order
+            try:
+                if not self._db.execute(claim[0].format("?"), claim[1]).rowcount:
+                    self._db.execute("ROLLBACK")
+                    return False
+                for sql, arguments in statements:
+                    self._db.execute(sql.format("?"), arguments)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return True
 
     def _scrub(self) -> None:
         """Copy the WAL into the database file and empty it (``wal_checkpoint(TRUNCATE)``): the WAL still holds the
@@ -565,6 +708,8 @@ class PostgresEventStore(EventStore):
     _SCHEMA_LOCK = 0x5A0B_EE17
     """Advisory lock id: replicas starting together create the tables one after the other (``IF NOT EXISTS``
     alone races in PostgreSQL's catalogue)."""
+    _CATALOGUE_LOCK = 0x5A0B_CA7A
+    """Advisory lock id: catalogue batches commit one at a time (:meth:`_write_claimed`)."""
 
     def __init__(self, dsn: str, *, max_connections: int = 4, connect_timeout_s: float = 30.0) -> None:
         import psycopg
@@ -604,6 +749,18 @@ class PostgresEventStore(EventStore):
                 cursor.execute(sql.format("%s"), arguments)
                 counts.append(cursor.rowcount)
         return counts
+
+    def _write_claimed(self, claim: tuple[str, tuple], statements: Sequence[tuple[str, tuple]]) -> bool:
+        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            # one catalogue batch at a time, on every node: an identity number is taken at insert, so two batches
+            # in flight could commit out of order and a follower past the later one would never read the earlier
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._CATALOGUE_LOCK,))
+            cursor.execute(claim[0].format("%s"), claim[1])
+            if not cursor.rowcount:
+                return False  # leaving the block commits an empty transaction: nothing was written
+            for sql, arguments in statements:
+                cursor.execute(sql.format("%s"), arguments)
+        return True
 
     def log_impressions(self, impressions: Sequence[Impression], dropped: int = 0, batch_id: str | None = None) -> bool:
         with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
@@ -658,11 +815,13 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
 
     The backup is copied into the live database by SQLite's backup API, in one transaction, not by replacing the
     file: a crash leaves the old content, and readers with the store open (the variants' user caches) read the
-    restored content rather than a deleted file's. Events and erasures are then numbered on from the replaced
-    store's last sequence numbers, never below: the user caches read what comes after their cursors
-    (:class:`~shoprank.serving.user_state.UserCache`), and a number reused below one would hide a new event or a new
-    erasure from them. An erasure the replaced store holds and the backup does not (made after the backup was taken)
-    is made again in the same transaction, so a restore never brings an erased shopper back.
+    restored content rather than a deleted file's. Events, erasures and catalogue changes are then numbered on from
+    the replaced store's last sequence numbers, never below: the user caches and the catalogue followers read what
+    comes after their cursors (:class:`~shoprank.serving.user_state.UserCache`), and a number reused below one would
+    hide a new event, erasure or catalogue change from them. An erasure the replaced store holds and the backup does
+    not (made after the backup was taken) is made again in the same transaction, so a restore never brings an erased
+    shopper back; so is a catalogue change (appended again, after the backup's), so a restore never lists a recalled
+    product again nor loses one put since.
     """
     backup, target = Path(backup), Path(target)
     count = checked_backup(backup)
@@ -684,8 +843,10 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
                                     f"backup's {count}")
                 numbered = _sequences(live)
                 erased = _erasures(live)
+                changed, batches = _catalogue_log(live)
                 source.backup(live)
                 live.execute("PRAGMA secure_delete=ON")
+                live.executescript(_EXTRA_TABLES.format(seq=_SQLITE_SEQ))  # a backup older than a table gets it
                 live.execute("BEGIN IMMEDIATE")
                 for table, last in numbered.items():  # numbering goes on after the replaced store's: see the docstring
                     live.execute("DELETE FROM sqlite_sequence WHERE name = ? AND seq < ?", (table, last))
@@ -697,6 +858,12 @@ def restore_sqlite(backup: str | Path, target: str | Path, *, replace: bool = Fa
                         live.execute("DELETE FROM events WHERE user_id = ?", (user,))
                         live.execute("DELETE FROM impressions WHERE user_id = ?", (user,))
                         live.execute("INSERT INTO erasures (user_id, ts) VALUES (?, ?)", (user, ts))
+                restored_changes = set(_catalogue_log(live)[0])
+                for change in changed:  # a catalogue change made after the backup was taken is appended again
+                    if change not in restored_changes:
+                        live.execute(_INSERT_CATALOGUE_CHANGE.format("?"), change)
+                for batch in batches:  # and its batch stays claimed: a client's retry of it changes nothing
+                    live.execute(_CLAIM_CATALOGUE_BATCH.format("?"), batch)
                 live.execute("COMMIT")
                 live.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
@@ -734,10 +901,23 @@ def _erasures(db: sqlite3.Connection) -> list[tuple[str, int]]:
         return []
 
 
-def _sequences(db: sqlite3.Connection) -> dict[str, int]:
-    """The last sequence numbers of the tables the user caches follow (events, erasures), none for a new store."""
+def _catalogue_log(db: sqlite3.Connection) -> tuple[list[tuple], list[tuple]]:
+    """Every catalogue change in ``db`` (batch, op, product, row, time; in order) and every catalogue batch claimed
+    (id, time, changes), none for a new store or one made before the log existed."""
     try:
-        return dict(db.execute("SELECT name, seq FROM sqlite_sequence WHERE name IN ('events', 'erasures')"))
+        changes = db.execute("SELECT batch_id, op, product_id, product, ts FROM catalogue_changes ORDER BY seq")
+        return [tuple(change) for change in changes], [tuple(batch) for batch in db.execute(
+            "SELECT batch_id, ts, changes FROM catalogue_batches")]
+    except sqlite3.OperationalError:
+        return [], []
+
+
+def _sequences(db: sqlite3.Connection) -> dict[str, int]:
+    """The last sequence numbers of the tables that followers read after a cursor (events, erasures, catalogue
+    changes), none for a new store."""
+    try:
+        return dict(db.execute("SELECT name, seq FROM sqlite_sequence "
+                               "WHERE name IN ('events', 'erasures', 'catalogue_changes')"))
     except sqlite3.OperationalError:
         return {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -14,18 +15,18 @@ class ServeError(ShopRankError):
 
 
 class ServeClient:
-    """``POST /search``, ``/recommend``, ``/events``; ``GET /ab/report``, ``/variants``, ``/healthz``; every call
-    but the last with ``key`` (:mod:`shoprank.serving.keys`: a client key for the first three, an admin key for
-    all)."""
+    """``POST /search``, ``/recommend``, ``/events``; ``GET /ab/report``, ``/variants``, ``/healthz``; ``PUT
+    /products``, ``DELETE /products/{id}``; every call but ``/healthz`` with ``key`` (:mod:`shoprank.serving.keys`: a
+    client key for the first three, an admin key for all)."""
 
     def __init__(self, url: str, key: str, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {key}"})
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
         try:
-            answer = self.http.request(method, path, json=body)
+            answer = self.http.request(method, path, json=body, headers=headers)
         except httpx.ConnectError:
             raise ServeError(f"The Serve app at {self.url} is not reachable. Is it running? "
                              "(`make demo` deploys it; `shoprank serve` redeploys it.)") from None
@@ -67,6 +68,16 @@ class ServeClient:
 
     def restore_events(self, backup: str, replace: bool) -> dict[str, Any]:
         return self._call("POST", "/admin/events/restore", {"backup": backup, "replace": replace})
+
+    def put_products(self, products: list[dict[str, Any]], batch_id: str | None = None) -> dict[str, Any]:
+        """``PUT /products`` (an admin key): at most ``MAX_PRODUCTS_PER_REQUEST`` record rows, stored all or nothing;
+        ``batch_id`` (the ``Idempotency-Key``) makes a resend of the same batch change nothing."""
+        return self._call("PUT", "/products", products, {"Idempotency-Key": batch_id} if batch_id else None)
+
+    def delete_product(self, product_id: str, batch_id: str | None = None) -> dict[str, Any]:
+        """``DELETE /products/{product_id}`` (an admin key): ``deleted`` is False when it was deleted already."""
+        return self._call("DELETE", f"/products/{quote(product_id, safe='')}", None,
+                          {"Idempotency-Key": batch_id} if batch_id else None)
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
