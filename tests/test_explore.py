@@ -1,19 +1,24 @@
 """Exploration slots for products added while serving (issue 38, item 3): the policy on the request path.
 
-Ray-free: the in-memory fake shop's run (its context built by ``assemble_context``, what ``load_context`` builds
-from a run) with six products put after it through the catalogue change log's path (:class:`LiveCatalogue`),
-answered by :class:`VariantPipeline` through ``answer_many``, the path a Serve replica calls.
+Ray-free but the last: the in-memory fake shop's run (its context built by ``assemble_context``, what
+``load_context`` builds from a run) with six products put after it through the catalogue change log's path
+(:class:`LiveCatalogue`), answered by :class:`VariantPipeline` through ``answer_many``, the path a Serve replica
+calls; the last test asks the app over that shop (``fake_app``), the change log followed by its replicas.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
+import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from ray import serve
 
+from conftest import App
 from fake_shop import DIMENSIONS, START, HashedWords, events, products
 from shoprank.config import Config, ExploreConfig, load_config
 from shoprank.encoder.text import product_texts
@@ -199,3 +204,39 @@ def test_the_follower_counts_each_stored_impression_and_click_once(tmp_path: Pat
     late = ExposureCounts()
     ExposureFollower(store, late).catch_up()  # a replica started later agrees
     assert [c.tolist() for c in late.of(["N0", "N1"])] == [[3, 2], [1, 1]]
+
+
+def test_the_app_explores_a_product_put_live_on_recommendations_only(fake_app: App) -> None:
+    """On the app (two replicas per variant): a product put through the change log fills the first slot of an
+    anonymous recommendation, flagged ``explored``, as the replica lists it; a search finds it by its title but
+    never through a slot; deleted, it is explored no more."""
+    product = {"product_id": "LIVE-EXPLORE", "title": "Vindrel storm lantern", "description": "A lantern.",
+               "category": "Outdoors > Lights", "brand": "Zephyr", "price": 31.0, "attributes": {"colour": "red"}}
+    writer = serve.get_deployment_handle("EventStoreWriter", app_name=fake_app.name)
+
+    def change(puts: list[dict], deletes: list[str]) -> None:
+        writer.change_catalogue.remote(puts, deletes, dt.datetime.now(dt.timezone.utc), uuid.uuid4().hex).result()
+
+    change([product], [])
+    try:
+        explored: dict[str, dict] = {}
+        deadline = time.monotonic() + 10
+        while len(explored) < 2 and time.monotonic() < deadline:
+            for variant in ("A", "B"):
+                items = fake_app.post("/recommend", {"k": 10, "variant": variant}).json()["items"]
+                assert [i["rank"] for i in items if i["explored"]] in ([], [3]), items  # one eligible: one slot
+                explored.update({variant: i for i in items if i["explored"]})
+        assert set(explored) == {"A", "B"}, explored
+        assert all(i["product_id"] == "LIVE-EXPLORE" and i["title"] == "vindrel storm lantern"
+                   for i in explored.values())
+        for variant in ("A", "B"):
+            body = {"query": "vindrel storm lantern", "k": 10, "variant": variant}
+            items = fake_app.post("/search", body).json()["items"]
+            assert items[0]["product_id"] == "LIVE-EXPLORE" and not any(i["explored"] for i in items)
+    finally:
+        change([], ["LIVE-EXPLORE"])
+    time.sleep(1.0)  # past serve.catalogue_poll_s: every replica applied the delete
+    for _ in range(20):
+        for variant in ("A", "B"):
+            items = fake_app.post("/recommend", {"k": 10, "variant": variant}).json()["items"]
+            assert not any(i["explored"] or i["product_id"] == "LIVE-EXPLORE" for i in items)
