@@ -180,3 +180,17 @@ def test_online_retail_system_beats_popularity_and_repeat_purchase_on_two_months
         assert system["mean"] > rows[baseline]["ndcg@10"]["mean"], (
             f"the system's NDCG@10 {system} is not above {baseline}'s {rows[baseline]['ndcg@10']} "
             f"(paired difference {differences[baseline]})")
+
+
+@pytest.mark.slow
+def test_exploration(ranked: tuple[Config, Run]) -> None:
+    config, _ = ranked
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    figures = run_benchmark("exploration.py", "--config", "tiny", *sets, "--visits", "40", "--new-products", "6")
+    assert figures["identical_before_put"], "before the put no product is eligible: every arm answers alike"
+    arms = figures["arms"]
+    assert arms["no exploration"]["explored_share"] == 0.0
+    slots = arms["recommendation slots"]
+    assert 0.0 < slots["explored_share_recommend"] <= 0.2, "at most 2 of 10 items per recommendation"
+    assert slots.get("explored_share_search", 0.0) == 0.0, "search has no slot by default"
+    assert slots["new_shown_at_least_once"] > 0.0

@@ -145,3 +145,20 @@ def test_simulator_rejects_unknown_ids() -> None:
     with pytest.raises(KeyError, match="X1"):
         simulator.respond("U000001", ["X1"], np.random.default_rng(0))
     assert simulator.relevance("no such query text", ["P0000001"]) is None
+
+
+def test_new_products_join_the_shop_with_the_appeal_they_were_given() -> None:
+    model = synthetic.ShopModel.build(SHOP)
+    quality = np.array([1.5] * 20 + [-1.5] * 20)
+    grown = model.with_new_products(quality)
+    start = len(model.catalog)
+    assert len(grown.catalog) == start + 40 and np.array_equal(grown.catalog.quality[start:], quality)
+    assert np.array_equal(grown.catalog.leaf[:start], model.catalog.leaf), "the shop's own products are unchanged"
+    table = synthetic.render_products(grown.catalog, start, start + 40)
+    assert table.column("product_id").to_pylist()[0] == synthetic.product_id(start)
+    simulator = synthetic.ShopSimulator(SHOP, grown)
+    appealing, dull = table.column("product_id").to_pylist()[:20], table.column("product_id").to_pylist()[20:]
+    gap = [simulator.expected_utility(u, appealing).mean() - simulator.expected_utility(u, dull).mean()
+           for u in simulator.user_ids[:50]]
+    assert np.mean(gap) > 1.0, "appealing products are worth more to shoppers than dull ones"
+    assert np.array_equal(model.with_new_products(quality).catalog.leaf, grown.catalog.leaf), "the same draw twice"

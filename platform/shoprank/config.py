@@ -568,6 +568,50 @@ class RankerConfig(Section):
     seed: int = 0
 
 
+class ExploreConfig(Section):
+    """A fair first chance for products added while serving (``shoprank.recsys.explore``): a few slots of a list
+    go to live-added products with little exposure, chosen by Thompson sampling on their observed clicks. Serve
+    only: no stage computes it, so the offline evaluation keeps ranking what the ranker ranks."""
+
+    recommend_slots: int = Field(
+        2, ge=0, le=10, description="Slots of each recommendation list filled by exploration (0: none).",
+    )
+    search_slots: int = Field(
+        0, ge=0, le=10, description="Slots of each search answer filled by exploration; off by default: a search "
+        "names what the shopper wants, and an exploring slot there costs more relevance than on a recommendation.",
+    )
+    positions: list[int] = Field(
+        default_factory=lambda: [3, 8], description="1-based positions of the slots, increasing (the best draw "
+        "takes the first); the ranked list shifts down around them and is cut at k. A position past k is not filled.",
+    )
+    max_impressions: int = Field(
+        200, ge=1, description="A live-added product shown this many times (the event store's impressions) is no "
+        "longer explored: by then its clicks say what the ranker's features cannot yet.",
+    )
+    prior_impressions: float = Field(
+        20.0, gt=0.0, description="Weight of the Beta prior, in impressions: each product starts at the run's pooled "
+        "CTR as if shown this many times (Beta(m * ctr, m * (1 - ctr))), so a few lucky clicks do not take over.",
+    )
+    pool: int = Field(
+        100, ge=1, le=10_000, description="Eligible products drawn from per request, at most: those already "
+        "retrieved, then the nearest to the query's or shopper's vector, then those of the shopper's favourite "
+        "categories (a shopper without history: any).",
+    )
+    nearest: int = Field(
+        20, ge=0, le=1_000, description="Eligible products nearest to the query's or shopper's vector in the pool.",
+    )
+
+    @model_validator(mode="after")
+    def _positions_hold_the_slots(self) -> "ExploreConfig":
+        if any(p < 1 for p in self.positions) or self.positions != sorted(set(self.positions)):
+            raise ValueError(f"positions {self.positions}: increasing 1-based positions")
+        slots = max(self.recommend_slots, self.search_slots)
+        if len(self.positions) < slots:
+            raise ValueError(f"positions {self.positions} hold {len(self.positions)} slots; recommend_slots/"
+                             f"search_slots ask for {slots}")
+        return self
+
+
 class ServeConfig(Section):
     """The Serve app (``shoprank.serving``): variants, A/B split, batching, the event store."""
 
@@ -668,6 +712,10 @@ class ServeConfig(Section):
     catalogue_poll_s: float = Field(
         0.25, gt=0.0, le=60.0, description="How often each replica reads the catalogue change log while idle (a "
         "request reads it anyway before it is answered).",
+    )
+    explore: ExploreConfig = Field(
+        default_factory=ExploreConfig, description="Exploration slots for products added while serving "
+        "(docs/serving.md, 'Exploration').",
     )
     catalogue_compact_rows: int = Field(
         2000, ge=1, description="Live catalogue changes a variant replica holds beside its run's indices before it "

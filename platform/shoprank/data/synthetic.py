@@ -85,7 +85,7 @@ SESSION_CHUNK = 512
 QUERY_CHUNK = 256
 
 # Random-stream ids: one per kind of draw, so adding a draw of one kind never shifts another.
-_STREAM_LAYOUT, _STREAM_PRODUCTS, _STREAM_USERS, _STREAM_QUERIES, _STREAM_SESSIONS = range(5)
+_STREAM_LAYOUT, _STREAM_PRODUCTS, _STREAM_USERS, _STREAM_QUERIES, _STREAM_SESSIONS, _STREAM_NEW_PRODUCTS = range(6)
 
 MAX_SLOTS = 3
 PRICE_BANDS: tuple[str, ...] = ("budget", "mid", "premium")
@@ -187,8 +187,8 @@ def _leaf_popularity(seed: int) -> np.ndarray:
     return weights
 
 
-def _catalog_chunk(seed: int, chunk: int, n: int, leaf_p: np.ndarray) -> Catalog:
-    rng = _rng(seed, _STREAM_PRODUCTS, chunk)
+def _catalog_chunk(seed: int, chunk: int, n: int, leaf_p: np.ndarray, stream: int = _STREAM_PRODUCTS) -> Catalog:
+    rng = _rng(seed, stream, chunk)
     leaf = rng.choice(len(LEAVES), size=n, p=leaf_p)
     brand = np.empty(n, dtype=np.int32)
     tier = np.empty(n)
@@ -615,6 +615,19 @@ class ShopModel:
         """The judgments table of the query pool."""
         return judgments_table(self.queries, self.catalog, self.judged)
 
+    def with_new_products(self, quality: np.ndarray, batch: int = 0) -> "ShopModel":
+        """This shop with ``len(quality)`` products more, numbered after its catalogue (ids ``P{num_products + i}``
+        on), drawn like the others from a stream of their own (``batch`` numbers such additions), but with the hidden
+        quality ``quality`` instead of a draw: products put live while shoppers arrive, whose appeal a measurement
+        knows (:func:`render_products` gives their records). The price keeps the draw made with the chunk's own
+        quality (``0.1 q`` of its log), so a set quality moves the appeal alone."""
+        added = _catalog_chunk(self.shop.seed, batch, len(quality), _leaf_popularity(self.shop.seed),
+                               _STREAM_NEW_PRODUCTS)
+        added.quality = np.asarray(quality, np.float64)
+        catalog = Catalog(**{f: np.concatenate([getattr(self.catalog, f), getattr(added, f)])
+                             for f in Catalog.__dataclass_fields__})
+        return ShopModel(self.shop, catalog, self.users, self.queries)
+
     def utility(self, user: int, products: np.ndarray) -> np.ndarray:
         """How much ``user`` likes each product, before position bias and query relevance."""
         c, u = self.catalog, self.users
@@ -821,6 +834,11 @@ class ShopSimulator:
         clicked, carted, bought = self.model.respond(self._user(user), products, rng, q)
         pick = np.asarray(ranked_product_ids, dtype=object)
         return Outcome(list(pick[clicked]), list(pick[carted]), list(pick[bought]))
+
+    def click_probabilities(self, user: str, product_ids: list[str]) -> np.ndarray:
+        """P(click | examined) of each product for ``user`` browsing (no query): how much a recommendation of it is
+        worth to them, the gain of a measurement's NDCG."""
+        return self.model.response_probabilities(self._user(user), self._products(product_ids))[1]
 
     def expected_utility(self, user: str, product_ids: list[str]) -> np.ndarray:
         """The user's hidden utility of each product (for diagnosing a model, not for training)."""

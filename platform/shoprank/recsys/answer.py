@@ -35,6 +35,7 @@ from shoprank.data.schema import NEGATIVE_EVENT_TYPES
 from shoprank.recsys.booster import predict
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, BrandsNamed, Diversity
+from shoprank.recsys.explore import Exploration
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
@@ -226,13 +227,38 @@ class Ranking:
 
 
 def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
-                vectors: dict[str, np.ndarray]) -> list[Answered]:
+                vectors: dict[str, np.ndarray], exploration: Exploration | None = None) -> list[Answered]:
     """Each request retrieved, then all of them ranked in one :meth:`Ranking.rank_many` call; ``vectors`` holds each
-    query's embedding (encoded together beforehand)."""
+    query's embedding (encoded together beforehand). With an ``exploration`` (a Serve replica's), its slots then
+    go to live-added products (:mod:`shoprank.recsys.explore`); without one (the offline evaluation) the ranked
+    lists are the answers."""
     retrieved = [retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
                                     a.now_s, a.hidden) for a in asked]
     ranked = ranking.rank_many(retrieved, [a.k for a in asked])
+    if exploration is not None:
+        ranked = [_explored(exploration, retrieval, a, r, items, vectors)
+                  for a, r, items in zip(asked, retrieved, ranked)]
     return [Answered(retrieval.shown(items), len(r.history)) for items, r in zip(ranked, retrieved)]
+
+
+def _explored(exploration: Exploration, retrieval: Retrieval, asked: Asked, retrieved: Retrieved, items: list[Ranked],
+              vectors: dict[str, np.ndarray]) -> list[Ranked]:
+    """``items`` with ``exploration``'s slots filled for this request: near its query or its shopper's vector, never
+    a product the shopper hid or the policy leaves out of their recommendations; the draw seeded by the request's id
+    (a request without one: by who asked what, when)."""
+    catalogue = retrieval.context.catalogue
+    if retrieved.is_search:
+        vector = vectors.get(asked.query)
+        left_out = np.zeros(0, np.int64)
+    else:
+        half_life = retrieval.context.config.embed.user_half_life_days
+        vector = catalogue.user_vector(retrieved.history, asked.now_s, half_life)
+        left_out = catalogue.excluded_rows(retrieved.history)
+    seed = asked.request_id or f"{asked.user_id}|{asked.query}|{asked.now_s}"
+    # retrieved.blocked: every hide of this shopper, the run's and the live ones, brands and categories resolved
+    return exploration.apply(items, asked.k, is_search=retrieved.is_search, candidates=retrieved.candidates,
+                             history=retrieved.history, vector=vector, blocked=np.union1d(left_out, retrieved.blocked),
+                             seed=seed)
 
 
 @dataclass
@@ -247,6 +273,8 @@ class VariantPipeline:
     live: dict[str, list[LiveEvent]] = field(default_factory=lambda: defaultdict(list))
     hidden: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     """User -> (event_type, product_id) of each "not interested" observed (as a replica's user cache holds them)."""
+    exploration: Exploration | None = None
+    """Exploration slots for live-added products, as a Serve replica fills them (default: none, the offline path)."""
     catalogue_log: LiveCatalogue | None = field(default=None, init=False)
     """The catalogue change log applied so far (:meth:`apply_catalogue`; None: none yet)."""
 
@@ -266,7 +294,7 @@ class VariantPipeline:
         """Several requests at once: their queries encoded in one call, their candidates ranked in one."""
         queries = sorted({a.query for a in asked if a.query is not None})
         vectors = dict(zip(queries, self.context.encode_queries(queries))) if queries else {}
-        return answer_many(self.retrieval, self.ranking, asked, vectors)
+        return answer_many(self.retrieval, self.ranking, asked, vectors, self.exploration)
 
     def apply_catalogue(self, changes: Sequence[CatalogueChange]) -> dict[str, int]:
         """Apply catalogue change log entries (:class:`~shoprank.recsys.live.LiveCatalogue`), new texts embedded

@@ -175,6 +175,9 @@ class Item(BaseModel):
         description="The score's parts, largest first: the features that moved it most (the ranker's SHAP values, "
         "or the baseline's terms), 'other features' (the rest together) and 'base' (an average candidate's score); "
         "they add up to the score. '<feature> (no value)': the product has no value for it (a rate over nothing).")
+    explored: bool = Field(
+        False, description="Placed by an exploration slot (serve.explore: a product added while serving, with little "
+        "exposure yet), not by its score: its score and its one contribution are a draw of its click rate.")
 
 
 class Answer(BaseModel):

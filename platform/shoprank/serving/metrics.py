@@ -22,6 +22,11 @@ metric (as Prometheus names it)                type       labels                
 ``ray_shoprank_split``                         gauge      variant                         each variant's configured share
                                                                                           (``serve.split``)
 ``ray_shoprank_impressions_total``             counter    variant                         products shown in answers
+``ray_shoprank_explored_items_total``          counter    variant                         of those, the ones an exploration
+                                                                                          slot placed (a live-added product
+                                                                                          with little exposure); over
+                                                                                          ``impressions``: the exploration
+                                                                                          share
 ``ray_shoprank_impressions_dropped_total``     counter    (none)                          impressions dropped by a full
                                                                                           queue (``serve.impression_queue``)
 ``ray_shoprank_impressions_waiting``           gauge      (Serve's ``replica``)           impressions an ingress replica
@@ -97,6 +102,7 @@ class _Metrics:
     assignments: Counter
     split: Gauge
     impressions: Counter
+    explored_items: Counter
     impressions_dropped: Counter
     impressions_waiting: Gauge
     events: Counter
@@ -125,6 +131,8 @@ def _metrics() -> _Metrics:
                                                     "(forced variants left out).", ("variant",)),
         split=Gauge("shoprank_split", "The configured share of each variant (serve.split).", ("variant",)),
         impressions=Counter("shoprank_impressions", "Products shown in answers.", ("variant",)),
+        explored_items=Counter("shoprank_explored_items", "Products shown in answers by an exploration slot "
+                                                          "(serve.explore).", ("variant",)),
         impressions_dropped=Counter("shoprank_impressions_dropped",
                                     "Impressions dropped before the event store (full queue)."),
         impressions_waiting=Gauge("shoprank_impressions_waiting",
@@ -250,6 +258,13 @@ def record_answer(variant: str, forced: bool, shown: int) -> None:
         metrics.assignments.inc(tags={"variant": variant})
     if shown:
         metrics.impressions.inc(shown, tags={"variant": variant})
+
+
+def record_explored(variant: str, explored: int) -> None:
+    """``explored`` of an answer's products were placed by exploration slots (``Ranked.explored``): with the
+    impressions, the share of what shoppers see that is exploration, which the slots bound."""
+    if explored:
+        _metrics().explored_items.inc(explored, tags={"variant": variant})
 
 
 def record_dropped(count: int) -> None:

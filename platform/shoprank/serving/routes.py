@@ -47,7 +47,9 @@ from shoprank.serving.api import (
     invalid, problem, refusals, rejected,
 )
 from shoprank.serving.keys import Role, allows
-from shoprank.serving.metrics import VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events
+from shoprank.serving.metrics import (
+    VARIANT_HEADER, RequestMetrics, endpoint_of, record_answer, record_events, record_explored,
+)
 from shoprank.store.events import Impression, StoreBusy
 
 if TYPE_CHECKING:
@@ -190,7 +192,7 @@ async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str
     variant = _variant(ingress, forced, user_id, request_id)
     shown_at = _dated(ingress.config.serve, ingress.now_s(), ts, ["ts"], "nothing was answered")
     answered: Answered = await ingress.handles[variant].answer.remote(
-        Asked(user_id, [], query, k, shown_at.timestamp()))
+        Asked(user_id, [], query, k, shown_at.timestamp(), request_id=request_id))
     ranked = answered.items
     ingress.impressions.put([
         Impression(request_id, user_id or "anonymous", variant, r.product_id, i + 1, shown_at, forced is not None)
@@ -202,9 +204,10 @@ async def _answer(ingress: "Ingress", kind: str, user_id: str | None, query: str
     response.headers["x-shoprank-replica"] = answered.replica
     response.headers[VARIANT_HEADER] = variant
     record_answer(variant, forced is not None, len(ranked))
+    record_explored(variant, sum(r.explored for r in ranked))
     # the product as the replica that ranked it lists it (a change put a moment ago included)
     items = [{"rank": i + 1, **({"product_id": r.product_id, **r.shown} if r.shown else ingress.products[r.product_id]),
-              "score": r.score, "contributions": r.contributions} for i, r in enumerate(ranked)]
+              "score": r.score, "contributions": r.contributions, "explored": r.explored} for i, r in enumerate(ranked)]
     return Answer(request_id=request_id, variant=variant, forced=forced is not None, kind=kind, items=items,
                   note=_note(ingress, kind, ingress.specs[variant].run, answered.history_events))
 

@@ -113,6 +113,12 @@ class Variant:
         self.users = UserCache(store, self.config.features.history_events,
                                self.config.serve.user_cache_events, forget_elsewhere=self.context.events.forget)
         self.retrieval = Retrieval(self.context)
+        # exploration slots for live-added products, their impressions and clicks read beside the catalogue's log
+        from shoprank.recsys.explore import Exploration, ExposureCounts, ExposureFollower
+
+        exposure = ExposureCounts()
+        self.exploration = Exploration(self.config.serve.explore, self.context, exposure)
+        ExposureFollower(open_event_store(event_db), exposure).start(self.config.serve.catalogue_poll_s)
         self.query_encoder = query_encoder
         self.lock = threading.Lock()
         """Held while the catalogue changes, the ranking is replaced, or a batch is answered."""
@@ -210,7 +216,7 @@ class Variant:
         from shoprank.recsys.answer import answer_many
 
         with self.lock:
-            return answer_many(self.retrieval, ranking, asked, vectors)
+            return answer_many(self.retrieval, ranking, asked, vectors, self.exploration)
 
     async def _vectors(self, queries: list[str]) -> dict[str, np.ndarray]:
         if not queries:

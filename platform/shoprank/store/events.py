@@ -201,6 +201,21 @@ class EventStore(ABC):
     def last_erasure(self) -> int:
         return int(self._fetch("SELECT coalesce(max(seq), 0) FROM erasures")[0][0])
 
+    def exposure(self, after_impression: int, after_event: int) -> tuple[dict[str, int], dict[str, int], int, int]:
+        """Impressions and clicks per product stored after the sequence numbers ``after_impression`` (impressions)
+        and ``after_event`` (events), and the sequence numbers read up to: what a variant replica's exploration
+        counts (:class:`shoprank.recsys.explore.ExposureCounts`), read on from where it stopped (0, 0: everything
+        stored). Each table's last number is read first and only rows up to it are counted, so a row committed
+        meanwhile is counted by the next call, never twice."""
+        last_impression = int(self._fetch("SELECT coalesce(max(seq), 0) FROM impressions")[0][0])
+        last_event = int(self._fetch("SELECT coalesce(max(seq), 0) FROM events")[0][0])
+        impressions = self._fetch("SELECT product_id, count(*) FROM impressions WHERE seq > {0} AND seq <= {0} "
+                                  "GROUP BY product_id", (after_impression, last_impression))
+        clicks = self._fetch("SELECT product_id, count(*) FROM events WHERE seq > {0} AND seq <= {0} AND "
+                             "event_type = 'click' GROUP BY product_id", (after_event, last_event))
+        return ({p: int(n) for p, n in impressions}, {p: int(n) for p, n in clicks},
+                max(last_impression, after_impression), max(last_event, after_event))
+
     def change_catalogue(self, puts: Sequence[dict], deletes: Sequence[str], at: dt.datetime, batch_id: str) -> int:
         """Append a batch of catalogue changes to the change log in one transaction: the ``puts`` (record rows of
         products, ``PRODUCT_SCHEMA``'s fields, already validated as ingest validates them) then the ``deletes``
