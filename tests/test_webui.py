@@ -14,6 +14,7 @@ from ray import serve
 
 from conftest import App
 from shoprank.data.io import read_table
+from shoprank.data.schema import PRODUCT_SCHEMA
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.entrypoint import free_port
 from shoprank.webui.page import CSS, build_page, logins
@@ -174,18 +175,27 @@ def test_simulated_shoppers_fill_the_report(app: App) -> None:
     assert report["timeline"] and {"ctr", "conversion"} <= report["timeline"][-1].keys()
 
 
-def test_with_serve_stopped_the_page_says_so_and_the_restarted_app_keeps_every_event(app: App, tab: Page) -> None:
+def test_with_serve_stopped_the_page_says_so_and_the_restarted_app_keeps_every_event_and_catalogue_change(
+        app: App, tab: Page) -> None:
     """One stop and start of Serve (a deployment of the whole app takes most of a minute here)
-    serves two promises: the page names the outage and works again once Serve is back, and
-    the restarted app keeps every accepted event and reads its shoppers' live events from
-    the store (a shopper known only by what they just bought gets a personal answer, not a
-    cold start's)."""
+    serves three promises: the page names the outage and works again once Serve is back; the
+    restarted app keeps every accepted event and reads its shoppers' live events from the
+    store (a shopper known only by what they just bought gets a personal answer, not a cold
+    start's); and its replicas replay the catalogue change log (a product put before the stop
+    is found by its title, one deleted before it is in no answer)."""
     user, product = "restart-user", next(iter(app.category_of))
     ids = {f"restart-{i}" for i in range(5)}
     assert app.post("/events", [{"user_id": user, "product_id": product, "event_type": "purchase", "event_id": i}
                                 for i in sorted(ids)]).status_code == 200
     stored_before = app.stored_event_ids()
     assert ids <= stored_before
+    withdrawn = sorted(app.category_of)[-1]
+    withdrawn_row = next(r for r in read_table(app.run, "data", "products").to_pylist()
+                         if r["product_id"] == withdrawn)
+    put = {"product_id": "LIVE-RESTART", "title": "Zephyrine restart kettle", "description": None, "category": None,
+           "brand": None, "price": 19.0, "attributes": {}}
+    assert app.http.put("/products", json=[put]).status_code == 200
+    assert app.http.delete(f"/products/{withdrawn}").status_code == 200
     serve.shutdown()  # the proxy too: nothing listens on the Serve port
     try:
         with pytest.raises(httpx.HTTPError):
@@ -197,6 +207,16 @@ def test_with_serve_stopped_the_page_says_so_and_the_restarted_app_keeps_every_e
     finally:
         app.deploy()
     assert stored_before <= app.stored_event_ids()
+    try:
+        for variant in ("A", "B"):
+            found = app.post("/search", {"query": "zephyrine restart kettle", "k": 10, "variant": variant}).json()
+            assert "LIVE-RESTART" in [i["product_id"] for i in found["items"]], (variant, found)
+            gone = app.post("/search", {"query": withdrawn_row["title"], "k": 36, "variant": variant}).json()
+            assert withdrawn not in [i["product_id"] for i in gone["items"]], (variant, gone)
+    finally:  # the shop as it was: the kettle withdrawn, the product listed again as the run holds it
+        app.http.delete("/products/LIVE-RESTART")
+        app.http.put("/products", json=[{name: dict(withdrawn_row["attributes"] or ()) if name == "attributes"
+                                         else withdrawn_row[name] for name in PRODUCT_SCHEMA.names}])
     answer = app.post("/recommend", {"user_id": user, "k": 10, "variant": "B"})
     assert answer.status_code == 200 and answer.json()["items"]
     assert answer.json()["note"] is None, "the restarted replica read the shopper's purchases from the store"
