@@ -124,12 +124,18 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
 
 
 async def refused(request: Request, exc: StarletteHTTPException) -> Response:
-    """An HTTP exception as FastAPI answers it, except a body that could not be parsed at all (not UTF-8 text, or
-    nested deeper than the parser goes): FastAPI answers that with a 400 of another shape, but it is malformed JSON
-    like any other, so it is a 422 naming the body."""
+    """An HTTP exception as FastAPI answers it, in the documented refusal's shape (a list of problems), and a body
+    that could not be parsed at all (not UTF-8 text, or nested deeper than the parser goes), which FastAPI answers
+    with a 400 of another shape, as a 422 naming the body: it is malformed JSON like any other. A path no route
+    matches (the router's own 404, a bare string) names the path: ``DELETE /products/{id}`` with an id no route
+    pattern takes (a line break in it) is refused in the shape its schema documents."""
     if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
         return JSONResponse(status_code=422, content={"detail": [problem(
             ["body"], f"the body is not JSON text ({type(exc.__cause__).__name__}): send UTF-8 JSON", "json_invalid")]})
+    if isinstance(exc.detail, str):
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers, content={"detail": [problem(
+            ["path"], f"{exc.detail}: no endpoint takes {request.method} at this path",
+            "not_found" if exc.status_code == 404 else "http_error")]})
     return await http_exception_handler(request, exc)
 
 
