@@ -392,6 +392,45 @@ def test_a_killed_writer_never_blocks_a_restore(tmp_path: Path) -> None:
     assert restore_sqlite(tmp_path / "backup.db", database) == 0
 
 
+def test_a_reader_process_with_two_stores_open_reads_the_restored_store(tmp_path: Path) -> None:
+    """A variant replica opens two stores on the file (its user cache's and its exposure follower's). Opening the
+    second must not drop the process's SQLite locks on it: a process holding none counts as gone, and the writer's
+    close before a restore deleted the WAL and shared memory under it; its first connection then read its old view
+    for good, "database disk image is malformed" once a checkpoint rewrote pages it had cached."""
+    database = tmp_path / "events.db"
+    writer = SqliteEventStore(database, writer=True)
+    writer.append([event(i) for i in range(1, 4)])
+    writer.backup(tmp_path / "backup.db")
+    writer.append([event(i) for i in range(4, 6)])
+    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from shoprank.store.events import SqliteEventStore
+        reader = SqliteEventStore({str(database)!r})
+        reader.changes(0)
+        SqliteEventStore({str(database)!r})  # the exposure follower's, opened after the user cache's first read
+        print("ready", flush=True)
+        sys.stdin.readline()
+        try:
+            print([change.seq for change in reader.changes(0)], flush=True)
+        except Exception as exc:
+            print(repr(exc), flush=True)
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "ready\n"
+        writer.close()
+        restore_sqlite(tmp_path / "backup.db", database, replace=True)
+        writer = SqliteEventStore(database, writer=True)
+        writer.append([event(i) for i in range(6, 8)])
+        writer.erase("U2")  # an erasure's checkpoint rewrites the database file's pages
+        reader.stdin.write("read\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline() == "[1, 2, 3, 6, 7]\n"
+    finally:
+        reader.kill()
+        reader.wait(timeout=60)
+        writer.close()
+
+
 def product(i: int, **changes: object) -> dict:
     """A catalogue put: a product's record row as ingest validates it."""
     return {"product_id": f"N{i}", "title": f"Lantern {i}", "description": None, "category": "Outdoors > Lights",

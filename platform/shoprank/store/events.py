@@ -690,8 +690,19 @@ def writer_lock(database: Path, wait_s: float) -> int | None:
 def _private_database(path: Path, *, tighten: bool = False) -> None:
     """Create ``path`` mode 0600 before SQLite opens it (SQLite would create it with the umask's mode, 0644 here,
     and gives its WAL and shared-memory files the database's mode); with ``tighten``, a store made 0644 by an
-    earlier version and its WAL files are made 0600 too (its writer owns them)."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))
+    earlier version and its WAL files are made 0600 too (its writer owns them).
+
+    A file that exists already is never opened here: closing any descriptor of a file drops every POSIX lock the
+    process holds on it, the SHARED lock of an SQLite connection the process has open on the store included (a
+    variant replica opens a second store beside its first, its exposure follower's). A process left holding no lock
+    counts as gone: the last connection to close elsewhere (the writer, for a restore) then deletes the WAL and the
+    shared memory while this process still maps them, and its connections read a stale view for good, "database
+    disk image is malformed" once a checkpoint rewrites pages they cached (https://sqlite.org/howtocorrupt.html,
+    2.2). ``O_EXCL`` creates a new file or fails without opening one."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    except FileExistsError:
+        pass
     if tighten:
         for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
             if file.exists():
