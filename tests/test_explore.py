@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -30,7 +31,7 @@ from shoprank.recsys.explore import Exploration, ExposureCounts, ExposureFollowe
 from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import Asked, Ranked
 from shoprank.recsys.types import ProductStats
-from shoprank.store.events import CatalogueChange, Impression, open_event_store
+from shoprank.store.events import CatalogueChange, EventStore, Impression, open_event_store
 
 KEY = b"k" * 32
 NEW = [f"N{i}" for i in range(6)]
@@ -177,8 +178,17 @@ def test_positions_must_hold_the_slots() -> None:
         load_config(None, ["serve.explore.positions=[8, 3]"])
 
 
-def test_the_follower_counts_each_stored_impression_and_click_once(tmp_path: Path) -> None:
-    store = open_event_store(str(tmp_path / "events.sqlite"))
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
+    """A new event store of each backend: an SQLite file, or an empty database of the session's PostgreSQL."""
+    location = str(tmp_path / "events.sqlite") if request.param == "sqlite" else \
+        request.getfixturevalue("postgres_server").database()
+    opened = open_event_store(location)
+    yield opened
+    opened.close()
+
+
+def test_the_follower_counts_each_stored_impression_and_click_once(store: EventStore) -> None:
     at = dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)
 
     def shown(request: str, *products: str) -> None:
