@@ -108,8 +108,9 @@ def test_a_bad_change_file_names_its_column_and_row(tmp_path: Path, change: Call
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_catalogue_sync_validates_the_whole_file_first(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        suffix: str) -> None:
-    """A bad row 7 stores nothing and says where it is; the good file is stored whole; the same file again stores
-    nothing; while the Serve app writes the SQLite store, a direct sync is refused (send it through the app)."""
+    """A bad row 7 stores nothing and says where it is; the good file is stored whole; the same file again is stored
+    again (its own batch: a repeated delete, a recall after a re-listing, is never taken for a retry of the first);
+    while the Serve app writes the SQLite store, a direct sync is refused (send it through the app)."""
     overrides = ["--config", "tiny", "--set", f"run.root={tmp_path / 'runs'}"]
     database = Path(event_db_location(load_config("tiny", [f"run.root={tmp_path / 'runs'}"])))
     bad = write_changes(change_rows(bad_price_at=7), tmp_path / f"bad{suffix}")
@@ -125,8 +126,8 @@ def test_catalogue_sync_validates_the_whole_file_first(tmp_path: Path, capsys: p
     assert [(c.op, c.product_id) for c in changes] == [("put", f"LIVE-{i}") for i in range(1, 8)] + [("delete", "OLD-1")]
     assert changes[0].product["title"] == "Zorblax lantern 1" and changes[0].product["attributes"] == {"colour": "red"}
     assert shoprank(["catalogue", "sync", str(good), *overrides]) == 0
-    assert "stored before: nothing changed" in capsys.readouterr().out
-    assert len(store.catalogue_changes(0)) == 8
+    assert "7 products put, 1 deleted" in capsys.readouterr().out
+    assert [c.op for c in store.catalogue_changes(8)] == ["put"] * 7 + ["delete"]
     store.close()
 
     writer = SqliteEventStore(database, writer=True)
@@ -245,16 +246,23 @@ def test_the_next_ingest_folds_the_catalogue_log(tiny_run: tuple[Config, Run], m
 
 
 def test_catalogue_sync_through_the_app_sends_batches_that_fit_a_request(fake_app: App, tmp_path: Path) -> None:
-    """``--app``: batches of at most MAX_PRODUCTS_PER_REQUEST products and under serve.max_body_bytes; the same file
-    again stores nothing again (each batch's id is its content's digest)."""
+    """``--app``: batches of at most MAX_PRODUCTS_PER_REQUEST products and under serve.max_body_bytes; a product
+    deleted, put back and deleted again is deleted both times (each sync's batches have ids of their own); a row
+    the app's request model refuses stops the sync before anything is sent."""
     rows = [live_product(f"SYNC-{i:04d}", description="y" * 900) for i in range(2400)]  # about 2.4 MB: 3 batches
     before = logged_changes(fake_app)
     client = ServeClient(fake_app.url, fake_app.keys["admin"])
     try:
         deleted, seq = sync_through_app(client, fake_app.config.serve.max_body_bytes, rows, [])
         assert deleted == 0 and seq >= before + 2400 and logged_changes(fake_app) == before + 2400
-        assert sync_through_app(client, fake_app.config.serve.max_body_bytes, rows[:1000], ["SYNC-0000"])[0] == 1
-        assert logged_changes(fake_app) == before + 2401, "the batches stored before are not stored again"
+        assert sync_through_app(client, fake_app.config.serve.max_body_bytes, [], ["SYNC-0000"])[0] == 1
+        assert sync_through_app(client, fake_app.config.serve.max_body_bytes, rows[:1], [])[0] == 0
+        assert sync_through_app(client, fake_app.config.serve.max_body_bytes, [], ["SYNC-0000"])[0] == 1
+        assert logged_changes(fake_app) == before + 2403
+        refused = [live_product("SYNC-OK"), live_product("SYNC-BAD", description="two\u0007lines")]
+        with pytest.raises(DataError, match="product 'SYNC-BAD', field 'description': .*nothing was sent"):
+            sync_through_app(client, fake_app.config.serve.max_body_bytes, refused, [])
+        assert logged_changes(fake_app) == before + 2403, "nothing of a sync with a refused row was sent"
     finally:
         store = open_event_store(fake_app.db)  # the shop answers as before for the tests after this one
         store.change_catalogue([], [r["product_id"] for r in rows[1:]], dt.datetime.now(dt.timezone.utc), "sync-test")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,6 +156,26 @@ def test_a_live_put_answers_as_a_catalogue_built_with_it(config: Config) -> None
     assert "dewfall" in live.ranking.brands_named.code  # a brand put live is one a query can name
 
 
+def test_a_product_withdrawn_before_a_compaction_and_put_back_unchanged_is_found_again(config: Config) -> None:
+    """Sold out, then restocked: a compaction while the product is unlisted leaves it out of the main indices, so
+    putting it back with its text unchanged (nothing to re-embed) must bring it to the delta indices, or no search
+    finds it. A run product and a live-added one alike."""
+    live = VariantPipeline(context_of(config, record_rows()), "retrieval")
+    run_product = next(r for r in record_rows() if r["product_id"] == "P00010")
+    live.apply_catalogue(puts(NEW))
+    live.apply_catalogue([CatalogueChange(4, "delete", "N3", None, NOW_S - 50),
+                          CatalogueChange(5, "delete", "P00010", None, NOW_S - 50)])
+    assert live.catalogue_log is not None
+    live.catalogue_log.compact(threading.Lock())
+    catalogue = live.context.catalogue
+    assert catalogue.outdated() == 0, "unlisted rows out of the main indices are not work for the next compaction"
+    for query, product in (("quillon lantern", "N3"), (run_product["title"].lower(), "P00010")):
+        assert product not in [r.product_id for r in live.search(query, None, 10, NOW_S)]
+    live.apply_catalogue(puts([next(r for r in NEW if r["product_id"] == "N3"), run_product], first_seq=6))
+    for query, product in (("quillon lantern", "N3"), (run_product["title"].lower(), "P00010")):
+        assert product in [r.product_id for r in live.search(query, None, 10, NOW_S)], (query, product)
+
+
 def test_a_deleted_row_leaves_every_source(config: Config) -> None:
     """The shop's most popular product and a product co-engaged with a shopper's recent ones, deleted: no source
     proposes either to anyone, searched by its own title or recommended; put back unchanged, answers are as before."""
@@ -274,6 +295,9 @@ def test_the_follower_replays_from_the_runs_mark_and_reports_its_lag(config: Con
     now[0] += 2.5
     assert follower.lag_s() == 2.5  # a pending change, being embedded: the lag shows it
     assert follower.describe() == {"products": 36, "cursor": 1, "lag_s": 2.5}
+    started = time.monotonic()  # a batch of requests meanwhile waits a moment, then answers from what is applied
+    assert follower.catch_up(wait_s=0.2) == {"put": 0, "delete": 0} and follower.cursor == 1
+    assert time.monotonic() - started < 5
     release.set()
     worker.join(10)
     assert follower.lag_s() == 0.0 and follower.cursor == 3

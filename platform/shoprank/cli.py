@@ -16,7 +16,7 @@ import yaml
 from shoprank import cluster
 from shoprank.config import Config, load_config
 from shoprank.entrypoint import user_errors
-from shoprank.errors import ShopRankError
+from shoprank.errors import DataError, ShopRankError
 from shoprank.serving.keys import client_keys, client_keys_path, create_keys
 
 if TYPE_CHECKING:
@@ -290,8 +290,11 @@ def event_store_copy(config: Config, action: str, file: str, replace: bool, app:
 def catalogue_sync(config: Config, file: str, file_format: str, app: str | None) -> str:
     """``shoprank catalogue sync``: the file's products put and its deleted rows deleted in the catalogue change log.
     The whole file is validated first (:func:`~shoprank.data.catalogue.read_changes`), so a bad row stores nothing.
-    Each batch's id is its content's digest: running the same file again stores nothing again."""
+    Each run's batches get ids of their own: the same file synced again is stored again (a change it repeats
+    changes no replica), and a later sync whose content equals an earlier one's (a recall after a re-listing, a
+    price back to an earlier value) is never taken for a retry of it."""
     import datetime as dt
+    import uuid
 
     from shoprank.data.catalogue import product_rows, read_changes
     from shoprank.store.events import (
@@ -318,26 +321,44 @@ def catalogue_sync(config: Config, file: str, file_format: str, app: str | None)
                             f"through the app instead: shoprank catalogue sync {file} --app URL; nothing was "
                             "stored") from None
     try:
-        stored = store.change_catalogue(rows, deletes, dt.datetime.now(dt.timezone.utc),
-                                        _batch_id("file", rows, deletes))
+        store.change_catalogue(rows, deletes, dt.datetime.now(dt.timezone.utc), f"sync-{uuid.uuid4().hex}")
         seq, _ = store.last_catalogue_change()
     finally:
         store.close()
-    again = "" if stored or not (rows or deletes) else " (stored before: nothing changed)"
-    return f"{file}: {len(rows)} products put, {len(deletes)} deleted in {location}{again}; change log at {seq}"
+    return f"{file}: {len(rows)} products put, {len(deletes)} deleted in {location}; change log at {seq}"
 
 
 def sync_through_app(client: ServeClient, max_body_bytes: int, rows: list[dict],
                      deletes: list[str]) -> tuple[int, int]:
     """Send the puts in batches that fit a request (at most ``MAX_PRODUCTS_PER_REQUEST`` products, and under
     ``max_body_bytes``, ``serve.max_body_bytes``), then each delete, with a progress bar; (deleted, the log's
-    position). Each batch is stored whole; after a failure, sending the same changes again stores only what is
-    missing."""
+    position). Every row is checked against the app's own request model first (stricter than a file: no control
+    character, bounded lengths), so a row the app would refuse stops the sync before anything is sent instead of
+    leaving it half applied. Each batch is stored whole, under an id of this run (the ``Idempotency-Key``), so a
+    batch resent after a lost answer is stored once."""
     import json
+    import uuid
 
+    from pydantic import ValidationError
     from tqdm import tqdm
 
-    from shoprank.serving.api import MAX_PRODUCTS_PER_REQUEST
+    from shoprank.serving.api import MAX_PRODUCTS_PER_REQUEST, ProductIn, check_text
+
+    for row in rows:
+        try:
+            ProductIn.model_validate(row)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            field = ".".join(str(part) for part in problem["loc"]) or "product"
+            raise DataError(f"product {row.get('product_id')!r}, field {field!r}: {problem['msg']} (the app's PUT "
+                            "/products would refuse it); nothing was sent") from None
+    for product_id in deletes:
+        try:
+            check_text(product_id)
+        except ValueError as exc:
+            raise DataError(f"deleted product {product_id!r}: {exc} (the app's DELETE /products would refuse it); "
+                            "nothing was sent") from None
+    run = uuid.uuid4().hex
 
     budget = max_body_bytes * 0.9  # the JSON array's brackets and commas, and a margin
     batches: list[list[dict]] = [[]]
@@ -351,24 +372,14 @@ def sync_through_app(client: ServeClient, max_body_bytes: int, rows: list[dict],
         size += row_size
     seq = deleted = 0
     with tqdm(total=len(rows) + len(deletes), desc="catalogue changes", unit="product") as bar:
-        for batch in (b for b in batches if b):
-            seq = client.put_products(batch, _batch_id("put", batch, []))["seq"]
+        for i, batch in enumerate(b for b in batches if b):
+            seq = client.put_products(batch, f"sync-{run}-put-{i}")["seq"]
             bar.update(len(batch))
-        for product_id in deletes:
-            answer = client.delete_product(product_id, _batch_id("delete", [], [product_id]))
+        for i, product_id in enumerate(deletes):
+            answer = client.delete_product(product_id, f"sync-{run}-delete-{i}")
             seq, deleted = answer["seq"], deleted + answer["deleted"]
             bar.update(1)
     return deleted, seq
-
-
-def _batch_id(kind: str, rows: list[dict], deletes: list[str]) -> str:
-    """A batch's id in the change log: the digest of what it changes, so the same changes sent again (the same file
-    synced twice, or a batch resent after a lost answer) are stored once."""
-    import hashlib
-    import json
-
-    content = json.dumps([kind, rows, deletes], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return f"sync-{hashlib.sha256(content.encode()).hexdigest()[:40]}"
 
 
 def write_readout(config: Config, url: str, out: Path) -> str:

@@ -371,7 +371,7 @@ class Catalogue:
     def outdated(self) -> int:
         """Rows the main indices hold wrongly or not at all: changed or put live, or withdrawn but still indexed.
         Past ``serve.catalogue_compact_rows`` of them, :meth:`compacted` indices replace the main ones."""
-        return int(self.stale_in_main.sum()) + int((~self.alive[self.index_rows]).sum())
+        return int((self.stale_in_main & self.alive).sum()) + int((~self.alive[self.index_rows]).sum())
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(listed rows, their vectors, their texts) for :func:`main_indices`, built apart (the caller holds the
@@ -387,7 +387,10 @@ class Catalogue:
         self._touched = None
         self.index, self.index_rows, self.bm25, self.lexical_rows = built.index, built.rows, built.bm25, built.rows
         self.delta_lexical = built.lexical
-        self.stale_in_main[:] = False
+        # a row the new main indices leave out (unlisted at the snapshot) is stale there: put back, even with its
+        # text unchanged, it goes to the delta indices, or no search would find it
+        self.stale_in_main[:] = True
+        self.stale_in_main[built.rows] = False
         self.stale_in_main[touched] = True
         self.delta_index.reset()
         for row in touched[self.alive[touched]]:

@@ -70,35 +70,48 @@ class CatalogueFollower:
     def cursor(self) -> int:
         return self.live.cursor
 
-    def catch_up(self) -> dict[str, int]:
-        """Apply every change stored since the cursor; the puts and deletes that changed the catalogue."""
+    def catch_up(self, wait_s: float | None = None) -> dict[str, int]:
+        """Apply every change stored since the cursor; the puts and deletes that changed the catalogue.
+
+        ``wait_s`` (a batch of requests'): while another catch-up is under way (the poll thread embedding a large
+        sync), wait at most this long for it, then apply nothing: the batch is answered from the catalogue as it
+        is, not held for minutes behind an embedding. A small change the poll thread is applying is done well
+        within it, so a 200 from ``PUT`` still shows in the next answer."""
         applied = {"put": 0, "delete": 0}
-        with self._catching_up:
-            last_seq, _ = self.store.last_catalogue_change()
-            if last_seq <= self.live.cursor:
-                self.pending_since = None
-                return applied
-            if self.pending_since is None:
-                self.pending_since = self.clock()
-            while True:
-                changes = self.store.catalogue_changes(self.live.cursor, limit=PAGE)
-                if not changes:
-                    break
-                prepared = self.live.prepare(changes)  # normalising and embedding: outside the lock
-                with self.lock:
-                    counts = self.live.commit(prepared)
-                for op, count in counts.items():
-                    applied[op] += count
-                    self.applied[op] += count
-                if len(changes) < PAGE:
-                    break
-            if self.live.cursor >= last_seq:
-                self.pending_since = None
+        if not self._catching_up.acquire(timeout=-1 if wait_s is None else wait_s):
+            return applied
+        try:
+            self._catch_up(applied)
+        finally:
+            self._catching_up.release()
         if (self.compact_rows is not None and self.live.catalogue.outdated() >= self.compact_rows
                 and (self.compaction is None or not self.compaction.is_alive())):
             self.compaction = threading.Thread(target=self._compact, daemon=True, name="catalogue-compaction")
             self.compaction.start()
         return applied
+
+    def _catch_up(self, applied: dict[str, int]) -> None:
+        """:meth:`catch_up`'s work, its caller holding the turn."""
+        last_seq, _ = self.store.last_catalogue_change()
+        if last_seq <= self.live.cursor:
+            self.pending_since = None
+            return
+        if self.pending_since is None:
+            self.pending_since = self.clock()
+        while True:
+            changes = self.store.catalogue_changes(self.live.cursor, limit=PAGE)
+            if not changes:
+                break
+            prepared = self.live.prepare(changes)  # normalising and embedding: outside the lock
+            with self.lock:
+                counts = self.live.commit(prepared)
+            for op, count in counts.items():
+                applied[op] += count
+                self.applied[op] += count
+            if len(changes) < PAGE:
+                break
+        if self.live.cursor >= last_seq:
+            self.pending_since = None
 
     def _compact(self) -> None:
         started = time.monotonic()

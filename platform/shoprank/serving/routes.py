@@ -471,9 +471,10 @@ async def delete_product(ingress: Replica, product_id: str = Path(min_length=1, 
                                     "nor put since", "not_found")])
     if product_id in ingress.withdrawn:
         return ProductDeleted(product_id=product_id, deleted=False, seq=seq)
-    _, seq = await _change_catalogue(ingress, [], [product_id], idempotency_key)
+    stored, seq = await _change_catalogue(ingress, [], [product_id], idempotency_key)
     log.info("catalogue: product deleted, log at %d", seq)
-    return ProductDeleted(product_id=product_id, deleted=True, seq=seq)
+    # stored 0: the Idempotency-Key names a batch stored before (a retry), and this delete was not stored now
+    return ProductDeleted(product_id=product_id, deleted=stored > 0, seq=seq)
 
 
 # ---------------------------------------------------------------------------------------------------- admin

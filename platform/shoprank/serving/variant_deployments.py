@@ -54,6 +54,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REQUEST_CATCH_UP_WAIT_S = 1.0
+"""How long a batch of requests waits for a catalogue catch-up already under way (the poll thread's) before it is
+answered from the catalogue as it is: a small change is applied well within it, a large sync being embedded is not
+worth holding every answer for."""
+EMBED_TIMEOUT_S = 120.0
+"""How long a replica waits for its query encoder deployment to embed a page of new product texts."""
+
 
 @serve.deployment
 class QueryEncoder:
@@ -182,11 +189,12 @@ class Variant:
         """New product texts embedded by this variant's own encoder runtime (a thread's call, never the loop's)."""
         if self.query_encoder is None:
             return self.context.embed_products(texts)
-        return self.query_encoder.embed_products.remote(texts).result()
+        return self.query_encoder.embed_products.remote(texts).result(timeout_s=EMBED_TIMEOUT_S)
 
-    def _follow_catalogue(self) -> None:
-        """Apply the catalogue changes stored since the last call, and count them."""
-        record_catalogue_changes(self.variant, self.catalogue.catch_up())
+    def _follow_catalogue(self, wait_s: float | None = None) -> None:
+        """Apply the catalogue changes stored since the last call, and count them (``wait_s``: see
+        :meth:`CatalogueFollower.catch_up`)."""
+        record_catalogue_changes(self.variant, self.catalogue.catch_up(wait_s))
 
     def _poll_catalogue(self) -> None:
         """Follow the change log while no request comes: an idle replica is current within a second."""
@@ -207,7 +215,10 @@ class Variant:
         """``asked`` with each user's live events: the catalogue changes and events the store acknowledged up to now
         applied (the catalogue first, so an event naming a product put a moment ago maps to its row), and a user
         erased up to now out of the cache and out of the run's history."""
-        self._follow_catalogue()
+        try:
+            self._follow_catalogue(REQUEST_CATCH_UP_WAIT_S)
+        except Exception:  # a change that cannot be applied now: answer from the catalogue as it is; the lag shows it
+            log.exception("catalogue change log: catching up failed at change %d", self.catalogue.cursor)
         self.users.catch_up()
         return [dataclasses.replace(a, live=self.users.events_of(a.user_id), hidden=self.users.hidden_of(a.user_id))
                 for a in asked]
