@@ -249,7 +249,8 @@ class EventStore(ABC):
         """Each product the log changed up to sequence number ``through``, as its last change left it: its record row,
         or None when that change deleted it (what the next pipeline run folds into its catalogue)."""
         rows = self._fetch("SELECT product_id, product FROM catalogue_changes WHERE seq IN "
-                           "(SELECT max(seq) FROM catalogue_changes WHERE seq <= {0} GROUP BY product_id)", (through,))
+                           "(SELECT max(seq) FROM catalogue_changes WHERE seq <= {0} GROUP BY product_id) ORDER BY seq",
+                           (through,))  # in log order: the next run appends new products in the order they came
         return {product_id: json.loads(product) if product is not None else None for product_id, product in rows}
 
     def hidden_of(self, user_id: str) -> list[tuple[str, str]]:
