@@ -28,7 +28,9 @@ from shoprank.config import Config
 from shoprank.data.catalogue import normalised_products
 from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
 from shoprank.privacy import Pseudonyms
-from shoprank.recsys.answer import VariantPipeline
+from shoprank.recsys.answer import Ranking, VariantPipeline, answer_many
+from shoprank.recsys.diversity import Diversity
+from shoprank.recsys.messages import Asked
 from shoprank.recsys.context import RankingContext, assemble_context
 from shoprank.recsys.features import COLUMN
 from shoprank.recsys.retrieval import DeltaLexical, rank_inputs
@@ -174,6 +176,26 @@ def test_a_product_withdrawn_before_a_compaction_and_put_back_unchanged_is_found
     live.apply_catalogue(puts([next(r for r in NEW if r["product_id"] == "N3"), run_product], first_seq=6))
     for query, product in (("quillon lantern", "N3"), (run_product["title"].lower(), "P00010")):
         assert product in [r.product_id for r in live.search(query, None, 10, NOW_S)], (query, product)
+
+
+def test_a_search_for_a_products_exact_title_answers_it_first(config: Config) -> None:
+    """A ranking that weighs popularity above everything (as a ranker trained only on products with behaviour does)
+    buries a product put a moment ago, even for its own title; a query that is a product's title (normalised
+    alike) answers that product first, whatever its score. A query that is not a title is ranked as before."""
+    popular_first = config.model_copy(update={"serve": config.serve.model_copy(
+        update={"baseline_popularity_weight": 100.0})})
+    live = VariantPipeline(context_of(popular_first, record_rows()), "retrieval")
+    live.apply_catalogue(puts(NEW))
+    assert live.ranking.listing is live.context.catalogue.listing
+    without_pin = Ranking.served(popular_first, live.context.catalogue.stats, "retrieval", None, Diversity())
+    asked = [Asked(None, [], "Quillon   LANTERN", 10, NOW_S)]
+    vectors = {"Quillon   LANTERN": HashedWords().embed(["Quillon   LANTERN"], QUERY_MAX_LENGTH)[0]}
+    buried = answer_many(live.retrieval, without_pin, asked, vectors)[0].items
+    assert buried[0].product_id != "N3", "the popularity-first ranking puts the new product first anyway"
+    assert live.search("Quillon   LANTERN", None, 10, NOW_S)[0].product_id == "N3"
+    assert [r.product_id for r in live.search("lantern", None, 10, NOW_S)] == \
+        [r.product_id for r in answer_many(live.retrieval, without_pin, [Asked(None, [], "lantern", 10, NOW_S)],
+                                           {"lantern": HashedWords().embed(["lantern"], QUERY_MAX_LENGTH)[0]})[0].items]
 
 
 def test_a_deleted_row_leaves_every_source(config: Config) -> None:

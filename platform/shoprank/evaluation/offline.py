@@ -114,7 +114,8 @@ class ServedAnswers:
     def ranking(self, diversity: Diversity | None = None) -> Ranking:
         """Serve's ranking under ``diversity`` (default: the run's, :meth:`Diversity.of`, as Serve reads it)."""
         return Ranking.served(self.config, self.context.catalogue.stats, "ranker", self.booster,
-                              diversity if diversity is not None else Diversity.of(self.config, self.run))
+                              diversity if diversity is not None else Diversity.of(self.config, self.run),
+                              self.context.catalogue.listing)
 
     def asked(self, requests: pd.DataFrame, k: int) -> tuple[list[Asked], dict[str, Any]]:
         """Each request as Serve is asked it (its user at its time, no live event), and the queries' vectors."""

@@ -40,7 +40,8 @@ from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
 from shoprank.recsys.retrieval import retrieve
-from shoprank.recsys.types import Candidates, History, ProductStats
+from shoprank.data.text import normalize_query
+from shoprank.recsys.types import Candidates, History, Listing, ProductStats
 from shoprank.store.events import CatalogueChange
 
 
@@ -122,7 +123,7 @@ class Ranking:
 
     def __init__(self, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
                  popularity_weight: float = 0.02, explained_features: int = 4,
-                 diversity: Diversity = Diversity()) -> None:
+                 diversity: Diversity = Diversity(), listing: Listing | None = None) -> None:
         if strategy == "ranker" and booster is None:
             raise ValueError("the ranker strategy needs a booster")
         self.stats = stats
@@ -131,6 +132,8 @@ class Ranking:
         self.popularity_weight = popularity_weight
         self.explained_features = explained_features
         self.diversity = diversity
+        self.listing = listing
+        """The products' shown rows (titles): a search that names a product's title exactly gets it first."""
         self._brands_named = BrandsNamed(stats.brand_names)
         self._brands_known = len(stats.brand_names)
 
@@ -144,12 +147,12 @@ class Ranking:
 
     @classmethod
     def served(cls, config: Config, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
-               diversity: Diversity) -> "Ranking":
+               diversity: Diversity, listing: Listing | None = None) -> "Ranking":
         """The ranking a variant replica serves ``strategy`` with under ``config``: the one constructor Serve's
         replicas and the offline evaluation share, so the evaluation orders and cuts its lists the way Serve
         does (the same booster, diversity re-ranking and ties); ``diversity``: :meth:`Diversity.of` the run."""
         return cls(stats, strategy, booster, config.serve.baseline_popularity_weight,
-                   config.serve.explained_features, diversity)
+                   config.serve.explained_features, diversity, listing)
 
     def rank_many(self, requests: list[Retrieved], ks: list[int]) -> list[list[Ranked]]:
         """Each request's top ``k`` after the diversity re-ranking (:mod:`shoprank.recsys.diversity`); the ranker
@@ -195,8 +198,25 @@ class Ranking:
         rows = request.candidates.rows
         # a product without a category is in no category group (as one without a brand is in no brand group)
         category = np.where(self.stats.has_category[rows], self.stats.category[rows], NO_GROUP)
-        return diversity.top(order, scores, k, self.stats.brand_group[rows], category, request.is_search,
-                             self.brands_named(request.query))
+        chosen = diversity.top(order, scores, k, self.stats.brand_group[rows], category, request.is_search,
+                               self.brands_named(request.query))
+        return self._exact_titles_first(request, chosen, k)
+
+    def _exact_titles_first(self, request: Retrieved, chosen: np.ndarray, k: int) -> np.ndarray:
+        """``chosen`` with the candidates whose title is the search's query (normalised alike) first: a shopper who
+        types a product's name is looking for that product. The ranker cannot know that of a product put into the
+        live catalogue a moment ago (no behaviour: it ranks below every product shoppers engaged with), and for any
+        other product it is the answer the shopper expects whatever its popularity."""
+        if not request.is_search or self.listing is None or request.query is None:
+            return chosen
+        query = normalize_query(request.query)
+        titles = self.listing.title
+        exact = [i for i, row in enumerate(request.candidates.rows.tolist()) if titles[row] == query]
+        if not exact:
+            return chosen
+        rest = [int(i) for i in chosen if int(i) not in exact]
+        return np.array((exact + rest)[:k], dtype=np.int64)
+
 
     def _parts(self, features: np.ndarray) -> np.ndarray:
         """Each row's score split into one part per feature and a last one, the base: the ranker's SHAP values
@@ -282,7 +302,7 @@ class VariantPipeline:
         self.retrieval = Retrieval(self.context)
         # Serve's own constructor: the popularity weight and explanations of the context's config, as a replica's
         self.ranking = Ranking.served(self.context.config, self.context.catalogue.stats, self.strategy, self.booster,
-                                      self.diversity)
+                                      self.diversity, self.context.catalogue.listing)
 
     def search(self, query: str, user_id: str | None, k: int, now_s: float) -> list[Ranked]:
         return self.answer_many([self._asked(user_id, query, k, now_s)])[0].items

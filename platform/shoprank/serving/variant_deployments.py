@@ -168,7 +168,8 @@ class Variant:
         booster = self.loader.booster(spec)
         diversity = self.loader.diversity(spec)
         with self.lock:  # the catalogue's statistics do not change while the ranking is made from them
-            self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster, diversity)
+            self.ranking = Ranking.served(self.config, self.context.catalogue.stats, spec.strategy, booster, diversity,
+                                          self.context.catalogue.listing)
         replaced, self.model = self.model, {"strategy": spec.strategy, "ranker_run": spec.ranker_run,
                                             "trees": booster.num_boosted_rounds() if booster is not None else 0}
         record_model(self.settings["variant"], replaced, self.model)
