@@ -110,9 +110,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("ranker", _body("shoprank.ranker.stages:fit_ranker"), _fixed(["ranker/ray", "ranker/model"]),
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
     # v2: the diversity re-ranking's strength chosen on validation and recorded (evaluation/diversity.json), which
-    # Serve reads: a run evaluated before has none, and evaluates again
+    # Serve reads: a run evaluated before has none, and evaluates again. v3: a search for a product's exact title
+    # answers it first (Ranking), as Serve now does: a run evaluated before ranked those queries otherwise
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
-          sections=("policy.diversity",), upstream=("ranker",), version="evaluate-v2",
+          sections=("policy.diversity",), upstream=("ranker",), version="evaluate-v3",
           inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings", "index", "data/events")),
 )
 """Every stage of a run, in the order they run: the only list of them."""
