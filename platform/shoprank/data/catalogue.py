@@ -8,6 +8,7 @@ change log) normalises it with the very function the preprocess stage maps over 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,6 +58,14 @@ def validated_products(records: list[dict[str, Any]], file: str, rows: np.ndarra
 def product_rows(products: pa.Table) -> list[dict[str, Any]]:
     """A ``PRODUCT_SCHEMA`` table as the record rows the catalogue change log stores (attributes as a dict)."""
     return [{**row, "attributes": dict(row["attributes"] or [])} for row in products.to_pylist()]
+
+
+def products_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """The change log's record rows (attributes as a dict) as a ``PRODUCT_SCHEMA`` table, the inverse of
+    :func:`product_rows`: what ingest folds in, and what a replica or the ingress normalises."""
+    return pa.Table.from_pylist([{**{name: row.get(name) for name in PRODUCT_SCHEMA.names},
+                                  "attributes": list((row.get("attributes") or {}).items())} for row in rows],
+                                schema=PRODUCT_SCHEMA)
 
 
 def read_changes(path: str, file_format: str = "auto") -> tuple[pa.Table, list[str]]:

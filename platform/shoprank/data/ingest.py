@@ -35,9 +35,9 @@ from ray.data import SaveMode
 
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
-from shoprank.data.catalogue import CATALOGUE_SEQ
+from shoprank.data.catalogue import CATALOGUE_SEQ, products_table
 from shoprank.data.io import PartFilenames, column_names, count_rows, read_table, write_table
-from shoprank.data.schema import PRODUCT_SCHEMA, conform
+from shoprank.data.schema import conform
 from shoprank.errors import ConfigError
 from shoprank.privacy import INGEST_KEY_ID, Pseudonyms, pseudonyms
 from shoprank.store.events import EventStore, event_db_location, is_server_database, open_event_store
@@ -174,8 +174,7 @@ def fold_catalogue_log(config: Config, run: Run, mark: int) -> Folded:
     put = {product_id: row for product_id, row in state.items() if row is not None}
     deleted = pa.array(sorted(product_id for product_id, row in state.items() if row is None), pa.string())
     products = read_table(run, *RECORDS, "products")
-    changed = pa.Table.from_pylist([{**row, "attributes": list(row["attributes"].items())} for row in put.values()],
-                                   schema=PRODUCT_SCHEMA)
+    changed = products_table(list(put.values()))
     ids = products.column("product_id").to_pylist()
     listed = set(ids)
     put_at = {product_id: len(ids) + j for j, product_id in enumerate(put)}

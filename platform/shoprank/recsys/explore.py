@@ -41,7 +41,7 @@ import numpy as np
 from shoprank.config import ExploreConfig
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.messages import Ranked
-from shoprank.recsys.retrieval import FAVOURITE_CATEGORIES
+from shoprank.recsys.retrieval import favourite_categories
 from shoprank.recsys.types import Candidates, History
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class Exploration:
         stats = catalogue.stats
         categorised = history.product_rows[stats.has_category[history.product_rows]]
         if len(categorised):
-            favourites = np.bincount(stats.category[categorised]).argsort()[::-1][:FAVOURITE_CATEGORIES]
+            favourites = favourite_categories(stats, categorised)
             parts.append(eligible[stats.has_category[eligible] & np.isin(stats.category[eligible], favourites)])
         elif not len(history):
             parts.append(eligible)

@@ -32,10 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from shoprank.data.catalogue import normalised_products
-from shoprank.data.schema import PRODUCT_SCHEMA
+from shoprank.data.catalogue import normalised_products, products_table
 from shoprank.encoder.text import product_texts
 from shoprank.errors import ShopRankError
 from shoprank.recsys.context import RankingContext
@@ -84,14 +82,6 @@ class PreparedChanges:
     put_at_s: list[float]
     deletes: list[str]
     last_seq: int
-
-
-def record_table(products: Sequence[dict]) -> pa.Table:
-    """Record rows (``PRODUCT_SCHEMA`` fields, attributes as a dict) as the record table ingest writes."""
-    rows = [{name: product.get(name) for name in PRODUCT_SCHEMA.names} for product in products]
-    for row in rows:
-        row["attributes"] = list((row["attributes"] or {}).items())
-    return pa.Table.from_pylist(rows, schema=PRODUCT_SCHEMA)
 
 
 class LiveCatalogue:
@@ -170,7 +160,7 @@ class LiveCatalogue:
         puts = [c for c in last.values() if c.op == "put"]
         deletes = [c.product_id for c in last.values() if c.op == "delete"]
         config = self.context.config
-        table = normalised_products(record_table([c.product for c in puts]), {}, config.preprocess.description_chars)
+        table = normalised_products(products_table([c.product for c in puts]), {}, config.preprocess.description_chars)
         texts = product_texts(table, config.encoder)
         rows = [self.catalogue.stats.row_of.get(c.product_id) for c in puts]
         changed = [i for i, (row, text) in enumerate(zip(rows, texts)) if row is None or self.catalogue.texts[row] != text]

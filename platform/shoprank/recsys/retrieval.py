@@ -499,7 +499,7 @@ class Catalogue:
             # bestsellers (products without a category are no category of their own)
             categorised = history.product_rows[self.stats.has_category[history.product_rows]]
             if len(categorised):
-                favourites = np.bincount(self.stats.category[categorised]).argsort()[::-1][:FAVOURITE_CATEGORIES]
+                favourites = favourite_categories(self.stats, categorised)
                 department = int(np.bincount(self.stats.department[categorised]).argmax())
                 popular = [_without(self.popular_in[int(c)], excluded, n) for c in favourites]
                 popular.append(_without(self.popular_in_department[department], excluded, n))
@@ -560,6 +560,12 @@ class Catalogue:
             recent_events=recent[0][rows] if recent is not None else None,
             recent_shoppers=recent[1][rows] if recent is not None else None,
         )
+
+
+def favourite_categories(stats: ProductStats, categorised: np.ndarray) -> np.ndarray:
+    """The category codes a shopper engaged with most (at most ``FAVOURITE_CATEGORIES``), from the catalogue rows of
+    their history that have a category: the recommend source's and exploration's notion of what they like."""
+    return np.bincount(stats.category[categorised]).argsort()[::-1][:FAVOURITE_CATEGORIES]
 
 
 def _without(rows: np.ndarray, excluded: np.ndarray | None, limit: int | None = None) -> np.ndarray:

@@ -35,8 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from shoprank.cluster import replica_grpc_on_loopback
 from shoprank.config import Config
-from shoprank.data.catalogue import normalised_products
-from shoprank.data.schema import ENGAGEMENT_TYPES, PRODUCT_SCHEMA
+from shoprank.data.catalogue import normalised_products, products_table
+from shoprank.data.schema import ENGAGEMENT_TYPES
 from shoprank.errors import ConfigError, DataError, ShopRankError
 from shoprank.experiment.guardrails import GuardrailWindow
 from shoprank.experiment.plan import readout_planned_size
@@ -221,9 +221,7 @@ def shown_products(puts: list[dict[str, Any]], description_chars: int) -> dict[s
     category label: the ingress shows none)."""
     if not puts:
         return {}
-    records = pa.Table.from_pylist([{**p, "attributes": list(p["attributes"].items())} for p in puts],
-                                   schema=PRODUCT_SCHEMA)
-    rows = normalised_products(records, {}, description_chars).select(PRODUCT_COLUMNS).to_pylist()
+    rows = normalised_products(products_table(puts), {}, description_chars).select(PRODUCT_COLUMNS).to_pylist()
     return {row["product_id"]: row for row in rows}
 
 
