@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def ray_head() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         _kill_cluster(process, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's session logs: CI's disk is shared by every run
 
 
 @ray.remote(num_cpus=0)
