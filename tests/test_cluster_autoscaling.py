@@ -122,7 +122,7 @@ RANKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # a fake cluster, two nodes started, a small training: 26 s on a loaded 2-core machine
+@pytest.mark.slow  # a fake cluster, two nodes started, a small training: 15 to 26 s here
 @pytest.mark.timeout(600)
 def test_the_rankers_auto_layout_puts_one_worker_on_each_node(cpu_only_cluster: FakeCluster, tmp_path: Path) -> None:
     """``ranker.num_workers`` unset on a cluster of two worker nodes (1 CPU each, the head none): two workers,

@@ -21,8 +21,8 @@ from shoprank.privacy import Pseudonyms
 from shoprank.evaluation.offline import dense_top_k, top_k_of
 from shoprank.ranker.dataset import build_requests
 from shoprank.ranker.train import (
-    RequestBatches, WorkerLayout, grouped_matrix, quantile_matrix, read_features, request_blocks, sorted_rows,
-    with_positives, worker_blocks, worker_layout, xgboost_params,
+    RequestBatches, WorkerLayout, grouped_matrix, plain_matrix, quantile_matrix, read_features, request_blocks,
+    sorted_rows, with_positives, worker_blocks, worker_layout, xgboost_params,
 )
 from shoprank.ranker.update import read_new_events, update_ranker
 from shoprank.recsys.booster import META_FILE, load_ranker
@@ -82,10 +82,11 @@ def test_the_auto_layout_follows_the_nodes(nodes: list[int], trials: int, expect
 
 
 def test_the_quantile_matrix_over_request_blocks_trains_the_dmatrix_model(ranked: tuple[Config, Run]) -> None:
-    """The workers' matrices (a ``QuantileDMatrix`` streamed from Arrow blocks of whole requests, validation with
-    the training one as ``ref``) give the model of the plain sorted ``DMatrix``: same groups, same labels, same
-    validation NDCG@10 (to 1e-6) after the same rounds, here with blocks far smaller than a worker's, and with
-    batches cut inside requests (the iterator holds a request's rows back until its batch is whole)."""
+    """The workers' matrices (training: a ``QuantileDMatrix`` streamed from Arrow blocks of whole requests;
+    validation: the blocks as one ``DMatrix``) give the model of the plain sorted ``DMatrix``: same groups, same
+    labels, same validation NDCG@10 (to 1e-6) after the same rounds, here with blocks far smaller than a
+    worker's, and with batches cut inside requests (the iterator moves a request's rows to the next batch). A
+    quantised validation matrix (``ref=`` the training one) gives the same model too."""
     config, run = ranked
     train, validation = (with_positives(read_features(run, split)) for split in ("train", "validation"))
     params = xgboost_params(config, WorkerLayout(1, 2))
@@ -99,13 +100,17 @@ def test_the_quantile_matrix_over_request_blocks_trains_the_dmatrix_model(ranked
                    [table.slice(start, 333) for start in range(0, table.num_rows, 333)]):  # cut inside requests
         assert len(blocks) > 3
         streamed = quantile_matrix(iter(blocks), nthread=2)
-        streamed_validation = quantile_matrix(iter(validation_blocks), nthread=2, ref=streamed)
         np.testing.assert_array_equal(streamed.get_uint_info("group_ptr"), plain_train.get_uint_info("group_ptr"))
         np.testing.assert_array_equal(streamed.get_label(), plain_train.get_label())
-        model = xgboost.train(params, streamed, 20, evals=[(streamed_validation, "validation")], verbose_eval=False)
-        assert float(model.eval(plain_validation).split(":")[1]) == pytest.approx(
-            float(plain.eval(plain_validation).split(":")[1]), abs=1e-6)
-        np.testing.assert_allclose(model.predict(plain_validation), plain.predict(plain_validation), atol=1e-6)
+        for validation_matrix in (plain_matrix(iter(validation_blocks), nthread=2),
+                                  quantile_matrix(iter(validation_blocks), nthread=2, ref=streamed)):
+            model = xgboost.train(params, streamed, 20, evals=[(validation_matrix, "validation")], verbose_eval=False)
+            assert float(model.eval(validation_matrix).split(":")[1]) == pytest.approx(
+                float(plain.eval(plain_validation).split(":")[1]), abs=1e-6)
+            np.testing.assert_allclose(model.predict(plain_validation), plain.predict(plain_validation), atol=1e-6)
+    validation_matrix = plain_matrix(iter(validation_blocks), nthread=2)
+    np.testing.assert_array_equal(validation_matrix.get_uint_info("group_ptr"),
+                                  plain_validation.get_uint_info("group_ptr"))
     workers = worker_blocks(train, 3)  # the hash split: each request whole on one worker, every row once
     assert sum(b.num_rows for blocks in workers for b in blocks) == len(train)
     seen = [set(np.concatenate([b.column("qid").to_numpy() for b in blocks]).tolist()) for blocks in workers]
