@@ -263,8 +263,8 @@ class SparseReport(RayTrainReportCallback):
 
     Each report waits for every worker and the controller, which would dominate the milliseconds a round
     takes. The last report describes the kept model (after early stopping cut it back to its best round):
-    validation and training NDCG@10, evaluated once here rather than training NDCG every round (on the
-    demo's million rows, the per-round training metric was a fifth of the rounds' time).
+    validation and training NDCG@10, evaluated once here (0.3 s on the demo's million rows) rather than training
+    NDCG every round (0.9 s of 14.5 over 100 rounds there).
     """
 
     def __init__(self, every: int, evals: list[tuple[xgboost.DMatrix, str]] | None = None,
