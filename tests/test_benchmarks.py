@@ -194,3 +194,16 @@ def test_exploration(ranked: tuple[Config, Run]) -> None:
     assert 0.0 < slots["explored_share_recommend"] <= 0.2, "at most 2 of 10 items per recommendation"
     assert slots.get("explored_share_search", 0.0) == 0.0, "search has no slot by default"
     assert slots["new_shown_at_least_once"] > 0.0
+
+
+@pytest.mark.slow
+def test_serve_levers(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    """One lever's serve_load run (direct ingress: the load at the ingress replica's own port) and its table row."""
+    config, _ = ranked
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    figures = run_benchmark("serve_levers.py", "--levers", "throughput-optimized + direct", "--log-dir", str(tmp_path),
+                            "--config", "tiny", *sets, "--duration", "1", "--levels", "1", "--in-process-requests",
+                            "10", "--batch", "4")
+    served = figures["levers"]["throughput-optimized + direct"]["served"]
+    assert served["/search c=1"]["requests"] > 0 and served["/search c=1"]["errors"] == 0
+    assert served["/search c=1"]["cpu_ms_per_request"]["ingress"] > 0  # the load reached the ingress replica itself
