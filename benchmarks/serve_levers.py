@@ -11,8 +11,9 @@ minutes apart on the same machine). The levers (Ray 2.60, ``ray/serve/_private/c
 * ``direct ingress``: ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, the load sent to the ingress replica's own HTTP port (what
   a load balancer reading Serve's target groups does): no proxy hop;
 * ``throughput-optimized + direct``: both;
-* ``haproxy``: ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Debian's ``haproxy`` in front of the ingress replicas, which then
-  listen themselves), the load sent to ``serve.port`` as with the proxy;
+* ``haproxy``: ``SHOPRANK_INGRESS=haproxy`` (``shoprank.haproxy``: Ray's ``RAY_SERVE_ENABLE_HA_PROXY=1``, Debian's
+  ``haproxy`` in front of the ingress replicas, which then answer HTTP themselves, every listener held on
+  loopback), the load sent to ``serve.port`` as with the proxy;
 * ``haproxy + throughput-optimized``: both.
 
     python benchmarks/serve_levers.py --config demo --set run.root=$PWD/runs
@@ -34,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 THROUGHPUT = ["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"]
-HA = ["RAY_SERVE_ENABLE_HA_PROXY=1", f"RAY_SERVE_HAPROXY_BINARY_PATH={HAPROXY}"]
+HA = ["SHOPRANK_INGRESS=haproxy"]
 LEVERS: dict[str, tuple[list[str], bool]] = {
     "defaults": ([], False),
     "throughput-optimized": ([*THROUGHPUT, "RAY_SERVE_ENABLE_DIRECT_INGRESS=0"], False),
@@ -49,8 +50,8 @@ LEVERS: dict[str, tuple[list[str], bool]] = {
 def run_lever(name: str, passed: list[str], log_dir: Path) -> dict[str, Any] | None:
     """One ``serve_load`` run with ``name``'s environment; its JSON figures, or None (the log says why)."""
     environment, direct = LEVERS[name]
-    if any(setting.startswith("RAY_SERVE_ENABLE_HA_PROXY") for setting in environment) and not os.access(HAPROXY, os.X_OK):
-        print(f"{name}: skipped, no haproxy at {HAPROXY} (`make bench` installs Debian's)", flush=True)
+    if any(setting.startswith("SHOPRANK_INGRESS=haproxy") for setting in environment) and not os.access(HAPROXY, os.X_OK):
+        print(f"{name}: skipped, no haproxy at {HAPROXY} (`make haproxy` installs Debian's)", flush=True)
         return None
     command = [sys.executable, str(HERE / "serve_load.py"), *passed,
                *(f"--serve-env={setting}" for setting in environment), *(["--direct-ingress"] if direct else [])]

@@ -198,12 +198,15 @@ def test_exploration(ranked: tuple[Config, Run]) -> None:
 
 @pytest.mark.slow
 def test_serve_levers(ranked: tuple[Config, Run], tmp_path: Path) -> None:
-    """One lever's serve_load run (direct ingress: the load at the ingress replica's own port) and its table row."""
+    """Two levers' serve_load runs and their table rows: HAProxy in front (SHOPRANK_INGRESS=haproxy, the load at
+    serve.port) and direct ingress (the load at the ingress replica's own port): each answered by the ingress replica
+    itself, with no Python proxy in between."""
     config, _ = ranked
     sets = [word for value in run_overrides(config) for word in ("--set", value)]
-    figures = run_benchmark("serve_levers.py", "--levers", "throughput-optimized + direct", "--log-dir", str(tmp_path),
-                            "--config", "tiny", *sets, "--duration", "1", "--levels", "1", "--in-process-requests",
-                            "10", "--batch", "4")
-    served = figures["levers"]["throughput-optimized + direct"]["served"]
-    assert served["/search c=1"]["requests"] > 0 and served["/search c=1"]["errors"] == 0
-    assert served["/search c=1"]["cpu_ms_per_request"]["ingress"] > 0  # the load reached the ingress replica itself
+    levers = ["haproxy", "throughput-optimized + direct"]
+    figures = run_benchmark("serve_levers.py", "--levers", *levers, "--log-dir", str(tmp_path), "--config", "tiny",
+                            *sets, "--duration", "1", "--levels", "1", "--in-process-requests", "10", "--batch", "4")
+    for lever in levers:
+        served = figures["levers"][lever]["served"]["/search c=1"]
+        assert served["requests"] > 0 and served["errors"] == 0, (lever, served)
+        assert served["cpu_ms_per_request"]["ingress"] > 0, (lever, served)
