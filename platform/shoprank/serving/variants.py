@@ -46,8 +46,12 @@ SYSTEM_OF: dict[tuple[EncoderKind, Strategy], str] = {
     ("zero_shot", "retrieval"): "retrieval (zero-shot encoder)",
     ("fine_tuned", "retrieval"): "retrieval (fine-tuned encoder)",
     ("fine_tuned", "ranker"): "fine-tuned retrieval + ranker",
+    ("zero_shot", "content"): "retrieval (zero-shot encoder)",
+    ("fine_tuned", "content"): "retrieval (fine-tuned encoder)",
 }
-"""The row of a run's offline evaluation (:mod:`shoprank.evaluation.offline`) that a variant serves."""
+"""The row of a run's offline evaluation (:mod:`shoprank.evaluation.offline`) that a variant serves. ``content`` is
+exactly the evaluation's dense retrieval rows (the encoder's nearest products by cosine), less its cold-start
+fallback, which the evaluation's row does not have; ``collaborative`` has no row (no offline figure)."""
 
 
 def offline_figures(spec: VariantSpec) -> dict[str, object]:
@@ -58,6 +62,7 @@ def offline_figures(spec: VariantSpec) -> dict[str, object]:
     table = evaluation.get("metrics", {}).get("table", {})
     if system is None or spec.ranker_run != spec.run:
         why = ("an incremental update: its validation figure is in its run's manifest" if system
+               else "no offline figure: the evaluation has no item-item-only system" if spec.strategy == "collaborative"
                else f"the evaluation has no {spec.encoder} encoder with the {spec.strategy} strategy")
         return {"system": system, "ndcg@10": {}, "note": why}
     return {"system": system, "note": None if table else "the run has no offline evaluation",
