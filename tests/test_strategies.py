@@ -1,22 +1,28 @@
 """Issue 40, part 4, without Ray: the recommendation strategies a variant serves (``content``: the encoder alone,
 ``collaborative``: the item-item model alone, ``ranker``/``retrieval``: every source), each a candidate path of
-its own."""
+its own; and ``shoprank variants register``, which points a registry alias at an existing run served with any of
+them, nothing trained. The three-arm experiment over HTTP is ``test_abn.py``."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
 from fake_shop import START, FakeShop
+from shoprank.cli import main
 from shoprank.recsys.answer import SCORE_TERMS, Retrieval, VariantPipeline
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.retrieval import STRATEGY_SOURCES, retrieve
 from shoprank.recsys.types import SOURCES, Candidates
-from shoprank.serving.variants import SYSTEM_OF, VariantSpec, offline_figures
+from shoprank.serving.variants import SYSTEM_OF, VariantSpec, offline_figures, register_variant, resolve_variant
+from shoprank.store.registry import Registry
 from shoprank.store.run import Run
 
 NOW_S = (START + dt.timedelta(days=40)).timestamp()
@@ -125,3 +131,90 @@ def test_content_serves_the_evaluations_dense_row_and_collaborative_has_no_offli
     collaborative = offline_figures(spec("fine_tuned", "collaborative"))
     assert collaborative["system"] is None and collaborative["ndcg@10"] == {}
     assert collaborative["note"].startswith("no offline figure")
+
+
+# ------------------------------------------------------------------------------------------- shoprank variants
+
+
+def fake_run(root: Path, name: str, *, ranker: bool = True, engaged: bool = True) -> Run:
+    """A run directory holding what registering looks for: a manifest, both encoders' catalogue embeddings, a
+    ranker (``ranker``) and an event log (with engagements unless ``engaged`` is false)."""
+    run = Run(str(root), name)
+    run.write_json({"run_id": name, "stages": {}}, "manifest.json")
+    for parts in (("index",), ("embeddings", "zero_shot_products"), ("data", "events"),
+                  *((("ranker", "model"),) if ranker else ())):
+        Path(run.path(*parts)).mkdir(parents=True, exist_ok=True)
+    Path(run.path("index", "products.faiss")).write_bytes(b"faiss")
+    pq.write_table(pa.table({"event_type": ["view", "click" if engaged else "view"]}),
+                   run.path("data", "events", "part-0.parquet"))
+    return run
+
+
+def shoprank(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        status = main(argv)
+    except SystemExit as exited:
+        status = int(exited.code)
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+def test_the_register_command_points_an_alias_at_a_run_with_a_strategy(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``shoprank variants register C --from-alias B --strategy content``: a new alias over B's run (an update's base
+    run kept), resolved as the app resolves variants, and the settings that serve it printed; ``--run`` names a
+    run directly; ``list`` shows them."""
+    run, update = fake_run(tmp_path, "r1"), fake_run(tmp_path, "r1-update", engaged=False)
+    registry = Registry(str(tmp_path))
+    registry.set("B", update.uri(), base_run=run.uri(), encoder="fine_tuned", strategy="ranker")
+    common = ["--config", "tiny", "--set", f"run.root={tmp_path}"]
+    status, out = shoprank(["variants", "register", "C", "--from-alias", "B", "--strategy", "content", *common],
+                           capsys)
+    assert status == 0, out
+    assert "registry alias 'C'" in out and "nothing trained" in out
+    assert "--set 'serve.variants={A: A, B: B, C: C}' --set 'serve.split={A: 0.5, B: 0.5, C: 1}'" in out
+    spec = resolve_variant(registry, "C", "C")
+    assert (spec.run, spec.ranker_run, spec.encoder, spec.strategy) == (run.uri(), update.uri(), "fine_tuned",
+                                                                        "content")
+    assert registry.get("C")["registered_from"] == "B"
+    status, out = shoprank(["variants", "register", "D", "--run", run.uri(), "--encoder", "zero_shot", "--strategy",
+                            "collaborative", *common], capsys)
+    assert status == 0, out
+    assert (registry.get("D")["run"], registry.get("D")["encoder"]) == (run.uri(), "zero_shot")
+    status, out = shoprank(["variants", "list", *common], capsys)
+    assert status == 0 and "C: run " in out and "strategy content" in out and "D: run " in out, out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["X y", "--from-alias", "B"], "NAME 'X y': a registry alias is"),
+    (["C", "--from-alias", "Z"], "--from-alias 'Z': registry"),
+    (["C", "--run", "{root}/nowhere"], "no run there (no manifest.json)"),
+    (["C", "--run", "{root}/untrained", "--strategy", "ranker"], "--strategy ranker: --run"),
+    (["C", "--from-alias", "B", "--encoder", "zero_shot", "--strategy", "ranker"],
+     "--strategy ranker with --encoder zero_shot"),
+    (["C", "--run", "{root}/bare", "--strategy", "content"], "--encoder fine_tuned: --run"),
+    (["C", "--run", "{root}/judged", "--strategy", "collaborative"], "--strategy collaborative: --run"),
+    (["C", "--from-alias", "B", "--strategy", "popular"], "argument --strategy: invalid choice: 'popular'"),
+    (["C", "--from-alias", "B", "--run", "x"], "not allowed with argument"),
+])
+def test_the_register_command_refuses_a_bad_choice_naming_the_field(argv: list[str], message: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Each mistake is a user error (exit status 2) whose message names the option at fault; nothing is written."""
+    run = fake_run(tmp_path, "r1")
+    fake_run(tmp_path, "untrained", ranker=False)
+    fake_run(tmp_path, "judged", engaged=False)
+    bare = fake_run(tmp_path, "bare")
+    (Path(bare.path("index", "products.faiss"))).unlink()
+    registry = Registry(str(tmp_path))
+    registry.set("B", run.uri(), encoder="fine_tuned", strategy="ranker")
+    before = json.loads(Path(registry.path).read_text())
+    status, out = shoprank(["variants", "register", *(a.format(root=tmp_path) for a in argv), "--config", "tiny",
+                            "--set", f"run.root={tmp_path}"], capsys)
+    assert status == 2 and message in out and "Traceback" not in out, out
+    assert json.loads(Path(registry.path).read_text()) == before
+
+
+def test_register_variant_is_the_library_call_the_command_makes(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "r1")
+    entry = register_variant(Registry(str(tmp_path)), "hybrid", run=run.uri(), strategy="ranker")
+    assert (entry["run"], entry["encoder"], entry["strategy"]) == (run.uri(), "fine_tuned", "ranker")
