@@ -352,6 +352,7 @@ async def variants(ingress: Replica) -> dict[str, Any]:
     models = {name: await handle.describe.remote() for name, handle in ingress.handles.items()}
     return {
         "experiment": ingress.config.serve.experiment, "split": ingress.config.serve.split,
+        "control": ingress.config.serve.control_variant,
         "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in ingress.specs.items()},
     }
 
