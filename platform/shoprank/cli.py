@@ -129,8 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--pass-through", type=float, default=None,
                     help="share of the offline relative NDCG@10 change expected on the metric online (default: the "
                          "demo's measured one)")
-    pl.add_argument("--alpha", type=float, default=0.05)
+    pl.add_argument("--alpha", type=float, default=0.05,
+                    help="the family's level: with --arms N each comparison gets alpha / (N - 1)")
     pl.add_argument("--power", type=float, default=0.8)
+    pl.add_argument("--arms", type=int, default=2,
+                    help="variants in the experiment, the control included (A/B/n): each treatment is compared with "
+                         "the control at Bonferroni's alpha / (arms - 1), the worst case of the report's Holm "
+                         "correction (default 2: an A/B test)")
     cal = actions.add_parser("calibrate", help="A/A false-positive rates and A/B power of each test, by simulation "
                                                "on the simulated shop's ground truth (no Ray)")
     cal.add_argument("--config", default="demo", help="preset whose simulated shop (source.synthetic) is used")
@@ -296,8 +301,10 @@ def run_simulation(config: Config, url: str, users: int | None, visits: int | No
         traffic = simulate(url, keys["client"], shop_simulator(config), users, visits=visits, concurrency=concurrency,
                            seed=seed, progress=lambda done, total: bar.update(done - bar.n))
     failed = f"; {len(traffic.errors)} failed, e.g. {traffic.errors[0]}" if traffic.errors else ""
+    arms = ", ".join(f"{name} {count}" for name, count in sorted(traffic.arms.items()))
     return (f"{planned}{traffic.shoppers} shoppers, {traffic.visits} visits, {traffic.requests} requests, "
-            f"{traffic.events} events{failed}\n" + report_markdown(ServeClient(url, keys["admin"]).report()))
+            f"{traffic.events} events{failed}\nshoppers per arm, as the router assigned them: {arms or 'none'}\n"
+            + report_markdown(ServeClient(url, keys["admin"]).report()))
 
 
 def planned_size(config: Config) -> "SimulationSize | None":
@@ -481,23 +488,30 @@ def plan_command(args: argparse.Namespace) -> str:
                                   PASS_THROUGH if args.pass_through is None else args.pass_through)
         lines.append(effect.explain())
         mde = effect.relative_effect
+    if args.arms < 2:
+        raise ShopRankError(f"--arms {args.arms}: an experiment has at least 2 arms (a control and a treatment)")
     try:
         sigma = args.std if args.std is not None else binary_sigma(baseline)
         result = plan(baseline, sigma, relative_effect=mde, users=args.users, alpha=args.alpha,
-                      target_power=args.power)
+                      target_power=args.power, arms=args.arms)
     except ValueError as exc:  # a baseline, power or size the maths cannot take: said as the option's problem
         raise ShopRankError(f"cannot plan: {exc}") from None
     relative = "" if result.relative_effect is None else f" ({result.relative_effect:.2%} of the baseline)"
     whose = "" if args.baseline is not None else " (the demo's)"
+    level = (f"alpha {result.alpha:g} (two-sided)" if result.arms == 2 else
+             f"alpha {result.alpha:.4g} per comparison (two-sided): {args.alpha:g} split by Bonferroni over the "
+             f"{result.arms - 1} comparisons with the control, the worst case of the report's Holm correction")
+    together = "both arms" if result.arms == 2 else f"all {result.arms} arms"
     lines += [f"baseline {result.baseline:g}{whose}, per-user standard deviation {result.sigma:.4g}, "
-              f"alpha {result.alpha:g} (two-sided), power {result.power:g}",
-              f"users per arm: {result.users_per_arm:,} (both arms: {2 * result.users_per_arm:,})",
+              f"{level}, power {result.power:g}",
+              f"users per arm: {result.users_per_arm:,} ({together}: {result.total_users:,})",
               f"minimum detectable effect: {result.minimum_detectable_effect:.4g}{relative}",
               f"watched live (always-valid test tuned for this size): the interval is "
               f"{result.sequential_width_factor:.2f} times the fixed-horizon one; the same power needs about "
               f"{result.sequential_users_per_arm:,} users per arm"]
     if config is not None and config.source.kind == "synthetic":
         lines.append(simulation_size(result, config.source.synthetic.num_users).explain())
+    lines.append(f"total: {result.total_users:,} users")
     return "\n".join(lines)
 
 

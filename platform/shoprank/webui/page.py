@@ -178,8 +178,9 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
                                progress=lambda done, total: progress(done / total, desc=f"{done}/{total} visits"))
         except ShopRankError as exc:
             return f"⚠️ {exc}"
+        arms = ", ".join(f"{name} {count}" for name, count in sorted(traffic.arms.items()))
         note = (f"{traffic.shoppers} shoppers, {traffic.visits} visits, {traffic.requests} requests, "
-                f"{traffic.events} events sent.")
+                f"{traffic.events} events sent (shoppers per arm, as the router assigned them: {arms or 'none'}).")
         if traffic.errors:
             note += f" ⚠️ {len(traffic.errors)} shoppers failed: {traffic.errors[0]}"
         try:
