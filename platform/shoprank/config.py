@@ -627,10 +627,17 @@ class ServeConfig(Section):
     )
     variants: dict[str, str] = Field(
         default_factory=lambda: {"A": "A", "B": "B"},
-        description="Variant name -> registry alias (each alias names a run, its encoder and strategy).",
+        description="Variant name -> registry alias (each alias names a run, its encoder and strategy): two or more "
+        "for an experiment (A/B/n; `shoprank variants register` writes an alias without retraining), one to serve "
+        "a single model.",
     )
     split: dict[str, float] = Field(
-        default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Share of users per variant (normalised)."
+        default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Traffic weight of each variant of serve.variants "
+        "(exactly those names; normalised, so {A: 1, B: 1, C: 1} is a third each); the sample-ratio test expects it.",
+    )
+    control: str | None = Field(
+        None, description="The experiment's control variant: the A/B/n report compares every other variant with it "
+        "(Holm-adjusted); default: the first of serve.variants.",
     )
     experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
     decision_metric: Literal["conversion_per_user", "revenue_per_user", "ctr", "conversion_per_session",
@@ -798,6 +805,36 @@ class ServeConfig(Section):
     guardrail_min_requests: int = Field(
         100, ge=1, description="Below this many answers a variant's guardrail figures are shown but breach nothing.",
     )
+
+    @model_validator(mode="after")
+    def _split_weighs_the_variants(self) -> "ServeConfig":
+        """serve.split gives a weight to exactly the variants of serve.variants, and serve.control is one of them."""
+        if not self.variants:
+            raise ValueError("serve.variants is empty: name at least one variant (name: registry alias)")
+        missing = [name for name in self.variants if name not in self.split]
+        extra = [name for name in self.split if name not in self.variants]
+        if missing or extra:
+            raise ValueError("serve.split and serve.variants disagree: " + "; ".join(
+                part for part in (f"serve.split has no weight for {', '.join(missing)}" if missing else "",
+                                  f"serve.split weighs {', '.join(extra)}, which serve.variants does not name"
+                                  if extra else "") if part) + f" (serve.variants: {', '.join(self.variants)})")
+        negative = [name for name, weight in self.split.items() if weight < 0]
+        if negative or sum(self.split.values()) <= 0:
+            raise ValueError(f"serve.split: weights are 0 or more and sum to more than 0, got {dict(self.split)}")
+        if self.control is not None and self.control not in self.variants:
+            raise ValueError(f"serve.control {self.control!r} is not a variant of serve.variants "
+                             f"({', '.join(self.variants)})")
+        return self
+
+    @property
+    def control_variant(self) -> str:
+        """``control``, or the first variant."""
+        return self.control if self.control is not None else next(iter(self.variants))
+
+    @property
+    def treatments(self) -> list[str]:
+        """The variants compared with the control, in serve.variants' order."""
+        return [name for name in self.variants if name != self.control_variant]
 
     @field_validator("event_db")
     @classmethod

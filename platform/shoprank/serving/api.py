@@ -248,6 +248,7 @@ class ServedVariant(VariantSpec):
 class Variants(BaseModel):
     experiment: str
     split: dict[str, float]
+    control: str | None = Field(None, description="The variant every other is compared with (serve.control).")
     variants: dict[str, ServedVariant]
 
 

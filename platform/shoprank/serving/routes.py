@@ -335,14 +335,14 @@ async def ab_report(ingress: Replica) -> dict[str, Any]:
     await ingress.forget_erased()  # an erased shopper's history in the run is no covariate
     settings = ingress.config.serve
     report = await ingress.store.report.remote(settings.split, ingress.prices, ingress.pre_period,
-                                               settings.decision_metric, ingress.planned)
+                                               settings.decision_metric, ingress.planned, settings.control_variant)
     report["experiment"] = settings.experiment
     report["offline"] = ingress.offline
     report["guardrails"] = ingress.guardrails.figures(GuardrailLimits(
         settings.guardrail_p99_ms, settings.guardrail_error_rate, settings.guardrail_min_requests))
-    user_level = report["user_level"]
-    if user_level.get("verdict"):
-        user_level["verdict"] = with_guardrails(user_level["verdict"], report["guardrails"])
+    for section in (report["user_level"], report.get("comparisons") or {}):  # A/B/n: the same verdict in both
+        if section.get("verdict"):
+            section["verdict"] = with_guardrails(section["verdict"], report["guardrails"], settings.control_variant)
     return report
 
 
@@ -352,6 +352,7 @@ async def variants(ingress: Replica) -> dict[str, Any]:
     models = {name: await handle.describe.remote() for name, handle in ingress.handles.items()}
     return {
         "experiment": ingress.config.serve.experiment, "split": ingress.config.serve.split,
+        "control": ingress.config.serve.control_variant,
         "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in ingress.specs.items()},
     }
 
