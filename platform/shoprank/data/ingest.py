@@ -16,6 +16,10 @@ sync``) is folded into the source's products the same way (:func:`fold_catalogue
 last change is part of the stage's identity (:func:`catalogue_mark`), so retraining learns the
 products put since the last run and forgets the deleted ones; the change folded up to is
 recorded (``catalogue_seq``), where the replicas serving the run start to follow the log.
+
+A product without a category (a catalogue with gaps, or one put through the log without) gets the category its
+nearest labelled products vote for (:mod:`shoprank.data.categories`, ``source.categories``), listed in
+``data/records/category_predictions``, so every later stage can tell a predicted category from the catalogue's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ray.data import SaveMode
 
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
+from shoprank.data.categories import PREDICTION_SCHEMA, PREDICTIONS, fill_categories
 from shoprank.data.catalogue import CATALOGUE_SEQ, products_table
 from shoprank.data.io import PartFilenames, column_names, count_rows, read_table, write_table
 from shoprank.data.schema import conform
@@ -52,7 +57,7 @@ TABLES = ("products", "events", "judgments")
 
 def ingest_outputs(config: Config) -> list[str]:
     """Paths (relative to the run) the ingest stage writes."""
-    outputs = ["/".join((*RECORDS, t)) for t in TABLES]
+    outputs = ["/".join((*RECORDS, t)) for t in TABLES] + ["/".join(PREDICTIONS)]
     if config.source.kind == "synthetic":
         outputs += ["/".join((*SHOP, t)) for t in ("users", "queries")]
     return outputs
@@ -220,6 +225,20 @@ def leave_out_erased(config: Config, run: Run, users: Pseudonyms) -> dict[str, i
     return drops
 
 
+def predict_missing_categories(config: Config, run: Run, record: StageRecord) -> None:
+    """Give the products without a category a predicted one (:mod:`shoprank.data.categories`), listed in
+    ``data/records/category_predictions``; with none missing, one column is read and nothing else done."""
+    started = time.perf_counter()
+    missing = read_table(run, *RECORDS, "products", columns=["category"]).column("category").null_count
+    filled = fill_categories(config, read_table(run, *RECORDS, "products")) if missing else None
+    if filled is not None and filled.predictions.num_rows:
+        _replace(run, filled.products, "products")
+    write_table(run, filled.predictions if filled is not None else PREDICTION_SCHEMA.empty_table(), *PREDICTIONS)
+    record.metrics.update(filled.metrics if filled is not None else {"products_without_category": 0})
+    record.notes.extend(filled.notes if filled is not None else [])
+    record.timings["categories_s"] = round(time.perf_counter() - started, 3)
+
+
 def ingest(config: Config, run: Run, record: StageRecord) -> None:
     """Fill ``data/records`` from the configured source, users pseudonymous (:mod:`shoprank.privacy`) and erased
     shoppers left out, and report rows, drops and the pseudonym key's id (the app checks it is serving with the same
@@ -247,6 +266,7 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
     if folded.drops:
         log.info("ingest folded the catalogue change log up to change %d in: %d products put, %s", mark, folded.put,
                  folded.drops)
+    predict_missing_categories(config, run, record)
     erased = leave_out_erased(config, run, users)
     record.drops.update(erased)
     if any(erased.values()):
