@@ -194,3 +194,14 @@ def test_exploration(ranked: tuple[Config, Run]) -> None:
     assert 0.0 < slots["explored_share_recommend"] <= 0.2, "at most 2 of 10 items per recommendation"
     assert slots.get("explored_share_search", 0.0) == 0.0, "search has no slot by default"
     assert slots["new_shown_at_least_once"] > 0.0
+
+
+@pytest.mark.slow
+def test_categories(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    figures = run_benchmark("categories.py", "--config", "tiny", *sets, "--repeats", "1")
+    assert figures["held_out"]["rows"] == run.manifest()["stages"]["evaluate"]["metrics"]["categories"]["rows"]
+    fill = figures["ingest_fill"]
+    assert fill["predicted"] == fill["hidden"] > 0 and fill["accuracy"] > fill["most_frequent_share"]
+    assert figures["nothing_missing"]["products_without_category"] == 0
