@@ -10,7 +10,7 @@ Two parts, the run read, never written:
   run's category head (what ``/categorize`` answers), by the nearest labelled products' vote over the fine-tuned
   and the pretrained vectors, and by the most frequent categories; top-1 and top-3 accuracy;
 * **ingest's fill**: ``--hide`` of the run's records' products (seeded) lose their category, and
-  :func:`shoprank.data.categories.fill_categories` (the ingest stage's step, the pretrained encoder's neighbours)
+  :func:`shoprank.encoder.fill.fill_categories` (the ingest stage's step, the pretrained encoder's neighbours)
   predicts them: its accuracy against the hidden truth and its seconds; then the step on the records as they are
   (nothing missing: one column read, nothing embedded), timed ``--repeats`` times in a scratch run.
 """
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from shoprank.config import Config, load_config  # noqa: E402
-from shoprank.data.categories import fill_categories  # noqa: E402
-from shoprank.data.ingest import RECORDS, predict_missing_categories  # noqa: E402
+from shoprank.encoder.fill import fill_categories, fill_missing_categories  # noqa: E402
+from shoprank.data.ingest import RECORDS  # noqa: E402
 from shoprank.data.io import read_table, write_table  # noqa: E402
 from shoprank.evaluation.categories import categorisation_figures  # noqa: E402
 from shoprank.store.run import Run, StageRecord  # noqa: E402
@@ -74,7 +74,7 @@ def nothing_missing(config: Config, run: Run, scratch: Path, repeats: int) -> di
     for _ in range(repeats):
         record = StageRecord()
         started = time.perf_counter()
-        predict_missing_categories(config, copy, record)
+        fill_missing_categories(config, copy, record)
         seconds.append(time.perf_counter() - started)
     return {"products_without_category": record.metrics["products_without_category"],
             "median_s": statistics.median(seconds), "max_s": max(seconds), "repeats": repeats}

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 
 from conftest import App, bearer
 from shoprank.config import Config, load_config
-from shoprank.data.categories import PREDICTIONS, fill_categories
+from shoprank.data.ingest import PREDICTIONS
+from shoprank.encoder.fill import fill_categories
 from shoprank.data.io import read_table
-from shoprank.recsys.categorise import chosen_method
+from shoprank.encoder.categories import chosen_method
 from shoprank.stages import run_stages, stage_hash
 from shoprank.store.run import Run
 

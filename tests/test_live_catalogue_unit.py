@@ -336,7 +336,7 @@ def test_the_follower_replays_from_the_runs_mark_and_reports_its_lag(config: Con
 
 def test_the_category_head_fills_a_live_products_missing_category(config: Config) -> None:
     """A product put without a category gets the head's most likely one; one with a category keeps its own."""
-    from shoprank.recsys.categorise import CategoryHead
+    from shoprank.encoder.categories import CategoryHead
     from shoprank.recsys.live import LiveCatalogue
 
     context = context_of(config, record_rows())
@@ -356,7 +356,8 @@ def test_the_category_head_fills_a_live_products_missing_category(config: Config
 def test_categorisers_rank_the_trees_categories_with_probabilities(config: Config) -> None:
     """The head's softmax and the neighbours' vote shares, in one shape (most likely first); the neighbours of a
     served catalogue are its listed products with a category of their own, never a predicted one."""
-    from shoprank.recsys.categorise import CategoryHead, Neighbours, labelled_neighbours, product_text, top_accuracy
+    from shoprank.encoder.categories import CategoryHead, Neighbours, product_text, top_accuracy
+    from shoprank.recsys.live import labelled_neighbours
 
     head = CategoryHead(np.eye(3, dtype=np.float32), np.zeros(3, np.float32), ["a", "b", "c"])
     (ranked,) = head.top(np.array([[2.0, 1.0, 0.0]], np.float32), 2)

@@ -292,7 +292,7 @@ class FilesConfig(Section):
 
 
 class CategoryFillConfig(Section):
-    """Ingest's prediction of the categories a catalogue lacks (:mod:`shoprank.data.categories`)."""
+    """Ingest's prediction of the categories a catalogue lacks (:mod:`shoprank.encoder.fill`)."""
 
     fill: bool = Field(
         True, description="Give a product without a category the category its nearest labelled products vote for "

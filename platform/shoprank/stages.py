@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoprank.config import Config
-from shoprank.data.categories import text_identity
 from shoprank.data.ingest import catalogue_identity, erasure_mark, ingest_outputs
 from shoprank.data.preprocess import preprocess_outputs
+from shoprank.encoder.fill import text_identity
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.encoder.runtime import EXPORT
 from shoprank.errors import ConfigError, ShopRankError
@@ -84,10 +84,24 @@ def _body(path: str) -> Body:
     return run_body
 
 
+def _steps(*paths: str) -> Body:
+    """A stage body of several ``module:function`` steps run in order (:func:`_body` each): ingest reads the records
+    in the data package, then predicts their missing categories with an encoder, which that package sits below."""
+    steps = [_body(path) for path in paths]
+
+    def run_steps(config: Config, run: Run, record: StageRecord) -> None:
+        for step in steps:
+            step(config, run, record)
+
+    run_steps.__qualname__ = " + ".join(paths)
+    return run_steps
+
+
 STAGES: tuple[Stage, ...] = (
     # v2: derived session and event ids from pseudonyms and the key id recorded (the app checks it), so a run
     # ingested before ingests again
-    Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",),
+    Stage("ingest", _steps("shoprank.data.ingest:ingest", "shoprank.encoder.fill:fill_missing_categories"),
+          ingest_outputs, sections=("source",),
           settings=lambda config: {"user_key": key_id(config), "erasures": erasure_mark(config),
                                    **catalogue_identity(config), **text_identity(config)},
           version="ingest-v2"),

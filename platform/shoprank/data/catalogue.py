@@ -114,7 +114,7 @@ def normalised_products(batch: pa.Table, labels: dict[str, int], description_cha
                         predicted: Collection[str] = ()) -> pa.Table:
     """Record rows of products as every stage reads them (the run's ``data/products``): normalised text, the
     category's leaf and label, and ``category_predicted``: whether the category is ingest's prediction
-    (``predicted``: those products' ids, :mod:`shoprank.data.categories`) rather than the catalogue's. A missing
+    (``predicted``: those products' ids, :mod:`shoprank.encoder.fill`) rather than the catalogue's. A missing
     description, brand or category stays null, and so do its leaf and label; a predicted category has no label
     (it is no truth to train or measure the category head on). The preprocess stage maps it over the catalogue,
     and a serving replica over a product put live, so a live product is shown and embedded exactly as the next run

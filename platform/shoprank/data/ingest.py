@@ -17,9 +17,10 @@ last change is part of the stage's identity (:func:`catalogue_mark`), so retrain
 products put since the last run and forgets the deleted ones; the change folded up to is
 recorded (``catalogue_seq``), where the replicas serving the run start to follow the log.
 
-A product without a category (a catalogue with gaps, or one put through the log without) gets the category its
-nearest labelled products vote for (:mod:`shoprank.data.categories`, ``source.categories``), listed in
-``data/records/category_predictions``, so every later stage can tell a predicted category from the catalogue's.
+Then the stage's second step (:mod:`shoprank.encoder.fill`, ``source.categories``) gives a product without a category
+(a catalogue with gaps, or one put through the log without) the category its nearest labelled products vote for,
+listed in ``data/records/category_predictions``, so every later stage can tell a predicted category from the
+catalogue's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from ray.data import SaveMode
 
 from shoprank.config import Config, SyntheticShopConfig
 from shoprank.data import synthetic
-from shoprank.data.categories import PREDICTION_SCHEMA, PREDICTIONS, fill_categories
 from shoprank.data.catalogue import CATALOGUE_SEQ, products_table
 from shoprank.data.io import PartFilenames, column_names, count_rows, read_table, write_table
 from shoprank.data.schema import conform
@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 RECORDS = ("data", "records")
 SHOP = ("data", "shop")
 TABLES = ("products", "events", "judgments")
+PREDICTIONS = (*RECORDS, "category_predictions")
+"""Where ingest lists the products whose category it predicted (:mod:`shoprank.encoder.fill`, the stage's second
+step)."""
+PREDICTION_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False),
+                               pa.field("category", pa.string(), nullable=False),
+                               pa.field("votes", pa.float64(), nullable=False)])
 
 
 def ingest_outputs(config: Config) -> list[str]:
@@ -188,17 +194,17 @@ def fold_catalogue_log(config: Config, run: Run, mark: int) -> Folded:
     merged = pa.concat_tables([conform(products, "products"), changed]).take(pa.array(order, pa.int64()))
     folded = merged.filter(pc.invert(pc.is_in(merged.column("product_id"), value_set=deleted)))
     drops = {"products_deleted_by_the_catalogue_log": merged.num_rows - folded.num_rows}
-    _replace(run, folded, "products")
+    replace_records(run, folded, "products")
     for name in ("events", "judgments"):
         table = read_table(run, *RECORDS, name)
         kept = table.filter(pc.invert(pc.is_in(table.column("product_id"), value_set=deleted)))
         drops[f"{name}_of_withdrawn_products"] = table.num_rows - kept.num_rows
         if kept.num_rows < table.num_rows:
-            _replace(run, kept, name)
+            replace_records(run, kept, name)
     return Folded(len(put), drops)
 
 
-def _replace(run: Run, table: pa.Table, name: str) -> None:
+def replace_records(run: Run, table: pa.Table, name: str) -> None:
     """Write ``table`` as the run's records of ``name`` (Ray Data may have written them in parts: all are replaced)."""
     run.remove(*RECORDS, name)
     write_table(run, table, *RECORDS, name)
@@ -223,20 +229,6 @@ def leave_out_erased(config: Config, run: Run, users: Pseudonyms) -> dict[str, i
             run.remove(*parts)  # Ray Data wrote it in parts: the kept rows replace them all
             write_table(run, kept, *parts)
     return drops
-
-
-def predict_missing_categories(config: Config, run: Run, record: StageRecord) -> None:
-    """Give the products without a category a predicted one (:mod:`shoprank.data.categories`), listed in
-    ``data/records/category_predictions``; with none missing, one column is read and nothing else done."""
-    started = time.perf_counter()
-    missing = read_table(run, *RECORDS, "products", columns=["category"]).column("category").null_count
-    filled = fill_categories(config, read_table(run, *RECORDS, "products")) if missing else None
-    if filled is not None and filled.predictions.num_rows:
-        _replace(run, filled.products, "products")
-    write_table(run, filled.predictions if filled is not None else PREDICTION_SCHEMA.empty_table(), *PREDICTIONS)
-    record.metrics.update(filled.metrics if filled is not None else {"products_without_category": 0})
-    record.notes.extend(filled.notes if filled is not None else [])
-    record.timings["categories_s"] = round(time.perf_counter() - started, 3)
 
 
 def ingest(config: Config, run: Run, record: StageRecord) -> None:
@@ -266,7 +258,6 @@ def ingest(config: Config, run: Run, record: StageRecord) -> None:
     if folded.drops:
         log.info("ingest folded the catalogue change log up to change %d in: %d products put, %s", mark, folded.put,
                  folded.drops)
-    predict_missing_categories(config, run, record)
     erased = leave_out_erased(config, run, users)
     record.drops.update(erased)
     if any(erased.values()):

@@ -45,8 +45,7 @@ from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.expressions import col
 
 from shoprank.config import Config, PreprocessConfig
-from shoprank.data.categories import PREDICTIONS
-from shoprank.data.ingest import RECORDS
+from shoprank.data.ingest import PREDICTIONS, RECORDS
 from shoprank.data.io import count_rows, read_dataset, read_table, write_dataset, write_table
 from shoprank.data.schema import ENGAGEMENT_TYPES, EVENT_SCHEMA, EVENT_STRENGTH, NEGATIVE_EVENT_TYPES, PRODUCT_SCHEMA
 from shoprank.data.catalogue import normalised_products
@@ -158,7 +157,7 @@ QUERY_PAIRS_SCHEMA = pa.schema(
 
 
 def predicted_categories(run: Run) -> frozenset[str]:
-    """The products whose category ingest predicted (:mod:`shoprank.data.categories`); none for a run ingested
+    """The products whose category ingest predicted (:mod:`shoprank.encoder.fill`); none for a run ingested
     before it predicted any."""
     if not run.exists(*PREDICTIONS):
         return frozenset()

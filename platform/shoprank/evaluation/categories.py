@@ -32,7 +32,7 @@ from shoprank.encoder.examples import category_holdout
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, embedding_matrix
 from shoprank.encoder.runtime import load_embedder
 from shoprank.encoder.text import CATEGORY_HEAD, product_texts
-from shoprank.recsys.categorise import CategoryHead, Neighbours, Ranked, top_accuracy
+from shoprank.encoder.categories import CategoryHead, Neighbours, Ranked, top_accuracy
 from shoprank.store.run import Run
 
 log = logging.getLogger(__name__)

@@ -33,19 +33,32 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoprank.data.catalogue import normalised_products, products_table
+from shoprank.encoder.categories import Neighbours
 from shoprank.encoder.text import product_texts
 from shoprank.errors import ShopRankError
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, group_codes
 from shoprank.recsys.features import _codes, department_of
-from shoprank.recsys.retrieval import main_indices
+from shoprank.recsys.retrieval import Catalogue, main_indices
 from shoprank.store.events import CatalogueChange
 
 Embed = Callable[[list[str]], np.ndarray]
 """Product texts -> their vectors (rows), with the variant's own encoder at ``encoder.max_length``."""
 Categorise = Callable[[np.ndarray], list["str | None"]]
 """Product vectors -> a category path for each (None: no guess): the fine-tuned encoder's category head
-(:class:`shoprank.recsys.categorise.CategoryHead`)."""
+(:class:`shoprank.encoder.categories.CategoryHead`)."""
+
+
+def labelled_neighbours(catalogue: Catalogue, neighbours: int) -> Neighbours:
+    """:class:`Neighbours` over a served catalogue's listed products whose category is the catalogue's own (not a
+    prediction): their vectors as the variant's encoder embedded them. The caller holds the lock under which the
+    catalogue changes."""
+    listing = catalogue.listing
+    if listing is None:
+        return Neighbours(np.zeros((0, catalogue.vectors.shape[1]), np.float32), [], neighbours)
+    rows = [row for row, (category, predicted) in enumerate(zip(listing.category, listing.category_predicted))
+            if category is not None and not predicted and catalogue.alive[row]]
+    return Neighbours(catalogue.vectors[rows].astype(np.float32), [listing.category[row] for row in rows], neighbours)
 
 
 @dataclass

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from shoprank.encoder.runtime import Embedder
     from shoprank.recsys.context import RankingContext
     from shoprank.recsys.diversity import Diversity
-    from shoprank.recsys.categorise import CategoryHead
+    from shoprank.encoder.categories import CategoryHead
 
 PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price", "category_predicted"]
 """What the ingress shows of a product in an answer, and prices the A/B report's revenue with (``category_predicted``:
@@ -160,7 +160,7 @@ class RunLoader:
         run = Run.from_uri(spec.run)
         if spec.encoder != "fine_tuned" or not run.exists(*CATEGORY_HEAD):
             return None  # the pretrained encoder has no head; a run exported before head.npz has none to read
-        from shoprank.recsys.categorise import CategoryHead
+        from shoprank.encoder.categories import CategoryHead
 
         return CategoryHead.load(run.local_path(*CATEGORY_HEAD))
 

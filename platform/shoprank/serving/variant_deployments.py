@@ -132,7 +132,7 @@ class Variant:
         self.head = loader.categoriser(spec)
         """The run's category head (None: the pretrained encoder, or a run without head.npz): fills a live product's
         missing category, and answers /categorize."""
-        from shoprank.recsys.categorise import chosen_method
+        from shoprank.encoder.categories import chosen_method
 
         self.categorize_method = chosen_method(self.config.serve.categorize_method, self.head is not None,
                                                loader.categorisation(spec))
@@ -201,11 +201,12 @@ class Variant:
         return self.query_encoder.embed_products.remote(texts).result(timeout_s=EMBED_TIMEOUT_S)
 
     async def categorize(self, title: str, description: str | None, k: int) -> dict[str, Any]:
-        """``/categorize``: the listing's ``k`` most likely categories (:mod:`shoprank.recsys.categorise`)."""
+        """``/categorize``: the listing's ``k`` most likely categories (:mod:`shoprank.encoder.categories`)."""
         return await asyncio.to_thread(self._categorize, title, description, k)
 
     def _categorize(self, title: str, description: str | None, k: int) -> dict[str, Any]:
-        from shoprank.recsys.categorise import labelled_neighbours, product_text
+        from shoprank.encoder.categories import product_text
+        from shoprank.recsys.live import labelled_neighbours
 
         vector = self._embed_products([product_text(title, description, self.config)])
         method, note = self.categorize_method

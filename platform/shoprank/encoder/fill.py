@@ -1,8 +1,10 @@
-"""Ingest's prediction of the categories a catalogue lacks.
+"""Ingest's prediction of the categories a catalogue lacks: the ingest stage's second step
+(:func:`fill_missing_categories`, after :func:`shoprank.data.ingest.ingest`; here, beside the encoder it embeds
+with, because the data package sits below the encoder's).
 
 A catalogue with gaps is what shops bring: a product without a category gets none of the category features,
-sources or diversity. The ingest stage (:func:`shoprank.data.ingest.ingest`) gives each such product the category
-its ``source.categories.neighbours`` nearest labelled products vote for (:class:`~shoprank.recsys.categorise.
+sources or diversity. The ingest stage gives each such product the category
+its ``source.categories.neighbours`` nearest labelled products vote for (:class:`~shoprank.encoder.categories.
 Neighbours`): no head is trained for this run yet, so the vote is over the vectors of a pretrained encoder
 (``source.categories.model``, the packaged MiniLM by default), each product's text as the encoder reads the
 catalogue (:func:`~shoprank.encoder.text.product_texts` of the product as preprocess normalises it).
@@ -25,17 +27,15 @@ import pyarrow as pa
 
 from shoprank.config import Config
 from shoprank.data.catalogue import normalised_products
+from shoprank.data.ingest import PREDICTION_SCHEMA, PREDICTIONS, RECORDS, replace_records
+from shoprank.data.io import read_table, write_table
+from shoprank.encoder.categories import Neighbours
 from shoprank.encoder.text import product_texts
 from shoprank.errors import ConfigError
-from shoprank.recsys.categorise import Neighbours
+from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = ("data", "records", "category_predictions")
-"""Where ingest lists the products whose category it predicted."""
-PREDICTION_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False),
-                               pa.field("category", pa.string(), nullable=False),
-                               pa.field("votes", pa.float64(), nullable=False)])
 EMBED_PAGE = 512
 """Product texts embedded between two progress lines."""
 
@@ -124,3 +124,18 @@ def fill_categories(config: Config, products: pa.Table) -> Filled:
                         f"its {settings.neighbours} nearest labelled products' vote (category_predicted)")
     log.info("[ingest] categories: %d predicted in %.1fs", len(ids), seconds)
     return filled
+
+
+def fill_missing_categories(config: Config, run: Run, record: StageRecord) -> None:
+    """The ingest stage's step after the records are written: the products without a category get a predicted one
+    (:func:`fill_categories`), listed in ``data/records/category_predictions``; with none missing, one column is
+    read and nothing else done."""
+    started = time.perf_counter()
+    missing = read_table(run, *RECORDS, "products", columns=["category"]).column("category").null_count
+    filled = fill_categories(config, read_table(run, *RECORDS, "products")) if missing else None
+    if filled is not None and filled.predictions.num_rows:
+        replace_records(run, filled.products, "products")
+    write_table(run, filled.predictions if filled is not None else PREDICTION_SCHEMA.empty_table(), *PREDICTIONS)
+    record.metrics.update(filled.metrics if filled is not None else {"products_without_category": 0})
+    record.notes.extend(filled.notes if filled is not None else [])
+    record.timings["categories_s"] = round(time.perf_counter() - started, 3)

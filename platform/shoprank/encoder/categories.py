@@ -1,5 +1,5 @@
 """Product categorisation, free of Ray, PyTorch and FAISS: which categories of the run's tree a product's vector
-belongs to, with probabilities.
+belongs to, with probabilities (the encoder's category head, or its vectors' nearest labelled products).
 
 Two ways, one shape of answer (per vector, the ``k`` most likely categories, most likely first, each with its
 probability):
@@ -10,7 +10,7 @@ probability):
 * :class:`Neighbours`: the categories of the ``k`` nearest labelled products (cosine over unit vectors), each
   category's probability its share of the votes (ties: the larger summed similarity, then the name). What a run
   without a head answers with, and what ingest fills a catalogue's missing categories with before any head is
-  trained (:mod:`shoprank.data.categories`).
+  trained (:mod:`shoprank.encoder.fill`).
 
 :func:`product_text` makes the text a title and a description are embedded as: the product as the preprocess
 stage normalises it (:func:`shoprank.data.catalogue.normalised_products`), read by the encoder as the catalogue is
@@ -23,16 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
 from shoprank.config import Config
 from shoprank.data.catalogue import normalised_products, products_table
 from shoprank.encoder.text import product_texts
-
-if TYPE_CHECKING:
-    from shoprank.recsys.retrieval import Catalogue
 
 Method = Literal["head", "neighbours"]
 Ranked = list[tuple[str, float]]
@@ -119,18 +116,6 @@ class Neighbours:
                 ranked = sorted(np.flatnonzero(votes), key=lambda c: (-votes[c], -weight[c], names[c]))[:k]
                 out.append([(str(names[c]), float(votes[c]) / voters) for c in ranked])
         return out
-
-
-def labelled_neighbours(catalogue: "Catalogue", neighbours: int) -> Neighbours:
-    """:class:`Neighbours` over a served catalogue's listed products whose category is the catalogue's own (not a
-    prediction): their vectors as the variant's encoder embedded them. The caller holds the lock under which the
-    catalogue changes."""
-    listing = catalogue.listing
-    if listing is None:
-        return Neighbours(np.zeros((0, catalogue.vectors.shape[1]), np.float32), [], neighbours)
-    rows = [row for row, (category, predicted) in enumerate(zip(listing.category, listing.category_predicted))
-            if category is not None and not predicted and catalogue.alive[row]]
-    return Neighbours(catalogue.vectors[rows].astype(np.float32), [listing.category[row] for row in rows], neighbours)
 
 
 HEAD_ROW, NEIGHBOURS_ROW = "head", "neighbours (fine-tuned encoder)"
