@@ -210,3 +210,14 @@ def test_serve_levers(ranked: tuple[Config, Run], tmp_path: Path) -> None:
         served = figures["levers"][lever]["served"]["/search c=1"]
         assert served["requests"] > 0 and served["errors"] == 0, (lever, served)
         assert served["cpu_ms_per_request"]["ingress"] > 0, (lever, served)
+
+
+@pytest.mark.slow
+def test_categories(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    figures = run_benchmark("categories.py", "--config", "tiny", *sets, "--repeats", "1")
+    assert figures["held_out"]["rows"] == run.manifest()["stages"]["evaluate"]["metrics"]["categories"]["rows"]
+    fill = figures["ingest_fill"]
+    assert fill["predicted"] == fill["hidden"] > 0 and fill["accuracy"] > fill["most_frequent_share"]
+    assert figures["nothing_missing"]["products_without_category"] == 0

@@ -291,6 +291,24 @@ class FilesConfig(Section):
         return value
 
 
+class CategoryFillConfig(Section):
+    """Ingest's prediction of the categories a catalogue lacks (:mod:`shoprank.encoder.fill`)."""
+
+    fill: bool = Field(
+        True, description="Give a product without a category the category its nearest labelled products vote for "
+        "(marked category_predicted in the run's products and in answers); false: leave it missing.",
+    )
+    neighbours: int = Field(
+        10, ge=1, le=100, description="Labelled products that vote, the nearest by cosine of the pretrained "
+        "encoder's vectors; also the neighbours /categorize asks where a run has no category head.",
+    )
+    model: str = Field(
+        "packaged:all-MiniLM-L6-v2", description="The pretrained encoder that embeds the catalogue for the vote "
+        "(encoder.model's default): a setting of ingest's own, so changing the backbone being fine-tuned does not "
+        "ingest again.",
+    )
+
+
 class SourceConfig(Section):
     """Where the shop's records come from."""
 
@@ -301,6 +319,7 @@ class SourceConfig(Section):
     orphan_events: Literal["drop", "error"] = Field(
         "drop", description="Events naming unknown products: count and drop them, or fail."
     )
+    categories: CategoryFillConfig = Field(default_factory=CategoryFillConfig)
 
     @model_validator(mode="after")
     def _files_given(self) -> "SourceConfig":
@@ -640,6 +659,17 @@ class ServeConfig(Section):
         "(Holm-adjusted); default: the first of serve.variants.",
     )
     experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
+    categorize_variant: str | None = Field(
+        None, min_length=1, description="The variant that answers /categorize (its encoder embeds the text, its "
+        "run's category head or labelled products answer). None: the first of serve.variants whose encoder is "
+        "fine-tuned, else the first.",
+    )
+    categorize_method: Literal["auto", "head", "neighbours"] = Field(
+        "auto", description="How /categorize answers: the run's category head (softmax over the tree), or the vote "
+        "of the source.categories.neighbours nearest labelled products (by the variant's product vectors). auto: "
+        "the head, unless the run's evaluation measured the neighbours ahead of it (top-1 accuracy on the products "
+        "held out of the category loss) or the run has no head; head falls back to the neighbours without one.",
+    )
     decision_metric: Literal["conversion_per_user", "revenue_per_user", "ctr", "conversion_per_session",
                              "clicks_per_session", "revenue_per_session"] = Field(
         "conversion_per_user", description="The user-level metric the A/B verdict reads (the others are shown, and "
@@ -835,6 +865,13 @@ class ServeConfig(Section):
     def treatments(self) -> list[str]:
         """The variants compared with the control, in serve.variants' order."""
         return [name for name in self.variants if name != self.control_variant]
+
+    @model_validator(mode="after")
+    def _categorize_variant_is_served(self) -> "ServeConfig":
+        if self.categorize_variant is not None and self.categorize_variant not in self.variants:
+            raise ValueError(f"categorize_variant {self.categorize_variant!r} is not a variant of serve.variants "
+                             f"({', '.join(self.variants)})")
+        return self
 
     @field_validator("event_db")
     @classmethod
