@@ -11,10 +11,10 @@ minutes apart on the same machine). The levers (Ray 2.60, ``ray/serve/_private/c
 * ``direct ingress``: ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, the load sent to the ingress replica's own HTTP port (what
   a load balancer reading Serve's target groups does): no proxy hop;
 * ``throughput-optimized + direct``: both;
-* ``haproxy``: ``SHOPRANK_INGRESS=haproxy`` (``shoprank.haproxy``: Ray's ``RAY_SERVE_ENABLE_HA_PROXY=1``, Debian's
-  ``haproxy`` in front of the ingress replicas, which then answer HTTP themselves, every listener held on
-  loopback), the load sent to ``serve.port`` as with the proxy;
-* ``haproxy + throughput-optimized``: both.
+* ``haproxy``: Ray's ``RAY_SERVE_ENABLE_HA_PROXY=1`` alone (Debian's ``haproxy`` in front of the ingress replicas,
+  which then answer HTTP themselves), held on loopback as below, the load sent to ``serve.port`` as with the proxy;
+* ``shoprank haproxy``: ``SHOPRANK_INGRESS=haproxy`` (``shoprank.haproxy``): HAProxy with throughput-optimized, every
+  listener on loopback.
 
     python benchmarks/serve_levers.py --config demo --set run.root=$PWD/runs
     python benchmarks/serve_levers.py --config demo --levers defaults haproxy --duration 10
@@ -36,13 +36,14 @@ HERE = Path(__file__).resolve().parent
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 THROUGHPUT = ["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"]
 HA = ["SHOPRANK_INGRESS=haproxy"]
+"""shoprank's HAProxy ingress, which turns on RAY_SERVE_THROUGHPUT_OPTIMIZED too (shoprank.haproxy)."""
 LEVERS: dict[str, tuple[list[str], bool]] = {
     "defaults": ([], False),
     "throughput-optimized": ([*THROUGHPUT, "RAY_SERVE_ENABLE_DIRECT_INGRESS=0"], False),
     "direct ingress": (["RAY_SERVE_ENABLE_DIRECT_INGRESS=1"], True),
     "throughput-optimized + direct": (THROUGHPUT, True),
-    "haproxy": (HA, False),
-    "haproxy + throughput-optimized": ([*HA, *THROUGHPUT], False),
+    "haproxy": ([*HA, "RAY_SERVE_THROUGHPUT_OPTIMIZED=0"], False),
+    "shoprank haproxy": (HA, False),
 }
 """Lever -> (the environment the cluster starts with, whether the load goes to the ingress replica's own port)."""
 

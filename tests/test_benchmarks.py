@@ -203,7 +203,7 @@ def test_serve_levers(ranked: tuple[Config, Run], tmp_path: Path) -> None:
     itself, with no Python proxy in between."""
     config, _ = ranked
     sets = [word for value in run_overrides(config) for word in ("--set", value)]
-    levers = ["haproxy", "throughput-optimized + direct"]
+    levers = ["shoprank haproxy", "throughput-optimized + direct"]
     figures = run_benchmark("serve_levers.py", "--levers", *levers, "--log-dir", str(tmp_path), "--config", "tiny",
                             *sets, "--duration", "1", "--levels", "1", "--in-process-requests", "10", "--batch", "4")
     for lever in levers:
