@@ -220,6 +220,8 @@ def leave_out_erased(config: Config, run: Run, users: Pseudonyms) -> dict[str, i
     drops: dict[str, int] = {}
     for output in ingest_outputs(config):
         parts = output.split("/")
+        if tuple(parts) == PREDICTIONS:  # written after this step, by the category fill; it names no shopper
+            continue
         if "user_id" not in column_names(run, *parts):
             continue
         table = read_table(run, *parts)
