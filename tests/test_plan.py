@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from statsmodels.stats.power import NormalIndPower
 
-from conftest import App, tiny_config
+from conftest import App, shoprank, tiny_config
 from shoprank.config import Config
-from shoprank.cli import main
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.errors import ShopRankError
 from shoprank.experiment.plan import (CONTROL_SYSTEM, DEMO_CONVERSION_PER_USER, PASS_THROUGH, TREATMENT_SYSTEM,
@@ -33,15 +32,6 @@ ISSUE_37_DEMO = {
 }
 """The demo's offline NDCG@10 that issue 37 quotes (B loses recommendation, wins search)."""
 
-
-def shoprank(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """The ``shoprank`` command's exit status (a user error exits with 2) and its stdout and stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exited:
-        status = int(exited.code)
-    out = capsys.readouterr()
-    return status, out.out + out.err
 
 
 def evaluated_run(root: Path, table: dict[str, Any]) -> Run:

@@ -14,9 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
+from conftest import shoprank, tiny_config
 from fake_shop import START, FakeShop
-from shoprank.cli import main
 from shoprank.recsys.answer import SCORE_TERMS, Retrieval, VariantPipeline
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.retrieval import STRATEGY_SOURCES, retrieve
@@ -149,14 +148,6 @@ def fake_run(root: Path, name: str, *, ranker: bool = True, engaged: bool = True
                    run.path("data", "events", "part-0.parquet"))
     return run
 
-
-def shoprank(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        status = main(argv)
-    except SystemExit as exited:
-        status = int(exited.code)
-    out = capsys.readouterr()
-    return status, out.out + out.err
 
 
 def test_the_register_command_points_an_alias_at_a_run_with_a_strategy(tmp_path: Path,
