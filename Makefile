@@ -18,7 +18,7 @@ CHROMIUM := /usr/bin/chromium
 PROMTOOL := /usr/bin/promtool
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup bytecode postgres demo test test-all bench cluster-up cluster-down stop clean clean-all
+.PHONY: setup bytecode postgres haproxy demo test test-all bench cluster-up cluster-down stop clean clean-all
 
 setup: $(STAMP)
 
@@ -52,6 +52,16 @@ demo: cluster-up
 	$(BIN)/shoprank ui --detach --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Stop the web page, the Serve app and the local Ray head with: make stop"
 
+# Serve's HAProxy ingress (SHOPRANK_INGRESS=haproxy, docs/serving.md): Debian's haproxy. The package's own system
+# service is not wanted (Ray starts its haproxy itself, on loopback): stopped and disabled under systemd.
+HAPROXY := /usr/sbin/haproxy
+$(HAPROXY):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends haproxy
+	if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now haproxy; fi
+
+haproxy: $(HAPROXY)
+
 # The event-store tests start a throwaway PostgreSQL server (Debian's initdb and pg_ctl).
 POSTGRES_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 
@@ -80,15 +90,16 @@ bytecode: setup
 test: setup bytecode $(CHROMIUM) postgres $(PROMTOOL)
 	$(BIN)/python -m pytest
 
-# the slow tests include every benchmark's smallest setting, and benchmarks/recommend.py needs the bench extra
-test-all: setup bytecode $(CHROMIUM) postgres $(PROMTOOL)
+# the slow tests include every benchmark's smallest setting (serve_levers' HAProxy lever needs haproxy), and
+# benchmarks/recommend.py needs the bench extra
+test-all: setup bytecode $(CHROMIUM) postgres $(PROMTOOL) $(HAPROXY)
 	$(UV_INSTALL) -e ".[dev,bench]"
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-bench: setup
+bench: setup $(HAPROXY)
 	$(UV_INSTALL) -e ".[dev,bench]"
 	$(BIN)/python benchmarks/preprocess.py
-	$(BIN)/python benchmarks/serve_load.py --config $(PRESET) --set run.root=$(CURDIR)/runs
+	$(BIN)/python benchmarks/serve_levers.py --config $(PRESET) --set run.root=$(CURDIR)/runs --set serve.max_replicas=1
 
 # clean: what can be rebuilt (the runs' outputs, logs, test output, caches), never what cannot: runs/secrets (API
 # keys, the pseudonym key: a new one would orphan every pseudonym), the event store (shoppers' live events, its

@@ -22,6 +22,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from postgres import PostgresServer
+from shoprank.cli import main
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.entrypoint import free_port, local_ray_options
@@ -49,6 +50,16 @@ def ray_local() -> Iterator[None]:
         ray.init(**options, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def shoprank(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The ``shoprank`` command's exit status (a user error exits with 2) and its stdout and stderr."""
+    try:
+        status = main(argv)
+    except SystemExit as exited:
+        status = int(exited.code)
+    out = capsys.readouterr()
+    return status, out.out + out.err
 
 
 def tiny_config(root: Path | str, *overrides: str) -> Config:

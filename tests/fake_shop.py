@@ -139,7 +139,11 @@ class FakeShop:
         return 0  # no run ingested any change: replicas and the ingress follow the whole log
 
     def categoriser(self, spec: VariantSpec) -> None:
-        return None  # no fine-tuned encoder, no category head: a product put without a category keeps none
+        return None  # no fine-tuned encoder, no category head: a product put without a category keeps none, and
+        # /categorize answers from the nearest labelled products
+
+    def categorisation(self, spec: VariantSpec) -> dict[str, dict[str, float]]:
+        return {}  # no evaluation
 
     # ShopSource
 
@@ -150,7 +154,8 @@ class FakeShop:
         return Pseudonyms(self.user_key)
 
     def products(self, run: str) -> pa.Table:
-        return products().select(PRODUCT_COLUMNS)
+        table = products()  # every category the catalogue's own
+        return table.append_column("category_predicted", pa.array([False] * table.num_rows)).select(PRODUCT_COLUMNS)
 
     def events(self, run: str) -> pa.Table:
         table = events(Pseudonyms(self.user_key))

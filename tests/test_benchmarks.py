@@ -194,3 +194,30 @@ def test_exploration(ranked: tuple[Config, Run]) -> None:
     assert 0.0 < slots["explored_share_recommend"] <= 0.2, "at most 2 of 10 items per recommendation"
     assert slots.get("explored_share_search", 0.0) == 0.0, "search has no slot by default"
     assert slots["new_shown_at_least_once"] > 0.0
+
+
+@pytest.mark.slow
+def test_serve_levers(ranked: tuple[Config, Run], tmp_path: Path) -> None:
+    """Two levers' serve_load runs and their table rows: HAProxy in front (SHOPRANK_INGRESS=haproxy, the load at
+    serve.port) and direct ingress (the load at the ingress replica's own port): each answered by the ingress replica
+    itself, with no Python proxy in between."""
+    config, _ = ranked
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    levers = ["shoprank haproxy", "throughput-optimized + direct"]
+    figures = run_benchmark("serve_levers.py", "--levers", *levers, "--log-dir", str(tmp_path), "--config", "tiny",
+                            *sets, "--duration", "1", "--levels", "1", "--in-process-requests", "10", "--batch", "4")
+    for lever in levers:
+        served = figures["levers"][lever]["served"]["/search c=1"]
+        assert served["requests"] > 0 and served["errors"] == 0, (lever, served)
+        assert served["cpu_ms_per_request"]["ingress"] > 0, (lever, served)
+
+
+@pytest.mark.slow
+def test_categories(ranked: tuple[Config, Run]) -> None:
+    config, run = ranked
+    sets = [word for value in run_overrides(config) for word in ("--set", value)]
+    figures = run_benchmark("categories.py", "--config", "tiny", *sets, "--repeats", "1")
+    assert figures["held_out"]["rows"] == run.manifest()["stages"]["evaluate"]["metrics"]["categories"]["rows"]
+    fill = figures["ingest_fill"]
+    assert fill["predicted"] == fill["hidden"] > 0 and fill["accuracy"] > fill["most_frequent_share"]
+    assert figures["nothing_missing"]["products_without_category"] == 0

@@ -86,3 +86,25 @@ def test_hash_ignores_where_the_run_lives() -> None:
     assert a.config_hash() == b.config_hash()
     assert a.config_hash() != c.config_hash()
     assert a.section_hash("source") == load_config("tiny", ["preprocess.test_fraction=0.2"]).section_hash("source")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["serve.variants={A: A, B: B, C: C}"], "serve.split and serve.variants disagree: serve.split has no weight for C"),
+    (["serve.split={A: 1, B: 1, D: 1}"], "serve.split weighs D, which serve.variants does not name"),
+    (["serve.split={A: 1, B: -1}"], "serve.split: weights are 0 or more"),
+    (["serve.control=Z"], "serve.control 'Z' is not a variant of serve.variants (A, B)"),
+    (["serve.variants={}", "serve.split={}"], "serve.variants is empty"),
+])
+def test_variants_split_and_control_must_agree_naming_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    assert message in str(err.value)
+
+
+def test_an_a_b_n_experiment_names_its_control_or_takes_the_first_variant() -> None:
+    three = ["serve.variants={A: A, B: B, C: C}", "serve.split={A: 1, B: 1, C: 2}"]
+    serve = load_config("tiny", three).serve
+    assert (serve.control_variant, serve.treatments) == ("A", ["B", "C"])
+    serve = load_config("tiny", [*three, "serve.control=C"]).serve
+    assert (serve.control_variant, serve.treatments) == ("C", ["A", "B"])
+    assert load_config("tiny", ["serve.variants={B: B}", "serve.split={B: 1.0}"]).serve.treatments == []

@@ -14,8 +14,9 @@ from scipy.stats.contingency import relative_risk
 from shoprank.experiment.assignment import assign
 from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, with_guardrails
 from shoprank.experiment.readout import headline_markdown, readout_png
-from shoprank.experiment.report import ab_report
-from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
+from shoprank.experiment.report import ab_report, holm_verdict
+from shoprank.experiment.report_model import ABReport
+from shoprank.experiment.stats import as_dict, compare, funnel, holm, per_session, sample_ratio_mismatch, wilson
 from shoprank.store.events import Impression, SqliteEventStore
 
 
@@ -201,3 +202,131 @@ def test_the_readout_draws_whole_reports_and_empty_ones(tmp_path: Path) -> None:
     markdown = headline_markdown(report)
     assert markdown.startswith("**Verdict:") and "B 150 answers, 0 5xx, p99 1500 ms" in markdown
     assert "BREACHED: p99 latency 1500 ms over 1000 ms" in markdown and "A 150 answers, 0 5xx, p99 50 ms" in markdown
+
+
+# ------------------------------------------------------------------------------------------------------ A/B/n
+
+
+def test_holm_matches_hand_computed_values_and_statsmodels() -> None:
+    """Sorted 0.01 (B), 0.03 (D), 0.04 (C) of m = 3: B 3 x 0.01 = 0.03; D max(0.03, 2 x 0.03) = 0.06; C max(0.06,
+    1 x 0.04) = 0.06 (step-down: never below an earlier step). A comparison without a p-value counts in m."""
+    from statsmodels.stats.multitest import multipletests
+
+    adjusted = holm({"B": 0.01, "C": 0.04, "D": 0.03})
+    assert adjusted == pytest.approx({"B": 0.03, "C": 0.06, "D": 0.06})
+    rng = np.random.default_rng(40)
+    for m in (2, 3, 5, 9):
+        raw = rng.uniform(0, 0.2, size=m)
+        ours = holm({f"T{i}": float(p) for i, p in enumerate(raw)})
+        reference = multipletests(raw, method="holm")[1]
+        assert list(ours.values()) == pytest.approx(list(reference))
+        assert all(ours[f"T{i}"] >= raw[i] for i in range(m))  # never below the raw p-value
+    assert holm({"B": 0.02, "C": None}) == {"B": pytest.approx(0.04), "C": None}
+    assert holm({"B": 0.7, "C": 0.9}) == {"B": 1.0, "C": 1.0}  # capped at 1
+    assert holm({"B": 0.03}) == {"B": 0.03}  # one comparison: unchanged
+    assert holm({}) == {}
+    with pytest.raises(ValueError, match="not in \\[0, 1\\]"):
+        holm({"B": 1.5})
+
+
+def test_the_sample_ratio_test_over_three_arms_matches_hand_computed_values() -> None:
+    """Weights 1:1:2 and users 110, 95, 195 (400): expected 100, 100, 200, chi-square 100/100 + 25/100 + 25/200 =
+    1.375 on 2 degrees of freedom, p = exp(-1.375 / 2); 150, 100, 150 is a mismatch (37.5, p = exp(-18.75))."""
+    weights = {"A": 1.0, "B": 1.0, "C": 2.0}
+    fine = sample_ratio_mismatch({"A": 110, "B": 95, "C": 195}, weights)
+    assert fine.chi2 == pytest.approx(1.375) and fine.p_value == pytest.approx(math.exp(-0.6875))
+    assert fine.p_value == pytest.approx(stats.chisquare([110, 95, 195], [100, 100, 200]).pvalue)
+    assert not fine.mismatch
+    broken = sample_ratio_mismatch({"A": 150, "B": 100, "C": 150}, weights)
+    assert broken.chi2 == pytest.approx(37.5) and broken.p_value == pytest.approx(math.exp(-18.75))
+    assert broken.mismatch
+
+
+def three_arm_store(path: Path, buyers: dict[str, int], users: int = 60) -> SqliteEventStore:
+    """An event store with ``users`` shoppers per arm, each shown five products once, ``buyers[arm]`` of them buying."""
+    store = SqliteEventStore(path)
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    impressions, events = [], []
+    for variant, bought in buyers.items():
+        for u in range(users):
+            request, user = f"{variant}-R{u}", f"{variant}-U{u}"
+            impressions += [Impression(request, user, variant, f"P{p}", p + 1, t0) for p in range(5)]
+            kinds = ["click"] * (u % 2 == 0 or u < bought) + ["purchase"] * (u < bought)
+            events += [{"event_id": f"{request}-{k}", "user_id": user, "session_id": f"S-{request}", "product_id": "P0",
+                        "event_type": k, "ts": t0, "request_id": request} for k in kinds]
+    store.log_impressions(impressions)
+    store.append(events)
+    return store
+
+
+def test_a_three_arm_report_compares_each_treatment_with_the_control_holm_adjusted(tmp_path: Path) -> None:
+    """A control and two treatments: ``comparisons`` holds each treatment against A on every metric, its p-values
+    adjusted with Holm's procedure over the two comparisons (never below the raw ones, monotone in them); the
+    two-variant fields stay A against B; the sample-ratio test covers the three arms; the verdict is the
+    experiment's, the same in ``user_level``, and it ships the treatment that wins after the correction."""
+    store = three_arm_store(tmp_path / "events.db", {"A": 12, "B": 15, "C": 40})
+    from shoprank.experiment.sequential import PlannedSize
+
+    report = ab_report(store, {"A": 1.0, "B": 1.0, "C": 1.0}, prices={"P0": 10.0}, planned=PlannedSize(50, "test"))
+    ABReport.model_validate({**report, "experiment": "abn", "impressions_dropped": 0})
+    assert report["sample_ratio"]["observed"] == {"A": 60, "B": 60, "C": 60} and not report["sample_ratio"]["mismatch"]
+    compared = report["comparisons"]
+    assert (compared["control"], compared["treatments"], compared["correction"]) == ("A", ["B", "C"], "holm")
+    assert report["lift"] == compared["arms"]["B"]["lift"]  # the two-variant field: A against B, as before
+    assert report["user_level"]["metrics"]["conversion_per_user"]["fixed_horizon"] == \
+        compared["arms"]["B"]["metrics"]["conversion_per_user"]["fixed_horizon"]
+    for metric, entry in compared["arms"]["C"]["metrics"].items():
+        if "missing" in entry:
+            continue
+        raw = {arm: compared["arms"][arm]["metrics"][metric] for arm in ("B", "C")}
+        p = {arm: e[e["estimate"]]["p_value"] for arm, e in raw.items()}
+        adjusted = {arm: e["holm"]["p_value"] for arm, e in raw.items()}
+        assert adjusted == pytest.approx(holm(p)), metric
+        if None in p.values():  # no variation in an arm (every session one click): no test, nothing to adjust
+            continue
+        assert all(adjusted[arm] >= p[arm] for arm in p), metric
+        low, high = sorted(p, key=p.get)
+        assert adjusted[low] <= adjusted[high], metric  # the step-down keeps the raw p-values' order
+    lifts = {arm: compared["arms"][arm]["lift"]["ctr"]["p_value"] for arm in ("B", "C")}
+    assert {arm: compared["arms"][arm]["lift_p_holm"]["ctr"] for arm in ("B", "C")} == pytest.approx(holm(lifts))
+    conversion = compared["arms"]["C"]["metrics"]["conversion_per_user"]
+    assert conversion["holm"]["always_valid_reject"] and conversion["fixed_horizon"]["difference"] > 0
+    assert compared["verdict"]["decision"] == "ship C" and compared["verdict"]["winner"] == "C"
+    assert "Holm-adjusted over the 2 comparisons with A" in compared["verdict"]["rule"]
+    assert report["user_level"]["verdict"] == compared["verdict"]
+    assert with_guardrails(compared["verdict"], {"C": {"breached": ["p99 latency 2000 ms over 1000 ms"]}}) == {
+        "decision": "keep A", "winner": None,
+        "rule": f"guardrail: C's p99 latency 2000 ms over 1000 ms (else: {compared['verdict']['rule']})"}
+    markdown = headline_markdown(report)
+    assert "**Verdict: ship C**" in markdown and "**Each treatment against A**" in markdown and "(Holm " in markdown
+
+
+def test_two_arms_keep_their_report_and_a_named_control_is_the_one_compared(tmp_path: Path) -> None:
+    store = three_arm_store(tmp_path / "events.db", {"A": 12, "B": 40})
+    two = ab_report(store, {"A": 0.5, "B": 0.5})
+    assert two["comparisons"]["treatments"] == ["B"] and two["comparisons"]["verdict"] == two["user_level"]["verdict"]
+    holm_b = two["comparisons"]["arms"]["B"]["metrics"]["ctr"]
+    assert holm_b["holm"]["p_value"] == holm_b[holm_b["estimate"]]["p_value"]  # one comparison: Holm changes nothing
+    flipped = ab_report(store, {"A": 0.5, "B": 0.5}, "B")
+    assert flipped["comparisons"]["control"] == "B" and flipped["comparisons"]["treatments"] == ["A"]
+    assert flipped["comparisons"]["arms"]["A"]["metrics"]["conversion_per_user"]["fixed_horizon"]["difference"] < 0
+
+
+@pytest.mark.parametrize("entries,past,decision", [
+    ({"B": (0.01, 0.04, 0.02), "C": (0.05, 0.001, 0.001)}, False, "ship C"),  # both shown above A: the larger ships
+    ({"B": (-0.05, 0.001, 0.001), "C": (-0.01, 0.01, 0.04)}, False, "keep A"),  # both below A
+    ({"B": (0.02, 0.3, 0.02), "C": (-0.01, 0.6, 0.6)}, False, "keep running"),
+    ({"B": (0.02, 0.3, 0.02), "C": (-0.01, 0.6, 0.6)}, True, "ship B"),  # at the planned size, the fixed horizon
+    ({"B": (0.02, 0.3, 0.3), "C": (-0.01, 0.6, 0.6)}, True, "keep A"),
+])
+def test_the_holm_verdict_reads_the_adjusted_tests(entries: dict, past: bool, decision: str) -> None:
+    """(difference, adjusted always-valid p, adjusted fixed-horizon p) per treatment -> the decision."""
+    def entry(difference: float, live: float, fixed: float) -> dict:
+        return {"estimate": "fixed_horizon", "fixed_horizon": {"difference": difference, "p_value": fixed},
+                "holm": {"p_value": fixed, "always_valid_p_value": live, "reject": fixed < 0.05,
+                         "always_valid_reject": live < 0.05}}
+
+    got = holm_verdict("conversion_per_user", {k: entry(*v) for k, v in entries.items()}, "A", False, past)
+    assert got["decision"] == decision, got
+    assert holm_verdict("conversion_per_user", {k: entry(*v) for k, v in entries.items()}, "A", True,
+                        past)["decision"] == "fix the assignment"

@@ -23,6 +23,7 @@ import requests
 
 from conftest import App
 from shoprank.entrypoint import free_port
+from shoprank.haproxy import chosen_ingress
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,8 @@ def test_every_listener_of_a_local_cluster_is_on_loopback(app: App) -> None:
     processes = [psutil.Process(), *daemons, *(c for d in daemons for c in d.children(recursive=True))]
     listening = _listeners(processes)
     names = {name for _, _, name in listening}
-    assert names >= {"gcs_server", "raylet", "ray::ProxyActor"}, listening
+    front = "haproxy" if chosen_ingress() == "haproxy" else "ray::ProxyActor"  # SHOPRANK_INGRESS (shoprank.haproxy)
+    assert names >= {"gcs_server", "raylet", front}, listening
     assert {f"ray::ServeReplica:{app.name}:{deployment}" for deployment in ("Ingress", "Variant_A", "Variant_B")} <= names
     assert [entry for entry in sorted(listening) if entry[0] not in LOOPBACK] == []
 

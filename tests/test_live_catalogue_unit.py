@@ -153,7 +153,7 @@ def test_a_live_put_answers_as_a_catalogue_built_with_it(config: Config) -> None
     found = live.search("zephyrine", None, 3, NOW_S)
     assert found[0].product_id == "N1" and found[0].shown == {"title": "acme zephyrine skillet",
                                                               "category": "Kitchen > Cookware", "brand": "acme",
-                                                              "price": 31.0}
+                                                              "price": 31.0, "category_predicted": False}
     assert live.search("acme skillet", None, 50, NOW_S)[0].shown is not None
     assert "dewfall" in live.ranking.brands_named.code  # a brand put live is one a query can name
 
@@ -336,7 +336,8 @@ def test_the_follower_replays_from_the_runs_mark_and_reports_its_lag(config: Con
 
 def test_the_category_head_fills_a_live_products_missing_category(config: Config) -> None:
     """A product put without a category gets the head's most likely one; one with a category keeps its own."""
-    from shoprank.recsys.live import CategoryHead, LiveCatalogue
+    from shoprank.encoder.categories import CategoryHead
+    from shoprank.recsys.live import LiveCatalogue
 
     context = context_of(config, record_rows())
     lantern = HashedWords().embed(["quillon lantern"], config.encoder.max_length)[0]
@@ -346,4 +347,30 @@ def test_the_category_head_fills_a_live_products_missing_category(config: Config
     stats, listing = context.catalogue.stats, context.catalogue.listing
     assert listing.category[stats.row_of["N3"]] == "Outdoors > Lights" and stats.has_category[stats.row_of["N3"]]
     assert listing.category[stats.row_of["N2"]] == "Garden > Hoses"
+    # an answer shows the guess as one, and the product's own category as its own
+    assert listing.shown(stats.row_of["N3"])["category_predicted"]
+    assert not listing.shown(stats.row_of["N2"])["category_predicted"]
     assert stats.category[stats.row_of["N3"]] == stats.category[stats.row_of["P00027"]]  # P00027: a light
+
+
+def test_categorisers_rank_the_trees_categories_with_probabilities(config: Config) -> None:
+    """The head's softmax and the neighbours' vote shares, in one shape (most likely first); the neighbours of a
+    served catalogue are its listed products with a category of their own, never a predicted one."""
+    from shoprank.encoder.categories import CategoryHead, Neighbours, product_text, top_accuracy
+    from shoprank.recsys.live import labelled_neighbours
+
+    head = CategoryHead(np.eye(3, dtype=np.float32), np.zeros(3, np.float32), ["a", "b", "c"])
+    (ranked,) = head.top(np.array([[2.0, 1.0, 0.0]], np.float32), 2)
+    assert [c for c, _ in ranked] == ["a", "b"] and ranked[0][1] > ranked[1][1] > 0
+    assert np.allclose(head.probabilities(np.ones((1, 3), np.float32)).sum(), 1.0)
+    voters = Neighbours(np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32), ["x", "y", "y"], neighbours=2)
+    assert voters.top(np.array([[0.9, 0.1]], np.float32), 3) == [[("x", 0.5), ("y", 0.5)]]  # a tie: x is nearer
+    assert Neighbours(np.zeros((0, 2), np.float32), [], 3).top(np.ones((1, 2), np.float32), 3) == [[]]
+    assert top_accuracy([[("x", 0.5), ("y", 0.5)], [("x", 1.0)]], ["y", "y"]) == {"top1": 0.0, "top3": 0.5}
+    # the text a listing is embedded as: normalised as the catalogue's products, no category to read
+    assert product_text("  ACME <b>Red</b> Skillet ", " ", config) == "acme red skillet"
+    context = context_of(config, record_rows())
+    listing = context.catalogue.listing
+    listing.category_predicted[0] = True
+    labelled = labelled_neighbours(context.catalogue, 5)
+    assert len(labelled.categories) == 35 and listing.category[0] is not None

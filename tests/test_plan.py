@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from statsmodels.stats.power import NormalIndPower
 
-from conftest import App, tiny_config
+from conftest import App, shoprank, tiny_config
 from shoprank.config import Config
-from shoprank.cli import main
 from shoprank.data.synthetic import ShopSimulator
 from shoprank.errors import ShopRankError
 from shoprank.experiment.plan import (CONTROL_SYSTEM, DEMO_CONVERSION_PER_USER, PASS_THROUGH, TREATMENT_SYSTEM,
@@ -33,15 +32,6 @@ ISSUE_37_DEMO = {
 }
 """The demo's offline NDCG@10 that issue 37 quotes (B loses recommendation, wins search)."""
 
-
-def shoprank(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """The ``shoprank`` command's exit status (a user error exits with 2) and its stdout and stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exited:
-        status = int(exited.code)
-    out = capsys.readouterr()
-    return status, out.out + out.err
 
 
 def evaluated_run(root: Path, table: dict[str, Any]) -> Run:
@@ -145,6 +135,46 @@ def test_the_readouts_planned_size_is_the_plan_for_the_served_variants_figures()
     assert revenue.users_per_arm == 1_000 and "--metric revenue_per_user --baseline" in revenue.source
     unevaluated = readout_planned_size(serve, {"A": {"ndcg@10": {}}, "B": {"ndcg@10": {}}})
     assert unevaluated.users_per_arm == 1_000 and "no figures to predict from" in unevaluated.source
+
+
+@pytest.mark.parametrize("arms", [2, 3, 5])
+def test_an_n_arm_plan_splits_alpha_by_bonferroni_over_the_comparisons(arms: int) -> None:
+    """Issue 40: each of the ``arms - 1`` comparisons with the control sized at alpha / (arms - 1), Holm's worst case
+    (statsmodels' NormalIndPower at that level gives the same size); every arm needs those users."""
+    result = plan(0.54, binary_sigma(0.54), relative_effect=0.066, arms=arms)
+    reference = NormalIndPower().solve_power(effect_size=0.066 * 0.54 / binary_sigma(0.54), alpha=0.05 / (arms - 1),
+                                             power=0.8)
+    assert result.users_per_arm == math.ceil(reference) and result.alpha == pytest.approx(0.05 / (arms - 1))
+    assert result.total_users == arms * result.users_per_arm and result.arms == arms
+    assert simulation_size(result, 100_000).needed == shoppers_for(result.users_per_arm, arms)
+    with pytest.raises(ValueError, match="at least 2 arms"):
+        plan(0.54, binary_sigma(0.54), relative_effect=0.066, arms=1)
+
+
+def test_the_plan_command_sizes_an_n_arm_test_and_prints_the_total(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out = shoprank(["experiment", "plan", "--baseline", "0.54", "--mde", "0.066", "--arms", "3"], capsys)
+    expected = plan(0.54, binary_sigma(0.54), relative_effect=0.066, arms=3)
+    assert status == 0, out
+    assert "alpha 0.025 per comparison (two-sided): 0.05 split by Bonferroni over the 2 comparisons" in out
+    assert f"users per arm: {expected.users_per_arm:,} (all 3 arms: {3 * expected.users_per_arm:,})" in out
+    assert f"total: {3 * expected.users_per_arm:,} users" in out
+    status, out = shoprank(["experiment", "plan", "--baseline", "0.54", "--mde", "0.066", "--arms", "1"], capsys)
+    assert status == 2 and "--arms 1: an experiment has at least 2 arms" in out, out
+
+
+def test_the_readouts_planned_size_over_three_variants_plans_the_smallest_effect_at_the_split_alpha() -> None:
+    serve = tiny_config("/tmp/unused", "serve.variants={A: A, B: B, C: C}", "serve.split={A: 1, B: 1, C: 1}").serve
+    demo = {name: {"ndcg@10": {task: rows[system]["ndcg@10"] for task, rows in ISSUE_37_DEMO.items()}}
+            for name, system in (("A", CONTROL_SYSTEM), ("B", TREATMENT_SYSTEM))}
+    offline = {**demo, "C": {"ndcg@10": {"search": 0.5, "recommend": 0.05}}}
+    planned = readout_planned_size(serve, offline)
+    expected = plan(0.54, binary_sigma(0.54), relative_effect=predicted_effect(ISSUE_37_DEMO).relative_effect,
+                    arms=3)
+    assert planned.users_per_arm == expected.users_per_arm and "by B's offline NDCG@10 over A's" in planned.source
+    assert "the smallest predicted of 2 treatments" in planned.source
+    without_c = readout_planned_size(serve, {**demo, "C": {"ndcg@10": {}}})  # a collaborative arm: no figure
+    assert without_c.users_per_arm == expected.users_per_arm and "C: the offline evaluation has no figures" in \
+        without_c.source
 
 
 def test_the_plan_command_reads_the_runs_predicted_effect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

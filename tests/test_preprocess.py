@@ -183,6 +183,9 @@ def test_a_catalogue_without_category_brand_or_description_is_a_catalogue(
     for name in ("category", "brand", "description", "leaf", "category_label"):
         assert products.column(name).null_count == 3, name  # missing, never a made-up "Unknown" or ""
     assert read_table(run, "data", "categories").num_rows == 0
+    assert not any(products.column("category_predicted").to_pylist())  # nothing labelled to predict one from
+    ingest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["ingest"]
+    assert ingest["metrics"]["categories_left_missing"] == 3 and "no product has a category" in ingest["notes"][0]
     notes = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["preprocess"]["notes"]
     assert any(note.startswith("no product has a category: the encoder's category head") for note in notes)
     assert any(note.startswith("no product has a brand") for note in notes)

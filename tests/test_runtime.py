@@ -170,7 +170,7 @@ def test_the_category_head_is_exported_in_numpy_and_serves_only_the_fine_tuned_v
     import torch
 
     from shoprank.encoder.text import CATEGORY_HEAD
-    from shoprank.recsys.live import CategoryHead
+    from shoprank.encoder.categories import CategoryHead
     from shoprank.serving.loaders import RunLoader
     from shoprank.serving.variants import VariantSpec
     from shoprank.store.tables import read_table

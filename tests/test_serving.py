@@ -563,6 +563,7 @@ def _calls(app: App) -> list[tuple[str, str, Any, str]]:
     """(method, path, body, role needed) of every endpoint but ``/healthz``."""
     product = next(iter(app.category_of))
     return [("POST", "/search", {"query": "sofa", "k": 3}, "client"), ("POST", "/recommend", {"k": 3}, "client"),
+            ("POST", "/categorize", {"title": "a camping lantern"}, "client"),
             ("POST", "/events", [{"user_id": "U1", "product_id": product, "event_type": "view"}], "client"),
             ("GET", "/ab/report", None, "admin"), ("GET", "/variants", None, "admin"), ("GET", "/users", None, "admin"),
             ("DELETE", "/users/nobody-to-erase", None, "admin"),

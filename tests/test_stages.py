@@ -40,6 +40,10 @@ def hashes(config: Config) -> dict[str, str]:
 
 @pytest.mark.parametrize("override, first", [
     ("source.synthetic.seed=99", "ingest"),
+    # ingest predicts missing categories with its own neighbours and model, over the products as the encoder reads them
+    ("source.categories.neighbours=5", "ingest"),
+    ("source.categories.model=elsewhere", "ingest"),
+    ("encoder.max_length=48", "ingest"),
     ("preprocess.test_fraction=0.2", "preprocess"),
     ("encoder.train.epochs=3", "encoder"),
     ("export.max_ndcg_drop=0.01", "export"),
@@ -60,6 +64,7 @@ def hashes(config: Config) -> dict[str, str]:
     ("policy.diversity.ndcg_tolerance=0.05", "evaluate"),
     ("serve.port=8123", None),
     ("serve.encoder_runtime=onnx-int8", None),
+    ("serve.categorize_method=head", None),
     ("ray.num_cpus=1", None),
     ("run.root=/elsewhere", None),
 ])

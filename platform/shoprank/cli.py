@@ -44,7 +44,29 @@ def _parser() -> argparse.ArgumentParser:
                      help="first register the config's run as variant B (trained) and A (zero-shot baseline)")
     srv.add_argument("--address", default="auto", help="Ray cluster to deploy on (default: the running one)")
 
-    ui = commands.add_parser("ui", help="the Gradio page comparing variants A and B (talks to Serve over HTTP)")
+    var = commands.add_parser("variants", help="register a variant (a run served with an encoder and a strategy) "
+                                               "in the registry, or list the registry's aliases")
+    var_actions = var.add_subparsers(dest="action", required=True)
+    reg = var_actions.add_parser("register", help="point a registry alias at an existing run served with an encoder "
+                                                  "and a strategy, without retraining (serve it through serve.variants)")
+    reg.add_argument("name", help="the registry alias to write (e.g. C); serve.variants names it")
+    source = reg.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="the run to serve (its URI, as the registry records runs)")
+    source.add_argument("--from-alias", help="serve the run this registry alias names now (e.g. B)")
+    reg.add_argument("--encoder", default="fine_tuned", choices=["fine_tuned", "zero_shot"],
+                     help="fine_tuned: the run's encoder and index; zero_shot: the pretrained encoder (default: "
+                          "fine_tuned)")
+    reg.add_argument("--strategy", default="ranker", choices=["ranker", "retrieval", "content", "collaborative"],
+                     help="ranker: every candidate source and the trained ranker (hybrid); retrieval: every source, "
+                          "no ranker; content: the encoder alone; collaborative: the item-item model alone "
+                          "(docs/serving.md, 'Strategies')")
+    reg.add_argument("--config", default="demo", help="the preset whose run.root holds the registry")
+    reg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    lst = var_actions.add_parser("list", help="the registry's aliases and what each serves")
+    lst.add_argument("--config", default="demo")
+    lst.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    ui = commands.add_parser("ui", help="the Gradio page comparing variants side by side (talks to Serve over HTTP)")
     ui.add_argument("--config", default="demo")
     ui.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ui.add_argument("--serve-url", default=None, help="the Serve app (default: ui.serve_url or serve.host:port)")
@@ -107,8 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--pass-through", type=float, default=None,
                     help="share of the offline relative NDCG@10 change expected on the metric online (default: the "
                          "demo's measured one)")
-    pl.add_argument("--alpha", type=float, default=0.05)
+    pl.add_argument("--alpha", type=float, default=0.05,
+                    help="the family's level: with --arms N each comparison gets alpha / (N - 1)")
     pl.add_argument("--power", type=float, default=0.8)
+    pl.add_argument("--arms", type=int, default=2,
+                    help="variants in the experiment, the control included (A/B/n): each treatment is compared with "
+                         "the control at Bonferroni's alpha / (arms - 1), the worst case of the report's Holm "
+                         "correction (default 2: an A/B test)")
     cal = actions.add_parser("calibrate", help="A/A false-positive rates and A/B power of each test, by simulation "
                                                "on the simulated shop's ground truth (no Ray)")
     cal.add_argument("--config", default="demo", help="preset whose simulated shop (source.synthetic) is used")
@@ -155,6 +182,38 @@ def serve_app(preset: str, overrides: list[str], register: bool, address: str) -
     docs = f"API docs: {url}/docs, OpenAPI: {url}/openapi.json" if config.serve.docs else "API docs off: serve.docs"
     return (f"Serve app: {url}  ({docs})\n{keys_note(keys)}\n"
             f"Variants: " + ", ".join(f"{name} = registry alias {alias!r}" for name, alias in config.serve.variants.items()))
+
+
+def variants_command(args: argparse.Namespace) -> str:
+    """``shoprank variants register|list``: write one registry alias (:func:`~shoprank.serving.variants.register_variant`,
+    nothing trained), or list them with the variants the config serves."""
+    from shoprank.serving.variants import register_variant
+    from shoprank.store.registry import Registry
+
+    config = load_config(args.config, args.set)
+    registry = Registry(config.run.root)
+    if args.action == "list":
+        aliases = registry.aliases()
+        served = {alias: name for name, alias in config.serve.variants.items()}
+        lines = [f"{alias}: run {entry['run']}, encoder {entry.get('encoder', 'fine_tuned')}, strategy "
+                 f"{entry.get('strategy', 'ranker')}" + (f" (base run {entry['base_run']})" if entry.get("base_run")
+                                                          else "")
+                 + (f"; served as variant {served[alias]}" if alias in served else "")
+                 for alias, entry in sorted(aliases.items())]
+        return "\n".join(lines) if lines else f"registry {registry.path}: no alias yet"
+    entry = register_variant(registry, args.name, run=args.run, from_alias=args.from_alias, encoder=args.encoder,
+                             strategy=args.strategy)
+    variants = {**config.serve.variants, args.name: args.name}
+    split = {name: config.serve.split.get(name, 1.0) for name in variants}
+    return (f"registry alias {args.name!r}: run {entry['run']}, encoder {entry['encoder']}, strategy "
+            f"{entry['strategy']} (registry {registry.path}; nothing trained)\n"
+            f"Serve it as a variant: --set 'serve.variants={_flow(variants)}' --set 'serve.split={_flow(split)}' "
+            "(weights are normalised; serve.control is the first variant unless set)")
+
+
+def _flow(mapping: dict[str, object]) -> str:
+    """A mapping as a YAML flow mapping, as ``--set`` takes it (``{A: A, B: 0.5}``)."""
+    return "{" + ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in mapping.items()) + "}"
 
 
 def keys_note(path: Path) -> str:
@@ -242,8 +301,10 @@ def run_simulation(config: Config, url: str, users: int | None, visits: int | No
         traffic = simulate(url, keys["client"], shop_simulator(config), users, visits=visits, concurrency=concurrency,
                            seed=seed, progress=lambda done, total: bar.update(done - bar.n))
     failed = f"; {len(traffic.errors)} failed, e.g. {traffic.errors[0]}" if traffic.errors else ""
+    arms = ", ".join(f"{name} {count}" for name, count in sorted(traffic.arms.items()))
     return (f"{planned}{traffic.shoppers} shoppers, {traffic.visits} visits, {traffic.requests} requests, "
-            f"{traffic.events} events{failed}\n" + report_markdown(ServeClient(url, keys["admin"]).report()))
+            f"{traffic.events} events{failed}\nshoppers per arm, as the router assigned them: {arms or 'none'}\n"
+            + report_markdown(ServeClient(url, keys["admin"]).report()))
 
 
 def planned_size(config: Config) -> "SimulationSize | None":
@@ -427,23 +488,30 @@ def plan_command(args: argparse.Namespace) -> str:
                                   PASS_THROUGH if args.pass_through is None else args.pass_through)
         lines.append(effect.explain())
         mde = effect.relative_effect
+    if args.arms < 2:
+        raise ShopRankError(f"--arms {args.arms}: an experiment has at least 2 arms (a control and a treatment)")
     try:
         sigma = args.std if args.std is not None else binary_sigma(baseline)
         result = plan(baseline, sigma, relative_effect=mde, users=args.users, alpha=args.alpha,
-                      target_power=args.power)
+                      target_power=args.power, arms=args.arms)
     except ValueError as exc:  # a baseline, power or size the maths cannot take: said as the option's problem
         raise ShopRankError(f"cannot plan: {exc}") from None
     relative = "" if result.relative_effect is None else f" ({result.relative_effect:.2%} of the baseline)"
     whose = "" if args.baseline is not None else " (the demo's)"
+    level = (f"alpha {result.alpha:g} (two-sided)" if result.arms == 2 else
+             f"alpha {result.alpha:.4g} per comparison (two-sided): {args.alpha:g} split by Bonferroni over the "
+             f"{result.arms - 1} comparisons with the control, the worst case of the report's Holm correction")
+    together = "both arms" if result.arms == 2 else f"all {result.arms} arms"
     lines += [f"baseline {result.baseline:g}{whose}, per-user standard deviation {result.sigma:.4g}, "
-              f"alpha {result.alpha:g} (two-sided), power {result.power:g}",
-              f"users per arm: {result.users_per_arm:,} (both arms: {2 * result.users_per_arm:,})",
+              f"{level}, power {result.power:g}",
+              f"users per arm: {result.users_per_arm:,} ({together}: {result.total_users:,})",
               f"minimum detectable effect: {result.minimum_detectable_effect:.4g}{relative}",
               f"watched live (always-valid test tuned for this size): the interval is "
               f"{result.sequential_width_factor:.2f} times the fixed-horizon one; the same power needs about "
               f"{result.sequential_users_per_arm:,} users per arm"]
     if config is not None and config.source.kind == "synthetic":
         lines.append(simulation_size(result, config.source.synthetic.num_users).explain())
+    lines.append(f"total: {result.total_users:,} users")
     return "\n".join(lines)
 
 
@@ -484,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Ray head is {state}.\n{cluster.how_to_reach(head)}")
         elif args.command == "serve":
             print(serve_app(args.config, args.set, args.register, args.address))
+        elif args.command == "variants":
+            print(variants_command(args))
         elif args.command == "ui" and (args.detach or args.stop):
             config = load_config(args.config, args.set)
             print(detached_ui(config, args.config, args.set, start=args.detach))

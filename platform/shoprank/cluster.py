@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import socket
 import stat
 import subprocess
 import sys
@@ -43,6 +45,7 @@ from ray._common.utils import get_default_ray_temp_dir, get_ray_address_file
 from ray._private import ray_constants
 
 from shoprank.errors import ShopRankError
+from shoprank.haproxy import ingress_env
 
 HOST = "127.0.0.1"
 # Set in the head's environment; every process the head starts (Ray's daemons, workers,
@@ -52,6 +55,27 @@ TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
 TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
 SINGLE_NODE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+LISTEN_PORTS = range(20_000, 32_768)
+"""Where :func:`free_port` looks: above Ray's worker ports (``min_worker_port``..``max_worker_port``, 10002-19999 by
+default) and below Linux's ephemeral range (32768-60999), from which every outgoing connection and every
+``bind(0)`` of Ray's processes takes its port. A port from that range can be taken by such a process between the
+probe and the listener's bind (a Serve proxy then fails with "Failed to bind to address")."""
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, chosen at random among :data:`LISTEN_PORTS` (see there)."""
+    for port in random.sample(LISTEN_PORTS, 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # a machine that holds 200 of them: the kernel's choice
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -230,6 +254,7 @@ def head_env(cluster: LocalCluster) -> dict[str, str]:
     env[HEAD_MARKER] = cluster.address
     if cluster.loopback_only:
         env[SINGLE_NODE_VARIABLE] = "0"  # every listener on loopback (see the module docstring)
+    env.update(ingress_env(loopback=cluster.loopback_only, free_port=free_port))  # SHOPRANK_INGRESS: Serve's front
     return env
 
 

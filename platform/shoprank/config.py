@@ -291,6 +291,24 @@ class FilesConfig(Section):
         return value
 
 
+class CategoryFillConfig(Section):
+    """Ingest's prediction of the categories a catalogue lacks (:mod:`shoprank.encoder.fill`)."""
+
+    fill: bool = Field(
+        True, description="Give a product without a category the category its nearest labelled products vote for "
+        "(marked category_predicted in the run's products and in answers); false: leave it missing.",
+    )
+    neighbours: int = Field(
+        10, ge=1, le=100, description="Labelled products that vote, the nearest by cosine of the pretrained "
+        "encoder's vectors; also the neighbours /categorize asks where a run has no category head.",
+    )
+    model: str = Field(
+        "packaged:all-MiniLM-L6-v2", description="The pretrained encoder that embeds the catalogue for the vote "
+        "(encoder.model's default): a setting of ingest's own, so changing the backbone being fine-tuned does not "
+        "ingest again.",
+    )
+
+
 class SourceConfig(Section):
     """Where the shop's records come from."""
 
@@ -301,6 +319,7 @@ class SourceConfig(Section):
     orphan_events: Literal["drop", "error"] = Field(
         "drop", description="Events naming unknown products: count and drop them, or fail."
     )
+    categories: CategoryFillConfig = Field(default_factory=CategoryFillConfig)
 
     @model_validator(mode="after")
     def _files_given(self) -> "SourceConfig":
@@ -637,12 +656,30 @@ class ServeConfig(Section):
     )
     variants: dict[str, str] = Field(
         default_factory=lambda: {"A": "A", "B": "B"},
-        description="Variant name -> registry alias (each alias names a run, its encoder and strategy).",
+        description="Variant name -> registry alias (each alias names a run, its encoder and strategy): two or more "
+        "for an experiment (A/B/n; `shoprank variants register` writes an alias without retraining), one to serve "
+        "a single model.",
     )
     split: dict[str, float] = Field(
-        default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Share of users per variant (normalised)."
+        default_factory=lambda: {"A": 0.5, "B": 0.5}, description="Traffic weight of each variant of serve.variants "
+        "(exactly those names; normalised, so {A: 1, B: 1, C: 1} is a third each); the sample-ratio test expects it.",
+    )
+    control: str | None = Field(
+        None, description="The experiment's control variant: the A/B/n report compares every other variant with it "
+        "(Holm-adjusted); default: the first of serve.variants.",
     )
     experiment: str = Field("default", min_length=1, description="Salt of the assignment hash.")
+    categorize_variant: str | None = Field(
+        None, min_length=1, description="The variant that answers /categorize (its encoder embeds the text, its "
+        "run's category head or labelled products answer). None: the first of serve.variants whose encoder is "
+        "fine-tuned, else the first.",
+    )
+    categorize_method: Literal["auto", "head", "neighbours"] = Field(
+        "auto", description="How /categorize answers: the run's category head (softmax over the tree), or the vote "
+        "of the source.categories.neighbours nearest labelled products (by the variant's product vectors). auto: "
+        "the head, unless the run's evaluation measured the neighbours ahead of it (top-1 accuracy on the products "
+        "held out of the category loss) or the run has no head; head falls back to the neighbours without one.",
+    )
     decision_metric: Literal["conversion_per_user", "revenue_per_user", "ctr", "conversion_per_session",
                              "clicks_per_session", "revenue_per_session"] = Field(
         "conversion_per_user", description="The user-level metric the A/B verdict reads (the others are shown, and "
@@ -808,6 +845,43 @@ class ServeConfig(Section):
     guardrail_min_requests: int = Field(
         100, ge=1, description="Below this many answers a variant's guardrail figures are shown but breach nothing.",
     )
+
+    @model_validator(mode="after")
+    def _split_weighs_the_variants(self) -> "ServeConfig":
+        """serve.split gives a weight to exactly the variants of serve.variants, and serve.control is one of them."""
+        if not self.variants:
+            raise ValueError("serve.variants is empty: name at least one variant (name: registry alias)")
+        missing = [name for name in self.variants if name not in self.split]
+        extra = [name for name in self.split if name not in self.variants]
+        if missing or extra:
+            raise ValueError("serve.split and serve.variants disagree: " + "; ".join(
+                part for part in (f"serve.split has no weight for {', '.join(missing)}" if missing else "",
+                                  f"serve.split weighs {', '.join(extra)}, which serve.variants does not name"
+                                  if extra else "") if part) + f" (serve.variants: {', '.join(self.variants)})")
+        negative = [name for name, weight in self.split.items() if weight < 0]
+        if negative or sum(self.split.values()) <= 0:
+            raise ValueError(f"serve.split: weights are 0 or more and sum to more than 0, got {dict(self.split)}")
+        if self.control is not None and self.control not in self.variants:
+            raise ValueError(f"serve.control {self.control!r} is not a variant of serve.variants "
+                             f"({', '.join(self.variants)})")
+        return self
+
+    @property
+    def control_variant(self) -> str:
+        """``control``, or the first variant."""
+        return self.control if self.control is not None else next(iter(self.variants))
+
+    @property
+    def treatments(self) -> list[str]:
+        """The variants compared with the control, in serve.variants' order."""
+        return [name for name in self.variants if name != self.control_variant]
+
+    @model_validator(mode="after")
+    def _categorize_variant_is_served(self) -> "ServeConfig":
+        if self.categorize_variant is not None and self.categorize_variant not in self.variants:
+            raise ValueError(f"categorize_variant {self.categorize_variant!r} is not a variant of serve.variants "
+                             f"({', '.join(self.variants)})")
+        return self
 
     @field_validator("event_db")
     @classmethod

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import signal
-import socket
 import sys
 import threading
 import time
@@ -23,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from shoprank.cluster import ensure_token, on_loopback
+from shoprank.cluster import ensure_token, free_port, on_loopback
 from shoprank.config import Config, RayConfig, load_config
 from shoprank.errors import ConfigError, ShopRankError
+from shoprank.haproxy import ingress_env
 
 if TYPE_CHECKING:  # ray.train costs every `shoprank` command a second of imports
     from ray.train import Result
@@ -92,18 +91,21 @@ def local_ray_options(num_cpus: int, *, dashboard: bool = False) -> Iterator[dic
     """
     ensure_token()  # else ray.init writes one readable by every user of the machine (mode 0644)
     port = free_port()
-    before = os.environ.get(GCS_PORT_VARIABLE)
-    os.environ[GCS_PORT_VARIABLE] = str(port)
+    # read when the head starts, so set only inside the ``with``: the GCS port, and Serve's ingress (shoprank.haproxy)
+    started_with = {GCS_PORT_VARIABLE: str(port), **ingress_env(loopback=True, free_port=free_port)}
+    before = {name: os.environ.get(name) for name in started_with}
+    os.environ.update(started_with)
     try:
         with on_loopback():  # every listener of the new cluster on 127.0.0.1 (shoprank.cluster)
             yield {"address": "local", "num_cpus": num_cpus, "include_dashboard": dashboard,
                    "dashboard_port": free_port() if dashboard else None,
                    "runtime_env": {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}}
     finally:
-        if before is None:
-            os.environ.pop(GCS_PORT_VARIABLE, None)
-        else:
-            os.environ[GCS_PORT_VARIABLE] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def check_gpu(settings: RayConfig, gpus: int = 1) -> None:
@@ -205,27 +207,6 @@ def fit(trainer: DataParallelTrainer, settings: RayConfig, env: dict[str, str] |
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-LISTEN_PORTS = range(20_000, 32_768)
-"""Where :func:`free_port` looks: above Ray's worker ports (``min_worker_port``..``max_worker_port``, 10002-19999 by
-default) and below Linux's ephemeral range (32768-60999), from which every outgoing connection and every
-``bind(0)`` of Ray's processes takes its port. A port from that range can be taken by such a process between the
-probe and the listener's bind (a Serve proxy then fails with "Failed to bind to address")."""
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now, chosen at random among :data:`LISTEN_PORTS` (see there)."""
-    for port in random.sample(LISTEN_PORTS, 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as probe:  # a machine that holds 200 of them: the kernel's choice
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

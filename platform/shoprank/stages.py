@@ -33,6 +33,7 @@ from typing import Any
 from shoprank.config import Config
 from shoprank.data.ingest import catalogue_identity, erasure_mark, ingest_outputs
 from shoprank.data.preprocess import preprocess_outputs
+from shoprank.encoder.fill import text_identity
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.encoder.runtime import EXPORT
 from shoprank.errors import ConfigError, ShopRankError
@@ -83,12 +84,26 @@ def _body(path: str) -> Body:
     return run_body
 
 
+def _steps(*paths: str) -> Body:
+    """A stage body of several ``module:function`` steps run in order (:func:`_body` each): ingest reads the records
+    in the data package, then predicts their missing categories with an encoder, which that package sits below."""
+    steps = [_body(path) for path in paths]
+
+    def run_steps(config: Config, run: Run, record: StageRecord) -> None:
+        for step in steps:
+            step(config, run, record)
+
+    run_steps.__qualname__ = " + ".join(paths)
+    return run_steps
+
+
 STAGES: tuple[Stage, ...] = (
     # v2: derived session and event ids from pseudonyms and the key id recorded (the app checks it), so a run
     # ingested before ingests again
-    Stage("ingest", _body("shoprank.data.ingest:ingest"), ingest_outputs, sections=("source",),
+    Stage("ingest", _steps("shoprank.data.ingest:ingest", "shoprank.encoder.fill:fill_missing_categories"),
+          ingest_outputs, sections=("source",),
           settings=lambda config: {"user_key": key_id(config), "erasures": erasure_mark(config),
-                                   **catalogue_identity(config)},
+                                   **catalogue_identity(config), **text_identity(config)},
           version="ingest-v2"),
     Stage("preprocess", _body("shoprank.data.preprocess:preprocess"), lambda config: preprocess_outputs(),
           sections=("preprocess",), upstream=("ingest",), inputs=("data/records",)),
@@ -111,10 +126,12 @@ STAGES: tuple[Stage, ...] = (
           sections=("ranker",), upstream=("features",), inputs=("ranker/features",)),
     # v2: the diversity re-ranking's strength chosen on validation and recorded (evaluation/diversity.json), which
     # Serve reads: a run evaluated before has none, and evaluates again. v3: a search for a product's exact title
-    # answers it first (Ranking), as Serve now does: a run evaluated before ranked those queries otherwise
+    # answers it first (Ranking), as Serve now does: a run evaluated before ranked those queries otherwise. v4: the
+    # categorisation's top-1 and top-3 accuracy on the held-out products
     Stage("evaluate", _body("shoprank.evaluation.offline:evaluate_offline"), _fixed(["evaluation"]),
-          sections=("policy.diversity",), upstream=("ranker",), version="evaluate-v3",
-          inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings", "index", "data/events")),
+          sections=("policy.diversity",), upstream=("ranker",), version="evaluate-v4",
+          inputs=("ranker/features", "ranker/model", "/".join(EXCLUSION), "embeddings", "index", "data/events",
+                  "data/products", "encoder/model")),
 )
 """Every stage of a run, in the order they run: the only list of them."""
 

@@ -8,7 +8,7 @@ change log) normalises it with the very function the preprocess stage maps over 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,12 +110,20 @@ def _deleted(raw: pa.Table, path: str) -> np.ndarray:
     return np.array(flags, dtype=bool)
 
 
-def normalised_products(batch: pa.Table, labels: dict[str, int], description_chars: int) -> pa.Table:
+def normalised_products(batch: pa.Table, labels: dict[str, int], description_chars: int,
+                        predicted: Collection[str] = ()) -> pa.Table:
     """Record rows of products as every stage reads them (the run's ``data/products``): normalised text, the
-    category's leaf and label; a missing description, brand or category stays null, and so do its leaf and label.
-    The preprocess stage maps it over the catalogue, and a serving replica over a product put live, so a live
-    product is shown and embedded exactly as the next run would."""
+    category's leaf and label, and ``category_predicted``: whether the category is ingest's prediction
+    (``predicted``: those products' ids, :mod:`shoprank.encoder.fill`) rather than the catalogue's. A missing
+    description, brand or category stays null, and so do its leaf and label; a predicted category has no label
+    (it is no truth to train or measure the category head on). The preprocess stage maps it over the catalogue,
+    and a serving replica over a product put live, so a live product is shown and embedded exactly as the next run
+    would."""
     category = batch.column("category")
+    flagged = (pc.is_in(batch.column("product_id"), value_set=pa.array(sorted(predicted), pa.string()))
+               if predicted else pa.array(np.zeros(batch.num_rows, dtype=bool)))
+    label = [None if guessed else labels.get(c)
+             for c, guessed in zip(category.to_pylist(), flagged.to_pylist())]
     return (
         batch.set_column(batch.schema.get_field_index("title"), "title", normalize_text(batch.column("title")))
         .set_column(
@@ -125,7 +133,8 @@ def normalised_products(batch: pa.Table, labels: dict[str, int], description_cha
         )
         .set_column(batch.schema.get_field_index("brand"), "brand", normalized_or_null(batch.column("brand")))
         .append_column("leaf", normalized_or_null(leaf_of(category)))
-        .append_column("category_label", pa.array([labels.get(c) for c in category.to_pylist()], pa.int32()))
+        .append_column("category_label", pa.array(label, pa.int32()))
+        .append_column("category_predicted", flagged)
     )
 
 

@@ -16,6 +16,11 @@ sync``) is folded into the source's products the same way (:func:`fold_catalogue
 last change is part of the stage's identity (:func:`catalogue_mark`), so retraining learns the
 products put since the last run and forgets the deleted ones; the change folded up to is
 recorded (``catalogue_seq``), where the replicas serving the run start to follow the log.
+
+Then the stage's second step (:mod:`shoprank.encoder.fill`, ``source.categories``) gives a product without a category
+(a catalogue with gaps, or one put through the log without) the category its nearest labelled products vote for,
+listed in ``data/records/category_predictions``, so every later stage can tell a predicted category from the
+catalogue's.
 """
 
 from __future__ import annotations
@@ -48,11 +53,17 @@ log = logging.getLogger(__name__)
 RECORDS = ("data", "records")
 SHOP = ("data", "shop")
 TABLES = ("products", "events", "judgments")
+PREDICTIONS = (*RECORDS, "category_predictions")
+"""Where ingest lists the products whose category it predicted (:mod:`shoprank.encoder.fill`, the stage's second
+step)."""
+PREDICTION_SCHEMA = pa.schema([pa.field("product_id", pa.string(), nullable=False),
+                               pa.field("category", pa.string(), nullable=False),
+                               pa.field("votes", pa.float64(), nullable=False)])
 
 
 def ingest_outputs(config: Config) -> list[str]:
     """Paths (relative to the run) the ingest stage writes."""
-    outputs = ["/".join((*RECORDS, t)) for t in TABLES]
+    outputs = ["/".join((*RECORDS, t)) for t in TABLES] + ["/".join(PREDICTIONS)]
     if config.source.kind == "synthetic":
         outputs += ["/".join((*SHOP, t)) for t in ("users", "queries")]
     return outputs
@@ -183,17 +194,17 @@ def fold_catalogue_log(config: Config, run: Run, mark: int) -> Folded:
     merged = pa.concat_tables([conform(products, "products"), changed]).take(pa.array(order, pa.int64()))
     folded = merged.filter(pc.invert(pc.is_in(merged.column("product_id"), value_set=deleted)))
     drops = {"products_deleted_by_the_catalogue_log": merged.num_rows - folded.num_rows}
-    _replace(run, folded, "products")
+    replace_records(run, folded, "products")
     for name in ("events", "judgments"):
         table = read_table(run, *RECORDS, name)
         kept = table.filter(pc.invert(pc.is_in(table.column("product_id"), value_set=deleted)))
         drops[f"{name}_of_withdrawn_products"] = table.num_rows - kept.num_rows
         if kept.num_rows < table.num_rows:
-            _replace(run, kept, name)
+            replace_records(run, kept, name)
     return Folded(len(put), drops)
 
 
-def _replace(run: Run, table: pa.Table, name: str) -> None:
+def replace_records(run: Run, table: pa.Table, name: str) -> None:
     """Write ``table`` as the run's records of ``name`` (Ray Data may have written them in parts: all are replaced)."""
     run.remove(*RECORDS, name)
     write_table(run, table, *RECORDS, name)
@@ -209,6 +220,8 @@ def leave_out_erased(config: Config, run: Run, users: Pseudonyms) -> dict[str, i
     drops: dict[str, int] = {}
     for output in ingest_outputs(config):
         parts = output.split("/")
+        if tuple(parts) == PREDICTIONS:  # written after this step, by the category fill; it names no shopper
+            continue
         if "user_id" not in column_names(run, *parts):
             continue
         table = read_table(run, *parts)

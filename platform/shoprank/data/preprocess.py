@@ -6,8 +6,9 @@ Reads ``data/records`` and writes, under ``data/`` of the run:
 table                     rows
 ========================  ====================================================================
 ``products``              normalised product text (lower case, HTML and entities removed,
-                          NFKC, whitespace collapsed, description cut), ``leaf`` and
-                          ``category_label``
+                          NFKC, whitespace collapsed, description cut), ``leaf``,
+                          ``category_label`` (none for a predicted category) and
+                          ``category_predicted`` (ingest predicted the category)
 ``categories``            ``category`` path -> ``category_label`` (sorted), product counts
 ``product_labels``        ``product_id``, ``category``, ``category_label`` (classification)
 ``events``                every event with ``split``: ``train`` before the validation
@@ -44,7 +45,7 @@ from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.expressions import col
 
 from shoprank.config import Config, PreprocessConfig
-from shoprank.data.ingest import RECORDS
+from shoprank.data.ingest import PREDICTIONS, RECORDS
 from shoprank.data.io import count_rows, read_dataset, read_table, write_dataset, write_table
 from shoprank.data.schema import ENGAGEMENT_TYPES, EVENT_SCHEMA, EVENT_STRENGTH, NEGATIVE_EVENT_TYPES, PRODUCT_SCHEMA
 from shoprank.data.catalogue import normalised_products
@@ -145,13 +146,22 @@ def missing_field_notes(products: pa.Table) -> list[str]:
     return notes
 
 
-PRODUCTS_SCHEMA = PRODUCT_SCHEMA.append(pa.field("leaf", pa.string())).append(pa.field("category_label", pa.int32()))
+PRODUCTS_SCHEMA = (PRODUCT_SCHEMA.append(pa.field("leaf", pa.string())).append(pa.field("category_label", pa.int32()))
+                   .append(pa.field("category_predicted", pa.bool_())))
 SPLIT_EVENTS_SCHEMA = EVENT_SCHEMA.append(pa.field("split", pa.string()))
 QUERY_PAIRS_SCHEMA = pa.schema(
     [pa.field("query", pa.string()), pa.field("product_id", pa.string()), pa.field("label", pa.int8()),
      pa.field("impressions", pa.int32()), pa.field("source", pa.string()), pa.field("split", pa.string())]
 )
 """The output tables' schemas: what an empty table is written with, so every reader finds its columns."""
+
+
+def predicted_categories(run: Run) -> frozenset[str]:
+    """The products whose category ingest predicted (:mod:`shoprank.encoder.fill`); none for a run ingested
+    before it predicted any."""
+    if not run.exists(*PREDICTIONS):
+        return frozenset()
+    return frozenset(read_table(run, *PREDICTIONS, columns=["product_id"]).column("product_id").to_pylist())
 
 
 def _runs(sorted_keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -368,8 +378,12 @@ def _preprocess(run: Run, pre: PreprocessConfig, record: StageRecord) -> None:
                       "products": [count_of[c] for c in vocab]}),
             "data", "categories",
         )
+        predicted = predicted_categories(run)
+        if predicted:
+            record.metrics["categories_predicted"] = len(predicted)
         clean = records("products").map_batches(
-            normalised_products, fn_kwargs={"labels": labels, "description_chars": pre.description_chars},
+            normalised_products,
+            fn_kwargs={"labels": labels, "description_chars": pre.description_chars, "predicted": predicted},
             batch_format="pyarrow",
         ).materialize()
         _write(clean, "products", PRODUCTS_SCHEMA)

@@ -22,7 +22,8 @@ shopper would see. Its strength (``policy.diversity.strength: auto``) is chosen 
 on the validation split (:func:`choose_diversity`) and recorded in the run for Serve. Beside NDCG@10,
 each system's row gives the distinct brands and category leaves of its top 10 (mean per request),
 and each task the ranker's (B's) per-request NDCG@10 difference to the zero-shot retrieval (A's) with
-its 95% bootstrap interval.
+its 95% bootstrap interval. Last, the categorisation's top-1 and top-3 accuracy on the products held out of the
+category loss (:mod:`shoprank.evaluation.categories`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pandas as pd
 
 from shoprank.config import Config
 from shoprank.data.io import read_table
+from shoprank.evaluation.categories import categorisation_figures
 from shoprank.recsys.metrics import bootstrap_mean, catalog_coverage, mean_metrics, ndcg_at_k
 from shoprank.recsys.context import ExclusionDecision, load_context
 from shoprank.ranker.dataset import GRADES, build_requests, judgments, relevance
@@ -293,8 +295,10 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
             missing[kind] = NO_FIGURES[kind]
             record.notes.append(f"{kind}: no figures, {NO_FIGURES[kind]}")
     exclusion = ExclusionDecision.load(run)
+    categories = categorisation_figures(config, run)
+    record.notes.extend(categories["notes"])
     with run.local_output("evaluation") as directory:
-        write_evaluation(directory, table, differences, missing, coverage, exclusion, decision)
+        write_evaluation(directory, table, differences, missing, coverage, exclusion, decision, categories)
     for kind, rows in table.items():
         record.metrics[f"{kind}/ranker_ndcg_gain_over_retrieval"] = round(
             rows["fine-tuned retrieval + ranker"]["ndcg@10"] - rows["retrieval (fine-tuned encoder)"]["ndcg@10"], 4
@@ -304,6 +308,7 @@ def evaluate_offline(config: Config, run: Run, record: StageRecord) -> None:
     record.metrics["diversity_strength"] = decision.strength
     record.metrics["recommend/shoppers"] = coverage
     record.metrics["exclude_purchased"] = exclusion.exclude_purchased
+    record.metrics["categories"] = {key: categories[key] for key in ("held_out", "rows")}
 
 
 SYSTEMS = {
@@ -324,7 +329,8 @@ NO_FIGURES = {
 
 def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]],
                      differences: dict[str, dict[str, float]], missing: dict[str, str], coverage: dict[str, int],
-                     exclusion: ExclusionDecision, diversity: DiversityDecision) -> None:
+                     exclusion: ExclusionDecision, diversity: DiversityDecision,
+                     categories: dict[str, Any] | None = None) -> None:
     """``offline.json``, ``offline.md`` (one table, B - A with its interval, what the systems are, the shoppers the
     recommendation figures cover, why a task has no figures, the repeat purchases with the exclusion they decided,
     and the diversity strength with the validation figures it was chosen on) and ``offline.png`` (NDCG@10 bars)."""
@@ -338,7 +344,7 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
               "reason": exclusion.reason, "repeat_share": exclusion.shares}
     (directory / "offline.json").write_text(json.dumps(
         {**table, "b_minus_a": differences, "no_figures": missing, "recommend_shoppers": coverage, "policy": policy,
-         "diversity": diversity.as_dict()}, indent=2))
+         "diversity": diversity.as_dict(), "categories": categories or {}}, indent=2))
     columns = ["ndcg@10", "brands@10", "categories@10", "recall@10", "mrr", "coverage", "requests"]
     lines = ["| task | system | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for kind, rows in table.items():
@@ -362,6 +368,11 @@ def write_evaluation(directory: Path, table: dict[str, dict[str, dict[str, Any]]
     lines += ["", "Diversity re-ranking (maximal marginal relevance; every system's list): " + "; ".join(
         f"{kind} strength {strength:g} ({diversity.reason[kind]})" for kind, strength in diversity.strength.items())
         + "."]
+    if categories and categories["rows"]:
+        lines += ["", f"Categorisation, on the {categories['held_out']} products held out of the category loss, each "
+                  "embedded without its category (what /categorize and a product put without one get):", "",
+                  "| categoriser | top-1 | top-3 |", "|---|---|---|"]
+        lines += [f"| {name} | {row['top1']:.4f} | {row['top3']:.4f} |" for name, row in categories["rows"].items()]
     (directory / "offline.md").write_text("\n".join(lines) + "\n")
     figure, axes = plt.subplots(1, max(1, len(table)), figsize=(6 * max(1, len(table)), 4), squeeze=False)
     for axis, (kind, rows) in zip(axes[0], table.items()):

@@ -67,10 +67,17 @@ class GuardrailWindow:
         return found
 
 
-def with_guardrails(verdict: Mapping[str, str], guardrails: Mapping[str, Mapping[str, Any]],
-                    treatment: str = "B") -> dict[str, str]:
-    """``verdict``, unless it ships the treatment while the treatment breaches a guardrail: then keep A."""
-    breached = (guardrails.get(treatment) or {}).get("breached") or []
-    if verdict["decision"] != "ship B" or not breached:
+def with_guardrails(verdict: Mapping[str, Any], guardrails: Mapping[str, Mapping[str, Any]],
+                    control: str = "A") -> dict[str, Any]:
+    """``verdict``, unless it ships a treatment (``ship <name>``) while that treatment breaches a guardrail: then
+    keep ``control``."""
+    decision = str(verdict["decision"])
+    treatment = decision[len("ship "):] if decision.startswith("ship ") else None
+    breached = (guardrails.get(treatment) or {}).get("breached") or [] if treatment else []
+    if not breached:
         return dict(verdict)
-    return {"decision": "keep A", "rule": f"guardrail: {treatment}'s {'; '.join(breached)} (else: {verdict['rule']})"}
+    kept = {**verdict, "decision": f"keep {control}",
+            "rule": f"guardrail: {treatment}'s {'; '.join(breached)} (else: {verdict['rule']})"}
+    if "winner" in verdict:
+        kept["winner"] = None
+    return kept

@@ -24,6 +24,13 @@ ranker) over A (the zero-shot encoder), averaged over the tasks by their share o
 traffic, times :data:`PASS_THROUGH`, the share of an offline change that reached the
 decision metric online when it was last measured (docs/experiments.md argues it).
 
+**An A/B/n experiment** (``arms`` variants: one control, ``arms - 1`` treatments) compares
+each treatment with the control, and the report adjusts those ``arms - 1`` p-values with
+Holm's step-down procedure. A plan cannot know which comparison Holm will test at which
+level, so it sizes each for Holm's worst case, the first step: Bonferroni's ``alpha /
+(arms - 1)`` (:func:`comparison_alpha`); every arm needs those users, the total is
+``arms`` times them.
+
 **A simulated shop may be smaller than the plan** (:func:`simulation_size`): its
 shoppers come back over days instead, which the report counts as sessions, never as
 more users; the size says so and what power the shop's shoppers give.
@@ -81,6 +88,14 @@ class Plan:
     relative_effect: float | None
     """``minimum_detectable_effect / baseline`` (None for a baseline of 0)."""
     sequential_width_factor: float
+    arms: int = 2
+    """Variants of the experiment (control included); ``alpha`` is each comparison's: the family's alpha over
+    ``arms - 1`` (:func:`comparison_alpha`)."""
+
+    @property
+    def total_users(self) -> int:
+        """Every arm's users together."""
+        return self.users_per_arm * self.arms
 
     @property
     def sequential_users_per_arm(self) -> int:
@@ -184,11 +199,22 @@ def binary_sigma(rate: float) -> float:
     return math.sqrt(rate * (1 - rate))
 
 
+def comparison_alpha(alpha: float, arms: int) -> float:
+    """Each comparison's level in an experiment of ``arms`` variants whose ``arms - 1`` treatment-against-control
+    p-values the report adjusts with Holm's procedure at family level ``alpha``: its worst case, the smallest
+    p-value tested at Bonferroni's ``alpha / (arms - 1)``."""
+    if arms < 2:
+        raise ValueError(f"an experiment has at least 2 arms (a control and a treatment), got {arms}")
+    return alpha / (arms - 1)
+
+
 def plan(baseline: float, sigma: float, *, relative_effect: float | None = None, users: int | None = None,
-         alpha: float = 0.05, target_power: float = 0.8) -> Plan:
-    """Users per arm for ``relative_effect`` (a share of ``baseline``), or the effect ``users`` per arm detect."""
+         alpha: float = 0.05, target_power: float = 0.8, arms: int = 2) -> Plan:
+    """Users per arm for ``relative_effect`` (a share of ``baseline``), or the effect ``users`` per arm detect; with
+    ``arms`` variants, each comparison at :func:`comparison_alpha` (``alpha`` is the family's)."""
     if (relative_effect is None) == (users is None):
         raise ValueError("give either a relative effect to detect or a number of users per arm")
+    alpha = comparison_alpha(alpha, arms)
     if relative_effect is not None:
         delta = relative_effect * baseline
         n = users_per_arm(delta, sigma, alpha, target_power)
@@ -197,7 +223,7 @@ def plan(baseline: float, sigma: float, *, relative_effect: float | None = None,
         n = users
         delta = minimum_detectable_effect(sigma, n, alpha, target_power)
     return Plan(baseline, sigma, alpha, target_power, n, abs(delta), abs(delta) / baseline if baseline else None,
-                sequential_width_factor(alpha))
+                sequential_width_factor(alpha), arms)
 
 
 def evaluation_table(run: "Run") -> dict[str, dict[str, dict[str, float]]]:
@@ -262,11 +288,12 @@ def predicted_effect_of(control: Mapping[str, float], treatment: Mapping[str, fl
     return PredictedEffect(relative, changes, shares, pass_through, left_out)
 
 
-def conversion_plan(effect: PredictedEffect) -> Plan:
-    """The plan for ``effect`` on conversion per user at the demo's baseline (:data:`DEMO_CONVERSION_PER_USER`):
-    what ``shoprank experiment plan`` prints by default, ``shoprank simulate`` sends and the readout stops at."""
+def conversion_plan(effect: PredictedEffect, arms: int = 2) -> Plan:
+    """The plan for ``effect`` on conversion per user at the demo's baseline (:data:`DEMO_CONVERSION_PER_USER`),
+    with ``arms`` variants: what ``shoprank experiment plan`` prints by default, ``shoprank simulate`` sends and the
+    readout stops at."""
     return plan(DEMO_CONVERSION_PER_USER, binary_sigma(DEMO_CONVERSION_PER_USER),
-                relative_effect=effect.relative_effect)
+                relative_effect=effect.relative_effect, arms=arms)
 
 
 ARMS_REACHED = 0.99
@@ -286,10 +313,12 @@ def shoppers_for(users_per_arm: int, arms: int = 2, sure: float = ARMS_REACHED) 
     return total
 
 
-def simulation_size(result: Plan, shop_users: int, arms: int = 2, max_visits: int = MAX_VISITS) -> SimulationSize:
+def simulation_size(result: Plan, shop_users: int, arms: int | None = None,
+                    max_visits: int = MAX_VISITS) -> SimulationSize:
     """The simulation ``result`` asks of a shop of ``shop_users``: its planned shoppers (:func:`shoppers_for`: users
-    per arm x ``arms`` and the margin that makes every arm reach it) when the shop has them, else every shopper,
-    coming back on as many days as the plan has shoppers per shopper (at most ``max_visits``)."""
+    per arm x ``arms``, the plan's by default, and the margin that makes every arm reach it) when the shop has them,
+    else every shopper, coming back on as many days as the plan has shoppers per shopper (at most ``max_visits``)."""
+    arms = result.arms if arms is None else arms
     needed = shoppers_for(result.users_per_arm, arms)
     shoppers = min(needed, shop_users)
     reached = power(result.minimum_detectable_effect, result.sigma, shoppers / arms, result.alpha)
@@ -297,27 +326,46 @@ def simulation_size(result: Plan, shop_users: int, arms: int = 2, max_visits: in
     return SimulationSize(needed, shop_users, shoppers, visits, reached)
 
 
-def readout_planned_size(serve: "ServeConfig", offline: Mapping[str, Mapping[str, Any]], control: str = "A",
-                         treatment: str = "B") -> PlannedSize:
+def readout_planned_size(serve: "ServeConfig", offline: Mapping[str, Mapping[str, Any]], control: str | None = None,
+                         treatment: str | None = None) -> PlannedSize:
     """``serve.planned_users_per_arm``, or else the plan ``shoprank experiment plan`` prints for the served
     variants: the effect their offline NDCG@10 (``offline``: variant -> :func:`offline_figures
     <shoprank.serving.variants.offline_figures>`) predicts on conversion per user, at the demo's baseline; so the
-    demo's readout stops where its default simulation does. Where no plan can be made (another decision metric,
-    no offline figures), :data:`~shoprank.experiment.sequential.PLANNED_USERS_PER_ARM`, saying why."""
+    demo's readout stops where its default simulation does. ``control``: serve.control's variant unless given;
+    the treatments: ``treatment``, or every other variant of ``serve.variants``; with several, the smallest effect a
+    treatment's figures predict, each comparison at Bonferroni's level over them (:func:`comparison_alpha`). Where
+    no plan can be made (another decision metric, no offline figures), :data:`~shoprank.experiment.sequential.
+    PLANNED_USERS_PER_ARM`, saying why."""
     if serve.planned_users_per_arm is not None:
         return PlannedSize(serve.planned_users_per_arm, "serve.planned_users_per_arm")
     fallback = f"{UNPLANNED.source}: set serve.planned_users_per_arm to your plan's users per arm"
     if serve.decision_metric != "conversion_per_user":
         return PlannedSize(PLANNED_USERS_PER_ARM, f"{fallback} (shoprank experiment plan --metric "
                                                   f"{serve.decision_metric} --baseline ... --std ...)")
-    figures = {name: (offline.get(name) or {}).get("ndcg@10") or {} for name in (control, treatment)}
+    control = control if control is not None else serve.control_variant
+    treatments = [treatment] if treatment is not None else (serve.treatments or ["B"])
+    figures = {name: (offline.get(name) or {}).get("ndcg@10") or {} for name in (control, *treatments)}
+    effects: dict[str, PredictedEffect] = {}
+    problems: list[str] = []
+    for name in treatments:
+        try:
+            effects[name] = predicted_effect_of(figures[control], figures[name])
+        except ShopRankError as exc:
+            problems.append(f"{name}: {exc}" if len(treatments) > 1 else str(exc))
     try:
-        effect = predicted_effect_of(figures[control], figures[treatment])
-        result = conversion_plan(effect)
+        if not effects:
+            raise ShopRankError("; ".join(problems))
+        smallest = min(effects, key=lambda name: abs(effects[name].relative_effect))
+        effect = effects[smallest]
+        result = conversion_plan(effect, arms=len(treatments) + 1)
     except (ShopRankError, ValueError) as exc:
         return PlannedSize(PLANNED_USERS_PER_ARM, f"{fallback} (no plan from the variants' offline figures: {exc})")
+    arms = "" if len(treatments) == 1 else (
+        f", the smallest predicted of {len(treatments)} treatments, each compared at alpha {result.alpha:.3g} "
+        f"(Holm's worst case over {len(treatments)} comparisons)"
+        + (f"; {'; '.join(problems)}" if problems else ""))
     return PlannedSize(result.users_per_arm, f"shoprank experiment plan: {effect.relative_effect:+.1%} predicted "
-                                             f"by {treatment}'s offline NDCG@10 over {control}'s, at the demo's "
+                                             f"by {smallest}'s offline NDCG@10 over {control}'s{arms}, at the demo's "
                                              f"conversion per user {DEMO_CONVERSION_PER_USER:g}; set "
                                              "serve.planned_users_per_arm to your own plan")
 
@@ -329,5 +377,5 @@ def planned_simulation(config: "Config") -> tuple[Plan, PredictedEffect, Simulat
     from shoprank.store.run import Run
 
     effect = predicted_effect(evaluation_table(Run.for_config(config)))
-    result = conversion_plan(effect)
+    result = conversion_plan(effect, arms=max(2, len(config.serve.variants)))
     return result, effect, simulation_size(result, config.source.synthetic.num_users)

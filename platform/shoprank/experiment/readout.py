@@ -4,7 +4,9 @@
 with its interval (the estimate the verdict read), the app's guardrails and the sample-ratio check.
 :func:`user_level_markdown` follows with the details: per variant the money and the funnel of users; per metric
 B against A with the fixed-horizon interval and p-value, the CUPED-adjusted interval and its variance reduction,
-and the always-valid interval and p-value. :func:`readout_png` draws the same readout as one picture
+and the always-valid interval and p-value; with more than two variants, :func:`comparisons_markdown` gives
+each treatment against the control with its Holm-adjusted p-values. :func:`readout_png` draws the same readout as
+one picture
 (``shoprank experiment readout`` writes both files). A figure the report could not compute is a dash followed by
 its reason.
 """
@@ -36,11 +38,19 @@ def _metric_label(name: str) -> str:
     return name.replace("_", " ")
 
 
+def _pair(report: Mapping[str, Any]) -> tuple[str, str]:
+    """The control and the first treatment: the two variants ``user_level.metrics`` compares (A and B unless the
+    report names others)."""
+    compared = report.get("comparisons") or {}
+    return compared.get("control", "A"), (compared.get("treatments") or ["B"])[0]
+
+
 def headline_markdown(report: Mapping[str, Any]) -> str:
     """What a reader decides on, first: the verdict, the decision metric's user-level effect with its interval and
     p-values (from the estimate the verdict read: CUPED-adjusted where CUPED applies, so the two never disagree),
     the guardrails and the sample-ratio check."""
     section = report.get("user_level") or {}
+    a, b = _pair(report)
     verdict = section.get("verdict")
     lines = [f"**Verdict: {verdict['decision']}** ({verdict['rule']})." if verdict
              else "**Verdict: none yet** (both variants need users)."]
@@ -59,8 +69,8 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
         sequence = {**live, "difference": estimate["difference"]} if live else None
         any_look = _num(live["p_value"] if live else None, ".3g")
         lines += ["", f"**Decision metric: {_metric_label(metric)}** (per user, {estimate['method']}; {how}): "
-                      f"A {_num(estimate['control'], '.4g')}, B {_num(estimate['treatment'], '.4g')}; "
-                      f"B - A {_effect(estimate)} (95% CI), p = {_num(estimate['p_value'], '.3g')}; "
+                      f"{a} {_num(estimate['control'], '.4g')}, {b} {_num(estimate['treatment'], '.4g')}; "
+                      f"{b} - {a} {_effect(estimate)} (95% CI), p = {_num(estimate['p_value'], '.3g')}; "
                       f"always valid {_effect(sequence)}, p (any look) = {any_look}."
                       f" Planned size {section['planned_users_per_arm']:,} users per arm"
                       f"{', reached' if section.get('past_planned_size') else ''}"
@@ -68,6 +78,12 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
     elif metric:
         lines += ["", f"**Decision metric: {_metric_label(metric)}**: no figures yet"
                       + (f" ({entry['missing']})." if entry else ".")]
+    compared = report.get("comparisons") or {}
+    if len(compared.get("treatments") or ()) > 1 and metric:
+        lines += ["", f"**Each treatment against {compared['control']}** ({_metric_label(metric)}, p-values "
+                      f"Holm-adjusted over the {len(compared['treatments'])} comparisons): " + "; ".join(
+                          _arm_line(name, compared["control"], compared["arms"][name]["metrics"].get(metric))
+                          for name in compared["treatments"]) + "."]
     guardrails = report.get("guardrails") or {}
     lines += ["", "**Guardrails:** " + ("; ".join(
         f"{name} {g['requests']} answers, {g['errors']} 5xx, p99 {g['p99_ms']:.0f} ms, "
@@ -82,10 +98,45 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def user_level_markdown(section: Mapping[str, Any]) -> str:
+def _arm_line(name: str, control: str, entry: Mapping[str, Any] | None) -> str:
+    """One treatment's effect on a metric against the control, with its raw and Holm-adjusted p-values."""
+    if not entry or "missing" in entry:
+        return f"{name}: no figures ({entry['missing'] if entry else 'not computed'})"
+    estimate, holm = entry[entry["estimate"]], entry.get("holm") or {}
+    if estimate.get("difference") is None:
+        return f"{name}: no figures yet ({estimate.get('missing')})"
+    live = entry.get("always_valid") or {}
+    return (f"{name} - {control} {_effect(estimate)}, p = {_num(estimate['p_value'], '.3g')} (Holm "
+            f"{_num(holm.get('p_value'), '.3g')}), always valid p = {_num(live.get('p_value'), '.3g')} (Holm "
+            f"{_num(holm.get('always_valid_p_value'), '.3g')})")
+
+
+def comparisons_markdown(compared: Mapping[str, Any]) -> str:
+    """The ``comparisons`` section (A/B/n) as Markdown: per treatment and metric the difference from the control
+    with its 95% interval, its p-value and the Holm-adjusted one (the family: the metric's comparisons), and the
+    always-valid p-value raw and adjusted."""
+    control = compared["control"]
+    lines = [f"**A/B/n: each treatment against {control}.** {compared['correction'].capitalize()}'s step-down "
+             f"correction, family {compared['family']}; alpha {compared['alpha']:g}.", "",
+             f"| treatment | users | metric | treatment - {control} [95% CI] | p | Holm p | always-valid p | Holm "
+             "always-valid p |", "|---|---|---|---|---|---|---|---|"]
+    for name in compared["treatments"]:
+        arm = compared["arms"][name]
+        for metric, entry in arm["metrics"].items():
+            if "missing" in entry:
+                continue
+            estimate, holm, live = entry[entry["estimate"]], entry["holm"], entry.get("always_valid") or {}
+            lines.append(f"| {name} | {arm['users']} | {metric} ({estimate['method']}) | {_effect(estimate)} | "
+                         f"{_num(estimate['p_value'], '.3g')} | {_num(holm['p_value'], '.3g')} | "
+                         f"{_num(live.get('p_value'), '.3g')} | {_num(holm['always_valid_p_value'], '.3g')} |")
+    return "\n".join(lines)
+
+
+def user_level_markdown(section: Mapping[str, Any], control: str = "A", treatment: str = "B") -> str:
     """The ``user_level`` section of :func:`shoprank.experiment.report.ab_report` in full, as Markdown: per variant
-    the money and the funnel of users, per metric the fixed-horizon, CUPED and always-valid figures (what
-    :func:`headline_markdown` puts first comes from here)."""
+    the money and the funnel of users, per metric (``treatment`` against ``control``) the fixed-horizon, CUPED and
+    always-valid figures (what :func:`headline_markdown` puts first comes from here)."""
+    a, b = control, treatment
     lines = [f"**Unit: the user.** Experiment start {section.get('experiment_start') or '–'}; "
              f"{section.get('users_with_history', 0)} users with a pre-period (CUPED's covariate: "
              f"{section.get('pre_period') or '–'}); revenue: {section.get('revenue')}.", "",
@@ -99,8 +150,8 @@ def user_level_markdown(section: Mapping[str, Any]) -> str:
     metrics = section.get("metrics")
     if not metrics:
         return "\n".join(lines)
-    lines += ["", "| metric | A | B | B - A [95% CI] | p | CUPED: B - A [95% CI] | variance cut | "
-                  "always valid (CUPED where it applies): B - A [CS] | p (any look) |",
+    lines += ["", f"| metric | {a} | {b} | {b} - {a} [95% CI] | p | CUPED: {b} - {a} [95% CI] | variance cut | "
+                  f"always valid (CUPED where it applies): {b} - {a} [CS] | p (any look) |",
               "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, entry in metrics.items():

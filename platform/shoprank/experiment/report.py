@@ -31,6 +31,24 @@ always-valid mSPRT readout (:mod:`shoprank.experiment.sequential`) tuned for
 that same estimate and test, so the headline and the verdict never disagree.
 Revenue figures need ``prices`` (product id -> price); without them they say so.
 
+``comparisons``, **A/B/n**: every variant of the split but the control (``treatments``)
+against the control, on every figure above (the per-impression lifts, and every
+user-level metric with its fixed-horizon, CUPED and always-valid readouts), the p-values
+adjusted with **Holm's step-down** procedure (:func:`shoprank.experiment.stats.holm`).
+The family is *one metric's comparisons*: for each metric, its ``m`` = (variants - 1)
+p-values of treatment against control, so the chance that any treatment is declared
+different from the control on that metric when none is stays at alpha. The verdict reads
+one family, the decision metric's, twice: the always-valid p-values (valid at any look,
+and Holm needs nothing else of them) and, at the planned size, the fixed-horizon ones of
+the same estimate. It ships the treatment whose adjusted test shows it above the control
+(the largest difference, when several), keeps the control when every treatment is shown
+below it or the planned size is reached without a winner, and otherwise keeps running.
+With two variants the family has one member, Holm changes nothing, and the
+verdict is ``user_level``'s own; with more, ``user_level``'s verdict *is* this one (its
+``metrics`` stay the control against the first treatment, as with two).
+The sample-ratio check is already over every arm: a chi-square goodness-of-fit test of the
+users per variant against the split's weights (``sample_ratio``; ``mismatch`` below p = 0.001).
+
 The CUPED covariate is each shopper's **pre-period**: their events in the served
 run's event log over its last ``serve.cuped_pre_period_days`` (:func:`run_pre_period`,
 computed once by the ingress; the log is pseudonymised with the key the app uses, so
@@ -52,7 +70,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shoprank.experiment.sequential import ALPHA, UNPLANNED, PlannedSize, always_valid, mixing_sd
-from shoprank.experiment.stats import as_dict, compare, funnel, per_session, sample_ratio_mismatch, wilson
+from shoprank.experiment.stats import as_dict, compare, funnel, holm, per_session, sample_ratio_mismatch, wilson
 from shoprank.data.schema import NEGATIVE_EVENT_TYPES
 from shoprank.experiment.userstats import PER_USER_METRICS, RATIO_METRICS, REVENUE_METRICS, UserTotals, metric_effects
 from shoprank.store.events import EventStore
@@ -89,12 +107,19 @@ def run_pre_period(events: pa.Table, prices: Mapping[str, float] | None, days: f
     return PrePeriod(_history(recent, prices), since, until)
 
 
-def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A", treatment: str = "B", *,
-              prices: Mapping[str, float] | None = None, start: dt.datetime | None = None,
-              planned: PlannedSize = UNPLANNED, pre_period: PrePeriod | None = None,
+def ab_report(store: EventStore, split: Mapping[str, float], control: str | None = None,
+              treatment: str | None = None, *, prices: Mapping[str, float] | None = None,
+              start: dt.datetime | None = None, planned: PlannedSize = UNPLANNED, pre_period: PrePeriod | None = None,
               decision_metric: str = DECISION_METRIC) -> dict[str, Any]:
     """The report's figures as JSON-ready dicts (see the module docstring); ``pre_period``: the run's history
-    (:func:`run_pre_period`), without which the covariate is the live store's events before the start alone."""
+    (:func:`run_pre_period`), without which the covariate is the live store's events before the start alone.
+    ``control``: the variant every other is compared with (default: the split's first); ``treatment``: the one
+    ``lift`` and ``user_level.metrics`` compare with it (default: the next of the split), as with two variants;
+    ``comparisons`` holds every treatment."""
+    names = list(split)
+    control = control if control is not None else (names[0] if names else "A")
+    treatments = [name for name in names if name != control]
+    treatment = treatment if treatment is not None else (treatments[0] if treatments else "B")
     shown: dict[tuple[str, str], str] = {}
     """(request, product) of each assigned impression -> its variant."""
     shown_to: dict[tuple[str, str], str] = {}
@@ -181,12 +206,115 @@ def ab_report(store: EventStore, split: Mapping[str, float], control: str = "A",
     if start is None and shown_at:
         start = dt.datetime.fromtimestamp(min(t for t, _ in shown_at), dt.timezone.utc)
     history, described = _pre_period_history(events, start, pre_period, prices)
+    arms = {v: _user_totals(v, requests_of, impressions_of, user_engaged, prices) for v in split}
     report["user_level"] = user_level(
-        {v: _user_totals(v, requests_of, impressions_of, user_engaged, prices) for v in split},
-        history, control, treatment, start=start, prices_known=prices is not None,
+        arms, history, control, treatment, start=start, prices_known=prices is not None,
         planned=planned, sample_ratio_broken=report["sample_ratio"]["mismatch"],
         decision_metric=decision_metric, pre_period=described)
+    if control in counted and treatments:
+        report["comparisons"] = comparisons(
+            arms, history, counted, control, treatments, prices_known=prices is not None, planned=planned,
+            sample_ratio_broken=report["sample_ratio"]["mismatch"], decision_metric=decision_metric,
+            first=report["user_level"].get("metrics") if treatment == treatments[0] else None)
+        if len(treatments) > 1:  # the verdict of the whole experiment, Holm-adjusted (with two: the same one)
+            report["user_level"]["verdict"] = report["comparisons"]["verdict"]
     return report
+
+
+HOLM_FAMILY = ("per metric: that metric's comparisons of every treatment with the control (variants - 1 of them); "
+               "the verdict reads the decision metric's family")
+
+
+def comparisons(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mapping[str, np.ndarray],
+                counted: Mapping[str, Mapping[str, Any]], control: str, treatments: list[str], *, prices_known: bool,
+                planned: PlannedSize, sample_ratio_broken: bool, decision_metric: str = DECISION_METRIC,
+                first: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``comparisons`` section (module docstring): per treatment its per-impression lifts and every user-level
+    metric against ``control``, each p-value with its Holm-adjusted one over the treatments (per metric), and the
+    verdict on ``decision_metric``. ``first``: the first treatment's metrics when already computed."""
+    lifts = {name: {"ctr": as_dict(compare(counted[control]["click"], counted[control]["view"],
+                                           counted[name]["click"], counted[name]["view"])),
+                    "conversion": as_dict(compare(counted[control]["purchase"], counted[control]["view"],
+                                                  counted[name]["purchase"], counted[name]["view"]))}
+             for name in treatments}
+    metrics = {name: dict(first) if first is not None and i == 0 else
+               metric_results(arms, history, control, name, prices_known=prices_known, planned=planned)
+               for i, name in enumerate(treatments)}
+    lift_holm = {kind: holm({name: lifts[name][kind]["p_value"] for name in treatments})
+                 for kind in ("ctr", "conversion")}
+    for metric in (*RATIO_METRICS, *PER_USER_METRICS):
+        entries = {name: metrics[name].get(metric) for name in treatments}
+        measured = {name: entry for name, entry in entries.items() if entry is not None and "missing" not in entry}
+        fixed = holm({name: (entry[entry["estimate"]]["p_value"] if name in measured else None)
+                      for name, entry in entries.items()})
+        live = holm({name: ((entry.get("always_valid") or {}).get("p_value") if name in measured else None)
+                     for name, entry in entries.items()})
+        for name, entry in measured.items():
+            metrics[name][metric] = {**entry, "holm": {
+                "p_value": fixed[name], "always_valid_p_value": live[name],
+                "reject": fixed[name] is not None and fixed[name] < ALPHA,
+                "always_valid_reject": live[name] is not None and live[name] < ALPHA}}
+    users = [len(arms[name][0]) for name in (control, *treatments)]
+    past = min(users) >= planned.users_per_arm
+    arms_section = {name: {"users": len(arms[name][0]), "lift": lifts[name],
+                           "lift_p_holm": {kind: lift_holm[kind][name] for kind in lift_holm},
+                           "metrics": metrics[name]} for name in treatments}
+    if len(treatments) == 1:  # one comparison: Holm changes nothing, and the two-variant verdict decides
+        decided = verdict(decision_metric, metrics[treatments[0]].get(decision_metric), sample_ratio_broken,
+                          min(users[0], users[1]) >= planned.users_per_arm, control, treatments[0])
+    else:
+        decided = holm_verdict(decision_metric, {name: metrics[name].get(decision_metric) for name in treatments},
+                               control, sample_ratio_broken, past)
+    return {"control": control, "treatments": list(treatments), "correction": "holm", "family": HOLM_FAMILY,
+            "alpha": ALPHA, "past_planned_size": past, "arms": arms_section, "verdict": decided}
+
+
+def holm_verdict(metric: str, entries: Mapping[str, Mapping[str, Any] | None], control: str,
+                 sample_ratio_broken: bool, past_planned_size: bool) -> dict[str, Any]:
+    """Ship a treatment, keep ``control`` or keep running, on the decision metric's Holm-adjusted tests over the
+    treatments (``entries``: treatment -> its metric entry with ``holm``), with the rule that decided and the
+    ``winner`` (None unless a treatment ships)."""
+    family = f"Holm-adjusted over the {len(entries)} comparisons with {control}"
+    if sample_ratio_broken:
+        return {"decision": "fix the assignment", "rule": "sample-ratio mismatch (p < 0.001): no figure can be trusted",
+                "winner": None}
+    measured = {name: entry for name, entry in entries.items() if entry is not None and "missing" not in entry}
+    if not measured:
+        return {"decision": "keep running", "rule": f"the decision metric {metric} has no figures for any treatment "
+                                                    "yet", "winner": None}
+    named = {name: f"{metric}{' (CUPED-adjusted)' if entry['estimate'] == 'cuped' else ''}"
+             for name, entry in measured.items()}
+
+    def difference(name: str) -> float:
+        return measured[name][measured[name]["estimate"]]["difference"] or 0.0
+
+    def shown(key: str, above: bool) -> list[str]:
+        return [name for name, entry in measured.items() if entry["holm"][key] and (difference(name) > 0) == above]
+
+    winners, losers = shown("always_valid_reject", True), shown("always_valid_reject", False)
+    if winners:
+        best = max(winners, key=difference)
+        return {"decision": f"ship {best}", "winner": best,
+                "rule": f"always-valid test on {named[best]}, {family}: {best} above {control} (adjusted p = "
+                        f"{measured[best]['holm']['always_valid_p_value']:.3g}), valid at any look up to the planned "
+                        "size" + (f"; the largest difference of {', '.join(winners)}" if len(winners) > 1 else "")}
+    if len(losers) == len(entries):
+        return {"decision": f"keep {control}", "winner": None,
+                "rule": f"always-valid test on {metric}, {family}: every treatment below {control}"}
+    if past_planned_size:
+        fixed = shown("reject", True)
+        if fixed:
+            best = max(fixed, key=difference)
+            return {"decision": f"ship {best}", "winner": best,
+                    "rule": f"planned size reached: fixed-horizon test on {named[best]}, {family}: adjusted p = "
+                            f"{measured[best]['holm']['p_value']:.3g}"}
+        return {"decision": f"keep {control}", "winner": None,
+                "rule": f"planned size reached with no treatment above {control} in {metric} at alpha {ALPHA}, "
+                        f"{family}"}
+    below = f" ({', '.join(losers)} already shown below {control})" if losers else ""
+    return {"decision": "keep running", "winner": None,
+            "rule": f"the always-valid test on {metric}, {family}, has not decided and the planned size is not "
+                    f"reached{below}"}
 
 
 def _pre_period_history(events: pa.Table, start: dt.datetime | None, pre_period: PrePeriod | None,
@@ -312,6 +440,18 @@ def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mappin
     }
     if control not in arms or treatment not in arms:
         return section
+    metrics = metric_results(arms, history, control, treatment, prices_known=prices_known, planned=planned)
+    section["metrics"] = metrics
+    section["past_planned_size"] = min(len(arms[control][0]), len(arms[treatment][0])) >= planned.users_per_arm
+    section["verdict"] = verdict(decision_metric, metrics.get(decision_metric), sample_ratio_broken,
+                                 section["past_planned_size"], control, treatment)
+    return section
+
+
+def metric_results(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mapping[str, np.ndarray],
+                   control: str, treatment: str, *, prices_known: bool, planned: PlannedSize) -> dict[str, Any]:
+    """Every user-level metric, ``treatment`` against ``control``: fixed-horizon, CUPED-adjusted and always-valid,
+    and which estimate the always-valid test and a verdict read."""
     nothing = np.zeros(len(UserTotals.__dataclass_fields__))
 
     def before(name: str) -> UserTotals:
@@ -335,17 +475,14 @@ def user_level(arms: Mapping[str, tuple[list[str], UserTotals]], history: Mappin
                             planned.users_per_arm)
             entry["always_valid"] = always_valid(estimate.difference, estimate.standard_error, tau).as_dict()
         metrics[metric] = entry
-    section["metrics"] = metrics
-    section["past_planned_size"] = min(len(arms[control][0]), len(arms[treatment][0])) >= planned.users_per_arm
-    section["verdict"] = verdict(decision_metric, metrics.get(decision_metric), sample_ratio_broken,
-                                 section["past_planned_size"])
-    return section
+    return metrics
 
 
 def verdict(metric: str, entry: Mapping[str, Any] | None, sample_ratio_broken: bool,
-            past_planned_size: bool) -> dict[str, str]:
-    """Ship B, keep A or keep running, on the decision metric's ``entry`` (the estimate it names: CUPED-adjusted
-    where CUPED applies), with the rule that decided."""
+            past_planned_size: bool, control: str = "A", treatment: str = "B") -> dict[str, str]:
+    """Ship the treatment (``ship B``), keep the control (``keep A``) or keep running, on the decision metric's
+    ``entry`` (the estimate it names: CUPED-adjusted where CUPED applies), with the rule that decided."""
+    a, b = control, treatment
     if sample_ratio_broken:
         return {"decision": "fix the assignment", "rule": "sample-ratio mismatch (p < 0.001): no figure can be trusted"}
     if entry is None or "missing" in entry:
@@ -356,16 +493,16 @@ def verdict(metric: str, entry: Mapping[str, Any] | None, sample_ratio_broken: b
     live = entry.get("always_valid")
     if live and live["reject"]:
         better = estimate["difference"] > 0
-        return {"decision": "ship B" if better else "keep A",
-                "rule": f"always-valid test on {name}: B {'above' if better else 'below'} A at alpha "
+        return {"decision": f"ship {b}" if better else f"keep {a}",
+                "rule": f"always-valid test on {name}: {b} {'above' if better else 'below'} {a} at alpha "
                         f"{ALPHA}, valid at any look up to the planned size"}
     if past_planned_size:
         if estimate["p_value"] is not None and estimate["p_value"] < ALPHA:
             better = estimate["difference"] > 0
-            return {"decision": "ship B" if better else "keep A",
+            return {"decision": f"ship {b}" if better else f"keep {a}",
                     "rule": f"planned size reached: fixed-horizon test on {name}, p = {estimate['p_value']:.3g}"}
-        return {"decision": "keep A", "rule": f"planned size reached with no difference in {name} "
-                                              f"at alpha {ALPHA}: B is not shown to be better"}
+        return {"decision": f"keep {a}", "rule": f"planned size reached with no difference in {name} "
+                                                 f"at alpha {ALPHA}: {b} is not shown to be better"}
     return {"decision": "keep running",
             "rule": f"the always-valid test on {name} has not decided and the planned size is not reached"}
 

@@ -115,8 +115,10 @@ class MetricMissing(Closed):
 
 
 class Verdict(Closed):
-    decision: Literal["ship B", "keep A", "keep running", "fix the assignment"]
+    decision: str = Field(pattern=r"^(ship \S+|keep \S+|keep running|fix the assignment)$", description="ship <treatment>, "
+                          "keep <control>, keep running or fix the assignment (two variants: ship B, keep A, ...).")
     rule: str = Field(description="The rule that decided.")
+    winner: str | None = Field(None, description="A/B/n: the treatment shipped (None: none).")
 
 
 class UserLevel(Closed):
@@ -138,6 +140,45 @@ class UserLevel(Closed):
     metrics: dict[str, MetricResult | MetricMissing] | None = None
     past_planned_size: bool | None = None
     verdict: Verdict | None = None
+
+
+class HolmAdjusted(Closed):
+    """A comparison's p-values adjusted with Holm's step-down over its metric's family (every treatment against
+    the control): null without a p-value."""
+
+    p_value: float | None = Field(description="The fixed-horizon p-value of the estimate ``estimate`` names, "
+                                              "adjusted.")
+    always_valid_p_value: float | None = Field(description="The always-valid p-value, adjusted (valid at any look).")
+    reject: bool = Field(description="Adjusted fixed-horizon p-value below alpha.")
+    always_valid_reject: bool = Field(description="Adjusted always-valid p-value below alpha.")
+
+
+class ArmMetricResult(MetricResult):
+    """One metric, a treatment against the control, with its Holm-adjusted p-values."""
+
+    holm: HolmAdjusted
+
+
+class ArmComparison(Closed):
+    """One treatment against the control (:func:`shoprank.experiment.report.comparisons`)."""
+
+    users: int
+    lift: Lift = Field(description="Per-impression lifts (descriptive).")
+    lift_p_holm: dict[str, float | None] = Field(description="The lifts' p-values, Holm-adjusted over the treatments.")
+    metrics: dict[str, ArmMetricResult | MetricMissing]
+
+
+class Comparisons(Closed):
+    """A/B/n: every treatment against the control, Holm-adjusted per metric, and the experiment's verdict."""
+
+    control: str
+    treatments: list[str]
+    correction: Literal["holm"]
+    family: str = Field(description="What one Holm family is.")
+    alpha: float
+    past_planned_size: bool = Field(description="Every arm has the planned users.")
+    arms: dict[str, ArmComparison]
+    verdict: Verdict
 
 
 class OfflineFigures(Closed):
@@ -166,7 +207,11 @@ class ABReport(Closed):
     experiment: str
     variants: dict[str, VariantCounts]
     lift: Lift | None = Field(None, description="Present when both the control and the treatment variant serve.")
-    sample_ratio: SampleRatio
+    sample_ratio: SampleRatio = Field(description="Chi-square test of the users of every variant against the "
+                                                  "split's weights; mismatch below p = 0.001.")
+    comparisons: Comparisons | None = Field(None, description="A/B/n: every variant but the control against it, "
+                                                              "Holm-adjusted; present when the control and a "
+                                                              "treatment serve.")
     side_by_side: dict[str, SideBySide]
     timeline: list[TimelinePoint]
     user_level: UserLevel

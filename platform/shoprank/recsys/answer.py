@@ -13,8 +13,12 @@ vectors: the one implementation that Serve's per-variant deployment
   search or a recommendation alike.
 * :class:`Ranking` turns candidates into the features the offline rows were built
   with (:func:`shoprank.recsys.features.compute_features`) and orders them: by the
-  XGBoost ranker (strategy ``ranker``), or, for the baseline that needs no trained
-  ranker (strategy ``retrieval``), by ``cosine + 0.01 * bm25 + w * popularity``.
+  XGBoost ranker (strategy ``ranker``), or, for the strategies that need no trained
+  ranker, by a sum of terms (:data:`SCORE_TERMS`): ``retrieval`` by
+  ``cosine + 0.01 * bm25 + w * popularity``, ``content`` by ``cosine`` alone,
+  ``collaborative`` by ``cf_score + 0.01 * bm25 + w * popularity`` (the item-item score
+  in the encoder's place). Which candidates each strategy ranks is retrieval's
+  (:data:`shoprank.recsys.retrieval.STRATEGY_SOURCES`).
   Several requests are scored in one ``predict`` call (:meth:`Ranking.rank_many`), and
   the items shown are explained in one more: each score's parts (the ranker's SHAP
   values, ``pred_contribs``; the baseline's terms), which add up to the score, so a card
@@ -39,10 +43,21 @@ from shoprank.recsys.explore import Exploration
 from shoprank.recsys.features import COLUMN, FEATURES, compute_features
 from shoprank.recsys.live import LiveCatalogue
 from shoprank.recsys.messages import BASE, OTHER, Answered, Asked, LiveEvent, Ranked, Strategy
-from shoprank.recsys.retrieval import retrieve
+from shoprank.recsys.retrieval import STRATEGY_SOURCES, retrieve
 from shoprank.data.text import normalize_query
 from shoprank.recsys.types import Candidates, History, Listing, ProductStats
 from shoprank.store.events import CatalogueChange
+
+
+POPULARITY_WEIGHT = None
+"""Stands for ``serve.baseline_popularity_weight`` in :data:`SCORE_TERMS`."""
+SCORE_TERMS: dict[str, tuple[tuple[str, float | None], ...]] = {
+    "retrieval": (("cosine", 1.0), ("bm25", 0.01), ("popularity", POPULARITY_WEIGHT)),
+    "content": (("cosine", 1.0),),
+    "collaborative": (("cf_score", 1.0), ("bm25", 0.01), ("popularity", POPULARITY_WEIGHT)),
+}
+"""Each strategy without a trained ranker: its score's terms, (feature, weight), which its answers' contributions
+name. Ties go to the more popular product (:meth:`Ranking._scored`)."""
 
 
 @dataclass
@@ -109,13 +124,13 @@ class Retrieval:
         return items
 
     def retrieve(self, user_id: str | None, live: list[LiveEvent], query: str | None, query_vector: np.ndarray | None,
-                 now_s: float, hidden: Iterable[tuple[str, str]] = ()) -> Retrieved:
-        """The request's candidates; ``hidden``: the user's hides received live (``Asked.hidden``), which with the
-        run's own no source proposes."""
+                 now_s: float, hidden: Iterable[tuple[str, str]] = (), strategy: Strategy = "ranker") -> Retrieved:
+        """The request's candidates from ``strategy``'s sources; ``hidden``: the user's hides received live
+        (``Asked.hidden``), which with the run's own no source proposes."""
         history = self.history(user_id, live, now_s)
         blocked = self.blocked(user_id, hidden, now_s)
-        return Retrieved(retrieve(self.context, history, query, query_vector, now_s, blocked=blocked), history, now_s,
-                         query, blocked)
+        return Retrieved(retrieve(self.context, history, query, query_vector, now_s, blocked=blocked,
+                                  strategy=strategy), history, now_s, query, blocked)
 
 
 class Ranking:
@@ -124,6 +139,8 @@ class Ranking:
     def __init__(self, stats: ProductStats, strategy: Strategy, booster: xgboost.Booster | None,
                  popularity_weight: float = 0.02, explained_features: int = 4,
                  diversity: Diversity = Diversity(), listing: Listing | None = None) -> None:
+        if strategy not in STRATEGY_SOURCES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGY_SOURCES)}")
         if strategy == "ranker" and booster is None:
             raise ValueError("the ranker strategy needs a booster")
         self.stats = stats
@@ -184,7 +201,7 @@ class Ranking:
         request's candidate positions best first (ties: the more popular)."""
         features = [compute_features(r.candidates, r.history, r.now_s, self.stats, r.is_search) for r in requests]
         stacked = np.concatenate(features) if features else np.zeros((0, len(COLUMN)), np.float32)
-        every_part = self._parts(stacked) if self.strategy == "retrieval" else None
+        every_part = self._parts(stacked) if self.strategy != "ranker" else None
         scores = every_part.sum(axis=1) if every_part is not None else (
             predict(self.booster, stacked) if len(stacked) else np.zeros(0, np.float32))
         bounds = np.cumsum([0] + [len(f) for f in features])
@@ -220,15 +237,16 @@ class Ranking:
 
     def _parts(self, features: np.ndarray) -> np.ndarray:
         """Each row's score split into one part per feature and a last one, the base: the ranker's SHAP values
-        (``pred_contribs``, one call), or the retrieval baseline's three terms."""
+        (``pred_contribs``, one call), or the strategy's terms (:data:`SCORE_TERMS`; a missing value counts 0)."""
         if self.strategy == "ranker":
             if not len(features):
                 return np.zeros((0, len(COLUMN) + 1), np.float32)
             matrix = xgboost.DMatrix(features, missing=np.nan)
             return self.booster.predict(matrix, pred_contribs=True, validate_features=False)
         parts = np.zeros((len(features), len(COLUMN) + 1), np.float32)
-        for name, weight in (("cosine", 1.0), ("bm25", 0.01), ("popularity", self.popularity_weight)):
-            parts[:, COLUMN[name]] = weight * features[:, COLUMN[name]]
+        for name, weight in SCORE_TERMS[self.strategy]:
+            weight = self.popularity_weight if weight is POPULARITY_WEIGHT else weight
+            parts[:, COLUMN[name]] = weight * np.nan_to_num(features[:, COLUMN[name]])
         return parts
 
     def _explained(self, values: np.ndarray, parts: np.ndarray) -> dict[str, float]:
@@ -253,7 +271,7 @@ def answer_many(retrieval: Retrieval, ranking: Ranking, asked: list[Asked],
     go to live-added products (:mod:`shoprank.recsys.explore`); without one (the offline evaluation) the ranked
     lists are the answers."""
     retrieved = [retrieval.retrieve(a.user_id, a.live, a.query, vectors.get(a.query) if a.query is not None else None,
-                                    a.now_s, a.hidden) for a in asked]
+                                    a.now_s, a.hidden, ranking.strategy) for a in asked]
     ranked = ranking.rank_many(retrieved, [a.k for a in asked])
     if exploration is not None:
         ranked = [_explored(exploration, retrieval, a, r, items, vectors)

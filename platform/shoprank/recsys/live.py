@@ -29,44 +29,36 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from shoprank.data.catalogue import normalised_products, products_table
+from shoprank.encoder.categories import Neighbours
 from shoprank.encoder.text import product_texts
 from shoprank.errors import ShopRankError
 from shoprank.recsys.context import RankingContext
 from shoprank.recsys.diversity import NO_GROUP, group_codes
 from shoprank.recsys.features import _codes, department_of
-from shoprank.recsys.retrieval import main_indices
+from shoprank.recsys.retrieval import Catalogue, main_indices
 from shoprank.store.events import CatalogueChange
 
 Embed = Callable[[list[str]], np.ndarray]
 """Product texts -> their vectors (rows), with the variant's own encoder at ``encoder.max_length``."""
 Categorise = Callable[[np.ndarray], list["str | None"]]
-"""Product vectors -> a category path for each (None: no guess), the fine-tuned encoder's category head."""
+"""Product vectors -> a category path for each (None: no guess): the fine-tuned encoder's category head
+(:class:`shoprank.encoder.categories.CategoryHead`)."""
 
 
-@dataclass(frozen=True)
-class CategoryHead:
-    """The fine-tuned encoder's category head (``logits = weight @ v + bias``, trained on the catalogue's
-    categories beside the retrieval loss) as a :data:`Categorise`: a live product's most likely category."""
-
-    weight: np.ndarray
-    bias: np.ndarray
-    categories: list[str]
-
-    @classmethod
-    def load(cls, path: Path) -> "CategoryHead":
-        with np.load(path) as saved:
-            return cls(saved["weight"], saved["bias"], saved["categories"].tolist())
-
-    def __call__(self, vectors: np.ndarray) -> list[str | None]:
-        if not self.categories:
-            return [None] * len(vectors)
-        labels = np.argmax(vectors.astype(np.float32) @ self.weight.T + self.bias, axis=1)
-        return [self.categories[i] for i in labels]
+def labelled_neighbours(catalogue: Catalogue, neighbours: int) -> Neighbours:
+    """:class:`Neighbours` over a served catalogue's listed products whose category is the catalogue's own (not a
+    prediction): their vectors as the variant's encoder embedded them. The caller holds the lock under which the
+    catalogue changes."""
+    listing = catalogue.listing
+    if listing is None:
+        return Neighbours(np.zeros((0, catalogue.vectors.shape[1]), np.float32), [], neighbours)
+    rows = [row for row, (category, predicted) in enumerate(zip(listing.category, listing.category_predicted))
+            if category is not None and not predicted and catalogue.alive[row]]
+    return Neighbours(catalogue.vectors[rows].astype(np.float32), [listing.category[row] for row in rows], neighbours)
 
 
 @dataclass
@@ -75,7 +67,8 @@ class PreparedChanges:
     change the arrays."""
 
     puts: list[dict]
-    """Each put product's normalised row (``product_id``, ``title``, ``category``, ``brand``, ``price``)."""
+    """Each put product's normalised row (``product_id``, ``title``, ``category``, ``brand``, ``price``,
+    ``category_predicted``: the category is the replica's guess)."""
     texts: list[str]
     vectors: list[np.ndarray | None]
     """Each put's vector; None where its text is the one the catalogue holds (no re-embedding)."""
@@ -169,11 +162,14 @@ class LiveCatalogue:
         for i, vector in zip(changed, embedded):
             vectors[i] = np.asarray(vector, np.float32)
         products = table.select(["product_id", "title", "category", "brand", "price"]).to_pylist()
+        for product in products:
+            product["category_predicted"] = False
         unknown = [i for i, p in enumerate(products) if p["category"] is None]
         if self.categorise is not None and unknown:
             current = [vectors[i] if vectors[i] is not None else self.catalogue.vectors[rows[i]] for i in unknown]
             for i, category in zip(unknown, self.categorise(np.stack(current))):
-                products[i]["category"] = category  # the replica's guess; the log keeps the product's own null
+                # the replica's guess, shown as one; the log keeps the product's own null
+                products[i]["category"], products[i]["category_predicted"] = category, category is not None
         return PreparedChanges(products, texts, vectors, [c.ts_s for c in puts], deletes,
                                changes[-1].seq if len(changes) else self.cursor)
 
@@ -198,7 +194,7 @@ class LiveCatalogue:
             stats.describe(row, category=category_code, department=department_code, brand=brand_code,
                            brand_group=group_code, price=product["price"], has_category=bool(category),
                            has_brand=bool(brand))
-            listing.put(row, product["title"], category, brand, product["price"])
+            listing.put(row, product["title"], category, brand, product["price"], product["category_predicted"])
             catalogue.put(row, text, vector)
         if unknown_value:
             self._recode()

@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Strategy = Literal["ranker", "retrieval"]
-"""How a variant orders its candidates: the XGBoost ranker, or the retrieval baseline that needs none."""
+Strategy = Literal["ranker", "retrieval", "content", "collaborative"]
+"""Where a variant's candidates come from and how it orders them (:data:`shoprank.recsys.retrieval.STRATEGY_SOURCES`):
+``ranker`` (hybrid: every candidate source, ordered by the XGBoost ranker), ``retrieval`` (every source, ordered by
+``cosine + 0.01 * bm25 + w * popularity``, no trained ranker), ``content`` (the encoder alone: its nearest products
+to the query or the shopper's history embedding, by cosine) and ``collaborative`` (behaviour alone: the item-item
+model's products for the shopper's engaged ones; a search's BM25 matches re-ordered by the same item-item score)."""
 LiveEvent = tuple[str, str, float]
 """(product_id, event_type, ts_s): an event received after the run's data."""
 OTHER, BASE = "other features", "base"

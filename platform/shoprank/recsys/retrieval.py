@@ -24,6 +24,14 @@
   one place that rule lives, so the offline rows, the offline evaluation and Serve
   all follow it.
 
+**Strategies** (a variant's ``strategy``, :data:`STRATEGY_SOURCES`): ``ranker`` and ``retrieval`` take every
+source above; ``content`` the encoder's alone (the dense source, for a search and a recommendation alike) and
+``collaborative`` behaviour alone (a recommendation: the item-item model's products; a search: BM25's matches, the
+encoder unused, scored with the shopper's item-item weights so the ordering can follow what they engaged with).
+Either falls back to the popular and trending products, as a cold start does, where its own source has nothing
+to go on: ``content`` for a shopper without history (no user vector), ``collaborative`` for one whose engaged
+products have no item-item weight.
+
 Every candidate keeps its encoder cosine, BM25 score, item-item scores, the
 sources that proposed it (bits of :data:`shoprank.recsys.types.SOURCES`) and its
 best position in any source: the ranker's features start from these.
@@ -59,6 +67,7 @@ from shoprank.config import EmbedConfig
 from shoprank.encoder.index import build_index
 from shoprank.encoder.users import user_embedding
 from shoprank.recsys.features import compute_features
+from shoprank.recsys.messages import Strategy
 from shoprank.recsys.types import SOURCES, Candidates, History, Listing, ProductStats
 
 if TYPE_CHECKING:  # the context holds a catalogue: a runtime import would run in a circle
@@ -70,6 +79,16 @@ DAY_S = 86_400.0
 HOUR_S = 3_600.0
 RECENT_WINDOWS_CACHED = 1024
 """Windows of :class:`RecentPopularity` kept per process (two float32 vectors of the catalogue's size each)."""
+FULL_RECOMMEND = ("dense", "coengaged", "popular", "collaborative", "repeat")
+STRATEGY_SOURCES: dict[str, dict[str, tuple[str, ...]]] = {
+    "ranker": {"search": ("dense", "lexical"), "recommend": FULL_RECOMMEND},
+    "retrieval": {"search": ("dense", "lexical"), "recommend": FULL_RECOMMEND},
+    "content": {"search": ("dense",), "recommend": ("dense",)},
+    "collaborative": {"search": ("lexical",), "recommend": ("collaborative",)},
+}
+"""Strategy -> task -> the candidate sources (:data:`~shoprank.recsys.types.SOURCES`) its candidates come from.
+``content`` and ``collaborative`` recommendations fall back to ``popular`` (the popular and trending products) where
+their own source has nothing to go on (see the module docstring)."""
 
 
 @dataclass
@@ -455,11 +474,24 @@ class Catalogue:
         lists = {"dense": self.nearest(query_vector, n, blocked)}
         if dense_only:
             return self._merge(lists, query_vector, None, blocked=blocked)
+        bm25, lists["lexical"] = self._lexical(query, n, blocked)
+        return self._merge(lists, query_vector, bm25, recent=self.recent.at(now_s), blocked=blocked)
+
+    def _lexical(self, query: str, n: int, blocked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(BM25 score of every product, the top ``n`` rows with a score above 0, ``blocked`` ones left out)."""
         bm25 = self.bm25_scores(query)  # 0 for the withdrawn products
         ranked_by_bm25 = bm25 if blocked is None or not len(blocked) else _zeroed(bm25, blocked)
         lexical = np.argsort(-ranked_by_bm25, kind="stable")[:n]
-        lists["lexical"] = lexical[ranked_by_bm25[lexical] > 0]
-        return self._merge(lists, query_vector, bm25, recent=self.recent.at(now_s), blocked=blocked)
+        return bm25, lexical[ranked_by_bm25[lexical] > 0]
+
+    def lexical_search(self, query: str, history: History, n: int, now_s: float, *,
+                       blocked: np.ndarray | None = None) -> Candidates:
+        """The ``collaborative`` strategy's search: BM25's matches alone (no encoder: their cosine is 0), each with
+        the item-item score of the shopper's engaged products, which orders them with the BM25 score."""
+        bm25, lexical = self._lexical(query, n, blocked)
+        return self._merge({"lexical": lexical}, None, bm25, self.item_item.scores(history.engaged_rows()),
+                           self.item_item.scores(history.last_visit().engaged_rows()), recent=self.recent.at(now_s),
+                           blocked=blocked)
 
     def trending(self, now_s: float) -> np.ndarray:
         """Listed catalogue rows engaged in the window before ``now_s`` (:class:`RecentPopularity`), most first by
@@ -481,11 +513,7 @@ class Catalogue:
         """A recommendation's candidates; ``dense_only``: the encoder's alone (the offline evaluation's);
         ``blocked``: catalogue rows no source may propose (what the shopper hid)."""
         lists: dict[str, np.ndarray] = {}
-        excluded = self.excluded_rows(history)
-        if blocked is not None and len(blocked):
-            excluded = np.union1d(excluded, blocked)
-        if len(self.withdrawn):  # left out early too, so that every source's list stays full
-            excluded = np.union1d(excluded, self.withdrawn)
+        excluded = self._left_out(history, blocked)
         if user_vector is not None:
             lists["dense"] = self.nearest(user_vector, n, excluded)
         if dense_only:
@@ -507,8 +535,7 @@ class Catalogue:
                 popular = [_without(self.popular, excluded, n)]
             lists["popular"] = _interleave(popular, n * len(popular))
         else:
-            lists["popular"] = _interleave([_without(self.popular, excluded, n),
-                                            _without(self.trending(now_s), excluded, n)], n)
+            lists["popular"] = self._cold_start(excluded, n, now_s)
         cf_score = self.item_item.scores(history.engaged_rows())
         cf_recent = self.item_item.scores(history.last_visit().engaged_rows())
         positive = np.flatnonzero(cf_score > 0)
@@ -519,6 +546,41 @@ class Catalogue:
         lists["repeat"] = _without(mine[np.argsort(-repeat_score[mine], kind="stable")], excluded, n)
         return self._merge(lists, user_vector, None, cf_score, cf_recent, repeat_score, self.recent.at(now_s),
                            blocked=blocked)
+
+    def _left_out(self, history: History, blocked: np.ndarray | None) -> np.ndarray:
+        """Rows no recommendation source may propose: the policy's exclusions, the hidden and the withdrawn ones
+        (left out early, so that every source's list stays full)."""
+        excluded = self.excluded_rows(history)
+        if blocked is not None and len(blocked):
+            excluded = np.union1d(excluded, blocked)
+        if len(self.withdrawn):
+            excluded = np.union1d(excluded, self.withdrawn)
+        return excluded
+
+    def _cold_start(self, excluded: np.ndarray, n: int, now_s: float) -> np.ndarray:
+        """The popular and trending products, interleaved: a recommendation with nothing personal to go on."""
+        return _interleave([_without(self.popular, excluded, n), _without(self.trending(now_s), excluded, n)], n)
+
+    def popular_only(self, history: History, n: int, now_s: float, *, blocked: np.ndarray | None = None) -> Candidates:
+        """The cold start's candidates alone (the ``popular`` source), for a strategy whose own source has nothing
+        to go on for this shopper."""
+        excluded = self._left_out(history, blocked)
+        return self._merge({"popular": self._cold_start(excluded, n, now_s)}, None, None,
+                           recent=self.recent.at(now_s), blocked=blocked)
+
+    def collaborative(self, history: History, n: int, now_s: float, *,
+                      blocked: np.ndarray | None = None) -> Candidates:
+        """The ``collaborative`` strategy's recommendation: the item-item model's top ``n`` for the shopper's engaged
+        products (those not in their history, as the full mix's collaborative source), no encoder (cosine 0); the
+        popular and trending products when it proposes none (a shopper without engagements)."""
+        excluded = self._left_out(history, blocked)
+        cf_score = self.item_item.scores(history.engaged_rows())
+        cf_recent = self.item_item.scores(history.last_visit().engaged_rows())
+        positive = np.flatnonzero(cf_score > 0)
+        ranked = positive[np.argsort(-cf_score[positive], kind="stable")]
+        proposed = _without(ranked, np.union1d(history.product_rows, excluded), n)
+        lists = {"collaborative": proposed} if len(proposed) else {"popular": self._cold_start(excluded, n, now_s)}
+        return self._merge(lists, None, None, cf_score, cf_recent, recent=self.recent.at(now_s), blocked=blocked)
 
     def excluded_rows(self, history: History) -> np.ndarray:
         """Catalogue rows a recommendation for this history leaves out (see the module docstring)."""
@@ -606,15 +668,27 @@ def _interleave(lists: list[np.ndarray], n: int) -> np.ndarray:
 
 
 def retrieve(context: RankingContext, history: History, query: str | None, query_vector: np.ndarray | None,
-             now_s: float, *, dense_only: bool = False, blocked: np.ndarray | None = None) -> Candidates:
-    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s`` (``dense_only``: the
-    encoder's source alone; ``blocked``: catalogue rows no source may propose)."""
+             now_s: float, *, dense_only: bool = False, blocked: np.ndarray | None = None,
+             strategy: Strategy = "ranker") -> Candidates:
+    """A search's or a recommendation's candidates, for a user with ``history`` at ``now_s``, from the sources of
+    ``strategy`` (:data:`STRATEGY_SOURCES`; ``dense_only``: the encoder's source alone, as ``content`` but with no
+    cold-start fallback: the offline evaluation's dense rows; ``blocked``: catalogue rows no source may propose)."""
     config = context.config
+    catalogue = context.catalogue
     n = config.retrieval.candidates_per_source
+    if strategy not in STRATEGY_SOURCES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGY_SOURCES)}")
+    if strategy == "collaborative":
+        if query is not None:
+            return catalogue.lexical_search(query, history, n, now_s, blocked=blocked)
+        return catalogue.collaborative(history, n, now_s, blocked=blocked)
+    dense_only = dense_only or strategy == "content"
     if query is not None:
-        return context.catalogue.search(query, query_vector, n, now_s, dense_only=dense_only, blocked=blocked)
-    vector = context.catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
-    return context.catalogue.recommend(vector, history, n, now_s, dense_only=dense_only, blocked=blocked)
+        return catalogue.search(query, query_vector, n, now_s, dense_only=dense_only, blocked=blocked)
+    vector = catalogue.user_vector(history, now_s, config.embed.user_half_life_days)
+    if strategy == "content" and vector is None:  # no history, no user vector: what a cold start gets
+        return catalogue.popular_only(history, n, now_s, blocked=blocked)
+    return catalogue.recommend(vector, history, n, now_s, dense_only=dense_only, blocked=blocked)
 
 
 @dataclass

@@ -122,23 +122,35 @@ class Listing:
     category: list[str | None]
     brand: list[str | None]
     price: list[float]
+    category_predicted: list[bool] = field(default_factory=list)
+    """Whether the product's category is a prediction (ingest's, or a replica's for a product put live without one),
+    not the catalogue's; a run preprocessed before the column existed has none predicted."""
+
+    def __post_init__(self) -> None:
+        if len(self.category_predicted) < len(self.title):
+            self.category_predicted += [False] * (len(self.title) - len(self.category_predicted))
 
     @classmethod
     def of(cls, products: pa.Table) -> "Listing":
-        return cls(*(products.column(name).to_pylist() for name in ("title", "category", "brand", "price")))
+        predicted = (products.column("category_predicted").fill_null(False).to_pylist()
+                     if "category_predicted" in products.column_names else [])
+        return cls(*(products.column(name).to_pylist() for name in ("title", "category", "brand", "price")),
+                   category_predicted=predicted)
 
     def shown(self, row: int) -> dict:
         """Row ``row`` as :attr:`shoprank.recsys.messages.Ranked.shown` carries it."""
         return {"title": self.title[row], "category": self.category[row], "brand": self.brand[row],
-                "price": self.price[row]}
+                "price": self.price[row], "category_predicted": self.category_predicted[row]}
 
-    def put(self, row: int, title: str, category: str | None, brand: str | None, price: float) -> None:
+    def put(self, row: int, title: str, category: str | None, brand: str | None, price: float,
+            category_predicted: bool = False) -> None:
         """Set row ``row`` (the next row past the end: append it)."""
         if row == len(self.title):
             self.title.append(title), self.category.append(category), self.brand.append(brand)
-            self.price.append(price)
+            self.price.append(price), self.category_predicted.append(category_predicted)
         else:
             self.title[row], self.category[row], self.brand[row], self.price[row] = title, category, brand, price
+            self.category_predicted[row] = category_predicted
 
 
 @dataclass

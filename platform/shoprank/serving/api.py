@@ -168,6 +168,9 @@ class Item(BaseModel):
     product_id: str
     title: str
     category: str | None = Field(description="Null when the catalogue has none for the product.")
+    category_predicted: bool = Field(False, description="The category is a prediction, not the catalogue's: ingest's "
+                                     "for a product without one (docs/data.md), or the variant's head's for a "
+                                     "product put live without one.")
     brand: str | None = Field(description="Null when the catalogue has none for the product.")
     price: float
     score: float = Field(description="The score that ordered the list.")
@@ -188,6 +191,45 @@ class Answer(BaseModel):
     items: list[Item]
     note: str | None = Field(None, description="What the answer fell back to, when it could not personalise "
                                               "(a user with no history, a run with no behaviour events).")
+
+
+MAX_CATEGORIES = 10
+TITLE_CHARS = 2000
+DESCRIPTION_CHARS = 100_000
+
+
+class CategorizeRequest(Strict):
+    """A listing to categorise: its title (and description), as a product put into the catalogue has them."""
+
+    title: str = Field(max_length=TITLE_CHARS, json_schema_extra={"pattern": SOME_TEXT},
+                       description="The listing's title (not blank).")
+    description: str | None = Field(None, max_length=DESCRIPTION_CHARS, description="Cut to "
+                                    "preprocess.description_chars, as the catalogue's descriptions are.")
+    k: int = Field(3, ge=1, le=MAX_CATEGORIES, description="How many categories, most likely first.")
+
+    @field_validator("title")
+    @classmethod
+    def not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("title is empty or only whitespace")
+        return value.strip()
+
+
+class CategoryGuess(BaseModel):
+    category: str = Field(description="A category path of the run's tree (`Home > Kitchen > Mugs`).")
+    probability: float = Field(ge=0.0, le=1.0, description="head: the softmax of the category head's logits over "
+                               "the whole tree; neighbours: the category's share of the nearest products' votes.")
+
+
+class Categorized(BaseModel):
+    categories: list[CategoryGuess] = Field(description="Most likely first; empty when the run has no labelled "
+                                            "product to answer from.")
+    method: Literal["head", "neighbours"] = Field(
+        description="head: the fine-tuned encoder's category head; neighbours: the categories of the nearest "
+                    "labelled products (source.categories.neighbours) vote, where the run has no head (head.npz) or "
+                    "its evaluation measured them ahead of it (serve.categorize_method).")
+    variant: str = Field(description="The variant whose encoder and run answered (serve.categorize_variant).")
+    note: str | None = Field(None, description="Why the answer is not the head's, when it is not.")
 
 
 class EventsAccepted(BaseModel):
@@ -248,6 +290,7 @@ class ServedVariant(VariantSpec):
 class Variants(BaseModel):
     experiment: str
     split: dict[str, float]
+    control: str | None = Field(None, description="The variant every other is compared with (serve.control).")
     variants: dict[str, ServedVariant]
 
 

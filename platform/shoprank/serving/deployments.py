@@ -150,9 +150,10 @@ class EventStoreWriter:
             self.store = metered(open_event_writer(self.location))
 
     async def report(self, split: dict[str, float], prices: dict[str, float], pre_period: PrePeriod | None = None,
-                     decision_metric: str = DECISION_METRIC, planned: PlannedSize = UNPLANNED) -> dict[str, Any]:
+                     decision_metric: str = DECISION_METRIC, planned: PlannedSize = UNPLANNED,
+                     control: str | None = None) -> dict[str, Any]:
         async with self._using() as store:
-            report = await asyncio.to_thread(ab_report, store, split, prices=prices, pre_period=pre_period,
+            report = await asyncio.to_thread(ab_report, store, split, control, prices=prices, pre_period=pre_period,
                                              decision_metric=decision_metric, planned=planned)
             report["impressions_dropped"] = await asyncio.to_thread(store.dropped_impressions)
         return report

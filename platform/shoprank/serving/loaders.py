@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from shoprank.config import Config
 from shoprank.data.catalogue import recorded_catalogue_seq
-from shoprank.data.io import read_table
+from shoprank.data.io import column_names, read_table
 from shoprank.encoder.text import CATEGORY_HEAD
 from shoprank.privacy import Pseudonyms, serving_pseudonyms
 from shoprank.serving.keys import KeyRing, load_keyring
@@ -40,10 +40,11 @@ if TYPE_CHECKING:
     from shoprank.encoder.runtime import Embedder
     from shoprank.recsys.context import RankingContext
     from shoprank.recsys.diversity import Diversity
-    from shoprank.recsys.live import Categorise
+    from shoprank.encoder.categories import CategoryHead
 
-PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price"]
-"""What the ingress shows of a product in an answer, and prices the A/B report's revenue with."""
+PRODUCT_COLUMNS = ["product_id", "title", "category", "brand", "price", "category_predicted"]
+"""What the ingress shows of a product in an answer, and prices the A/B report's revenue with (``category_predicted``:
+the category is ingest's prediction, not the catalogue's)."""
 EVENT_COLUMNS = ["user_id", "session_id", "product_id", "event_type", "ts", "quantity"]
 """What the ingress reads of a run's events: the serving clock, the users' summaries, what an erasure masks, the
 shoppers' pre-period for CUPED (sessions and revenue, :func:`shoprank.experiment.report.run_pre_period`)."""
@@ -77,10 +78,17 @@ class VariantLoader(Protocol):
         """The last catalogue change ``spec``'s run folded in: its replicas follow the change log from there."""
         ...
 
-    def categoriser(self, spec: VariantSpec) -> Categorise | None:
-        """What fills in the category of a product put live without one: the fine-tuned encoder's category head
-        where ``spec`` serves it and its run has one (``head.npz``); None otherwise (the category stays null, which
-        every stage handles)."""
+    def categoriser(self, spec: VariantSpec) -> CategoryHead | None:
+        """The fine-tuned encoder's category head where ``spec`` serves it and its run has one (``head.npz``); None
+        otherwise. It fills in the category of a product put live without one (else the category stays null, which
+        every stage handles) and answers ``/categorize`` (else the nearest labelled products do)."""
+        ...
+
+
+    def categorisation(self, spec: VariantSpec) -> dict[str, dict[str, float]]:
+        """The categorisation figures of ``spec``'s run's evaluation (row -> top-1, top-3 on the held-out products,
+        :mod:`shoprank.evaluation.categories`); empty where it has none. ``serve.categorize_method: auto`` reads
+        them."""
         ...
 
 
@@ -148,13 +156,17 @@ class RunLoader:
     def catalogue_seq(self, spec: VariantSpec) -> int:
         return recorded_catalogue_seq(Run.from_uri(spec.run))
 
-    def categoriser(self, spec: VariantSpec) -> Categorise | None:
+    def categoriser(self, spec: VariantSpec) -> CategoryHead | None:
         run = Run.from_uri(spec.run)
         if spec.encoder != "fine_tuned" or not run.exists(*CATEGORY_HEAD):
             return None  # the pretrained encoder has no head; a run exported before head.npz has none to read
-        from shoprank.recsys.live import CategoryHead
+        from shoprank.encoder.categories import CategoryHead
 
         return CategoryHead.load(run.local_path(*CATEGORY_HEAD))
+
+    def categorisation(self, spec: VariantSpec) -> dict[str, dict[str, float]]:
+        evaluation = Run.from_uri(spec.run).manifest().get("stages", {}).get("evaluate", {})
+        return evaluation.get("metrics", {}).get("categories", {}).get("rows", {})
 
     def keyring(self) -> KeyRing:
         return load_keyring(self.config)
@@ -163,7 +175,12 @@ class RunLoader:
         return serving_pseudonyms(self.config, runs)
 
     def products(self, run: str) -> pa.Table:
-        return read_table(Run.from_uri(run), "data", "products", columns=PRODUCT_COLUMNS)
+        served = Run.from_uri(run)
+        if "category_predicted" in column_names(served, "data", "products"):
+            return read_table(served, "data", "products", columns=PRODUCT_COLUMNS)
+        # a run preprocessed before categories were predicted: none of its categories is a prediction
+        table = read_table(served, "data", "products", columns=PRODUCT_COLUMNS[:-1])
+        return table.append_column("category_predicted", pa.array([False] * table.num_rows, pa.bool_()))
 
     def events(self, run: str) -> pa.Table:
         return read_table(Run.from_uri(run), "data", "events", columns=EVENT_COLUMNS)

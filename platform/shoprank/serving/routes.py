@@ -1,6 +1,7 @@
 """The HTTP API of the ingress: one FastAPI app per ingress replica, its routes in routers by concern.
 
-* ``answer_routes``: ``/search`` and ``/recommend`` (validate, route to a variant, ask it, queue the impressions);
+* ``answer_routes``: ``/search`` and ``/recommend`` (validate, route to a variant, ask it, queue the impressions),
+  and ``/categorize`` (a listing's likely categories, from the variant ``serve.categorize_variant`` names);
 * ``event_routes``: ``/events`` (validated, pseudonymised, written by the event store's writer);
 * ``experiment_routes``: ``/ab/report`` and ``/variants``;
 * ``user_routes``: ``/users`` (the pickers' list) and ``DELETE /users/{user_id}`` (erasure);
@@ -42,7 +43,7 @@ from shoprank.experiment.guardrails import GuardrailLimits, GuardrailWindow, wit
 from shoprank.experiment.report_model import ABReport
 from shoprank.recsys.messages import Answered, Asked
 from shoprank.serving.api import (
-    FAILURES, Answer, BodyLimit, CatalogueChanged, Erased, EventBatch, EventsAccepted, Health, ProductBatch,
+    FAILURES, Answer, BodyLimit, CatalogueChanged, Categorized, CategorizeRequest, Erased, EventBatch, EventsAccepted, Health, ProductBatch,
     ProductDeleted, RecommendRequest, Restored, RestoreRequest, SearchRequest, UserSummary, Variants, check_text,
     invalid, problem, refusals, rejected,
 )
@@ -232,6 +233,27 @@ async def recommend(body: RecommendRequest, response: Response, ingress: Replica
     return await _answer(ingress, "recommend", body.user_id, None, body.k, body.variant, body.ts, response)
 
 
+def categorizing_variant(ingress: "Ingress") -> str:
+    """The variant that answers ``/categorize``: ``serve.categorize_variant``, else the first served variant whose
+    encoder is fine-tuned (its run has the category head), else the first."""
+    named = ingress.config.serve.categorize_variant
+    if named is not None:
+        return named
+    return next((name for name, spec in ingress.specs.items() if spec.encoder == "fine_tuned"), next(iter(ingress.specs)))
+
+
+@answer_routes.post("/categorize", response_model=Categorized, dependencies=[needs("client")],
+                    responses=refusals(401, 403, 422))
+async def categorize(body: CategorizeRequest, response: Response, ingress: Replica) -> Categorized:
+    """A listing's most likely categories of the served run's tree, with probabilities: the fine-tuned encoder's
+    category head over the listing's text, embedded as the catalogue's products are; where the run has no head,
+    the nearest labelled products vote (``method`` says which)."""
+    variant = categorizing_variant(ingress)
+    found = await ingress.handles[variant].categorize.remote(body.title, body.description, body.k)
+    response.headers[VARIANT_HEADER] = variant
+    return Categorized(**found, variant=variant)
+
+
 # ---------------------------------------------------------------------------------------------------- events
 
 event_routes = APIRouter()
@@ -335,14 +357,14 @@ async def ab_report(ingress: Replica) -> dict[str, Any]:
     await ingress.forget_erased()  # an erased shopper's history in the run is no covariate
     settings = ingress.config.serve
     report = await ingress.store.report.remote(settings.split, ingress.prices, ingress.pre_period,
-                                               settings.decision_metric, ingress.planned)
+                                               settings.decision_metric, ingress.planned, settings.control_variant)
     report["experiment"] = settings.experiment
     report["offline"] = ingress.offline
     report["guardrails"] = ingress.guardrails.figures(GuardrailLimits(
         settings.guardrail_p99_ms, settings.guardrail_error_rate, settings.guardrail_min_requests))
-    user_level = report["user_level"]
-    if user_level.get("verdict"):
-        user_level["verdict"] = with_guardrails(user_level["verdict"], report["guardrails"])
+    for section in (report["user_level"], report.get("comparisons") or {}):  # A/B/n: the same verdict in both
+        if section.get("verdict"):
+            section["verdict"] = with_guardrails(section["verdict"], report["guardrails"], settings.control_variant)
     return report
 
 
@@ -352,6 +374,7 @@ async def variants(ingress: Replica) -> dict[str, Any]:
     models = {name: await handle.describe.remote() for name, handle in ingress.handles.items()}
     return {
         "experiment": ingress.config.serve.experiment, "split": ingress.config.serve.split,
+        "control": ingress.config.serve.control_variant,
         "variants": {name: {**spec.model_dump(), "model": models.get(name)} for name, spec in ingress.specs.items()},
     }
 

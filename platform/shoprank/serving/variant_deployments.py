@@ -129,7 +129,15 @@ class Variant:
         self.query_encoder = query_encoder
         self.lock = threading.Lock()
         """Held while the catalogue changes, the ranking is replaced, or a batch is answered."""
-        live = LiveCatalogue(self.context, self._embed_products, loader.categoriser(spec))
+        self.head = loader.categoriser(spec)
+        """The run's category head (None: the pretrained encoder, or a run without head.npz): fills a live product's
+        missing category, and answers /categorize."""
+        from shoprank.encoder.categories import chosen_method
+
+        self.categorize_method = chosen_method(self.config.serve.categorize_method, self.head is not None,
+                                               loader.categorisation(spec))
+        """How /categorize answers here, and why not by the head when it does not."""
+        live = LiveCatalogue(self.context, self._embed_products, self.head)
         self.catalogue = CatalogueFollower(store, live, self.lock, loader.catalogue_seq(spec),
                                            compact_rows=self.config.serve.catalogue_compact_rows)
         self.variant = spec.name
@@ -191,6 +199,25 @@ class Variant:
         if self.query_encoder is None:
             return self.context.embed_products(texts)
         return self.query_encoder.embed_products.remote(texts).result(timeout_s=EMBED_TIMEOUT_S)
+
+    async def categorize(self, title: str, description: str | None, k: int) -> dict[str, Any]:
+        """``/categorize``: the listing's ``k`` most likely categories (:mod:`shoprank.encoder.categories`)."""
+        return await asyncio.to_thread(self._categorize, title, description, k)
+
+    def _categorize(self, title: str, description: str | None, k: int) -> dict[str, Any]:
+        from shoprank.encoder.categories import product_text
+        from shoprank.recsys.live import labelled_neighbours
+
+        vector = self._embed_products([product_text(title, description, self.config)])
+        method, note = self.categorize_method
+        if method == "head" and self.head is not None:
+            categoriser: Any = self.head
+        else:
+            with self.lock:  # the catalogue's rows do not change while the labelled ones are picked
+                categoriser = labelled_neighbours(self.context.catalogue, self.config.source.categories.neighbours)
+        found = categoriser.top(np.asarray(vector, np.float32), k)[0]
+        return {"categories": [{"category": c, "probability": round(p, 6)} for c, p in found],
+                "method": categoriser.method, "note": note}
 
     def _follow_catalogue(self, wait_s: float | None = None) -> None:
         """Apply the catalogue changes stored since the last call, and count them (``wait_s``: see

@@ -1,10 +1,12 @@
-"""The Gradio page: variants A and B side by side, clicks as events, the live A/B test.
+"""The Gradio page: two variants side by side, clicks as events, the live A/B/n test.
 
 It talks to the Serve app over HTTP only (:class:`~shoprank.webui.client.ServeClient`).
 
-* **Compare**: a query and/or a user (the shop's users, each with a one-line summary of
-  their history, or "new user"); both variants answer the same request (forced, so
-  the A/B report leaves these answers out). Each card shows rank, title, category,
+* **Compare**: two dropdowns choose which of the served variants (``/variants``) stand
+  side by side, the control and the first treatment by default; a query and/or a user
+  (the shop's users, each with a one-line summary of their history, or "new user"); both
+  chosen variants answer the same request (forced, so the A/B report leaves these answers
+  out). Each card shows rank, title, category,
   brand, price, score and the features that placed it; its buttons send a click, an
   add-to-cart or a purchase to ``/events`` and both columns refresh, so the effect
   of the event on the next answer is visible at once. "Not interested" and "Hide
@@ -39,6 +41,8 @@ from shoprank.webui.report import report_markdown
 from shoprank.webui.simulate import simulate
 
 NEW_USER = "new user"
+DEFAULT_SHOWN = ("A", "B")
+"""The variants side by side until ``/variants`` names the served ones (the control and the first treatment)."""
 ACTIONS = (("click", "Click"), ("add_to_cart", "Add to cart"), ("purchase", "Buy"),
            ("not_interested", "Not interested"), ("not_interested_brand", "Hide brand"))
 """A card's buttons: the event each sends (``/events``) and its label."""
@@ -93,13 +97,29 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
     def user_of(choice: str | None, anonymous: str) -> str:
         return anonymous if not choice or choice == NEW_USER else choice.split(" · ", 1)[0]
 
-    def ask(query: str, choice: str | None, k: int, anonymous: str, last: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """Both variants' answers to the same request (or the last one again when ``query`` is None)."""
+    def variant_choices() -> tuple[gr.Dropdown, gr.Dropdown, str]:
+        """The two variant pickers over the served variants: the control on the left, the first treatment on the
+        right (``/variants``); A and B while Serve cannot say."""
+        try:
+            served = client.variants()
+        except ServeError as exc:
+            return (gr.Dropdown(choices=list(DEFAULT_SHOWN), value=DEFAULT_SHOWN[0]),
+                    gr.Dropdown(choices=list(DEFAULT_SHOWN), value=DEFAULT_SHOWN[1]), f"⚠️ {exc}")
+        names = list(served.get("variants") or served.get("split") or DEFAULT_SHOWN)
+        control = served.get("control") if served.get("control") in names else names[0]
+        treatment = next((name for name in names if name != control), control)
+        return gr.Dropdown(choices=names, value=control), gr.Dropdown(choices=names, value=treatment), ""
+
+    def ask(query: str, choice: str | None, k: int, anonymous: str, last: dict[str, Any],
+            left: str | None = None, right: str | None = None) -> tuple[dict[str, Any], str]:
+        """The two chosen variants' answers to the same request (or the last one again when ``query`` is None)."""
         user = user_of(choice, anonymous)
         query = (query or "").strip()
-        answers: dict[str, Any] = {"query": query, "user": user, "kind": "search" if query else "recommend"}
+        shown = list(dict.fromkeys(v for v in (left or DEFAULT_SHOWN[0], right or DEFAULT_SHOWN[1])))
+        answers: dict[str, Any] = {"query": query, "user": user, "kind": "search" if query else "recommend",
+                                   "shown": shown}
         problems = []
-        for variant in ("A", "B"):
+        for variant in shown:
             try:
                 answer = (shop.search(query, user, int(k), variant) if query
                           else shop.recommend(user, int(k), variant))
@@ -109,9 +129,18 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
             except ServeError as exc:
                 answers[variant] = None
                 problems.append(str(exc))
+        answered = "both variants answered" if len(shown) == 2 else f"variant {shown[0]} answered"
         status = "⚠️ " + " ".join(dict.fromkeys(problems)) if problems else (
-            f"{'Search' if query else 'Recommendations'} for {user}: both variants answered.")
+            f"{'Search' if query else 'Recommendations'} for {user}: {answered}.")
         return answers, status
+
+    def reask(last: dict[str, Any], k: int, left: str, right: str) -> tuple[dict[str, Any], str]:
+        """Another pair of variants chosen: the last request again, answered by them (nothing asked yet: nothing)."""
+        if not last.get("user"):
+            return last, ""
+        refreshed, status = ask(last.get("query", ""), last["user"], k, last["user"], last, left, right)
+        refreshed["user"] = last["user"]
+        return refreshed, status
 
     def act(last: dict[str, Any], variant: str, item: dict[str, Any], kind: str, k: int) -> tuple[dict[str, Any], str]:
         answer = last.get(variant) or {}
@@ -122,7 +151,8 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
             shop.events([event])
         except ServeError as exc:
             return last, f"⚠️ {exc}"
-        refreshed, status = ask(last.get("query", ""), last["user"], k, last["user"], last)
+        shown = last.get("shown") or list(DEFAULT_SHOWN)
+        refreshed, status = ask(last.get("query", ""), last["user"], k, last["user"], last, shown[0], shown[-1])
         refreshed["user"] = last["user"]
         verb = dict(ACTIONS)[kind].lower()
         return refreshed, f"Sent: {last['user']} {verb} “{item['title']}” (variant {variant}). {status}"
@@ -148,8 +178,9 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
                                progress=lambda done, total: progress(done / total, desc=f"{done}/{total} visits"))
         except ShopRankError as exc:
             return f"⚠️ {exc}"
+        arms = ", ".join(f"{name} {count}" for name, count in sorted(traffic.arms.items()))
         note = (f"{traffic.shoppers} shoppers, {traffic.visits} visits, {traffic.requests} requests, "
-                f"{traffic.events} events sent.")
+                f"{traffic.events} events sent (shoppers per arm, as the router assigned them: {arms or 'none'}).")
         if traffic.errors:
             note += f" ⚠️ {len(traffic.errors)} shoppers failed: {traffic.errors[0]}"
         try:
@@ -160,9 +191,14 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
     with gr.Blocks(title="shoprank: A/B") as page:
         anonymous = gr.State(lambda: f"web-{uuid.uuid4().hex[:8]}")
         last = gr.State({})
-        gr.Markdown(f"## shoprank: variant A vs variant B\nServe app: `{serve_url}`")
+        gr.Markdown(f"## shoprank: variants side by side\nServe app: `{serve_url}`")
         status = gr.Markdown(elem_id="status")
         with gr.Tab("Compare", id="compare"):
+            with gr.Row():
+                left = gr.Dropdown(label="Left: variant", choices=list(DEFAULT_SHOWN), value=DEFAULT_SHOWN[0],
+                                   elem_id="left-variant", allow_custom_value=False)
+                right = gr.Dropdown(label="Right: variant", choices=list(DEFAULT_SHOWN), value=DEFAULT_SHOWN[1],
+                                    elem_id="right-variant", allow_custom_value=False)
             with gr.Row():
                 query = gr.Textbox(label="Search", placeholder="e.g. black skillet (empty: recommendations)",
                                    scale=3, elem_id="query")
@@ -176,7 +212,7 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
             @gr.render(inputs=[last, k])
             def columns(answers: dict[str, Any], k_value: int) -> None:
                 with gr.Row(equal_height=False):
-                    for variant in ("A", "B"):
+                    for variant in answers.get("shown") or DEFAULT_SHOWN:
                         with gr.Column(elem_classes=[f"column-{variant}"]):
                             gr.Markdown(f"### Variant {variant}")
                             answer = answers.get(variant)
@@ -221,10 +257,17 @@ def build_page(serve_url: str, keys: dict[str, Any], simulator_factory: Any = No
             choices, problem = user_choices()
             return gr.Dropdown(choices=choices, value=NEW_USER), problem
 
-        page.load(load_users, outputs=[user, status])
+        def load_pickers() -> tuple[gr.Dropdown, gr.Dropdown, gr.Dropdown, str]:
+            users, user_problem = load_users()
+            chosen_left, chosen_right, variant_problem = variant_choices()
+            return users, chosen_left, chosen_right, " ".join(p for p in (user_problem, variant_problem) if p)
+
+        page.load(load_pickers, outputs=[user, left, right, status])
         reload_users.click(load_users, outputs=[user, status])
-        search_button.click(ask, inputs=[query, user, k, anonymous, last], outputs=[last, status])
-        query.submit(ask, inputs=[query, user, k, anonymous, last], outputs=[last, status])
+        search_button.click(ask, inputs=[query, user, k, anonymous, last, left, right], outputs=[last, status])
+        query.submit(ask, inputs=[query, user, k, anonymous, last, left, right], outputs=[last, status])
+        for picker in (left, right):
+            picker.input(reask, inputs=[last, k, left, right], outputs=[last, status])
         timer.tick(refresh_report, outputs=[figures, ctr_plot, conversion_plot])
         page.load(refresh_report, outputs=[figures, ctr_plot, conversion_plot])
         simulate_button.click(run_simulation, inputs=[shoppers, visits], outputs=[simulation])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from shoprank.experiment.calibrate import PER_IMPRESSION_AA_FALSE_POSITIVES
-from shoprank.experiment.readout import headline_markdown, user_level_markdown
+from shoprank.experiment.readout import comparisons_markdown, headline_markdown, user_level_markdown
 
 PER_IMPRESSION_TITLE = "Per-impression figures: descriptive, not for decisions"
 """The line the per-impression figures sit under (the browser test finds the section by it)."""
@@ -36,8 +36,12 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{name}: " + (", ".join(f"{kind} {value:.4f}" for kind, value in figures["ndcg@10"].items())
                            or f"– ({figures['note']})")
             for name, figures in offline.items())]
+    compared = report.get("comparisons") or {}
     if report.get("user_level"):
-        lines += ["", user_level_markdown(report["user_level"])]
+        lines += ["", user_level_markdown(report["user_level"], compared.get("control", "A"),
+                                          (compared.get("treatments") or ["B"])[0])]
+    if len(compared.get("treatments") or ()) > 1:
+        lines += ["", comparisons_markdown(compared)]
     rates = PER_IMPRESSION_AA_FALSE_POSITIVES
     lines += ["", "---", "", f"**{PER_IMPRESSION_TITLE}.** Each impression counted as independent, which a shopper's "
               f"impressions are not: in A/A calibration (`shoprank experiment calibrate`) these z-tests declared a "
@@ -48,11 +52,14 @@ def report_markdown(report: dict[str, Any]) -> str:
     for name, row in report["variants"].items():
         lines.append(f"| {name} | {row['users']} | {row['impressions']} | {row['clicks']} | {row['add_to_carts']} | "
                      f"{row['purchases']} | {_interval(row['ctr'])} | {_interval(row['conversion'])} |")
-    for metric, lift in report.get("lift", {}).items():
-        lines.append("")
-        lines.append(f"B vs A per impression, {metric}: lift {_num(lift['lift'], '+.1%')} "
-                     f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
-                     f"p = {_num(lift['p_value'], '.3g')} (descriptive)")
+    arms = {name: arm["lift"] for name, arm in compared.get("arms", {}).items()} if compared else {}
+    control = compared.get("control", "A")
+    for name, lifts in (arms or {"B": report.get("lift") or {}}).items():
+        for metric, lift in lifts.items():
+            lines.append("")
+            lines.append(f"{name} vs {control} per impression, {metric}: lift {_num(lift['lift'], '+.1%')} "
+                         f"[{_num(lift['lift_low'], '+.1%')}, {_num(lift['lift_high'], '+.1%')}], "
+                         f"p = {_num(lift['p_value'], '.3g')} (descriptive)")
     forced = report.get("side_by_side") or {}
     if forced:
         lines += ["", "Side-by-side answers (forced; not part of the test): " + "; ".join(

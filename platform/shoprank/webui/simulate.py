@@ -1,7 +1,9 @@
 """Simulated traffic: shoppers of the simulated shop use the Serve API as a website would.
 
 Each shopper is one of the shop's simulated users, assigned to a variant by the
-router (never forced). A shopper has one to three page views; each asks for a search
+router (never forced): every arm of ``serve.split`` gets shoppers in its weight's share,
+however many arms there are (:attr:`Traffic.arms` counts them as the answers named them).
+A shopper has one to three page views; each asks for a search
 (a query the user would type about their current intent) or for recommendations,
 then clicks, adds to cart and buys what the shop's hidden ground truth
 (:class:`~shoprank.data.synthetic.ShopSimulator`: tastes, query relevance,
@@ -25,6 +27,7 @@ share days (and, rarely, sessions) with the first one's.
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -58,19 +61,31 @@ class Traffic:
     requests: int = 0
     events: int = 0
     errors: list[str] = field(default_factory=list)
+    arms: Counter[str] = field(default_factory=Counter)
+    """Variant -> distinct shoppers the router assigned to it (the variant their answers named)."""
+    arm_of: dict[str, str] = field(default_factory=dict, repr=False)
+    """Shopper -> the variant that answered their first visit."""
+
+    def assigned(self, user_id: str, variant: str | None) -> None:
+        """``user_id``'s visit was answered by ``variant`` (counted once per shopper)."""
+        if variant is not None and user_id not in self.arm_of:
+            self.arm_of[user_id] = variant
+            self.arms[variant] += 1
 
 
 def shopper(client: ServeClient, simulator: ShopSimulator, user_id: str, seed: int, k: int,
-            search_fraction: float, at_s: float | None = None) -> tuple[int, int]:
+            search_fraction: float, at_s: float | None = None) -> tuple[int, int, str | None]:
     """One shopper's visit, at simulated time ``at_s`` (epoch seconds; None: the app's clock): (requests, events
-    sent)."""
+    sent, the variant the router assigned them)."""
     rng = np.random.default_rng(seed)
     requests = events = 0
+    variant = None
     for view in range(1 + min(int(rng.geometric(0.5)) - 1, 2)):
         ts = None if at_s is None else _iso(at_s + view * PAGE_VIEW_GAP_S)
         query = simulator.query_for(user_id, rng) if rng.random() < search_fraction else None
         answer = client.search(query, user_id, k, ts=ts) if query else client.recommend(user_id, k, ts=ts)
         requests += 1
+        variant = answer["variant"]
         shown = [item["product_id"] for item in answer["items"]]
         outcome = simulator.respond(user_id, shown, rng, query)
         sent = [
@@ -84,7 +99,7 @@ def shopper(client: ServeClient, simulator: ShopSimulator, user_id: str, seed: i
         if sent:
             client.events(sent)
             events += len(sent)
-    return requests, events
+    return requests, events, variant
 
 
 def _iso(epoch_s: float) -> str:
@@ -111,15 +126,16 @@ def simulate(url: str, key: str, simulator: ShopSimulator, users: int, *, visits
         day_zero = float(client.health()["clock"]) + FIRST_VISIT_AFTER_S if visits > 1 else None
         with ThreadPoolExecutor(max_workers=concurrency) as workers:
             for day in range(visits):  # a day's visits all answered before the next day's begin
-                futures = [workers.submit(shopper, client, simulator, pool[p], seed * 1_000_003 + day * users + i, k,
+                futures = {workers.submit(shopper, client, simulator, pool[p], seed * 1_000_003 + day * users + i, k,
                                           search_fraction,
-                                          None if day_zero is None else day_zero + day * DAY_S + times[day, i])
-                           for i, p in enumerate(picks)]
+                                          None if day_zero is None else day_zero + day * DAY_S + times[day, i]): pool[p]
+                           for i, p in enumerate(picks)}
                 for future in as_completed(futures):
                     try:
-                        requests, events = future.result()
+                        requests, events, variant = future.result()
                         traffic.requests += requests
                         traffic.events += events
+                        traffic.assigned(futures[future], variant)
                     except ServeError as exc:
                         traffic.errors.append(str(exc))
                     traffic.visits += 1
