@@ -93,6 +93,46 @@ def test_a_gpu_request_is_refused_where_no_node_type_offers_one(cpu_only_cluster
     assert found["seconds"] < 60, found
 
 
+RANKER = textwrap.dedent("""
+    import json, time
+    import numpy as np, pandas as pd, ray
+    from ray.autoscaler.sdk import request_resources
+    from shoprank.config import load_config
+    from shoprank.ranker.train import FEATURES, train_ranker, worker_layout
+    ray.init(log_to_driver=False)
+    request_resources(bundles=[{"CPU": 1}] * 2)
+    deadline = time.monotonic() + 240
+    while sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1) < 2:
+        assert time.monotonic() < deadline, "the autoscaler did not start two CPU nodes"
+        time.sleep(1)
+    def rows(seed):
+        rng = np.random.default_rng(seed)
+        frame = pd.DataFrame({"request_id": [f"r{i}" for i in rng.integers(0, 200, 4000)],
+                              "product_id": [f"p{i}" for i in rng.integers(0, 500, 4000)],
+                              "label": rng.integers(0, 4, 4000).astype(np.int8)})
+        for name in FEATURES:
+            frame[name] = rng.random(len(frame), dtype=np.float32)
+        return frame
+    config = load_config("tiny", ["ranker.num_boost_round=5"])
+    layout = worker_layout(config)
+    result = train_ranker(config, rows(0), rows(1), STORAGE)
+    request_resources(bundles=[])
+    print(json.dumps({"layout": [layout.num_workers, layout.cpus_per_worker, layout.spread],
+                      "trained": [result.metrics["workers"], result.metrics["cpus_per_worker"]]}))
+""")
+
+
+@pytest.mark.slow  # a fake cluster, two nodes started, a small training: 15 to 26 s here
+@pytest.mark.timeout(600)
+def test_the_rankers_auto_layout_puts_one_worker_on_each_node(cpu_only_cluster: FakeCluster, tmp_path: Path) -> None:
+    """``ranker.num_workers`` unset on a cluster of two worker nodes (1 CPU each, the head none): two workers,
+    one per node, each with its node's CPU, and they train together."""
+    done = cpu_only_cluster.driver(RANKER.replace("STORAGE", repr(str(tmp_path))), timeout_s=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"layout": [2, 1, True], "trained": [2, 1]}, found
+
+
 DEPLOY = textwrap.dedent("""
     import json, sys, ray
     from ray import serve

@@ -96,6 +96,20 @@ def test_the_pipeline_with_sweep_trains_with_the_best_configs(ranked: tuple[Conf
     assert len(pd.read_csv(root / "sweeps" / f"{run.name}-encoder" / "results.csv")) == 2
 
 
+def test_ranker_trials_share_the_cluster_when_the_layout_is_left_to_it(ray_local: None) -> None:
+    """``ranker.num_workers`` unset: a trial takes the whole cluster (the session's one node of 2 CPUs), so one runs
+    at a time by default; trials asked to run two at once get one CPU each, decided by the sweep, not by each
+    trial's look at the cluster. Set, the layout is the config's."""
+    from shoprank.ranker.train import WorkerLayout
+
+    ranker = SWEEPS["ranker"]
+    auto, explicit = load_config("tiny"), load_config("tiny", ["ranker.num_workers=1"])
+    assert ranker.cpus_per_trial(auto) == 2 and ranker.cpus_per_trial(explicit) == 1
+    assert ranker.trial_args(auto, 1) == {"layout": WorkerLayout(1, 2)}
+    assert ranker.trial_args(auto, 2) == {"layout": WorkerLayout(1, 1)}
+    assert ranker.trial_args(explicit, 2) == {} and SWEEPS["encoder"].trial_args(auto, 2) == {}
+
+
 @pytest.mark.parametrize("kind, key, values, expected", [
     ("ranker", "ranker.num_boost_round", {"type": "choice", "values": [10, 200, 50]}, 200 // 5),
     ("ranker", "ranker.num_boost_round", {"type": "randint", "low": 20, "high": 61}, 60 // 5),

@@ -579,8 +579,18 @@ class RankerConfig(Section):
     min_child_weight: float = Field(1.0, ge=0.0)
     num_boost_round: int = Field(300, ge=1)
     early_stopping_rounds: int = Field(30, ge=1)
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: int = Field(1, ge=1)
+    num_workers: int | None = Field(
+        None, ge=1, description="XGBoost workers (Ray Train). Unset: from the cluster when training starts, one "
+        "worker per alive node that has CPUs, each with that node's CPUs as XGBoost's threads (the smallest node's, "
+        "when they differ); on one node, one worker with every CPU of it (two workers on one machine only add "
+        "start-up and data exchange: benchmarks/README.md, 'train_ranker.py'); a sweep's concurrent trials share "
+        "the cluster. Set it (with cpus_per_worker) where other work holds CPUs of the nodes, e.g. Serve replicas "
+        "with serve.cpus_per_replica on the same cluster.",
+    )
+    cpus_per_worker: int = Field(
+        1, ge=1, description="CPUs (XGBoost threads) of each worker when num_workers is set; unset, the worker of "
+        "a cluster with no node up yet (an autoscaling cluster at zero) asks for this many.",
+    )
     update_tolerance: float = Field(
         0.0, ge=0.0, description="An incremental update may lower validation NDCG@10 by this much and still be promoted."
     )

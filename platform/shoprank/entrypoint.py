@@ -177,9 +177,9 @@ TRAIN_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 """Ray Train's controller polls its workers this often; Ray copies the driver's value to the controller."""
 
 
-def fit(trainer: DataParallelTrainer, settings: RayConfig) -> Result:
+def fit(trainer: DataParallelTrainer, settings: RayConfig, env: dict[str, str] | None = None) -> Result:
     """``trainer.fit()``, its controller polling every ``ray.train_poll_s``, with the process's SIGINT handler
-    as it was before.
+    as it was before; ``env``: more of Ray Train's variables for the call (copied to the controller likewise).
 
     Ray Train's controller waits up to its polling interval (Ray's default: 2 s) at each step of a run
     (workers scheduled, started, each poll, finished): measured on the tiny pipeline and a ranker update
@@ -194,17 +194,19 @@ def fit(trainer: DataParallelTrainer, settings: RayConfig) -> Result:
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if in_main_thread else None
-    poll_before = os.environ.get(TRAIN_POLL_VARIABLE)
-    os.environ[TRAIN_POLL_VARIABLE] = str(settings.train_poll_s)
+    variables = {TRAIN_POLL_VARIABLE: str(settings.train_poll_s), **(env or {})}
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         return trainer.fit()
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, before)
-        if poll_before is None:
-            os.environ.pop(TRAIN_POLL_VARIABLE, None)
-        else:
-            os.environ[TRAIN_POLL_VARIABLE] = poll_before
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

@@ -108,8 +108,10 @@ def encoder_trial(params: dict[str, Any], preset: str, overrides: list[str], sto
                   callbacks=[TuneReportCallback()])
 
 
-def ranker_trial(params: dict[str, Any], preset: str, overrides: list[str], storage: str) -> None:
-    """One ranker trial: XGBoost on Ray Train on the run's feature rows, reporting every few rounds."""
+def ranker_trial(params: dict[str, Any], preset: str, overrides: list[str], storage: str, layout: Any = None) -> None:
+    """One ranker trial: XGBoost on Ray Train on the run's feature rows, reporting every few rounds; ``layout``
+    (a :class:`~shoprank.ranker.train.WorkerLayout`): the trial's share of the cluster, which the sweep decides
+    when ``ranker.num_workers`` is unset (the trials' own look at the cluster would race each other)."""
     from shoprank.ranker.train import read_features, train_ranker, with_positives
     from shoprank.store.run import Run
 
@@ -118,7 +120,21 @@ def ranker_trial(params: dict[str, Any], preset: str, overrides: list[str], stor
     train, validation = (with_positives(read_features(run, split)) for split in ("train", "validation"))
     train_ranker(config, train, validation, storage, name=f"trial-{tune.get_context().get_trial_id()}",
                  callbacks=[TuneReportCallback()], report_every=RANKER_REPORT_EVERY,
-                 storage_filesystem=run.filesystem_for_ray)
+                 storage_filesystem=run.filesystem_for_ray, layout=layout)
+
+
+def ranker_cpus(config: Config) -> int:
+    """The CPUs of one ranker training: its workers' (unset ``ranker.num_workers``: the whole cluster's)."""
+    from shoprank.ranker.train import worker_layout  # here: ray.train.xgboost is seconds of imports
+
+    return worker_layout(config).cpus
+
+
+def ranker_trial_args(config: Config, concurrent: int) -> dict[str, Any]:
+    """Each trial's layout when the config leaves it to the cluster: its share among ``concurrent`` trials."""
+    from shoprank.ranker.train import worker_layout
+
+    return {"layout": worker_layout(config, trials=concurrent)} if config.ranker.num_workers is None else {}
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,8 @@ class Sweep:
     prepare_until: str
     """The last stage the trials read from (:func:`shoprank.stages.run_stages` runs up to it first): the data
     for the encoder, the feature rows for the ranker (no ranker is trained to get them)."""
+    trial_args: Callable[[Config, int], dict[str, Any]] = lambda config, concurrent: {}
+    """What each trial is given besides its parameters, knowing how many trials run at once."""
 
 
 SWEEPS = {
@@ -142,7 +160,7 @@ SWEEPS = {
                      lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, "preprocess"),
     "ranker": Sweep("ranker", ranker_trial, "ranker.num_boost_round",
                     lambda c: max(1, c.ranker.num_boost_round // RANKER_REPORT_EVERY),
-                    lambda c: c.ranker.num_workers * c.ranker.cpus_per_worker, "features"),
+                    ranker_cpus, "features", ranker_trial_args),
 }
 
 
@@ -184,7 +202,8 @@ def run_sweep(
     # The trial's driver only builds the trainer and waits: no CPU of its own (Tune needs some
     # resource, so a little memory), or on a small cluster it would hold the CPU its workers need.
     trainable = tune.with_resources(
-        tune.with_parameters(sweep.trial, preset=preset, overrides=overrides, storage=directory.uri("trials")),
+        tune.with_parameters(sweep.trial, preset=preset, overrides=overrides, storage=directory.uri("trials"),
+                             **sweep.trial_args(config, concurrent)),
         {"CPU": 0, "memory": 64 * 1024**2},
     )
     if restoring:

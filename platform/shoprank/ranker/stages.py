@@ -99,6 +99,7 @@ def fit_ranker(config: Config, run: Run, record: StageRecord, warm_start: str | 
     booster = RayTrainReportCallback.get_model(result.checkpoint)
     metrics = {k: v for k, v in result.metrics.items() if "ndcg" in k}
     metrics["num_trees"] = booster.num_boosted_rounds()
+    metrics["workers"], metrics["cpus_per_worker"] = result.metrics["workers"], result.metrics["cpus_per_worker"]
     with run.local_output("ranker", "model") as directory:
         save_ranker(booster, directory, metrics)
     record.metrics.update(metrics)
