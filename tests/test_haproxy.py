@@ -79,8 +79,8 @@ def test_the_ingress_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     for made in (env, multi_node):
         shutil.rmtree(Path(made["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent)
 
-    monkeypatch.delenv("SHOPRANK_INGRESS")  # auto: HAProxy where there is one
-    assert chosen_ingress() == "haproxy"
+    monkeypatch.delenv("SHOPRANK_INGRESS")  # auto: HAProxy where there is one, on a one-machine cluster
+    assert chosen_ingress() == "haproxy" and chosen_ingress(loopback=False) == "proxy"
 
     monkeypatch.setenv("SHOPRANK_HAPROXY", "")
     monkeypatch.setenv("PATH", str(tmp_path))  # no haproxy anywhere

@@ -5,9 +5,11 @@ Ray Serve 2.60 can put Debian's ``haproxy`` in front of the ingress replicas, wh
 ("direct ingress"): the proxy's hop goes, and with it about a third of the CPU a search costs the app on two cores
 (``benchmarks/serve_levers.py``, figures in benchmarks/README.md). Ray reads the switch from the environment of the
 cluster's processes, so it is set where a cluster starts: :func:`shoprank.entrypoint.local_ray_options` and
-``shoprank cluster up`` add :func:`ingress_env`. ``SHOPRANK_INGRESS`` is ``auto`` (the default: HAProxy where it is
-installed, which the Makefile does, else Ray's proxy, said in the log), ``haproxy`` (an error where it is missing) or
-``proxy`` (Ray's Python proxy, adding nothing). What the environment changes beside the switch, and why:
+``shoprank cluster up`` add :func:`ingress_env`. ``SHOPRANK_INGRESS`` is ``auto`` (the default: HAProxy on a
+one-machine cluster where it is installed, which the Makefile does; else Ray's proxy, said in the log), ``haproxy``
+(an error where it is missing) or ``proxy`` (Ray's Python proxy, adding nothing). ``auto`` keeps Ray's proxy on a
+cluster that other nodes join (``LocalCluster.loopback_only`` false): each node would need haproxy and this environment,
+which nothing here installs on them or has tested. What the environment changes beside the switch, and why:
 
 * ``RAY_SERVE_HAPROXY_BINARY_PATH`` is ``serving/haproxy-loopback``, which moves the statistics page and the
   Prometheus exporter that Ray's config binds on every interface to 127.0.0.1 (on a one-machine cluster), then
@@ -42,13 +44,18 @@ DEBIAN_HAPROXY = "/usr/sbin/haproxy"
 log = logging.getLogger(__name__)
 
 
-def chosen_ingress() -> str:
+def chosen_ingress(*, loopback: bool = True) -> str:
     """The ingress a new cluster gets, ``proxy`` or ``haproxy``: ``SHOPRANK_INGRESS`` (``auto`` when unset: HAProxy
-    where it is installed), or a :class:`ConfigError` naming the values it takes."""
+    on a one-machine cluster, ``loopback``, where it is installed), or a :class:`ConfigError` naming the values it
+    takes."""
     ingress = os.environ.get(INGRESS_VARIABLE, "auto") or "auto"
     if ingress not in INGRESSES:
         raise ConfigError(f"{INGRESS_VARIABLE}={ingress!r}: the Serve ingress is one of {', '.join(INGRESSES)}")
     if ingress == "auto":
+        if not loopback:
+            log.info("Serve's ingress: Ray's Python proxy (a cluster other nodes join; %s=haproxy puts HAProxy "
+                     "there)", INGRESS_VARIABLE)
+            return "proxy"
         if find_haproxy() is None:
             log.info("Serve's ingress: Ray's Python proxy (no haproxy installed: `make haproxy` installs it)")
             return "proxy"
@@ -73,7 +80,7 @@ def haproxy_binary() -> str:
 def ingress_env(*, loopback: bool, free_port: Callable[[], int]) -> dict[str, str]:
     """The variables a new cluster's processes need for the chosen ingress (none for Ray's proxy); ``loopback``: a
     one-machine cluster, whose HAProxy listens on 127.0.0.1 only; ``free_port``: a port nothing listens on."""
-    if chosen_ingress() == "proxy":
+    if chosen_ingress(loopback=loopback) == "proxy":
         return {}
     # mode 0700: the admin socket is mode 666 inside. Short, under /tmp: Ray puts the socket in a folder named by a
     # 56-character hash below this one, and haproxy takes a socket path of at most 97 bytes.
