@@ -16,6 +16,7 @@ PRESET ?= demo
 # The browser tests drive Debian's chromium (playwright cannot download its own browsers here).
 CHROMIUM := /usr/bin/chromium
 PROMTOOL := /usr/bin/promtool
+HAPROXY := /usr/sbin/haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup bytecode postgres haproxy demo test test-all bench cluster-up cluster-down stop clean clean-all
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(UV_INSTALL) -e ".[dev]"
 	touch $(STAMP)
 
-cluster-up: setup
+cluster-up: setup $(HAPROXY)
 	$(BIN)/shoprank cluster up
 
 cluster-down: setup
@@ -52,9 +53,9 @@ demo: cluster-up
 	$(BIN)/shoprank ui --detach --config $(PRESET) --set run.root=$(CURDIR)/runs
 	@echo "Stop the web page, the Serve app and the local Ray head with: make stop"
 
-# Serve's HAProxy ingress (SHOPRANK_INGRESS=haproxy, docs/serving.md): Debian's haproxy. The package's own system
-# service is not wanted (Ray starts its haproxy itself, on loopback): stopped and disabled under systemd.
-HAPROXY := /usr/sbin/haproxy
+# Serve's HAProxy ingress (the default where haproxy is installed; SHOPRANK_INGRESS, docs/serving.md): Debian's
+# haproxy. The package's own system service is not wanted (Ray starts its haproxy itself, on loopback): stopped and
+# disabled under systemd.
 $(HAPROXY):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq --no-install-recommends haproxy
@@ -87,11 +88,10 @@ $(PROMTOOL):
 bytecode: setup
 	$(BIN)/python -m compileall -q -j 0 platform
 
-test: setup bytecode $(CHROMIUM) postgres $(PROMTOOL)
+test: setup bytecode $(CHROMIUM) postgres $(PROMTOOL) $(HAPROXY)
 	$(BIN)/python -m pytest
 
-# the slow tests include every benchmark's smallest setting (serve_levers' HAProxy lever needs haproxy), and
-# benchmarks/recommend.py needs the bench extra
+# the slow tests include every benchmark's smallest setting, and benchmarks/recommend.py needs the bench extra
 test-all: setup bytecode $(CHROMIUM) postgres $(PROMTOOL) $(HAPROXY)
 	$(UV_INSTALL) -e ".[dev,bench]"
 	$(BIN)/python -m pytest -m "slow or not slow"

@@ -5,7 +5,9 @@ Each row is a whole ``benchmarks/serve_load.py`` run (``/search`` and ``/recomme
 ``/events``, and the same pipeline in process, measured in that run, so each row's ratios compare figures taken
 minutes apart on the same machine). The levers (Ray 2.60, ``ray/serve/_private/constants.py``):
 
-* ``defaults``: Serve's Python HTTP proxy on every node, then the ingress replica, then the variant's;
+* ``ray proxy``: Serve's defaults, its Python HTTP proxy on every node, then the ingress replica, then the variant's
+  (``SHOPRANK_INGRESS=proxy``; this and the next three levers set it, since shoprank's default puts HAProxy in front
+  wherever it is installed);
 * ``throughput-optimized``: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` with its direct ingress off (gRPC between
   deployments, user code and the router on the replica's own event loop, request logs buffered), through the proxy;
 * ``direct ingress``: ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, the load sent to the ingress replica's own HTTP port (what
@@ -17,7 +19,7 @@ minutes apart on the same machine). The levers (Ray 2.60, ``ray/serve/_private/c
   listener on loopback.
 
     python benchmarks/serve_levers.py --config demo --set run.root=$PWD/runs
-    python benchmarks/serve_levers.py --config demo --levers defaults haproxy --duration 10
+    python benchmarks/serve_levers.py --config demo --levers "ray proxy" haproxy --duration 10
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-THROUGHPUT = ["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"]
+PROXY = ["SHOPRANK_INGRESS=proxy"]
+"""Ray's own front, whatever shoprank's default."""
+THROUGHPUT = [*PROXY, "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"]
 HA = ["SHOPRANK_INGRESS=haproxy"]
 """shoprank's HAProxy ingress, which turns on RAY_SERVE_THROUGHPUT_OPTIMIZED too (shoprank.haproxy)."""
 LEVERS: dict[str, tuple[list[str], bool]] = {
-    "defaults": ([], False),
+    "ray proxy": (PROXY, False),
     "throughput-optimized": ([*THROUGHPUT, "RAY_SERVE_ENABLE_DIRECT_INGRESS=0"], False),
-    "direct ingress": (["RAY_SERVE_ENABLE_DIRECT_INGRESS=1"], True),
+    "direct ingress": ([*PROXY, "RAY_SERVE_ENABLE_DIRECT_INGRESS=1"], True),
     "throughput-optimized + direct": (THROUGHPUT, True),
     "haproxy": ([*HA, "RAY_SERVE_THROUGHPUT_OPTIMIZED=0"], False),
     "shoprank haproxy": (HA, False),
