@@ -33,8 +33,8 @@ def pretrained(tiny_run: tuple[Config, Run], tiny_encoder_dir: Path,
     changed = config.model_copy(update={
         "run": config.run.model_copy(update={"root": str(root)}),
         # one epoch of fine-tuning: what it started from is the point here, not how well it trains
-        "encoder": config.encoder.model_copy(update={"model": str(tiny_encoder_dir), "train": config.encoder.train.model_copy(
-            update={"epochs": 1})}),
+        "encoder": config.encoder.model_copy(update={
+            "model": str(tiny_encoder_dir), "train": config.encoder.train.model_copy(update={"epochs": 1})}),
         "pretrain": config.pretrain.model_copy(update={"enabled": True, "max_steps": STEPS, "batch_size": 16,
                                                        "learning_rate": 2e-3, "heldout_texts": 64}),
     })

@@ -488,7 +488,10 @@ class PretrainConfig(Section):
         None, ge=1, description="Stop after this many optimiser steps over all epochs (None: the epochs decide).",
     )
     batch_size: int = Field(32, ge=2)
-    learning_rate: float = Field(5e-5, gt=0.0, description="AdamW's peak rate for every weight of the backbone.")
+    learning_rate: float = Field(
+        1e-4, gt=0.0, description="AdamW's peak rate for every weight of the backbone (BERT's own pre-training: 1e-4; "
+        "a catalogue gives a few hundred steps, so no lower).",
+    )
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Linear warm-up, then linear decay: the masked-token head starts "
