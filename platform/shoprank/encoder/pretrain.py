@@ -129,7 +129,7 @@ class MaskedTokenLoss(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
-        self.head = getattr(model, "cls", None) or getattr(model, "lm_head")  # BERT's head, RoBERTa's
+        self.head = model.cls if hasattr(model, "cls") else model.lm_head  # BERT's head, RoBERTa's
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
