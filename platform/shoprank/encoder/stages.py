@@ -11,8 +11,8 @@ Outputs, under the run:
   exported weights and with the pretrained model (absent when nothing was trained);
 * ``embeddings/products``, ``embeddings/users`` Parquet (id, embedding);
 * ``embeddings/zero_shot_products`` Parquet (id, embedding) of the pretrained encoder
-  (``encoder.model``, not fine-tuned, nor pre-trained by the ``pretrain`` stage): what variant A serves and the evaluation's
-  zero-shot rows read, embedded once instead of at every replica's start.
+  (``encoder.model``, not fine-tuned, nor pre-trained by the ``pretrain`` stage): what variant A
+  serves and the evaluation's zero-shot rows read, embedded once instead of at every replica's start.
   Both catalogue tables are the encoder stage's ``catalogue/`` when it covers the
   catalogue, else embedded here by an actor pool;
 * ``index/products.faiss`` and ``index/product_ids.parquet`` (FAISS row -> product).

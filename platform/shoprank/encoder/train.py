@@ -244,15 +244,15 @@ def _what_each_worker_did(model: DualEncoderModel, samples: int, device: torch.d
             for rank, row in enumerate(t.cpu().tolist() for t in gathered)]
 
 
-def _zero_shot_encoder(model: DualEncoderModel, tokenizer: Any, base: str, pretrained: str,
+def _zero_shot_encoder(model: DualEncoderModel, tokenizer: Any, base: str, zero_shot_model: str,
                        device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The zero-shot baseline's encoder: the model before training (LoRA's adapters start at zero) when it starts
     from ``encoder.model``; ``encoder.model`` itself when it starts from the pre-trained backbone, so the
     zero-shot figures and catalogue stay those of the packaged model that variant A serves, and the gain over
     them includes what pre-training bought."""
-    if base == pretrained:
+    if base == zero_shot_model:
         return model.encoder, tokenizer
-    backbone, zero_shot_tokenizer = load_backbone(pretrained)
+    backbone, zero_shot_tokenizer = load_backbone(zero_shot_model)
     return TextEncoder(backbone).to(device), zero_shot_tokenizer
 
 
