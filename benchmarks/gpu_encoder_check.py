@@ -89,7 +89,8 @@ def main() -> int:
         report["tiny_bf16_loss_first_last"] = [round(np.mean(losses[:10]), 4), round(np.mean(losses[-10:]), 4)]
 
         saved = Path(tmp) / "saved"
-        save_encoder(trained["model"].encoder, trained["tokenizer"], saved, trained["config"])
+        save_encoder(trained["model"].encoder, trained["tokenizer"], saved, trained["config"],
+                     base=trained["config"].model, started_from=trained["config"].model)
         sample = texts[0][:256]
         merged, tokenizer = load_encoder(saved, "merged")
         adapter, _ = load_encoder(saved, "adapter")

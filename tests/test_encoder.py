@@ -145,7 +145,7 @@ def test_a_finished_run_continues_from_its_checkpoint_on_two_ddp_workers(trained
     # Ray keeps 2 checkpoints' metrics; the history travels in the checkpoint, so all 3 epochs are there
     assert [row["epoch"] for row in more.metrics["history"]] == [1, 2, 3]
     assert more.metrics["history"][:2] == metrics["epochs"]
-    export_checkpoint(config.encoder, copy, load_checkpoint_state(more.checkpoint))
+    export_checkpoint(config, copy, load_checkpoint_state(more.checkpoint))
     encoder, tokenizer = load_encoder(copy.local_path("encoder", "model"))
     assert encode(encoder, tokenizer, ["red skillet"], config.encoder.max_length).shape[0] == 1
 

@@ -25,7 +25,8 @@ from shoprank.store.run import STAGING, Run
 
 
 def test_the_order_is_the_list_and_every_stage_comes_after_what_it_reads() -> None:
-    assert STAGE_NAMES == ("ingest", "preprocess", "encoder", "export", "embed", "features", "ranker", "evaluate")
+    assert STAGE_NAMES == ("ingest", "preprocess", "pretrain", "encoder", "export", "embed", "features", "ranker",
+                           "evaluate")
     for position, stage in enumerate(STAGES):
         assert all(STAGE_NAMES.index(up) < position for up in stage.upstream), stage.name
         produced = {path for earlier in STAGES[:position] for path in earlier.outputs(load_config("tiny"))}
@@ -45,6 +46,9 @@ def hashes(config: Config) -> dict[str, str]:
     ("source.categories.model=elsewhere", "ingest"),
     ("encoder.max_length=48", "ingest"),
     ("preprocess.test_fraction=0.2", "preprocess"),
+    # the optional pre-training: switched on, it and everything after it; its settings while it is off, nothing
+    ("pretrain.enabled=true", "pretrain"),
+    ("pretrain.epochs=3", None),
     ("encoder.train.epochs=3", "encoder"),
     ("export.max_ndcg_drop=0.01", "export"),
     ("embed.user_half_life_days=3", "embed"),
@@ -74,6 +78,17 @@ def test_a_changed_setting_changes_its_stage_and_every_later_one_only(override: 
     base, changed = hashes(load_config("tiny")), hashes(load_config("tiny", [override]))
     cut = STAGE_NAMES.index(first) if first else len(STAGE_NAMES)
     assert [changed[n] == base[n] for n in STAGE_NAMES] == [True] * cut + [False] * (len(STAGE_NAMES) - cut)
+
+
+@pytest.mark.parametrize("override", ["pretrain.epochs=3", "encoder.model=elsewhere", "encoder.description_chars=30"])
+def test_an_enabled_pretrain_stage_covers_its_settings_and_the_text_it_reads(override: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched on, pre-training reruns on its own settings and on the model and product text it reads (the
+    encoder's); ``encoder.description_chars`` changes ingest too (its category fill reads the same text)."""
+    monkeypatch.setenv(KEY_ENV, "5e" * 32)
+    base = hashes(load_config("tiny", ["pretrain.enabled=true"]))
+    changed = hashes(load_config("tiny", ["pretrain.enabled=true", override]))
+    assert base["pretrain"] != changed["pretrain"] and base["encoder"] != changed["encoder"]
 
 
 SERVING_ONLY = {"run", "ray", "serve", "ui"}

@@ -474,6 +474,48 @@ class ExportConfig(Section):
     )
 
 
+class PretrainConfig(Section):
+    """Masked-language continued pre-training of ``encoder.model``'s backbone on the run's own text, before the
+    encoder is fine-tuned (the ``pretrain`` stage, :mod:`shoprank.encoder.pretrain`). Off by default: on the demo it
+    did not pay for its minutes (docs/encoder.md, "Pre-training on the shop's text")."""
+
+    enabled: bool = Field(
+        False, description="Run the stage; the encoder then fine-tunes from its backbone (pretrain/model of the run) "
+        "instead of encoder.model's. While false, no other pretrain setting is part of any stage's identity.",
+    )
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps over all epochs (None: the epochs decide).",
+    )
+    batch_size: int = Field(32, ge=2)
+    learning_rate: float = Field(
+        1e-4, gt=0.0, description="AdamW's peak rate for every weight of the backbone (BERT's own pre-training: 1e-4; "
+        "a catalogue gives a few hundred steps, so no lower).",
+    )
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Linear warm-up, then linear decay: the masked-token head starts "
+        "partly untrained (see the stage's docstring), so the first steps move the backbone gently.",
+    )
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of the tokens masked (BERT's 0.15).")
+    max_texts: int = Field(
+        50_000, ge=2, description="Texts (products, then queries) read at most, the rest left out by a hash of the "
+        "text: caps the stage's time on a large catalogue.",
+    )
+    include_queries: bool = Field(
+        True, description="Add the training split's distinct queries to the catalogue's texts (never the "
+        "validation or test queries: the evaluation's text stays unseen).",
+    )
+    heldout_texts: int = Field(
+        256, ge=1, description="Texts held out of training (by a hash of the text) on which the masked-token loss "
+        "and accuracy are measured before and after.",
+    )
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="Torch threads of each Ray Train worker.")
+    max_failures: int = Field(1, ge=0, description="Worker failures retried from the last checkpoint.")
+    seed: int = 0
+
+
 class EncoderConfig(Section):
     """The pretrained encoder and how it is fine-tuned."""
 
@@ -981,6 +1023,7 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)

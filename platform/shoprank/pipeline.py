@@ -1,5 +1,5 @@
-"""The end-to-end pipeline: preprocess -> encoder -> ONNX export -> embed and index -> features -> ranker ->
-evaluate -> register the variants.
+"""The end-to-end pipeline: preprocess -> (pretrain) -> encoder -> ONNX export -> embed and index -> features ->
+ranker -> evaluate -> register the variants.
 
 Each stage is skipped when its config hash is unchanged and its outputs are there, so
 a rerun after a crash continues where it stopped; every attempt lands in the run's

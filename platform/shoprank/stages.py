@@ -36,6 +36,7 @@ from shoprank.data.preprocess import preprocess_outputs
 from shoprank.encoder.fill import text_identity
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
 from shoprank.encoder.runtime import EXPORT
+from shoprank.encoder.text import PRETRAINED, pretrain_texts_identity
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import key_id, pseudonyms
 from shoprank.recsys.features import FEATURE_SCHEMA_VERSION
@@ -66,6 +67,9 @@ class Stage:
     """What its code writes (a feature schema version): bumped, every run rebuilds it."""
     inputs: tuple[str, ...] = ()
     """Paths relative to the run that it reads: a stage run alone (``only``) checks they are there."""
+    enabled: Callable[[Config], bool] | None = None
+    """An optional stage's switch: while off, its identity is only that it is off (and its upstream), so changing
+    its other settings reruns nothing; its body then writes nothing and notes why."""
 
 
 def _fixed(paths: list[str]) -> Callable[[Config], list[str]]:
@@ -107,8 +111,12 @@ STAGES: tuple[Stage, ...] = (
           version="ingest-v2"),
     Stage("preprocess", _body("shoprank.data.preprocess:preprocess"), lambda config: preprocess_outputs(),
           sections=("preprocess",), upstream=("ingest",), inputs=("data/records",)),
+    # optional: masked-language pre-training of the backbone on the shop's text; the encoder starts from it
+    Stage("pretrain", _body("shoprank.encoder.pretrain:pretrain"), _fixed(["pretrain/ray", "/".join(PRETRAINED)]),
+          sections=("pretrain",), settings=pretrain_texts_identity, upstream=("preprocess",),
+          enabled=lambda config: config.pretrain.enabled, inputs=("data/products", "data/query_pairs")),
     Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),
-          sections=("encoder",), upstream=("preprocess",),
+          sections=("encoder",), upstream=("preprocess", "pretrain"),
           inputs=("data/products", "data/query_pairs", "data/coengagement", "data/user_histories")),
     Stage("export", _body("shoprank.encoder.export:export_encoders"), _fixed(["/".join(EXPORT)]),
           sections=("export",), upstream=("encoder",),
@@ -146,9 +154,10 @@ def stage_hashes(config: Config) -> dict[str, str]:
     store's last tombstone), so a run, a sweep or an update asks once, not once per stage downstream of it."""
     hashes: dict[str, str] = {}
     for stage in STAGES:
+        off = stage.enabled is not None and not stage.enabled(config)
         payload = {
-            "sections": config.section_hash(*stage.sections) if stage.sections else "",
-            "settings": stage.settings(config) if stage.settings else {},
+            "sections": "off" if off else config.section_hash(*stage.sections) if stage.sections else "",
+            "settings": {} if off or not stage.settings else stage.settings(config),
             "version": stage.version,
             "upstream": {up: hashes[up] for up in stage.upstream},
         }

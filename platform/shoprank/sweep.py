@@ -149,15 +149,16 @@ class Sweep:
     """The most reports a trial of this config makes."""
     cpus_per_trial: Callable[[Config], float]
     prepare_until: str
-    """The last stage the trials read from (:func:`shoprank.stages.run_stages` runs up to it first): the data
-    for the encoder, the feature rows for the ranker (no ranker is trained to get them)."""
+    """The last stage the trials read from (:func:`shoprank.stages.run_stages` runs up to it first): the data and
+    the pre-trained backbone (when ``pretrain.enabled``) for the encoder, the feature rows for the ranker (no
+    ranker is trained to get them)."""
     trial_args: Callable[[Config, int], dict[str, Any]] = lambda config, concurrent: {}
     """What each trial is given besides its parameters, knowing how many trials run at once."""
 
 
 SWEEPS = {
     "encoder": Sweep("encoder", encoder_trial, "encoder.train.epochs", lambda c: c.encoder.train.epochs,
-                     lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, "preprocess"),
+                     lambda c: c.encoder.train.num_workers * c.encoder.train.cpus_per_worker, "pretrain"),
     "ranker": Sweep("ranker", ranker_trial, "ranker.num_boost_round",
                     lambda c: max(1, c.ranker.num_boost_round // RANKER_REPORT_EVERY),
                     ranker_cpus, "features", ranker_trial_args),

@@ -121,8 +121,12 @@ def encode(
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
-def save_encoder(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path, config: EncoderConfig) -> None:
-    """Write ``adapter/`` (peft adapter, when fine-tuned with one) and ``merged/`` (a plain model)."""
+def save_encoder(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path, config: EncoderConfig, *,
+                 base: str, started_from: str) -> None:
+    """Write ``adapter/`` (peft adapter, when fine-tuned with one), ``merged/`` (a plain model) and ``encoder.json``:
+    ``base_model`` is where the adapter's base loads from (``base``: ``encoder.model``, or the local copy of the
+    run's pre-trained backbone), ``started_from`` what that is for a reader (``encoder.model``, or the pre-trained
+    backbone's URI in the run)."""
     directory.mkdir(parents=True, exist_ok=True)
     backbone = model.backbone if isinstance(model, TextEncoder) else model
     if config.finetune != "full":
@@ -134,7 +138,8 @@ def save_encoder(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory
     merged.save_pretrained(directory / "merged")
     tokenizer.save_pretrained(directory / "merged")
     (directory / "encoder.json").write_text(
-        json.dumps({"base_model": config.model, "finetune": config.finetune, "max_length": config.max_length}, indent=2)
+        json.dumps({"base_model": base, "started_from": started_from, "finetune": config.finetune,
+                    "max_length": config.max_length}, indent=2)
     )
 
 

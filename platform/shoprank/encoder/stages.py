@@ -11,8 +11,8 @@ Outputs, under the run:
   exported weights and with the pretrained model (absent when nothing was trained);
 * ``embeddings/products``, ``embeddings/users`` Parquet (id, embedding);
 * ``embeddings/zero_shot_products`` Parquet (id, embedding) of the pretrained encoder
-  (``encoder.model``, not fine-tuned): what variant A serves and the evaluation's
-  zero-shot rows read, embedded once instead of at every replica's start.
+  (``encoder.model``, not fine-tuned, nor pre-trained by the ``pretrain`` stage): what variant A
+  serves and the evaluation's zero-shot rows read, embedded once instead of at every replica's start.
   Both catalogue tables are the encoder stage's ``catalogue/`` when it covers the
   catalogue, else embedded here by an actor pool;
 * ``index/products.faiss`` and ``index/product_ids.parquet`` (FAISS row -> product).
@@ -31,13 +31,13 @@ import pyarrow as pa
 import torch
 from ray.data import ActorPoolStrategy, SaveMode
 
-from shoprank.config import Config, EncoderConfig
+from shoprank.config import Config
 from shoprank.data.io import PartFilenames, pool_takes_every_cpu, read_dataset, read_table, write_table
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS, build_index, embedding_table
 from shoprank.encoder.model import load_backbone, save_encoder
 from shoprank.encoder.objectives import build_model
 from shoprank.encoder.runtime import Embedder, Runtime, load_embedder, verdicts
-from shoprank.encoder.text import CATEGORY_HEAD, product_texts
+from shoprank.encoder.text import CATEGORY_HEAD, PRETRAINED, fine_tuning_base, product_texts
 from shoprank.encoder.train import (
     CATALOGUE, FINE_TUNED, ZERO_SHOT, NothingToLearn, load_checkpoint_state, train_encoder,
 )
@@ -56,12 +56,14 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
     except NothingToLearn as reason:
         record.notes.append(f"{reason}: the pretrained encoder is kept as it is")
         record.outputs.pop("ray")  # no training run to keep
-        export_checkpoint(config.encoder, run, {"model": {}})
+        record.metrics["started_from"] = export_checkpoint(config, run, {"model": {}})
         return
     if result.checkpoint is None:
         raise ShopRankError("encoder training finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint:
-        export_checkpoint(config.encoder, run, load_checkpoint_state(result.checkpoint), Path(checkpoint) / CATALOGUE)
+        started_from = export_checkpoint(config, run, load_checkpoint_state(result.checkpoint),
+                                         Path(checkpoint) / CATALOGUE)
+    record.metrics["started_from"] = started_from
     final = result.metrics
     record.metrics.update(
         {k: v for k, v in final.items() if k.startswith(("validation/", "zero_shot/", "loss/")) or k == "epoch"}
@@ -83,15 +85,22 @@ def fine_tune(config: Config, run: Run, record: StageRecord) -> None:
     )
 
 
-def export_checkpoint(config: EncoderConfig, run: Run, state: dict, catalogue: Path | None = None) -> None:
+def export_checkpoint(config: Config, run: Run, state: dict, catalogue: Path | None = None) -> str:
     """Rebuild the trained model from a checkpoint's state and save it for serving, with the checkpoint's
-    ``catalogue`` folder (the embeddings of its evaluation) when it has one."""
-    backbone, tokenizer = load_backbone(config.model)
+    ``catalogue`` folder (the embeddings of its evaluation) when it has one; what it started from (the run's
+    pre-trained backbone, or ``encoder.model``).
+
+    The state is loaded over a fresh base with ``strict=False``: with LoRA it holds only the adapters and the head,
+    so the base must be the one training started from (:func:`~shoprank.encoder.text.fine_tuning_base`), or the
+    merged model would silently lose the pre-training."""
+    base = fine_tuning_base(config, run)
+    started_from = run.uri(*PRETRAINED) if config.pretrain.enabled else config.encoder.model
+    backbone, tokenizer = load_backbone(base)
     categories = read_table(run, "data", "categories").sort_by("category_label").column("category").to_pylist()
-    model = build_model(backbone, config, len(categories), total_steps=2)
+    model = build_model(backbone, config.encoder, len(categories), total_steps=2)
     model.load_state_dict(state["model"], strict=False)
     with run.local_output("encoder", "model") as target:
-        save_encoder(model.encoder, tokenizer, target, config)
+        save_encoder(model.encoder, tokenizer, target, config.encoder, base=base, started_from=started_from)
         torch.save(model.head.state_dict(), target / "head.pt")
         # the same head in numpy, with its labels' categories: a serving replica in ONNX Runtime fills in a live
         # product's missing category without PyTorch (shoprank.recsys.live.CategoryHead)
@@ -99,6 +108,7 @@ def export_checkpoint(config: EncoderConfig, run: Run, state: dict, catalogue: P
                  bias=model.head.bias.detach().float().cpu().numpy(), categories=np.array(categories, dtype=str))
         if catalogue is not None and catalogue.is_dir():
             shutil.copytree(catalogue, target / CATALOGUE)
+    return started_from
 
 
 def batch_runtime(run: Run, name: str, device: str) -> Runtime:

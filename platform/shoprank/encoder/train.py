@@ -45,9 +45,10 @@ from shoprank.config import Config, EncoderConfig
 from shoprank.data.io import read_table
 from shoprank.encoder.examples import EvalData, eval_data, evaluate, training_tables
 from shoprank.encoder.index import embedding_matrix, embedding_table
-from shoprank.encoder.model import encode, load_backbone
+from shoprank.encoder.model import TextEncoder, encode, load_backbone
 from shoprank.encoder.objectives import DualEncoderModel, Optimisation, build_model
 from shoprank.encoder.runtime import FINE_TUNED, ZERO_SHOT
+from shoprank.encoder.text import fine_tuning_base
 from shoprank.encoder.tokens import Tokenize
 from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ShopRankError
@@ -132,7 +133,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     torch.manual_seed(train.seed + rank)
     torch.set_num_threads(train.cpus_per_worker)  # intra-op threads = the CPUs Ray reserved for this worker
     device = ray.train.torch.get_device()
-    backbone, tokenizer = load_backbone(loop["model_path"])
+    # each worker finds the base itself: on a cluster the driver's local copy of the run's pre-trained backbone is
+    # not on the worker's node
+    base = fine_tuning_base(Config.model_validate(loop["config"]), loop["run"])
+    backbone, tokenizer = load_backbone(base)
     steps_per_epoch = max(1, math.ceil(loop["rows"] / (train.batch_size * context.get_world_size())))
     total_steps = max(1, steps_per_epoch * train.epochs // train.gradient_accumulation)
     model = build_model(backbone, config, loop["num_categories"], total_steps)
@@ -152,9 +156,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             zero_shot_catalogue = load_zero_shot_catalogue(checkpoint, data.product_ids)
     elif rank == 0:
         model.to(device)
-        zero_shot_catalogue = _embed_catalogue(model, tokenizer, data, config, device)
-        zero_shot = evaluate(model.encoder, None, tokenizer, data, config.max_length, train.eval_k, device,
-                             products=zero_shot_catalogue)
+        zero_shot_encoder, zero_shot_tokenizer = _zero_shot_encoder(model, tokenizer, base, config.model, device)
+        zero_shot_catalogue = encode(zero_shot_encoder, zero_shot_tokenizer, data.product_texts, config.max_length,
+                                     device=device)
+        zero_shot = evaluate(zero_shot_encoder, None, zero_shot_tokenizer, data, config.max_length, train.eval_k,
+                             device, products=zero_shot_catalogue)
         log.info("zero-shot: %s", zero_shot)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimisation = Optimisation(ddp_model, train, total_steps)
@@ -238,6 +244,18 @@ def _what_each_worker_did(model: DualEncoderModel, samples: int, device: torch.d
             for rank, row in enumerate(t.cpu().tolist() for t in gathered)]
 
 
+def _zero_shot_encoder(model: DualEncoderModel, tokenizer: Any, base: str, zero_shot_model: str,
+                       device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The zero-shot baseline's encoder: the model before training (LoRA's adapters start at zero) when it starts
+    from ``encoder.model``; ``encoder.model`` itself when it starts from the pre-trained backbone, so the
+    zero-shot figures and catalogue stay those of the packaged model that variant A serves, and the gain over
+    them includes what pre-training bought."""
+    if base == zero_shot_model:
+        return model.encoder, tokenizer
+    backbone, zero_shot_tokenizer = load_backbone(zero_shot_model)
+    return TextEncoder(backbone).to(device), zero_shot_tokenizer
+
+
 def _embed_catalogue(model: DualEncoderModel, tokenizer: Any, data: EvalData, config: EncoderConfig,
                      device: torch.device) -> np.ndarray:
     return encode(model.encoder, tokenizer, data.product_texts, config.max_length, device=device)
@@ -279,6 +297,8 @@ def train_encoder(
     if qp.num_rows == 0 and not use_pairs:
         raise NothingToLearn("no query-product rows with label 3 and no product pairs (co-engagement, user "
                              "sequences) to train on")
+    fine_tuning_base(config, run)  # a missing pre-trained backbone is refused here, before anything starts
+    # the tokenizer is encoder.model's: pre-training keeps its vocabulary (and saves it beside the backbone)
     model_path = encoder_config.model
 
     def tokenized(table: pa.Table) -> ray.data.Dataset:
@@ -294,7 +314,8 @@ def train_encoder(
         datasets["pairs"] = tokenized(co)
     loop = {
         "encoder": encoder_config.model_dump(mode="json"),
-        "model_path": model_path,
+        "config": config.model_dump(mode="json"),
+        "run": run,
         "rows": qp.num_rows or co.num_rows,
         "num_categories": num_categories,
         "eval": asdict(build_eval_data(run, encoder_config)),
