@@ -35,7 +35,7 @@ from shoprank.data.ingest import catalogue_identity, erasure_mark, ingest_output
 from shoprank.data.preprocess import preprocess_outputs
 from shoprank.encoder.fill import text_identity
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
-from shoprank.encoder.runtime import EXPORT
+from shoprank.encoder.runtime import EXPORT, STUDENT
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import key_id, pseudonyms
 from shoprank.recsys.features import FEATURE_SCHEMA_VERSION
@@ -110,8 +110,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),
           sections=("encoder",), upstream=("preprocess",),
           inputs=("data/products", "data/query_pairs", "data/coengagement", "data/user_histories")),
+    # the fine-tuned encoder's student (student.enabled; else it writes nothing), which the export judges beside it
+    Stage("distil", _body("shoprank.encoder.distil:distil"), _fixed(["encoder/distil", "/".join(STUDENT)]),
+          sections=("student",), upstream=("encoder",),
+          inputs=("encoder/model", "data/products", "data/query_pairs", "data/events", "data/user_histories")),
     Stage("export", _body("shoprank.encoder.export:export_encoders"), _fixed(["/".join(EXPORT)]),
-          sections=("export",), upstream=("encoder",),
+          sections=("export",), upstream=("encoder", "distil"),
           inputs=("encoder/model", "data/products", "data/query_pairs", "data/events", "data/user_histories")),
     Stage("embed", _body("shoprank.encoder.stages:embed_and_index"),
           _fixed(["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]),
