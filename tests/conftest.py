@@ -124,6 +124,16 @@ def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Co
     return changed, Run.for_config(changed)
 
 
+@pytest.fixture(scope="session")
+def distilled(tiny_trained: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Run]:
+    """A copy of the tiny run (the shared one keeps no student) with a one-layer student of the tiny BERT's two
+    distilled (``student.enabled``) and judged by its export."""
+    config, _ = tiny_trained
+    student = config.student.model_copy(update={"enabled": True, "layers": [1]})
+    changed, copy = copied(tiny_trained, tmp_path_factory.mktemp("student"), student=student)
+    return changed, run_stages(changed, copy, until="export")
+
+
 def bearer(key: str) -> dict[str, str]:
     """The header that presents ``key`` to the app."""
     return {"Authorization": f"Bearer {key}"}

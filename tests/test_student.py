@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from conftest import copied
 from shoprank.config import Config
 from shoprank.encoder.distil import STUDENT_JSON, distil, distil_loss, prune, training_queries
 from shoprank.encoder.model import TextEncoder, encode, load_encoder
@@ -22,17 +21,8 @@ from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import tokenize
 from shoprank.encoder.train import FINE_TUNED, ZERO_SHOT, build_eval_data
 from shoprank.errors import ConfigError
-from shoprank.stages import STAGE_NAMES, run_stages
+from shoprank.stages import STAGE_NAMES
 from shoprank.store.run import Run, StageRecord
-
-
-@pytest.fixture(scope="module")
-def distilled(tiny_trained: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Run]:
-    """A copy of the tiny run with a one-layer student (of the tiny BERT's two) distilled and judged."""
-    config, _ = tiny_trained
-    student = config.student.model_copy(update={"enabled": True, "layers": [1]})
-    changed, copy = copied(tiny_trained, tmp_path_factory.mktemp("student"), student=student)
-    return changed, run_stages(changed, copy, until="export")
 
 
 def test_the_student_is_distilled_exported_and_judged(distilled: tuple[Config, Run]) -> None:

@@ -52,17 +52,17 @@ from transformers import PreTrainedModel
 
 from shoprank.config import Config, StudentConfig
 from shoprank.data.io import read_table
-from shoprank.encoder.examples import EvalData, top_k
+from shoprank.encoder.examples import EvalData
+from shoprank.encoder.export import retrieval_ndcg
 from shoprank.encoder.index import embedding_matrix
 from shoprank.encoder.model import TextEncoder, encode, load_encoder
 from shoprank.encoder.runtime import STUDENT
 from shoprank.encoder.stages import evaluated_catalogue
-from shoprank.encoder.text import QUERY_MAX_LENGTH, product_texts
+from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import tokenize
 from shoprank.encoder.train import FINE_TUNED, build_eval_data
 from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ConfigError, ShopRankError
-from shoprank.recsys.metrics import mean_metrics
 from shoprank.store.run import Run, StageRecord
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,7 @@ def validation_ndcg(student: TextEncoder, tokenizer: Any, data: EvalData, produc
     if not data.qrels:
         return None
     found = encode(student, tokenizer, list(data.queries.values()), QUERY_MAX_LENGTH, device=device)
-    ranked = top_k(found, products, data.product_ids, list(data.queries), k)
-    return round(mean_metrics(ranked, data.qrels, k=k)[f"ndcg@{k}"], 4)
+    return retrieval_ndcg(found, products, data, k)
 
 
 def distil_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -263,6 +262,8 @@ def distil(config: Config, run: Run, record: StageRecord) -> None:
         student.backbone.save_pretrained(target)
         tokenizer.save_pretrained(target)
         (target / STUDENT_JSON).write_text(json.dumps(summary, indent=2))
+    log.info("distil: student of layers %s, %d parameters (teacher %d): %s", config.student.layers,
+             summary["parameters"], summary["teacher_parameters"], state["history"])
     last = state["history"][-1]
     record.metrics.update({key: summary[key] for key in ("layers", "parameters", "teacher_layers",
                                                          "teacher_parameters")})

@@ -125,6 +125,15 @@ def catalogue_vectors(run: Run, name: str, data: EvalData, reference: TorchEmbed
     return reference.embed(data.product_texts, max_length)
 
 
+def retrieval_ndcg(queries: np.ndarray, products: np.ndarray, data: EvalData, k: int) -> float | None:
+    """NDCG@k of retrieval with the validation ``queries``' vectors (``data.queries`` order) over the catalogue's
+    ``products`` vectors (``data.product_ids`` order); None without judged queries."""
+    if not data.qrels:
+        return None
+    ranked = top_k(queries, products, data.product_ids, list(data.queries), k)
+    return round(mean_metrics(ranked, data.qrels, k=k)[f"ndcg@{k}"], 4)
+
+
 def judge(name: str, embedders: dict[Runtime, Embedder], data: EvalData, products: np.ndarray,
           config: ExportConfig, k: int, max_length: int, timed: int) -> dict[str, Any]:
     """One encoder's verdict (see the module docstring); ``timed`` queries (the validation queries, repeated) give
@@ -141,9 +150,7 @@ def judge(name: str, embedders: dict[Runtime, Embedder], data: EvalData, product
         reference_queries, reference_products = references["student" if runtime in STUDENT_RUNTIMES else "torch"]
         verdict["cosine"][runtime] = round(min(min_cosine(found, reference_queries),
                                                min_cosine(embedder.embed(sample, max_length), reference_products)), 6)
-        verdict[f"ndcg@{k}"][runtime] = (
-            round(mean_metrics(top_k(found, products, data.product_ids, list(data.queries), k), data.qrels, k=k)
-                  [f"ndcg@{k}"], 4) if data.qrels else None)
+        verdict[f"ndcg@{k}"][runtime] = retrieval_ndcg(found, products, data, k)
     # Without queries, product texts stand in, only as many as asked: timing the whole sample (256 texts, three
     # rounds of three runtimes; the Online Retail example asks for 48) was most of the stage on a shop without queries.
     stand_in = queries or sample[:timed]
