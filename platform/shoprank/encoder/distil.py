@@ -154,7 +154,7 @@ def distil_loop_per_worker(loop: dict[str, Any]) -> None:
     torch.manual_seed(loop["seed"] + rank)
     torch.set_num_threads(loop["cpus_per_worker"])
     device = ray.train.torch.get_device()
-    teacher, tokenizer = load_encoder(Path(loop["teacher"]))
+    teacher, tokenizer = load_encoder(loop["run"].local_path("encoder", "model"))  # fetched on this worker's node
     student = TextEncoder(prune(teacher.backbone, config.layers))
     optimiser = torch.optim.AdamW(student.parameters(), lr=config.learning_rate)
     history: list[dict[str, Any]] = []
@@ -234,7 +234,7 @@ def distil(config: Config, run: Run, record: StageRecord) -> None:
                                                      query_vectors)).random_shuffle(seed=train.seed),
     }
     k = config.encoder.train.eval_k
-    loop = {"student": config.student.model_dump(mode="json"), "teacher": str(teacher_dir), "seed": train.seed,
+    loop = {"student": config.student.model_dump(mode="json"), "run": run, "seed": train.seed,
             "cpus_per_worker": train.cpus_per_worker, "eval": asdict(data), "catalogue": catalogue, "k": k}
     trainer = TorchTrainer(
         distil_loop_per_worker, train_loop_config=loop,
