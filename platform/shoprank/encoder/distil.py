@@ -60,7 +60,7 @@ from shoprank.encoder.runtime import STUDENT
 from shoprank.encoder.stages import evaluated_catalogue
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import tokenize
-from shoprank.encoder.train import FINE_TUNED, build_eval_data
+from shoprank.encoder.train import FINE_TUNED, PROGRESS_EVERY, build_eval_data
 from shoprank.entrypoint import check_gpu, fit
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.store.run import Run, StageRecord
@@ -189,6 +189,9 @@ def distil_loop_per_worker(loop: dict[str, Any]) -> None:
             steps += 1
             for key, value in parts.items():
                 sums[key] += value
+            if rank == 0 and steps % PROGRESS_EVERY == 0:
+                log.info("distil epoch %d/%d step %d: loss %.5f, %.1f products/s", epoch + 1, config.epochs, steps,
+                         float(loss), steps * config.batch_size / (time.perf_counter() - started))
         metrics: dict[str, Any] = {"epoch": epoch + 1, "epoch_s": round(time.perf_counter() - started, 2),
                                    **{f"loss/{key}": round(value / max(1, steps), 5) for key, value in sums.items()}}
         with tempfile.TemporaryDirectory() as directory:
@@ -225,13 +228,15 @@ def distil(config: Config, run: Run, record: StageRecord) -> None:
     queries = training_queries(run)
     if not queries:
         raise ShopRankError("student.enabled: the training split has no query to distil the query encoder on")
+    # shuffled here, not by Ray Data: a shuffle's tasks would wait for the CPUs the training worker holds on a
+    # small machine (the demo's worker takes both cores), and the trainer with them
+    queries = [queries[i] for i in np.random.default_rng(train.seed).permutation(len(queries))]
     query_vectors = encode(teacher, tokenizer, queries, QUERY_MAX_LENGTH)
     del teacher
     datasets = {
         "products": ray.data.from_arrow(_tensor_table(
             tokenize(tokenizer, data.product_texts, config.encoder.max_length), catalogue)),
-        "queries": ray.data.from_arrow(_tensor_table(tokenize(tokenizer, queries, QUERY_MAX_LENGTH),
-                                                     query_vectors)).random_shuffle(seed=train.seed),
+        "queries": ray.data.from_arrow(_tensor_table(tokenize(tokenizer, queries, QUERY_MAX_LENGTH), query_vectors)),
     }
     k = config.encoder.train.eval_k
     loop = {"student": config.student.model_dump(mode="json"), "run": run, "seed": train.seed,

@@ -57,9 +57,10 @@ log = logging.getLogger(__name__)
 
 SERVING_BATCH = 16
 """Queries per call when timing a runtime: a Serve replica's batch (``serve.ranker_batch_size`` and above)."""
-SINGLE_QUERIES = 128
-"""Queries timed one per call: a call costs about as much as a batch of 16 would, so the batch-16 count would
-take about 16 times as long."""
+SINGLE_QUERIES = 32
+"""Queries timed one per call (three rounds): PyTorch answers about 18 a second at batch 1 on the demo's two cores,
+so 32 cost about 5 s per encoder; the batch-16 count (``export.timed_queries``, 512) would cost minutes of
+``make demo``."""
 PRODUCT_SAMPLE = 256
 """Product texts compared with PyTorch's vectors (beside every validation query)."""
 
