@@ -50,7 +50,8 @@ def main() -> int:
     parser.add_argument("--config", default="demo")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--queries", type=int, default=1000, help="Queries timed per runtime and round at batch 16.")
-    parser.add_argument("--batch1-queries", type=int, default=200, help="Queries timed per runtime and round at batch 1.")
+    parser.add_argument("--batch1-queries", type=int, default=200,
+                        help="Queries timed per runtime and round at batch 1.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the JSON figures to this file")
