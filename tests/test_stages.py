@@ -46,7 +46,7 @@ def hashes(config: Config) -> dict[str, str]:
     ("preprocess.test_fraction=0.2", "preprocess"),
     ("encoder.train.epochs=3", "encoder"),
     ("student.enabled=true", "distil"),
-    ("student.layers=[1,3,5]", "distil"),
+    ("student.layers=[0,2,4]", "distil"),
     ("export.max_ndcg_drop=0.01", "export"),
     ("embed.user_half_life_days=3", "embed"),
     ("retrieval.bm25_k1=1.2", "features"),

@@ -174,8 +174,9 @@ def judge(name: str, embedders: dict[Runtime, Embedder], data: EvalData, product
     ndcg = verdict[f"ndcg@{k}"]
     judged_only = [r for r in offered if r not in ("torch", "onnx")]  # what may lose retrieval quality
     if ndcg["torch"] is None:
-        verdict["notes"].append(f"no judged validation query: the loss of {', '.join(judged_only)} cannot be "
-                                "measured, so auto does not pick them")
+        if judged_only:
+            verdict["notes"].append(f"no judged validation query: the loss of {', '.join(judged_only)} cannot be "
+                                    "measured, so auto does not pick them")
         eligible = [r for r in offered if r not in judged_only]
     else:
         eligible = [r for r in offered if ndcg["torch"] - ndcg[r] <= config.max_ndcg_drop]
