@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,6 +111,27 @@ def ranked(tiny_trained: tuple[Config, Run]) -> tuple[Config, Run]:
     """The tiny run with its ranking stages done: features, the XGBoost ranker, the offline evaluation."""
     config, _ = tiny_trained
     return config, run_stages(config)
+
+
+def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Config, Run]:
+    """A copy of a session run under ``root`` (the shared one stays as it is), with its root's user key (else the
+    copy's users would be pseudonyms of another key, and it would ingest again), its config with ``sections``
+    replaced."""
+    config, run = session
+    shutil.copytree(run.path(), root / run.name)
+    shutil.copytree(Path(run.path()).parent / "secrets", root / "secrets")
+    changed = config.model_copy(update={"run": config.run.model_copy(update={"root": str(root)}), **sections})
+    return changed, Run.for_config(changed)
+
+
+@pytest.fixture(scope="session")
+def distilled(tiny_trained: tuple[Config, Run], tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Run]:
+    """A copy of the tiny run (the shared one keeps no student) with a one-layer student of the tiny BERT's two
+    distilled (``student.enabled``) and judged by its export."""
+    config, _ = tiny_trained
+    student = config.student.model_copy(update={"enabled": True, "layers": [1]})
+    changed, copy = copied(tiny_trained, tmp_path_factory.mktemp("student"), student=student)
+    return changed, run_stages(changed, copy, until="export")
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -133,6 +133,17 @@ def test_encoder_runtime(tiny_trained: tuple[Config, Run]) -> None:
 
 
 @pytest.mark.slow
+def test_student(distilled: tuple[Config, Run]) -> None:
+    config, _ = distilled
+    sets = [word for value in [*run_overrides(config), "student.enabled=true", "student.layers=[1]"]
+            for word in ("--set", value)]
+    figures = run_benchmark("student.py", "--config", "tiny", *sets, "--queries", "32", "--batch1-queries", "8",
+                            "--rounds", "1", "--threads", "1")
+    assert figures["sizes"]["student"]["layers"] == 1 < figures["sizes"]["torch"]["layers"]
+    assert set(figures["queries_per_s"]) == set(figures["queries_per_s_batch1"]) == set(figures["ndcg@10"])
+
+
+@pytest.mark.slow
 def test_online_retail_baselines() -> None:
     """The protocol on the repository's copy of Online Retail: its counts (the 1,395 test shoppers of the figures
     measured outside the project), and the repeat baseline far above popularity, as on every measure of this shop."""

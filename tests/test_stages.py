@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copied
 from shoprank.config import Config, load_config
 from shoprank.data.io import read_table
 from shoprank.data.preprocess import preprocess_outputs
@@ -25,8 +23,8 @@ from shoprank.store.run import STAGING, Run
 
 
 def test_the_order_is_the_list_and_every_stage_comes_after_what_it_reads() -> None:
-    assert STAGE_NAMES == ("ingest", "preprocess", "pretrain", "encoder", "export", "embed", "features", "ranker",
-                           "evaluate")
+    assert STAGE_NAMES == ("ingest", "preprocess", "pretrain", "encoder", "distil", "export", "embed", "features",
+                           "ranker", "evaluate")
     for position, stage in enumerate(STAGES):
         assert all(STAGE_NAMES.index(up) < position for up in stage.upstream), stage.name
         produced = {path for earlier in STAGES[:position] for path in earlier.outputs(load_config("tiny"))}
@@ -50,6 +48,8 @@ def hashes(config: Config) -> dict[str, str]:
     ("pretrain.enabled=true", "pretrain"),
     ("pretrain.epochs=3", None),
     ("encoder.train.epochs=3", "encoder"),
+    ("student.enabled=true", "distil"),
+    ("student.layers=[0,2,4]", None),
     ("export.max_ndcg_drop=0.01", "export"),
     ("embed.user_half_life_days=3", "embed"),
     ("retrieval.bm25_k1=1.2", "features"),
@@ -91,6 +91,17 @@ def test_an_enabled_pretrain_stage_covers_its_settings_and_the_text_it_reads(ove
     assert base["pretrain"] != changed["pretrain"] and base["encoder"] != changed["encoder"]
 
 
+def test_a_switched_off_stage_is_not_read_by_the_stages_after_it() -> None:
+    """An optional stage that is off writes nothing, so it is no part of what the stages after it read: their
+    identities and the attempts they record are those of a run made before the stage existed, which stays current
+    (no encoder retrained, no export redone, because the stage was added)."""
+    off = load_config("tiny")
+    assert BY_NAME["encoder"].reads(off) == ("preprocess",) and BY_NAME["export"].reads(off) == ("encoder",)
+    on = load_config("tiny", ["pretrain.enabled=true", "student.enabled=true"])
+    assert BY_NAME["encoder"].reads(on) == ("preprocess", "pretrain")
+    assert BY_NAME["export"].reads(on) == ("encoder", "distil")
+
+
 SERVING_ONLY = {"run", "ray", "serve", "ui"}
 """Sections no stage reads: where the run lives, how Ray is reached, and Serve's and the page's own settings."""
 
@@ -128,17 +139,6 @@ def test_a_stage_run_alone_needs_what_it_reads(tmp_path: Path) -> None:
     config = load_config("tiny", [f"run.root={tmp_path}"])
     with pytest.raises(ShopRankError, match=r"stage ranker reads ranker/features, which .* does not have"):
         run_stages(config, only=["ranker"])
-
-
-def copied(session: tuple[Config, Run], root: Path, **sections: Any) -> tuple[Config, Run]:
-    """A copy of a session run under ``root`` (the shared one stays as it is), with its root's user key (else the
-    copy's users would be pseudonyms of another key, and it would ingest again), its config with ``sections``
-    replaced."""
-    config, run = session
-    shutil.copytree(run.path(), root / run.name)
-    shutil.copytree(Path(run.path()).parent / "secrets", root / "secrets")
-    changed = config.model_copy(update={"run": config.run.model_copy(update={"root": str(root)}), **sections})
-    return changed, Run.for_config(changed)
 
 
 # a ranker trained again (17-19 s here): `make test-all`. In `make test`, which stages a ranker setting reruns is

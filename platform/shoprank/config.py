@@ -534,6 +534,38 @@ class EncoderConfig(Section):
     train: EncoderTrainConfig = Field(default_factory=EncoderTrainConfig)
 
 
+class StudentConfig(Section):
+    """The ``distil`` stage: a student encoder with some of the fine-tuned encoder's layers, distilled from it on the
+    catalogue's texts and the training queries, exported and judged by ``export`` as more runtimes of the fine-tuned
+    encoder (:mod:`shoprank.encoder.distil`). Off by default: on the demo, three of six layers lost 0.017 validation
+    NDCG@10, beyond export.max_ndcg_drop, for 3 to 4 more minutes of the pipeline (docs/serving.md, "The student
+    encoder")."""
+
+    enabled: bool = Field(False, description="Distil a student (the distil stage); off, the stage writes nothing.")
+    layers: list[int] = Field(
+        default_factory=lambda: [1, 3, 5], min_length=1,
+        description="The fine-tuned encoder's layers (0-based) the student keeps, in order; its other layers are "
+        "dropped. Default: every other of MiniLM's six, ending with the last (on the demo [1, 3, 5] lost half of "
+        "what [0, 2, 4] lost).",
+    )
+    epochs: int = Field(2, ge=1, description="Passes over the catalogue's product texts (the training queries are "
+                        "cycled beside them).")
+    batch_size: int = Field(32, ge=2, description="Products per step, and as many training queries.")
+    learning_rate: float = Field(1e-4, gt=0.0, description="AdamW's rate; every weight of the student trains.")
+    mse_weight: float = Field(1.0, ge=0.0, description="Weight of the squared distance between the student's and "
+                              "the teacher's unit vectors.")
+    ranking_weight: float = Field(1.0, ge=0.0, description="Weight of the in-batch ranking distillation: KL between "
+                                  "the teacher's and the student's query -> product similarity softmax.")
+    temperature: float = Field(0.05, gt=0.0, description="Temperature of those similarity softmaxes.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ascend(cls, layers: list[int]) -> list[int]:
+        if any(layer < 0 for layer in layers) or layers != sorted(set(layers)):
+            raise ValueError(f"student.layers {layers}: distinct layer numbers from 0 up, in ascending order")
+        return layers
+
+
 class RetrievalConfig(Section):
     """Candidate generation before ranking (search and recommendation)."""
 
@@ -749,10 +781,12 @@ class ServeConfig(Section):
         None, description="Each variant's query encoder in a deployment of its own (QueryEncoder_A...) instead of "
         "inside the variant's replica; default: only with ray.use_gpu, where that deployment holds the GPU.",
     )
-    encoder_runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
-        "auto", description="How the query encoder runs: torch, or the export stage's ONNX graph in fp32 (onnx) or "
-        "int8 (onnx-int8). auto: torch with ray.use_gpu, else the export's pick, the fastest runtime whose validation "
-        "NDCG@10 is within export.max_ndcg_drop of PyTorch's (shoprank.encoder.runtime).",
+    encoder_runtime: Literal["auto", "torch", "onnx", "onnx-int8", "student", "student-onnx", "student-onnx-int8"] = (
+        Field("auto", description="How the query encoder runs: torch, or the export stage's ONNX graph in fp32 (onnx) "
+              "or int8 (onnx-int8); student, student-onnx, student-onnx-int8: the run's distilled student (student "
+              "section) in the same three forms, for the fine-tuned encoder (the zero-shot one has no student and "
+              "takes auto). auto: torch with ray.use_gpu, else the export's pick, the fastest runtime whose "
+              "validation NDCG@10 is within export.max_ndcg_drop of PyTorch's (shoprank.encoder.runtime).")
     )
     encoder_batch_size: int = Field(16, ge=1, le=256, description="Queries per call of a separate query encoder.")
     gpus_per_encoder: float = Field(
@@ -1025,6 +1059,7 @@ class Config(Section):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)

@@ -35,7 +35,7 @@ from shoprank.data.ingest import catalogue_identity, erasure_mark, ingest_output
 from shoprank.data.preprocess import preprocess_outputs
 from shoprank.encoder.fill import text_identity
 from shoprank.encoder.index import PRODUCT_EMBEDDINGS, ZERO_SHOT_PRODUCTS
-from shoprank.encoder.runtime import EXPORT
+from shoprank.encoder.runtime import EXPORT, STUDENT
 from shoprank.encoder.text import PRETRAINED, pretrain_texts_identity
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.privacy import key_id, pseudonyms
@@ -69,7 +69,18 @@ class Stage:
     """Paths relative to the run that it reads: a stage run alone (``only``) checks they are there."""
     enabled: Callable[[Config], bool] | None = None
     """An optional stage's switch: while off, its identity is only that it is off (and its upstream), so changing
-    its other settings reruns nothing; its body then writes nothing and notes why."""
+    its other settings reruns nothing; its body then writes nothing and notes why, and the stages after it do not
+    count it among what they read (:meth:`reads`)."""
+
+    def is_on(self, config: Config) -> bool:
+        """Whether the stage does anything under ``config`` (a stage without a switch always does)."""
+        return self.enabled is None or self.enabled(config)
+
+    def reads(self, config: Config) -> tuple[str, ...]:
+        """The upstream stages whose outputs and identities count for this one under ``config``: every one that is
+        on. An optional stage switched off writes nothing to read, so it is left out: a run made before the stage
+        existed, or while it was off, stays current once the stage is added or switched off again."""
+        return tuple(up for up in self.upstream if BY_NAME[up].is_on(config))
 
 
 def _fixed(paths: list[str]) -> Callable[[Config], list[str]]:
@@ -118,8 +129,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("encoder", _body("shoprank.encoder.stages:fine_tune"), _fixed(["encoder/ray", "encoder/model"]),
           sections=("encoder",), upstream=("preprocess", "pretrain"),
           inputs=("data/products", "data/query_pairs", "data/coengagement", "data/user_histories")),
+    # the fine-tuned encoder's student (student.enabled; else it writes nothing), which the export judges beside it
+    Stage("distil", _body("shoprank.encoder.distil:distil"), _fixed(["encoder/distil", "/".join(STUDENT)]),
+          sections=("student",), upstream=("encoder",), enabled=lambda config: config.student.enabled,
+          inputs=("encoder/model", "data/products", "data/query_pairs", "data/events", "data/user_histories")),
     Stage("export", _body("shoprank.encoder.export:export_encoders"), _fixed(["/".join(EXPORT)]),
-          sections=("export",), upstream=("encoder",),
+          sections=("export",), upstream=("encoder", "distil"),
           inputs=("encoder/model", "data/products", "data/query_pairs", "data/events", "data/user_histories")),
     Stage("embed", _body("shoprank.encoder.stages:embed_and_index"),
           _fixed(["/".join(PRODUCT_EMBEDDINGS), "embeddings/users", "index", "/".join(ZERO_SHOT_PRODUCTS)]),
@@ -154,12 +169,12 @@ def stage_hashes(config: Config) -> dict[str, str]:
     store's last tombstone), so a run, a sweep or an update asks once, not once per stage downstream of it."""
     hashes: dict[str, str] = {}
     for stage in STAGES:
-        off = stage.enabled is not None and not stage.enabled(config)
+        off = not stage.is_on(config)
         payload = {
             "sections": "off" if off else config.section_hash(*stage.sections) if stage.sections else "",
             "settings": {} if off or not stage.settings else stage.settings(config),
             "version": stage.version,
-            "upstream": {up: hashes[up] for up in stage.upstream},
+            "upstream": {up: hashes[up] for up in stage.reads(config)},
         }
         hashes[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return hashes
@@ -197,13 +212,13 @@ def run_stages(config: Config, run: Run | None = None, *, until: str | None = No
         if missing:
             raise ShopRankError(f"stage {stage.name} reads {', '.join(missing)}, which {run.uri()} does not have: "
                                 f"run the stages before it first (until={stage.name!r})")
-        stale = [up for up in stage.upstream if up not in names
-                 and not run.stage_is_current(up, hashes[up], BY_NAME[up].upstream)]
+        stale = [up for up in stage.reads(config) if up not in names
+                 and not run.stage_is_current(up, hashes[up], BY_NAME[up].reads(config))]
         if stale:
             raise ShopRankError(f"stage {stage.name} reads what {', '.join(stale)} wrote, which is not current for this "
                                 f"config in {run.uri()}: run the stages before it too (until={stage.name!r})")
         run_stage(run, config, stage.name, hashes[stage.name], stage.outputs(config), stage.body,
-                  upstream=stage.upstream)
+                  upstream=stage.reads(config))
     return run
 
 

@@ -12,9 +12,20 @@ Outputs, under the run's ``encoder/onnx/``: ``fine_tuned.onnx``, ``fine_tuned.in
 * ``queries_per_s``: each runtime's throughput on those queries, batches of 16
   (the serving batch), here, now (the best of three interleaved rounds); without
   validation queries, on ``export.timed_queries`` of the sampled product texts;
-* ``offered``: the runtimes that may serve; ``chosen``: the fastest offered whose
-  NDCG@10 is within ``export.max_ndcg_drop`` of PyTorch's (int8 needs a figure to be
-  chosen: without judged queries its loss cannot be shown, and a note says so).
+  ``queries_per_s_batch1``: the same at one query per call (an unbatched request),
+  on at most :data:`SINGLE_QUERIES` of them;
+* ``offered``: the runtimes that may serve; ``chosen``: the fastest offered (at batch
+  16) whose NDCG@10 is within ``export.max_ndcg_drop`` of PyTorch's (int8 needs a
+  figure to be chosen: without judged queries its loss cannot be shown, and a note
+  says so).
+
+A run with a student (the ``distil`` stage, :mod:`shoprank.encoder.distil`) exports
+it too (``student.onnx``, ``student.int8.onnx``) and judges it as three more runtimes
+of the fine-tuned encoder: ``student``, ``student-onnx``, ``student-onnx-int8``. Its
+cosine is to the student's own PyTorch vectors, not the teacher's (it is another
+model: how far it sits from the teacher is what its NDCG@10 shows), and its NDCG@10
+is of its query vectors against the teacher's catalogue vectors, as the index holds
+them; like int8 it needs that figure to be chosen.
 """
 
 from __future__ import annotations
@@ -32,8 +43,8 @@ from shoprank.config import Config, ExportConfig
 from shoprank.encoder.examples import EvalData, top_k
 from shoprank.encoder.index import embedding_matrix
 from shoprank.encoder.runtime import (
-    EXPORT, INPUTS, OUTPUT, RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime, TorchEmbedder, load_embedder,
-    onnx_file, tokenizer_source,
+    EXPORT, INPUTS, OUTPUT, STUDENT, STUDENT_RUNTIMES, VERDICTS, Embedder, OnnxEmbedder, Runtime,
+    TorchEmbedder, load_embedder, onnx_file, tokenizer_source,
 )
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import fast_tokenizer
@@ -46,6 +57,10 @@ log = logging.getLogger(__name__)
 
 SERVING_BATCH = 16
 """Queries per call when timing a runtime: a Serve replica's batch (``serve.ranker_batch_size`` and above)."""
+SINGLE_QUERIES = 32
+"""Queries timed one per call (three rounds): PyTorch answers about 18 a second at batch 1 on the demo's two cores,
+so 32 cost about 5 s per encoder; the batch-16 count (``export.timed_queries``, 512) would cost minutes of
+``make demo``."""
 PRODUCT_SAMPLE = 256
 """Product texts compared with PyTorch's vectors (beside every validation query)."""
 
@@ -85,18 +100,18 @@ def repeated(texts: list[str], count: int) -> list[str]:
 
 
 def queries_per_s(embedders: dict[Runtime, Embedder], queries: list[str], minimum: int,
-                  rounds: int = 3) -> dict[Runtime, float]:
-    """Each embedder's throughput over ``queries`` (repeated to at least ``minimum``) in serving batches: the best
-    of ``rounds`` rounds that take the runtimes in turn, so a burst of other work on a shared machine slows one
-    round of every runtime rather than one runtime's only measurement."""
+                  rounds: int = 3, batch: int = SERVING_BATCH) -> dict[Runtime, float]:
+    """Each embedder's throughput over ``queries`` (repeated to at least ``minimum``) in calls of ``batch`` queries:
+    the best of ``rounds`` rounds that take the runtimes in turn, so a burst of other work on a shared machine slows
+    one round of every runtime rather than one runtime's only measurement."""
     texts = repeated(queries, minimum)
     best: dict[Runtime, float] = {}
     for embedder in embedders.values():
-        embedder.embed(texts[:SERVING_BATCH], QUERY_MAX_LENGTH, SERVING_BATCH)  # warm-up: first-call allocations
+        embedder.embed(texts[:batch], QUERY_MAX_LENGTH, batch)  # warm-up: first-call allocations
     for _ in range(rounds):
         for runtime, embedder in embedders.items():
             started = time.perf_counter()
-            embedder.embed(texts, QUERY_MAX_LENGTH, SERVING_BATCH)
+            embedder.embed(texts, QUERY_MAX_LENGTH, batch)
             best[runtime] = max(best.get(runtime, 0.0), len(texts) / (time.perf_counter() - started))
     return best
 
@@ -111,42 +126,65 @@ def catalogue_vectors(run: Run, name: str, data: EvalData, reference: TorchEmbed
     return reference.embed(data.product_texts, max_length)
 
 
+def retrieval_ndcg(queries: np.ndarray, products: np.ndarray, data: EvalData, k: int) -> float | None:
+    """NDCG@k of retrieval with the validation ``queries``' vectors (``data.queries`` order) over the catalogue's
+    ``products`` vectors (``data.product_ids`` order); None without judged queries."""
+    if not data.qrels:
+        return None
+    ranked = top_k(queries, products, data.product_ids, list(data.queries), k)
+    return round(mean_metrics(ranked, data.qrels, k=k)[f"ndcg@{k}"], 4)
+
+
 def judge(name: str, embedders: dict[Runtime, Embedder], data: EvalData, products: np.ndarray,
           config: ExportConfig, k: int, max_length: int, timed: int) -> dict[str, Any]:
     """One encoder's verdict (see the module docstring); ``timed`` queries (the validation queries, repeated) give
-    each runtime's throughput."""
+    each runtime's throughput. ``embedders`` holds the encoder's three runtimes and, for a fine-tuned encoder with
+    a student, the student's three."""
     queries = list(data.queries.values())
     sample = data.product_texts[:PRODUCT_SAMPLE]
-    torch_queries = embedders["torch"].embed(queries, QUERY_MAX_LENGTH)
-    torch_products = embedders["torch"].embed(sample, max_length)
+    references = {reference: (embedders[reference].embed(queries, QUERY_MAX_LENGTH),
+                              embedders[reference].embed(sample, max_length))
+                  for reference in ("torch", "student") if reference in embedders}
     verdict: dict[str, Any] = {"cosine": {}, f"ndcg@{k}": {}, "notes": []}
     for runtime, embedder in embedders.items():
         found = embedder.embed(queries, QUERY_MAX_LENGTH)
-        verdict["cosine"][runtime] = round(min(min_cosine(found, torch_queries),
-                                               min_cosine(embedder.embed(sample, max_length), torch_products)), 6)
-        verdict[f"ndcg@{k}"][runtime] = (
-            round(mean_metrics(top_k(found, products, data.product_ids, list(data.queries), k), data.qrels, k=k)
-                  [f"ndcg@{k}"], 4) if data.qrels else None)
+        reference_queries, reference_products = references["student" if runtime in STUDENT_RUNTIMES else "torch"]
+        verdict["cosine"][runtime] = round(min(min_cosine(found, reference_queries),
+                                               min_cosine(embedder.embed(sample, max_length), reference_products)), 6)
+        verdict[f"ndcg@{k}"][runtime] = retrieval_ndcg(found, products, data, k)
     # Without queries, product texts stand in, only as many as asked: timing the whole sample (256 texts, three
     # rounds of three runtimes; the Online Retail example asks for 48) was most of the stage on a shop without queries.
     stand_in = queries or sample[:timed]
     verdict["queries_per_s"] = {runtime: round(figure, 1)
                                 for runtime, figure in queries_per_s(embedders, stand_in, timed).items()}
-    if verdict["cosine"]["onnx"] < config.min_cosine:
-        verdict["notes"].append(f"the fp32 ONNX export's vectors differ from PyTorch's (smallest cosine "
-                                f"{verdict['cosine']['onnx']} < export.min_cosine {config.min_cosine}): ONNX not offered")
-        offered: list[Runtime] = ["torch"]
-    else:
-        offered = list(RUNTIMES)
+    single = stand_in[:SINGLE_QUERIES]
+    verdict["queries_per_s_batch1"] = {runtime: round(figure, 1) for runtime, figure
+                                       in queries_per_s(embedders, single, len(single), batch=1).items()}
+    offered: list[Runtime] = []
+    for exact, inexact, what in (("torch", "onnx", "ONNX"), ("student", "student-onnx", "the student's ONNX")):
+        if exact not in embedders:
+            continue
+        offered.append(exact)
+        if verdict["cosine"][inexact] < config.min_cosine:
+            verdict["notes"].append(f"the fp32 {what} export's vectors differ from {exact} in PyTorch (smallest "
+                                    f"cosine {verdict['cosine'][inexact]} < export.min_cosine {config.min_cosine}): "
+                                    f"{what} not offered")
+        else:
+            offered.extend([inexact, f"{inexact}-int8"])  # type: ignore[list-item]
     ndcg = verdict[f"ndcg@{k}"]
+    judged_only = [r for r in offered if r not in ("torch", "onnx")]  # what may lose retrieval quality
     if ndcg["torch"] is None:
-        verdict["notes"].append("no judged validation query: int8's loss cannot be measured, so auto does not pick it")
-        eligible = [r for r in offered if r != "onnx-int8"]
+        if judged_only:
+            verdict["notes"].append(f"no judged validation query: the loss of {', '.join(judged_only)} cannot be "
+                                    "measured, so auto does not pick them")
+        eligible = [r for r in offered if r not in judged_only]
     else:
         eligible = [r for r in offered if ndcg["torch"] - ndcg[r] <= config.max_ndcg_drop]
-        if "onnx-int8" in offered and "onnx-int8" not in eligible:
-            verdict["notes"].append(f"int8 loses {ndcg['torch'] - ndcg['onnx-int8']:.4f} NDCG@{k} "
-                                    f"(> export.max_ndcg_drop {config.max_ndcg_drop}): auto does not pick it")
+        for runtime in judged_only:
+            if runtime not in eligible:
+                verdict["notes"].append(f"{'int8' if runtime == 'onnx-int8' else runtime} loses "
+                                        f"{ndcg['torch'] - ndcg[runtime]:.4f} NDCG@{k} (> export.max_ndcg_drop "
+                                        f"{config.max_ndcg_drop}): auto does not pick it")
     verdict["offered"] = offered
     verdict["chosen"] = max(eligible, key=lambda r: verdict["queries_per_s"][r])
     log.info("export %s: %s", name, verdict)
@@ -170,6 +208,8 @@ def export_encoders(config: Config, run: Run, record: StageRecord) -> None:
                 "torch": reference, "onnx": OnnxEmbedder(fp32, tokenizer, "onnx"),
                 "onnx-int8": OnnxEmbedder(int8, tokenizer, "onnx-int8"),
             }
+            if name == FINE_TUNED and run.exists(*STUDENT):
+                embedders.update(student_embedders(config, run, Path(scratch), tokenizer))
             products = catalogue_vectors(run, name, data, reference, config.encoder.max_length)
             found[name] = judge(name, embedders, data, products, config.export, k, config.encoder.max_length,
                                 config.export.timed_queries)
@@ -178,5 +218,17 @@ def export_encoders(config: Config, run: Run, record: StageRecord) -> None:
             for path in Path(scratch).glob("*.onnx"):
                 shutil.move(str(path), target / path.name)
     run.write_json(found, *EXPORT, VERDICTS)
-    record.metrics.update({name: {key: verdict[key] for key in ("chosen", "cosine", f"ndcg@{k}", "queries_per_s")}
+    record.metrics.update({name: {key: verdict[key] for key in ("chosen", "cosine", f"ndcg@{k}", "queries_per_s",
+                                                                "queries_per_s_batch1")}
                            for name, verdict in found.items()})
+
+
+def student_embedders(config: Config, run: Run, scratch: Path, tokenizer: Any) -> dict[Runtime, Embedder]:
+    """The run's student (:data:`STUDENT`) in its three runtimes, its ONNX files written to ``scratch``."""
+    student = load_embedder(config, run, zero_shot=False, runtime="student")
+    assert isinstance(student, TorchEmbedder)
+    fp32, int8 = scratch / onnx_file(FINE_TUNED, "student-onnx"), scratch / onnx_file(FINE_TUNED, "student-onnx-int8")
+    export_onnx(student, fp32, config.export.opset)
+    quantize_int8(fp32, int8)
+    return {"student": student, "student-onnx": OnnxEmbedder(fp32, tokenizer, "student-onnx"),
+            "student-onnx-int8": OnnxEmbedder(int8, tokenizer, "student-onnx-int8")}

@@ -50,6 +50,13 @@ def load_encoder_from_config(config: EncoderConfig) -> tuple["TextEncoder", PreT
     return encoder, tokenizer
 
 
+def load_saved(directory: Path) -> tuple[TextEncoder, PreTrainedTokenizerBase]:
+    """A plain model saved with its tokenizer (``save_pretrained``): the merged encoder, or the distilled student."""
+    encoder = TextEncoder(AutoModel.from_pretrained(directory))
+    encoder.eval()
+    return encoder, AutoTokenizer.from_pretrained(directory)
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token vectors that are not padding, L2 normalised."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -147,9 +154,8 @@ def load_encoder(directory: Path, form: str = "merged") -> tuple[TextEncoder, Pr
     """Load a saved encoder: ``merged`` (for serving) or ``adapter`` (base model plus peft adapter)."""
     directory = Path(directory)
     if form == "merged":
-        backbone = AutoModel.from_pretrained(directory / "merged")
-        tokenizer = AutoTokenizer.from_pretrained(directory / "merged")
-    elif form == "adapter":
+        return load_saved(directory / "merged")
+    if form == "adapter":
         from peft import PeftModel
 
         meta = json.loads((directory / "encoder.json").read_text())

@@ -18,6 +18,14 @@ validation NDCG@10, and the runtime ``auto`` picks: the fastest whose NDCG@10 is
 within ``export.max_ndcg_drop`` of PyTorch's. Every reader goes through
 :func:`load_embedder`, so Serve, the in-process pipeline and the batch embedding
 share one path.
+
+With ``student.enabled`` the ``distil`` stage (:mod:`shoprank.encoder.distil`) adds a
+student with fewer layers, trained to put texts where the fine-tuned encoder puts
+them: three more runtimes of the fine-tuned encoder, ``student``, ``student-onnx``
+and ``student-onnx-int8``, judged by the export like the others. Because the student
+lives in the teacher's space it only encodes what arrives at serving time (queries,
+a live product's text) against the catalogue index the teacher built; the batch
+embedding and the index stay the teacher's.
 """
 
 from __future__ import annotations
@@ -39,8 +47,13 @@ if TYPE_CHECKING:
 FINE_TUNED, ZERO_SHOT = "fine_tuned", "zero_shot"
 """The two encoders a run embeds its catalogue with (and serves): its trained one, and the pretrained
 ``encoder.model``."""
-Runtime = Literal["torch", "onnx", "onnx-int8"]
+Runtime = Literal["torch", "onnx", "onnx-int8", "student", "student-onnx", "student-onnx-int8"]
 RUNTIMES: tuple[Runtime, ...] = ("torch", "onnx", "onnx-int8")
+"""Every encoder's own runtimes."""
+STUDENT_RUNTIMES: tuple[Runtime, ...] = ("student", "student-onnx", "student-onnx-int8")
+"""The fine-tuned encoder's distilled student in the same three forms (a run with ``student.enabled``)."""
+STUDENT = ("encoder", "student")
+"""Where the distil stage saves the student, under the run."""
 EXPORT = ("encoder", "onnx")
 """Where the export stage writes, under the run."""
 VERDICTS = "export.json"
@@ -50,8 +63,11 @@ OUTPUT = "sentence_embedding"
 
 
 def onnx_file(name: str, runtime: Runtime) -> str:
-    """The file of encoder ``name`` (``fine_tuned``, ``zero_shot``) for an ONNX ``runtime``."""
-    return f"{name}.int8.onnx" if runtime == "onnx-int8" else f"{name}.onnx"
+    """The file of encoder ``name`` (``fine_tuned``, ``zero_shot``) for an ONNX ``runtime``; the student's files are
+    ``student.onnx`` and ``student.int8.onnx`` (the fine-tuned encoder's only)."""
+    if runtime in STUDENT_RUNTIMES:
+        name = "student"
+    return f"{name}.int8.onnx" if runtime.endswith("int8") else f"{name}.onnx"
 
 
 class Embedder(Protocol):
@@ -122,16 +138,25 @@ def chosen_runtime(config: Config, run: Run, name: str, asked: str) -> Runtime:
 
     ``auto`` is the export's pick (:mod:`shoprank.encoder.export`) on CPU and ``torch``
     with ``ray.use_gpu`` or without an export; a named ONNX runtime must have passed
-    the export's check, else the error says why it cannot serve.
+    the export's check, else the error says why it cannot serve. A student runtime
+    asked of the zero-shot encoder (variant A, which has no student) is ``auto``:
+    ``serve.encoder_runtime`` is one setting for every variant, and asking for the
+    fine-tuned encoder's student must not stop the zero-shot baseline from serving.
     """
     verdict = verdicts(run).get(name, {})
+    if asked in STUDENT_RUNTIMES and name == ZERO_SHOT:
+        asked = "auto"
     if asked == "auto":
         return "torch" if config.ray.use_gpu else verdict.get("chosen", "torch")
     if asked == "torch":
         return "torch"
     offered = verdict.get("offered", [])
     if asked not in offered:
-        why = verdict.get("notes") or [f"{run.uri()} has no ONNX export ({'/'.join(EXPORT)}): run its export stage"]
+        if asked in STUDENT_RUNTIMES and not set(STUDENT_RUNTIMES) & set(offered):
+            why = [f"{run.uri()} has no student encoder ({'/'.join(STUDENT)}, judged by its export): set "
+                   "student.enabled: true and run its distil and export stages"]
+        else:
+            why = verdict.get("notes") or [f"{run.uri()} has no ONNX export ({'/'.join(EXPORT)}): run its export stage"]
         raise ConfigError(f"serve.encoder_runtime: {asked} cannot serve the {name} encoder of {run.uri()}: "
                           + "; ".join(why))
     return asked  # type: ignore[return-value]
@@ -139,8 +164,18 @@ def chosen_runtime(config: Config, run: Run, name: str, asked: str) -> Runtime:
 
 def load_embedder(config: Config, run: Run, *, zero_shot: bool, runtime: Runtime = "torch",
                   device: str = "cpu") -> Embedder:
-    """The run's fine-tuned encoder (or the pretrained one, ``zero_shot``) in ``runtime``."""
+    """The run's fine-tuned encoder (or the pretrained one, ``zero_shot``) in ``runtime``: a student runtime is the
+    fine-tuned encoder's student (the zero-shot encoder has none)."""
     name = ZERO_SHOT if zero_shot else FINE_TUNED
+    if runtime in STUDENT_RUNTIMES and zero_shot:
+        raise ConfigError(f"serve.encoder_runtime: {runtime} is the fine-tuned encoder's student; the zero-shot "
+                          "encoder has none")
+    if runtime == "student":
+        from shoprank.encoder.model import load_saved
+
+        encoder, tokenizer = load_saved(run.local_path(*STUDENT))
+        encoder.to(device)
+        return TorchEmbedder(encoder, tokenizer, device, "student")
     if runtime == "torch":
         from shoprank.encoder.model import load_encoder, load_encoder_from_config
 
