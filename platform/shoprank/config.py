@@ -801,7 +801,12 @@ class ServeConfig(Section):
     ranker_batch_size: int = Field(
         8, ge=1, le=256, description="Requests a variant replica answers together (one encoder call, one predict)."
     )
-    batch_wait_s: float = Field(0.005, ge=0.0, le=1.0)
+    batch_wait_s: float = Field(
+        0.0, ge=0.0, le=1.0, description="How long a variant replica (and a separate query encoder) waits for more "
+        "requests to fill a batch once one arrived. 0: a batch is whatever is queued when the last one finished, so "
+        "a lone request never waits and a busy replica still answers full batches (benchmarks/README.md, 'Serve's "
+        "batch wait': at 5 ms a search at concurrency 1 waited those 5 ms).",
+    )
     variant_max_ongoing_requests: int = Field(
         64, ge=1, le=10_000, description="Requests a variant replica (and a separate query encoder) holds at once: "
         "it answers them serve.ranker_batch_size at a time and the rest wait in its batch queue, where a finished "
