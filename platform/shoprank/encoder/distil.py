@@ -46,8 +46,7 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint
 from transformers import PreTrainedModel
 
 from shoprank.config import Config, StudentConfig
@@ -60,8 +59,8 @@ from shoprank.encoder.runtime import STUDENT
 from shoprank.encoder.stages import evaluated_catalogue
 from shoprank.encoder.text import QUERY_MAX_LENGTH
 from shoprank.encoder.tokens import tokenize
-from shoprank.encoder.train import FINE_TUNED, PROGRESS_EVERY, build_eval_data
-from shoprank.entrypoint import check_gpu, fit
+from shoprank.encoder.train import FINE_TUNED, PROGRESS_EVERY, build_eval_data, fit_torch
+from shoprank.entrypoint import check_gpu
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.store.run import Run, StageRecord
 
@@ -241,17 +240,9 @@ def distil(config: Config, run: Run, record: StageRecord) -> None:
     k = config.encoder.train.eval_k
     loop = {"student": config.student.model_dump(mode="json"), "run": run, "seed": train.seed,
             "cpus_per_worker": train.cpus_per_worker, "eval": asdict(data), "catalogue": catalogue, "k": k}
-    trainer = TorchTrainer(
-        distil_loop_per_worker, train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=config.ray.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
-        run_config=RunConfig(name="distil", storage_path=run.uri("encoder", "distil"),
-                             storage_filesystem=run.filesystem_for_ray,
-                             failure_config=FailureConfig(max_failures=train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        datasets=datasets,
-    )
-    result = fit(trainer, config.ray)
+    result = fit_torch(distil_loop_per_worker, loop, config, run, name="distil", storage=run.uri("encoder", "distil"),
+                       workers=train.num_workers, cpus_per_worker=train.cpus_per_worker,
+                       max_failures=train.max_failures, datasets=datasets)
     if result.checkpoint is None:
         raise ShopRankError("the student's distillation finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:

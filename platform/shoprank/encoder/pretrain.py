@@ -43,14 +43,14 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint
 
 from shoprank.config import Config, PretrainConfig
 from shoprank.data.io import read_table
 from shoprank.encoder.text import PRETRAINED, product_texts, resolve_model
 from shoprank.encoder.tokens import fast_tokenizer, tokenize
-from shoprank.entrypoint import check_gpu, fit
+from shoprank.encoder.train import fit_torch
+from shoprank.entrypoint import check_gpu
 from shoprank.errors import ConfigError, ShopRankError
 from shoprank.store.run import Run, StageRecord
 
@@ -280,20 +280,12 @@ def train_pretrain(config: Config, run: Run, train: list[str], heldout: list[str
     dataset = ray.data.from_arrow(pa.table({"text": train})).map_batches(
         TokenizeTexts(model, config.encoder.max_length), num_cpus=0.5, batch_format="numpy",
     ).materialize()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"pretrain": settings.model_dump(mode="json"), "model": model, "rows": len(train),
-                           "heldout": heldout, "max_length": config.encoder.max_length},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=config.ray.use_gpu,
-                                     resources_per_worker={"CPU": settings.cpus_per_worker}),
-        run_config=RunConfig(
-            name="pretrain", storage_path=run.uri("pretrain", "ray"), storage_filesystem=run.filesystem_for_ray,
-            failure_config=FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-        datasets={"train": dataset},
-    )
-    return fit(trainer, config.ray)
+    return fit_torch(train_loop_per_worker, {"pretrain": settings.model_dump(mode="json"), "model": model,
+                                             "rows": len(train), "heldout": heldout,
+                                             "max_length": config.encoder.max_length},
+                     config, run, name="pretrain", storage=run.uri("pretrain", "ray"), workers=settings.num_workers,
+                     cpus_per_worker=settings.cpus_per_worker, max_failures=settings.max_failures,
+                     datasets={"train": dataset})
 
 
 def pretrain(config: Config, run: Run, record: StageRecord) -> None:

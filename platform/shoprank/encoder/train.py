@@ -323,21 +323,27 @@ def train_encoder(
         "has_pairs": "pairs" in datasets,
         "resume_from": resume_from,
     }
+    return fit_torch(train_loop_per_worker, loop, config, run, name=name, storage=storage or run.uri("encoder", "ray"),
+                     workers=train.num_workers, cpus_per_worker=train.cpus_per_worker,
+                     max_failures=train.max_failures, keep=2, datasets=datasets, callbacks=callbacks)
+
+
+def fit_torch(loop_per_worker: Any, loop: dict[str, Any], config: Config, run: Run, *, name: str, storage: str,
+              workers: int, cpus_per_worker: int, max_failures: int, keep: int = 1,
+              datasets: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> ray.train.Result:
+    """A ``TorchTrainer`` run of the encoder's stages (fine-tuning, pre-training, distillation), fitted: its
+    checkpoints in ``storage`` on the run's filesystem (``keep`` of them), retried ``max_failures`` times, on GPUs
+    with ``ray.use_gpu``; the one place those stages build a trainer, so they place and retry alike."""
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop_per_worker,
         train_loop_config=loop,
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=config.ray.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker},
-        ),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.ray.use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage or run.uri("encoder", "ray"),
-            storage_filesystem=run.filesystem_for_ray,
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
+            name=name, storage_path=storage, storage_filesystem=run.filesystem_for_ray,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks or [],
         ),
-        datasets=datasets,
+        datasets=datasets or {},
     )
     return fit(trainer, config.ray)
